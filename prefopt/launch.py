@@ -1,0 +1,68 @@
+"""Parent side of `prefopt train`: validate, freeze the run dir, dispatch to the worker.
+
+Runs inside the Hydra app, loads no model and touches no CUDA: a bad config or an unreachable model
+fails here in seconds.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.checkpoint import CHECKPOINTS
+from prefopt.config import ConfigError, validate_config
+from prefopt.fileutil import atomic_write_text
+from prefopt.models import resolve_model_source
+
+log = logging.getLogger("prefopt")
+
+
+def git_revision() -> str:
+    """The prefopt source revision (with '-dirty' for uncommitted changes), for reproducibility."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, timeout=10)
+        if revision.returncode != 0:
+            return "unknown (not a git checkout)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir, capture_output=True, text=True, timeout=10)
+        return revision.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+
+
+def resume_run_dir(resume: Any, hydra_dir: Path) -> Path:
+    """trainer.resume=PATH continues that run in its own dir; otherwise the run writes to Hydra's dir."""
+    if isinstance(resume, bool) or resume in ("true", "false", "True", "False", ""):
+        return hydra_dir
+    path = Path(resume).expanduser().resolve()
+    if (path / CHECKPOINTS).is_dir():
+        return path
+    if path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    raise ConfigError(f"trainer.resume={resume}: not a run dir (no {CHECKPOINTS}/ inside) nor a checkpoint dir")
+
+
+def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
+    """Validate, check the model can be found, and write the frozen config. Returns the run dir."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
+    validate_config(cfg)
+    resolve_model_source(cfg.model)
+    run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frozen = OmegaConf.to_container(cfg, resolve=True)
+    frozen["run_dir"] = str(run_dir.resolve())
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(frozen))
+    atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+    atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
+    return run_dir
+
+
+def dispatch(run_dir: Path) -> dict[str, Any]:
+    from prefopt.worker import run_worker
+
+    return run_worker(run_dir / "config.yaml")

@@ -1,0 +1,122 @@
+"""The loss zoo: DPO-family preference losses, SFT, and the Gate-DPO gate that composes with them.
+
+    out = preference_loss("dpo", policy_chosen_logps=..., ..., gate={"kind": "seq"}, beta=0.1)
+
+Each loss is one function in one module of this package, registered under its config name (see
+registry.py); `conf/loss/<name>.yaml` holds its defaults. The caller always passes summed log-probs
+and lengths; a loss that reads mean token log-probs says so at registration and is given them.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.config import ConfigError
+# importing a loss module registers its losses; this order is the order of LOSSES and of the docs
+from prefopt.losses import dpo, dpo_variants, ipo, cal_dpo, simpo, orpo, lpo, sft  # noqa: F401, I001
+from prefopt.losses.gate import GateParams, apply_gate, gate_metrics, parse_gate
+from prefopt.losses.registry import LossInputs, LossSpec, LossTerms, get_loss, registered_names
+
+LOSSES = registered_names()
+
+__all__ = [
+    "LOSSES",
+    "GateParams",
+    "LossInputs",
+    "LossOutput",
+    "LossSpec",
+    "LossTerms",
+    "get_loss",
+    "preference_loss",
+    "validate_loss_config",
+]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, mean over the batch
+    losses: torch.Tensor  # (B,)
+    chosen_rewards: torch.Tensor  # (B,), detached
+    rejected_rewards: torch.Tensor  # (B,), detached
+    metrics: Dict[str, float]  # gate/* when gated, plus loss-specific values, averaged over the batch
+
+
+def preference_loss(
+    name: str,
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: Optional[torch.Tensor] = None,
+    reference_rejected_logps: Optional[torch.Tensor] = None,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    chosen_token_logps: Optional[torch.Tensor] = None,
+    chosen_mask: Optional[torch.Tensor] = None,
+    rejected_token_logps: Optional[torch.Tensor] = None,
+    rejected_mask: Optional[torch.Tensor] = None,
+    gate: Any = None,
+    progress: float = 0.0,
+    **hyperparameters: Any,
+) -> LossOutput:
+    """Loss `name` on one batch of pairs.
+
+    Log-probs are (B,) sums over response tokens; lengths (B,) response token counts; token log-probs
+    and masks (B, T) (mask 1.0 on response tokens) are needed only by the q10 and token gates.
+    gate: None, or a dict / DictConfig like {"kind": "seq", "alpha": 50, "tau": 0.05}.
+    progress: training progress in [0, 1], for scheduled losses. hyperparameters: named as in
+    conf/loss/<name>.yaml; missing ones take the defaults. Bad names or values raise ConfigError.
+    """
+    spec = get_loss(name)
+    params = spec.make_params(hyperparameters)
+    gate_params = parse_gate(gate, spec)
+    if spec.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
+        raise ValueError(f"loss {name!r} needs reference_chosen_logps and reference_rejected_logps")
+    # a response cut to zero tokens by truncation would divide by zero when averaging
+    chosen_lengths = chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    rejected_lengths = rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
+
+    metrics: Dict[str, torch.Tensor] = {}
+    if gate_params is not None:
+        policy_rejected_logps, gates = apply_gate(
+            gate_params, policy_rejected_logps, rejected_lengths, rejected_token_logps, rejected_mask
+        )
+        metrics.update(gate_metrics(gates))
+
+    inputs = LossInputs(
+        policy_chosen=policy_chosen_logps,
+        policy_rejected=policy_rejected_logps,
+        reference_chosen=reference_chosen_logps if spec.needs_reference else None,
+        reference_rejected=reference_rejected_logps if spec.needs_reference else None,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        progress=float(progress),
+    )
+    if spec.uses_length_average(params):
+        inputs = inputs.length_averaged()
+    terms = spec.fn(inputs, params)
+
+    metrics.update({key: value.detach().mean() for key, value in terms.metrics.items()})
+    # one device-to-host copy for all metrics, not one sync per value
+    values = torch.stack([value.to(torch.float64) for value in metrics.values()]).tolist() if metrics else []
+    return LossOutput(
+        loss=terms.losses.mean(),
+        losses=terms.losses,
+        chosen_rewards=terms.chosen_rewards,
+        rejected_rewards=terms.rejected_rewards,
+        metrics=dict(zip(metrics, values)),
+    )
+
+
+def validate_loss_config(loss_cfg: Any) -> None:
+    """Raise ConfigError, naming the key, if the `loss` node (name, gate, hyperparameters) cannot work."""
+    if isinstance(loss_cfg, DictConfig):
+        loss_cfg = OmegaConf.to_container(loss_cfg, resolve=True)
+    if not isinstance(loss_cfg, Mapping):
+        raise ConfigError(f"loss={loss_cfg!r} must be a mapping with a name, e.g. loss=dpo")
+    values = dict(loss_cfg)
+    if values.get("name") is None:
+        raise ConfigError(f"loss.name is missing; choose one of: {', '.join(LOSSES)}")
+    spec = get_loss(values.pop("name"))
+    parse_gate(values.pop("gate", None), spec)
+    spec.make_params(values)

