@@ -105,6 +105,17 @@ class TrainerConfig:
 
 
 @dataclass
+class DynamicsConfig:
+    enabled: bool = True  # evaluate the probe set (learning dynamics) during training
+    num_probes: int = 32  # held-out examples in the fixed probe set
+    every_n_steps: int = 10  # probe every N steps (also at step 0 and at the end)
+    batch_size: int = 8  # probe sequences per forward
+    generate: bool = False  # also generate greedily for a few probes and log the text
+    num_generate: int = 4  # probes answered by greedy generation when generate=true
+    max_new_tokens: int = 32  # generation length for those probes
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline (no account) | online | disabled
     project: str = "prefopt"  # W&B project
@@ -126,6 +137,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)  # see conf/dataset/
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # see conf/hardware/
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # optimization and evaluation
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
 
@@ -171,6 +183,11 @@ LOWER_BOUNDS = {
     "dataset.max_length": (2, True),
     "dataset.max_prompt_length": (1, True),
     "dataset.eval_fraction": (0.0, False),
+    "dynamics.num_probes": (1, True),
+    "dynamics.every_n_steps": (1, True),
+    "dynamics.batch_size": (1, True),
+    "dynamics.num_generate": (0, True),
+    "dynamics.max_new_tokens": (1, True),
     "dataset.arith.num_train": (1, True),
     "dataset.arith.num_eval": (1, True),
     "dataset.arith.max_operand": (1, True),

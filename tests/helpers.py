@@ -1,0 +1,39 @@
+"""Shared test helpers: run `prefopt train` in-process and read a W&B offline run back."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from prefopt.cli import main
+
+
+def run_train(run_dir: Path, *overrides: str) -> Path:
+    """`prefopt train OVERRIDES hydra.run.dir=RUN_DIR` in this process; returns the run dir."""
+    argv = sys.argv
+    try:
+        assert main(["train", *overrides, f"hydra.run.dir={run_dir}"]) == 0
+    finally:
+        sys.argv = argv
+    return Path(run_dir)
+
+
+def run_sweep(sweep_dir: Path, *overrides: str) -> list[Path]:
+    """`prefopt train -m ...` (Hydra's basic launcher, jobs run one after another in this process)."""
+    argv = sys.argv
+    try:
+        assert main(["train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]) == 0
+    finally:
+        sys.argv = argv
+    return sorted((path for path in Path(sweep_dir).iterdir() if path.is_dir() and path.name.isdigit()), key=lambda p: int(p.name))
+
+
+def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(summary record, history items) of the offline W&B run in run_dir, decoded by wandb's own reader."""
+    [wandb_dir] = list((Path(run_dir) / "wandb").glob("offline-run-*"))
+    wandb_cli = [sys.executable, "-m", "wandb", "leet", "inspect", "--json"]
+    summary = json.loads(subprocess.run([*wandb_cli, "--summary", str(wandb_dir)], capture_output=True, text=True, check=True).stdout)
+    records = subprocess.run([*wandb_cli, str(wandb_dir)], capture_output=True, text=True, check=True).stdout.splitlines()
+    history = [json.loads(line)["history"]["item"] for line in records if '"type":"history"' in line]
+    return summary, history
