@@ -1,0 +1,135 @@
+"""`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`: the probe log-prob trajectories of one or more runs,
+overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl.
+
+Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
+display needed, safe inside a training process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from prefopt.tracking import read_jsonl
+
+DYNAMICS_FILE = "dynamics.jsonl"  # written by the trainer: {"step": s, "dynamics/<type>/logp": ...} per probe evaluation
+OVERRIDES_FILE = "overrides.yaml"
+DEFAULT_PLOT = "dynamics.png"
+# (panel title, metric key, y-axis label): the squeezing story reads left to right, top to bottom
+PANELS = (
+    ("chosen", "dynamics/chosen/logp", "summed log-prob"),
+    ("rejected", "dynamics/rejected/logp", "summed log-prob"),
+    ("greedy (argmax path)", "dynamics/greedy/logp", "summed log-prob"),
+    ("others (mean of the four below)", "dynamics/others/logp", "summed log-prob"),
+    ("other_train", "dynamics/other_train/logp", "summed log-prob"),
+    ("other_test", "dynamics/other_test/logp", "summed log-prob"),
+    ("permuted", "dynamics/permuted/logp", "summed log-prob"),
+    ("random", "dynamics/random/logp", "summed log-prob"),
+    ("peakiness (chosen positions)", "dynamics/mass/peakiness", "mean max-token probability"),
+    ("entropy (chosen positions)", "dynamics/mass/entropy", "mean entropy (nats)"),
+    ("target probability (chosen)", "dynamics/mass/target_prob", "mean target-token probability"),
+)
+GRID = (3, 4)  # 11 panels + one that holds the legend
+DEFAULT_TITLE = "Learning dynamics: probe log-probs vs step"
+
+
+class RunDirError(ValueError):
+    """A run or sweep dir that lacks what a command needs; the message names the path."""
+
+
+@dataclass
+class RunTrace:
+    label: str  # the run's overrides, or its dir name
+    rows: list[dict]  # dynamics.jsonl lines, in step order
+
+
+def run_label(run_dir: Path) -> str:
+    """The run's Hydra overrides joined by spaces; the dir name when there are none."""
+    path = Path(run_dir) / OVERRIDES_FILE
+    overrides = list(OmegaConf.load(path)) if path.is_file() else []
+    return " ".join(str(item) for item in overrides) or Path(run_dir).resolve().name
+
+
+def load_run(run_dir: Path) -> RunTrace:
+    path = Path(run_dir) / DYNAMICS_FILE
+    if not path.is_file():
+        raise RunDirError(f"{path}: not found; plot a run dir of a run trained with dynamics.enabled=true")
+    rows = sorted(read_jsonl(path), key=lambda row: row["step"])
+    if not rows:
+        raise RunDirError(f"{path}: empty, no probe evaluation was recorded yet")
+    return RunTrace(run_label(run_dir), rows)
+
+
+def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
+    rows, columns = GRID
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns).flatten()
+    for axis, (panel_title, key, ylabel) in zip(axes, PANELS):
+        for trace in traces:
+            points = [(row["step"], row[key]) for row in trace.rows if key in row]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=trace.label)
+        axis.set_title(panel_title)
+        axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    legend_axis = axes[len(PANELS)]
+    legend_axis.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    labels = [textwrap.fill(label, 45) for label in labels]
+    legend_axis.legend(handles, labels, loc="center", fontsize="small", title="runs", frameon=False)
+    for axis in axes[len(PANELS) + 1 :]:
+        axis.axis("off")
+    figure.suptitle(title)
+    return figure
+
+
+def save_png(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Written beside the target and renamed over it, so a reader never sees half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], output_path: str | os.PathLike, title: str = DEFAULT_TITLE) -> Path:
+    """Overlay the dynamics of `run_dirs` in one PNG at `output_path`; RunDirError names a dir without dynamics."""
+    traces = [load_run(Path(run_dir)) for run_dir in run_dirs]
+    return save_png(overlay_figure(traces, title), output_path)
+
+
+def plot_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="prefopt plot", description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs."
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
+    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_PLOT})")
+    args = parser.parse_args(argv)
+    output = args.output or Path(args.run_dirs[0]) / DEFAULT_PLOT
+    try:
+        path = plot_runs(args.run_dirs, output)
+    except RunDirError as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
