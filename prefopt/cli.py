@@ -27,6 +27,10 @@ commands:
             Hydra app: `prefopt train --help` lists the groups and options; `--cfg job` prints the
             composed config; `-m` sweeps; e.g. `prefopt train loss=dpo model=tiny_llama trainer.max_steps=10`
   worker    train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`
+  plot      overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`
+  report    tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
+            `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there
+  toy       the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`
 
 `prefopt <command> --help` for a command's options.
 """
@@ -80,6 +84,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_hydra_app(train_app, "train", rest)
     if command == "worker":
         return worker_command(rest)
+    if command == "plot":
+        from prefopt.plots import plot_command
+
+        return plot_command(rest)
+    if command == "report":
+        from prefopt.report import report_command
+
+        return report_command(rest)
+    if command == "toy":
+        from prefopt.toy import toy_app
+
+        return run_hydra_app(toy_app, "toy", rest)
     print(f"prefopt: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2
 

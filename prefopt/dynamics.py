@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from prefopt.data import collate_sequences
+from prefopt.data import PreferenceData, TokenizedPair, collate_sequences
 from prefopt.logps import response_token_logps
-
-if TYPE_CHECKING:
-    from prefopt.data import PreferenceData, TokenizedPair
 
 RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
 OTHER_TYPES = ("other_train", "other_test", "permuted", "random")

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from prefopt.data import IGNORE_INDEX
 
 
 @dataclass

@@ -14,7 +14,7 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -53,11 +53,15 @@ class RunTrace:
     rows: list[dict]  # dynamics.jsonl lines, in step order
 
 
+def run_overrides(run_dir: Path) -> list[str]:
+    """The run's Hydra overrides (overrides.yaml, written by `prefopt train`); [] when absent."""
+    path = Path(run_dir) / OVERRIDES_FILE
+    return [str(item) for item in OmegaConf.load(path)] if path.is_file() else []
+
+
 def run_label(run_dir: Path) -> str:
     """The run's Hydra overrides joined by spaces; the dir name when there are none."""
-    path = Path(run_dir) / OVERRIDES_FILE
-    overrides = list(OmegaConf.load(path)) if path.is_file() else []
-    return " ".join(str(item) for item in overrides) or Path(run_dir).resolve().name
+    return " ".join(run_overrides(run_dir)) or Path(run_dir).resolve().name
 
 
 def load_run(run_dir: Path) -> RunTrace:
@@ -112,9 +116,14 @@ def save_png(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], output_path: str | os.PathLike, title: str = DEFAULT_TITLE) -> Path:
-    """Overlay the dynamics of `run_dirs` in one PNG at `output_path`; RunDirError names a dir without dynamics."""
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike], output_path: str | os.PathLike, title: str = DEFAULT_TITLE, labels: Optional[Sequence[str]] = None
+) -> Path:
+    """Overlay the dynamics of `run_dirs` in one PNG at `output_path`, each line labelled by its run's
+    overrides unless `labels` are given; RunDirError names a dir without dynamics."""
     traces = [load_run(Path(run_dir)) for run_dir in run_dirs]
+    for trace, label in zip(traces, labels or []):
+        trace.label = label
     return save_png(overlay_figure(traces, title), output_path)
 
 

@@ -20,6 +20,7 @@ from prefopt.fileutil import atomic_write_json, atomic_write_text
 log = logging.getLogger("prefopt")
 
 METRICS_FILE = "metrics.jsonl"
+DYNAMICS_FILE = "dynamics.jsonl"
 SUMMARY_FILE = "summary.json"
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -34,12 +35,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 class Tracker:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0):
         self.run_dir = run_dir
-        self.metrics_path = run_dir / METRICS_FILE
-        if resume_step:
-            kept = [row for row in read_jsonl(self.metrics_path) if row.get("step", 0) <= resume_step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run in a reused dir starts a fresh file
+        for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE):
+            if resume_step:
+                kept = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
+                atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+            elif path.exists():
+                path.unlink()  # a fresh run in a reused dir starts fresh files
         self.wandb_run = self._start_wandb(cfg, resume=bool(resume_step))
 
     def _start_wandb(self, cfg: DictConfig, resume: bool):
@@ -68,9 +69,10 @@ class Tracker:
         run.define_metric("*", step_metric="step")
         return run
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any], file: str = METRICS_FILE) -> None:
+        """One JSON line in run_dir/file (metrics.jsonl or dynamics.jsonl) and the same keys to W&B."""
         row = {"step": step, **metrics}
-        with open(self.metrics_path, "a") as handle:
+        with open(self.run_dir / file, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(row)

@@ -12,11 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data, collate_pairs
+from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.engine import TorchEngine
 from prefopt.logps import response_token_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
 from prefopt.models import freeze, load_model, load_tokenizer, resolve_model_source
-from prefopt.tracking import Tracker
+from prefopt.plots import plot_runs
+from prefopt.tracking import DYNAMICS_FILE, Tracker
 
 log = logging.getLogger("prefopt")
 
@@ -121,31 +123,14 @@ def evaluate(step_fn: PreferenceStep, pairs: list[TokenizedPair], batch_size: in
     return mean_metrics(parts, "eval") if parts else {}
 
 
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens: int, device, batch_size: int = 16):
+def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens: int, device):
     """Greedy answers to held-out prompts that carry a reference answer; returns (accuracy, examples)."""
     pairs = [pair for pair in pairs if pair.answer is not None]
     if not pairs:
         return None, []
-    model.eval()
-    correct, examples = 0, []
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(pair.prompt_ids) for pair in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in chunk], device=device)
-        attention = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in chunk], device=device)
-        generated = model.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        )
-        for pair, row in zip(chunk, generated[:, width:]):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            ok = answer_is_correct(text, pair.answer)
-            correct += ok
-            examples.append([pair.prompt, text, pair.answer, bool(ok)])
-    model.train()
-    return correct / len(pairs), examples
+    generations = greedy_generate(model, tokenizer, [pair.prompt_ids for pair in pairs], max_new_tokens, device)
+    examples = [[pair.prompt, text, pair.answer, answer_is_correct(text, pair.answer)] for pair, text in zip(pairs, generations)]
+    return sum(example[3] for example in examples) / len(examples), examples
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -166,14 +151,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     engine = TorchEngine(policy, trainer_cfg)
     sampler = PairSampler(len(data.train), trainer_cfg.seed)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
+    probes = build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None
 
     # --- resume: weights, optimizer, schedule, data position, RNG
-    start_step, first_eval, first_greedy = 0, {}, None
+    start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
     checkpoint = find_checkpoint(trainer_cfg.resume, run_dir)
     if checkpoint is not None:
         engine.load(checkpoint)
         state = load_trainer_state(checkpoint)
-        start_step, first_eval, first_greedy = state["step"], state["first_eval"], state["first_greedy_accuracy"]
+        start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
         sampler = PairSampler(len(data.train), trainer_cfg.seed, **state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
@@ -192,13 +178,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             tracker.log(step, metrics)
             return metrics, accuracy
 
+        def run_probes(step: int) -> dict[str, float]:
+            if probes is None:
+                return {}
+            metrics = evaluate_probes(policy, probes, trainer_cfg.logp_chunk_size, device, cfg.dynamics.batch_size)
+            tracker.log(step, metrics, file=DYNAMICS_FILE)
+            if cfg.dynamics.generate and cfg.dynamics.num_generate:
+                rows = generate_probes(policy, tokenizer, probes, cfg.dynamics.num_generate, cfg.dynamics.max_new_tokens, device)
+                tracker.log_table(f"dynamics/generations_step{step}", ["prompt", "generation"], rows)
+            return metrics
+
         def checkpoint_state(step: int) -> dict[str, Any]:
             return {"step": step, "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
-                    "first_eval": first_eval, "first_greedy_accuracy": first_greedy}
+                    "first_eval": first_eval, "first_greedy_accuracy": first_greedy, "first_dynamics": first_dynamics}
 
         if start_step == 0:
             tracker.log(0, {f"data/{key}": value for key, value in data.stats.items()})
             first_eval, first_greedy = run_eval(0, generate=True)
+            first_dynamics = run_probes(0)
 
         started = time.time()
         step = start_step
@@ -222,6 +219,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 tracker.log(step, metrics)
             if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
                 run_eval(step, generate=False)
+            if probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
+                run_probes(step)
             if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
                 save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step))
             if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
@@ -229,6 +228,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 return {"stopped_at": step}
 
         final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)
+        final_dynamics = run_probes(trainer_cfg.max_steps)
         if trainer_cfg.save_final:
             save_checkpoint(run_dir, trainer_cfg.max_steps, engine, tokenizer, checkpoint_state(trainer_cfg.max_steps))
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
@@ -239,6 +239,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if first_greedy is not None:
             summary["eval/greedy_accuracy_before"] = first_greedy
             summary["eval/greedy_accuracy_after"] = final_greedy
+        if probes is not None:
+            summary |= dynamics_deltas(first_dynamics, final_dynamics)
+            plot_runs([run_dir], run_dir / "dynamics.png")
         tracker.finish(summary)
         return summary
     finally:

@@ -2,34 +2,11 @@
 the set is deterministic, and the real model finds random tokens far less likely than the chosen answer."""
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
-import prefopt.data
-from prefopt.data.tokenize import IGNORE_INDEX, TokenizedPair
-
-
-def _collate_sequences_stand_in(prompt_ids_list, response_ids_list, pad_token_id):
-    """Until prefopt.data.collate_sequences lands: the agreed contract (right-padded, labels -100 on prompt/pad)."""
-    width = max(len(p) + len(r) for p, r in zip(prompt_ids_list, response_ids_list))
-    rows = len(prompt_ids_list)
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, response) in enumerate(zip(prompt_ids_list, response_ids_list)):
-        end = len(prompt) + len(response)
-        input_ids[row, :end] = torch.tensor(prompt + response)
-        attention_mask[row, :end] = 1
-        labels[row, len(prompt) : end] = torch.tensor(response)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-if not hasattr(prefopt.data, "collate_sequences"):
-    prefopt.data.collate_sequences = _collate_sequences_stand_in
-
-from prefopt.dynamics import (  # noqa: E402  (after the stand-in)
+from prefopt.data import PreferenceData, TokenizedPair
+from prefopt.dynamics import (
     OTHER_TYPES,
     RESPONSE_TYPES,
     build_probe_set,
@@ -38,16 +15,7 @@ from prefopt.dynamics import (  # noqa: E402  (after the stand-in)
     generate_probes,
     sequence_stats,
 )
-from tests.conftest import SMOLLM2_GGUF  # noqa: E402
-
-
-def make_data(train, eval_pairs):
-    try:
-        from prefopt.data import PreferenceData
-
-        return PreferenceData(train=train, eval=eval_pairs, stats={})
-    except ImportError:  # the data module's container is not there yet: the probe set only reads train/eval
-        return types.SimpleNamespace(train=train, eval=eval_pairs, stats={})
+from tests.conftest import SMOLLM2_GGUF
 
 
 def make_pair(tokenizer, index: int, a: int, b: int) -> TokenizedPair:
@@ -77,7 +45,7 @@ def tiny_model(tokenizer):
 def data(tokenizer):
     train = [make_pair(tokenizer, i, i, 2 * i + 1) for i in range(6)]
     eval_pairs = [make_pair(tokenizer, 100 + i, 10 + 3 * i, i) for i in range(4)]
-    return make_data(train, eval_pairs)
+    return PreferenceData(train=train, eval=eval_pairs)
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -134,7 +102,7 @@ def test_probe_set_is_deterministic_for_a_seed(data, tokenizer, probes):
 
 
 def test_probe_log_probs_match_a_direct_computation(tiny_model, probes):
-    # batch_size 4 over 3 probes of different lengths: padded rows and a partial batch; chunk_size 5 splits positions
+    # batch_size 2 over 3 probes of different lengths: padded rows and a partial batch; chunk_size 5 splits positions
     expected = {name: [direct_stats(tiny_model, p, r) for p, r in zip(probes.prompt_ids, probes.responses[name])] for name in RESPONSE_TYPES}
     for name in RESPONSE_TYPES:
         stats = sequence_stats(tiny_model, probes.prompt_ids, probes.responses[name], 5, "cpu", 2, with_stats=True)
@@ -175,7 +143,7 @@ def test_generate_probes(tiny_model, tokenizer, probes):
 
 
 def test_single_held_out_pair_falls_back_to_training_for_other_test(data, tokenizer):
-    probes = build_probe_set(make_data(data.train, data.eval[:1]), 5, 0, len(tokenizer), special_ids(tokenizer))
+    probes = build_probe_set(PreferenceData(train=data.train, eval=data.eval[:1]), 5, 0, len(tokenizer), special_ids(tokenizer))
     assert len(probes) == 1 and probes.responses["other_test"][0] in [pair.chosen_ids for pair in data.train]
 
 
@@ -203,8 +171,8 @@ def test_real_model_finds_random_tokens_far_less_likely_than_the_chosen_answer(s
     tokenizer = smollm2_tokenizer
     model = load_model(model_cfg, resolve_model_source(model_cfg), len(tokenizer), seed=0)
     train = [make_pair(tokenizer, i, i + 2, 2 * i + 1) for i in range(4)]
-    eval_pairs = [make_pair(tokenizer, 100 + i, 10 + 3 * i, i + 1) for i in range(3)]
-    probes = build_probe_set(make_data(train, eval_pairs), 3, 0, len(tokenizer), set(tokenizer.all_special_ids))
+    eval_pairs = [make_pair(tokenizer, 100 + i, 10 + 3 * i, i + 1) for i in range(2)]
+    probes = build_probe_set(PreferenceData(train=train, eval=eval_pairs), 2, 0, len(tokenizer), set(tokenizer.all_special_ids))
     metrics = evaluate_probes(model, probes, chunk_size=64, device="cpu", batch_size=6)
     assert metrics["dynamics/random/logp_mean"] < metrics["dynamics/chosen/logp_mean"] - 5  # nats per token
     assert metrics["dynamics/random/logp"] < metrics["dynamics/chosen/logp"] - 30
