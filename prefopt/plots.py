@@ -20,9 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from prefopt.tracking import read_jsonl
+from prefopt.tracking import DYNAMICS_FILE, read_jsonl
 
-DYNAMICS_FILE = "dynamics.jsonl"  # written by the trainer: {"step": s, "dynamics/<type>/logp": ...} per probe evaluation
 OVERRIDES_FILE = "overrides.yaml"
 DEFAULT_PLOT = "dynamics.png"
 # (panel title, metric key, y-axis label): the squeezing story reads left to right, top to bottom
