@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from prefopt.config import ConfigError
+from prefopt.distributed import DistInfo
 from prefopt.fileutil import atomic_write_text
 
 log = logging.getLogger("prefopt")
@@ -24,23 +24,27 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: dict[str, Any], dist: DistInfo, keep: int = 2) -> Path:
+    """Every rank writes its part into one staging dir (ZeRO shards); rank 0 renames it into place."""
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-    try:
-        engine.save(staging, tokenizer)
+    staging = root / f".{target.name}.partial"  # the same path on every rank
+    if dist.is_main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-save
+        staging.mkdir(parents=True)
+    dist.barrier()
+    engine.save(staging, tokenizer)
+    dist.barrier()
+    if dist.is_main:
         torch.save(trainer_state, staging / TRAINER_STATE)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_text(root / "latest", target.name + "\n")
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("saved checkpoint %s", target)
+        atomic_write_text(root / "latest", target.name + "\n")
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", target)
+    dist.barrier()
     return target
 
 
@@ -59,7 +63,7 @@ def find_checkpoint(resume: Any, run_dir: Path) -> Optional[Path]:
     root = path / CHECKPOINTS
     latest = root / "latest"
     candidates = [root / latest.read_text().strip()] if latest.exists() else []
-    candidates += sorted(root.glob("step-*"), reverse=True)
+    candidates += sorted((p for p in root.glob("step-*") if not p.name.endswith(".partial")), reverse=True)
     for candidate in candidates:
         if is_complete(candidate):
             return candidate

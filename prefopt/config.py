@@ -8,6 +8,7 @@ Every field carries a one-line comment; the YAML files under conf/ repeat them f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -75,8 +76,16 @@ class DatasetConfig:
 class HardwareConfig:
     name: str = "cpu"  # preset name
     device: str = "cpu"  # cpu | cuda
-    launcher: str = "inline"  # inline: train in this process
-    num_threads: Optional[int] = None  # torch CPU threads (null = torch's default)
+    launcher: str = "inline"  # inline (this process) | torchrun (local worker processes)
+    engine: str = "torch"  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
+    gpus_per_node: int = 1  # ranks per node: GPUs per node (processes, on CPU)
+    nodes: int = 1  # nodes (multi-node runs go through SLURM)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the policy
+    offload_optimizer: bool = False  # ZeRO>=2: optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+    reference_zero_stage: Optional[int] = None  # the reference's stage (null = 3 when the policy is ZeRO-3, else 0)
+    deepspeed_config: Optional[str] = None  # a JSON/YAML file whose fields override the generated DeepSpeed config
+    num_threads: Optional[int] = None  # torch CPU threads per rank (null = cores / ranks)
 
 
 @dataclass
@@ -102,6 +111,11 @@ class TrainerConfig:
     save_final: bool = True  # save the policy in HF format at the end
     resume: Any = False  # false | true (this run dir's last checkpoint) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
+
+
+@dataclass
+class ReferenceConfig:
+    offload: bool = False  # keep the frozen reference in CPU memory (ZeRO-3 parameter offload)
 
 
 @dataclass
@@ -137,6 +151,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)  # see conf/dataset/
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # see conf/hardware/
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # optimization and evaluation
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # the frozen reference model
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
@@ -159,13 +174,17 @@ CHOICES = {
     "dataset.on_bad_row": ("error", "skip"),
     "dataset.arith.rejected_style": ("near", "offpolicy"),
     "hardware.device": ("cpu", "cuda"),
-    "hardware.launcher": ("inline",),
+    "hardware.launcher": ("inline", "torchrun"),
+    "hardware.engine": ("torch", "deepspeed"),
+    "hardware.zero_stage": (0, 1, 2, 3),
     "trainer.lr_schedule": ("cosine", "linear", "constant"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
 }
 
 # key -> (lowest allowed, whether the bound itself is allowed)
 LOWER_BOUNDS = {
+    "hardware.gpus_per_node": (1, True),
+    "hardware.nodes": (1, True),
     "trainer.max_steps": (1, True),
     "trainer.micro_batch_size": (1, True),
     "trainer.grad_accum": (1, True),
@@ -222,6 +241,19 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
         raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl or .parquet)")
+    hardware = cfg.hardware
+    if hardware.gpus_per_node * hardware.nodes > 1 and hardware.engine != "deepspeed":
+        raise ConfigError(f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)")
+    if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
+        raise ConfigError("hardware.launcher=inline runs one rank; use hardware.launcher=torchrun for hardware.gpus_per_node > 1")
+    if hardware.nodes > 1:
+        raise ConfigError("hardware.nodes > 1 needs a cluster launcher; prefopt's local launchers run one node")
+    if hardware.offload_optimizer and hardware.zero_stage < 2:
+        raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
+    if hardware.offload_params and hardware.zero_stage != 3:
+        raise ConfigError("hardware.offload_params=true needs hardware.zero_stage=3")
+    if hardware.deepspeed_config and not Path(hardware.deepspeed_config).is_file():
+        raise ConfigError(f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file")
     resume = cfg.trainer.resume
     if not isinstance(resume, (bool, str)):
         raise ConfigError(f"trainer.resume={resume!r} must be true, false or a path to a run dir or checkpoint")

@@ -71,3 +71,103 @@ class TorchEngine:
         state = torch.load(directory / self.ENGINE_STATE, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int, for_reference: bool = False) -> dict:
+    """The DeepSpeed config generated from the groups; hardware.deepspeed_config (JSON/YAML) overrides any field."""
+    hardware, trainer = cfg.hardware, cfg.trainer
+    stage = hardware.zero_stage
+    if for_reference:
+        stage = hardware.reference_zero_stage if hardware.reference_zero_stage is not None else (3 if stage == 3 else 0)
+    zero: dict = {"stage": stage}
+    if stage >= 2 and hardware.offload_optimizer and not for_reference:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage == 3 and (hardware.offload_params or (for_reference and cfg.reference.offload)):
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": trainer.grad_accum,
+        "train_batch_size": trainer.micro_batch_size * trainer.grad_accum * world_size,
+        "gradient_clipping": trainer.max_grad_norm,
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "zero_optimization": zero,
+        # the client optimizer is torch's AdamW: no op to compile; offload needs this to accept it
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if hardware.deepspeed_config:
+        from omegaconf import OmegaConf
+
+        user = OmegaConf.to_container(OmegaConf.load(hardware.deepspeed_config), resolve=True)
+        config = OmegaConf.to_container(OmegaConf.merge(config, user))
+    return config
+
+
+class DeepSpeedEngine:
+    """ZeRO 0-3 (and offload) through deepspeed.initialize; the same five methods as TorchEngine."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig, world_size: int):
+        import deepspeed
+
+        torch_engine = TorchEngine(model, cfg.trainer)  # the same optimizer and schedule as one process
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=torch_engine.optimizer, lr_scheduler=torch_engine.scheduler,
+            config=deepspeed_config(cfg, world_size),
+        )
+        self.model = self.ds.module
+        self.grad_accum = cfg.trainer.grad_accum
+        self.zero_stage = cfg.hardware.zero_stage
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the trainer already divides by grad_accum; DeepSpeed counts micro steps and only updates
+        # (all-reduce, clip, optimizer and LR step) at the accumulation boundary
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
+
+    def step(self) -> float:
+        """The boundary step; returns the pre-clip global gradient norm (ZeRO computes it inside its step)."""
+        full_norm = self._full_grad_norm() if self.zero_stage == 0 else None
+        self.ds.step()
+        grad_norm = full_norm if full_norm is not None else self.ds.get_global_grad_norm()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def _full_grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+    def save(self, directory: Path, tokenizer) -> None:
+        """Every rank writes its ZeRO shards; rank 0 also exports the whole policy in HF format."""
+        import torch.distributed as dist
+
+        self.ds.save_checkpoint(str(directory), tag=self.TAG)
+        state_dict = self.ds._zero3_consolidated_16bit_state_dict() if self.zero_stage == 3 else None
+        if dist.get_rank() == 0:
+            self.model.save_pretrained(directory / "policy", state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(directory / "policy")
+
+    def load(self, directory: Path) -> None:
+        self.ds.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
+def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int):
+    if cfg.hardware.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, world_size)
+    return TorchEngine(model, cfg.trainer)
+
+
+def wrap_reference(reference: torch.nn.Module, cfg: DictConfig, world_size: int) -> torch.nn.Module:
+    """A frozen reference: under DeepSpeed an inference engine without optimizer (ZeRO-3 when the policy is)."""
+    if cfg.hardware.engine != "deepspeed":
+        return reference
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=reference, config=deepspeed_config(cfg, world_size, for_reference=True))
+    return engine.module

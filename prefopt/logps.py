@@ -31,8 +31,9 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, with_stats: bool):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_stats: bool):
+    # the head module is called (not its weight read) so ZeRO-3 hooks gather the partitioned weight
+    logits = head(hidden).float()
     log_probs = torch.log_softmax(logits, dim=-1)
     token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_stats:
@@ -55,7 +56,7 @@ def response_token_logps(
     safe_targets = targets.clamp(min=0)
     outputs = []
     for start in range(0, hidden.shape[1], chunk_size):
-        args = (hidden[:, start : start + chunk_size], head.weight, head.bias, safe_targets[:, start : start + chunk_size], with_stats)
+        args = (head, hidden[:, start : start + chunk_size], safe_targets[:, start : start + chunk_size], with_stats)
         if torch.is_grad_enabled():
             outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
         else:

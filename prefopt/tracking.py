@@ -33,8 +33,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class Tracker:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0):
+    """Only rank 0 writes (enabled=True); on other ranks every method does nothing."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0, enabled: bool = True):
         self.run_dir = run_dir
+        self.enabled = enabled
+        self.wandb_run = None
+        if not enabled:
+            return
         for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE):
             if resume_step:
                 kept = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
@@ -71,6 +77,8 @@ class Tracker:
 
     def log(self, step: int, metrics: Mapping[str, Any], file: str = METRICS_FILE) -> None:
         """One JSON line in run_dir/file (metrics.jsonl or dynamics.jsonl) and the same keys to W&B."""
+        if not self.enabled:
+            return
         row = {"step": step, **metrics}
         with open(self.run_dir / file, "a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -84,6 +92,8 @@ class Tracker:
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def finish(self, summary: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         atomic_write_json(self.run_dir / SUMMARY_FILE, dict(summary))
         if self.wandb_run is not None:
             for key, value in summary.items():

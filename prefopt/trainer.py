@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data, collate_pairs
 from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
-from prefopt.engine import TorchEngine
+from prefopt.distributed import DistInfo, device_for, init_distributed
+from prefopt.engine import build_engine, wrap_reference
 from prefopt.logps import response_token_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
 from prefopt.models import freeze, load_model, load_tokenizer, resolve_model_source
@@ -105,9 +106,10 @@ class PreferenceStep:
         return out, per_example, tokens
 
 
-def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str) -> dict[str, float]:
+def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
+    """Means over every example of every rank (the global batch)."""
     keys = per_example_parts[0].keys()
-    return {f"{prefix}/{key}": float(torch.cat([part[key].float().cpu() for part in per_example_parts]).mean()) for key in keys}
+    return {f"{prefix}/{key}": float(dist.gather_cat(torch.cat([part[key].float().cpu() for part in per_example_parts])).mean()) for key in keys}
 
 
 @torch.no_grad()
@@ -120,7 +122,7 @@ def evaluate(step_fn: PreferenceStep, pairs: list[TokenizedPair], batch_size: in
         _, per_example, _ = step_fn(pairs[start : start + batch_size], step=0)
         parts.append(per_example)
     step_fn.policy.train()
-    return mean_metrics(parts, "eval") if parts else {}
+    return mean_metrics(parts, "eval", DistInfo()) if parts else {}  # every rank evaluates the same pairs
 
 
 def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens: int, device):
@@ -135,10 +137,11 @@ def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
+    dist = init_distributed(cfg.hardware)
+    device = device_for(cfg.hardware, dist)
     torch.manual_seed(trainer_cfg.seed)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
-    device = torch.device(cfg.hardware.device)
 
     # --- build: tokenizer, data, policy, frozen reference (only when the loss needs one)
     source = resolve_model_source(cfg.model)
@@ -147,8 +150,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     log.info("data: %s", data.stats)
     policy = load_model(cfg.model, source, len(tokenizer), trainer_cfg.seed).to(device)
     policy.train()
+    # the reference is the initial policy, copied before DeepSpeed partitions the policy in place
     reference = freeze(copy.deepcopy(policy)) if get_loss(cfg.loss.name).needs_reference else None
-    engine = TorchEngine(policy, trainer_cfg)
+    engine = build_engine(policy, cfg, dist.world_size)
+    policy = engine.model
+    if reference is not None:
+        reference = wrap_reference(reference, cfg, dist.world_size)
     sampler = PairSampler(len(data.train), trainer_cfg.seed)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
     probes = build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None
@@ -164,7 +171,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
 
-    tracker = Tracker(cfg, run_dir, resume_step=start_step)
+    tracker = Tracker(cfg, run_dir, resume_step=start_step, enabled=dist.is_main)
     try:
 
         def run_eval(step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
@@ -203,7 +210,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             step_started = time.time()
             parts, loss_metric_parts, tokens = [], [], 0
             for _ in range(trainer_cfg.grad_accum):
-                pairs = [data.train[i] for i in sampler.next_indices(trainer_cfg.micro_batch_size)]
+                # every rank draws the same global micro batch and trains on its own slice of it
+                global_indices = sampler.next_indices(trainer_cfg.micro_batch_size * dist.world_size)
+                rank_slice = slice(dist.rank * trainer_cfg.micro_batch_size, (dist.rank + 1) * trainer_cfg.micro_batch_size)
+                pairs = [data.train[i] for i in global_indices[rank_slice]]
                 out, per_example, batch_tokens = step_fn(pairs, step - 1)
                 engine.backward(out.loss / trainer_cfg.grad_accum)
                 parts.append(per_example)
@@ -213,16 +223,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             grad_norm = engine.step()
             elapsed = time.time() - step_started
             if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
-                metrics = mean_metrics(parts, "train")
-                metrics |= {f"train/{key}": sum(m[key] for m in loss_metric_parts) / len(loss_metric_parts) for key in loss_metric_parts[0]}
-                metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": tokens / elapsed, "train/epoch": sampler.epoch}
+                metrics = mean_metrics(parts, "train", dist)
+                metrics |= {f"train/{key}": dist.sum(sum(m[key] for m in loss_metric_parts) / len(loss_metric_parts)) / dist.world_size
+                            for key in loss_metric_parts[0]}
+                metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": dist.sum(tokens) / elapsed, "train/epoch": sampler.epoch}
                 tracker.log(step, metrics)
             if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
                 run_eval(step, generate=False)
             if probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
                 run_probes(step)
             if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
-                save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step))
+                save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
             if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
                 log.warning("stopping after step %d (trainer.stop_after)", step)
                 return {"stopped_at": step}
@@ -230,7 +241,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)
         final_dynamics = run_probes(trainer_cfg.max_steps)
         if trainer_cfg.save_final:
-            save_checkpoint(run_dir, trainer_cfg.max_steps, engine, tokenizer, checkpoint_state(trainer_cfg.max_steps))
+            save_checkpoint(run_dir, trainer_cfg.max_steps, engine, tokenizer, checkpoint_state(trainer_cfg.max_steps), dist)
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
         summary |= {f"data/{key}": value for key, value in data.stats.items()}
         for key in ("logps/chosen", "logps/rejected", "rewards/margin"):
@@ -241,7 +252,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             summary["eval/greedy_accuracy_after"] = final_greedy
         if probes is not None:
             summary |= dynamics_deltas(first_dynamics, final_dynamics)
-            plot_runs([run_dir], run_dir / "dynamics.png")
+            if dist.is_main:
+                plot_runs([run_dir], run_dir / "dynamics.png")
         tracker.finish(summary)
         return summary
     finally:
