@@ -46,16 +46,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def train_app(cfg: DictConfig) -> Optional[float]:
-    from prefopt.launch import dispatch, prepare_run
+    from prefopt.launch import WorkerError, dispatch, prepare_run
 
     hydra_cfg = HydraConfig.get()
     try:
         run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
         log.info("run dir: %s", run_dir)
-        summary = dispatch(run_dir)
+        summary = dispatch(cfg, run_dir)
     except user_errors() as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except WorkerError as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     objective = summary.get("eval/rewards/accuracy")
     return float(objective) if objective is not None else None
 

@@ -62,7 +62,50 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     return run_dir
 
 
-def dispatch(run_dir: Path) -> dict[str, Any]:
+class WorkerError(RuntimeError):
+    """A worker failed; the message carries the failing rank's traceback."""
+
+
+def dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the worker body: in this process (inline) or as torchrun's worker processes."""
     from prefopt.worker import run_worker
 
-    return run_worker(run_dir / "config.yaml")
+    if cfg.hardware.launcher == "inline":
+        return run_worker(run_dir / "config.yaml")
+    return run_torchrun(cfg, run_dir)
+
+
+def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    import json
+    import os
+    import signal
+    import sys
+
+    from prefopt.distributed import free_port
+    from prefopt.worker import ERROR_FILE
+
+    ranks = cfg.hardware.gpus_per_node
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "prefopt.worker", str(run_dir / "config.yaml"),
+    ]
+    env = dict(os.environ)
+    if cfg.hardware.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(cfg.hardware.num_threads or max(1, (os.cpu_count() or 1) // ranks)))
+    for stale in run_dir.glob("error*.txt"):
+        stale.unlink()
+    log.info("launching %d ranks: %s", ranks, " ".join(command))
+    # its own session, so an interrupt (or a failure) takes the whole process tree down with it
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        returncode = process.wait()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        raise
+    if returncode != 0:
+        errors = sorted(run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")))
+        details = "\n".join(path.read_text() for path in errors) or "(no traceback was written; see the output above)"
+        raise WorkerError(f"a worker failed (torchrun exit code {returncode}); run dir {run_dir}\n{details}")
+    return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}

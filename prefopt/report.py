@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefopt.fileutil import atomic_write_text
+from prefopt.worker import ERROR_FILE
 from prefopt.plots import RunDirError, plot_runs, run_label, run_overrides
 
 from prefopt.tracking import DYNAMICS_FILE, SUMMARY_FILE, read_jsonl
 
-ERROR_FILE = "error.txt"
+
 # column -> summary.json key
 SUMMARY_COLUMNS = {
     "dChosen": "delta/chosen",

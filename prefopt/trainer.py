@@ -240,7 +240,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)
         final_dynamics = run_probes(trainer_cfg.max_steps)
-        if trainer_cfg.save_final:
+        already_saved = trainer_cfg.save_every and trainer_cfg.max_steps % trainer_cfg.save_every == 0
+        if trainer_cfg.save_final and not already_saved:
             save_checkpoint(run_dir, trainer_cfg.max_steps, engine, tokenizer, checkpoint_state(trainer_cfg.max_steps), dist)
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
         summary |= {f"data/{key}": value for key, value in data.stats.items()}

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from prefopt.config import Config
+from prefopt.fileutil import atomic_write_text
+
+ERROR_FILE = "error.txt"  # rank 0's; other ranks write error-rank<N>.txt
 
 
 def load_frozen_config(config_path: str | Path):
@@ -22,10 +27,18 @@ def load_frozen_config(config_path: str | Path):
 
 
 def run_worker(config_path: str | Path) -> dict[str, Any]:
+    """Train; on failure leave this rank's traceback in the run dir (the launcher and `prefopt report` read it)."""
     from prefopt.trainer import train
 
     cfg = load_frozen_config(config_path)
-    return train(cfg, Path(cfg.run_dir))
+    try:
+        return train(cfg, Path(cfg.run_dir))
+    except BaseException as error:
+        if not isinstance(error, (KeyboardInterrupt, SystemExit)):
+            rank = int(os.environ.get("RANK", "0"))
+            name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
+            atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank}:\n{traceback.format_exc()}")
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="a run dir's config.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored (ranks come from the environment)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
     run_worker(args.config)
 
 

@@ -1,0 +1,105 @@
+"""Real DeepSpeed on CPU (gloo): 2-rank runs through torchrun, ZeRO 0 and 3, 1 vs 2 ranks, kill + resume, failures.
+
+The first DeepSpeed start on a machine compiles a small shared-memory op (~45 s, cached after).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prefopt.tracking import read_jsonl
+from tests.helpers import read_wandb_run, run_train
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model=tiny_llama", "trainer.eval_batch_size=4", "trainer.lr=1e-3", "dataset.arith.num_train=32",
+        "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=0", "dynamics.num_probes=2", "trainer.warmup_steps=0"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row}
+
+
+def prefopt_process(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "prefopt.cli", "train", *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def leftover_processes(marker: str) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if marker in line and "ps -eo" not in line]
+
+
+@pytest.mark.parametrize("zero_stage, dtype", [(0, "fp32"), (3, "fp32"), (3, "bf16")])
+def test_two_ranks_train_end_to_end(tmp_path, zero_stage, dtype):
+    run_dir = run_train(tmp_path / "run", *TINY, "hardware=cpu_2proc", f"hardware.zero_stage={zero_stage}", f"model.dtype={dtype}",
+                        "trainer.max_steps=3", "trainer.micro_batch_size=2", "dynamics.every_n_steps=2")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [row["step"] for row in rows if "train/loss" in row]
+    assert steps == [1, 2, 3]  # written once, by rank 0
+    assert rows[1]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6 if dtype == "fp32" else 1e-3)
+    assert train_losses(run_dir)[1] == pytest.approx(math.log(2), abs=1e-6 if dtype == "fp32" else 1e-3)
+    assert all(math.isfinite(value) for value in train_losses(run_dir).values())
+    summary, history = read_wandb_run(run_dir)
+    assert summary["state"] == "finished" and "delta/chosen" in summary["summary"]
+    assert {"train/loss", "train/grad_norm", "dynamics/chosen/logp"} <= {key for item in history for key in item}
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-000003" / "policy")
+    assert exported.model.embed_tokens.weight.shape[0] > 0  # gathered whole, not a ZeRO-3 shard
+
+
+def test_one_rank_and_two_ranks_agree_on_the_same_global_batch(tmp_path):
+    common = [*TINY, "trainer.max_steps=3", "logger.wandb.mode=disabled", "trainer.save_final=false", "dynamics.enabled=false"]
+    one_torch = train_losses(run_train(tmp_path / "torch1", *common, "hardware=cpu", "trainer.micro_batch_size=4"))
+    one_ds = train_losses(run_train(tmp_path / "ds1", *common, "hardware=cpu", "hardware.engine=deepspeed", "trainer.micro_batch_size=4"))
+    two_ds = train_losses(run_train(tmp_path / "ds2", *common, "hardware=cpu_2proc", "trainer.micro_batch_size=2"))
+    for step in (1, 2, 3):
+        assert one_ds[step] == pytest.approx(one_torch[step], rel=1e-5), step
+        assert two_ds[step] == pytest.approx(one_torch[step], rel=1e-4), step
+
+
+def test_killed_two_rank_run_resumes_exactly(tmp_path):
+    common = [*TINY, "hardware=cpu_2proc", "trainer.micro_batch_size=2", "trainer.max_steps=40", "trainer.save_every=4",
+              "logger.wandb.mode=disabled", "dynamics.enabled=false", "trainer.eval_every=0"]
+    straight = run_train(tmp_path / "straight", *common)
+
+    killed_dir = tmp_path / "killed"
+    process = prefopt_process(*common, f"hydra.run.dir={killed_dir}")
+    latest = killed_dir / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # parent, torchrun and both workers, no chance to clean up
+    process.wait(timeout=30)
+    assert latest.exists(), "no checkpoint was written before the deadline"
+    assert not (killed_dir / "summary.json").exists(), "the run finished before it could be killed; make it longer"
+
+    run_train(killed_dir, *common, "trainer.resume=true")
+    resumed, expected = train_losses(killed_dir), train_losses(straight)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(1, 41):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_a_failing_worker_fails_the_run_and_leaves_no_process(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    process = prefopt_process(*TINY, "hardware=cpu_2proc", "dataset=local", f"dataset.path={bad}", "trainer.max_steps=2",
+                              f"hydra.run.dir={tmp_path / 'run'}")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "a worker failed" in output and "row 8" in output and "pairs.jsonl" in output
+    assert (tmp_path / "run" / "error.txt").exists()
+    time.sleep(1)
+    assert leftover_processes(str(tmp_path / "run")) == []
