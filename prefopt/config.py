@@ -30,6 +30,15 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters instead of all weights; the reference is the base model (adapters off)
+    r: int = 16  # adapter rank
+    alpha: int = 32  # adapter scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names to adapt
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_llama"  # preset name, used in logs and run names
     source: str = "hub"  # hub (hub id or local dir) | gguf_package (a GGUF shipped in a PyPI package) | tiny (random)
@@ -43,6 +52,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # run model code shipped with a hub repo (off: only transformers' own code)
     cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient training (peft)
 
 
 @dataclass
@@ -116,6 +126,8 @@ class TrainerConfig:
 @dataclass
 class ReferenceConfig:
     offload: bool = False  # keep the frozen reference in CPU memory (ZeRO-3 parameter offload)
+    precompute: bool = False  # compute reference log-probs once, cache them, and train with no reference in memory
+    cache_dir: str = "${model.cache_dir}/reference_logps"  # where precomputed reference log-probs are kept (keyed by data + reference)
 
 
 @dataclass
@@ -207,6 +219,9 @@ LOWER_BOUNDS = {
     "dynamics.batch_size": (1, True),
     "dynamics.num_generate": (0, True),
     "dynamics.max_new_tokens": (1, True),
+    "model.lora.r": (1, True),
+    "model.lora.alpha": (1, True),
+    "model.lora.dropout": (0.0, True),
     "dataset.arith.num_train": (1, True),
     "dataset.arith.num_eval": (1, True),
     "dataset.arith.max_operand": (1, True),
