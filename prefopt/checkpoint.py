@@ -49,10 +49,11 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
 
 
 def is_complete(directory: Path) -> bool:
-    return (directory / TRAINER_STATE).is_file() and (directory / "policy" / "config.json").is_file()
+    policy = directory / "policy"
+    return (directory / TRAINER_STATE).is_file() and ((policy / "config.json").is_file() or (policy / "adapter_config.json").is_file())
 
 
-def find_checkpoint(resume: Any, run_dir: Path) -> Optional[Path]:
+def find_checkpoint(resume: Any, run_dir: Path, key: str = "trainer.resume") -> Optional[Path]:
     """resume: false -> None; true -> this run dir's latest; a path -> that checkpoint or run dir's latest."""
     if resume is False or resume in ("false", "False", ""):
         return None
@@ -68,7 +69,7 @@ def find_checkpoint(resume: Any, run_dir: Path) -> Optional[Path]:
         if is_complete(candidate):
             return candidate
     if explicit:
-        raise ConfigError(f"trainer.resume={resume}: no complete checkpoint found there (looked for {root}/step-*)")
+        raise ConfigError(f"{key}={resume}: no complete checkpoint found there (looked for {root}/step-*)")
     log.warning("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
     return None
 

@@ -30,6 +30,7 @@ commands:
   plot      overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`
   report    tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
             `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there
+  export    the latest policy of a run as a plain HF model (LoRA adapters merged): `prefopt export RUN_DIR [-o DIR]`
   toy       the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`
 
 `prefopt <command> --help` for a command's options.
@@ -95,6 +96,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from prefopt.report import report_command
 
         return report_command(rest)
+    if command == "export":
+        from prefopt.export import export_command
+
+        return export_command(rest)
     if command == "toy":
         from prefopt.toy import toy_app
 

@@ -25,6 +25,10 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str) -
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def is_adapter_dir(directory: Path) -> bool:
+    return (directory / "adapter_config.json").is_file()
+
+
 class TorchEngine:
     ENGINE_STATE = "engine_state.pt"
 
@@ -64,10 +68,16 @@ class TorchEngine:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory / self.ENGINE_STATE)
 
     def load(self, directory: Path) -> None:
-        from transformers import AutoModelForCausalLM
+        if is_adapter_dir(directory / "policy"):  # LoRA: the checkpoint holds the adapters only
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-        saved = AutoModelForCausalLM.from_pretrained(directory / "policy", dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(saved.state_dict())
+            set_peft_model_state_dict(self.model, load_file(directory / "policy" / "adapter_model.safetensors"))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            saved = AutoModelForCausalLM.from_pretrained(directory / "policy", dtype=next(self.model.parameters()).dtype)
+            self.model.load_state_dict(saved.state_dict())
         state = torch.load(directory / self.ENGINE_STATE, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

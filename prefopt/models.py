@@ -228,6 +228,18 @@ def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed
     return model
 
 
+def apply_lora(model, lora_cfg: DictConfig):
+    """Wrap the model with LoRA adapters (peft); only adapter weights train. B starts at 0, so the
+    adapted model equals the base model and the base (adapters disabled) serves as the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
 def freeze(model):
     """A reference model: eval mode, no gradients."""
     model.eval()

@@ -1,7 +1,6 @@
 """The training loop, top to bottom: build, (resume), evaluate, step, log, checkpoint, summarize."""
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -14,10 +13,11 @@ from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpo
 from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data, collate_pairs
 from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.distributed import DistInfo, device_for, init_distributed
-from prefopt.engine import build_engine, wrap_reference
+from prefopt.engine import build_engine
 from prefopt.logps import response_token_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
-from prefopt.models import freeze, load_model, load_tokenizer, resolve_model_source
+from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
+from prefopt.reference import CachedReference, ModelReference, build_reference
 from prefopt.plots import plot_runs
 from prefopt.tracking import DYNAMICS_FILE, Tracker
 
@@ -56,7 +56,7 @@ def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
 class PreferenceStep:
     """Log-probs for a batch of pairs (one concatenated forward) and the configured loss on them."""
 
-    def __init__(self, cfg: DictConfig, policy, reference, device: torch.device, pad_token_id: int):
+    def __init__(self, cfg: DictConfig, policy, reference: Optional[ModelReference | CachedReference], device: torch.device, pad_token_id: int):
         self.loss_name = cfg.loss.name
         self.gate = OmegaConf.to_container(cfg.loss.gate, resolve=True) if "gate" in cfg.loss else None
         self.hyperparameters = loss_hyperparameters(cfg.loss)
@@ -71,8 +71,7 @@ class PreferenceStep:
         policy = response_token_logps(self.policy, *inputs, self.chunk_size)
         reference_chosen = reference_rejected = None
         if self.reference is not None:
-            with torch.no_grad():
-                reference_chosen, reference_rejected = split_pairs(response_token_logps(self.reference, *inputs, self.chunk_size).summed)
+            reference_chosen, reference_rejected = self.reference.logps(pairs, batch)
         chosen_logps, rejected_logps = split_pairs(policy.summed)
         chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
         chosen_tokens, rejected_tokens = split_pairs(policy.logps)
@@ -149,13 +148,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
     log.info("data: %s", data.stats)
     policy = load_model(cfg.model, source, len(tokenizer), trainer_cfg.seed).to(device)
+    if cfg.model.lora.enabled:
+        policy = apply_lora(policy, cfg.model.lora)
     policy.train()
-    # the reference is the initial policy, copied before DeepSpeed partitions the policy in place
-    reference = freeze(copy.deepcopy(policy)) if get_loss(cfg.loss.name).needs_reference else None
+    # the reference is the initial policy: built (copied, or precomputed) before DeepSpeed wraps it
+    needs_reference = get_loss(cfg.loss.name).needs_reference
+    reference = build_reference(cfg, policy, source.identity, data.train + data.eval, needs_reference, dist, device, tokenizer.pad_token_id)
     engine = build_engine(policy, cfg, dist.world_size)
     policy = engine.model
-    if reference is not None:
-        reference = wrap_reference(reference, cfg, dist.world_size)
     sampler = PairSampler(len(data.train), trainer_cfg.seed)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
     probes = build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None

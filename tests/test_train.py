@@ -105,17 +105,6 @@ def test_every_registered_loss_trains(tmp_path):
         assert finite and all(math.isfinite(value) for value in finite), job_dir
 
 
-def test_reference_free_loss_loads_no_reference(tmp_path, monkeypatch):
-    import prefopt.trainer as trainer
-
-    frozen = []
-    monkeypatch.setattr(trainer, "freeze", lambda model: frozen.append(model) or model)
-    run_train(tmp_path / "run", *TINY, "loss=simpo", "trainer.max_steps=1", "logger.wandb.mode=disabled", "trainer.save_final=false")
-    assert frozen == []
-    run_train(tmp_path / "run2", *TINY, "loss=dpo", "trainer.max_steps=1", "logger.wandb.mode=disabled", "trainer.save_final=false")
-    assert len(frozen) == 1
-
-
 @pytest.mark.slow
 def test_two_dpo_steps_on_smollm2(tmp_path):
     run_dir = run_train(

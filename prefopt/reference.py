@@ -1,0 +1,150 @@
+"""The reference model's log-probs, from one of three places:
+
+- a frozen copy of the initial policy (under DeepSpeed, an inference engine; ZeRO-3 when the policy is);
+- the policy itself with its LoRA adapters disabled (no second copy in memory);
+- a precomputed cache (`reference.precompute=true`): one distributed pass before training computes the
+  summed reference log-prob of every train and eval pair, stored under a key that hashes the token ids
+  (data content + tokenization settings) and the reference's identity and weights. Every job of a sweep
+  over loss / beta / gate shares it, and training then holds no reference at all.
+
+Only summed log-probs are stored: losses that average divide by the lengths themselves, and the gate
+reads the policy's per-token log-probs, never the reference's.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from prefopt.data import TokenizedPair, collate_pairs
+from prefopt.distributed import DistInfo
+from prefopt.engine import wrap_reference
+from prefopt.fileutil import exclusive_lock
+from prefopt.logps import response_token_logps, split_pairs
+from prefopt.models import freeze
+
+log = logging.getLogger("prefopt")
+
+CACHE_VERSION = 1
+
+
+class ModelReference:
+    """A frozen model (a copy of the initial policy, or the policy with adapters disabled)."""
+
+    def __init__(self, model, chunk_size: int, adapters_off: bool = False):
+        self.model, self.chunk_size, self.adapters_off = model, chunk_size, adapters_off
+
+    @torch.no_grad()
+    def logps(self, pairs: list[TokenizedPair], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.adapters_off:
+            with self.model.disable_adapter():
+                return split_pairs(response_token_logps(self.model, *inputs, self.chunk_size).summed)
+        return split_pairs(response_token_logps(self.model, *inputs, self.chunk_size).summed)
+
+
+def pair_key(pair: TokenizedPair) -> tuple:
+    return (tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids))
+
+
+class CachedReference:
+    def __init__(self, table: dict[tuple, tuple[float, float]], device: torch.device):
+        self.table, self.device = table, device
+
+    def logps(self, pairs: list[TokenizedPair], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.tensor([self.table[pair_key(pair)] for pair in pairs], dtype=torch.float32, device=self.device)
+        return values[:, 0], values[:, 1]
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of every parameter's bytes (and names, dtypes): a changed weight changes the cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{model_identity}|{fingerprint}".encode())
+    for pair in pairs:
+        for ids in pair_key(pair):
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes() + b"|")
+    return digest.hexdigest()[:24]
+
+
+def compute_reference_logps(model, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int) -> torch.Tensor:
+    """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather."""
+    reference = ModelReference(model, cfg.trainer.logp_chunk_size)
+    batch_size = cfg.trainer.eval_batch_size
+    indices = list(range(dist.rank, len(pairs), dist.world_size))
+    shard = torch.zeros(-(-len(pairs) // dist.world_size), 2, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(indices), batch_size):
+        chunk = [pairs[i] for i in indices[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
+        chosen, rejected = reference.logps(chunk, batch)
+        shard[start : start + len(chunk)] = torch.stack([chosen, rejected], dim=1).double().cpu()
+    model.train(was_training)
+    gathered = dist.gather_cat(shard.flatten()).view(dist.world_size, -1, 2)
+    values = torch.empty(len(pairs), 2, dtype=torch.float64)
+    for rank in range(dist.world_size):
+        rank_indices = list(range(rank, len(pairs), dist.world_size))
+        values[rank_indices] = gathered[rank, : len(rank_indices)]
+    return values
+
+
+def load_cache(path: Path, key: str, num_pairs: int) -> Optional[torch.Tensor]:
+    """The cached values, or None when absent, unreadable or not the one this run needs (then it is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        stored = torch.load(path, weights_only=True)
+        values = stored["values"]
+        if stored["key"] != key or values.shape != (num_pairs, 2) or not torch.isfinite(values).all():
+            raise ValueError(f"key/shape mismatch ({stored['key']}, {tuple(values.shape)})")
+        return values
+    except Exception as error:  # a truncated or foreign file: never trust it
+        log.warning("reference cache %s is corrupt or mismatched (%s): rebuilding it", path, error)
+        return None
+
+
+def precomputed_reference(model, model_identity: str, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int) -> CachedReference:
+    key = cache_key(pairs, model_identity, weights_fingerprint(model))
+    path = Path(cfg.reference.cache_dir).expanduser() / f"{key}.pt"
+    values = load_cache(path, key, len(pairs))
+    hit = torch.tensor([values is not None], dtype=torch.float64)
+    if dist.sum(float(hit)) == dist.world_size:
+        if dist.is_main:
+            log.info("reference cache hit: %s", path)
+    else:
+        if dist.is_main:
+            log.info("reference cache miss: computing reference log-probs for %d pairs into %s", len(pairs), path)
+        values = compute_reference_logps(model, pairs, cfg, dist, device, pad_token_id)
+        if dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with exclusive_lock(path.with_suffix(".lock")):
+                staging = path.with_suffix(f".tmp{dist.rank}")
+                torch.save({"key": key, "values": values}, staging)
+                staging.replace(path)  # atomic: a reader sees the old file or the whole new one
+        dist.barrier()
+    return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
+
+
+def build_reference(cfg: DictConfig, policy, model_identity: str, pairs: list[TokenizedPair], needs_reference: bool,
+                    dist: DistInfo, device, pad_token_id: int):
+    """Call before the policy is wrapped by DeepSpeed: the initial policy *is* the reference here."""
+    if not needs_reference:
+        return None
+    if cfg.reference.precompute:
+        return precomputed_reference(policy, model_identity, pairs, cfg, dist, device, pad_token_id)
+    if cfg.model.lora.enabled:
+        return ModelReference(policy, cfg.trainer.logp_chunk_size, adapters_off=True)
+    frozen = wrap_reference(freeze(copy.deepcopy(policy)), cfg, dist.world_size)
+    return ModelReference(frozen, cfg.trainer.logp_chunk_size)
