@@ -96,6 +96,7 @@ class HardwareConfig:
     reference_zero_stage: Optional[int] = None  # the reference's stage (null = 3 when the policy is ZeRO-3, else 0)
     deepspeed_config: Optional[str] = None  # a JSON/YAML file whose fields override the generated DeepSpeed config
     num_threads: Optional[int] = None  # torch CPU threads per rank (null = cores / ranks)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (null = known GPUs' bf16 dense peak; none on CPU)
 
 
 @dataclass

@@ -105,6 +105,24 @@ class PreferenceStep:
         return out, per_example, tokens
 
 
+# bf16 dense peak TFLOP/s per device, for MFU (nanoGPT-style: achieved model FLOPs / peak)
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(hardware_cfg: DictConfig, device: torch.device) -> Optional[float]:
+    if hardware_cfg.peak_tflops:
+        return hardware_cfg.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+    return None
+
+
+def step_model_flops(num_params: int, policy_tokens: int, reference_forward: bool) -> float:
+    """6 N per token for the policy's forward + backward, 2 N more for a reference forward."""
+    return (6 + (2 if reference_forward else 0)) * num_params * policy_tokens
+
+
 def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
     """Means over every example of every rank (the global batch)."""
     keys = per_example_parts[0].keys()
@@ -157,6 +175,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     engine = build_engine(policy, cfg, dist.world_size)
     policy = engine.model
     sampler = PairSampler(len(data.train), trainer_cfg.seed)
+    num_params = sum(p.numel() for p in policy.parameters()) if cfg.hardware.zero_stage < 3 else sum(p.ds_numel for p in policy.parameters())
+    peak = peak_tflops(cfg.hardware, device)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
     probes = build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None
 
@@ -226,8 +246,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 metrics = mean_metrics(parts, "train", dist)
                 metrics |= {f"train/{key}": dist.sum(sum(m[key] for m in loss_metric_parts) / len(loss_metric_parts)) / dist.world_size
                             for key in loss_metric_parts[0]}
-                metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": dist.sum(tokens) / elapsed, "train/epoch": sampler.epoch}
+                total_tokens = dist.sum(tokens)
+                tflops = step_model_flops(num_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
+                metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": total_tokens / elapsed,
+                            "train/epoch": sampler.epoch, "train/tflops": tflops}
+                if peak:
+                    metrics["train/mfu"] = tflops / (peak * dist.world_size)
                 tracker.log(step, metrics)
+                if dist.is_main:
+                    mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if peak else ""
+                    log.info("step %d/%d | loss %.4f | margin %.3f | acc %.2f | lr %.2e | %.0f tok/s | %.2f TFLOP/s%s", step,
+                             trainer_cfg.max_steps, metrics["train/loss"], metrics["train/rewards/margin"],
+                             metrics["train/rewards/accuracy"], lr, metrics["train/tokens_per_s"], tflops, mfu)
             if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
                 run_eval(step, generate=False)
             if probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
