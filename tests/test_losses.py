@@ -535,6 +535,6 @@ def test_root_config_composes_with_loss_overrides():
 
 
 def test_docs_list_every_loss():
-    docs = (REPO / "docs" / "losses.md").read_text()
+    docs = (REPO / "README.md").read_text()
     for name in LOSSES + tuple(GATE_PRESETS):
         assert f"`{name}`" in docs, name

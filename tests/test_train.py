@@ -20,7 +20,8 @@ def train_rows(run_dir):
 
 
 def test_tiny_run_writes_the_whole_run_dir(tmp_path):
-    run_dir = run_train(tmp_path / "run", *TINY, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.save_every=2")
+    run_dir = run_train(tmp_path / "run", *TINY, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.save_every=2",
+                        "dynamics.every_n_steps=2", "dynamics.num_probes=3", "loss=gate_dpo")
     for name in ("config.yaml", "overrides.yaml", "git_revision", "metrics.jsonl", "summary.json", "wandb_run_id"):
         assert (run_dir / name).is_file(), name
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -46,9 +47,18 @@ def test_tiny_run_writes_the_whole_run_dir(tmp_path):
     assert model.config.num_hidden_layers == 2
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000004"
 
+    dynamics = read_jsonl(run_dir / "dynamics.jsonl")
+    assert [row["step"] for row in dynamics] == [0, 2, 4]  # step 0, intermediate, final
+    for key in ("delta/chosen", "delta/rejected", "delta/others", "delta/greedy", "delta/margin"):
+        assert math.isfinite(summary[key]), key
+    assert (run_dir / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     wandb_summary, history = read_wandb_run(run_dir)
+    assert "delta/chosen" in wandb_summary["summary"] and "delta/others" in wandb_summary["summary"]
+    assert any("dynamics/greedy/logp" in item for item in history)
     assert wandb_summary["state"] == "finished"
-    assert wandb_summary["config"]["loss"]["name"] == "dpo"
+    assert wandb_summary["config"]["loss"]["name"] == "dpo" and wandb_summary["config"]["loss"]["gate"]["kind"] == "seq"
+    assert all(0.0 <= row["train/gate/mean"] <= 1.0 for row in train)  # gate statistics every step
     assert "eval/delta/logps/chosen" in wandb_summary["summary"]
     logged = {key for item in history for key in item}
     assert {"train/loss", "train/logps/chosen", "eval/loss"} <= logged
