@@ -6,19 +6,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from prefopt.config import ConfigError, register_schema
+from prefopt.slurm_launcher import register_launcher_config
 
 log = logging.getLogger("prefopt")
 
 register_schema()
+register_launcher_config()
 
 USAGE = """usage: prefopt <command> [args]
 
@@ -47,9 +51,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def train_app(cfg: DictConfig) -> Optional[float]:
+    """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
     from prefopt.launch import WorkerError, dispatch, prepare_run
+    from prefopt.sweep import objective_value, run_job
 
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return run_job(cfg, hydra_cfg)
     try:
         run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
         log.info("run dir: %s", run_dir)
@@ -60,8 +68,7 @@ def train_app(cfg: DictConfig) -> Optional[float]:
     except WorkerError as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    objective = summary.get("eval/rewards/accuracy")
-    return float(objective) if objective is not None else None
+    return objective_value(cfg, summary, required=False)
 
 
 def worker_command(argv: list[str]) -> int:
@@ -72,10 +79,25 @@ def worker_command(argv: list[str]) -> int:
 
 
 def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
-    # Hydra reads sys.argv itself; the program name it shows and completes is "prefopt <name>"
-    sys.argv = [f"prefopt {name}", *argv]
+    # Hydra reads sys.argv itself. Its help shows "prefopt <name>"; its completion script must register
+    # plain "prefopt" (a completion function is bound to one word), which then calls `prefopt -sc ...`
+    completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
+    sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     app()
     return 0
+
+
+def completion_query(argv: list[str]) -> int:
+    """Bash/zsh completion calls `prefopt -sc query=bash` with the whole line in COMP_LINE: drop the
+    subcommand word from it so Hydra completes that subcommand's overrides."""
+    words = os.environ.get("COMP_LINE", "").split(" ", 2)
+    apps = {"train": train_app}
+    if len(words) < 2 or words[1] not in apps:
+        print(" ".join(apps))  # completing the subcommand itself
+        return 0
+    os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+    os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", "0")) - len(words[1]) - 1))
+    return run_hydra_app(apps[words[1]], words[1], argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -83,6 +105,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-sc", "--shell-completion"):
+        return completion_query(argv)
     command, rest = argv[0], argv[1:]
     if command == "train":
         return run_hydra_app(train_app, "train", rest)

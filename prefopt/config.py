@@ -86,7 +86,7 @@ class DatasetConfig:
 class HardwareConfig:
     name: str = "cpu"  # preset name
     device: str = "cpu"  # cpu | cuda
-    launcher: str = "inline"  # inline (this process) | torchrun (local worker processes)
+    launcher: str = "inline"  # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
     engine: str = "torch"  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
     gpus_per_node: int = 1  # ranks per node: GPUs per node (processes, on CPU)
     nodes: int = 1  # nodes (multi-node runs go through SLURM)
@@ -122,6 +122,8 @@ class TrainerConfig:
     save_final: bool = True  # save the policy in HF format at the end
     resume: Any = False  # false | true (this run dir's last checkpoint) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
+    objective: str = "eval/rewards/accuracy"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
+    objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
 
 
 @dataclass
@@ -158,6 +160,11 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    continue_on_failure: bool = True  # multirun: a failed job is recorded (error.txt; report: failed) and the others run; false = the first failure stops the sweep
+
+
+@dataclass
 class Config:
     loss: Dict[str, Any] = field(default_factory=dict)  # loss name, hyperparameters and gate (see conf/loss/)
     model: ModelConfig = field(default_factory=ModelConfig)  # see conf/model/
@@ -167,6 +174,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # the frozen reference model
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # multirun (`prefopt train -m`) behaviour
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
 
 
@@ -187,10 +195,11 @@ CHOICES = {
     "dataset.on_bad_row": ("error", "skip"),
     "dataset.arith.rejected_style": ("near", "offpolicy"),
     "hardware.device": ("cpu", "cuda"),
-    "hardware.launcher": ("inline", "torchrun"),
+    "hardware.launcher": ("inline", "torchrun", "slurm"),
     "hardware.engine": ("torch", "deepspeed"),
     "hardware.zero_stage": (0, 1, 2, 3),
     "trainer.lr_schedule": ("cosine", "linear", "constant"),
+    "trainer.objective_direction": ("maximize", "minimize"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
 }
 
@@ -262,8 +271,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)")
     if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
         raise ConfigError("hardware.launcher=inline runs one rank; use hardware.launcher=torchrun for hardware.gpus_per_node > 1")
-    if hardware.nodes > 1:
-        raise ConfigError("hardware.nodes > 1 needs a cluster launcher; prefopt's local launchers run one node")
+    if hardware.nodes > 1 and hardware.launcher != "slurm":
+        raise ConfigError("hardware.nodes > 1 needs a cluster launcher: hardware.launcher=slurm (a slurm_* hardware preset)")
     if hardware.offload_optimizer and hardware.zero_stage < 2:
         raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
     if hardware.offload_params and hardware.zero_stage != 3:
@@ -273,7 +282,7 @@ def validate_config(cfg: DictConfig) -> None:
     resume = cfg.trainer.resume
     if not isinstance(resume, (bool, str)):
         raise ConfigError(f"trainer.resume={resume!r} must be true, false or a path to a run dir or checkpoint")
-    if cfg.hardware.device == "cuda":
+    if cfg.hardware.device == "cuda" and cfg.hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here
         import torch
 
         if not torch.cuda.is_available():

@@ -1,7 +1,8 @@
 """Ranks, process group, and the few collectives the trainer needs.
 
-Ranks come from the environment only (torchrun / SLURM set RANK, LOCAL_RANK, WORLD_SIZE), so the
-same worker body runs inline, under torchrun, and inside a SLURM task.
+Ranks come from the environment only (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; inside an srun task
+they are derived from SLURM's variables), so the same worker body runs inline, under torchrun, and as
+the SLURM tasks of a job, on any number of nodes, with no launcher nested inside.
 """
 from __future__ import annotations
 
@@ -51,12 +52,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07" (what `scontrol show hostnames` prints first)."""
+    first = nodelist.split(",")[0]
+    if "[" not in first:
+        return first
+    prefix, rest = nodelist.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix.split(",")[0]
+
+
+def export_slurm_ranks() -> None:
+    """RANK/LOCAL_RANK/WORLD_SIZE from an srun task's SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; the master is the
+    job's first node, on a port derived from the job id (the same in every task, and again after a requeue).
+    Overwrites: values inherited from the submitting shell (an earlier local run) must not win inside a job."""
+    env = os.environ
+    env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NTASKS"]
+    env["LOCAL_WORLD_SIZE"] = str(int(env["SLURM_NTASKS"]) // int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))
+    env["MASTER_ADDR"] = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
+    env["MASTER_PORT"] = str(20_000 + int(env.get("SLURM_JOB_ID", "0")) % 40_000)
+
+
 def uses_deepspeed(hardware_cfg: DictConfig) -> bool:
     return hardware_cfg.engine == "deepspeed"
 
 
 def init_distributed(hardware_cfg: DictConfig) -> DistInfo:
     """Join the process group when DeepSpeed or several ranks need one; a single torch process needs none."""
+    in_srun_task = "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+    if in_srun_task and (hardware_cfg.launcher == "slurm" or "RANK" not in os.environ):
+        export_slurm_ranks()  # hardware.launcher=slurm, or `srun prefopt worker` with any config
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     if world_size == 1 and not uses_deepspeed(hardware_cfg):

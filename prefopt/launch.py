@@ -6,6 +6,7 @@ fails here in seconds.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,19 @@ class WorkerError(RuntimeError):
 
 
 def dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the worker body: in this process (inline) or as torchrun's worker processes."""
+    """Run the worker body: in this process (inline, or as this SLURM task's rank) or as torchrun's workers."""
+    from prefopt.slurm import in_slurm_task
     from prefopt.worker import run_worker
 
+    if cfg.hardware.launcher == "slurm":
+        if not in_slurm_task():
+            log.warning("hardware.launcher=slurm and this is not a SLURM task: nothing was trained. The run dir is frozen; "
+                        "train it with `sbatch scripts/slurm/train.sbatch %s` (or sweep with -m hydra/launcher=slurm)", run_dir)
+            return {}
+        return run_worker(run_dir / "config.yaml")  # ranks from SLURM's environment, no launcher inside the job
+    if in_slurm_task() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        raise ConfigError(f"this SLURM job has {os.environ['SLURM_NTASKS']} tasks but hardware.launcher={cfg.hardware.launcher} "
+                          "would start every rank in each of them; use a slurm_* hardware preset (launcher: slurm)")
     if cfg.hardware.launcher == "inline":
         return run_worker(run_dir / "config.yaml")
     return run_torchrun(cfg, run_dir)
@@ -77,7 +88,6 @@ def dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     import json
-    import os
     import signal
     import sys
 

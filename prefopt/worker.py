@@ -28,9 +28,14 @@ def load_frozen_config(config_path: str | Path):
 
 def run_worker(config_path: str | Path) -> dict[str, Any]:
     """Train; on failure leave this rank's traceback in the run dir (the launcher and `prefopt report` read it)."""
+    from prefopt.slurm import restart_count
     from prefopt.trainer import train
 
     cfg = load_frozen_config(config_path)
+    if restart_count() and cfg.trainer.resume is False:
+        # SLURM requeued this job (time limit, preemption, `scontrol requeue`): continue from its last checkpoint
+        logging.getLogger("prefopt").warning("SLURM requeued this job (restart %d): resuming from the run dir's last checkpoint", restart_count())
+        cfg.trainer.resume = True
     try:
         return train(cfg, Path(cfg.run_dir))
     except BaseException as error:

@@ -151,3 +151,15 @@ def test_local_dataset_requires_a_path(tmp_path):
     result = run_prefopt("train", "dataset=local", "model=tiny_llama", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
     assert "dataset.path" in result.stderr
+
+
+def test_shell_completion_completes_train_overrides():
+    import os
+
+    install = run_prefopt("train", "--shell-completion", "install=bash")
+    assert install.returncode == 0 and "-F hydra_bash_completion prefopt" in install.stdout
+    line = "prefopt train loss=gate_"
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    query = subprocess.run([sys.executable, "-m", "prefopt.cli", "-sc", "query=bash"], capture_output=True, text=True, env=env, timeout=120)
+    assert query.returncode == 0
+    assert {"loss=gate_dpo", "loss=gate_lpo", "loss=gate_ipo"} <= set(query.stdout.split())

@@ -1,0 +1,145 @@
+"""Inside a SLURM job: where this process stands, the run dir prepared once per job, and preemption.
+
+The same worker body runs as every task (rank) of a SLURM job, whether the job came from a Hydra
+sweep (hydra/launcher=slurm: the Hydra task function runs in every task) or from an sbatch script
+(scripts/slurm/train.sbatch: `srun prefopt worker RUN_DIR/config.yaml`). Ranks come from SLURM's
+environment (prefopt.distributed.export_slurm_ranks). A requeued job (time limit, preemption,
+`scontrol requeue`) starts again in the same run dir and resumes from its last checkpoint.
+
+Imports no Hydra: workers use it too. The Hydra launcher lives in prefopt.slurm_launcher.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from prefopt.fileutil import atomic_write_text
+
+log = logging.getLogger("prefopt")
+
+PREPARED_FILE = ".prepared"  # in the job dir: rank 0's verdict on the run dir, for the job's other tasks
+
+
+def in_slurm_task() -> bool:
+    """This process is one task of a job step (srun), not a login shell and not the batch script itself."""
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+
+
+def in_submitit_task() -> bool:
+    """This process is a task of a job submitted by submitit (hydra/launcher=slurm)."""
+    return in_slurm_task() and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def restart_count() -> int:
+    """How often SLURM has requeued this job (0 on the first start)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def job_attempt() -> str:
+    """Names one start of one job, the same in all of its tasks: "<job id>.<restart count>"."""
+    return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{restart_count()}"
+
+
+def prepare_once(prepare: Callable[[], Path], job_dir: Path, timeout_s: float = 1800.0) -> Path:
+    """Rank 0 runs `prepare` (validate, resolve the model, freeze config.yaml) and records the outcome in
+    job_dir/.prepared; the job's other tasks wait for that record (bounded) instead of racing it."""
+    marker = Path(job_dir) / PREPARED_FILE
+    attempt = job_attempt()
+    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+        try:
+            run_dir = prepare()
+        except Exception as error:
+            atomic_write_text(marker, f"{attempt}\nerror\n{error}\n")
+            raise
+        atomic_write_text(marker, f"{attempt}\nok\n{run_dir}\n")
+        return run_dir
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = marker.read_text().splitlines() if marker.is_file() else []
+        if lines and lines[0] == attempt:  # written by this start of the job, not a previous one
+            if lines[1] == "ok":
+                return Path(lines[2])
+            raise RuntimeError("rank 0 could not prepare the run: " + "\n".join(lines[2:]))
+        time.sleep(0.5)
+    raise TimeoutError(f"rank 0 did not prepare the run dir within {timeout_s:.0f} s (no {marker} for job {attempt})")
+
+
+class Preemption:
+    """SLURM's warning before a time limit or a preemption, as a flag the trainer polls once per step.
+
+    The warning is USR2 (`--signal=USR2@SECONDS`, submitit's default; SUBMITIT_PREEMPT_SIGNAL changes it);
+    SIGTERM (scancel, `scontrol requeue`, preemption) sets the flag too. The trainer hook:
+
+        if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint at this step, then requeue
+            save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
+            preemption.requeue(dist)
+
+    Outside a SLURM task `requested` is False and costs nothing. Inside one, the first call takes over
+    the signals; all ranks then agree on the flag every step (one small all-reduce), so every rank
+    checkpoints at the same step. After a USR2 rank 0 requeues the job (through submitit's handler,
+    which also re-pickles the submission, or `scontrol requeue`); after a SIGTERM SLURM is already ending
+    or requeueing the job, so the ranks only leave. The requeued job resumes from that checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.received: set[int] = set()
+        self.previous_handlers: dict[int, object] = {}
+        self.armed = False
+
+    @staticmethod
+    def warning_signal() -> int:
+        return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+    def record(self, signum: int, frame=None) -> None:
+        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        self.received.add(signum)
+
+    def arm(self) -> None:
+        for signum in (self.warning_signal(), signal.SIGTERM):
+            self.previous_handlers[signum] = signal.signal(signum, self.record)
+        self.armed = True
+
+    def requested(self, dist) -> bool:
+        if not self.armed:
+            if not in_slurm_task():
+                return False
+            self.arm()
+        warned, terminated = self._flags(dist)
+        return warned or terminated
+
+    def _flags(self, dist) -> tuple[bool, bool]:
+        """(some rank got the warning signal, some rank got SIGTERM)."""
+        import torch
+
+        flags = torch.tensor([float(self.warning_signal() in self.received), float(signal.SIGTERM in self.received)], dtype=torch.float64)
+        if dist.initialized and dist.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.all_reduce(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def requeue(self, dist, wait_s: float = 300.0) -> None:
+        """Leave after the checkpoint: rank 0 requeues the job after a warning; the others wait to be ended."""
+        warned, _ = self._flags(dist)
+        if warned and dist.rank == 0:
+            warning = self.warning_signal()
+            submitit_handler = self.previous_handlers.get(warning)
+            if callable(submitit_handler):
+                submitit_handler(warning, None)  # submitit: dump the resubmission, `scontrol requeue`, exit
+            job_id = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            job_id = job_id or os.environ["SLURM_JOB_ID"]
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+            log.warning("requeued SLURM job %s; it resumes from the checkpoint just written", job_id)
+            raise SystemExit(0)
+        if warned:
+            time.sleep(wait_s)  # rank 0 is requeueing the job, which ends this task; leaving first could fail the job
+        raise SystemExit(143)
+
+
+preemption = Preemption()
+
