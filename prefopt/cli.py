@@ -17,12 +17,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from prefopt.config import ConfigError, register_schema
-from prefopt.slurm_launcher import register_launcher_config
 
 log = logging.getLogger("prefopt")
 
 register_schema()
-register_launcher_config()
 
 USAGE = """usage: prefopt <command> [args]
 

@@ -6,7 +6,7 @@ sweep (hydra/launcher=slurm: the Hydra task function runs in every task) or from
 environment (prefopt.distributed.export_slurm_ranks). A requeued job (time limit, preemption,
 `scontrol requeue`) starts again in the same run dir and resumes from its last checkpoint.
 
-Imports no Hydra: workers use it too. The Hydra launcher lives in prefopt.slurm_launcher.
+Imports no Hydra: workers use it too. The Hydra launcher lives in hydra_plugins/prefopt_slurm_launcher.
 """
 from __future__ import annotations
 

@@ -113,7 +113,8 @@ EOF
 cat >"$SLURM_DIR/etc/slurmdbd.conf" <<EOF
 # written by scripts/slurm/start_local_cluster.sh
 AuthType=auth/munge
-DbdHost=127.0.0.1
+DbdHost=$NODE
+DbdAddr=127.0.0.1
 SlurmUser=root
 PidFile=$SLURM_DIR/run/slurmdbd.pid
 LogFile=$SLURM_DIR/log/slurmdbd.log

@@ -1,5 +1,6 @@
 """The Hydra launcher behind hydra/launcher=slurm (and slurm_local): hydra-submitit-launcher's SLURM
-launcher with prefopt's handling of jobs that do not finish.
+launcher with prefopt's handling of jobs that do not finish. (It lives in the hydra_plugins namespace
+package because Hydra instantiates launchers from there only.)
 
     prefopt train -m hydra/launcher=slurm hardware=slurm_8gpu loss=dpo,lpo hydra.launcher.partition=gpu
 
@@ -18,7 +19,6 @@ prefopt.sweep.run_job runs in every task. What this class adds to the plugin's l
 Requeue after a time limit or preemption is the plugin's (submitit's checkpoint hook resubmits the same
 job, max_num_timeout times); the requeued job resumes from its run dir (prefopt.worker).
 """
-from __future__ import annotations
 
 import logging
 import time
@@ -45,13 +45,12 @@ class JobFailed(RuntimeError):
 
 @dataclass
 class PrefoptSlurmQueueConf(SlurmQueueConf):
-    _target_: str = "prefopt.slurm_launcher.SlurmLauncher"
+    _target_: str = "hydra_plugins.prefopt_slurm_launcher.launcher.SlurmLauncher"
     poll_interval_s: float = 10.0  # seconds between sacct polls while the sweep waits on its jobs
 
 
-def register_launcher_config() -> None:
-    """`defaults: [prefopt_submitit_slurm]` in conf/hydra/launcher/slurm.yaml refers to this node."""
-    ConfigStore.instance().store(group="hydra/launcher", name="prefopt_submitit_slurm", node=PrefoptSlurmQueueConf, provider="prefopt")
+# `defaults: [prefopt_submitit_slurm]` in conf/hydra/launcher/slurm.yaml refers to this node
+ConfigStore.instance().store(group="hydra/launcher", name="prefopt_submitit_slurm", node=PrefoptSlurmQueueConf, provider="prefopt")
 
 
 class SlurmLauncher(SubmititSlurmLauncher):
