@@ -17,6 +17,7 @@ from prefopt.checkpoint import CHECKPOINTS
 from prefopt.config import ConfigError, validate_config
 from prefopt.fileutil import atomic_write_text
 from prefopt.models import resolve_model_source
+from prefopt.worker import ERROR_FILE
 
 log = logging.getLogger("prefopt")
 
@@ -55,6 +56,8 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     resolve_model_source(cfg.model)
     run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")):
+        stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
     frozen = OmegaConf.to_container(cfg, resolve=True)
     frozen["run_dir"] = str(run_dir.resolve())
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(frozen))
@@ -92,7 +95,6 @@ def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     import sys
 
     from prefopt.distributed import free_port
-    from prefopt.worker import ERROR_FILE
 
     ranks = cfg.hardware.gpus_per_node
     command = [
@@ -103,8 +105,6 @@ def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.hardware.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(cfg.hardware.num_threads or max(1, (os.cpu_count() or 1) // ranks)))
-    for stale in run_dir.glob("error*.txt"):
-        stale.unlink()
     log.info("launching %d ranks: %s", ranks, " ".join(command))
     # its own session, so an interrupt (or a failure) takes the whole process tree down with it
     process = subprocess.Popen(command, env=env, start_new_session=True)

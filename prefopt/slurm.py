@@ -45,6 +45,19 @@ def job_attempt() -> str:
     return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{restart_count()}"
 
 
+def check_job_shape(hardware_cfg) -> None:
+    """A job's tasks must be the config's ranks (hardware.nodes x hardware.gpus_per_node), or the batch split is wrong."""
+    if not in_slurm_task() or hardware_cfg.launcher != "slurm":
+        return
+    tasks, ranks = int(os.environ.get("SLURM_NTASKS", "1")), hardware_cfg.nodes * hardware_cfg.gpus_per_node
+    if tasks != ranks:
+        from prefopt.config import ConfigError
+
+        raise ConfigError(f"this SLURM job has {tasks} tasks but hardware={hardware_cfg.name} needs {ranks} ranks "
+                          f"({hardware_cfg.nodes} nodes x {hardware_cfg.gpus_per_node}): submit it with "
+                          f"--nodes={hardware_cfg.nodes} --ntasks-per-node={hardware_cfg.gpus_per_node}")
+
+
 def prepare_once(prepare: Callable[[], Path], job_dir: Path, timeout_s: float = 1800.0) -> Path:
     """Rank 0 runs `prepare` (validate, resolve the model, freeze config.yaml) and records the outcome in
     job_dir/.prepared; the job's other tasks wait for that record (bounded) instead of racing it."""
@@ -70,45 +83,58 @@ def prepare_once(prepare: Callable[[], Path], job_dir: Path, timeout_s: float = 
 
 
 class Preemption:
-    """SLURM's warning before a time limit or a preemption, as a flag the trainer polls once per step.
+    """SLURM's warning before a time limit or a preemption: the job checkpoints, requeues itself, and the
+    requeued job resumes from its run dir (prefopt.worker sets trainer.resume when SLURM_RESTART_COUNT > 0).
 
-    The warning is USR2 (`--signal=USR2@SECONDS`, submitit's default; SUBMITIT_PREEMPT_SIGNAL changes it);
-    SIGTERM (scancel, `scontrol requeue`, preemption) sets the flag too. The trainer hook:
+    The warning is USR2 (`--signal=USR2@SECONDS`; submitit's default; SUBMITIT_PREEMPT_SIGNAL changes it).
+    With the trainer hook, the flag is polled once per step and the checkpoint is written at that step:
 
         if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint at this step, then requeue
             save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
             preemption.requeue(dist)
 
-    Outside a SLURM task `requested` is False and costs nothing. Inside one, the first call takes over
-    the signals; all ranks then agree on the flag every step (one small all-reduce), so every rank
-    checkpoints at the same step. After a USR2 rank 0 requeues the job (through submitit's handler,
-    which also re-pickles the submission, or `scontrol requeue`); after a SIGTERM SLURM is already ending
-    or requeueing the job, so the ranks only leave. The requeued job resumes from that checkpoint.
+    Outside a SLURM task `requested` is False and costs nothing. Inside one, its first call takes over
+    USR2 and SIGTERM (scancel, `scontrol requeue`, preemption) and from then on all ranks agree on the
+    flags every step (one small all-reduce), so they checkpoint at the same step. After a USR2, rank 0
+    requeues the job (through submitit's handler under hydra/launcher=slurm, which also re-pickles the
+    job, else `scontrol requeue`); after a SIGTERM SLURM is already ending or requeueing the job.
+
+    Before any poll (a worker without the hook, or a warning during start-up) the warning acts at once:
+    `install(deferred=False)` (what `prefopt worker` does inside an sbatch job; submitit's own handler
+    does the same under hydra/launcher=slurm) requeues the job immediately, and the requeued job resumes
+    from the last periodic checkpoint (trainer.save_every).
     """
 
     def __init__(self) -> None:
         self.received: set[int] = set()
         self.previous_handlers: dict[int, object] = {}
-        self.armed = False
+        self.deferred = False  # true once the trainer polls: a signal only sets a flag
 
     @staticmethod
     def warning_signal() -> int:
         return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
-    def record(self, signum: int, frame=None) -> None:
-        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
-        self.received.add(signum)
+    def install(self, deferred: bool) -> None:
+        signals = (self.warning_signal(), signal.SIGTERM) if deferred else (self.warning_signal(),)
+        for signum in signals:
+            if signum not in self.previous_handlers:
+                self.previous_handlers[signum] = signal.signal(signum, self.record)
+        self.deferred = self.deferred or deferred
 
-    def arm(self) -> None:
-        for signum in (self.warning_signal(), signal.SIGTERM):
-            self.previous_handlers[signum] = signal.signal(signum, self.record)
-        self.armed = True
+    def record(self, signum: int, frame=None) -> None:
+        self.received.add(signum)
+        if self.deferred:
+            log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        elif signum == self.warning_signal() and int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            log.warning("received %s before the trainer polls for it: requeueing now (resume from the last checkpoint)",
+                        signal.Signals(signum).name)
+            self.requeue_job()
 
     def requested(self, dist) -> bool:
-        if not self.armed:
+        if not self.deferred:
             if not in_slurm_task():
                 return False
-            self.arm()
+            self.install(deferred=True)
         warned, terminated = self._flags(dist)
         return warned or terminated
 
@@ -123,23 +149,26 @@ class Preemption:
             torch.distributed.all_reduce(flags)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
+    def requeue_job(self) -> None:
+        """Rank 0: requeue this job (submitit's handler when submitit runs it: it re-pickles the job first), then leave."""
+        warning = self.warning_signal()
+        submitit_handler = self.previous_handlers.get(warning)
+        if callable(submitit_handler):
+            submitit_handler(warning, None)  # dumps the resubmission, `scontrol requeue`, sys.exit
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        log.warning("requeued SLURM job %s; it resumes from its run dir's last checkpoint", job_id)
+        raise SystemExit(0)
+
     def requeue(self, dist, wait_s: float = 300.0) -> None:
-        """Leave after the checkpoint: rank 0 requeues the job after a warning; the others wait to be ended."""
+        """After the checkpoint: rank 0 requeues the job after a warning; the others wait to be ended."""
         warned, _ = self._flags(dist)
         if warned and dist.rank == 0:
-            warning = self.warning_signal()
-            submitit_handler = self.previous_handlers.get(warning)
-            if callable(submitit_handler):
-                submitit_handler(warning, None)  # submitit: dump the resubmission, `scontrol requeue`, exit
-            job_id = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            job_id = job_id or os.environ["SLURM_JOB_ID"]
-            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-            log.warning("requeued SLURM job %s; it resumes from the checkpoint just written", job_id)
-            raise SystemExit(0)
+            self.requeue_job()
         if warned:
             time.sleep(wait_s)  # rank 0 is requeueing the job, which ends this task; leaving first could fail the job
         raise SystemExit(143)
 
 
 preemption = Preemption()
-

@@ -32,6 +32,8 @@ def objective_value(cfg: DictConfig, summary: Mapping[str, Any], required: bool)
     key = cfg.trainer.objective
     if key in summary and summary[key] is not None:
         return float(summary[key])
+    if "stopped_at" in summary:  # trainer.stop_after: the run stopped early on purpose, there is no final eval
+        return None
     message = f"trainer.objective={key} is not in the run's summary; choose one of: {', '.join(sorted(summary))}"
     if required and summary:
         raise ConfigError(message)

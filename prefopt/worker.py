@@ -1,6 +1,7 @@
 """Worker side: read the frozen config of a run dir and train. Never composes with Hydra.
 
     python -m prefopt.worker RUN_DIR/config.yaml [--local_rank=N]
+    srun python -m prefopt.worker RUN_DIR/config.yaml       (scripts/slurm/train.sbatch: every task is a rank)
 
 The DeepSpeed launcher appends --local_rank; ranks come from the environment, so it is ignored.
 """
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 
 from prefopt.config import Config
 from prefopt.fileutil import atomic_write_text
+from prefopt.slurm import check_job_shape, in_slurm_task, in_submitit_task, preemption, restart_count
 
 ERROR_FILE = "error.txt"  # rank 0's; other ranks write error-rank<N>.txt
 
@@ -28,7 +30,6 @@ def load_frozen_config(config_path: str | Path):
 
 def run_worker(config_path: str | Path) -> dict[str, Any]:
     """Train; on failure leave this rank's traceback in the run dir (the launcher and `prefopt report` read it)."""
-    from prefopt.slurm import restart_count
     from prefopt.trainer import train
 
     cfg = load_frozen_config(config_path)
@@ -37,10 +38,11 @@ def run_worker(config_path: str | Path) -> dict[str, Any]:
         logging.getLogger("prefopt").warning("SLURM requeued this job (restart %d): resuming from the run dir's last checkpoint", restart_count())
         cfg.trainer.resume = True
     try:
+        check_job_shape(cfg.hardware)
         return train(cfg, Path(cfg.run_dir))
     except BaseException as error:
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):
-            rank = int(os.environ.get("RANK", "0"))
+            rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
             name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
             atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="a run dir's config.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored (ranks come from the environment)")
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
+    if in_slurm_task() and not in_submitit_task():
+        preemption.install(deferred=False)  # an sbatch job (scripts/slurm/train.sbatch): its time-limit warning requeues it
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
     run_worker(args.config)
 

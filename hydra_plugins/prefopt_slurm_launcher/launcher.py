@@ -129,6 +129,6 @@ class SlurmLauncher(SubmititSlurmLauncher):
             details = str(error)
             atomic_write_text(job_dir / ERROR_FILE, f"SLURM job {job.job_id} ended {state} without a result\n{details}\n")
         message = (f"job {job_num} ({' '.join(filter_overrides(overrides))}): SLURM job {job.job_id} ended {state}\n"
-                   f"{details.rstrip()}\njob log: {job.paths.stderr}")
+                   f"{details.rstrip()}\njob log: {job.paths.stdout} (and .err)")
         log.error(message)
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=JobFailed(message), working_dir=str(job_dir))

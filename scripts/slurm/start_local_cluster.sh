@@ -84,6 +84,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# a requeued job may start again after cred_expire seconds (default 120); the scheduler looks every 2 s
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation=$SLURM_DIR/state
 SlurmdSpoolDir=$SLURM_DIR/spool
 SlurmctldPidFile=$SLURM_DIR/run/slurmctld.pid
@@ -99,9 +102,9 @@ SchedulerType=sched/backfill
 SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
-# a job step whose task fails ends its other tasks; ended tasks get SIGKILL 5 s after SIGTERM
+# a job step whose task fails ends its other tasks; ended tasks get SIGKILL 2 s after SIGTERM
 KillOnBadExit=1
-KillWait=5
+KillWait=2
 MinJobAge=600
 InactiveLimit=0
 AccountingStorageType=accounting_storage/slurmdbd
