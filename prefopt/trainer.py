@@ -19,6 +19,7 @@ from prefopt.losses import get_loss, preference_loss
 from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
 from prefopt.reference import CachedReference, ModelReference, build_reference
 from prefopt.plots import plot_runs
+from prefopt.slurm import preemption
 from prefopt.tracking import DYNAMICS_FILE, Tracker
 
 log = logging.getLogger("prefopt")
@@ -264,6 +265,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 run_probes(step)
             if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
                 save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
+            if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint this step, then requeue
+                save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
+                preemption.requeue(dist)
             if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
                 log.warning("stopping after step %d (trainer.stop_after)", step)
                 return {"stopped_at": step}

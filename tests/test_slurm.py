@@ -286,7 +286,8 @@ def test_a_two_task_job_agrees_with_the_local_two_rank_run(sweeps, tmp_path, loc
         assert losses[step] == pytest.approx(expected, rel=1e-4), step
 
 
-STEPS = 300  # long enough that the interrupt lands mid-run: a job keeps training for KillWait (2 s here) after SIGTERM
+STEPS = 900  # long enough that an interrupt lands mid-run: without the trainer's preemption hook a job keeps training
+#               for KillWait (2 s here) after SIGTERM, about 300 steps of this tiny model
 
 
 @pytest.fixture(scope="module")
