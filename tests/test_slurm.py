@@ -376,7 +376,8 @@ def test_the_sbatch_script_trains_a_frozen_run_dir_on_two_tasks(slurm_env, tmp_p
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.jsonl").exists()
     submit = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=5", f"--output={tmp_path}/slurm-%j.out",
                              str(REPO / "scripts" / "slurm" / "train.sbatch"), str(run_dir)],
-                            cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=30, check=True)
+                            cwd=tmp_path, env={**slurm_env, "PREFOPT_PYTHON": sys.executable},  # the venv's Python, as a user would set it
+                            capture_output=True, text=True, timeout=30, check=True)
     job = submit.stdout.strip().split(";")[0]
     try:
         def state() -> str:
