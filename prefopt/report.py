@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefopt.fileutil import atomic_write_text
-from prefopt.worker import ERROR_FILE
 from prefopt.plots import RunDirError, plot_runs, run_label, run_overrides
-
 from prefopt.tracking import DYNAMICS_FILE, SUMMARY_FILE, read_jsonl
+from prefopt.worker import ERROR_FILE
 
 
 # column -> summary.json key
