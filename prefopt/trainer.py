@@ -32,8 +32,11 @@ class PairSampler:
         self.num_pairs, self.seed, self.epoch, self.offset = num_pairs, seed, epoch, offset
 
     def _order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.num_pairs, generator=generator).tolist()
+        """This epoch's permutation, drawn once per epoch (not once per micro batch)."""
+        if getattr(self, "_order_epoch", None) != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._cached_order, self._order_epoch = torch.randperm(self.num_pairs, generator=generator).tolist(), self.epoch
+        return self._cached_order
 
     def next_indices(self, count: int) -> list[int]:
         indices: list[int] = []
@@ -126,8 +129,11 @@ def step_model_flops(num_params: int, policy_tokens: int, reference_forward: boo
 
 def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
     """Means over every example of every rank (the global batch)."""
-    keys = per_example_parts[0].keys()
-    return {f"{prefix}/{key}": float(dist.gather_cat(torch.cat([part[key].float().cpu() for part in per_example_parts])).mean()) for key in keys}
+    keys = list(per_example_parts[0])
+    local = torch.stack([torch.cat([part[key].float().cpu() for part in per_example_parts]) for key in keys])  # (K, N)
+    global_values = dist.gather_cat(local.flatten()).view(dist.world_size, len(keys), -1)
+    means = global_values.transpose(0, 1).reshape(len(keys), -1).mean(dim=1)  # one collective for every key
+    return {f"{prefix}/{key}": float(mean) for key, mean in zip(keys, means)}
 
 
 @torch.no_grad()
