@@ -39,10 +39,16 @@ class DistInfo:
         return torch.cat(parts)
 
     def sum(self, value: float) -> float:
+        return self._all_reduce(value, dist.ReduceOp.SUM)
+
+    def minimum(self, value: float) -> float:
+        return self._all_reduce(value, dist.ReduceOp.MIN)
+
+    def _all_reduce(self, value: float, op) -> float:
         if not self.initialized or self.world_size == 1:
             return value
         total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
+        dist.all_reduce(total, op=op)
         return float(total)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -130,6 +131,7 @@ class DeepSpeedEngine:
         self.model = self.ds.module
         self.grad_accum = cfg.trainer.grad_accum
         self.zero_stage = cfg.hardware.zero_stage
+        self.bf16 = cfg.model.dtype == "bf16"
 
     @property
     def lr(self) -> float:
@@ -158,10 +160,39 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         self.ds.save_checkpoint(str(directory), tag=self.TAG)
-        state_dict = self.ds._zero3_consolidated_16bit_state_dict() if self.zero_stage == 3 else None
+        state_dict = self.export_state_dict()  # collective under ZeRO-3: every rank takes part
         if dist.get_rank() == 0:
             self.model.save_pretrained(directory / "policy", state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(directory / "policy")
+
+    def export_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """What the HF export holds. Under bf16 the fp32 master weights: they are the trained weights
+        (the bf16 module copy is rounded, and loses exactly the small updates mixed precision keeps).
+        Under ZeRO-3 the gathered weights. None = the module's own state_dict."""
+        if not self.bf16:
+            return self.ds._zero3_consolidated_16bit_state_dict() if self.zero_stage == 3 else None
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # ZeRO-0 keeps its masters in FP16_UnfusedOptimizer.fp32_groups, which safe_get_full_fp32_param does not read
+        stage0_masters = {}
+        for low, high in zip(getattr(self.ds.optimizer, "fp16_groups", []), getattr(self.ds.optimizer, "fp32_groups", [])):
+            stage0_masters |= {id(param): master for param, master in zip(low, high)}
+        state = {}
+        for name, param in self.model.named_parameters():
+            master = stage0_masters.get(id(param))
+            if master is None:
+                master = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if master is None:  # frozen (LoRA base) weights have no master copy
+                master = param.detach() if self.zero_stage < 3 else None
+                if master is None:
+                    from deepspeed.zero import GatheredParameters
+
+                    with GatheredParameters([param]):
+                        master = param.detach().clone()
+            state[name] = master.detach().float().cpu().clone()
+        persistent = self.model.state_dict().keys()
+        state |= {name: buffer.detach().cpu().clone() for name, buffer in self.model.named_buffers() if name in persistent}
+        return state
 
     def load(self, directory: Path) -> None:
         self.ds.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -1,18 +1,34 @@
-"""Per-token and per-sequence log-probs of responses under a causal LM.
+"""Per-token and per-sequence log-probs of responses under a causal LM: the model's own logits,
+computed only where something is scored.
 
-The vocabulary projection is done in chunks of positions, each under activation checkpointing, so
-neither the forward nor the backward pass ever holds the whole batch's (positions x vocab) logits in
-fp32: a 4 x 1024-token batch at Llama-3's 128k vocab would otherwise need 2 GB for logits alone.
+The model runs its own root forward (`model(input_ids, attention_mask)`), so every architecture's
+hidden-state path is its own and, under ZeRO-3, the root module's hooks (parameter prefetch
+bookkeeping) run. The output head is intercepted inside that forward: it records the hidden states it
+is given and returns a placeholder, so the model never projects prompt and padding positions onto the
+vocabulary. The hidden states of the scored (labelled) positions are gathered and projected in chunks,
+each under activation checkpointing, so neither pass holds more than `chunk_size` x vocab fp32 logits.
+
+What a model does to its logits after the head (Gemma-2/3 final-logit soft-capping, Cohere's
+`logit_scale`, Granite's `logits_scaling`) is applied from its config (`logit_postprocessor`), and
+`check_logits_path` proves once per model, at build time, that the result equals
+`log_softmax(model(...).logits)`: an architecture that post-processes logits some other way is
+refused loudly instead of being trained on wrong log-probs.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.data import IGNORE_INDEX
+from prefopt.precision import autocast, autocast_dtype
+
+
+class LogitsPathError(RuntimeError):
+    """The model's logits are not what prefopt computes from its head (an unknown post-processing)."""
 
 
 @dataclass
@@ -31,10 +47,60 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
-def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_stats: bool):
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def logit_postprocessor(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What the architecture's forward does to `lm_head(hidden)` before returning logits, or None."""
+    config = _text_config(config)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:  # Gemma-2, Gemma-3
+        return lambda logits: torch.tanh(logits / softcap) * softcap
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None and scale != 1.0:  # Cohere, Cohere2
+        return lambda logits: logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None and divisor != 1.0:  # Granite, GraniteMoe
+        return lambda logits: logits / divisor
+    return None
+
+
+def output_head(model) -> torch.nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise LogitsPathError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None): not a causal LM")
+    return head
+
+
+@contextlib.contextmanager
+def intercepted_head(head: torch.nn.Module):
+    """Inside, calling `head` records its input and returns a (..., 1) placeholder instead of logits.
+
+    The module is still called through __call__, so its hooks (ZeRO-3 gathering) behave as usual."""
+    captured: dict[str, torch.Tensor] = {}
+    previous = head.__dict__.get("forward")
+
+    def record(hidden_states, *args, **kwargs):
+        captured["hidden"] = hidden_states
+        return hidden_states.new_zeros(hidden_states.shape[:-1] + (1,))
+
+    head.forward = record
+    try:
+        yield captured
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def _chunk_logps(head, postprocess, hidden: torch.Tensor, targets: torch.Tensor, with_stats: bool):
     # the head module is called (not its weight read) so ZeRO-3 hooks gather the partitioned weight
-    logits = head(hidden).float()
-    log_probs = torch.log_softmax(logits, dim=-1)
+    logits = head(hidden)
+    if postprocess is not None:
+        logits = postprocess(logits)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
     token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_stats:
         return (token_logps,)
@@ -47,22 +113,65 @@ def response_token_logps(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_stats: bool = False
 ) -> TokenLogps:
     """Log-probs of the labelled tokens (labels != -100), aligned so position t scores token t+1."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
-    hidden = hidden[:, :-1]
     targets = labels[:, 1:]
-    mask = (targets != IGNORE_INDEX).to(torch.float32)
-    safe_targets = targets.clamp(min=0)
-    outputs = []
-    for start in range(0, hidden.shape[1], chunk_size):
-        args = (head, hidden[:, start : start + chunk_size], safe_targets[:, start : start + chunk_size], with_stats)
-        if torch.is_grad_enabled():
-            outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:
-            outputs.append(_chunk_logps(*args))
-    columns = [torch.cat(parts, dim=1) * mask for parts in zip(*outputs)]
-    return TokenLogps(columns[0], mask, *columns[1:])
+    scored = targets != IGNORE_INDEX
+    rows, columns = scored.nonzero(as_tuple=True)
+    head = output_head(model)
+    postprocess = logit_postprocessor(model.config)
+    with autocast(model, input_ids.device.type):
+        with intercepted_head(head) as captured:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if "hidden" not in captured:
+            raise LogitsPathError(f"{type(model).__name__}'s forward never called its output head; prefopt cannot score it")
+        scored_hidden = captured["hidden"][:, :-1][rows, columns]  # (S, H): only positions that are scored
+        scored_targets = targets[rows, columns]
+        outputs = []
+        for start in range(0, max(scored_hidden.shape[0], 1), chunk_size):
+            args = (head, postprocess, scored_hidden[start : start + chunk_size], scored_targets[start : start + chunk_size], with_stats)
+            if torch.is_grad_enabled():
+                outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+            else:
+                outputs.append(_chunk_logps(*args))
+    # back to (N, T) with zeros where nothing is scored (index_put keeps the gradient path)
+    per_position = [
+        torch.zeros(targets.shape, dtype=torch.float32, device=targets.device).index_put((rows, columns), torch.cat(parts))
+        for parts in zip(*outputs)
+    ]
+    return TokenLogps(per_position[0], scored.to(torch.float32), *per_position[1:])
+
+
+@torch.no_grad()
+def check_logits_path(model, vocab_size: int, device, tolerance: float = 1e-4) -> float:
+    """Prove once that response_token_logps equals log_softmax(model(...).logits) for this model.
+
+    Returns the largest absolute difference; raises LogitsPathError when it exceeds the tolerance
+    (the tolerance is widened for bf16 compute, where the two paths round differently)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (2, 12), generator=generator).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    labels[attention_mask == 0] = IGNORE_INDEX
+    was_training = model.training
+    model.eval()
+    try:
+        ours = response_token_logps(model, input_ids, attention_mask, labels, chunk_size=5)
+        with autocast(model, input_ids.device.type):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        model.train(was_training)
+    expected = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) * ours.mask
+    difference = float((ours.logps - expected).abs().max())
+    low_precision = next(model.parameters()).dtype != torch.float32 or autocast_dtype(model) is not None
+    limit = 5e-2 if low_precision else tolerance
+    if not difference <= limit:
+        raise LogitsPathError(
+            f"{type(model).__name__}: log-probs from the output head differ from log_softmax(model(...).logits) by {difference:.3g} "
+            f"(limit {limit:g}). Its forward post-processes logits in a way prefopt does not know (see prefopt/logps.py "
+            f"logit_postprocessor); add it there before training this architecture"
+        )
+    return difference
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,6 @@ from omegaconf import DictConfig
 
 from prefopt.fileutil import exclusive_lock
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -190,8 +188,9 @@ def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
 
 
 def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int):
-    """Build or load the causal LM in model.dtype; tiny models are random and seeded, so a rebuild is identical."""
-    dtype = DTYPES[model_cfg.dtype]
+    """Build or load the causal LM with fp32 weights (the master weights: model.dtype is the compute
+    dtype, see prefopt/precision.py); tiny models are random and seeded, so a rebuild is identical."""
+    dtype = torch.float32
     if source.kind == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -225,7 +224,29 @@ def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if model_cfg.disable_dropout:
+        disable_dropout(model)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (as TRL and torchtune do for DPO): nn.Dropout modules, and the float
+    rates that attention implementations read from their module or config (`attention_dropout`, ...)."""
+
+    def is_rate(name: str, value) -> bool:
+        return isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or "pdrop" in name)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_rate(name, value):
+                setattr(module, name, 0.0)
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    for config in filter(None, configs):
+        for name, value in list(vars(config).items()):
+            if is_rate(name, value):
+                setattr(config, name, 0.0)
 
 
 def apply_lora(model, lora_cfg: DictConfig):

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,9 +16,10 @@ from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build
 from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.distributed import DistInfo, device_for, init_distributed
 from prefopt.engine import build_engine
-from prefopt.logps import response_token_logps, split_pairs
+from prefopt.logps import check_logits_path, response_token_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
 from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
+from prefopt.precision import set_compute_dtype
 from prefopt.reference import CachedReference, ModelReference, build_reference
 from prefopt.plots import plot_runs
 from prefopt.slurm import preemption
@@ -122,9 +125,33 @@ def peak_tflops(hardware_cfg: DictConfig, device: torch.device) -> Optional[floa
     return None
 
 
-def step_model_flops(num_params: int, policy_tokens: int, reference_forward: bool) -> float:
-    """6 N per token for the policy's forward + backward, 2 N more for a reference forward."""
-    return (6 + (2 if reference_forward else 0)) * num_params * policy_tokens
+def step_model_flops(num_params: int, trainable_params: int, policy_tokens: int, reference_forward: bool) -> float:
+    """Per token: 2 N for the policy's forward, 2 N for the backward through the activations (every
+    layer, frozen or not), 2 N_trainable for the weight gradients (6 N for a full fine-tune, ~4 N under
+    LoRA), and 2 N more for a reference forward."""
+    return (4 * num_params + 2 * trainable_params + (2 * num_params if reference_forward else 0)) * policy_tokens
+
+
+def reduce_loss_metrics(parts: list[dict[str, float]], dist: DistInfo) -> dict[str, float]:
+    """A loss's batch metrics over micro batches and ranks: `*/min` is the global minimum (gate/min),
+    everything else the mean of the micro-batch values."""
+    reduced = {}
+    for key in parts[0]:
+        values = [float(part[key]) for part in parts]
+        if key.endswith("/min"):
+            reduced[f"train/{key}"] = dist.minimum(min(values))
+        else:
+            reduced[f"train/{key}"] = dist.sum(sum(values) / len(values)) / dist.world_size
+    return reduced
+
+
+def count_parameters(model, hardware_cfg: DictConfig) -> tuple[int, int]:
+    """(all, trainable) parameter counts; under ZeRO-3 from the partitioned parameters' full sizes."""
+    def size(parameter) -> int:
+        return parameter.ds_numel if hardware_cfg.engine == "deepspeed" and hardware_cfg.zero_stage == 3 else parameter.numel()
+
+    parameters = list(model.parameters())
+    return sum(size(p) for p in parameters), sum(size(p) for p in parameters if p.requires_grad)
 
 
 def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
@@ -137,13 +164,14 @@ def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, 
 
 
 @torch.no_grad()
-def evaluate(step_fn: PreferenceStep, pairs: list[TokenizedPair], batch_size: int, max_batches: Optional[int]) -> dict[str, float]:
+def evaluate(step_fn: PreferenceStep, pairs: list[TokenizedPair], batch_size: int, max_batches: Optional[int], step: int) -> dict[str, float]:
+    """Eval at training step `step`: losses with a schedule (dpo_shift) use that step's progress."""
     step_fn.policy.eval()
     parts = []
     for batch_index, start in enumerate(range(0, len(pairs), batch_size)):
         if max_batches is not None and batch_index >= max_batches:
             break
-        _, per_example, _ = step_fn(pairs[start : start + batch_size], step=0)
+        _, per_example, _ = step_fn(pairs[start : start + batch_size], step=step)
         parts.append(per_example)
     step_fn.policy.train()
     return mean_metrics(parts, "eval", DistInfo()) if parts else {}  # every rank evaluates the same pairs
@@ -157,6 +185,20 @@ def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens
     generations = greedy_generate(model, tokenizer, [pair.prompt_ids for pair in pairs], max_new_tokens, device)
     examples = [[pair.prompt, text, pair.answer, answer_is_correct(text, pair.answer)] for pair, text in zip(pairs, generations)]
     return sum(example[3] for example in examples) / len(examples), examples
+
+
+def rng_states() -> dict[str, Any]:
+    """Every generator a step can draw from: torch CPU, every CUDA device, numpy, Python's random."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": numpy.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy.random.set_state(states["numpy"])
+    random.setstate(states["python"])
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -173,6 +215,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
     log.info("data: %s", data.stats)
     policy = load_model(cfg.model, source, len(tokenizer), trainer_cfg.seed).to(device)
+    set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
+    check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora)
     policy.train()
@@ -182,7 +226,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     engine = build_engine(policy, cfg, dist.world_size)
     policy = engine.model
     sampler = PairSampler(len(data.train), trainer_cfg.seed)
-    num_params = sum(p.numel() for p in policy.parameters()) if cfg.hardware.zero_stage < 3 else sum(p.ds_numel for p in policy.parameters())
+    num_params, trainable_params = count_parameters(policy, cfg.hardware)
     peak = peak_tflops(cfg.hardware, device)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
     probes = build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None
@@ -195,14 +239,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         state = load_trainer_state(checkpoint)
         start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
         sampler = PairSampler(len(data.train), trainer_cfg.seed, **state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_states(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
 
     tracker = Tracker(cfg, run_dir, resume_step=start_step, enabled=dist.is_main)
     try:
 
         def run_eval(step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
-            metrics = evaluate(step_fn, data.eval, trainer_cfg.eval_batch_size, trainer_cfg.max_eval_batches)
+            metrics = evaluate(step_fn, data.eval, trainer_cfg.eval_batch_size, trainer_cfg.max_eval_batches, step)
             accuracy = None
             if generate and trainer_cfg.greedy_eval_examples:
                 accuracy, examples = greedy_accuracy(policy, tokenizer, data.eval[: trainer_cfg.greedy_eval_examples], trainer_cfg.max_new_tokens, device)
@@ -223,7 +267,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             return metrics
 
         def checkpoint_state(step: int) -> dict[str, Any]:
-            return {"step": step, "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
+            return {"step": step, "sampler": sampler.state(), "rng": rng_states(),
                     "first_eval": first_eval, "first_greedy_accuracy": first_greedy, "first_dynamics": first_dynamics}
 
         if start_step == 0:
@@ -251,10 +295,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             elapsed = time.time() - step_started
             if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
                 metrics = mean_metrics(parts, "train", dist)
-                metrics |= {f"train/{key}": dist.sum(sum(m[key] for m in loss_metric_parts) / len(loss_metric_parts)) / dist.world_size
-                            for key in loss_metric_parts[0]}
+                metrics |= reduce_loss_metrics(loss_metric_parts, dist)
                 total_tokens = dist.sum(tokens)
-                tflops = step_model_flops(num_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
+                tflops = step_model_flops(num_params, trainable_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
                 metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": total_tokens / elapsed,
                             "train/epoch": sampler.epoch, "train/tflops": tflops}
                 if peak:
