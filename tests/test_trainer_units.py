@@ -1,0 +1,35 @@
+"""Small trainer pieces found wrong in review: gate/min is a global minimum, FLOPs count frozen
+(LoRA) parameters right, and every RNG a step draws from is saved and restored."""
+from __future__ import annotations
+
+import random
+
+import numpy
+import pytest
+import torch
+
+from prefopt.distributed import DistInfo
+from prefopt.trainer import reduce_loss_metrics, restore_rng_states, rng_states, step_model_flops
+
+
+def test_gate_min_is_the_minimum_over_the_whole_batch_not_a_mean_of_minimums():
+    micro_batches = [{"gate/min": 0.30, "gate/mean": 0.50}, {"gate/min": 0.10, "gate/mean": 0.70}]
+    reduced = reduce_loss_metrics(micro_batches, DistInfo())
+    assert reduced["train/gate/min"] == pytest.approx(0.10)
+    assert reduced["train/gate/mean"] == pytest.approx(0.60)
+
+
+def test_flops_count_weight_gradients_only_for_trainable_parameters():
+    full = step_model_flops(num_params=1000, trainable_params=1000, policy_tokens=10, reference_forward=True)
+    assert full == 8 * 1000 * 10  # 6N + 2N reference forward
+    lora = step_model_flops(num_params=1000, trainable_params=10, policy_tokens=10, reference_forward=True)
+    assert lora == (2 + 2 + 2) * 1000 * 10 + 2 * 10 * 10  # forward, activation backward, reference; weight grads of adapters only
+
+
+def test_rng_states_round_trip_torch_numpy_and_python():
+    states = rng_states()
+    drawn = (torch.rand(3), numpy.random.rand(3), random.random())
+    restore_rng_states(states)
+    again = (torch.rand(3), numpy.random.rand(3), random.random())
+    assert torch.equal(drawn[0], again[0]) and numpy.array_equal(drawn[1], again[1]) and drawn[2] == again[2]
+    assert "cuda" in states  # saved (empty without CUDA) and restored where a device exists
