@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from prefopt.data import PreferenceData, TokenizedPair, collate_sequences
+from prefopt.data.tokenize import end_of_turn_ids
 from prefopt.logps import response_token_logps
 
 RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
@@ -147,10 +148,13 @@ def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_s
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, device, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded for generation), decoded without specials."""
+    """Greedy continuations of token-id prompts (left-padded for generation), decoded without specials.
+    Generation stops at EOS or where the chat template ends a turn (<|im_end|> on a base model whose EOS
+    is <|endoftext|>): the responses were trained to end there."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = end_of_turn_ids(tokenizer)
     texts = []
     try:
         for start in range(0, len(prompt_ids), batch_size):
@@ -160,7 +164,7 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_token
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
             generated = model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad, eos_token_id=stop_ids,
             )
             texts += [tokenizer.decode(row, skip_special_tokens=True) for row in generated[:, width:]]
     finally:

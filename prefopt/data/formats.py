@@ -10,6 +10,12 @@ Three layouts (`dataset.format`, or detected from the first row when `auto`):
              " word" tokens, so " Sure" tokenizes as the model would see it mid-transcript, and the
              prompt ends on the marker exactly as HH's own prompts do.
 Strings and messages rows may carry an optional `answer` column: a reference answer for greedy eval.
+
+A plain-string prompt is templated once at most. Where the chat template is in use, it becomes one user
+message for the template, unless it already holds the markers the template writes to open a user turn
+(`<|im_start|>`, `<|start_header_id|>`, `[INST]`, ...: the tokenizer's TemplateTurns.user_markers): then
+it is already a rendered conversation and stays raw text, used as is (tokenize.py ends its responses
+the template's way).
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ Messages = list  # [{"role": str, "content": str}, ...]
 @dataclass
 class PreferenceRow:
     source_index: int  # row index in the source, for errors and probes
-    prompt: Union[str, Messages]  # raw text, or messages to render with the chat template
+    prompt: Union[str, Messages]  # raw text (used as is), or messages to render with the chat template
     chosen: str  # response text, without EOS
     rejected: str
     answer: Optional[str] = None  # reference answer for greedy-accuracy eval
@@ -92,12 +98,18 @@ def resolve_format(configured: str, split: RawSplit) -> str:
 
 
 def normalize_rows(
-    split: RawSplit, row_format: str, string_prompt_as_user_message: bool, on_bad_row: str, skipped: SkippedRows
+    split: RawSplit,
+    row_format: str,
+    string_prompt_as_user_message: bool,
+    on_bad_row: str,
+    skipped: SkippedRows,
+    template_markers: tuple[str, ...] = (),
 ) -> Iterator[PreferenceRow]:
-    """Normalized rows, lazily (a capped split stops reading early). Bad rows raise or go to `skipped`."""
+    """Normalized rows, lazily (a capped split stops reading early). Bad rows raise or go to `skipped`.
+    template_markers: what marks a string prompt as already rendered by the chat template (module docstring)."""
     for index, row in split:
         try:
-            normalized = normalize_row(index, row, row_format, string_prompt_as_user_message)
+            normalized = normalize_row(index, row, row_format, string_prompt_as_user_message, template_markers)
         except BadRow as bad:
             if on_bad_row == "error":
                 raise bad_row_error(split.origin, index, str(bad)) from None
@@ -106,7 +118,9 @@ def normalize_rows(
         yield normalized
 
 
-def normalize_row(source_index: int, row: Any, row_format: str, string_prompt_as_user_message: bool) -> PreferenceRow:
+def normalize_row(
+    source_index: int, row: Any, row_format: str, string_prompt_as_user_message: bool, template_markers: tuple[str, ...] = ()
+) -> PreferenceRow:
     if not isinstance(row, dict):
         raise BadRow(f"a row must be an object with named fields, got {type(row).__name__}")
     if row_format == "hh":
@@ -114,15 +128,20 @@ def normalize_row(source_index: int, row: Any, row_format: str, string_prompt_as
     elif row_format == "strings":
         prompt = required_string(row, "prompt")
         chosen, rejected = required_string(row, "chosen"), required_string(row, "rejected")
-        if string_prompt_as_user_message:
+        if string_prompt_as_user_message and not holds_template_markers(prompt, template_markers):
             prompt = [{"role": "user", "content": prompt}]
     elif row_format == "messages":
-        prompt, chosen, rejected = split_message_rows(row)
+        prompt, chosen, rejected = split_message_rows(row, template_markers)
     else:
         raise ValueError(f"unknown row format {row_format!r}")
     check_responses(chosen, rejected)
     answer = row.get("answer") if row_format != "hh" else None
     return PreferenceRow(source_index, prompt, chosen, rejected, None if answer is None else str(answer))
+
+
+def holds_template_markers(prompt: str, template_markers: tuple[str, ...]) -> bool:
+    """Whether a string prompt is already a conversation rendered by the chat template, so it is not wrapped again."""
+    return any(marker in prompt for marker in template_markers)
 
 
 def required_string(row: dict, name: str) -> str:
@@ -157,12 +176,14 @@ def split_hh_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
-def split_message_rows(row: dict) -> tuple[Messages, str, str]:
+def split_message_rows(row: dict, template_markers: tuple[str, ...] = ()) -> tuple[Union[str, Messages], str, str]:
     """(prompt messages, chosen content, rejected content). A response list's earlier turns must be the
-    prompt's turns, optionally followed by more context that chosen and rejected share."""
+    prompt's turns, optionally followed by more context that chosen and rejected share. A string prompt
+    already rendered by the template stays raw text, and then there can be no more context."""
     prompt = row.get("prompt")
     if prompt is None:
         raise BadRow("missing field 'prompt'")
+    rendered = isinstance(prompt, str) and holds_template_markers(prompt, template_markers)
     prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else checked_messages(prompt, "prompt")
     contexts, contents = [], []
     for side in ("chosen", "rejected"):
@@ -175,6 +196,13 @@ def split_message_rows(row: dict) -> tuple[Messages, str, str]:
         contents.append(content)
     if contexts[0] != contexts[1]:
         raise BadRow("chosen and rejected conversations differ before their last assistant turn")
+    if rendered:
+        if contexts[0]:
+            raise BadRow(
+                "the prompt is a string already rendered by the chat template, so the conversations cannot add turns "
+                "after it; give the prompt as a list of messages"
+            )
+        return prompt, contents[0], contents[1]
     full_prompt = prompt_messages + contexts[0]
     if not full_prompt:
         raise BadRow("the prompt has no messages")

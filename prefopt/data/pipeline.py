@@ -17,7 +17,7 @@ from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
 from prefopt.data.formats import SkippedRows, normalize_rows, resolve_format
 from prefopt.data.sources import RawSplit, load_raw_splits
-from prefopt.data.tokenize import PairEncoder, TokenizedPair, TruncationCounts
+from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
 
 logger = logging.getLogger("prefopt.data")
 
@@ -26,7 +26,7 @@ logger = logging.getLogger("prefopt.data")
 class PreferenceData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
-    stats: dict[str, int] = field(default_factory=dict)  # "train/pairs", "train/truncated", ... and the same for eval/
+    stats: dict[str, int] = field(default_factory=dict)  # "train/pairs", "train/truncated", "train/boundary_merges", ... and eval/
     row_format: str = "strings"  # the layout the rows had (strings | messages | hh), for logs
 
 
@@ -37,7 +37,10 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
     if len(eval_split) and dataset_cfg.name != "arith":
         resolve_format(row_format, eval_split)  # the eval split must have the same columns
     string_prompt_as_user_message = string_prompts_use_chat_template(dataset_cfg.chat_template, row_format, tokenizer)
-    encoder = PairEncoder(tokenizer, dataset_cfg.max_length, dataset_cfg.max_prompt_length)
+    # the template is read only where it renders prompts: never for hh transcripts or dataset.chat_template=never
+    encoder = PairEncoder(
+        tokenizer, dataset_cfg.max_length, dataset_cfg.max_prompt_length, use_chat_template=string_prompt_as_user_message
+    )
     stats: dict[str, int] = {}
     splits = {}
     for name, split, limit in (
@@ -68,19 +71,21 @@ def prepare_split(
     stats: dict[str, int],
 ) -> list[TokenizedPair]:
     skipped = SkippedRows(split.origin)
-    counts = TruncationCounts()
-    rows = normalize_rows(split, row_format, string_prompt_as_user_message, on_bad_row, skipped)
+    counts = EncodingCounts()
+    rows = normalize_rows(split, row_format, string_prompt_as_user_message, on_bad_row, skipped, encoder.user_markers)
     pairs = encoder.encode(rows, limit, split.origin, counts)
     skipped.warn()
     stats[f"{name}/pairs"] = len(pairs)
     stats[f"{name}/truncated"] = counts.truncated
     stats[f"{name}/dropped_empty_response"] = counts.dropped_empty_response
+    stats[f"{name}/boundary_merges"] = counts.boundary_merges  # prompt/response boundary moved over a merged token
     stats[f"{name}/skipped_bad_rows"] = skipped.count
     return pairs
 
 
 def string_prompts_use_chat_template(setting: str, row_format: str, tokenizer) -> bool:
-    """Whether a plain-string prompt becomes one user message rendered by the chat template.
+    """Whether the chat template renders prompts: a plain-string prompt then becomes one user message
+    (unless it is already rendered, see formats.py), and responses end the template's way.
 
     hh transcripts are raw text by construction; message prompts always need the template.
     """
