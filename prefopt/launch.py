@@ -16,7 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.checkpoint import CHECKPOINTS
 from prefopt.config import ConfigError, validate_config
 from prefopt.fileutil import atomic_write_text
+from prefopt import rundir
 from prefopt.models import resolve_model_source
+from prefopt.slurm import restart_count
+from prefopt.resources import settle_hardware
 from prefopt.worker import ERROR_FILE
 
 log = logging.getLogger("prefopt")
@@ -48,21 +51,28 @@ def resume_run_dir(resume: Any, hydra_dir: Path) -> Path:
 
 
 def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
-    """Validate, check the model can be found, and write the frozen config. Returns the run dir."""
+    """Validate, settle hardware=auto, check the model can be found, and write the frozen config. Returns the run dir."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
     validate_config(cfg)
+    settle_hardware(cfg)  # hardware=auto -> the preset that fits (or a refusal), before the model is even looked for
     resolve_model_source(cfg.model)
     run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")):
-        stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
-    frozen = OmegaConf.to_container(cfg, resolve=True)
-    frozen["run_dir"] = str(run_dir.resolve())
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(frozen))
-    atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
-    atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
+    rundir.acquire(run_dir)  # one owner per run dir, held until dispatch() returns
+    try:
+        resuming = cfg.trainer.resume not in (False, "false", "False", "") or restart_count() > 0
+        rundir.refuse_reuse(run_dir, resuming)
+        for stale in run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")):
+            stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
+        frozen = OmegaConf.to_container(cfg, resolve=True)
+        frozen["run_dir"] = str(run_dir.resolve())
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(frozen))
+        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+        atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
+    except BaseException:
+        rundir.release(run_dir)
+        raise
     return run_dir
 
 
@@ -71,7 +81,15 @@ class WorkerError(RuntimeError):
 
 
 def dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the worker body: in this process (inline, or as this SLURM task's rank) or as torchrun's workers."""
+    """Run the worker body: in this process (inline, or as this SLURM task's rank) or as torchrun's workers.
+    Releases the run dir's lock (taken by prepare_run) when the run ends, however it ends."""
+    try:
+        return _dispatch(cfg, run_dir)
+    finally:
+        rundir.release(run_dir)
+
+
+def _dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from prefopt.slurm import in_slurm_task
     from prefopt.worker import run_worker
 

@@ -42,15 +42,15 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
     """Find the model without loading weights; raise ModelNotFoundError with a fix if it is absent."""
     if model_cfg.source == "tiny":
         return ModelSource("tiny", "", f"tiny:{hash_tiny_config(model_cfg)}")
-    if model_cfg.source == "gguf_package":
+    path = os.path.expanduser(model_cfg.path or "")
+    if model_cfg.source == "gguf_package" and not names_local_path(path):  # a local model.path wins; a hub id is informational
         gguf_path = gguf_file_path(model_cfg)  # converted to an HF directory on first load
         return ModelSource("gguf", str(gguf_path), f"gguf:{model_cfg.gguf_package}/{model_cfg.gguf_file}")
-    path = os.path.expanduser(model_cfg.path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotFoundError(f"model.path={path} is a directory without config.json; point it at a saved HF model")
         return ModelSource("dir", path, f"dir:{os.path.abspath(path)}")
-    if path.startswith((".", "/", "~")):
+    if names_local_path(path):
         raise ModelNotFoundError(f"model.path={path} does not exist; give an existing directory or a hub id")
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -67,6 +67,11 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
             f"then run with model.path=DIR"
         )
     return ModelSource("hub", path, f"hub:{path}")
+
+
+def names_local_path(path: str) -> bool:
+    """A directory, or a path that looks local: it must never be looked up on the hub nor ignored."""
+    return os.path.isdir(path) or path.startswith((".", "/", "~"))
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -7,10 +7,9 @@ display needed, safe inside a training process.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import io
 import os
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from prefopt.fileutil import atomic_write_bytes
 from prefopt.tracking import DYNAMICS_FILE, read_jsonl
 
 OVERRIDES_FILE = "overrides.yaml"
@@ -100,19 +100,11 @@ def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Fi
 
 
 def save_png(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Written beside the target and renamed over it, so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Written atomically (fileutil), so a reader never sees half a PNG."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=dpi)
+    atomic_write_bytes(path, png.getvalue())
+    return Path(path)
 
 
 def plot_runs(

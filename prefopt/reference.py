@@ -100,8 +100,12 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], cfg: DictConfig, 
     return values
 
 
+def values_digest(values: torch.Tensor) -> str:
+    return hashlib.sha256(values.double().contiguous().numpy().tobytes()).hexdigest()
+
+
 def load_cache(path: Path, key: str, num_pairs: int) -> Optional[torch.Tensor]:
-    """The cached values, or None when absent, unreadable or not the one this run needs (then it is rebuilt)."""
+    """The cached values, or None when absent, unreadable, altered or not the one this run needs (then it is rebuilt)."""
     if not path.exists():
         return None
     try:
@@ -109,16 +113,41 @@ def load_cache(path: Path, key: str, num_pairs: int) -> Optional[torch.Tensor]:
         values = stored["values"]
         if stored["key"] != key or values.shape != (num_pairs, 2) or not torch.isfinite(values).all():
             raise ValueError(f"key/shape mismatch ({stored['key']}, {tuple(values.shape)})")
+        if stored.get("digest") != values_digest(values):
+            raise ValueError("its values do not match their stored digest")
         return values
     except Exception as error:  # a truncated or foreign file: never trust it
         log.warning("reference cache %s is corrupt or mismatched (%s): rebuilding it", path, error)
         return None
 
 
+SPOT_CHECK_PAIRS = 2
+
+
+def matches_the_policy(values: torch.Tensor, model, pairs: list[TokenizedPair], cfg: DictConfig, device, pad_token_id: int, path: Path) -> bool:
+    """At step 0 the policy *is* the reference, so its log-probs of the first pairs must equal the cached
+    values (their rewards are 0). A cache whose key matches but whose values are wrong (written by
+    other code, or edited) fails this and is rebuilt."""
+    import math
+
+    dummy_dist = DistInfo()
+    fresh = compute_reference_logps(model, pairs[:SPOT_CHECK_PAIRS], cfg, dummy_dist, device, pad_token_id)
+    cached = values[:SPOT_CHECK_PAIRS]
+    worst = float((fresh - cached).abs().max())
+    tolerance = 1e-3 + 1e-4 * float(cached.abs().max())  # batch composition changes rounding a little
+    if not math.isfinite(worst) or worst > tolerance:
+        log.warning("reference cache %s does not match the model at step 0 (log-probs differ by %.3g on its first pairs): "
+                    "rebuilding it", path, worst)
+        return False
+    return True
+
+
 def precomputed_reference(model, model_identity: str, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int) -> CachedReference:
     key = cache_key(pairs, model_identity, weights_fingerprint(model))
     path = Path(cfg.reference.cache_dir).expanduser() / f"{key}.pt"
     values = load_cache(path, key, len(pairs))
+    if values is not None and not matches_the_policy(values, model, pairs, cfg, device, pad_token_id, path):
+        values = None
     hit = torch.tensor([values is not None], dtype=torch.float64)
     if dist.sum(float(hit)) == dist.world_size:
         if dist.is_main:
@@ -131,7 +160,7 @@ def precomputed_reference(model, model_identity: str, pairs: list[TokenizedPair]
             path.parent.mkdir(parents=True, exist_ok=True)
             with exclusive_lock(path.with_suffix(".lock")):
                 staging = path.with_suffix(f".tmp{dist.rank}")
-                torch.save({"key": key, "values": values}, staging)
+                torch.save({"key": key, "values": values, "digest": values_digest(values)}, staging)
                 staging.replace(path)  # atomic: a reader sees the old file or the whole new one
         dist.barrier()
     return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)

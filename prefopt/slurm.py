@@ -90,7 +90,7 @@ class Preemption:
     With the trainer hook, the flag is polled once per step and the checkpoint is written at that step:
 
         if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint at this step, then requeue
-            save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
+            save(step)  # checkpoint_state of this step (trainer.py)
             preemption.requeue(dist)
 
     Outside a SLURM task `requested` is False and costs nothing. Inside one, its first call takes over

@@ -1,17 +1,24 @@
 """Where metrics go: metrics.jsonl in the run dir (one line per logged step) and W&B.
 
 W&B runs offline by default (no account). Its run id is kept in the run dir so a resumed run
-continues the same W&B run. On resume, metric lines after the checkpoint's step are dropped, so the
-file reads as if the run had never stopped.
+continues the same W&B run (resume="allow"). On resume, metric lines after the checkpoint's step are
+dropped, so the file reads as if the run had never stopped, and the steps that no earlier W&B segment
+holds (a segment killed with SIGKILL keeps nothing it had buffered) are replayed from metrics.jsonl
+into the new segment: synced together, the segments hold every step once.
+
+Everything written is strict JSON: a non-finite value is written as null and its key listed under
+"nonfinite" (a bare NaN is not JSON). A torn last line (power cut mid-write) is dropped on read.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import struct
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,13 +30,95 @@ METRICS_FILE = "metrics.jsonl"
 DYNAMICS_FILE = "dynamics.jsonl"
 SUMMARY_FILE = "summary.json"
 WANDB_ID_FILE = "wandb_run_id"
+WANDB_BLOCK = 32 * 1024  # block size of W&B's record log
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSONL file; a torn (unparseable) *last* line is dropped with a warning, a bad line
+    anywhere else is an error naming it."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                log.warning("%s: dropping a torn last line (%d characters), written when the run was cut off", path, len(line))
+                break
+            raise ValueError(f"{path}, line {number}: not JSON; the file is damaged") from None
+    return rows
+
+
+def strict_json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Non-finite floats become null, and their keys are listed under "nonfinite"."""
+    clean: dict[str, Any] = {}
+    nonfinite = []
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            clean[key] = None
+            nonfinite.append(key)
+        else:
+            clean[key] = value
+    if nonfinite:
+        clean["nonfinite"] = nonfinite
+    return clean
+
+
+def wandb_records(path: Path) -> Iterator[bytes]:
+    """The records of a W&B `.wandb` file (a LevelDB-style log: a 7-byte header, then 32 KiB blocks of
+    records, each with a 7-byte header: checksum, length, type FULL/FIRST/MIDDLE/LAST), up to where the
+    file is torn. Read here because wandb 0.31 ships no Python reader for its own files."""
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        return
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        left_in_block = WANDB_BLOCK - position % WANDB_BLOCK
+        if left_in_block < 7:  # a block's tail too short for a header is padding
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        end = position + 7 + length
+        if kind not in (1, 2, 3, 4) or end > len(data):
+            return  # padding at the end, or a torn record
+        chunk, position = data[position + 7 : end], end
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        else:
+            yield pending + chunk
+            pending = b""
+
+
+def wandb_logged_steps(run_dir: Path, run_id: str) -> set[int]:
+    """The `step` values of every history record in this run id's W&B segments (offline files), read as
+    far as each file is intact (a killed segment's file may be empty or end mid-record)."""
+    from wandb.proto import wandb_internal_pb2
+
+    steps: set[int] = set()
+    for path in sorted((run_dir / "wandb").glob(f"*run-*-{run_id}/run-{run_id}.wandb")):
+        for data in wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(data)
+            except Exception:  # a damaged record: what was read before it counts
+                break
+            if record.WhichOneof("record_type") == "history":
+                for item in record.history.item:
+                    if item.key == "step" or list(item.nested_key) == ["step"]:
+                        steps.add(int(json.loads(item.value_json)))
+    return steps
+
+
+def wandb_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A strict row for W&B: null values (non-finite ones) are left out, the flag list too."""
+    return {key: value for key, value in row.items() if value is not None and key != "nonfinite"}
 
 
 class Tracker:
@@ -41,13 +130,25 @@ class Tracker:
         self.wandb_run = None
         if not enabled:
             return
+        kept_rows = {}
         for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE):
             if resume_step:
-                kept = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
-                atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+                kept_rows[path.name] = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
+                atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept_rows[path.name]))
             elif path.exists():
-                path.unlink()  # a fresh run in a reused dir starts fresh files
+                path.unlink()  # a fresh run (launch.py refuses a dir that holds one it did not checkpoint)
         self.wandb_run = self._start_wandb(cfg, resume=bool(resume_step))
+        if self.wandb_run is not None and resume_step:
+            self._replay_missing(kept_rows)
+
+    def _replay_missing(self, kept_rows: dict[str, list[dict]]) -> None:
+        """Log the steps up to the checkpoint that no earlier W&B segment of this run holds."""
+        present = wandb_logged_steps(self.run_dir, self.wandb_run.id)
+        missing = [row for rows in kept_rows.values() for row in rows if row.get("step", 0) not in present]
+        for row in sorted(missing, key=lambda row: row.get("step", 0)):
+            self.wandb_run.log(wandb_row(row))
+        if missing:
+            log.info("W&B: replayed %d rows (steps an earlier, interrupted segment did not keep) from the run dir", len(missing))
 
     def _start_wandb(self, cfg: DictConfig, resume: bool):
         wandb_cfg = cfg.logger.wandb
@@ -79,11 +180,11 @@ class Tracker:
         """One JSON line in run_dir/file (metrics.jsonl or dynamics.jsonl) and the same keys to W&B."""
         if not self.enabled:
             return
-        row = {"step": step, **metrics}
+        row = strict_json_row({"step": step, **metrics})
         with open(self.run_dir / file, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(row)
+            self.wandb_run.log(wandb_row(row))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.wandb_run is not None:
@@ -94,9 +195,10 @@ class Tracker:
     def finish(self, summary: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        atomic_write_json(self.run_dir / SUMMARY_FILE, dict(summary))
+        summary = strict_json_row(summary)
+        atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         if self.wandb_run is not None:
-            for key, value in summary.items():
+            for key, value in wandb_row(summary).items():
                 self.wandb_run.summary[key] = value
             self.wandb_run.finish()
             self.wandb_run = None

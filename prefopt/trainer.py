@@ -16,6 +16,7 @@ from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build
 from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.distributed import DistInfo, device_for, init_distributed
 from prefopt.engine import build_engine
+from prefopt.guards import NonFiniteTrainingError, StepGuard
 from prefopt.logps import check_logits_path, response_token_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
 from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
@@ -189,15 +190,21 @@ def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens
 
 def rng_states() -> dict[str, Any]:
     """Every generator a step can draw from: torch CPU, every CUDA device, numpy, Python's random."""
+    kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
+    # plain tensors and containers only, so the checkpoint loads with torch.load(weights_only=True)
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(numpy.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": numpy.random.get_state(), "python": random.getstate()}
+            "numpy": numpy_state, "python": random.getstate()}
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-    numpy.random.set_state(states["numpy"])
+    saved = states["numpy"]
+    numpy.random.set_state((saved["kind"], saved["keys"].numpy().astype(numpy.uint32), saved["position"], saved["has_gauss"],
+                            saved["cached_gaussian"]))
     random.setstate(states["python"])
 
 
@@ -233,7 +240,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # --- resume: weights, optimizer, schedule, data position, RNG
     start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
-    checkpoint = find_checkpoint(trainer_cfg.resume, run_dir)
+    checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg)
     if checkpoint is not None:
         engine.load(checkpoint)
         state = load_trainer_state(checkpoint)
@@ -266,9 +273,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 tracker.log_table(f"dynamics/generations_step{step}", ["prompt", "generation"], rows)
             return metrics
 
-        def checkpoint_state(step: int) -> dict[str, Any]:
-            return {"step": step, "sampler": sampler.state(), "rng": rng_states(),
-                    "first_eval": first_eval, "first_greedy_accuracy": first_greedy, "first_dynamics": first_dynamics}
+        def save(step: int) -> None:
+            """Checkpoint the state after `step` (`completed` is updated at the end of every step)."""
+            if not engine.parameters_finite():
+                raise NonFiniteTrainingError(f"the weights are not finite after step {step}: no checkpoint is written "
+                                             f"(the last one on disk is intact); lower trainer.lr")
+            state = {"step": step, **completed, "first_eval": first_eval, "first_greedy_accuracy": first_greedy,
+                     "first_dynamics": first_dynamics}
+            save_checkpoint(run_dir, step, engine, tokenizer, state, dist, cfg)
 
         if start_step == 0:
             tracker.log(0, {f"data/{key}": value for key, value in data.stats.items()})
@@ -277,55 +289,70 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         started = time.time()
         step = start_step
-        for step in range(start_step + 1, trainer_cfg.max_steps + 1):
-            step_started = time.time()
-            parts, loss_metric_parts, tokens = [], [], 0
-            for _ in range(trainer_cfg.grad_accum):
-                # every rank draws the same global micro batch and trains on its own slice of it
-                global_indices = sampler.next_indices(trainer_cfg.micro_batch_size * dist.world_size)
-                rank_slice = slice(dist.rank * trainer_cfg.micro_batch_size, (dist.rank + 1) * trainer_cfg.micro_batch_size)
-                pairs = [data.train[i] for i in global_indices[rank_slice]]
-                out, per_example, batch_tokens = step_fn(pairs, step - 1)
-                engine.backward(out.loss / trainer_cfg.grad_accum)
-                parts.append(per_example)
-                tokens += batch_tokens
-                loss_metric_parts.append(out.metrics)
-            lr = engine.lr
-            grad_norm = engine.step()
-            elapsed = time.time() - step_started
-            if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
-                metrics = mean_metrics(parts, "train", dist)
-                metrics |= reduce_loss_metrics(loss_metric_parts, dist)
-                total_tokens = dist.sum(tokens)
-                tflops = step_model_flops(num_params, trainable_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
-                metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": total_tokens / elapsed,
-                            "train/epoch": sampler.epoch, "train/tflops": tflops}
-                if peak:
-                    metrics["train/mfu"] = tflops / (peak * dist.world_size)
-                tracker.log(step, metrics)
-                if dist.is_main:
-                    mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if peak else ""
-                    log.info("step %d/%d | loss %.4f | margin %.3f | acc %.2f | lr %.2e | %.0f tok/s | %.2f TFLOP/s%s", step,
-                             trainer_cfg.max_steps, metrics["train/loss"], metrics["train/rewards/margin"],
-                             metrics["train/rewards/accuracy"], lr, metrics["train/tokens_per_s"], tflops, mfu)
-            if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
-                run_eval(step, generate=False)
-            if probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
-                run_probes(step)
-            if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
-                save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
-            if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint this step, then requeue
-                save_checkpoint(run_dir, step, engine, tokenizer, checkpoint_state(step), dist)
-                preemption.requeue(dist)
-            if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
-                log.warning("stopping after step %d (trainer.stop_after)", step)
-                return {"stopped_at": step}
+        guard = StepGuard(trainer_cfg.max_skipped_steps)
+        completed = {"sampler": sampler.state(), "rng": rng_states()}  # the data position and RNG after the last whole step
+        completed_step = start_step
+        try:
+            for step in range(start_step + 1, trainer_cfg.max_steps + 1):
+                step_started = time.time()
+                parts, loss_metric_parts, tokens, poisoned = [], [], 0, False
+                for _ in range(trainer_cfg.grad_accum):
+                    # every rank draws the same global micro batch and trains on its own slice of it
+                    global_indices = sampler.next_indices(trainer_cfg.micro_batch_size * dist.world_size)
+                    rank_slice = slice(dist.rank * trainer_cfg.micro_batch_size, (dist.rank + 1) * trainer_cfg.micro_batch_size)
+                    pairs = [data.train[i] for i in global_indices[rank_slice]]
+                    out, per_example, batch_tokens = step_fn(pairs, step - 1)
+                    if dist.minimum(float(torch.isfinite(out.loss.detach()).item())) == 1.0:  # every rank agrees
+                        engine.backward(out.loss / trainer_cfg.grad_accum)
+                    else:
+                        engine.skip_micro_step()
+                        poisoned = True
+                    parts.append(per_example)
+                    tokens += batch_tokens
+                    loss_metric_parts.append(out.metrics)
+                lr = engine.lr
+                grad_norm, applied = engine.step(poisoned)
+                completed, completed_step = {"sampler": sampler.state(), "rng": rng_states()}, step
+                elapsed = time.time() - step_started
+                if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
+                    metrics = mean_metrics(parts, "train", dist)
+                    metrics |= reduce_loss_metrics(loss_metric_parts, dist)
+                    total_tokens = dist.sum(tokens)
+                    tflops = step_model_flops(num_params, trainable_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
+                    metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": total_tokens / elapsed,
+                                "train/epoch": sampler.epoch, "train/tflops": tflops, "train/skipped_steps": guard.skipped_steps + (not applied)}
+                    if peak:
+                        metrics["train/mfu"] = tflops / (peak * dist.world_size)
+                    tracker.log(step, metrics)
+                    if dist.is_main:
+                        mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if peak else ""
+                        log.info("step %d/%d | loss %.4f | margin %.3f | acc %.2f | lr %.2e | %.0f tok/s | %.2f TFLOP/s%s", step,
+                                 trainer_cfg.max_steps, metrics["train/loss"], metrics["train/rewards/margin"],
+                                 metrics["train/rewards/accuracy"], lr, metrics["train/tokens_per_s"], tflops, mfu)
+                if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
+                    run_eval(step, generate=False)
+                if probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
+                    run_probes(step)
+                guard.after_step(step, applied, grad_norm)  # too many non-finite steps in a row: stop here
+                if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
+                    save(step)
+                if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint this step, then requeue
+                    save(step)
+                    preemption.requeue(dist)
+                if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
+                    log.warning("stopping after step %d (trainer.stop_after)", step)
+                    return {"stopped_at": step}
+        except KeyboardInterrupt:
+            if trainer_cfg.save_on_interrupt and dist.world_size == 1 and completed_step > start_step:
+                save(completed_step)  # the last whole step; an interrupted one is redone on resume
+                log.warning("interrupted at step %d; checkpoint written. Resume with: prefopt train ... trainer.resume=%s", completed_step, run_dir)
+            raise
 
         final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)
         final_dynamics = run_probes(trainer_cfg.max_steps)
         already_saved = trainer_cfg.save_every and trainer_cfg.max_steps % trainer_cfg.save_every == 0
         if trainer_cfg.save_final and not already_saved:
-            save_checkpoint(run_dir, trainer_cfg.max_steps, engine, tokenizer, checkpoint_state(trainer_cfg.max_steps), dist)
+            save(trainer_cfg.max_steps)
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
         summary |= {f"data/{key}": value for key, value in data.stats.items()}
         for key in ("logps/chosen", "logps/rejected", "rewards/margin"):

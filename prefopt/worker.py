@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from prefopt import rundir
 from prefopt.config import Config
 from prefopt.fileutil import atomic_write_text
 from prefopt.slurm import check_job_shape, in_slurm_task, in_submitit_task, preemption, restart_count
@@ -39,6 +40,8 @@ def run_worker(config_path: str | Path) -> dict[str, Any]:
         cfg.trainer.resume = True
     try:
         check_job_shape(cfg.hardware)
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            rundir.acquire(Path(cfg.run_dir))  # an sbatch job's rank 0 owns the run dir (a no-op under prefopt train, which holds it)
         return train(cfg, Path(cfg.run_dir))
     except BaseException as error:
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):

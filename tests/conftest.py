@@ -65,3 +65,16 @@ def preference_file(tmp_path):
         return write_preference_rows(tmp_path / f"{name}{suffix}", rows)
 
     return write
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection table (tests/test_faults.py): each case and what happened."""
+    import sys
+
+    faults = sys.modules.get("tests.test_faults")
+    if faults is None or not faults.FAULT_OUTCOMES:
+        return
+    terminalreporter.section("fault injection: case -> outcome")
+    width = max(len(case) for case, _ in faults.FAULT_OUTCOMES)
+    for case, outcome in faults.FAULT_OUTCOMES:
+        terminalreporter.write_line(f"{case.ljust(width)} | {outcome}")

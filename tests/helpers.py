@@ -37,3 +37,20 @@ def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
     records = subprocess.run([*wandb_cli, str(wandb_dir)], capture_output=True, text=True, check=True).stdout.splitlines()
     history = [json.loads(line)["history"]["item"] for line in records if '"type":"history"' in line]
     return summary, history
+
+
+def wandb_history_all_segments(run_dir: Path) -> list[dict]:
+    """Every history row of every W&B segment (offline-run dir) of a run dir, read from the .wandb files
+    as far as each is intact: a resumed run has one segment per start; synced together they are the run."""
+    from wandb.proto import wandb_internal_pb2
+
+    from prefopt.tracking import wandb_records
+
+    rows = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        for data in wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows

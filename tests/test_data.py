@@ -184,7 +184,7 @@ def test_bad_row_is_an_error_naming_file_and_row(preference_file, byte_tokenizer
     with pytest.raises(DataError) as error:
         build_preference_data(local_cfg(preference_file(rows), eval_fraction=0.2), byte_tokenizer, seed=0)
     message = str(error.value)
-    assert "pairs.jsonl" in message and "row 2:" in message and problem in message
+    assert "pairs.jsonl" in message and "line 3:" in message and problem in message  # the file's 3rd line
     assert "dataset.on_bad_row=skip" in message
 
 
@@ -198,7 +198,7 @@ def test_bad_row_is_an_error_naming_file_and_row(preference_file, byte_tokenizer
 )
 def test_malformed_message_rows(preference_file, byte_tokenizer, bad_row, problem):
     path = preference_file(MESSAGE_ROWS[:3] + [bad_row], ".json")
-    with pytest.raises(DataError, match=f"pairs.json.*row 3: .*{problem}"):
+    with pytest.raises(DataError, match=f"pairs.json.*row 4: .*{problem}"):  # the list's 4th row
         build_preference_data(local_cfg(path, eval_fraction=0.25), byte_tokenizer, seed=0)
 
 

@@ -103,7 +103,7 @@ def test_a_failing_worker_fails_the_run_and_leaves_no_process(tmp_path):
                               f"hydra.run.dir={tmp_path / 'run'}")
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert "a worker failed" in output and "row 8" in output and "pairs.jsonl" in output
+    assert "a worker failed" in output and "line 9" in output and "pairs.jsonl" in output
     assert (tmp_path / "run" / "error.txt").exists()
     time.sleep(1)
     assert leftover_processes(str(tmp_path / "run")) == []

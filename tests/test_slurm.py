@@ -334,11 +334,11 @@ def test_a_failing_job_fails_the_sweep_with_its_error(sweeps, tmp_path):
                    "dataset.on_bad_row=error,skip")
     returncode, output = sweep.wait(timeout=240)
     assert returncode == 1
-    assert "row 8" in output and "pairs.jsonl" in output and "Traceback" in output and "job log:" in output, output[-3000:]
+    assert "line 9" in output and "pairs.jsonl" in output and "Traceback" in output and "job log:" in output, output[-3000:]
     failed, ok = sweep.job_ids()
     assert sweep.final_states() == {failed: "FAILED", ok: "COMPLETED"}
-    assert "row 8" in (sweep.dir / "0" / "error.txt").read_text()
-    assert "row 8" in "".join(path.read_text() for path in (sweep.dir / ".submitit" / failed).glob("*_0_log.*"))  # the job's own log
+    assert "line 9" in (sweep.dir / "0" / "error.txt").read_text()
+    assert "line 9" in "".join(path.read_text() for path in (sweep.dir / ".submitit" / failed).glob("*_0_log.*"))  # the job's own log
     rows, _ = build_report(sweep.dir)
     assert [row["status"] for row in rows] == ["failed", "ok"]
 
@@ -348,7 +348,7 @@ def test_the_first_failure_cancels_the_rest_when_asked(sweeps, tmp_path):
     sweep = sweeps(tmp_path / "sweep", *SLURM, *TINY, "trainer.max_steps=100000", "dataset=local", f"dataset.path={bad_data_file(tmp_path)}",
                    "dataset.on_bad_row=error,skip", "sweep.continue_on_failure=false")
     returncode, output = sweep.wait(timeout=240)
-    assert returncode == 1 and "row 8" in output and "cancelled the 1 jobs" in output, output[-3000:]
+    assert returncode == 1 and "line 9" in output and "cancelled the 1 jobs" in output, output[-3000:]
     failed, running = sweep.job_ids()
     wait_for(lambda: sweep.states()[running].startswith("CANCELLED"), 60, "the second job's cancellation")
     assert sweep.states()[failed] == "FAILED"

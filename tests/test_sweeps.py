@@ -153,10 +153,10 @@ def test_a_failing_job_is_recorded_and_the_sweep_continues(tmp_path, capsys):
     common = [*TINY, "dataset=local", f"dataset.path={bad_data_file(tmp_path)}", "logger.wandb.mode=disabled", "dynamics.enabled=false"]
     assert sweep_exit_code(sweep_dir, "dataset.on_bad_row=error,skip", *common) == 1
     failed, ok = sweep_dir / "0", sweep_dir / "1"
-    assert "row 8" in (failed / "error.txt").read_text() and "Traceback" in (failed / "error.txt").read_text()
-    assert "row 8" in (failed / "cli.log").read_text()  # the job's log has it too
+    assert "line 9" in (failed / "error.txt").read_text() and "Traceback" in (failed / "error.txt").read_text()
+    assert "line 9" in (failed / "cli.log").read_text()  # the job's log has it too
     assert (ok / "summary.json").is_file() and not (ok / "error.txt").exists()
-    assert "row 8" in capsys.readouterr().err  # the sweep fails at its end, with the error
+    assert "line 9" in capsys.readouterr().err  # the sweep fails at its end, with the error
     rows, _ = build_report(sweep_dir)
     assert [row["status"] for row in rows] == ["failed", "ok"]
 
@@ -168,7 +168,7 @@ def test_a_failing_job_stops_the_sweep_when_asked(tmp_path, capsys):
     assert (sweep_dir / "0" / "error.txt").is_file()
     assert not (sweep_dir / "1").exists()  # the second job never started
     err = capsys.readouterr().err
-    assert "continue_on_failure=false stops the sweep" in err and "row 8" in err
+    assert "continue_on_failure=false stops the sweep" in err and "line 9" in err
 
 
 def test_slurm_hardware_in_a_local_sweep_is_a_clear_error(tmp_path, capsys):

@@ -157,7 +157,7 @@ def test_prompt_that_is_not_a_prefix_is_a_template_error(preference_file):
     # the generation prompt says "assistant:" but an assistant turn opens with "assistant\n"
     template = CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant:\n' }}")
     tokenizer = byte_level_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template, eos="<|endoftext|>")
-    problem = r"pairs.jsonl \(train part\), row \d+: the tokenizer's chat template is at fault.*add_generation_prompt"
+    problem = r"pairs.jsonl \(train part\), line \d+: the tokenizer's chat template is at fault.*add_generation_prompt"
     with pytest.raises(DataError, match=problem):
         build_preference_data(local_cfg(preference_file(STRING_ROWS)), tokenizer, seed=0)
 

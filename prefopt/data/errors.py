@@ -9,5 +9,6 @@ class DataError(ValueError):
     there is one, the problem and how to fix it."""
 
 
-def bad_row_error(origin: str, source_index: int, problem: str) -> DataError:
-    return DataError(f"{origin}, row {source_index}: {problem}; {BAD_ROW_HINT}")
+def bad_row_error(where: str, problem: str) -> DataError:
+    """where: the source and the row's position, as RawSplit.where gives it ("file x.jsonl (train part), line 8")."""
+    return DataError(f"{where}: {problem}; {BAD_ROW_HINT}")

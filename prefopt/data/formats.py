@@ -1,6 +1,7 @@
 """Row layouts -> one normalized `PreferenceRow`; malformed rows are errors (or skipped and counted).
 
-Three layouts (`dataset.format`, or detected from the first row when `auto`):
+Three layouts (`dataset.format`, or detected when `auto` from the first row whose columns fit one, so a
+malformed first row is a bad row like any other):
   strings  : {prompt: str, chosen: str, rejected: str}
   messages : {prompt: str | [{role, content}], chosen / rejected: [{role, content}] ending with the
              assistant turn}. Lists that repeat the prompt turns (UltraFeedback's do) are stripped of them.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
 from prefopt.data.errors import DataError, bad_row_error
-from prefopt.data.sources import RawSplit
+from prefopt.data.sources import RawSplit, UnreadableRow
 
 logger = logging.getLogger("prefopt.data")
 
@@ -44,7 +45,7 @@ Messages = list  # [{"role": str, "content": str}, ...]
 
 @dataclass
 class PreferenceRow:
-    source_index: int  # row index in the source, for errors and probes
+    source_index: int  # 0-based position in the source's rows (RawSplit.indices); messages show RawSplit.position
     prompt: Union[str, Messages]  # raw text (used as is), or messages to render with the chat template
     chosen: str  # response text, without EOS
     rejected: str
@@ -63,10 +64,10 @@ class SkippedRows:
     count: int = 0
     examples: list[str] = field(default_factory=list)
 
-    def add(self, source_index: int, problem: str) -> None:
+    def add(self, position: str, problem: str) -> None:
         self.count += 1
         if len(self.examples) < 3:
-            self.examples.append(f"row {source_index}: {problem}")
+            self.examples.append(f"{position}: {problem}")
 
     def warn(self) -> None:
         if self.count:
@@ -74,25 +75,45 @@ class SkippedRows:
 
 
 def resolve_format(configured: str, split: RawSplit) -> str:
-    """The configured format, or the one the first row's columns and values show; checks the columns."""
+    """The configured format, or the one the rows show; checks that some row has its columns. The first
+    object row whose columns fit decides, so rows that are unreadable or lack a column stay bad rows
+    for dataset.on_bad_row, not a verdict on the whole file."""
     if not len(split):
         raise DataError(f"{split.origin} has no rows")
-    first_index, first_row = next(iter(split))
-    if not isinstance(first_row, dict):
-        raise DataError(f"{split.origin}, row {first_index}: rows must be objects with named fields, got {type(first_row).__name__}")
-    columns = set(first_row)
-    if configured == "auto":
-        if set(FORMAT_COLUMNS["strings"]) <= columns:
-            values = [first_row[name] for name in FORMAT_COLUMNS["strings"]]
-            return "messages" if any(isinstance(value, (list, dict)) for value in values) else "strings"
-        if set(FORMAT_COLUMNS["hh"]) <= columns:
-            return "hh"
-    elif set(FORMAT_COLUMNS[configured]) <= columns:
-        return configured
+    first_object = None
+    for _, row in split:
+        if not isinstance(row, dict):
+            continue
+        if first_object is None:
+            first_object = row
+        row_format = format_of_columns(configured, row)
+        if row_format is not None:
+            return row_format
+    if first_object is None:
+        first_index, first_row = next(iter(split))
+        problem = first_row.problem if isinstance(first_row, UnreadableRow) else f"got {type(first_row).__name__}"
+        raise DataError(f"{split.origin}: no row is an object with named fields (the first, {split.position(first_index)}: {problem})")
+    raise wrong_columns_error(configured, split.origin, set(first_object))
+
+
+def format_of_columns(configured: str, row: dict) -> Optional[str]:
+    """The layout of a row (the configured one, or detected under auto) if its columns fit it; else None."""
+    columns = set(row)
+    if configured != "auto":
+        return configured if set(FORMAT_COLUMNS[configured]) <= columns else None
+    if set(FORMAT_COLUMNS["strings"]) <= columns:
+        values = [row[name] for name in FORMAT_COLUMNS["strings"]]
+        return "messages" if any(isinstance(value, (list, dict)) for value in values) else "strings"
+    if set(FORMAT_COLUMNS["hh"]) <= columns:
+        return "hh"
+    return None
+
+
+def wrong_columns_error(configured: str, origin: str, columns: set) -> DataError:
     expected = "; ".join(f"{name}: {FORMAT_DESCRIPTIONS[name]}" for name in FORMAT_COLUMNS)
     wanted = f"dataset.format={configured} expects {FORMAT_DESCRIPTIONS[configured]}" if configured != "auto" else ""
-    raise DataError(
-        f"{split.origin}: wrong columns. Found: {', '.join(sorted(columns)) or '(none)'}. Expected, per format: {expected}. "
+    return DataError(
+        f"{origin}: wrong columns. Found: {', '.join(sorted(columns)) or '(none)'}. Expected, per format: {expected}. "
         f"{wanted + '. ' if wanted else ''}Rename the columns, or set dataset.format to the layout the file has"
     )
 
@@ -112,8 +133,8 @@ def normalize_rows(
             normalized = normalize_row(index, row, row_format, string_prompt_as_user_message, template_markers)
         except BadRow as bad:
             if on_bad_row == "error":
-                raise bad_row_error(split.origin, index, str(bad)) from None
-            skipped.add(index, str(bad))
+                raise bad_row_error(split.where(index), str(bad)) from None
+            skipped.add(split.position(index), str(bad))
             continue
         yield normalized
 
@@ -121,6 +142,8 @@ def normalize_rows(
 def normalize_row(
     source_index: int, row: Any, row_format: str, string_prompt_as_user_message: bool, template_markers: tuple[str, ...] = ()
 ) -> PreferenceRow:
+    if isinstance(row, UnreadableRow):
+        raise BadRow(row.problem)
     if not isinstance(row, dict):
         raise BadRow(f"a row must be an object with named fields, got {type(row).__name__}")
     if row_format == "hh":

@@ -32,7 +32,7 @@ class PreferenceData:
 
 def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> PreferenceData:
     train_split, eval_split = load_raw_splits(dataset_cfg, seed)
-    # arith rows are generated in the strings layout; other sources say theirs, or the first row shows it
+    # arith rows are generated in the strings layout; other sources say theirs, or their rows show it
     row_format = "strings" if dataset_cfg.name == "arith" else resolve_format(dataset_cfg.format, train_split)
     if len(eval_split) and dataset_cfg.name != "arith":
         resolve_format(row_format, eval_split)  # the eval split must have the same columns
@@ -73,7 +73,7 @@ def prepare_split(
     skipped = SkippedRows(split.origin)
     counts = EncodingCounts()
     rows = normalize_rows(split, row_format, string_prompt_as_user_message, on_bad_row, skipped, encoder.user_markers)
-    pairs = encoder.encode(rows, limit, split.origin, counts)
+    pairs = encoder.encode(rows, limit, split.where, counts)
     skipped.warn()
     stats[f"{name}/pairs"] = len(pairs)
     stats[f"{name}/truncated"] = counts.truncated

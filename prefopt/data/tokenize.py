@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -216,9 +216,12 @@ class PairEncoder:
         """What marks a plain-string prompt as already rendered by the template (none without one)."""
         return self.turns.user_markers if self.turns else ()
 
-    def encode(self, rows: Iterable[PreferenceRow], limit: Optional[int], origin: str, counts: EncodingCounts) -> list[TokenizedPair]:
+    def encode(
+        self, rows: Iterable[PreferenceRow], limit: Optional[int], where: Callable[[int], str], counts: EncodingCounts
+    ) -> list[TokenizedPair]:
         """The first `limit` usable pairs. Reads only as many rows as it still needs, so a capped split
-        neither tokenizes nor validates rows past the cap."""
+        neither tokenizes nor validates rows past the cap. where: a source_index -> "file x.jsonl, line 8"
+        for messages (RawSplit.where)."""
         pairs: list[TokenizedPair] = []
         rows = iter(rows)
         while limit is None or len(pairs) < limit:
@@ -226,12 +229,12 @@ class PairEncoder:
             chunk = list(islice(rows, wanted))
             if not chunk:
                 break
-            pairs.extend(self.encode_chunk(chunk, origin, counts))
+            pairs.extend(self.encode_chunk(chunk, where, counts))
         return pairs
 
-    def encode_chunk(self, chunk: list[PreferenceRow], origin: str, counts: EncodingCounts) -> Iterator[TokenizedPair]:
+    def encode_chunk(self, chunk: list[PreferenceRow], where: Callable[[int], str], counts: EncodingCounts) -> Iterator[TokenizedPair]:
         """The chunk's usable pairs; counts truncated, dropped and boundary-merged ones."""
-        texts = [self.pair_text(row, f"{origin}, row {row.source_index}") for row in chunk]
+        texts = [self.pair_text(row, where(row.source_index)) for row in chunk]
         prompt_ids = self.token_ids([text.prompt for text in texts])
         chosen_full = self.token_ids([text.prompt + text.chosen_turn for text in texts])
         rejected_full = self.token_ids([text.prompt + text.rejected_turn for text in texts])

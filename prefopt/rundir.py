@@ -1,0 +1,88 @@
+"""A run dir has one owner, and a finished or checkpointed run is never overwritten by a new one.
+
+The owner holds an advisory lock (flock on RUN_DIR/.prefopt.lock) for the whole run: `prefopt train`
+takes it before writing anything and keeps it until its workers (torchrun ranks are its children) are
+done; an sbatch job's rank 0 takes it itself (PREFOPT_RUN_DIR_LOCK tells children that a parent holds
+it). The kernel drops an flock when its holder dies, so a lock left by a killed run is never stale: the
+next run takes it at once. The lock file records who holds it, for the message a second run gets.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from prefopt.config import ConfigError
+
+LOCK_FILE = ".prefopt.lock"
+LOCK_ENV = "PREFOPT_RUN_DIR_LOCK"  # set for child processes: this run dir's lock is held by a parent
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # any of these (or a checkpoint) means the dir holds a run
+
+_held: dict[Path, int] = {}  # run dir -> open lock file descriptor (this process's)
+
+
+class RunDirBusyError(ConfigError):
+    """Another live process owns the run dir."""
+
+
+def acquire(run_dir: Path) -> None:
+    """Take the run dir's lock for this process (idempotent), or fail at once naming the holder."""
+    run_dir = run_dir.resolve()
+    if run_dir in _held or os.environ.get(LOCK_ENV) == str(run_dir):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunDirBusyError(f"run dir {run_dir} is in use by another prefopt run ({describe(holder)}); wait for it to "
+                              f"finish, or give this run another dir (hydra.run.dir=...)") from None
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "command": " ".join(sys.argv)})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode() + b"\n", 0)
+    _held[run_dir] = fd
+    os.environ[LOCK_ENV] = str(run_dir)  # torchrun workers and other children inherit it
+
+
+def release(run_dir: Path) -> None:
+    run_dir = run_dir.resolve()
+    fd = _held.pop(run_dir, None)
+    if fd is not None:
+        os.close(fd)  # closing drops the flock
+        if os.environ.get(LOCK_ENV) == str(run_dir):
+            del os.environ[LOCK_ENV]
+
+
+def describe(holder: str) -> str:
+    try:
+        info = json.loads(holder)
+        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def existing_run(run_dir: Path) -> Optional[str]:
+    """What in run_dir shows a run already lives there, or None."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    checkpoints = [p for p in (run_dir / "checkpoints").glob("step-*")] if (run_dir / "checkpoints").is_dir() else []
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s)")
+    return ", ".join(found) or None
+
+
+def refuse_reuse(run_dir: Path, resuming: bool) -> None:
+    """A fresh run may not start in a dir that holds another run: nothing of it is deleted."""
+    if resuming:
+        return
+    found = existing_run(run_dir)
+    if found:
+        raise ConfigError(f"run dir {run_dir} already holds a run ({found}). Continue it with trainer.resume=true, or start "
+                          f"fresh in a new dir (leave hydra.run.dir out for a new timestamped one); nothing was deleted")
