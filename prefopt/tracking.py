@@ -18,7 +18,7 @@ import struct
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -124,19 +124,29 @@ def wandb_row(row: Mapping[str, Any]) -> dict[str, Any]:
 class Tracker:
     """Only rank 0 writes (enabled=True); on other ranks every method does nothing."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0, enabled: bool = True):
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0, enabled: bool = True,
+                 resume_rows: Optional[Mapping[str, int]] = None):
+        """resume_rows: how many lines each file had when the checkpoint was written (rows_written() then);
+        on resume each file is cut back to exactly that (rows logged after the checkpoint, such as a final
+        eval at the checkpoint's own step, are dropped). Without it, rows up to resume_step are kept."""
         self.run_dir = run_dir
         self.enabled = enabled
         self.wandb_run = None
+        self.rows = {METRICS_FILE: 0, DYNAMICS_FILE: 0}  # lines in each file, for the checkpoint (see resume_rows)
         if not enabled:
             return
         kept_rows = {}
         for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE):
             if resume_step:
-                kept_rows[path.name] = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
+                rows = read_jsonl(path)
+                if resume_rows is not None and path.name in resume_rows:
+                    kept_rows[path.name] = rows[: resume_rows[path.name]]
+                else:
+                    kept_rows[path.name] = [row for row in rows if row.get("step", 0) <= resume_step]
                 atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept_rows[path.name]))
             elif path.exists():
                 path.unlink()  # a fresh run (launch.py refuses a dir that holds one it did not checkpoint)
+        self.rows |= {name: len(rows) for name, rows in kept_rows.items()}
         self.wandb_run = self._start_wandb(cfg, resume=bool(resume_step))
         if self.wandb_run is not None and resume_step:
             self._replay_missing(kept_rows)
@@ -183,6 +193,7 @@ class Tracker:
         row = strict_json_row({"step": step, **metrics})
         with open(self.run_dir / file, "a") as handle:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
+        self.rows[file] = self.rows.get(file, 0) + 1
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_row(row))
 

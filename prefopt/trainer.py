@@ -249,7 +249,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         restore_rng_states(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
 
-    tracker = Tracker(cfg, run_dir, resume_step=start_step, enabled=dist.is_main)
+    tracker = Tracker(cfg, run_dir, resume_step=start_step, enabled=dist.is_main,
+                      resume_rows=state.get("tracker_rows") if checkpoint is not None else None)
     try:
 
         def run_eval(step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
@@ -279,7 +280,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 raise NonFiniteTrainingError(f"the weights are not finite after step {step}: no checkpoint is written "
                                              f"(the last one on disk is intact); lower trainer.lr")
             state = {"step": step, **completed, "first_eval": first_eval, "first_greedy_accuracy": first_greedy,
-                     "first_dynamics": first_dynamics}
+                     "first_dynamics": first_dynamics, "tracker_rows": dict(tracker.rows)}
             save_checkpoint(run_dir, step, engine, tokenizer, state, dist, cfg)
 
         if start_step == 0:
