@@ -33,3 +33,22 @@ def test_rng_states_round_trip_torch_numpy_and_python():
     again = (torch.rand(3), numpy.random.rand(3), random.random())
     assert torch.equal(drawn[0], again[0]) and numpy.array_equal(drawn[1], again[1]) and drawn[2] == again[2]
     assert "cuda" in states  # saved (empty without CUDA) and restored where a device exists
+
+
+def test_step_guard_counts_skips_stops_after_too_many_and_warns_once_on_a_zero_gradient_norm(caplog):
+    from prefopt.guards import NonFiniteTrainingError, StepGuard
+
+    guard = StepGuard(max_consecutive_skips=3)
+    guard.after_step(1, applied=False, grad_norm=float("nan"))
+    guard.after_step(2, applied=True, grad_norm=0.5)  # a good step resets the run of skips
+    guard.after_step(3, applied=False, grad_norm=float("inf"))
+    guard.after_step(4, applied=False, grad_norm=float("nan"))
+    assert guard.skipped_steps == 3 and guard.consecutive_skips == 2
+    with pytest.raises(NonFiniteTrainingError, match="3 consecutive steps up to step 5"):
+        guard.after_step(5, applied=False, grad_norm=float("nan"))
+
+    guard = StepGuard(max_consecutive_skips=3)
+    with caplog.at_level("WARNING", logger="prefopt"):
+        for step in range(1, 8):
+            guard.after_step(step, applied=True, grad_norm=0.0)
+    assert sum("exactly 0" in record.message for record in caplog.records) == 1
