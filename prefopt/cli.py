@@ -88,7 +88,8 @@ def create_output_dir(path: str, key: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()  # a read-only or full disk fails here, not inside Hydra
     except OSError as error:
-        print(f"prefopt: error: {key}={path}: cannot create or write this directory: {error.strerror}; {unwritable_hint(error)}", file=sys.stderr)
+        problem = f"cannot create or write this directory: {error.strerror}; {unwritable_hint(error)}"
+        print(f"prefopt: error: {key}={path}: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
