@@ -15,6 +15,7 @@ writable by others (a run dir you own); see `check_trusted`.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.config import ConfigError
+from prefopt.errors import CheckpointError
 from prefopt.distributed import DistInfo
 from prefopt.fileutil import atomic_write_json, atomic_write_text
 
@@ -40,10 +41,6 @@ CHECKPOINT_CONFIG = "config.yaml"
 # keys that say how to run or resume, not what is trained: they may differ between a checkpoint and its resume
 RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_on_interrupt",
                "trainer.max_skipped_steps", "logger", "sweep", "hardware.num_threads")
-
-
-class CheckpointError(ConfigError):
-    """No usable checkpoint: the message names each one tried and what was wrong with it."""
 
 
 def training_config(cfg: DictConfig | dict) -> dict:
@@ -113,10 +110,14 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-save
         staging.mkdir(parents=True)
     dist.barrier()
-    engine.save(staging, tokenizer)
-    dist.barrier()
+    try:
+        engine.save(staging, tokenizer)
+        dist.barrier()
+        if dist.is_main:
+            torch.save(trainer_state, staging / TRAINER_STATE)
+    except RuntimeError as error:  # torch.save reports a full disk as a RuntimeError: make it the OSError it is
+        raise unwritable(staging, error) from None
     if dist.is_main:
-        torch.save(trainer_state, staging / TRAINER_STATE)
         atomic_write_text(staging / CHECKPOINT_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
         if target.exists():
@@ -128,6 +129,13 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
         log.info("saved checkpoint %s", target)
     dist.barrier()
     return target
+
+
+def unwritable(path: Path, error: Exception) -> OSError:
+    """The OSError a failed checkpoint write really was (ENOSPC when the disk is full), naming the path."""
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    code = errno.ENOSPC if free < (64 << 20) else errno.EIO
+    return OSError(code, f"{os.strerror(code)} ({str(error).splitlines()[0]})", str(path))
 
 
 def config_mismatch(directory: Path, cfg: DictConfig) -> Optional[str]:

@@ -45,10 +45,9 @@ commands:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: shown as one clear message, without a traceback."""
-    from prefopt.data import DataError
-    from prefopt.models import ModelNotFoundError
+    from prefopt.errors import USER_ERRORS
 
-    return (ConfigError, DataError, ModelNotFoundError)
+    return USER_ERRORS
 
 
 # errno -> how to fix it: a full or read-only disk is reported as one line, not a traceback
@@ -108,6 +107,7 @@ def interrupted_message(run_dir: Optional[Path], overrides: list[str]) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def train_app(cfg: DictConfig) -> Optional[float]:
     """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
+    from prefopt.errors import NonFiniteTrainingError
     from prefopt.launch import WorkerError, dispatch, prepare_run
     from prefopt.sweep import objective_value, run_job
 
@@ -122,7 +122,7 @@ def train_app(cfg: DictConfig) -> Optional[float]:
     except user_errors() as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except WorkerError as error:
+    except (WorkerError, NonFiniteTrainingError) as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as error:

@@ -15,9 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work. The message names the key and says how to fix it."""
+from prefopt.errors import ConfigError  # noqa: F401  (re-exported: prefopt.config.ConfigError)
 
 
 @dataclass

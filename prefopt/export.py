@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from prefopt.checkpoint import find_checkpoint
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.engine import is_adapter_dir
 
 

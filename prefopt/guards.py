@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from prefopt.errors import NonFiniteTrainingError
+
 log = logging.getLogger("prefopt")
 
 ZERO_NORM_STEPS_TO_WARN = 3  # consecutive steps with a gradient norm of exactly 0 before the (one) warning
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training produced non-finite values it could not skip past. The message says where and what to try."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from prefopt.errors import ModelNotFoundError  # noqa: F401  (re-exported)
 from prefopt.fileutil import exclusive_lock
 
 CHATML_TEMPLATE = (
@@ -25,10 +26,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class ModelNotFoundError(RuntimeError):
-    """The model cannot be found offline. The message says how to point prefopt at a local copy."""
 
 
 @dataclass

@@ -55,7 +55,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 
 log = logging.getLogger("prefopt")
 

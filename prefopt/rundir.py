@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 
 LOCK_FILE = ".prefopt.lock"
 LOCK_ENV = "PREFOPT_RUN_DIR_LOCK"  # set for child processes: this run dir's lock is held by a parent

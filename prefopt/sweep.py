@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.fileutil import atomic_write_text
 from prefopt.worker import ERROR_FILE
 

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from omegaconf import DictConfig
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.fileutil import atomic_write_json
 from prefopt.losses.gate import scale_gradient
 from prefopt.plots import save_png

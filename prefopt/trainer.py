@@ -346,7 +346,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         except KeyboardInterrupt:
             if trainer_cfg.save_on_interrupt and dist.world_size == 1 and completed_step > start_step:
                 save(completed_step)  # the last whole step; an interrupted one is redone on resume
-                log.warning("interrupted at step %d; checkpoint written. Resume with: prefopt train ... trainer.resume=%s", completed_step, run_dir)
+                log.warning("interrupted: checkpoint of step %d written in %s", completed_step, run_dir)  # the CLI prints the resume command
             raise
 
         final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)

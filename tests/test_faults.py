@@ -270,3 +270,25 @@ def test_a_poisoned_reference_cache_is_detected_and_rebuilt(tmp_path, capfd):
     first_eval = next(row for row in read_jsonl(second / "metrics.jsonl") if "eval/loss" in row)
     assert first_eval["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     record("poisoned reference cache (key and digest valid)", "step-0 spot check fails; rebuilt; step-0 eval loss ln 2")
+
+
+def test_ctrl_c_checkpoints_the_last_whole_step_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "trainer.max_steps=10", "logger.wandb.mode=disabled"]  # no periodic checkpoints at all
+    straight = tmp_path / "straight"
+    assert prefopt(*args, f"hydra.run.dir={straight}").returncode == 0
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "prefopt.cli", "train", *args, f"hydra.run.dir={interrupted}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(row["step"] >= 4 for row in train_rows(interrupted)):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
+    assert "resume with: prefopt train" in line
+    assert list((interrupted / "checkpoints").glob("step-*"))
+    resumed = prefopt(*args, f"hydra.run.dir={interrupted}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_metrics(straight, interrupted)
+    record("Ctrl-C mid-run (no periodic checkpoints)", "exit 130, one line with the resume command; checkpoint of the last whole step; resume equals")

@@ -17,7 +17,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 NEAR_OFFSETS = (-3, -2, -1, 1, 2, 3)

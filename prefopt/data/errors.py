@@ -4,9 +4,7 @@ from __future__ import annotations
 BAD_ROW_HINT = "fix or remove the row, or set dataset.on_bad_row=skip to skip malformed rows"
 
 
-class DataError(ValueError):
-    """Data that cannot be used. The message names the file (or hub dataset and split), the row when
-    there is one, the problem and how to fix it."""
+from prefopt.errors import DataError  # noqa: F401  (the one error type of the data pipeline, defined with the others)
 
 
 def bad_row_error(where: str, problem: str) -> DataError:

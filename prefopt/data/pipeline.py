@@ -13,7 +13,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.data.errors import DataError
 from prefopt.data.formats import SkippedRows, normalize_rows, resolve_format
 from prefopt.data.sources import RawSplit, load_raw_splits

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.errors import DataError
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 # importing a loss module registers its losses; this order is the order of LOSSES and of the docs
 from prefopt.losses import dpo, dpo_variants, ipo, cal_dpo, simpo, orpo, lpo, sft  # noqa: F401, I001
 from prefopt.losses.gate import GateParams, apply_gate, gate_metrics, parse_gate

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter
 from prefopt.losses.registry import LossSpec
 

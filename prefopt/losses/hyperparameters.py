@@ -9,7 +9,7 @@ import math
 import typing
 from typing import Any, Mapping, Optional, Sequence
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 
 
 def hyperparameter(

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters
 
 

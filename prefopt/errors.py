@@ -1,0 +1,32 @@
+"""The errors a user can cause or act on: each is shown as one line (`prefopt: error: ...`) without a
+traceback, so its message names the key, file, row or path and says how to fix it.
+
+This module imports nothing from prefopt, so every layer (losses, data, checkpoints) can raise these
+without importing the config schema (which is what once made config.py and losses/ import each other).
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the key and says how to fix it."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used. The message names the file (or hub dataset and split), the row when
+    there is one, the problem and how to fix it."""
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model cannot be found offline. The message says how to point prefopt at a local copy."""
+
+
+class CheckpointError(ConfigError):
+    """No usable checkpoint: the message names each one tried and what was wrong with it."""
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced non-finite values it could not skip past. The message says where and what to try."""
+
+
+# what `prefopt train` reports as one line: (error types, exit code)
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError)
