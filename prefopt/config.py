@@ -132,6 +132,8 @@ class TrainerConfig:
     lr_schedule: str = "cosine"  # cosine | linear | constant after warmup
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
+    batching: str = "packed"  # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
+    packed_row_tokens: int = 1024  # token budget of a packed row (a longer pair gets a row of its own)
     log_every: int = 1  # write train metrics every N steps
     eval_every: int = 10  # held-out eval every N steps (0 = only at start and end)
     eval_batch_size: int = 4  # pairs per eval forward
@@ -225,6 +227,7 @@ CHOICES = {
     "hardware.engine": ("torch", "deepspeed"),
     "hardware.zero_stage": (0, 1, 2, 3),
     "trainer.lr_schedule": ("cosine", "linear", "constant"),
+    "trainer.batching": ("packed", "padded"),
     "trainer.objective_direction": ("maximize", "minimize"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
 }
@@ -244,6 +247,7 @@ LOWER_BOUNDS = {
     "trainer.warmup_steps": (0, True),
     "trainer.max_grad_norm": (0.0, True),
     "trainer.logp_chunk_size": (1, True),
+    "trainer.packed_row_tokens": (1, True),
     "trainer.log_every": (1, True),
     "trainer.eval_every": (0, True),
     "trainer.eval_batch_size": (1, True),

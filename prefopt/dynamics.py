@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prefopt.data import DataError, PreferenceData, TokenizedPair, collate_sequences
+from prefopt.data import DataError, PreferenceData, TokenizedPair
+from prefopt.data.layout import build_batch
 from prefopt.data.tokenize import end_of_turn_ids
-from prefopt.logps import response_token_logps
+from prefopt.logps import TokenLogps, sequence_logps
 
 RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
 OTHER_TYPES = ("other_train", "other_test", "permuted", "random")
@@ -110,48 +111,70 @@ def build_probe_set(data: PreferenceData, num_probes: int, seed: int, vocab_size
     return ProbeSet([list(pair.prompt_ids) for pair in probes], [pair.prompt for pair in probes], responses)
 
 
+def token_sums(token: TokenLogps, with_stats: bool) -> dict[str, torch.Tensor]:
+    """Per-sequence sums over response tokens: logp and length, and with_stats greedy (max) logp,
+    max-token probability, entropy and target probability. All (N,) on the CPU."""
+    sums = {"logp": token.summed, "length": token.lengths}
+    if with_stats:
+        sums |= {
+            "greedy": token.max_logps.sum(-1),
+            "peakiness": (token.max_logps.exp() * token.mask).sum(-1),
+            "entropy": token.entropy.sum(-1),
+            "target_prob": (token.logps.exp() * token.mask).sum(-1),
+        }
+    return {key: value.float().cpu() for key, value in sums.items()}
+
+
 def sequence_stats(model, prompt_ids: list[list[int]], response_ids: list[list[int]], chunk_size: int, device, batch_size: int, with_stats: bool) -> dict[str, torch.Tensor]:
-    """Per-sequence sums over response positions: logp, and with_stats greedy (max) logp, max-token
-    probability, entropy and target probability. Also the response lengths. All (N,) on the CPU."""
+    """token_sums of one response per prompt, padded rows (the reference path the packed probes are checked against)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(prompt_ids), batch_size):
-        batch = collate_sequences(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], PAD_ID)
-        token = response_token_logps(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), chunk_size, with_stats=with_stats
-        )
-        sums = {"logp": token.summed, "length": token.lengths}
-        if with_stats:
-            sums |= {
-                "greedy": token.max_logps.sum(-1),
-                "peakiness": (token.max_logps.exp() * token.mask).sum(-1),
-                "entropy": token.entropy.sum(-1),
-                "target_prob": (token.logps.exp() * token.mask).sum(-1),
-            }
-        for key, value in sums.items():
-            parts.setdefault(key, []).append(value.float().cpu())
+        groups = [(prompt, [(index, response)]) for index, (prompt, response) in
+                  enumerate(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]))]
+        token = sequence_logps(model, build_batch(groups, PAD_ID, "padded").to(device), chunk_size, with_stats=with_stats)
+        for key, value in token_sums(token, with_stats).items():
+            parts.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
+def probe_stats(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str, row_tokens: int) -> dict[str, dict[str, torch.Tensor]]:
+    """token_sums of every response type of every probe: response type -> stat -> (probes,). Each probe's
+    prompt and all its responses form one group, so the packed layout computes the prompt once."""
+    names = list(probe_set.responses)
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in names}
+    for start in range(0, len(probe_set), batch_size):
+        probes = range(start, min(start + batch_size, len(probe_set)))
+        count = len(probes)
+        groups = [(probe_set.prompt_ids[probe], [(kind * count + offset, probe_set.responses[name][probe]) for kind, name in enumerate(names)])
+                  for offset, probe in enumerate(probes)]
+        token = sequence_logps(model, build_batch(groups, PAD_ID, layout, row_tokens).to(device), chunk_size, with_stats=True)
+        sums = token_sums(token, with_stats=True)
+        for kind, name in enumerate(names):
+            for key, value in sums.items():
+                parts[name].setdefault(key, []).append(value[kind * count : (kind + 1) * count])
+    return {name: {key: torch.cat(values) for key, values in stats.items()} for name, stats in parts.items()}
+
+
 @torch.no_grad()
-def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int) -> dict[str, float]:
+def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str = "packed", row_tokens: int = 1024) -> dict[str, float]:
     """Mean over probes of each response type's summed (`logp`) and per-token mean (`logp_mean`) log-prob,
     the greedy path's, the mean of the four others', and mass metrics on the chosen positions (each a
     mean over probes of the per-token mean). Keys: dynamics/<type>/logp[_mean], dynamics/mass/<metric>."""
     was_training = model.training
     model.eval()
     try:
-        metrics: dict[str, float] = {}
-        for name in probe_set.responses:
-            stats = sequence_stats(model, probe_set.prompt_ids, probe_set.responses[name], chunk_size, device, batch_size, with_stats=name == "chosen")
-            lengths = stats["length"].clamp(min=1)
-            metrics[f"dynamics/{name}/logp"] = float(stats["logp"].mean())
-            metrics[f"dynamics/{name}/logp_mean"] = float((stats["logp"] / lengths).mean())
-            if name == "chosen":
-                metrics["dynamics/greedy/logp"] = float(stats["greedy"].mean())
-                metrics["dynamics/greedy/logp_mean"] = float((stats["greedy"] / lengths).mean())
-                metrics |= {f"dynamics/mass/{key}": float((stats[key] / lengths).mean()) for key in MASS_METRICS}
+        all_stats = probe_stats(model, probe_set, chunk_size, device, batch_size, layout, row_tokens)
     finally:
         model.train(was_training)
+    metrics: dict[str, float] = {}
+    for name, stats in all_stats.items():
+        lengths = stats["length"].clamp(min=1)
+        metrics[f"dynamics/{name}/logp"] = float(stats["logp"].mean())
+        metrics[f"dynamics/{name}/logp_mean"] = float((stats["logp"] / lengths).mean())
+        if name == "chosen":
+            metrics["dynamics/greedy/logp"] = float(stats["greedy"].mean())
+            metrics["dynamics/greedy/logp_mean"] = float((stats["greedy"] / lengths).mean())
+            metrics |= {f"dynamics/mass/{key}": float((stats[key] / lengths).mean()) for key in MASS_METRICS}
     others = [name for name in OTHER_TYPES if name in probe_set.responses]
     for suffix in ("logp", "logp_mean"):
         metrics[f"dynamics/others/{suffix}"] = sum(metrics[f"dynamics/{name}/{suffix}"] for name in others) / len(others)

@@ -24,6 +24,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.data import IGNORE_INDEX
+from prefopt.data.layout import SequenceBatch, build_batch
+from prefopt.errors import ConfigError
 from prefopt.precision import autocast, autocast_dtype
 
 
@@ -109,35 +111,58 @@ def _chunk_logps(head, postprocess, hidden: torch.Tensor, targets: torch.Tensor,
     return token_logps, max_logps, entropy
 
 
-def response_token_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_stats: bool = False
-) -> TokenLogps:
-    """Log-probs of the labelled tokens (labels != -100), aligned so position t scores token t+1."""
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    rows, columns = scored.nonzero(as_tuple=True)
+def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: bool = False) -> TokenLogps:
+    """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
+    result is sequence i, column k its k-th response token; identical numbers for padded and packed."""
     head = output_head(model)
     postprocess = logit_postprocessor(model.config)
-    with autocast(model, input_ids.device.type):
+    attention_mask = model_attention_mask(model, batch.attention_mask)
+    with autocast(model, batch.input_ids.device.type):
         with intercepted_head(head) as captured:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=batch.position_ids, use_cache=False)
         if "hidden" not in captured:
             raise LogitsPathError(f"{type(model).__name__}'s forward never called its output head; prefopt cannot score it")
-        scored_hidden = captured["hidden"][:, :-1][rows, columns]  # (S, H): only positions that are scored
-        scored_targets = targets[rows, columns]
+        scored_hidden = captured["hidden"][batch.predictor_rows, batch.predictor_cols]  # (S, H): only positions that score
         outputs = []
         for start in range(0, max(scored_hidden.shape[0], 1), chunk_size):
-            args = (head, postprocess, scored_hidden[start : start + chunk_size], scored_targets[start : start + chunk_size], with_stats)
+            args = (head, postprocess, scored_hidden[start : start + chunk_size], batch.targets[start : start + chunk_size], with_stats)
             if torch.is_grad_enabled():
                 outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 outputs.append(_chunk_logps(*args))
-    # back to (N, T) with zeros where nothing is scored (index_put keeps the gradient path)
-    per_position = [
-        torch.zeros(targets.shape, dtype=torch.float32, device=targets.device).index_put((rows, columns), torch.cat(parts))
-        for parts in zip(*outputs)
-    ]
-    return TokenLogps(per_position[0], scored.to(torch.float32), *per_position[1:])
+    # back to (sequences, response tokens) with zeros past each response's end (index_put keeps the gradient path)
+    shape = (batch.num_sequences, batch.max_response_length)
+    where = (batch.sequence_index, batch.token_index)
+    per_token = [torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.cat(parts))
+                 for parts in zip(*outputs)]
+    mask = torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.ones_like(batch.targets, dtype=torch.float32))
+    return TokenLogps(per_token[0], mask, *per_token[1:])
+
+
+def model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A packed batch's boolean (rows, 1, L, L) mask as the model's attention takes it: boolean for SDPA,
+    additive (0 / dtype min) for eager attention, which adds it to the scores."""
+    if mask.dim() != 4 or getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def response_token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_stats: bool = False
+) -> TokenLogps:
+    """Log-probs of the labelled tokens (labels != -100) of right-padded rows, one sequence per row."""
+    targets = labels[:, 1:]
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    first = torch.full((labels.shape[0],), labels.shape[1], dtype=torch.long, device=labels.device)
+    first = first.scatter_reduce(0, rows, columns, reduce="amin")
+    token_index = columns - first[rows]
+    batch = SequenceBatch(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=None, predictor_rows=rows, predictor_cols=columns,
+        targets=targets[rows, columns], sequence_index=rows, token_index=token_index, num_sequences=labels.shape[0],
+        max_response_length=int(token_index.max()) + 1 if token_index.numel() else 0, real_tokens=int(attention_mask.sum()),
+    )
+    return sequence_logps(model, batch, chunk_size, with_stats)
 
 
 @torch.no_grad()
@@ -161,8 +186,9 @@ def check_logits_path(model, vocab_size: int, device, tolerance: float = 1e-4) -
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         model.train(was_training)
-    expected = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) * ours.mask
-    difference = float((ours.logps - expected).abs().max())
+    scored = (labels[:, 1:] != IGNORE_INDEX).float()
+    expected = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    difference = float((ours.summed - (expected * scored).sum(-1)).abs().max())
     low_precision = next(model.parameters()).dtype != torch.float32 or autocast_dtype(model) is not None
     limit = 5e-2 if low_precision else tolerance
     if not difference <= limit:
@@ -174,7 +200,32 @@ def check_logits_path(model, vocab_size: int, device, tolerance: float = 1e-4) -
     return difference
 
 
+@torch.no_grad()
+def check_packed_path(model, vocab_size: int, device) -> float:
+    """Prove once that this model's attention takes the packed, prefix-shared mask: two prompts with two
+    responses each, packed into one row, must score as in padded rows. Refuses (ConfigError) otherwise."""
+    generator = torch.Generator().manual_seed(1)
+    draw = lambda length: torch.randint(0, vocab_size, (length,), generator=generator).tolist()  # noqa: E731
+    groups = [(draw(6), [(0, draw(4)), (2, draw(5))]), (draw(3), [(1, draw(2)), (3, draw(6))])]
+    was_training = model.training
+    model.eval()
+    try:
+        packed = sequence_logps(model, build_batch(groups, 0, "packed", 10**6).to(device), chunk_size=64).summed
+        padded = sequence_logps(model, build_batch(groups, 0, "padded").to(device), chunk_size=64).summed
+    finally:
+        model.train(was_training)
+    difference = float((packed - padded).abs().max())
+    limit = 5e-2 if next(model.parameters()).dtype != torch.float32 or autocast_dtype(model) is not None else 1e-4
+    if not difference <= limit:
+        raise ConfigError(
+            f"{type(model).__name__} with attn_implementation={getattr(model.config, '_attn_implementation', '?')} does not "
+            f"take prefix-shared, packed attention masks (packed and padded log-probs differ by {difference:.3g}); "
+            f"run it with trainer.batching=padded"
+        )
+    return difference
+
+
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [0:B] are chosen and [B:2B] rejected (collate_pairs concatenates them for one forward)."""
+    """Rows [0:B] are chosen and [B:2B] rejected (data/layout.py pair_groups numbers them so)."""
     half = values.shape[0] // 2
     return values[:half], values[half:]

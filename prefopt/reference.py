@@ -21,11 +21,12 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from prefopt.data import TokenizedPair, collate_pairs
+from prefopt.data import TokenizedPair
+from prefopt.data.layout import SequenceBatch, build_batch, pair_groups
 from prefopt.distributed import DistInfo
 from prefopt.engine import wrap_reference
 from prefopt.fileutil import exclusive_lock
-from prefopt.logps import response_token_logps, split_pairs
+from prefopt.logps import sequence_logps, split_pairs
 from prefopt.models import freeze
 
 log = logging.getLogger("prefopt")
@@ -40,12 +41,11 @@ class ModelReference:
         self.model, self.chunk_size, self.adapters_off = model, chunk_size, adapters_off
 
     @torch.no_grad()
-    def logps(self, pairs: list[TokenizedPair], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.adapters_off:
             with self.model.disable_adapter():
-                return split_pairs(response_token_logps(self.model, *inputs, self.chunk_size).summed)
-        return split_pairs(response_token_logps(self.model, *inputs, self.chunk_size).summed)
+                return split_pairs(sequence_logps(self.model, batch, self.chunk_size).summed)
+        return split_pairs(sequence_logps(self.model, batch, self.chunk_size).summed)
 
 
 def pair_key(pair: TokenizedPair) -> tuple:
@@ -56,7 +56,7 @@ class CachedReference:
     def __init__(self, table: dict[tuple, tuple[float, float]], device: torch.device):
         self.table, self.device = table, device
 
-    def logps(self, pairs: list[TokenizedPair], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         values = torch.tensor([self.table[pair_key(pair)] for pair in pairs], dtype=torch.float32, device=self.device)
         return values[:, 0], values[:, 1]
 
@@ -88,7 +88,7 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], cfg: DictConfig, 
     model.eval()
     for start in range(0, len(indices), batch_size):
         chunk = [pairs[i] for i in indices[start : start + batch_size]]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
+        batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(device)
         chosen, rejected = reference.logps(chunk, batch)
         shard[start : start + len(chunk)] = torch.stack([chosen, rejected], dim=1).double().cpu()
     model.train(was_training)

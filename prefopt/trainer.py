@@ -12,12 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
-from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data, collate_pairs
+from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data
 from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.distributed import DistInfo, device_for, init_distributed
 from prefopt.engine import build_engine
 from prefopt.guards import NonFiniteTrainingError, StepGuard
-from prefopt.logps import check_logits_path, response_token_logps, split_pairs
+from prefopt.data.layout import build_batch, pair_groups
+from prefopt.logps import check_logits_path, check_packed_path, sequence_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
 from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
 from prefopt.precision import set_compute_dtype
@@ -72,11 +73,11 @@ class PreferenceStep:
         self.device, self.pad_token_id = device, pad_token_id
         self.chunk_size = cfg.trainer.logp_chunk_size
         self.max_steps = cfg.trainer.max_steps
+        self.batching, self.row_tokens = cfg.trainer.batching, cfg.trainer.packed_row_tokens
 
     def __call__(self, pairs: list[TokenizedPair], step: int):
-        batch = {k: v.to(self.device) for k, v in collate_pairs(pairs, self.pad_token_id).items()}
-        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        policy = response_token_logps(self.policy, *inputs, self.chunk_size)
+        batch = build_batch(pair_groups(pairs), self.pad_token_id, self.batching, self.row_tokens).to(self.device)
+        policy = sequence_logps(self.policy, batch, self.chunk_size)
         reference_chosen = reference_rejected = None
         if self.reference is not None:
             reference_chosen, reference_rejected = self.reference.logps(pairs, batch)
@@ -109,7 +110,7 @@ class PreferenceStep:
             "rewards/margin": out.chosen_rewards - out.rejected_rewards,
             "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float(),
         }
-        tokens = int(batch["attention_mask"].sum())
+        tokens = sum(len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)  # useful work, any layout
         return out, per_example, tokens
 
 
@@ -224,6 +225,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     policy = load_model(cfg.model, source, len(tokenizer), trainer_cfg.seed).to(device)
     set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
     check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
+    if trainer_cfg.batching == "packed":
+        check_packed_path(policy, len(tokenizer), device)  # its attention takes prefix-shared, packed masks
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora)
     policy.train()
@@ -267,7 +270,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         def run_probes(step: int) -> dict[str, float]:
             if probes is None:
                 return {}
-            metrics = evaluate_probes(policy, probes, trainer_cfg.logp_chunk_size, device, cfg.dynamics.batch_size)
+            metrics = evaluate_probes(policy, probes, trainer_cfg.logp_chunk_size, device, cfg.dynamics.batch_size,
+                                      trainer_cfg.batching, trainer_cfg.packed_row_tokens)
             tracker.log(step, metrics, file=DYNAMICS_FILE)
             if cfg.dynamics.generate and cfg.dynamics.num_generate:
                 rows = generate_probes(policy, tokenizer, probes, cfg.dynamics.num_generate, cfg.dynamics.max_new_tokens, device)

@@ -1,0 +1,143 @@
+"""How scored sequences are laid out for the model: a layout decision of data/, not of the trainer.
+
+A *group* is one prompt and the responses scored after it (a preference pair: chosen and rejected; a
+probe: chosen, rejected, greedy and the others). Every response is a *sequence* with an index; the
+log-probs come back per sequence (rows of TokenLogps), whatever the layout:
+
+  padded : one row per sequence, prompt + response, right-padded (the reference path).
+  packed : one segment per group, [prompt | response 1 | response 2 | ...]: each response attends to the
+           prompt and to itself, never to the other responses, and its position ids continue from the
+           end of the prompt, so the prompt is computed once (prefix sharing). Segments are packed into
+           rows of at most `max_row_tokens` tokens (first fit, longest first) with a block-diagonal
+           mask, so almost no position is padding. The first token of each response is scored from the
+           prompt's last position, the rest from the previous response token.
+
+Both layouts give the same log-probs up to float rounding (tests/test_packing.py). The attention mask
+of a packed batch is 4-D (rows, 1, L, L): boolean (True = attend) for SDPA, additive (0 / dtype min)
+for eager attention, which adds it to the scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+LAYOUTS = ("packed", "padded")
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor  # (R, L) padding mask (padded) or (R, 1, L, L) boolean attend-mask (packed)
+    position_ids: Optional[torch.Tensor]  # (R, L) for packed rows; None = 0..L-1
+    predictor_rows: torch.Tensor  # (S,) row of the position whose hidden state predicts scored token s
+    predictor_cols: torch.Tensor  # (S,) its column
+    targets: torch.Tensor  # (S,) the scored token ids
+    sequence_index: torch.Tensor  # (S,) which sequence each scored token belongs to
+    token_index: torch.Tensor  # (S,) its index within that sequence's response
+    num_sequences: int
+    max_response_length: int
+    real_tokens: int  # non-padding positions, for throughput
+
+    def to(self, device) -> "SequenceBatch":
+        moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()}
+        return SequenceBatch(**moved)
+
+
+Group = tuple[Sequence[int], list[tuple[int, Sequence[int]]]]  # (prompt ids, [(sequence index, response ids), ...])
+
+
+def pair_groups(pairs) -> list[Group]:
+    """Preference pairs as groups: chosen responses are sequences 0..B-1, rejected ones B..2B-1 (split_pairs)."""
+    count = len(pairs)
+    return [(pair.prompt_ids, [(index, pair.chosen_ids), (count + index, pair.rejected_ids)]) for index, pair in enumerate(pairs)]
+
+
+def build_batch(groups: list[Group], pad_token_id: int, layout: str, max_row_tokens: int = 0) -> SequenceBatch:
+    if layout == "padded":
+        return padded_batch(groups, pad_token_id)
+    if layout == "packed":
+        return packed_batch(groups, pad_token_id, max_row_tokens)
+    raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+
+
+def padded_batch(groups: list[Group], pad_token_id: int) -> SequenceBatch:
+    rows = [(prompt, index, response) for prompt, responses in groups for index, response in responses]
+    width = max(len(prompt) + len(response) for prompt, _, response in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    scored = ScoredTokens()
+    for row, (prompt, index, response) in enumerate(rows):
+        tokens = list(prompt) + list(response)
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, : len(tokens)] = 1
+        for k, token in enumerate(response):
+            scored.add(row, len(prompt) + k - 1, token, index, k)
+    return scored.batch(input_ids, attention_mask, None, len(rows), int(attention_mask.sum()))
+
+
+def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int) -> SequenceBatch:
+    lengths = [len(prompt) + sum(len(response) for _, response in responses) for prompt, responses in groups]
+    budget = max(max_row_tokens, max(lengths))  # a segment longer than the budget gets a row of its own
+    rows: list[list[int]] = []  # group indices per row, first fit, longest first (deterministic order)
+    row_lengths: list[int] = []
+    for group in sorted(range(len(groups)), key=lambda g: (-lengths[g], g)):
+        for row, used in enumerate(row_lengths):
+            if used + lengths[group] <= budget:
+                rows[row].append(group)
+                row_lengths[row] += lengths[group]
+                break
+        else:
+            rows.append([group])
+            row_lengths.append(lengths[group])
+    width = max(row_lengths)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attend = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    scored = ScoredTokens()
+    for row, members in enumerate(rows):
+        start = 0
+        for group in members:
+            prompt, responses = groups[group]
+            prompt_end = start + len(prompt)
+            input_ids[row, start:prompt_end] = torch.tensor(list(prompt), dtype=torch.long)
+            position_ids[row, start:prompt_end] = torch.arange(len(prompt))
+            attend[row, start:prompt_end, start:prompt_end] = torch.ones(len(prompt), len(prompt), dtype=torch.bool).tril()
+            cursor = prompt_end
+            for index, response in responses:
+                end = cursor + len(response)
+                input_ids[row, cursor:end] = torch.tensor(list(response), dtype=torch.long)
+                position_ids[row, cursor:end] = torch.arange(len(prompt), len(prompt) + len(response))
+                attend[row, cursor:end, start:prompt_end] = True  # the whole prompt
+                attend[row, cursor:end, cursor:end] = torch.ones(len(response), len(response), dtype=torch.bool).tril()
+                for k, token in enumerate(response):
+                    scored.add(row, prompt_end - 1 if k == 0 else cursor + k - 1, token, index, k)
+                cursor = end
+            start = cursor
+        padding = torch.arange(start, width)
+        attend[row, padding, padding] = True  # padding attends to itself only (a fully masked row would be NaN)
+    return scored.batch(input_ids, attend.unsqueeze(1), position_ids, sum(len(responses) for _, responses in groups), sum(row_lengths))
+
+
+class ScoredTokens:
+    """Collects (predictor position, target, sequence, token index) for every scored response token."""
+
+    def __init__(self):
+        self.rows, self.cols, self.targets, self.sequences, self.tokens = [], [], [], [], []
+
+    def add(self, row: int, col: int, target: int, sequence: int, token: int) -> None:
+        self.rows.append(row)
+        self.cols.append(col)
+        self.targets.append(target)
+        self.sequences.append(sequence)
+        self.tokens.append(token)
+
+    def batch(self, input_ids, attention_mask, position_ids, num_sequences: int, real_tokens: int) -> SequenceBatch:
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return SequenceBatch(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            predictor_rows=as_tensor(self.rows), predictor_cols=as_tensor(self.cols), targets=as_tensor(self.targets),
+            sequence_index=as_tensor(self.sequences), token_index=as_tensor(self.tokens), num_sequences=num_sequences,
+            max_response_length=max(self.tokens, default=-1) + 1, real_tokens=real_tokens,
+        )
