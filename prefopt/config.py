@@ -105,7 +105,9 @@ class HardwareConfig:
     launcher: str = "inline"  # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
     engine: str = "torch"  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
     gpus_per_node: int = 1  # ranks per node: GPUs per node (processes, on CPU)
-    nodes: int = 1  # nodes (multi-node runs go through SLURM)
+    nodes: int = 1  # nodes (hosts): several through SLURM (launcher: slurm) or torchrun with rdzv_endpoint, one command per host
+    rdzv_endpoint: Optional[str] = None  # torchrun across hosts: HOST:PORT on node_rank 0 where every host meets (the same on each)
+    node_rank: int = 0  # torchrun across hosts: this host's index, 0..nodes-1; 0 validates and freezes the run dir, the others wait for it
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the policy
     offload_optimizer: bool = False  # ZeRO>=2: optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3: parameters in CPU memory
@@ -153,7 +155,7 @@ class TrainerConfig:
 @dataclass
 class ReferenceConfig:
     offload: bool = False  # keep the frozen reference in CPU memory (ZeRO-3 parameter offload)
-    precompute: bool = False  # compute reference log-probs once, cache them, and train with no reference in memory
+    precompute: Any = "auto"  # auto | true: reference log-probs of the pairs the run visits, computed once before training (cached, shared by a sweep), no reference in memory; false: a reference model every step
     cache_dir: str = "${model.cache_dir}/reference_logps"  # where precomputed reference log-probs are kept (keyed by data + reference)
 
 
@@ -228,6 +230,7 @@ CHOICES = {
     "hardware.zero_stage": (0, 1, 2, 3),
     "trainer.lr_schedule": ("cosine", "linear", "constant"),
     "trainer.batching": ("packed", "padded"),
+    "reference.precompute": ("auto", True, False),
     "trainer.objective_direction": ("maximize", "minimize"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
 }
@@ -236,6 +239,7 @@ CHOICES = {
 LOWER_BOUNDS = {
     "hardware.gpus_per_node": (1, True),
     "hardware.nodes": (1, True),
+    "hardware.node_rank": (0, True),
     "hardware.max_cpu_step_seconds": (0.0, True),
     "hardware.cpu_tflops_per_core": (0.0, False),
     "hardware.usable_memory_fraction": (0.0, False),
@@ -347,8 +351,16 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)")
     if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
         raise ConfigError("hardware.launcher=inline runs one rank; use hardware.launcher=torchrun for hardware.gpus_per_node > 1")
-    if hardware.nodes > 1 and hardware.launcher != "slurm":
-        raise ConfigError("hardware.nodes > 1 needs a cluster launcher: hardware.launcher=slurm (a slurm_* hardware preset)")
+    if hardware.nodes > 1 and not (hardware.launcher == "slurm" or (hardware.launcher == "torchrun" and hardware.rdzv_endpoint)):
+        raise ConfigError("hardware.nodes > 1 needs a cluster launcher: hardware.launcher=slurm (a slurm_* hardware preset), or "
+                          "hardware.launcher=torchrun with hardware.rdzv_endpoint=HOST:PORT (node_rank 0's host) and "
+                          "hardware.node_rank=N, one `prefopt train` per host")
+    if hardware.node_rank >= hardware.nodes:
+        raise ConfigError(f"hardware.node_rank={hardware.node_rank} must be < hardware.nodes={hardware.nodes} (hosts count from 0)")
+    if hardware.rdzv_endpoint is not None:
+        host, _, port = str(hardware.rdzv_endpoint).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"hardware.rdzv_endpoint={hardware.rdzv_endpoint} must be HOST:PORT, e.g. node1:29500 (node_rank 0's host)")
     if hardware.offload_optimizer and hardware.zero_stage < 2:
         raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
     if hardware.offload_params and hardware.zero_stage != 3:

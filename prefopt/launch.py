@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.checkpoint import CHECKPOINTS
 from prefopt.config import ConfigError, validate_config
+from prefopt.distributed import is_follower_host, wait_for_frozen_config
 from prefopt.fileutil import atomic_write_text
 from prefopt import rundir
 from prefopt.models import resolve_model_source
@@ -56,6 +57,8 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     if missing:
         raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
     validate_config(cfg)
+    if is_follower_host(cfg.hardware):  # torchrun across hosts: node_rank 0 freezes and locks the run dir; this host waits for it
+        return wait_for_frozen_config(resume_run_dir(cfg.trainer.resume, hydra_dir))
     settle_hardware(cfg)  # hardware=auto -> the preset that fits (or a refusal), before the model is even looked for
     resolve_model_source(cfg.model)
     run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir)
@@ -112,12 +115,12 @@ def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     import signal
     import sys
 
-    from prefopt.distributed import free_port
+    from prefopt.distributed import torchrun_node_args
 
     ranks = cfg.hardware.gpus_per_node
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "prefopt.worker", str(run_dir / "config.yaml"),
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", *torchrun_node_args(cfg.hardware),
+        "-m", "prefopt.worker", str(run_dir / "config.yaml"),
     ]
     env = dict(os.environ)
     if cfg.hardware.device == "cpu":

@@ -175,6 +175,24 @@ def local_location(model_cfg: DictConfig, source: ModelSource) -> str:
     return str(converted_gguf_dir(model_cfg)) if source.kind == "gguf" else source.location
 
 
+def weight_files(model_cfg: DictConfig, source: ModelSource) -> list[Path]:
+    """The files the model's weights are loaded from (for cheap content fingerprints), or [] when unknown."""
+    if source.kind == "gguf":
+        return [gguf_file_path(model_cfg)]
+    if source.kind == "dir":
+        directory = Path(source.location)
+    elif source.kind == "hub_cache":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "config.json")
+        if not isinstance(cached, str):
+            return []
+        directory = Path(cached).parent
+    else:
+        return []
+    return sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin"), directory / "config.json"])
+
+
 def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
     source = source or resolve_model_source(model_cfg)
     if source.kind == "tiny":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -62,12 +63,58 @@ class CachedReference:
 
 
 def weights_fingerprint(model) -> str:
-    """A hash of every parameter's bytes (and names, dtypes): a changed weight changes the cache key."""
+    """A hash of every parameter's bytes (and names, dtypes): the fallback for weights that exist only in memory."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode() + str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def file_digests(paths: list[Path], memo_path: Path) -> str:
+    """One digest of the files' contents. Each file is hashed once per (size, mtime) and remembered in
+    memo_path, so a sweep of many runs (and every run after the first) reads no weight bytes."""
+    from prefopt.checkpoint import file_digest
+    from prefopt.fileutil import atomic_write_json
+
+    memo = {}
+    if memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except ValueError:
+            memo = {}
+    combined = hashlib.sha256()
+    changed = False
+    for path in sorted(paths):
+        info = path.stat()
+        stamp = f"{info.st_size}:{info.st_mtime_ns}"
+        entry = memo.get(str(path))
+        if not entry or entry.get("stamp") != stamp:
+            entry = {"stamp": stamp, "sha256": file_digest(path)}
+            memo[str(path)] = entry
+            changed = True
+        combined.update(f"{path.name}:{entry['sha256']}|".encode())
+    if changed:
+        atomic_write_json(memo_path, memo)
+    return combined.hexdigest()
+
+
+def reference_fingerprint(model, model_cfg: DictConfig, weight_paths: Optional[list[Path]], seed: int, dist: DistInfo) -> str:
+    """What identifies the reference's weights, computed on rank 0 only and broadcast: the weight files'
+    digests (memoized), the seed for a random tiny model, or (weights only in memory) their bytes."""
+    fingerprint = [None]
+    if dist.is_main:
+        if model_cfg.source == "tiny":
+            fingerprint[0] = f"tiny-seed{seed}"  # identity holds the tiny config; the init is seeded
+        elif weight_paths:
+            fingerprint[0] = file_digests(weight_paths, Path(model_cfg.cache_dir).expanduser() / "file_digests.json")
+        else:
+            fingerprint[0] = weights_fingerprint(model)
+    if dist.initialized and dist.world_size > 1:
+        import torch.distributed
+
+        torch.distributed.broadcast_object_list(fingerprint, src=0)
+    return fingerprint[0]
 
 
 def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str) -> str:
@@ -142,8 +189,9 @@ def matches_the_policy(values: torch.Tensor, model, pairs: list[TokenizedPair], 
     return True
 
 
-def precomputed_reference(model, model_identity: str, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int) -> CachedReference:
-    key = cache_key(pairs, model_identity, weights_fingerprint(model))
+def precomputed_reference(model, model_identity: str, fingerprint: str, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo,
+                          device, pad_token_id: int) -> CachedReference:
+    key = cache_key(pairs, model_identity, fingerprint)
     path = Path(cfg.reference.cache_dir).expanduser() / f"{key}.pt"
     values = load_cache(path, key, len(pairs))
     if values is not None and not matches_the_policy(values, model, pairs, cfg, device, pad_token_id, path):
@@ -166,13 +214,22 @@ def precomputed_reference(model, model_identity: str, pairs: list[TokenizedPair]
     return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
 
 
-def build_reference(cfg: DictConfig, policy, model_identity: str, pairs: list[TokenizedPair], needs_reference: bool,
+def precompute_enabled(reference_cfg: DictConfig) -> bool:
+    """reference.precompute: auto (the default) and true precompute; false keeps a reference model."""
+    return str(reference_cfg.precompute).lower() in ("auto", "true")
+
+
+def build_reference(cfg: DictConfig, policy, source, pairs: list[TokenizedPair], needs_reference: bool,
                     dist: DistInfo, device, pad_token_id: int):
-    """Call before the policy is wrapped by DeepSpeed: the initial policy *is* the reference here."""
+    """Call before the policy is wrapped by DeepSpeed: the initial policy *is* the reference here.
+    `pairs`: every pair the run will score against the reference (visited train pairs and eval pairs)."""
     if not needs_reference:
         return None
-    if cfg.reference.precompute:
-        return precomputed_reference(policy, model_identity, pairs, cfg, dist, device, pad_token_id)
+    if precompute_enabled(cfg.reference):
+        from prefopt.models import weight_files
+
+        fingerprint = reference_fingerprint(policy, cfg.model, weight_files(cfg.model, source), cfg.trainer.seed, dist)
+        return precomputed_reference(policy, source.identity, fingerprint, pairs, cfg, dist, device, pad_token_id)
     if cfg.model.lora.enabled:
         return ModelReference(policy, cfg.trainer.logp_chunk_size, adapters_off=True)
     frozen = wrap_reference(freeze(copy.deepcopy(policy)), cfg, dist.world_size)

@@ -290,7 +290,7 @@ def run_shape(cfg: DictConfig) -> Run:
 
     model = cfg.model
     arch = model_arch(model)
-    reference_forward = get_loss(cfg.loss.name).needs_reference and not cfg.reference.precompute
+    reference_forward = get_loss(cfg.loss.name).needs_reference and str(cfg.reference.precompute).lower() not in ("auto", "true")
     return Run(
         name=model.name, arch=arch, dtype=model.dtype,
         lora=model.lora.enabled, adapter_parameters=lora_parameters(arch, model.lora.r, list(model.lora.target_modules)),

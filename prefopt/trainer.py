@@ -189,6 +189,17 @@ def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens
     return sum(example[3] for example in examples) / len(examples), examples
 
 
+def reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> list[TokenizedPair]:
+    """Exactly the pairs the run scores against the reference: the training pairs its seeded sampler will
+    draw (so a precomputed reference never does more work than computing it on the fly) and the eval
+    pairs its evals score."""
+    trainer_cfg = cfg.trainer
+    draws = trainer_cfg.max_steps * trainer_cfg.grad_accum * trainer_cfg.micro_batch_size * world_size
+    visited = sorted(set(PairSampler(len(data.train), trainer_cfg.seed).next_indices(draws)))
+    eval_count = len(data.eval) if trainer_cfg.max_eval_batches is None else trainer_cfg.max_eval_batches * trainer_cfg.eval_batch_size
+    return [data.train[index] for index in visited] + data.eval[:eval_count]
+
+
 def rng_states() -> dict[str, Any]:
     """Every generator a step can draw from: torch CPU, every CUDA device, numpy, Python's random."""
     kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
@@ -232,7 +243,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     policy.train()
     # the reference is the initial policy: built (copied, or precomputed) before DeepSpeed wraps it
     needs_reference = get_loss(cfg.loss.name).needs_reference
-    reference = build_reference(cfg, policy, source.identity, data.train + data.eval, needs_reference, dist, device, tokenizer.pad_token_id)
+    reference = build_reference(cfg, policy, source, reference_pairs(data, cfg, dist.world_size), needs_reference, dist, device, tokenizer.pad_token_id)
     engine = build_engine(policy, cfg, dist.world_size)
     policy = engine.model
     sampler = PairSampler(len(data.train), trainer_cfg.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 
 from prefopt import rundir
 from prefopt.config import Config
+from prefopt.distributed import export_ranks, record_rank
 from prefopt.fileutil import atomic_write_text
 from prefopt.slurm import check_job_shape, in_slurm_task, in_submitit_task, preemption, restart_count
 
@@ -40,14 +42,16 @@ def run_worker(config_path: str | Path) -> dict[str, Any]:
         cfg.trainer.resume = True
     try:
         check_job_shape(cfg.hardware)
+        export_ranks(cfg.hardware)  # inside an srun task RANK & co. come from SLURM, before anything reads them
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             rundir.acquire(Path(cfg.run_dir))  # an sbatch job's rank 0 owns the run dir (a no-op under prefopt train, which holds it)
+        record_rank(Path(cfg.run_dir), cfg.hardware)  # RUN_DIR/ranks.json: which host runs this rank
         return train(cfg, Path(cfg.run_dir))
     except BaseException as error:
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):
             rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
             name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
-            atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank}:\n{traceback.format_exc()}")
+            atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank} on {socket.gethostname()}:\n{traceback.format_exc()}")
         raise
 
 

@@ -26,7 +26,7 @@ def run_log(run_dir) -> str:
 
 def test_precomputed_reference_equals_on_the_fly_and_is_reused(tmp_path):
     cache = f"reference.cache_dir={tmp_path / 'cache'}"
-    on_the_fly = train_losses(run_train(tmp_path / "live", *TINY))
+    on_the_fly = train_losses(run_train(tmp_path / "live", *TINY, "reference.precompute=false"))
     first = run_train(tmp_path / "first", *TINY, "reference.precompute=true", cache)
     assert "reference cache miss" in run_log(first)
     second = run_train(tmp_path / "second", *TINY, "reference.precompute=true", cache, "loss=ipo")
@@ -42,7 +42,7 @@ def test_reference_free_loss_loads_no_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(reference, "freeze", lambda model: frozen.append(model) or model)
     run_train(tmp_path / "simpo", *TINY, "loss=simpo")
     assert frozen == []
-    run_train(tmp_path / "dpo", *TINY, "loss=dpo")
+    run_train(tmp_path / "dpo", *TINY, "loss=dpo", "reference.precompute=false")
     assert len(frozen) == 1
 
 
@@ -99,3 +99,18 @@ def test_lora_trains_adapters_with_no_second_model(tmp_path, monkeypatch):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     summary_free = json.loads((run_dir / "summary.json").read_text())
     assert math.isfinite(summary_free["eval/loss"])
+
+
+def test_auto_precomputes_exactly_the_visited_pairs(tmp_path, monkeypatch):
+    """The default (reference.precompute=auto) scores only the training pairs the seeded sampler draws plus
+    the eval pairs: never more reference work than computing it on the fly."""
+    import prefopt.reference as reference
+
+    scored = []
+    original = reference.compute_reference_logps
+    monkeypatch.setattr(reference, "compute_reference_logps",
+                        lambda model, pairs, *args: scored.append(len(pairs)) or original(model, pairs, *args))
+    run_dir = run_train(tmp_path / "run", *TINY, "dataset.arith.num_train=64", f"reference.cache_dir={tmp_path / 'cache'}")
+    # 3 steps x 2 pairs = 6 draws from 64 pairs, plus 4 eval pairs (the first call is the 2-pair spot check of a hit, absent here)
+    assert scored == [6 + 4]
+    assert "reference cache miss" in run_log(run_dir)
