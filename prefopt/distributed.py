@@ -150,20 +150,21 @@ def launch_id() -> str:
 
 
 def record_rank(run_dir: Path, hardware_cfg: DictConfig) -> dict:
-    """Add this rank's host (name, SLURM node, address toward the master) to RUN_DIR/ranks.json at start, so
+    """Add this rank's host (name, SLURM node, address and interface toward the master) to RUN_DIR/ranks.json, so
     every run shows where each rank ran: a multi-node job's ranks really spread over hosts, and a failure or
     a hang points at one. Ranks of an earlier start (a requeue, a resume) are replaced, not merged."""
     export_ranks(hardware_cfg)
     env = os.environ
     world_size = int(env.get("WORLD_SIZE", "1"))
-    address = None
+    address = interface = None
     if world_size > 1:
         try:
-            address = route_to(env.get("MASTER_ADDR", "127.0.0.1"))[0]
+            address, interface = route_to(env.get("MASTER_ADDR", "127.0.0.1"))
         except OSError:
             pass
     entry = {"rank": int(env.get("RANK", "0")), "local_rank": int(env.get("LOCAL_RANK", "0")), "world_size": world_size,
-             "host": socket.gethostname(), "slurm_node": env.get("SLURMD_NODENAME"), "address": address, "pid": os.getpid()}
+             "host": socket.gethostname(), "slurm_node": env.get("SLURMD_NODENAME"), "address": address,
+             "interface": env.get("GLOO_SOCKET_IFNAME") or interface, "pid": os.getpid()}
     launch = launch_id()
     run_dir = Path(run_dir)
     with exclusive_lock(run_dir / f".{RANKS_FILE}.lock"):  # every rank rewrites the one file
@@ -227,7 +228,14 @@ def init_distributed(hardware_cfg: DictConfig) -> DistInfo:
         backend = "gloo" if hardware_cfg.device == "cpu" else "nccl"
         if backend == "gloo":
             bind_gloo_to_master_route()
-        deepspeed.init_distributed(dist_backend=backend)
+        for attempt in range(3):
+            try:
+                deepspeed.init_distributed(dist_backend=backend)
+                break
+            except RuntimeError as error:  # one rank on a port another process took since free_port() chose it
+                if world_size != 1 or "address already in use" not in str(error).lower() or attempt == 2:
+                    raise
+                os.environ["MASTER_PORT"] = str(free_port())
     info.initialized = True
     return info
 

@@ -39,7 +39,8 @@ def test_gradient_accumulation_is_exact(tmp_path, engine):
 
     Weights after 3 steps agree per tensor to 1e-5 relative (measured: <= 7e-6; what remains is float
     rounding of differently shaped sums, which AdamW amplifies for near-zero gradients), and every
-    step's logged loss and pre-clip gradient norm to 1e-5."""
+    step's logged loss, margin and pre-clip gradient norm to 1e-4 (packed rows differ in composition
+    between the three: measured <= 1.5e-5)."""
     runs, weights = {}, {}
     for micro_batch, accumulation in ((4, 1), (2, 2), (1, 4)):
         runs[micro_batch] = run_train(
@@ -54,7 +55,7 @@ def test_gradient_accumulation_is_exact(tmp_path, engine):
             assert relative < 1e-5, (micro_batch, name, relative)
         for row, other in zip(train_rows(runs[4]), train_rows(runs[micro_batch]), strict=True):
             for key in ("train/loss", "train/grad_norm", "train/rewards/margin"):
-                assert other[key] == pytest.approx(row[key], rel=1e-5, abs=1e-7), (micro_batch, row["step"], key)
+                assert other[key] == pytest.approx(row[key], rel=1e-4, abs=1e-7), (micro_batch, row["step"], key)
 
 
 def train_rows(run_dir):

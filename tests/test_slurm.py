@@ -146,9 +146,9 @@ def test_slurm_presets_compose():
 
 # --- a real cluster ------------------------------------------------------------------------------------
 
-def cluster_state() -> tuple[str | None, str]:
-    """(SLURM_CONF of a cluster that answers, "") or (None, why not)."""
-    conf = os.environ.get("SLURM_CONF") or (str(LOCAL_SLURM_CONF) if LOCAL_SLURM_CONF.is_file() else None)
+def cluster_state(conf: str | None = None) -> tuple[str | None, str]:
+    """(SLURM_CONF of a cluster that answers, "") or (None, why not); by default the one-node cluster's."""
+    conf = conf or os.environ.get("SLURM_CONF") or (str(LOCAL_SLURM_CONF) if LOCAL_SLURM_CONF.is_file() else None)
     if shutil.which("sinfo") is None:
         return None, "sinfo is not installed"
     if conf is None:
@@ -162,17 +162,22 @@ def cluster_state() -> tuple[str | None, str]:
     return conf, ""
 
 
-@pytest.fixture(scope="module")
-def slurm_env():
-    conf, reason = cluster_state()
+def slurm_client_env(conf: str | None, reason: str, start: str = "bash scripts/slurm/start_local_cluster.sh") -> dict:
+    """The environment of SLURM clients (sbatch, sacct, `prefopt train -m`) for a cluster that answers; without one
+    the test skips, or fails with CI=true. tests/test_slurm_multinode.py uses it for the two-node cluster."""
     if conf is None:
-        message = f"no SLURM cluster is up ({reason}); start one: bash scripts/slurm/start_local_cluster.sh"
+        message = f"no SLURM cluster is up ({reason}); start one: {start}"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true needs a running SLURM: " + message)
         pytest.skip(message)
     env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}  # none from earlier in-process runs
     return {**env, "SLURM_CONF": conf, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    return slurm_client_env(*cluster_state())
 
 
 class Sweep:
@@ -230,8 +235,8 @@ class Sweep:
 def sweeps(slurm_env):
     started: list[Sweep] = []
 
-    def start(sweep_dir: Path, *overrides: str) -> Sweep:
-        started.append(Sweep(slurm_env, sweep_dir, *overrides))
+    def start(sweep_dir: Path, *overrides: str, env: dict | None = None) -> Sweep:
+        started.append(Sweep(env or slurm_env, sweep_dir, *overrides))
         return started[-1]
 
     yield start
