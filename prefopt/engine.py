@@ -35,13 +35,17 @@ def is_adapter_dir(directory: Path) -> bool:
 class TorchEngine:
     ENGINE_STATE = "engine_state.pt"
 
-    def __init__(self, model: torch.nn.Module, trainer_cfg: DictConfig):
+    def __init__(self, model: torch.nn.Module, trainer_cfg: DictConfig, cpu_adam: bool = False):
         self.model = model
         self.max_grad_norm = trainer_cfg.max_grad_norm
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas), weight_decay=trainer_cfg.weight_decay
-        )
+        adam = dict(lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas), weight_decay=trainer_cfg.weight_decay)
+        if cpu_adam:  # ZeRO-Offload: DeepSpeed's vectorized CPU AdamW (an op compiled on first use, ~2 min)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adam)
+        else:
+            self.optimizer = torch.optim.AdamW(trainable, **adam)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_multiplier(step, trainer_cfg.warmup_steps, trainer_cfg.max_steps, trainer_cfg.lr_schedule),
@@ -97,6 +101,10 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def offloads_optimizer(hardware_cfg: DictConfig) -> bool:
+    return bool(hardware_cfg.offload_optimizer or hardware_cfg.offload_params) and hardware_cfg.engine == "deepspeed"
+
+
 def deepspeed_config(cfg: DictConfig, world_size: int, for_reference: bool = False) -> dict:
     """The DeepSpeed config generated from the groups; hardware.deepspeed_config (JSON/YAML) overrides any field."""
     hardware, trainer = cfg.hardware, cfg.trainer
@@ -115,8 +123,8 @@ def deepspeed_config(cfg: DictConfig, world_size: int, for_reference: bool = Fal
         "gradient_clipping": trainer.max_grad_norm,
         "bf16": {"enabled": cfg.model.dtype == "bf16"},
         "zero_optimization": zero,
-        # the client optimizer is torch's AdamW: no op to compile; offload needs this to accept it
-        "zero_force_ds_cpu_optimizer": False,
+        # without offload the client optimizer is torch's AdamW (no op to compile); with it, DeepSpeedCPUAdam
+        "zero_force_ds_cpu_optimizer": offloads_optimizer(hardware),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -136,7 +144,8 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, cfg: DictConfig, world_size: int):
         import deepspeed
 
-        torch_engine = TorchEngine(model, cfg.trainer)  # the same optimizer and schedule as one process
+        # the same optimizer and schedule as one process; with the optimizer offloaded, DeepSpeed's CPU AdamW
+        torch_engine = TorchEngine(model, cfg.trainer, cpu_adam=offloads_optimizer(cfg.hardware))
         self.ds, _, _, _ = deepspeed.initialize(
             model=model, optimizer=torch_engine.optimizer, lr_scheduler=torch_engine.scheduler,
             config=deepspeed_config(cfg, world_size),

@@ -49,13 +49,16 @@ def refusal(overrides: list[str], machine: Machine) -> str:
 
 
 def run_measured(args: list[str], timeout: float = 600) -> tuple[int, float, str]:
-    """`python -m prefopt.cli ARGS` in a child process: (exit code, its own peak RSS in GB, stderr)."""
-    process = subprocess.Popen([sys.executable, "-m", "prefopt.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)  # this child's rusage alone, not every child this process had
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss * 1024 / GB, stderr
+    """`python -m prefopt.cli ARGS` in a child process: (exit code, its own peak RSS in GB, stderr).
+
+    Started from a small wrapper process, so the measured child never begins as a copy of this (large,
+    long-lived) pytest process: a forked child's peak RSS counts the parent's pages it starts with."""
+    wrapper = ("import os, subprocess, sys; process = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(process.pid, 0); "
+               "print(usage.ru_maxrss, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(status))")
+    result = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "prefopt.cli", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    *lines, peak_kb = result.stderr.rstrip().splitlines()
+    return result.returncode, int(peak_kb) * 1024 / GB, "\n".join(lines)
 
 
 def estimated_gb(overrides: list[str]) -> float:
