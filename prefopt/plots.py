@@ -1,5 +1,6 @@
 """`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`: the probe log-prob trajectories of one or more runs,
 overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl.
+`plot_bands` draws groups of runs instead (`prefopt report --group-by`): mean line and 95% band per group.
 
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
 display needed, safe inside a training process.
@@ -17,6 +18,7 @@ from typing import Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from prefopt.fileutil import atomic_write_bytes
@@ -116,6 +118,72 @@ def plot_runs(
     for trace, label in zip(traces, labels or []):
         trace.label = label
     return save_png(overlay_figure(traces, title), output_path)
+
+
+# the four response types whose trajectories tell the squeezing story; one panel each in the band plot
+BAND_PANELS = (
+    ("chosen", "dynamics/chosen/logp"),
+    ("rejected", "dynamics/rejected/logp"),
+    ("greedy (argmax path)", "dynamics/greedy/logp"),
+    ("others (mean of the four unrelated responses)", "dynamics/others/logp"),
+)
+BAND_Y_LABEL = "summed log-prob (nats)"
+DEFAULT_BAND_TITLE = "Probe log-probs per group: mean over seeds, shaded 95% t interval"
+
+
+@dataclass
+class Band:
+    """One group's mean trajectory of one probe metric and its 95% interval, step by step; low and high
+    are NaN at steps with fewer than 2 seeds (matplotlib leaves a gap there: no interval, not a fake one)."""
+
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+@dataclass
+class GroupBands:
+    label: str  # the group's settings and its number of seeds
+    bands: dict[str, Band]  # metric key (BAND_PANELS) -> band
+
+
+def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -> Figure:
+    """2 x 2 panels, one line + band per group in the same color on every panel, one legend for all.
+    Plain tick labels: log-probs around -112.3 must not read as '+1.123e2' offsets."""
+    figure = Figure(figsize=(11, 8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2).flatten()
+    for axis, (panel_title, key) in zip(axes, BAND_PANELS):
+        for index, group in enumerate(groups):
+            band = group.bands.get(key)
+            if band is None or not band.steps:
+                continue
+            color = f"C{index % 10}"
+            axis.plot(band.steps, band.mean, color=color, marker="o", markersize=3, linewidth=1.5, label=group.label)
+            axis.fill_between(band.steps, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+        axis.set_title(panel_title)
+        axis.set_xlabel("step")
+        axis.set_ylabel(BAND_Y_LABEL)
+        axis.ticklabel_format(axis="both", style="plain", useOffset=False)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    handles, labels = {}, []
+    for axis in axes:  # a group may lack a panel's metric: collect every labelled line once
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if labels:
+        figure.legend([handles[label] for label in labels], [textwrap.fill(label, 60) for label in labels],
+                      loc="outside lower center", ncols=min(len(labels), 3), fontsize="small", title="groups", frameon=False)
+    figure.suptitle(title)
+    return figure
+
+
+def plot_bands(groups: Sequence[GroupBands], output_path: str | os.PathLike, title: str = DEFAULT_BAND_TITLE) -> Path:
+    """The band plot of `groups` as one PNG at `output_path`."""
+    return save_png(band_figure(groups, title), output_path)
 
 
 def plot_command(argv: list[str]) -> int:

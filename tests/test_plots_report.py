@@ -143,3 +143,19 @@ def test_report_without_dynamics_writes_the_table_and_no_plot(tmp_path):
     rows, plot = build_report(tmp_path)
     assert plot is None and rows[0]["status"] == "ok" and rows[0]["steps"] == 3
     assert (tmp_path / "report.csv").is_file() and not (tmp_path / "report.png").exists()
+
+
+def test_band_plot_is_readable_with_and_without_an_interval(tmp_path):
+    from prefopt.plots import BAND_PANELS, BAND_Y_LABEL, Band, GroupBands, band_figure, plot_bands
+
+    nan = float("nan")
+    seeds3 = GroupBands("loss=dpo (n=3)", {key: Band([0, 10], [-112.5, -113.0], [-113.0, -114.0], [-112.0, -112.0]) for _, key in BAND_PANELS})
+    seed1 = GroupBands("loss=ipo (n=1)", {key: Band([0, 10], [-112.5, -112.6], [nan, nan], [nan, nan]) for _, key in BAND_PANELS})
+    figure = band_figure([seeds3, seed1])
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    assert [axis.get_title() for axis in panels] == [title for title, _ in BAND_PANELS]
+    assert all(axis.get_ylabel() == BAND_Y_LABEL == "summed log-prob (nats)" and axis.get_xlabel() == "step" for axis in panels)
+    assert not any(axis.yaxis.get_major_formatter().get_useOffset() for axis in panels)  # -112.5 reads as -112.5, not an offset
+    [legend] = figure.legends  # one legend for the figure, not one per panel
+    assert [text.get_text() for text in legend.get_texts()] == ["loss=dpo (n=3)", "loss=ipo (n=1)"]
+    assert_png(plot_bands([seeds3, seed1], tmp_path / "bands.png"))
