@@ -35,7 +35,8 @@ commands:
   worker    train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`
   plot      overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`
   report    tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
-            `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there
+            `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there;
+            `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences
   export    the latest policy of a run as a plain HF model (LoRA adapters merged): `prefopt export RUN_DIR [-o DIR]`
   toy       the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`
 
