@@ -19,6 +19,7 @@ from prefopt.config import ArithConfig, DatasetConfig
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.tokenize import end_of_turn_ids, template_turns
+from tests.test_data import MESSAGE_ROWS, STRING_ROWS
 from prefopt.dynamics import greedy_generate
 from prefopt.models import CHATML_TEMPLATE
 
@@ -33,15 +34,6 @@ INST_TEMPLATE = (
     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 CONF_DIR = Path(__file__).resolve().parents[1] / "prefopt" / "conf"
-STRING_ROWS = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}"} for i in range(4)]
-MESSAGE_ROWS = [
-    {
-        "prompt": [{"role": "user", "content": f"Question {i}?"}],
-        "chosen": [{"role": "assistant", "content": f"Good answer {i}."}],
-        "rejected": [{"role": "assistant", "content": f"Bad {i}"}],
-    }
-    for i in range(4)
-]
 
 
 def byte_level_tokenizer(specials, template, eos, bos=None, add_bos=False, merges=()):
