@@ -5,6 +5,7 @@ TFLOP/s (and MFU where the device's peak is known), peak resident memory of the 
     .venv/bin/python scripts/benchmark.py --case "tiny=model=tiny_llama trainer.max_steps=20" \
         --case "tiny-ds2=model=tiny_llama hardware=cpu_2proc trainer.max_steps=20"
     .venv/bin/python scripts/benchmark.py --suite precision             # SmolLM2: fp32 vs bf16 mixed, same 20 steps
+    .venv/bin/python scripts/benchmark.py --vs-trl --steps 12           # prefopt vs TRL 1.16 DPOTrainer (see --vs-trl below)
 
 Each case is NAME=OVERRIDES and runs in a fresh process (W&B disabled, run dirs under --out). Throughput
 is the median over logged steps after the first (warm-up). Nothing is asserted: numbers go in notes/README.
@@ -12,7 +13,11 @@ is the median over logged steps after the first (warm-up). Nothing is asserted: 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
+import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -20,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefopt.tracking import read_jsonl  # noqa: E402
@@ -28,6 +34,7 @@ SUITES = {
     # the same 20 steps (same pairs, same order) in fp32 and in bf16 mixed precision
     "precision": ["fp32=trainer.max_steps=20 model.dtype=fp32", "bf16-mixed=trainer.max_steps=20 model.dtype=bf16"],
 }
+VS_TRL_CASES = ("trl", "trl-precompute", "prefopt-padded", "prefopt-default", "prefopt-packed-precompute")
 DEFAULT_CASES = [
     "default=",  # the embedded main job: DPO on SmolLM2-135M, arith, CPU
     "default-bf16=model.dtype=bf16",
@@ -63,14 +70,346 @@ def run_case(name: str, overrides: str, out_dir: Path) -> dict:
         "eval_loss": json.loads((run_dir / "summary.json").read_text()).get("eval/loss", float("nan")),
     }
 
+# ---------------------------------------------------------------------------------------------------------------
+# --vs-trl: prefopt vs TRL 1.16's DPOTrainer (issue 11), same pairs / batches / order / model / precision
+#
+# One invocation, cases run one after another, each in a wrapper process (its own peak RSS):
+#   trl                        TRL DPOTrainer, defaults (beta 0.1, sigmoid, reference model forward every step)
+#   trl-precompute             TRL with precompute_ref_log_probs=True (its one-off reference pass in its own column)
+#   prefopt-padded             prefopt trainer.batching=padded, reference forward every step
+#   prefopt-default            prefopt as the default config is (batching / reference.precompute not overridden)
+#   prefopt-packed-precompute  prefopt trainer.batching=packed reference.precompute=true (one-off pass timed)
+# The pairs: scripts/make_hh_like_pairs.py (real English text, offline, seeded), 4 x steps training pairs plus
+# EVAL_PAIRS held out (prefopt evaluates at step 0 and at the end, outside the timed steps). prefopt draws its
+# batches with its own PairSampler; TRL gets the same pairs written in that order and reads them sequentially,
+# so step k of every case trains on the same 4 pairs. Plain text on both sides: no chat template
+# (prefopt dataset.chat_template=never, TRL's non-conversational format), eos_token after each response.
+# ---------------------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+BENCH_VENV = REPO / ".venv-bench"
+BENCH_INSTALL = (["torch==2.13.0"], ["trl==1.16.0", "datasets", "accelerate"])  # torch first: the CPU build, not CUDA
+BENCH_MARKER = ".prefopt-bench-ready"
+PAIRS_PER_STEP = 4
+EVAL_PAIRS = 2
+VS_TRL_LABELS = {
+    "trl": "TRL 1.16 DPOTrainer (defaults)",
+    "trl-precompute": "TRL precompute_ref_log_probs=True",
+    "prefopt-padded": "prefopt batching=padded",
+    "prefopt-default": "prefopt default",
+    "prefopt-packed-precompute": "prefopt packed + reference.precompute",
+}
+PROGRESS = re.compile(r"\[bench_trl\]|step \d+/\d+ \||reference cache|Traceback|Error")
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+
+
+def ensure_bench_venv() -> Path:
+    """.venv-bench with TRL, made once (the project's own venv never gets TRL); later calls only check it."""
+    python = BENCH_VENV / "bin" / "python"
+    marker = BENCH_VENV / BENCH_MARKER
+    wanted = json.dumps(BENCH_INSTALL)
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
+        return python
+    print(f"setting up {BENCH_VENV} ({' then '.join(' '.join(group) for group in BENCH_INSTALL)})", file=sys.stderr, flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    for group in BENCH_INSTALL:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *group], check=True)
+    subprocess.run([str(python), "-c", "import trl, torch; assert trl.__version__ == '1.16.0', trl.__version__"], check=True)
+    marker.write_text(wanted)
+    return python
+
+
+def prefopt_overrides(pairs: Path, steps: int, seed: int) -> list[str]:
+    eval_fraction = EVAL_PAIRS / (PAIRS_PER_STEP * steps + EVAL_PAIRS)
+    return [
+        "loss=dpo", "model=smollm2_135m", "model.dtype=fp32", "hardware=cpu", "dataset=local", f"dataset.path={pairs}",
+        "dataset.format=strings", "dataset.chat_template=never", f"dataset.eval_fraction={eval_fraction:.6f}",
+        "dataset.max_length=512", "dataset.max_prompt_length=256",  # above the longest pair: nothing truncated
+        f"trainer.micro_batch_size={PAIRS_PER_STEP}", "trainer.grad_accum=1", f"trainer.max_steps={steps}", f"trainer.seed={seed}",
+        "trainer.lr=1e-6", "trainer.warmup_steps=0", "trainer.lr_schedule=linear",  # TRL's defaults (no effect on speed)
+        "dynamics.enabled=false", "trainer.greedy_eval_examples=0", "trainer.eval_every=0", "trainer.max_eval_batches=1",
+        "trainer.save_final=false", "logger.wandb.mode=disabled",
+    ]
+
+
+def plan_batches(overrides: list[str], steps: int) -> dict:
+    """Compose the prefopt config, tokenize the pairs with prefopt's pipeline and draw its batches with its
+    PairSampler: which pairs each step trains on and their real token counts (prompt + chosen + rejected,
+    end-of-sequence tokens included, each counted once)."""
+    from hydra import compose, initialize_config_module
+
+    from prefopt.config import register_schema
+    from prefopt.data import build_preference_data
+    from prefopt.models import converted_gguf_dir, load_tokenizer
+    from prefopt.trainer import PairSampler
+
+    register_schema()
+    with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    model_dir = converted_gguf_dir(cfg.model)  # converts the GGUF once if it is not cached yet
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
+    if len(data.train) != PAIRS_PER_STEP * steps:
+        raise SystemExit(f"expected {PAIRS_PER_STEP * steps} training pairs (one pass), prefopt has {len(data.train)}: {data.stats}")
+    sampler = PairSampler(len(data.train), cfg.trainer.seed)
+    order = [index for _ in range(steps) for index in sampler.next_indices(PAIRS_PER_STEP)]
+    assert sorted(order) == list(range(len(data.train))), "not one pass"
+    pairs = [data.train[index] for index in order]
+    pair_tokens = [len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs]
+    return {
+        "model_dir": model_dir, "pairs": pairs, "pair_tokens": pair_tokens, "stats": data.stats,
+        "step_tokens": [sum(pair_tokens[i : i + PAIRS_PER_STEP]) for i in range(0, len(pair_tokens), PAIRS_PER_STEP)],
+        "default_batching": cfg.trainer.batching, "default_precompute": str(cfg.reference.precompute).lower(),
+    }
+
+
+def safetensors_parameters(model_dir: Path) -> int:
+    """Parameters of the saved model (a tied head is stored once, and counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 8) -> float:
+    """Dense fp32 matmul throughput, best of `repeats` (torch's default threads, as the cases use)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+STEP_LINE = re.compile(r"(?:\[bench_trl\] )?step (\d+)/\d+ (?:\||[\d.]+ s)")
+
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """user + system CPU seconds of a process, all its threads (/proc/PID/stat), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pid(parent: int) -> Optional[int]:
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        return int(children[0]) if children else None
+    except OSError:
+        return None
+
+
+def run_logged(name: str, command: list[str], out_dir: Path) -> dict:
+    """Run one case in a wrapper process that records its child's peak RSS; stream progress lines to stderr;
+    sample the case process's CPU time whenever a step line appears (the wall clock is shared with other
+    work on this machine, CPU seconds much less so)."""
+    log_path, peak_file = out_dir / f"{name}.log", out_dir / f"{name}.peak_kb"
+    wrapper = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+               "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
+    started = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", wrapper, str(peak_file), *command], stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPO, env=env)
+    shown, case_pid, cpu_at_step = 0, None, {}
+    while True:
+        done = process.poll() is not None
+        case_pid = case_pid or child_pid(process.pid)
+        text = log_path.read_text(errors="replace")
+        complete = text[: text.rfind("\n") + 1].splitlines()
+        for line in complete[shown:]:
+            step = STEP_LINE.search(line)
+            if step and case_pid and not done:
+                cpu = process_cpu_seconds(case_pid)
+                if cpu is not None:
+                    cpu_at_step[int(step.group(1))] = cpu
+            if PROGRESS.search(line):
+                print(f"  [{name} +{time.time() - started:.0f}s] {line.strip()[:200]}", file=sys.stderr, flush=True)
+        shown = len(complete)
+        if done:
+            break
+        time.sleep(1)
+    wall = time.time() - started
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {process.returncode} after {wall:.0f} s", file=sys.stderr, flush=True)
+    return {"returncode": process.returncode, "wall_s": wall, "log": log_path, "cpu_at_step": cpu_at_step,
+            "peak_rss_gb": int(peak_file.read_text()) / 2**20 if peak_file.exists() else float("nan")}
+
+
+def prefopt_result(name: str, run_dir: Path, cache_dir: Path, log_path: Path, plan: dict) -> dict:
+    rows = sorted((row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/tokens_per_s" in row), key=lambda row: row["step"])
+    # prefopt's own per-step timing (time.time() around data -> forward/backward -> optimizer step):
+    # train/tokens_per_s = that step's real tokens / its seconds, so seconds = tokens / tokens_per_s
+    step_s = [plan["step_tokens"][row["step"] - 1] / row["train/tokens_per_s"] for row in rows]
+    result = {"step_s": step_s, "loss": [row["train/loss"] for row in rows], "ref_pass_s": None}
+    log_text = log_path.read_text(errors="replace")
+    if "reference cache hit" in log_text:
+        result["ref_pass_s"] = float("nan")
+        result["note"] = "reference cache hit: pass not timed"
+    for line in log_text.splitlines():
+        if "reference cache miss" in line and LOG_TIME.search(line):
+            # from the log line before the pass to the cache file it writes when done
+            began = datetime.datetime.strptime(LOG_TIME.search(line).group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            written = [path.stat().st_mtime for path in cache_dir.glob("*.pt")]
+            result["ref_pass_s"] = max(written) - began if written else float("nan")
+            result["ref_pass_pairs"] = int(re.search(r"for (\d+) pairs", line).group(1))
+    return result
+
+
+def trl_result(json_path: Path, plan: dict) -> dict:
+    data = json.loads(json_path.read_text())
+    mismatched = sum(a != b for a, b in zip(data["pair_tokens"], plan["pair_tokens"]))
+    return {"step_s": data["step_s"], "loss": [entry["loss"] for entry in data["logs"]], "ref_pass_s": data["precompute_s"],
+            "ref_pass_pairs": len(data["pair_tokens"]) if data["precompute"] else None, "versions": data["versions"],
+            "cpu_at_step": {step + 1: cpu for step, cpu in enumerate(data["cpu_at_step_end"])}, "token_mismatches": mismatched, "trl_tokens": sum(data["pair_tokens"]), "config": data["config"]}
+
+
+def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
+    began = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = set(cases) - set(VS_TRL_CASES)
+    if unknown:
+        raise SystemExit(f"unknown --only case(s) {sorted(unknown)}; choose from {', '.join(VS_TRL_CASES)}")
+    if steps < 2:
+        raise SystemExit("--steps must be at least 2 (the first step is warm-up and is not timed)")
+    load_before = os.getloadavg()
+    bench_python = ensure_bench_venv() if any(case.startswith("trl") for case in cases) else None
+    pairs_path = out_dir / "pairs.jsonl"
+    num_pairs = PAIRS_PER_STEP * steps + EVAL_PAIRS
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_hh_like_pairs.py"), "--out", str(pairs_path), "--num-pairs",
+                    str(num_pairs), "--seed", str(seed)], check=True, cwd=REPO)
+    overrides = prefopt_overrides(pairs_path, steps, seed)
+    plan = plan_batches(overrides, steps)
+    if plan["stats"].get("train/truncated") or plan["stats"].get("train/dropped_empty_response"):
+        raise SystemExit(f"some pairs were truncated: {plan['stats']}")
+    raw_rows = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
+    trl_pairs = out_dir / "pairs_in_prefopt_order.jsonl"  # the training pairs, in the order prefopt draws them
+    trl_pairs.write_text("".join(json.dumps(raw_rows[pair.source_index], ensure_ascii=False) + "\n" for pair in plan["pairs"]))
+    num_params = safetensors_parameters(plan["model_dir"])
+    peaks = [matmul_peak_gflops()]
+    print(f"pairs: {pairs_path} ({num_pairs}: {len(plan['pairs'])} train in one pass, {EVAL_PAIRS} held out); real tokens per "
+          f"step {plan['step_tokens']}; model {plan['model_dir']} ({num_params:,} parameters); fp32 matmul {peaks[0]:.1f} GFLOP/s",
+          file=sys.stderr, flush=True)
+
+    default_label = f"prefopt default (batching={plan['default_batching']}, reference.precompute={plan['default_precompute']})"
+    # prefopt.reference.precompute_enabled's rule: auto and true precompute, false keeps a reference model
+    reference_forward = {"trl": True, "trl-precompute": False, "prefopt-padded": True,
+                         "prefopt-default": plan["default_precompute"] not in ("auto", "true"), "prefopt-packed-precompute": False}
+    extra = {"prefopt-padded": ["trainer.batching=padded", "reference.precompute=false"], "prefopt-default": [],
+             "prefopt-packed-precompute": ["trainer.batching=packed", "reference.precompute=true"]}
+    results = {}
+    for name in cases:
+        if name.startswith("trl"):
+            json_path = out_dir / f"{name}.json"
+            command = [str(bench_python), str(REPO / "scripts" / "bench_trl.py"), "--model", str(plan["model_dir"]), "--pairs",
+                       str(trl_pairs), "--steps", str(steps), "--batch", str(PAIRS_PER_STEP), "--seed", str(seed), "--out", str(json_path)]
+            command += ["--precompute"] if name == "trl-precompute" else []
+        else:
+            run_dir, cache_dir = out_dir / name, out_dir / f"{name}-reference-cache"  # a fresh cache: the pass is computed
+            command = [sys.executable, "-m", "prefopt.cli", "train", *overrides, *extra[name], f"hydra.run.dir={run_dir}",
+                       f"reference.cache_dir={cache_dir}"]
+        run = run_logged(name, command, out_dir)
+        row = {"case": name, "label": default_label if name == "prefopt-default" else VS_TRL_LABELS[name], **run,
+               "reference_forward": reference_forward[name], "command": shlex.join(command)}
+        if run["returncode"] == 0:
+            try:
+                row |= trl_result(json_path, plan) if name.startswith("trl") else prefopt_result(name, run_dir, cache_dir, run["log"], plan)
+            except Exception as error:  # a parse problem must not lose the other cases
+                row["returncode"] = f"unreadable ({type(error).__name__}: {error})"
+        results[name] = row
+    peaks.append(matmul_peak_gflops())
+    peak = max(peaks)
+
+    timed_tokens = sum(plan["step_tokens"][1:])
+    for row in results.values():
+        if row["returncode"] != 0 or len(row.get("step_s", [])) != steps:
+            row.setdefault("status", f"failed ({row['returncode']}, {len(row.get('step_s', []))} steps): see {row['log']}")
+            continue
+        timed = row["step_s"][1:]  # step 1 is warm-up
+        row["median_step_s"] = statistics.median(timed)
+        row["tokens_per_s"] = timed_tokens / sum(timed)
+        cpu = row.get("cpu_at_step", {})
+        last = max((step for step in cpu if step >= 2), default=None)
+        if 1 in cpu and last:  # CPU seconds of steps 2..last (prefopt: sampled when its step line appears)
+            row["cpu_s_per_step"] = (cpu[last] - cpu[1]) / (last - 1)
+            row["tokens_per_cpu_s"] = sum(plan["step_tokens"][1:last]) / (cpu[last] - cpu[1])
+        flops_per_token = (6 + (2 if row["reference_forward"] else 0)) * num_params
+        row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * 1e9)
+    base = results.get("trl", {}).get("tokens_per_s")
+    base_cpu = results.get("trl", {}).get("tokens_per_cpu_s")
+    lines = [
+        f"prefopt vs TRL {results.get('trl', results.get('trl-precompute', {})).get('versions', {}).get('trl', '1.16.0')} DPO, "
+        f"SmolLM2-135M fp32 on the CPU, {PAIRS_PER_STEP} pairs per step, {steps} steps (step 1 not timed), the same pairs in the "
+        f"same order in every case; real tokens per timed step: {timed_tokens / (steps - 1):.0f} (prompt + chosen + rejected, "
+        f"eos included, no padding)",
+        "",
+        "| case | real tokens/s | s/step (median) | one-off reference pass s | tokens/s vs TRL default | peak RSS GB | "
+        "useful-work MFU | CPU s/step (mean) | tokens per CPU s vs TRL default |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results.values():
+        if "tokens_per_s" not in row:
+            lines.append(f"| {row['label']} | {row['status']} | | | | {row['peak_rss_gb']:.2f} | | | |")
+            continue
+        ref = row.get("ref_pass_s")
+        ref_cell = "-" if ref is None else f"{ref:.1f} ({row.get('ref_pass_pairs')} pairs)"
+        ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "n/a"
+        cpu_cell = f"{row['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in row else "n/a"
+        cpu_ratio = f"{row['tokens_per_cpu_s'] / base_cpu:.2f}x" if base_cpu and "tokens_per_cpu_s" in row else "n/a"
+        lines.append(f"| {row['label']} | {row['tokens_per_s']:.1f} | {row['median_step_s']:.1f} | {ref_cell} | {ratio} | "
+                     f"{row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% | {cpu_cell} | {cpu_ratio} |")
+    lines += [
+        "",
+        f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the cases "
+        f"{peaks[0]:.1f}, after {peaks[1]:.1f}); MFU = (6N, + 2N with a reference forward per step) x real tokens/s / peak, "
+        f"N = {num_params:,}",
+        "tokens/s = real tokens of steps 2..N / their summed wall time; s/step = median of steps 2..N; peak RSS = "
+        "getrusage(RUSAGE_CHILDREN).ru_maxrss of each case's own wrapper process; CPU s = user + system seconds of the "
+        "case's process (all threads) over steps 2..N (TRL: time.process_time() at on_step_end; prefopt: /proc/PID/stat "
+        "sampled within ~1 s of each step's log line)",
+        f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 shared cores: absolute numbers drift, "
+        f"compare within this table)",
+        "",
+        "| case | loss step 1 | loss step N | step seconds (1..N) | wall s (whole process) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results.values():
+        if "loss" in row and row["loss"]:
+            lines.append(f"| {row['label']} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
+                         f"{' '.join(f'{value:.1f}' for value in row['step_s'])} | {row['wall_s']:.0f} |")
+    checks = [f"{name}: TRL tokenized {row['trl_tokens']} tokens, prefopt {sum(plan['pair_tokens'])}; pairs whose count "
+              f"differs: {row['token_mismatches']}" for name, row in results.items() if "token_mismatches" in row]
+    lines += ["", *checks, f"whole benchmark: {time.time() - began:.0f} s; run dirs and logs in {out_dir}"]
+    print("\n".join(lines))
+    (out_dir / "vs_trl.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "vs_trl.json").write_text(json.dumps({"peak_gflops": peaks, "num_params": num_params, "plan_stats": plan["stats"],
+                                                      "step_tokens": plan["step_tokens"], "cases": results}, default=str, indent=1))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", help="NAME=OVERRIDES (repeatable); default: the main-job variants")
     parser.add_argument("--suite", choices=sorted(SUITES), help="a named set of cases")
     parser.add_argument("--out", type=Path, default=None, help="where run dirs go (default: a temporary dir)")
+    parser.add_argument("--vs-trl", action="store_true", help="prefopt vs TRL's DPOTrainer on the same HH-like pairs (own venv)")
+    parser.add_argument("--steps", type=int, default=12, help="--vs-trl: optimizer steps per case (4 pairs each, one pass)")
+    parser.add_argument("--seed", type=int, default=0, help="--vs-trl: seed of the pairs and of prefopt's data order")
+    parser.add_argument("--only", default=None, help=f"--vs-trl: comma-separated subset of {','.join(VS_TRL_CASES)}")
     args = parser.parse_args()
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
+    if args.vs_trl:
+        run_vs_trl(out_dir, args.steps, args.seed, args.only.split(",") if args.only else list(VS_TRL_CASES))
+        return
     rows = []
     for case in args.case or SUITES.get(args.suite) or DEFAULT_CASES:
         name, _, overrides = case.partition("=")

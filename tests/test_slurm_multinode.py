@@ -222,7 +222,7 @@ def test_a_worker_failing_on_node2_ends_the_job_and_is_reported(sweeps, tmp_path
     assert "rank 1 on node2" in output and "RuntimeError: injected failure on node2" in output, output[-3000:]
     assert f"job log: {sweep.dir / '.submitit' / job}" in output
     assert "injected failure on node2" in (sweep.dir / "0" / "error-rank1.txt").read_text()
-    assert max(train_losses(sweep.dir / "0")) == 20  # it stopped where node2 failed
+    assert max(train_losses(sweep.dir / "0")) in (19, 20)  # it stopped where node2 failed (step 20's poll)
     rows, _ = build_report(sweep.dir)
     assert rows[0]["status"] == "failed"
 
@@ -262,7 +262,7 @@ def test_torchrun_across_two_hosts_without_slurm(tmp_path, slurm_env, reference)
 
 @pytest.mark.slow
 def test_losing_node2s_slurmd_fails_the_job_and_its_checkpoint_resumes(sweeps, tmp_path, slurm_env):
-    """node2's slurmd is SIGKILLed mid-job: the controller declares node2 down after SlurmdTimeout (20 s here)
+    """node2's slurmd is SIGKILLed mid-job: the controller declares node2 down after SlurmdTimeout (15 s here)
     and the job NODE_FAIL (not requeued: --no-requeue), and the sweep reports it. Its checkpoints are intact:
     a new sweep, once node2 is back, resumes from the one before and repeats the logged steps exactly."""
     two_dir = TWO_NODE_CONF.parents[1]

@@ -4,6 +4,9 @@
 #
 #   bash scripts/slurm/start_local_cluster.sh      # install (Debian packages) if needed, start, wait until idle
 #   source .cache/slurm/env.sh                     # export SLURM_CONF for sbatch/squeue/sacct and for the tests
+#   bash scripts/slurm/start_local_cluster.sh --nodes 2   # also the two-host cluster (network namespaces node1, node2):
+#                                                  # scripts/slurm/start_two_node_cluster.sh; env.sh then also exports
+#                                                  # PREFOPT_SLURM_2NODE_CONF for tests/test_slurm_multinode.py
 #   python -m pytest tests/test_slurm.py
 #   bash scripts/slurm/stop_local_cluster.sh       # stop every daemon this script started (by PID)
 #
@@ -14,6 +17,11 @@
 # Without slurmdbd, submitit could not see that a cancelled job ended and would wait forever.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+case "${1:-} ${2:-}" in
+    " "|"--nodes 1") CLUSTER_NODES=1 ;;
+    "--nodes 2") CLUSTER_NODES=2 ;;
+    *) echo "usage: start_local_cluster.sh [--nodes 1|2]" >&2; exit 2 ;;
+esac
 SLURM_DIR=$(realpath -m "${SLURM_DIR:-.cache/slurm}")
 DB_PORT=${SLURM_DB_PORT:-3307}  # MariaDB on 127.0.0.1, away from a system MariaDB's 3306
 NODE=$(hostname -s)
@@ -29,10 +37,19 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succ
     return 1
 }
 alive() { [ -f "$SLURM_DIR/run/$1.pid" ] && kill -0 "$(cat "$SLURM_DIR/run/$1.pid")" 2>/dev/null; }
+write_env() {  # the exports for clients; the two-node cluster's line only while it is configured
+    echo "export SLURM_CONF=$SLURM_CONF" >"$SLURM_DIR/env.sh"
+    echo "if [ -f $SLURM_DIR/two_node/env.sh ]; then . $SLURM_DIR/two_node/env.sh; fi" >>"$SLURM_DIR/env.sh"
+}
+then_two_nodes() {  # --nodes 2: the two-host cluster next to this one (it needs this one's munge and slurmdbd)
+    write_env
+    [ "$CLUSTER_NODES" = 2 ] && exec bash scripts/slurm/start_two_node_cluster.sh
+    exit 0
+}
 
 if alive slurmctld && alive slurmd && sinfo -h >/dev/null 2>&1; then
     log "already running (SLURM_CONF=$SLURM_CONF)"
-    exit 0
+    then_two_nodes
 fi
 
 # --- packages (Debian bookworm: Slurm 22.05); a no-op when they are installed
@@ -139,6 +156,6 @@ wait_for 30 slurmctld scontrol ping
 alive slurmd || /usr/sbin/slurmd
 wait_for 30 "node $NODE" bash -c "sinfo -h -N -o '%T' | grep -qx idle"
 
-echo "export SLURM_CONF=$SLURM_CONF" >"$SLURM_DIR/env.sh"
 log "up: node $NODE, $cpus CPUs, partition local (SLURM_CONF=$SLURM_CONF; source $SLURM_DIR/env.sh)"
 sinfo
+then_two_nodes

@@ -2,9 +2,11 @@
 # Stop the local cluster that scripts/slurm/start_local_cluster.sh started: each daemon by the PID in its
 # PID file under $SLURM_DIR/run (nothing else is touched), jobs first, then slurmd, slurmctld, slurmdbd,
 # mariadbd and munged (only if that script started it). Safe to run twice, or when nothing runs.
+# The two-node cluster (start_local_cluster.sh --nodes 2) goes first: it uses this cluster's slurmdbd and munge.
 #   bash scripts/slurm/stop_local_cluster.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+bash scripts/slurm/stop_two_node_cluster.sh
 SLURM_DIR=$(realpath -m "${SLURM_DIR:-.cache/slurm}")
 export SLURM_CONF="$SLURM_DIR/etc/slurm.conf" PATH="$PATH:/usr/sbin"
 
