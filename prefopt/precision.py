@@ -36,6 +36,17 @@ def autocast_dtype(model: torch.nn.Module):
     return getattr(model, _ATTRIBUTE, None)
 
 
+@contextlib.contextmanager
+def full_precision(model: torch.nn.Module):
+    """Forwards inside run in fp32 (no autocast): for checks whose tolerance must not absorb bf16 noise."""
+    saved = getattr(model, _ATTRIBUTE, None)
+    setattr(model, _ATTRIBUTE, None)
+    try:
+        yield
+    finally:
+        setattr(model, _ATTRIBUTE, saved)
+
+
 def autocast(model: torch.nn.Module, device_type: str):
     """The context every forward of `model` runs in."""
     dtype = autocast_dtype(model)
