@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -200,6 +202,29 @@ def reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> l
     return [data.train[index] for index in visited] + data.eval[:eval_count]
 
 
+class DeferredInterrupt:
+    """Ctrl-C during training (one process, trainer.save_on_interrupt): the first one only sets a flag, which
+    the loop reads at the end of a step, checkpoints that step and stops, so no update is ever cut in half
+    (an interrupt inside the optimizer's step would leave half-updated weights). A second Ctrl-C stops at once."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def rng_states() -> dict[str, Any]:
     """Every generator a step can draw from: torch CPU, every CUDA device, numpy, Python's random."""
     kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
@@ -307,7 +332,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         step = start_step
         guard = StepGuard(trainer_cfg.max_skipped_steps)
         completed = {"sampler": sampler.state(), "rng": rng_states()}  # the data position and RNG after the last whole step
-        completed_step = start_step
+        interrupt = DeferredInterrupt(enabled=trainer_cfg.save_on_interrupt and dist.world_size == 1)
         try:
             for step in range(start_step + 1, trainer_cfg.max_steps + 1):
                 step_started = time.time()
@@ -328,7 +353,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     loss_metric_parts.append(out.metrics)
                 lr = engine.lr
                 grad_norm, applied = engine.step(poisoned)
-                completed, completed_step = {"sampler": sampler.state(), "rng": rng_states()}, step
+                completed = {"sampler": sampler.state(), "rng": rng_states()}
                 elapsed = time.time() - step_started
                 if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
                     metrics = mean_metrics(parts, "train", dist)
@@ -355,14 +380,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint this step, then requeue
                     save(step)
                     preemption.requeue(dist)
+                if interrupt.requested:  # Ctrl-C: taken at this step boundary, never inside an update
+                    save(step)
+                    log.warning("interrupted: checkpoint of step %d written in %s", step, run_dir)  # the CLI prints the resume command
+                    raise KeyboardInterrupt
                 if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
                     log.warning("stopping after step %d (trainer.stop_after)", step)
                     return {"stopped_at": step}
-        except KeyboardInterrupt:
-            if trainer_cfg.save_on_interrupt and dist.world_size == 1 and completed_step > start_step:
-                save(completed_step)  # the last whole step; an interrupted one is redone on resume
-                log.warning("interrupted: checkpoint of step %d written in %s", completed_step, run_dir)  # the CLI prints the resume command
-            raise
+        finally:
+            interrupt.restore()
 
         final_eval, final_greedy = run_eval(trainer_cfg.max_steps, generate=True)
         final_dynamics = run_probes(trainer_cfg.max_steps)
