@@ -274,7 +274,7 @@ def trl_result(json_path: Path, plan: dict) -> dict:
             "cpu_at_step": {step + 1: cpu for step, cpu in enumerate(data["cpu_at_step_end"])}, "token_mismatches": mismatched, "trl_tokens": sum(data["pair_tokens"]), "config": data["config"]}
 
 
-def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
+def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: bool = False) -> None:
     began = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(cases) - set(VS_TRL_CASES)
@@ -296,7 +296,9 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
     trl_pairs = out_dir / "pairs_in_prefopt_order.jsonl"  # the training pairs, in the order prefopt draws them
     trl_pairs.write_text("".join(json.dumps(raw_rows[pair.source_index], ensure_ascii=False) + "\n" for pair in plan["pairs"]))
     num_params = safetensors_parameters(plan["model_dir"])
-    peaks = [matmul_peak_gflops()]
+    peaks_file = out_dir / "matmul_peaks.json"  # every measurement of this out dir (a resumed invocation adds its own)
+    peaks = (json.loads(peaks_file.read_text()) if resume and peaks_file.exists() else []) + [matmul_peak_gflops()]
+    peaks_file.write_text(json.dumps(peaks))
     print(f"pairs: {pairs_path} ({num_pairs}: {len(plan['pairs'])} train in one pass, {EVAL_PAIRS} held out); real tokens per "
           f"step {plan['step_tokens']}; model {plan['model_dir']} ({num_params:,} parameters); fp32 matmul {peaks[0]:.1f} GFLOP/s",
           file=sys.stderr, flush=True)
@@ -309,6 +311,16 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
              "prefopt-packed-precompute": ["trainer.batching=packed", "reference.precompute=true"]}
     results = {}
     for name in cases:
+        saved = out_dir / f"{name}.result.json"
+        if resume and saved.exists():  # finished by an earlier, interrupted invocation on this out dir
+            results[name] = json.loads(saved.read_text())
+            results[name]["cpu_at_step"] = {int(step): cpu for step, cpu in results[name].get("cpu_at_step", {}).items()}
+            results[name]["resumed"] = True
+            print(f"{name}: kept from the earlier invocation ({saved})", file=sys.stderr, flush=True)
+            continue
+        for stale in (out_dir / name, out_dir / f"{name}-reference-cache"):  # left by an interrupted invocation
+            if stale.exists():
+                stale.rename(stale.with_name(f"{stale.name}.interrupted-{int(time.time())}"))
         if name.startswith("trl"):
             json_path = out_dir / f"{name}.json"
             command = [str(bench_python), str(REPO / "scripts" / "bench_trl.py"), "--model", str(plan["model_dir"]), "--pairs",
@@ -326,7 +338,10 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
                 row |= trl_result(json_path, plan) if name.startswith("trl") else prefopt_result(name, run_dir, cache_dir, run["log"], plan)
             except Exception as error:  # a parse problem must not lose the other cases
                 row["returncode"] = f"unreadable ({type(error).__name__}: {error})"
+        row["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - run["wall_s"]))
         results[name] = row
+        if row["returncode"] == 0:
+            saved.write_text(json.dumps(row, default=str))
     peaks.append(matmul_peak_gflops())
     peak = max(peaks)
 
@@ -366,12 +381,12 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
         ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "n/a"
         cpu_cell = f"{row['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in row else "n/a"
         cpu_ratio = f"{row['tokens_per_cpu_s'] / base_cpu:.2f}x" if base_cpu and "tokens_per_cpu_s" in row else "n/a"
-        lines.append(f"| {row['label']} | {row['tokens_per_s']:.1f} | {row['median_step_s']:.1f} | {ref_cell} | {ratio} | "
+        lines.append(f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | {row['median_step_s']:.1f} | {ref_cell} | {ratio} | "
                      f"{row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% | {cpu_cell} | {cpu_ratio} |")
     lines += [
         "",
         f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the cases "
-        f"{peaks[0]:.1f}, after {peaks[1]:.1f}); MFU = (6N, + 2N with a reference forward per step) x real tokens/s / peak, "
+        f"{peaks[0]:.1f}, after {peaks[-1]:.1f}; all: {', '.join(f'{p:.1f}' for p in peaks)}); MFU = (6N, + 2N with a reference forward per step) x real tokens/s / peak, "
         f"N = {num_params:,}",
         "tokens/s = real tokens of steps 2..N / their summed wall time; s/step = median of steps 2..N; peak RSS = "
         "getrusage(RUSAGE_CHILDREN).ru_maxrss of each case's own wrapper process; CPU s = user + system seconds of the "
@@ -380,12 +395,12 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str]) -> None:
         f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 shared cores: absolute numbers drift, "
         f"compare within this table)",
         "",
-        "| case | loss step 1 | loss step N | step seconds (1..N) | wall s (whole process) |",
-        "|---|---|---|---|---|",
+        "| case | started | loss step 1 | loss step N | step seconds (1..N) | wall s (whole process) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in results.values():
         if "loss" in row and row["loss"]:
-            lines.append(f"| {row['label']} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
+            lines.append(f"| {row['label']} | {row.get('started', '?')} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
                          f"{' '.join(f'{value:.1f}' for value in row['step_s'])} | {row['wall_s']:.0f} |")
     checks = [f"{name}: TRL tokenized {row['trl_tokens']} tokens, prefopt {sum(plan['pair_tokens'])}; pairs whose count "
               f"differs: {row['token_mismatches']}" for name, row in results.items() if "token_mismatches" in row]
@@ -404,11 +419,12 @@ def main() -> None:
     parser.add_argument("--vs-trl", action="store_true", help="prefopt vs TRL's DPOTrainer on the same HH-like pairs (own venv)")
     parser.add_argument("--steps", type=int, default=12, help="--vs-trl: optimizer steps per case (4 pairs each, one pass)")
     parser.add_argument("--seed", type=int, default=0, help="--vs-trl: seed of the pairs and of prefopt's data order")
+    parser.add_argument("--resume", action="store_true", help="--vs-trl: keep the cases an interrupted invocation on --out finished")
     parser.add_argument("--only", default=None, help=f"--vs-trl: comma-separated subset of {','.join(VS_TRL_CASES)}")
     args = parser.parse_args()
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     if args.vs_trl:
-        run_vs_trl(out_dir, args.steps, args.seed, args.only.split(",") if args.only else list(VS_TRL_CASES))
+        run_vs_trl(out_dir, args.steps, args.seed, args.only.split(",") if args.only else list(VS_TRL_CASES), args.resume)
         return
     rows = []
     for case in args.case or SUITES.get(args.suite) or DEFAULT_CASES:
