@@ -97,6 +97,7 @@ VS_TRL_LABELS = {
     "prefopt-padded": "prefopt batching=padded",
     "prefopt-default": "prefopt default",
     "prefopt-packed-precompute": "prefopt packed + reference.precompute",
+    "trl-repeat": "TRL 1.16 DPOTrainer (defaults), again at the end",
 }
 PROGRESS = re.compile(r"\[bench_trl\]|step \d+/\d+ \||reference cache|Traceback|Error")
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
@@ -277,7 +278,7 @@ def trl_result(json_path: Path, plan: dict) -> dict:
 def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: bool = False) -> None:
     began = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    unknown = set(cases) - set(VS_TRL_CASES)
+    unknown = set(cases) - set(VS_TRL_CASES) - {"trl-repeat"}
     if unknown:
         raise SystemExit(f"unknown --only case(s) {sorted(unknown)}; choose from {', '.join(VS_TRL_CASES)}")
     if steps < 2:
@@ -305,7 +306,7 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
 
     default_label = f"prefopt default (batching={plan['default_batching']}, reference.precompute={plan['default_precompute']})"
     # prefopt.reference.precompute_enabled's rule: auto and true precompute, false keeps a reference model
-    reference_forward = {"trl": True, "trl-precompute": False, "prefopt-padded": True,
+    reference_forward = {"trl": True, "trl-repeat": True, "trl-precompute": False, "prefopt-padded": True,
                          "prefopt-default": plan["default_precompute"] not in ("auto", "true"), "prefopt-packed-precompute": False}
     extra = {"prefopt-padded": ["trainer.batching=padded", "reference.precompute=false"], "prefopt-default": [],
              "prefopt-packed-precompute": ["trainer.batching=packed", "reference.precompute=true"]}
@@ -419,12 +420,15 @@ def main() -> None:
     parser.add_argument("--vs-trl", action="store_true", help="prefopt vs TRL's DPOTrainer on the same HH-like pairs (own venv)")
     parser.add_argument("--steps", type=int, default=12, help="--vs-trl: optimizer steps per case (4 pairs each, one pass)")
     parser.add_argument("--seed", type=int, default=0, help="--vs-trl: seed of the pairs and of prefopt's data order")
+    parser.add_argument("--repeat-baseline", action="store_true",
+                        help="--vs-trl: run TRL's default case again at the end (how far the shared machine drifted)")
     parser.add_argument("--resume", action="store_true", help="--vs-trl: keep the cases an interrupted invocation on --out finished")
     parser.add_argument("--only", default=None, help=f"--vs-trl: comma-separated subset of {','.join(VS_TRL_CASES)}")
     args = parser.parse_args()
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     if args.vs_trl:
-        run_vs_trl(out_dir, args.steps, args.seed, args.only.split(",") if args.only else list(VS_TRL_CASES), args.resume)
+        cases = args.only.split(",") if args.only else list(VS_TRL_CASES)
+        run_vs_trl(out_dir, args.steps, args.seed, cases + ["trl-repeat"] * args.repeat_baseline, args.resume)
         return
     rows = []
     for case in args.case or SUITES.get(args.suite) or DEFAULT_CASES:
