@@ -16,7 +16,6 @@ writable by others (a run dir you own); see `check_trusted`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import CheckpointError
 from prefopt.distributed import DistInfo
-from prefopt.fileutil import atomic_write_json, atomic_write_text
+from prefopt.fileutil import atomic_write_json, atomic_write_text, file_digest
 
 log = logging.getLogger("prefopt")
 
@@ -39,13 +38,19 @@ TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 CHECKPOINT_CONFIG = "config.yaml"
 # keys that say how to run or resume, not what is trained: they may differ between a checkpoint and its resume
-RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_on_interrupt",
-               "trainer.max_skipped_steps", "logger", "sweep", "hardware.num_threads")
+RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_total_limit",
+               "trainer.save_on_interrupt", "trainer.max_skipped_steps", "logger", "sweep", "hardware.num_threads",
+               "eval")  # eval: `prefopt eval` settings, nothing trained
 
 
 def training_config(cfg: DictConfig | dict) -> dict:
-    """The config without RESUME_KEYS: what must match for a checkpoint to belong to a run."""
+    """The config without RESUME_KEYS: what must match for a checkpoint to belong to a run. Under
+    trainer.num_epochs, trainer.max_steps is left out too: the worker derives it from the data (and
+    records it), so a command line's null and a run dir's derived count are the same run."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    trainer = container.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("num_epochs") is not None:
+        trainer.pop("max_steps", None)
     for key in RESUME_KEYS:
         *parents, leaf = key.split(".")
         node = container
@@ -63,14 +68,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
     return flat
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(directory: Path) -> None:
@@ -101,8 +98,9 @@ def manifest_problem(directory: Path) -> Optional[str]:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: dict[str, Any], dist: DistInfo,
-                    cfg: DictConfig, keep: int = 2) -> Path:
-    """Every rank writes its part into one staging dir (ZeRO shards); rank 0 renames it into place."""
+                    cfg: DictConfig, keep: Optional[int] = 2, protect: Optional[Path] = None) -> Path:
+    """Every rank writes its part into one staging dir (ZeRO shards); rank 0 renames it into place, then
+    prunes to `keep` checkpoints (trainer.save_total_limit; None = keep all), never `protect`."""
     root = run_dir / CHECKPOINTS
     target = root / f"step-{step:06d}"
     staging = root / f".{target.name}.partial"  # the same path on every rank
@@ -124,11 +122,23 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
             shutil.rmtree(target)
         os.replace(staging, target)
         atomic_write_text(root / "latest", target.name + "\n")
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s", target)
+        for old in checkpoints_beyond_limit(root, keep, target, protect):
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed checkpoint %s (trainer.save_total_limit=%s)", old, keep)
     dist.barrier()
     return target
+
+
+def checkpoints_beyond_limit(root: Path, keep: Optional[int], newest: Path, protect: Optional[Path] = None) -> list[Path]:
+    """What pruning removes once `newest` is complete: the oldest checkpoints past `keep` (newest counts
+    toward it; None = keep all), never `newest` itself nor `protect` (the checkpoint this run resumed from)."""
+    if keep is None:
+        return []
+    spared = {newest.resolve()} | ({Path(protect).resolve()} if protect is not None else set())
+    others = sorted((path for path in root.glob("step-*") if path.resolve() not in spared and not path.name.endswith(".partial")),
+                    reverse=True)  # newest first (zero-padded step numbers)
+    return others[max(0, keep - 1):]
 
 
 def unwritable(path: Path, error: Exception) -> OSError:
@@ -138,14 +148,20 @@ def unwritable(path: Path, error: Exception) -> OSError:
     return OSError(code, f"{os.strerror(code)} ({str(error).splitlines()[0]})", str(path))
 
 
+def config_differences(ours: DictConfig | dict, theirs: DictConfig | dict) -> list[tuple[str, Any, Any]]:
+    """(key, their value, our value) for every training key that differs (RESUME_KEYS aside), by key."""
+    ours_flat, theirs_flat = flatten(training_config(ours)), flatten(training_config(theirs))
+    return [(key, theirs_flat.get(key), ours_flat.get(key)) for key in sorted(ours_flat.keys() | theirs_flat.keys())
+            if ours_flat.get(key) != theirs_flat.get(key)]
+
+
 def config_mismatch(directory: Path, cfg: DictConfig) -> Optional[str]:
     """None when the checkpoint was trained with this config (RESUME_KEYS aside), else the differing keys."""
     saved = OmegaConf.to_container(OmegaConf.load(directory / CHECKPOINT_CONFIG), resolve=True)
-    ours, theirs = flatten(training_config(cfg)), flatten(training_config(saved))
-    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    differing = config_differences(cfg, saved)
     if not differing:
         return None
-    shown = ", ".join(f"{key}: checkpoint {theirs.get(key)!r} vs now {ours.get(key)!r}" for key in differing[:5])
+    shown = ", ".join(f"{key}: checkpoint {theirs!r} vs now {ours!r}" for key, theirs, ours in differing[:5])
     return f"it belongs to another config ({shown}{', ...' if len(differing) > 5 else ''})"
 
 
@@ -156,13 +172,18 @@ def checkpoint_candidates(path: Path) -> list[Path]:
     return sorted((p for p in (path / CHECKPOINTS).glob("step-*") if not p.name.endswith(".partial")), reverse=True)
 
 
-def find_checkpoint(resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None, key: str = "trainer.resume") -> Optional[Path]:
-    """resume: false -> None; true -> this run dir's newest valid checkpoint; a path -> that checkpoint or
-    run dir's newest valid one. Invalid ones are skipped with a warning naming them; when checkpoints
-    exist and none is valid, or a path was given and holds none, it is an error."""
-    if resume is False or resume in ("false", "False", ""):
+def find_checkpoint(resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None, key: str = "trainer.resume",
+                    missing_ok: bool = False) -> Optional[Path]:
+    """resume: false -> None; true or latest (the parent has already moved the run into the run dir it
+    chose) -> this run dir's newest valid checkpoint; a path -> that checkpoint or run dir's newest valid
+    one. Invalid ones are skipped with a warning naming them; when checkpoints exist and none is valid,
+    or none exists, it is an error, except with missing_ok (a SLURM requeue before the first save)."""
+    from prefopt.resume import resume_mode
+
+    mode = resume_mode(resume)
+    if mode == "off":
         return None
-    explicit = resume is not True and resume not in ("true", "True")
+    explicit = mode == "path"
     path = Path(os.path.expanduser(str(resume))) if explicit else run_dir
     candidates = checkpoint_candidates(path)
     problems = []
@@ -179,9 +200,9 @@ def find_checkpoint(resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None
     if problems:
         raise CheckpointError(f"{key}={resume}: no valid checkpoint. " + "; ".join(problems)
                               + ". Start a fresh run in a new dir, or point trainer.resume at a valid checkpoint")
-    if explicit:
+    if explicit or not missing_ok:
         raise CheckpointError(f"{key}={resume}: no checkpoint found there (looked for {path / CHECKPOINTS}/step-*)")
-    log.warning("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
+    log.warning("requeued, but %s has no checkpoint yet: starting from step 0", run_dir)
     return None
 
 

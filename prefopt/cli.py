@@ -32,12 +32,16 @@ commands:
   train     compose a run from the config groups (loss, model, dataset, hardware) and train it.
             Hydra app: `prefopt train --help` lists the groups and options; `--cfg job` prints the
             composed config; `-m` sweeps; e.g. `prefopt train loss=dpo model=tiny_llama trainer.max_steps=10`
+  eval      evaluate a run's policy as training does (reward accuracy and margins against the base model, greedy
+            accuracy, probes) into a run dir of its own: `prefopt eval RUN_DIR` (newest checkpoint, the run's config),
+            `prefopt eval CHECKPOINT_DIR`, `prefopt eval MODEL_DIR model=... dataset=... loss=...`; Hydra app, `-m` sweeps
   worker    train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`
   plot      overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`
   report    tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
             `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there;
             `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences
-  export    the latest policy of a run as a plain HF model (LoRA adapters merged): `prefopt export RUN_DIR [-o DIR]`
+  export    the latest policy of a run as a plain HF model (LoRA adapters merged) with a model card (README.md):
+            `prefopt export RUN_DIR [-o DIR] [--push-to-hub REPO_ID]`
   toy       the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`
 
 `prefopt <command> --help` for a command's options.
@@ -108,8 +112,7 @@ def interrupted_message(run_dir: Optional[Path], overrides: list[str]) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def train_app(cfg: DictConfig) -> Optional[float]:
     """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
-    from prefopt.errors import NonFiniteTrainingError
-    from prefopt.launch import WorkerError, dispatch, prepare_run
+    from prefopt.launch import dispatch, prepare_run
     from prefopt.sweep import objective_value, run_job
 
     hydra_cfg = HydraConfig.get()
@@ -120,21 +123,57 @@ def train_app(cfg: DictConfig) -> Optional[float]:
         run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
         log.info("run dir: %s", run_dir)
         summary = dispatch(cfg, run_dir)
-    except user_errors() as error:
-        print(f"prefopt: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (WorkerError, NonFiniteTrainingError) as error:
-        print(f"prefopt: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except OSError as error:
-        if error.errno not in UNWRITABLE_HINTS:
-            raise
-        print(f"prefopt: error: {unwritable_message(error, run_dir or hydra_cfg.runtime.output_dir)}", file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(interrupted_message(run_dir, list(hydra_cfg.overrides.task)), file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    except Exception as error:
+        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
     return objective_value(cfg, summary, required=False)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
+def eval_app(cfg: DictConfig) -> Optional[float]:
+    """Evaluate one policy (prefopt/evalrun.py) into a run dir of its own; returns its objective for sweepers."""
+    from prefopt.console import eval_headline
+    from prefopt.evalrun import prepare_eval
+    from prefopt.launch import dispatch
+    from prefopt.sweep import objective_value, run_job
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return run_job(cfg, hydra_cfg, command="eval")
+    run_dir = None
+    try:
+        run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        log.info("eval run dir: %s", run_dir)
+        summary = dispatch(cfg, run_dir, command="eval")
+    except KeyboardInterrupt:
+        print("prefopt: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    except Exception as error:
+        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
+    print(f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, summary.json); "
+          f"`prefopt plot {run_dir}` draws its probes")
+    return objective_value(cfg, summary, required=False)
+
+
+def failure_exit(error: Exception, path: Any) -> SystemExit:
+    """A failure of `prefopt train` / `prefopt eval` said in one line on stderr, as the exit it causes: 2 for the
+    user's input (config, data, model, an unwritable run dir), 1 for a failed run. Anything else is a bug: re-raised
+    with its traceback (call this inside the `except` that caught it)."""
+    from prefopt.errors import NonFiniteTrainingError
+    from prefopt.launch import WorkerError
+
+    if isinstance(error, user_errors()):
+        message, code = str(error), 2
+    elif isinstance(error, (WorkerError, NonFiniteTrainingError)):
+        message, code = str(error), 1
+    elif isinstance(error, OSError) and error.errno in UNWRITABLE_HINTS:
+        message, code = unwritable_message(error, path), 2
+    else:
+        raise error
+    print(f"prefopt: error: {message}", file=sys.stderr)
+    return SystemExit(code)
 
 
 def resolve_shown_config(argv: list[str]) -> list[str]:
@@ -171,7 +210,7 @@ def completion_query(argv: list[str]) -> int:
     """Bash/zsh completion calls `prefopt -sc query=bash` with the whole line in COMP_LINE: drop the
     subcommand word from it so Hydra completes that subcommand's overrides."""
     words = os.environ.get("COMP_LINE", "").split(" ", 2)
-    apps = {"train": train_app}
+    apps = {"train": train_app, "eval": eval_app}
     if len(words) < 2 or words[1] not in apps:
         print(" ".join(apps))  # completing the subcommand itself
         return 0
@@ -190,6 +229,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return run_hydra_app(train_app, "train", resolve_shown_config(rest))
+    if command == "eval":
+        from prefopt.evalrun import policy_argument
+
+        return run_hydra_app(eval_app, "eval", resolve_shown_config(policy_argument(rest)))
     if command == "worker":
         return worker_command(rest)
     if command == "plot":

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import ConfigError  # noqa: F401  (re-exported: prefopt.config.ConfigError)
+from prefopt.schedules import check_length_config, check_schedule_config
 
 
 @dataclass
@@ -81,14 +82,24 @@ class ArithConfig:
 
 
 @dataclass
+class DatasetColumnsConfig:
+    prompt: Any = None  # column holding the prompt, or a list joined by newlines ([instruction,input]); null = "prompt"
+    chosen: Optional[str] = None  # column holding the chosen response; null = "chosen"
+    rejected: Optional[str] = None  # column holding the rejected response; null = "rejected"
+
+
+@dataclass
 class DatasetConfig:
     name: str = "arith"  # arith | hh_rlhf | ultrafeedback | local
-    path: Optional[str] = None  # hub id or a local .json/.jsonl/.parquet file
-    subset: Optional[str] = None  # hub data_dir / config (hh_rlhf: helpful-base)
+    path: Optional[str] = None  # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
+    subset: Optional[str] = None  # hub config name: load_dataset(path, subset)
+    data_dir: Optional[str] = None  # folder inside the hub repo: load_dataset(path, data_dir=...) (hh_rlhf: helpful-base)
+    columns: DatasetColumnsConfig = field(default_factory=DatasetColumnsConfig)  # the data's own column names (prefopt/data/columns.py)
+    cache_dir: Optional[str] = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized"  # tokenized pairs cache; null = off
     train_split: str = "train"  # split used for training
     eval_split: Optional[str] = "test"  # held-out split; null = carve eval_fraction out of train
     eval_fraction: float = 0.1  # share of train held out when there is no eval split
-    format: str = "auto"  # auto | strings | messages | hh: how rows are laid out
+    format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages: how rows are laid out
     chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
     max_length: int = 512  # prompt + response tokens, after truncation
     max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
@@ -123,19 +134,24 @@ class HardwareConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 20  # optimizer steps
+    max_steps: Optional[int] = 20  # optimizer steps (null with trainer.num_epochs: derived from the data)
+    num_epochs: Optional[float] = None  # train for this many passes over the train split instead of max_steps (both set = error)
     seed: int = 0  # seeds data order, model init (tiny) and dropout
     micro_batch_size: int = 2  # pairs per forward pass
     grad_accum: int = 1  # micro batches per optimizer step
     lr: float = 5.0e-6  # peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    warmup_steps: int = 0  # linear warmup from 0 to lr
-    lr_schedule: str = "cosine"  # cosine | linear | constant after warmup
+    warmup_steps: Optional[int] = None  # linear warmup from 0 to lr over N steps (null = none, or trainer.warmup_ratio)
+    warmup_ratio: Optional[float] = None  # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
+    lr_schedule: str = "cosine"  # any transformers schedule name: linear | cosine | cosine_with_min_lr | constant_with_warmup | constant | polynomial | inverse_sqrt | ... (prefopt/schedules.py)
+    min_lr_ratio: Optional[float] = None  # the floor of a schedule that has one (cosine_with_min_lr, ...), as a share of lr
+    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)  # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
     batching: str = "packed"  # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
     packed_row_tokens: int = 1024  # token budget of a packed row (a longer pair gets a row of its own)
+    group_by_length: bool = False  # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
     log_every: int = 1  # write train metrics every N steps
     eval_every: int = 10  # held-out eval every N steps (0 = only at start and end)
     eval_batch_size: int = 4  # pairs per eval forward
@@ -144,11 +160,12 @@ class TrainerConfig:
     max_new_tokens: int = 16  # generation length for greedy eval
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     save_final: bool = True  # save the policy in HF format at the end
-    resume: Any = False  # false | true (this run dir's last checkpoint) | a run dir or checkpoint path
+    save_total_limit: Optional[int] = 2  # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
+    resume: Any = False  # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
     max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
     save_on_interrupt: bool = True  # Ctrl-C (one process) checkpoints the last whole step before exiting
-    objective: str = "eval/rewards/accuracy"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
+    objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
     objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
 
 
@@ -178,16 +195,26 @@ class WandbConfig:
     group: Optional[str] = None  # W&B group (sweeps set it)
     name: Optional[str] = None  # run name (null = derived from the overrides)
     tags: List[str] = field(default_factory=list)  # W&B tags
+    console: str = "auto"  # capture stdout/stderr into the run's Logs tab: auto | wrap | redirect | off
+    system_metrics: bool = True  # sample CPU, GPU, memory, disk and network usage into the run's System charts
+    system_sample_seconds: float = 15.0  # seconds between those samples (W&B's default; at least 0.1)
 
 
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases settings
+    console: str = "auto"  # fancy (a progress line redrawn in place) | plain (no carriage returns: SLURM logs) | auto (fancy when stderr is a terminal)
 
 
 @dataclass
 class SweepConfig:
     continue_on_failure: bool = True  # multirun: a failed job is recorded (error.txt; report: failed) and the others run; false = the first failure stops the sweep
+
+
+@dataclass
+class EvalConfig:
+    policy: Optional[str] = None  # `prefopt eval`: a run dir (newest valid checkpoint), a checkpoint dir, or an HF model dir / hub id (base: model=); null = the base model
+    baseline: bool = True  # `prefopt eval`: also evaluate the base model as step 0 (deltas, greedy accuracy before/after)
 
 
 @dataclass
@@ -201,6 +228,7 @@ class Config:
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
     sweep: SweepConfig = field(default_factory=SweepConfig)  # multirun (`prefopt train -m`) behaviour
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
 
 
@@ -220,7 +248,7 @@ CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "dataset.name": ("arith", "hh_rlhf", "ultrafeedback", "local"),
-    "dataset.format": ("auto", "strings", "messages", "hh"),
+    "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages"),
     "dataset.chat_template": ("auto", "always", "never"),
     "dataset.on_bad_row": ("error", "skip"),
     "dataset.arith.rejected_style": ("near", "offpolicy"),
@@ -228,11 +256,12 @@ CHOICES = {
     "hardware.launcher": ("inline", "torchrun", "slurm"),
     "hardware.engine": ("torch", "deepspeed"),
     "hardware.zero_stage": (0, 1, 2, 3),
-    "trainer.lr_schedule": ("cosine", "linear", "constant"),
     "trainer.batching": ("packed", "padded"),
     "reference.precompute": ("auto", True, False),
     "trainer.objective_direction": ("maximize", "minimize"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
+    "logger.console": ("auto", "fancy", "plain"),
+    "logger.wandb.console": ("auto", "wrap", "redirect", "off"),
 }
 
 # key -> (lowest allowed, whether the bound itself is allowed)
@@ -258,6 +287,7 @@ LOWER_BOUNDS = {
     "trainer.greedy_eval_examples": (0, True),
     "trainer.max_new_tokens": (1, True),
     "trainer.save_every": (0, True),
+    "trainer.save_total_limit": (1, True),
     "trainer.max_skipped_steps": (1, True),
     "dataset.max_length": (2, True),
     "dataset.max_prompt_length": (1, True),
@@ -273,11 +303,12 @@ LOWER_BOUNDS = {
     "dataset.arith.num_train": (1, True),
     "dataset.arith.num_eval": (1, True),
     "dataset.arith.max_operand": (1, True),
+    "logger.wandb.system_sample_seconds": (0.1, True),
 }
 
 
 MAX_LEARNING_RATE = 1.0  # AdamW moves every weight by about lr per step: past 1 training diverges at once
-UNTYPED_GROUPS = ("loss",)  # keys checked by prefopt.losses.validate_loss_config, per loss
+UNTYPED_GROUPS = ("loss", "trainer.lr_scheduler_kwargs")  # keys checked elsewhere: per loss (prefopt.losses), per schedule (prefopt.schedules)
 
 
 def check_known_keys(values: dict, schema: dict, prefix: str = "") -> None:
@@ -345,7 +376,10 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
-        raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl or .parquet)")
+        raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)")
+    from prefopt.data.columns import ColumnMap
+
+    ColumnMap.from_config(cfg.dataset.columns)  # a ConfigError naming the dataset.columns key
     hardware = cfg.hardware
     if hardware.gpus_per_node * hardware.nodes > 1 and hardware.engine != "deepspeed":
         raise ConfigError(f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)")
@@ -371,12 +405,21 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file")
     resume = cfg.trainer.resume
     if not isinstance(resume, (bool, str)):
-        raise ConfigError(f"trainer.resume={resume!r} must be true, false or a path to a run dir or checkpoint")
+        raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
+    check_length_config(cfg.trainer)
+    check_schedule_config(cfg.trainer)
     if cfg.hardware.device == "cuda" and cfg.hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
+
+    from prefopt.metrics import renamed_metric
+
+    renamed = renamed_metric(cfg.trainer.objective)
+    if renamed:  # caught here, not after training when the summary lacks the old name
+        raise ConfigError(f"trainer.objective={cfg.trainer.objective}: that metric is now named {renamed} (TRL's name); "
+                          f"use trainer.objective={renamed}")
 
     from prefopt.losses import validate_loss_config
 

@@ -54,6 +54,14 @@ class DistInfo:
         dist.all_gather(parts, values.contiguous())
         return torch.cat(parts)
 
+    def gather_objects(self, value) -> list:
+        """Every rank's picklable `value`, in rank order (texts, tables: results that are not tensors)."""
+        if not self.initialized or self.world_size == 1:
+            return [value]
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
     def sum(self, value: float) -> float:
         return self._all_reduce(value, dist.ReduceOp.SUM)
 

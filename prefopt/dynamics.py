@@ -25,13 +25,16 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from prefopt.data import DataError, PreferenceData, TokenizedPair
 from prefopt.data.layout import build_batch
 from prefopt.data.tokenize import end_of_turn_ids
+from prefopt.distributed import DistInfo
 from prefopt.logps import TokenLogps, sequence_logps
+from prefopt.sharding import sharded_objects, sharded_pass
 
 RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
 OTHER_TYPES = ("other_train", "other_test", "permuted", "random")
@@ -137,33 +140,43 @@ def sequence_stats(model, prompt_ids: list[list[int]], response_ids: list[list[i
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def probe_stats(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str, row_tokens: int) -> dict[str, dict[str, torch.Tensor]]:
+def probe_stats(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str, row_tokens: int,
+                dist: Optional[DistInfo] = None) -> dict[str, dict[str, torch.Tensor]]:
     """token_sums of every response type of every probe: response type -> stat -> (probes,). Each probe's
-    prompt and all its responses form one group, so the packed layout computes the prompt once."""
+    prompt and all its responses form one group, so the packed layout computes the prompt once. With
+    several ranks each scores a shard of the probes and every rank gets all of them (sharding.py)."""
     names = list(probe_set.responses)
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in names}
-    for start in range(0, len(probe_set), batch_size):
-        probes = range(start, min(start + batch_size, len(probe_set)))
+    keys: list[str] = []
+
+    def score(probes: list[int], peer_scored_tokens: int) -> torch.Tensor:
         count = len(probes)
         groups = [(probe_set.prompt_ids[probe], [(kind * count + offset, probe_set.responses[name][probe]) for kind, name in enumerate(names)])
                   for offset, probe in enumerate(probes)]
-        token = sequence_logps(model, build_batch(groups, PAD_ID, layout, row_tokens).to(device), chunk_size, with_stats=True)
-        sums = token_sums(token, with_stats=True)
-        for kind, name in enumerate(names):
-            for key, value in sums.items():
-                parts[name].setdefault(key, []).append(value[kind * count : (kind + 1) * count])
-    return {name: {key: torch.cat(values) for key, values in stats.items()} for name, stats in parts.items()}
+        batch = build_batch(groups, PAD_ID, layout, row_tokens).to(device)
+        sums = token_sums(sequence_logps(model, batch, chunk_size, with_stats=True, min_scored_tokens=peer_scored_tokens), with_stats=True)
+        keys[:] = list(sums)
+        # columns: response type major, stat minor; rows: probes
+        return torch.stack([sums[key][kind * count : (kind + 1) * count] for kind in range(len(names)) for key in keys], dim=1)
+
+    def probe_tokens(probe: int) -> int:
+        return sum(len(probe_set.responses[name][probe]) for name in names)
+
+    values = sharded_pass(len(probe_set), batch_size, dist or DistInfo(), score, probe_tokens)
+    columns = iter(values.to(torch.float32).unbind(dim=1))
+    return {name: {key: next(columns) for key in keys} for name in names}
 
 
 @torch.no_grad()
-def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str = "packed", row_tokens: int = 1024) -> dict[str, float]:
+def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str = "packed", row_tokens: int = 1024,
+                    dist: Optional[DistInfo] = None) -> dict[str, float]:
     """Mean over probes of each response type's summed (`logp`) and per-token mean (`logp_mean`) log-prob,
     the greedy path's, the mean of the four others', and mass metrics on the chosen positions (each a
-    mean over probes of the per-token mean). Keys: dynamics/<type>/logp[_mean], dynamics/mass/<metric>."""
+    mean over probes of the per-token mean). Keys: dynamics/<type>/logp[_mean], dynamics/mass/<metric>.
+    With several ranks (dist) each scores a shard of the probes; every rank returns the same metrics."""
     was_training = model.training
     model.eval()
     try:
-        all_stats = probe_stats(model, probe_set, chunk_size, device, batch_size, layout, row_tokens)
+        all_stats = probe_stats(model, probe_set, chunk_size, device, batch_size, layout, row_tokens, dist)
     finally:
         model.train(was_training)
     metrics: dict[str, float] = {}
@@ -182,34 +195,43 @@ def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_s
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, device, batch_size: int = 16) -> list[str]:
+def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, device, batch_size: int = 16,
+                    dist: Optional[DistInfo] = None) -> list[str]:
     """Greedy continuations of token-id prompts (left-padded for generation), decoded without specials.
     Generation stops at EOS or where the chat template ends a turn (<|im_end|> on a base model whose EOS
-    is <|endoftext|>): the responses were trained to end there."""
+    is <|endoftext|>): the responses were trained to end there.
+
+    With several ranks (dist) each generates a shard of the prompts and every rank returns all texts. The
+    ranks decode in lockstep (synced_gpus: a rank whose answers ended keeps stepping until every rank's
+    have), so under ZeRO-3 they run the same forwards."""
+    dist = dist or DistInfo()
+    lockstep = dist.initialized and dist.world_size > 1
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = end_of_turn_ids(tokenizer)
-    texts = []
+
+    def generate(indices: list[int]) -> list[str]:
+        chunk = [prompt_ids[index] for index in indices]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+        generated = model.generate(
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad, eos_token_id=stop_ids, synced_gpus=lockstep,
+        )
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in generated[:, width:]]
+
     try:
-        for start in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[start : start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-            generated = model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=stop_ids,
-            )
-            texts += [tokenizer.decode(row, skip_special_tokens=True) for row in generated[:, width:]]
+        return sharded_objects(len(prompt_ids), batch_size, dist, generate)
     finally:
         model.train(was_training)
-    return texts
 
 
-def generate_probes(model, tokenizer, probe_set: ProbeSet, num: int, max_new_tokens: int, device) -> list[list[str]]:
+def generate_probes(model, tokenizer, probe_set: ProbeSet, num: int, max_new_tokens: int, device,
+                    dist: Optional[DistInfo] = None) -> list[list[str]]:
     """[[prompt, greedy generation], ...] for the first `num` probes (dynamics.generate)."""
-    generations = greedy_generate(model, tokenizer, probe_set.prompt_ids[:num], max_new_tokens, device)
+    generations = greedy_generate(model, tokenizer, probe_set.prompt_ids[:num], max_new_tokens, device, dist=dist)
     return [[prompt, text] for prompt, text in zip(probe_set.prompts[:num], generations)]
 
 

@@ -13,23 +13,26 @@ import torch
 from omegaconf import DictConfig
 
 from prefopt.checkpoint import check_trusted, safe_load
-
-
-def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
-    """Linear warmup to 1, then cosine / linear decay to 0 at max_steps, or constant."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+from prefopt.schedules import build_scheduler
 
 
 def is_adapter_dir(directory: Path) -> bool:
     return (directory / "adapter_config.json").is_file()
+
+
+def load_policy_weights(model: torch.nn.Module, location: str, local_files_only: bool = True) -> None:
+    """Trained weights into `model` in place (its dtype and wrapping kept): a LoRA adapter dir's adapters (the
+    model is the peft-wrapped base), else a whole HF model's weights: a checkpoint's policy/, an export, a hub id."""
+    if is_adapter_dir(Path(location)):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(Path(location) / "adapter_model.safetensors"))
+        return
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(location, dtype=next(model.parameters()).dtype, local_files_only=local_files_only)
+    model.load_state_dict(saved.state_dict())
 
 
 class TorchEngine:
@@ -46,10 +49,7 @@ class TorchEngine:
             self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adam)
         else:
             self.optimizer = torch.optim.AdamW(trainable, **adam)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_multiplier(step, trainer_cfg.warmup_steps, trainer_cfg.max_steps, trainer_cfg.lr_schedule),
-        )
+        self.scheduler = build_scheduler(self.optimizer, trainer_cfg)  # transformers' schedule (prefopt/schedules.py)
 
     @property
     def lr(self) -> float:
@@ -86,16 +86,7 @@ class TorchEngine:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory / self.ENGINE_STATE)  # plain tensors and containers: loads with weights_only
 
     def load(self, directory: Path) -> None:
-        if is_adapter_dir(directory / "policy"):  # LoRA: the checkpoint holds the adapters only
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.model, load_file(directory / "policy" / "adapter_model.safetensors"))
-        else:
-            from transformers import AutoModelForCausalLM
-
-            saved = AutoModelForCausalLM.from_pretrained(directory / "policy", dtype=next(self.model.parameters()).dtype)
-            self.model.load_state_dict(saved.state_dict())
+        load_policy_weights(self.model, str(directory / "policy"))
         state = safe_load(directory / self.ENGINE_STATE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

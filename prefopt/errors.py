@@ -28,5 +28,10 @@ class NonFiniteTrainingError(RuntimeError):
     """Training produced non-finite values it could not skip past. The message says where and what to try."""
 
 
+class HubError(RuntimeError):
+    """The Hugging Face Hub cannot take an upload (offline, unreachable, not logged in, refused). The message says
+    what is complete locally and how to push it later."""
+
+
 # what `prefopt train` reports as one line: (error types, exit code)
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, HubError)

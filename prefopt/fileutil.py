@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -56,3 +57,38 @@ def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks (weights and data files can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(paths: list[Path], memo_path: Path) -> str:
+    """One digest of the files' contents. Each file is hashed once per (size, mtime) and remembered in
+    memo_path, so a sweep of many runs (and every run after the first) reads no file twice. Used for
+    model weights (the reference cache) and data files (the tokenized-pairs cache)."""
+    memo = {}
+    if memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except ValueError:
+            memo = {}
+    combined = hashlib.sha256()
+    changed = False
+    for path in sorted(paths):
+        info = path.stat()
+        stamp = f"{info.st_size}:{info.st_mtime_ns}"
+        entry = memo.get(str(path))
+        if not entry or entry.get("stamp") != stamp:
+            entry = {"stamp": stamp, "sha256": file_digest(path)}
+            memo[str(path)] = entry
+            changed = True
+        combined.update(f"{path.name}:{entry['sha256']}|".encode())
+    if changed:
+        atomic_write_json(memo_path, memo)
+    return combined.hexdigest()

@@ -9,16 +9,17 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.checkpoint import CHECKPOINTS
+from prefopt.checkpoint import CHECKPOINTS, checkpoint_candidates
 from prefopt.config import ConfigError, validate_config
 from prefopt.distributed import is_follower_host, wait_for_frozen_config
 from prefopt.fileutil import atomic_write_text
 from prefopt import rundir
 from prefopt.models import resolve_model_source
+from prefopt.resume import find_latest_run, no_checkpoint_error, resume_mode, search_roots
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
 from prefopt.worker import ERROR_FILE
@@ -39,9 +40,13 @@ def git_revision() -> str:
         return "unknown (git not available)"
 
 
-def resume_run_dir(resume: Any, hydra_dir: Path) -> Path:
-    """trainer.resume=PATH continues that run in its own dir; otherwise the run writes to Hydra's dir."""
-    if isinstance(resume, bool) or resume in ("true", "false", "True", "False", ""):
+def resume_run_dir(resume: Any, hydra_dir: Path, cfg: Optional[DictConfig] = None) -> Path:
+    """trainer.resume=PATH continues that run in its own dir, trainer.resume=latest the newest run with this
+    config (prefopt/resume.py) in its; otherwise the run writes to Hydra's dir."""
+    mode = resume_mode(resume)
+    if mode == "latest":
+        return find_latest_run(cfg, search_roots(hydra_dir), exclude=hydra_dir).run_dir
+    if mode != "path":
         return hydra_dir
     path = Path(resume).expanduser().resolve()
     if (path / CHECKPOINTS).is_dir():
@@ -58,14 +63,18 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
         raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
     validate_config(cfg)
     if is_follower_host(cfg.hardware):  # torchrun across hosts: node_rank 0 freezes and locks the run dir; this host waits for it
-        return wait_for_frozen_config(resume_run_dir(cfg.trainer.resume, hydra_dir))
+        return wait_for_frozen_config(resume_run_dir(cfg.trainer.resume, hydra_dir, cfg))
     settle_hardware(cfg)  # hardware=auto -> the preset that fits (or a refusal), before the model is even looked for
     resolve_model_source(cfg.model)
-    run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir)
+    run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir, cfg)
     rundir.acquire(run_dir)  # one owner per run dir, held until dispatch() returns
     try:
-        resuming = cfg.trainer.resume not in (False, "false", "False", "") or restart_count() > 0
-        rundir.refuse_reuse(run_dir, resuming)
+        mode = resume_mode(cfg.trainer.resume)
+        if mode == "this" and restart_count() == 0 and not checkpoint_candidates(run_dir):
+            raise no_checkpoint_error(run_dir, search_roots(hydra_dir), cfg)
+        rundir.refuse_reuse(run_dir, mode != "off" or restart_count() > 0)
+        if run_dir.resolve() != hydra_dir.resolve():
+            follow_log(run_dir, hydra_dir)
         for stale in run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")):
             stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
         frozen = OmegaConf.to_container(cfg, resolve=True)
@@ -74,25 +83,52 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
         atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
         atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
     except BaseException:
+        unfollow_log(run_dir)
         rundir.release(run_dir)
         raise
     return run_dir
+
+
+_followed_logs: dict[Path, logging.Handler] = {}  # run dir -> the handler that appends this launch's log to it
+
+
+def follow_log(run_dir: Path, hydra_dir: Path) -> None:
+    """A run continued in another dir (trainer.resume=PATH or latest) logs there too, appended to its own
+    log file (Hydra's is opened in this launch's new dir before any prefopt code runs)."""
+    hydra_files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)
+                   and Path(handler.baseFilename).parent == hydra_dir.resolve()]
+    name = Path(hydra_files[0].baseFilename).name if hydra_files else "train.log"
+    log.info("continuing the run in %s; this launch logs to %s", run_dir, run_dir / name)
+    handler = logging.FileHandler(run_dir / name, mode="a")
+    if hydra_files:
+        handler.setFormatter(hydra_files[0].formatter)
+        handler.setLevel(hydra_files[0].level)
+    logging.getLogger().addHandler(handler)
+    _followed_logs[run_dir] = handler
+
+
+def unfollow_log(run_dir: Path) -> None:
+    handler = _followed_logs.pop(run_dir, None)
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 class WorkerError(RuntimeError):
     """A worker failed; the message carries the failing rank's traceback."""
 
 
-def dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the worker body: in this process (inline, or as this SLURM task's rank) or as torchrun's workers.
-    Releases the run dir's lock (taken by prepare_run) when the run ends, however it ends."""
+def dispatch(cfg: DictConfig, run_dir: Path, command: str = "train") -> dict[str, Any]:
+    """Run the worker body (command: worker.WORKER_COMMANDS): in this process (inline, or as this SLURM task's rank)
+    or as torchrun's workers. Releases the run dir's lock (taken by prepare_run) when the run ends, however it ends."""
     try:
-        return _dispatch(cfg, run_dir)
+        return _dispatch(cfg, run_dir, command)
     finally:
+        unfollow_log(run_dir)
         rundir.release(run_dir)
 
 
-def _dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _dispatch(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     from prefopt.slurm import in_slurm_task
     from prefopt.worker import run_worker
 
@@ -101,16 +137,16 @@ def _dispatch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             log.warning("hardware.launcher=slurm and this is not a SLURM task: nothing was trained. The run dir is frozen; "
                         "train it with `sbatch scripts/slurm/train.sbatch %s` (or sweep with -m hydra/launcher=slurm)", run_dir)
             return {}
-        return run_worker(run_dir / "config.yaml")  # ranks from SLURM's environment, no launcher inside the job
+        return run_worker(run_dir / "config.yaml", command)  # ranks from SLURM's environment, no launcher inside the job
     if in_slurm_task() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         raise ConfigError(f"this SLURM job has {os.environ['SLURM_NTASKS']} tasks but hardware.launcher={cfg.hardware.launcher} "
                           "would start every rank in each of them; use a slurm_* hardware preset (launcher: slurm)")
     if cfg.hardware.launcher == "inline":
-        return run_worker(run_dir / "config.yaml")
-    return run_torchrun(cfg, run_dir)
+        return run_worker(run_dir / "config.yaml", command)
+    return run_torchrun(cfg, run_dir, command)
 
 
-def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") -> dict[str, Any]:
     import json
     import signal
     import sys
@@ -120,7 +156,7 @@ def run_torchrun(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ranks = cfg.hardware.gpus_per_node
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", *torchrun_node_args(cfg.hardware),
-        "-m", "prefopt.worker", str(run_dir / "config.yaml"),
+        "-m", "prefopt.worker", str(run_dir / "config.yaml"), *(["--command", command_name] if command_name != "train" else []),
     ]
     env = dict(os.environ)
     if cfg.hardware.device == "cpu":

@@ -39,6 +39,7 @@ class TokenLogps:
     mask: torch.Tensor  # (N, T) 1.0 on response positions
     max_logps: Optional[torch.Tensor] = None  # (N, T) max_v log pi(v | ...): the greedy token's log-prob
     entropy: Optional[torch.Tensor] = None  # (N, T) entropy of the next-token distribution
+    mean_logits: Optional[torch.Tensor] = None  # (N, T) mean over the vocabulary of the (post-processed) logits, no gradient
 
     @property
     def summed(self) -> torch.Tensor:
@@ -98,22 +99,33 @@ def intercepted_head(head: torch.nn.Module):
 
 
 def _chunk_logps(head, postprocess, hidden: torch.Tensor, targets: torch.Tensor, with_stats: bool):
+    """(token log-probs, mean logit per position[, max log-prob, entropy]) of one chunk of positions.
+
+    The mean logit (TRL's `logits/*` metrics) is one reduction of the fp32 logits the log-softmax reads
+    anyway; they are dropped before the stats so no more vocab-sized tensors are alive than before."""
     # the head module is called (not its weight read) so ZeRO-3 hooks gather the partitioned weight
     logits = head(hidden)
     if postprocess is not None:
         logits = postprocess(logits)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    mean_logits = logits.detach().mean(dim=-1)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    del logits
     token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_stats:
-        return (token_logps,)
+        return token_logps, mean_logits
     max_logps = log_probs.max(dim=-1).values
     entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return token_logps, max_logps, entropy
+    return token_logps, mean_logits, max_logps, entropy
 
 
-def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: bool = False) -> TokenLogps:
+def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: bool = False, min_scored_tokens: int = 0) -> TokenLogps:
     """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
-    result is sequence i, column k its k-th response token; identical numbers for padded and packed."""
+    result is sequence i, column k its k-th response token; identical numbers for padded and packed.
+
+    min_scored_tokens: call the head as if at least this many tokens were scored (empty chunks past the
+    end). Ranks scoring different batches in step (sharding.py) pass the same value, so they call the
+    head equally often: under ZeRO-3 each call gathers its weight collectively."""
     head = output_head(model)
     postprocess = logit_postprocessor(model.config)
     attention_mask = model_attention_mask(model, batch.attention_mask)
@@ -124,7 +136,7 @@ def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: boo
             raise LogitsPathError(f"{type(model).__name__}'s forward never called its output head; prefopt cannot score it")
         scored_hidden = captured["hidden"][batch.predictor_rows, batch.predictor_cols]  # (S, H): only positions that score
         outputs = []
-        for start in range(0, max(scored_hidden.shape[0], 1), chunk_size):
+        for start in range(0, max(scored_hidden.shape[0], min_scored_tokens, 1), chunk_size):
             args = (head, postprocess, scored_hidden[start : start + chunk_size], batch.targets[start : start + chunk_size], with_stats)
             if torch.is_grad_enabled():
                 outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
@@ -136,7 +148,8 @@ def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: boo
     per_token = [torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.cat(parts))
                  for parts in zip(*outputs)]
     mask = torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.ones_like(batch.targets, dtype=torch.float32))
-    return TokenLogps(per_token[0], mask, *per_token[1:])
+    stats = dict(zip(("max_logps", "entropy"), per_token[2:]))
+    return TokenLogps(per_token[0], mask, mean_logits=per_token[1], **stats)
 
 
 def model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:

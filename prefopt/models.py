@@ -57,7 +57,7 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
         cached = None
     if isinstance(cached, str):
         return ModelSource("hub_cache", path, f"hub:{path}")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
+    if hub_offline() or not hub_reachable():
         raise ModelNotFoundError(
             f"model '{model_cfg.name}' ({path}) is not in the local Hugging Face cache and the hub cannot be reached "
             f"(offline). Download it on a machine with internet (huggingface-cli download {path} --local-dir DIR), "
@@ -69,6 +69,13 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
 def names_local_path(path: str) -> bool:
     """A directory, or a path that looks local: it must never be looked up on the hub nor ignored."""
     return os.path.isdir(path) or path.startswith((".", "/", "~"))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set, read now (huggingface_hub reads it once, at its import)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off") or bool(constants.HF_HUB_OFFLINE)
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

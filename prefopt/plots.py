@@ -27,18 +27,20 @@ from prefopt.tracking import DYNAMICS_FILE, read_jsonl
 OVERRIDES_FILE = "overrides.yaml"
 DEFAULT_PLOT = "dynamics.png"
 # (panel title, metric key, y-axis label): the squeezing story reads left to right, top to bottom
+LOGP_LABEL = "summed log-prob (nats)"
+STEP_LABEL = "training step"
 PANELS = (
-    ("chosen", "dynamics/chosen/logp", "summed log-prob"),
-    ("rejected", "dynamics/rejected/logp", "summed log-prob"),
-    ("greedy (argmax path)", "dynamics/greedy/logp", "summed log-prob"),
-    ("others (mean of the four below)", "dynamics/others/logp", "summed log-prob"),
-    ("other_train", "dynamics/other_train/logp", "summed log-prob"),
-    ("other_test", "dynamics/other_test/logp", "summed log-prob"),
-    ("permuted", "dynamics/permuted/logp", "summed log-prob"),
-    ("random", "dynamics/random/logp", "summed log-prob"),
-    ("peakiness (chosen positions)", "dynamics/mass/peakiness", "mean max-token probability"),
-    ("entropy (chosen positions)", "dynamics/mass/entropy", "mean entropy (nats)"),
-    ("target probability (chosen)", "dynamics/mass/target_prob", "mean target-token probability"),
+    ("chosen", "dynamics/chosen/logp", LOGP_LABEL),
+    ("rejected", "dynamics/rejected/logp", LOGP_LABEL),
+    ("greedy (argmax path)", "dynamics/greedy/logp", LOGP_LABEL),
+    ("others (mean of the four below)", "dynamics/others/logp", LOGP_LABEL),
+    ("other_train", "dynamics/other_train/logp", LOGP_LABEL),
+    ("other_test", "dynamics/other_test/logp", LOGP_LABEL),
+    ("permuted", "dynamics/permuted/logp", LOGP_LABEL),
+    ("random", "dynamics/random/logp", LOGP_LABEL),
+    ("peakiness (chosen positions)", "dynamics/mass/peakiness", "mean max-token probability (0-1)"),
+    ("entropy (chosen positions)", "dynamics/mass/entropy", "mean entropy per token (nats)"),
+    ("target probability (chosen)", "dynamics/mass/target_prob", "mean target-token probability (0-1)"),
 )
 GRID = (3, 4)  # 11 panels + one that holds the legend
 DEFAULT_TITLE = "Learning dynamics: probe log-probs vs step"
@@ -75,7 +77,21 @@ def load_run(run_dir: Path) -> RunTrace:
     return RunTrace(run_label(run_dir), rows)
 
 
+def readable_axes(axis, xlabel: str, ylabel: str) -> None:
+    """Axis labels (with units), and tick labels that read as the values themselves: no offset text
+    (log-probs around -112.3 must not read as '+1.123e2' plus ticks 0.1, 0.2) and no scientific notation on
+    a linear axis; whole numbers of steps on x. Call after the scale is set (setting it resets the ticks)."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    for name, scale in (("x", axis.get_xscale()), ("y", axis.get_yscale())):
+        if scale == "linear":  # a log axis has its own formatter, without offsets
+            axis.ticklabel_format(axis=name, style="plain", useOffset=False)
+    if xlabel == STEP_LABEL:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
+    """One panel per probe metric, one line per run, and one legend (in the spare panel) for all."""
     rows, columns = GRID
     figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
     FigureCanvasAgg(figure)
@@ -87,8 +103,7 @@ def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Fi
                 steps, values = zip(*points)
                 axis.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=trace.label)
         axis.set_title(panel_title)
-        axis.set_xlabel("step")
-        axis.set_ylabel(ylabel)
+        readable_axes(axis, STEP_LABEL, ylabel)
         axis.grid(alpha=0.3)
     legend_axis = axes[len(PANELS)]
     legend_axis.axis("off")
@@ -127,7 +142,7 @@ BAND_PANELS = (
     ("greedy (argmax path)", "dynamics/greedy/logp"),
     ("others (mean of the four unrelated responses)", "dynamics/others/logp"),
 )
-BAND_Y_LABEL = "summed log-prob (nats)"
+BAND_Y_LABEL = LOGP_LABEL
 DEFAULT_BAND_TITLE = "Probe log-probs per group: mean over seeds, shaded 95% t interval"
 
 
@@ -149,8 +164,7 @@ class GroupBands:
 
 
 def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -> Figure:
-    """2 x 2 panels, one line + band per group in the same color on every panel, one legend for all.
-    Plain tick labels: log-probs around -112.3 must not read as '+1.123e2' offsets."""
+    """2 x 2 panels, one line + band per group in the same color on every panel, one legend for all."""
     figure = Figure(figsize=(11, 8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2).flatten()
@@ -163,10 +177,7 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
             axis.plot(band.steps, band.mean, color=color, marker="o", markersize=3, linewidth=1.5, label=group.label)
             axis.fill_between(band.steps, band.low, band.high, color=color, alpha=0.2, linewidth=0)
         axis.set_title(panel_title)
-        axis.set_xlabel("step")
-        axis.set_ylabel(BAND_Y_LABEL)
-        axis.ticklabel_format(axis="both", style="plain", useOffset=False)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        readable_axes(axis, STEP_LABEL, BAND_Y_LABEL)
         axis.grid(alpha=0.3)
     handles, labels = {}, []
     for axis in axes:  # a group may lack a panel's metric: collect every labelled line once

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -26,9 +25,10 @@ from prefopt.data import TokenizedPair
 from prefopt.data.layout import SequenceBatch, build_batch, pair_groups
 from prefopt.distributed import DistInfo
 from prefopt.engine import wrap_reference
-from prefopt.fileutil import exclusive_lock
+from prefopt.fileutil import exclusive_lock, file_digests
 from prefopt.logps import sequence_logps, split_pairs
 from prefopt.models import freeze
+from prefopt.sharding import sharded_pass
 
 log = logging.getLogger("prefopt")
 
@@ -42,11 +42,12 @@ class ModelReference:
         self.model, self.chunk_size, self.adapters_off = model, chunk_size, adapters_off
 
     @torch.no_grad()
-    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """min_scored_tokens: see sequence_logps (a frozen ZeRO-3 reference gathers its head per call too)."""
         if self.adapters_off:
             with self.model.disable_adapter():
-                return split_pairs(sequence_logps(self.model, batch, self.chunk_size).summed)
-        return split_pairs(sequence_logps(self.model, batch, self.chunk_size).summed)
+                return split_pairs(sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed)
+        return split_pairs(sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed)
 
 
 def pair_key(pair: TokenizedPair) -> tuple:
@@ -57,7 +58,7 @@ class CachedReference:
     def __init__(self, table: dict[tuple, tuple[float, float]], device: torch.device):
         self.table, self.device = table, device
 
-    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         values = torch.tensor([self.table[pair_key(pair)] for pair in pairs], dtype=torch.float32, device=self.device)
         return values[:, 0], values[:, 1]
 
@@ -69,34 +70,6 @@ def weights_fingerprint(model) -> str:
         digest.update(name.encode() + str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def file_digests(paths: list[Path], memo_path: Path) -> str:
-    """One digest of the files' contents. Each file is hashed once per (size, mtime) and remembered in
-    memo_path, so a sweep of many runs (and every run after the first) reads no weight bytes."""
-    from prefopt.checkpoint import file_digest
-    from prefopt.fileutil import atomic_write_json
-
-    memo = {}
-    if memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except ValueError:
-            memo = {}
-    combined = hashlib.sha256()
-    changed = False
-    for path in sorted(paths):
-        info = path.stat()
-        stamp = f"{info.st_size}:{info.st_mtime_ns}"
-        entry = memo.get(str(path))
-        if not entry or entry.get("stamp") != stamp:
-            entry = {"stamp": stamp, "sha256": file_digest(path)}
-            memo[str(path)] = entry
-            changed = True
-        combined.update(f"{path.name}:{entry['sha256']}|".encode())
-    if changed:
-        atomic_write_json(memo_path, memo)
-    return combined.hexdigest()
 
 
 def reference_fingerprint(model, model_cfg: DictConfig, weight_paths: Optional[list[Path]], seed: int, dist: DistInfo) -> str:
@@ -126,25 +99,23 @@ def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str)
 
 
 def compute_reference_logps(model, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int) -> torch.Tensor:
-    """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather."""
+    """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather (sharding.py)."""
     reference = ModelReference(model, cfg.trainer.logp_chunk_size)
-    batch_size = cfg.trainer.eval_batch_size
-    indices = list(range(dist.rank, len(pairs), dist.world_size))
-    shard = torch.zeros(-(-len(pairs) // dist.world_size), 2, dtype=torch.float64)
+
+    def score(indices: list[int], peer_scored_tokens: int) -> torch.Tensor:
+        chunk = [pairs[index] for index in indices]
+        batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(device)
+        return torch.stack(reference.logps(chunk, batch, peer_scored_tokens), dim=1)
+
+    def pair_tokens(index: int) -> int:
+        return len(pairs[index].chosen_ids) + len(pairs[index].rejected_ids)
+
     was_training = model.training
     model.eval()
-    for start in range(0, len(indices), batch_size):
-        chunk = [pairs[i] for i in indices[start : start + batch_size]]
-        batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(device)
-        chosen, rejected = reference.logps(chunk, batch)
-        shard[start : start + len(chunk)] = torch.stack([chosen, rejected], dim=1).double().cpu()
-    model.train(was_training)
-    gathered = dist.gather_cat(shard.flatten()).view(dist.world_size, -1, 2)
-    values = torch.empty(len(pairs), 2, dtype=torch.float64)
-    for rank in range(dist.world_size):
-        rank_indices = list(range(rank, len(pairs), dist.world_size))
-        values[rank_indices] = gathered[rank, : len(rank_indices)]
-    return values
+    try:
+        return sharded_pass(len(pairs), cfg.trainer.eval_batch_size, dist, score, pair_tokens)
+    finally:
+        model.train(was_training)
 
 
 def values_digest(values: torch.Tensor) -> str:

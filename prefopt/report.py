@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from prefopt.errors import ConfigError
 from prefopt.fileutil import atomic_write_text
+from prefopt.metrics import with_current_names
 from prefopt.plots import BAND_PANELS, Band, GroupBands, RunDirError, plot_bands, plot_runs, run_label, run_overrides
 from prefopt.stats import Estimate, PairedDifference, estimate, paired_difference, sorted_seeds
 from prefopt.tracking import DYNAMICS_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
@@ -40,7 +41,7 @@ SUMMARY_COLUMNS = {
     "dRejected": "delta/rejected",
     "dOthers": "delta/others",
     "dGreedy": "delta/greedy",
-    "eval_accuracy": "eval/rewards/accuracy",
+    "eval_accuracy": "eval/rewards/accuracies",
     "steps": "steps",
 }
 COLUMNS = ("job", "overrides", *SUMMARY_COLUMNS, "status")
@@ -57,9 +58,11 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def read_summary(job_dir: Path) -> Optional[dict[str, Any]]:
+    """summary.json with today's metric names: a job run before prefopt took TRL's names
+    (eval/rewards/accuracy) reports next to new ones (eval/rewards/accuracies), not as a blank."""
     path = job_dir / SUMMARY_FILE
     try:
-        return json.loads(path.read_text())
+        return with_current_names(json.loads(path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -130,7 +133,7 @@ CONFIG_FILE = "config.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"  # Hydra's record of the job, with the config-group choices
 GATE_MEAN_KEY = "train/gate/mean"
 # the markdown table's columns; report_groups.csv has every metric
-HEADLINE_METRICS = ("delta/chosen", "delta/rejected", "delta/others", "delta/greedy", "eval/rewards/accuracy", GATE_MEAN_KEY)
+HEADLINE_METRICS = ("delta/chosen", "delta/rejected", "delta/others", "delta/greedy", "eval/rewards/accuracies", GATE_MEAN_KEY)
 ALWAYS_SHOWN = HEADLINE_METRICS[:-1]  # the gate column only appears when some group ran with a gate
 GROUP_CSV_STATS = ("n", "mean", "std", "ci_low", "ci_high")
 NO_INTERVAL = "n<2: no interval"
@@ -388,24 +391,26 @@ def paired_differences(group: Group, baseline: Group) -> dict[str, PairedDiffere
     return {name: paired_difference(by_seed(group.jobs, name), by_seed(baseline.jobs, name)) for name in names}
 
 
-def find_baseline(groups: list[Group], baseline: Optional[list[str]], group_by: list[str]) -> Optional[Group]:
-    """The one group whose settings match `--baseline key=value[,key=value]` (values compared as Hydra reads them)."""
+def find_baselines(groups: list[Group], baseline: Optional[list[str]], group_by: list[str]) -> dict[str, Group]:
+    """Group label -> the group it is compared with: the one whose settings match `--baseline key=value[,...]`
+    (values compared as Hydra reads them) and share the group's values of the group-by keys --baseline does not
+    name. `--group-by loss,dataset.arith.rejected_style --baseline loss=dpo` compares every loss with dpo in the
+    same regime; naming every key gives one baseline for all."""
     if not baseline:
-        return None
+        return {}
     wanted = override_items(item for value in baseline for item in value.split(",") if item.strip())
     for key, text in wanted.items():
         if key not in group_by or not text:
             raise ConfigError(f"--baseline {key}={text}: give KEY=VALUE with KEY one of the --group-by keys ({', '.join(group_by)})")
     matches = [group for group in groups
                if all(dict(group.settings)[key].value == canonical(parse_value(text)) for key, text in wanted.items())]
-    labels = "; ".join(group.label for group in groups)
-    shown = ",".join(f"{key}={text}" for key, text in wanted.items())
     if not matches:
-        raise ConfigError(f"--baseline {shown}: no group has these values; the groups are: {labels}")
-    if len(matches) > 1:
-        raise ConfigError(f"--baseline {shown}: matches {len(matches)} groups ({'; '.join(group.label for group in matches)}); "
-                          "name a value for every --group-by key")
-    return matches[0]
+        shown = ",".join(f"{key}={text}" for key, text in wanted.items())
+        raise ConfigError(f"--baseline {shown}: no group has these values; the groups are: {'; '.join(group.label for group in groups)}")
+    strata_keys = [key for key in group_by if key not in wanted]
+    stratum = lambda group: tuple(dict(group.settings)[key].value for key in strata_keys)  # noqa: E731
+    baseline_of_stratum = {stratum(group): group for group in matches}  # unique: groups differ in some group-by key
+    return {group.label: baseline_of_stratum[stratum(group)] for group in groups if stratum(group) in baseline_of_stratum}
 
 
 def format_estimate(value: Optional[Estimate]) -> str:
@@ -432,7 +437,7 @@ def markdown_row(cells: Iterable[Any]) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
-def groups_markdown(sweep_dir: Path, groups: list[Group], group_by: list[str], baseline: Optional[Group]) -> str:
+def groups_markdown(sweep_dir: Path, groups: list[Group], group_by: list[str], baselines: dict[str, Group]) -> str:
     """The groups table (and the paired-differences table against the baseline) with how to read them."""
     estimates = [group_estimates(group) for group in groups]
     metrics = headline_metrics(estimates)
@@ -447,29 +452,31 @@ def groups_markdown(sweep_dir: Path, groups: list[Group], group_by: list[str], b
     ]
     for group, values in zip(groups, estimates):
         lines.append(markdown_row([group.label, len(group.jobs), *(format_estimate(values.get(name)) for name in metrics), len(group.failed)]))
-    if baseline is not None:
+    if baselines:
+        shown = sorted({baseline.label for baseline in baselines.values()})
         lines += [
-            "", f"## Paired differences vs {baseline.label}", "",
-            f"Group minus baseline per {SEED_KEY} both have; mean ± half-width of the 95% Student-t interval over the pairs. "
+            "", f"## Paired differences vs {'; '.join(shown)}", "",
+            f"Group minus its baseline per {SEED_KEY} both have; mean ± half-width of the 95% Student-t interval over the pairs. "
             "Seeds only one side has are dropped (counted).", "",
-            markdown_row(["group", "pairs", "dropped", *metrics]),
-            "|" + "---|" * (len(metrics) + 3),
+            markdown_row(["group", "baseline", "pairs", "dropped", *metrics]),
+            "|" + "---|" * (len(metrics) + 4),
         ]
         for group in groups:
-            if group is baseline:
+            baseline = baselines.get(group.label)
+            if baseline is None or baseline is group:
                 continue
             differences = paired_differences(group, baseline)
             seeds, baseline_seeds = {job_seed(job) for job in group.jobs}, {job_seed(job) for job in baseline.jobs}
             cells = (format_estimate(differences[name].estimate) if name in differences else "" for name in metrics)
-            lines.append(markdown_row([group.label, len(seeds & baseline_seeds), format_dropped(sorted_seeds(seeds ^ baseline_seeds)),
-                                       *cells]))
+            lines.append(markdown_row([group.label, baseline.label, len(seeds & baseline_seeds),
+                                       format_dropped(sorted_seeds(seeds ^ baseline_seeds)), *cells]))
     return "\n".join(lines) + "\n"
 
 
 GROUP_CSV_COLUMNS = ("group", "compared_to", "metric", *GROUP_CSV_STATS, "dropped_seeds")
 
 
-def groups_csv(groups: list[Group], group_by: list[str], baseline: Optional[Group]) -> str:
+def groups_csv(groups: list[Group], group_by: list[str], baselines: dict[str, Group]) -> str:
     """Every metric of every group, one row each (n, mean, std, ci_low, ci_high), then the paired
     differences (compared_to = the baseline group); a column per group-by key for filtering."""
     columns = [GROUP_CSV_COLUMNS[0], *group_by, *GROUP_CSV_COLUMNS[1:]]
@@ -486,8 +493,9 @@ def groups_csv(groups: list[Group], group_by: list[str], baseline: Optional[Grou
     for group in groups:
         for name, value in group_estimates(group).items():
             write(group, "", name, value)
-    for group in groups if baseline is not None else []:
-        if group is not baseline:
+    for group in groups:
+        baseline = baselines.get(group.label)
+        if baseline is not None and baseline is not group:
             for name, difference in paired_differences(group, baseline).items():
                 write(group, baseline.label, name, difference.estimate, str(len(difference.dropped_seeds)))
     return buffer.getvalue()
@@ -515,7 +523,7 @@ def group_bands(group: Group) -> GroupBands:
 @dataclass
 class GroupReport:
     groups: list[Group]
-    baseline: Optional[Group]
+    baselines: dict[str, Group]  # group label -> the group it is compared with
     markdown: str
     plot: Optional[Path]  # report_bands.png, None when no finished job recorded dynamics
 
@@ -525,15 +533,15 @@ def build_group_report(sweep_dir: Path, group_by: list[str], baseline: Optional[
     sweep_dir = Path(sweep_dir)
     jobs = [read_job(job_dir) for job_dir in job_dirs(sweep_dir)]
     groups = group_jobs(jobs, group_by)
-    baseline_group = find_baseline(groups, baseline, group_by)
-    markdown = groups_markdown(sweep_dir, groups, group_by, baseline_group)
+    baselines = find_baselines(groups, baseline, group_by)
+    markdown = groups_markdown(sweep_dir, groups, group_by, baselines)
     atomic_write_text(sweep_dir / "report_groups.md", markdown)
-    atomic_write_text(sweep_dir / "report_groups.csv", groups_csv(groups, group_by, baseline_group))
+    atomic_write_text(sweep_dir / "report_groups.csv", groups_csv(groups, group_by, baselines))
     with_dynamics = [group for group in groups if any(job.dynamics for job in group.jobs)]
     plot = None
     if with_dynamics:
         plot = plot_bands([group_bands(group) for group in with_dynamics], sweep_dir / "report_bands.png")
-    return GroupReport(groups, baseline_group, markdown, plot)
+    return GroupReport(groups, baselines, markdown, plot)
 
 
 def report_command(argv: list[str]) -> int:
@@ -548,7 +556,8 @@ def report_command(argv: list[str]) -> int:
                         help="config keys whose values define a group, comma-separated or repeated (e.g. loss,loss.gate.kind); "
                         f"the jobs of a group must differ only in {SEED_KEY}")
     parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
-                        help="the group the others are compared with, seed by seed (e.g. loss=dpo); needs --group-by")
+                        help="the group the others are compared with, seed by seed (e.g. loss=dpo); needs --group-by. Keys it does "
+                        "not name stratify: each group is compared with the baseline that shares their values")
     args = parser.parse_args(argv)
     group_by = split_keys(args.group_by)
     if args.baseline and not group_by:

@@ -75,27 +75,30 @@ def free_job_state(num_threads: int) -> None:
         torch.cuda.empty_cache()
 
 
-def run_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
-    """Prepare and train one sweep job (here, or as this SLURM task's rank); returns its objective."""
+def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> Optional[float]:
+    """Prepare and train (command="eval": evaluate, `prefopt eval -m`) one sweep job (here, or as this SLURM
+    task's rank); returns its objective."""
     import torch
 
     from prefopt import slurm
+    from prefopt.evalrun import prepare_eval
     from prefopt.launch import dispatch, prepare_run
 
     job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    prepare = prepare_eval if command == "eval" else prepare_run  # both freeze the job's run dir (eval: cfg becomes the run's)
     name_wandb_run(cfg, hydra_cfg.sweep.dir, overrides, hydra_cfg.job.num)
     in_slurm_job = slurm.in_submitit_task()
     num_threads = torch.get_num_threads()
     run_dir = job_dir
     try:
         if in_slurm_job:  # every task of the job runs this: rank 0 freezes the run dir, the others wait for it
-            run_dir = slurm.prepare_once(lambda: prepare_run(cfg, job_dir, overrides), job_dir)
+            run_dir = slurm.prepare_once(lambda: prepare(cfg, job_dir, overrides), job_dir)
         else:
             if cfg.hardware.launcher == "slurm":
                 raise ConfigError(f"hardware={cfg.hardware.name} (launcher: slurm) runs as SLURM tasks: add hydra/launcher=slurm "
                                   "(or slurm_local) to the sweep, or use a local hardware preset")
-            run_dir = prepare_run(cfg, job_dir, overrides)
-        summary = dispatch(cfg, run_dir)
+            run_dir = prepare(cfg, job_dir, overrides)
+        summary = dispatch(cfg, run_dir, command)
         return objective_value(cfg, summary, required=True)
     except Exception as error:
         ensure_error_file(run_dir, error)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from prefopt.errors import ConfigError
 from prefopt.fileutil import atomic_write_json
 from prefopt.losses.gate import scale_gradient
-from prefopt.plots import save_png
+from prefopt.plots import readable_axes, save_png
 
 log = logging.getLogger("prefopt")
 
@@ -192,10 +192,9 @@ def toy_figure(results: list[ToyResult]) -> Figure:
             axis.set_yscale(scale)
             gates = ", ".join(f"{g:.3f}" for g in result.gates)
             axis.set_title(f"{result.case} (target: rank {target_rank}, g = {gates}) - {scale} scale", fontsize="medium")
-            axis.set_xlabel("class, by initial probability (0 = argmax)")
-            axis.set_ylabel("probability")
+            readable_axes(axis, "class, by initial probability (0 = argmax)", "probability (0-1)")
             axis.set_xticks(ranks)
-        row[0].legend(handles=LEGEND, loc="upper right")
+    figure.legend(handles=LEGEND, loc="outside lower center", ncols=len(LEGEND), frameon=False)  # one legend for every panel
     steps = len(results[0].gates)
     figure.suptitle(f"Softmax toy: {steps} SGD step(s) on log p(target) per case; a negative step on a valley class squeezes mass onto the argmax")
     return figure

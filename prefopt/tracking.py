@@ -1,13 +1,20 @@
 """Where metrics go: metrics.jsonl in the run dir (one line per logged step) and W&B.
 
-W&B runs offline by default (no account). Its run id is kept in the run dir so a resumed run
-continues the same W&B run (resume="allow"). On resume, metric lines after the checkpoint's step are
+W&B runs offline by default (no account), with system metrics (CPU, GPU, memory) and the console
+output captured as W&B users expect (logger.wandb.system_metrics, logger.wandb.console). Its config is the
+resolved run config plus the run's overrides, config-group choices and git revision. Its run id is kept
+in the run dir so a resumed run continues the same W&B run (resume="allow"). On resume, metric lines after the checkpoint's step are
 dropped, so the file reads as if the run had never stopped, and the steps that no earlier W&B segment
 holds (a segment killed with SIGKILL keeps nothing it had buffered) are replayed from metrics.jsonl
 into the new segment: synced together, the segments hold every step once.
 
 Everything written is strict JSON: a non-finite value is written as null and its key listed under
 "nonfinite" (a bare NaN is not JSON). A torn last line (power cut mid-write) is dropped on read.
+
+Generations (greedy answers at evals, probe generations) go to generations.jsonl, one line per row with
+its step and table; W&B gets one table per kind (`eval/generations`, `dynamics/generations`) with a step
+column, re-logged whole under that one key at each eval (rebuilt from the file on resume), so the latest
+version holds every step's rows.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ log = logging.getLogger("prefopt")
 
 METRICS_FILE = "metrics.jsonl"
 DYNAMICS_FILE = "dynamics.jsonl"
+GENERATIONS_FILE = "generations.jsonl"
+TABLE_KEY = "table"  # the generations.jsonl field naming a row's table (its W&B key)
+HYDRA_RECORD = Path(".hydra") / "hydra.yaml"  # Hydra's record of the job: the config-group choices
 SUMMARY_FILE = "summary.json"
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_BLOCK = 32 * 1024  # block size of W&B's record log
@@ -132,11 +142,12 @@ class Tracker:
         self.run_dir = run_dir
         self.enabled = enabled
         self.wandb_run = None
-        self.rows = {METRICS_FILE: 0, DYNAMICS_FILE: 0}  # lines in each file, for the checkpoint (see resume_rows)
+        self.rows = {METRICS_FILE: 0, DYNAMICS_FILE: 0, GENERATIONS_FILE: 0}  # lines in each file, for the checkpoint (see resume_rows)
+        self.tables: dict[str, list[dict[str, Any]]] = {}  # W&B table key -> its rows so far (generations.jsonl lines)
         if not enabled:
             return
         kept_rows = {}
-        for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE):
+        for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE, run_dir / GENERATIONS_FILE):
             if resume_step:
                 rows = read_jsonl(path)
                 if resume_rows is not None and path.name in resume_rows:
@@ -147,6 +158,8 @@ class Tracker:
             elif path.exists():
                 path.unlink()  # a fresh run (launch.py refuses a dir that holds one it did not checkpoint)
         self.rows |= {name: len(rows) for name, rows in kept_rows.items()}
+        for row in kept_rows.pop(GENERATIONS_FILE, []):
+            self.tables.setdefault(row[TABLE_KEY], []).append(row)
         self.wandb_run = self._start_wandb(cfg, resume=bool(resume_step))
         if self.wandb_run is not None and resume_step:
             self._replay_missing(kept_rows)
@@ -179,8 +192,9 @@ class Tracker:
             dir=str(self.run_dir),
             id=run_id,
             resume="allow",
-            config=OmegaConf.to_container(cfg, resolve=True),
-            settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
+            config=OmegaConf.to_container(cfg, resolve=True) | {"run": run_provenance(self.run_dir)},
+            settings=wandb.Settings(console=wandb_cfg.console, quiet=True, x_disable_stats=not wandb_cfg.system_metrics,
+                                    x_stats_sampling_interval=wandb_cfg.system_sample_seconds),
         )
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
@@ -197,11 +211,22 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_row(row))
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+    def log_table(self, key: str, step: int, columns: list[str], rows: list[list[Any]]) -> None:
+        """Add `rows` (values in `columns` order) at `step` to table `key`: lines in generations.jsonl, and
+        the whole table so far (a step column first) re-logged to W&B under `key`."""
+        if not self.enabled:
+            return
+        new_rows = [{TABLE_KEY: key, "step": step, **dict(zip(columns, values))} for values in rows]
+        with open(self.run_dir / GENERATIONS_FILE, "a") as handle:
+            handle.writelines(json.dumps(strict_json_row(row), allow_nan=False) + "\n" for row in new_rows)
+        self.rows[GENERATIONS_FILE] += len(new_rows)
+        table = self.tables.setdefault(key, [])
+        table.extend(new_rows)
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
+            all_columns = ["step", *columns]
+            self.wandb_run.log({key: wandb.Table(columns=all_columns, data=[[row.get(column) for column in all_columns] for row in table])})
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -219,3 +244,20 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None
+
+
+def run_provenance(run_dir: Path) -> dict[str, Any]:
+    """What the resolved config does not say about how the run was made, for W&B's config: the command-line
+    overrides (overrides.yaml), Hydra's config-group choices (`loss: gate_dpo`, where the config only has
+    loss.name=dpo) and the git revision; each left out when its file is absent."""
+    provenance: dict[str, Any] = {}
+    if (run_dir / "overrides.yaml").is_file():
+        provenance["overrides"] = [str(item) for item in OmegaConf.load(run_dir / "overrides.yaml")]
+    if (run_dir / HYDRA_RECORD).is_file():
+        choices = OmegaConf.select(OmegaConf.load(run_dir / HYDRA_RECORD), "hydra.runtime.choices")
+        if choices is not None:
+            provenance["choices"] = {str(key): value for key, value in OmegaConf.to_container(choices).items()
+                                     if not str(key).startswith("hydra/")}
+    if (run_dir / "git_revision").is_file():
+        provenance["git_revision"] = (run_dir / "git_revision").read_text().strip()
+    return provenance

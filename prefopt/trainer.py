@@ -14,50 +14,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
-from prefopt.data import PreferenceData, TokenizedPair, answer_is_correct, build_preference_data
-from prefopt.dynamics import build_probe_set, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
+from prefopt.console import Console, quiet_known_noise
+from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
+from prefopt.dynamics import build_probe_set
 from prefopt.distributed import DistInfo, device_for, init_distributed
 from prefopt.engine import build_engine
+from prefopt.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
 from prefopt.guards import NonFiniteTrainingError, StepGuard
 from prefopt.data.layout import build_batch, pair_groups
+from prefopt.data.sampler import PairSampler, training_sampler  # noqa: F401 (PairSampler: scripts import it from here)
 from prefopt.logps import check_logits_path, check_packed_path, sequence_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
+from prefopt.metrics import finish_token_means, pair_metrics
 from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
 from prefopt.precision import set_compute_dtype
 from prefopt.reference import CachedReference, ModelReference, build_reference
 from prefopt.plots import plot_runs
-from prefopt.slurm import preemption
-from prefopt.tracking import DYNAMICS_FILE, Tracker
+from prefopt.schedules import settle_max_steps
+from prefopt.slurm import preemption, restart_count
+from prefopt.tracking import Tracker
 
 log = logging.getLogger("prefopt")
-
-
-class PairSampler:
-    """Epoch-wise permutations seeded by (seed, epoch); its position is two ints, so resume is exact."""
-
-    def __init__(self, num_pairs: int, seed: int, epoch: int = 0, offset: int = 0):
-        self.num_pairs, self.seed, self.epoch, self.offset = num_pairs, seed, epoch, offset
-
-    def _order(self) -> list[int]:
-        """This epoch's permutation, drawn once per epoch (not once per micro batch)."""
-        if getattr(self, "_order_epoch", None) != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            self._cached_order, self._order_epoch = torch.randperm(self.num_pairs, generator=generator).tolist(), self.epoch
-        return self._cached_order
-
-    def next_indices(self, count: int) -> list[int]:
-        indices: list[int] = []
-        while len(indices) < count:
-            order = self._order()
-            take = order[self.offset : self.offset + count - len(indices)]
-            indices += take
-            self.offset += len(take)
-            if self.offset >= self.num_pairs:
-                self.epoch, self.offset = self.epoch + 1, 0
-        return indices
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
 
 
 def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
@@ -77,12 +54,13 @@ class PreferenceStep:
         self.max_steps = cfg.trainer.max_steps
         self.batching, self.row_tokens = cfg.trainer.batching, cfg.trainer.packed_row_tokens
 
-    def __call__(self, pairs: list[TokenizedPair], step: int):
+    def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0):
+        """min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
         batch = build_batch(pair_groups(pairs), self.pad_token_id, self.batching, self.row_tokens).to(self.device)
-        policy = sequence_logps(self.policy, batch, self.chunk_size)
+        policy = sequence_logps(self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens)
         reference_chosen = reference_rejected = None
         if self.reference is not None:
-            reference_chosen, reference_rejected = self.reference.logps(pairs, batch)
+            reference_chosen, reference_rejected = self.reference.logps(pairs, batch, min_scored_tokens)
         chosen_logps, rejected_logps = split_pairs(policy.summed)
         chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
         chosen_tokens, rejected_tokens = split_pairs(policy.logps)
@@ -103,15 +81,7 @@ class PreferenceStep:
             progress=min(step / self.max_steps, 1.0),
             **self.hyperparameters,
         )
-        per_example = {
-            "loss": out.losses.detach(),
-            "logps/chosen": chosen_logps.detach(),
-            "logps/rejected": rejected_logps.detach(),
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margin": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float(),
-        }
+        per_example = {"loss": out.losses.detach(), **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards)}  # TRL's names
         tokens = sum(len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)  # useful work, any layout
         return out, per_example, tokens
 
@@ -167,39 +137,28 @@ def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, 
     return {f"{prefix}/{key}": float(mean) for key, mean in zip(keys, means)}
 
 
-@torch.no_grad()
-def evaluate(step_fn: PreferenceStep, pairs: list[TokenizedPair], batch_size: int, max_batches: Optional[int], step: int) -> dict[str, float]:
-    """Eval at training step `step`: losses with a schedule (dpo_shift) use that step's progress."""
-    step_fn.policy.eval()
-    parts = []
-    for batch_index, start in enumerate(range(0, len(pairs), batch_size)):
-        if max_batches is not None and batch_index >= max_batches:
-            break
-        _, per_example, _ = step_fn(pairs[start : start + batch_size], step=step)
-        parts.append(per_example)
-    step_fn.policy.train()
-    return mean_metrics(parts, "eval", DistInfo()) if parts else {}  # every rank evaluates the same pairs
-
-
-def greedy_accuracy(model, tokenizer, pairs: list[TokenizedPair], max_new_tokens: int, device):
-    """Greedy answers to held-out prompts that carry a reference answer; returns (accuracy, examples)."""
-    pairs = [pair for pair in pairs if pair.answer is not None]
-    if not pairs:
-        return None, []
-    generations = greedy_generate(model, tokenizer, [pair.prompt_ids for pair in pairs], max_new_tokens, device)
-    examples = [[pair.prompt, text, pair.answer, answer_is_correct(text, pair.answer)] for pair, text in zip(pairs, generations)]
-    return sum(example[3] for example in examples) / len(examples), examples
-
-
 def reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> list[TokenizedPair]:
     """Exactly the pairs the run scores against the reference: the training pairs its seeded sampler will
     draw (so a precomputed reference never does more work than computing it on the fly) and the eval
     pairs its evals score."""
     trainer_cfg = cfg.trainer
     draws = trainer_cfg.max_steps * trainer_cfg.grad_accum * trainer_cfg.micro_batch_size * world_size
-    visited = sorted(set(PairSampler(len(data.train), trainer_cfg.seed).next_indices(draws)))
+    visited = sorted(set(training_sampler(data.train, trainer_cfg, world_size).next_indices(draws)))
     eval_count = len(data.eval) if trainer_cfg.max_eval_batches is None else trainer_cfg.max_eval_batches * trainer_cfg.eval_batch_size
     return [data.train[index] for index in visited] + data.eval[:eval_count]
+
+
+def build_policy(cfg: DictConfig, source, tokenizer, device: torch.device):
+    """The policy as a run starts it (training, and `prefopt eval` before it loads the trained weights): the base
+    model with fp32 master weights, its compute dtype, its log-prob paths checked, LoRA adapters when enabled."""
+    policy = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed).to(device)
+    set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
+    check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
+    if cfg.trainer.batching == "packed":
+        check_packed_path(policy, len(tokenizer), device)  # its attention takes prefix-shared, packed masks
+    if cfg.model.lora.enabled:
+        policy = apply_lora(policy, cfg.model.lora)
+    return policy
 
 
 class DeferredInterrupt:
@@ -249,6 +208,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
     dist = init_distributed(cfg.hardware)
     device = device_for(cfg.hardware, dist)
+    quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
+    console = Console(cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main)  # progress, eval lines, summary
     torch.manual_seed(trainer_cfg.seed)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
@@ -257,21 +218,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
-    log.info("data: %s", data.stats)
-    policy = load_model(cfg.model, source, len(tokenizer), trainer_cfg.seed).to(device)
-    set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
-    check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
-    if trainer_cfg.batching == "packed":
-        check_packed_path(policy, len(tokenizer), device)  # its attention takes prefix-shared, packed masks
-    if cfg.model.lora.enabled:
-        policy = apply_lora(policy, cfg.model.lora)
+    settle_max_steps(cfg, len(data.train), dist.world_size, run_dir / "config.yaml" if dist.is_main else None)  # trainer.num_epochs
+    policy = build_policy(cfg, source, tokenizer, device)
     policy.train()
     # the reference is the initial policy: built (copied, or precomputed) before DeepSpeed wraps it
     needs_reference = get_loss(cfg.loss.name).needs_reference
-    reference = build_reference(cfg, policy, source, reference_pairs(data, cfg, dist.world_size), needs_reference, dist, device, tokenizer.pad_token_id)
+    with console.phase("reference log-probs"):
+        reference = build_reference(cfg, policy, source, reference_pairs(data, cfg, dist.world_size), needs_reference, dist, device, tokenizer.pad_token_id)
     engine = build_engine(policy, cfg, dist.world_size)
     policy = engine.model
-    sampler = PairSampler(len(data.train), trainer_cfg.seed)
+    sampler = training_sampler(data.train, trainer_cfg, dist.world_size)
     num_params, trainable_params = count_parameters(policy, cfg.hardware)
     peak = peak_tflops(cfg.hardware, device)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
@@ -279,12 +235,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # --- resume: weights, optimizer, schedule, data position, RNG
     start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
-    checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg)
+    checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0)  # requeued before its first save: step 0
     if checkpoint is not None:
         engine.load(checkpoint)
         state = load_trainer_state(checkpoint)
         start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
-        sampler = PairSampler(len(data.train), trainer_cfg.seed, **state["sampler"])
+        sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
         restore_rng_states(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
 
@@ -292,27 +248,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                       resume_rows=state.get("tracker_rows") if checkpoint is not None else None)
     try:
 
-        def run_eval(step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
-            metrics = evaluate(step_fn, data.eval, trainer_cfg.eval_batch_size, trainer_cfg.max_eval_batches, step)
-            accuracy = None
-            if generate and trainer_cfg.greedy_eval_examples:
-                accuracy, examples = greedy_accuracy(policy, tokenizer, data.eval[: trainer_cfg.greedy_eval_examples], trainer_cfg.max_new_tokens, device)
-                if accuracy is not None:
-                    metrics["eval/greedy_accuracy"] = accuracy
-                    tracker.log_table(f"eval/generations_step{step}", ["prompt", "generation", "answer", "correct"], examples)
-            tracker.log(step, metrics)
-            return metrics, accuracy
-
-        def run_probes(step: int) -> dict[str, float]:
-            if probes is None:
-                return {}
-            metrics = evaluate_probes(policy, probes, trainer_cfg.logp_chunk_size, device, cfg.dynamics.batch_size,
-                                      trainer_cfg.batching, trainer_cfg.packed_row_tokens)
-            tracker.log(step, metrics, file=DYNAMICS_FILE)
-            if cfg.dynamics.generate and cfg.dynamics.num_generate:
-                rows = generate_probes(policy, tokenizer, probes, cfg.dynamics.num_generate, cfg.dynamics.max_new_tokens, device)
-                tracker.log_table(f"dynamics/generations_step{step}", ["prompt", "generation"], rows)
-            return metrics
+        evaluator = RunEvaluator(cfg, step_fn, tokenizer, data, probes, device, dist, tracker, console)
+        run_eval, run_probes = evaluator.held_out, evaluator.probe_set
 
         def save(step: int) -> None:
             """Checkpoint the state after `step` (`completed` is updated at the end of every step)."""
@@ -321,7 +258,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                              f"(the last one on disk is intact); lower trainer.lr")
             state = {"step": step, **completed, "first_eval": first_eval, "first_greedy_accuracy": first_greedy,
                      "first_dynamics": first_dynamics, "tracker_rows": dict(tracker.rows)}
-            save_checkpoint(run_dir, step, engine, tokenizer, state, dist, cfg)
+            save_checkpoint(run_dir, step, engine, tokenizer, state, dist, cfg, keep=trainer_cfg.save_total_limit, protect=checkpoint)
 
         if start_step == 0:
             tracker.log(0, {f"data/{key}": value for key, value in data.stats.items()})
@@ -329,6 +266,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             first_dynamics = run_probes(0)
 
         started = time.time()
+        console.start_training(start_step, trainer_cfg.max_steps)
         step = start_step
         guard = StepGuard(trainer_cfg.max_skipped_steps)
         completed = {"sampler": sampler.state(), "rng": rng_states()}  # the data position and RNG after the last whole step
@@ -355,8 +293,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 grad_norm, applied = engine.step(poisoned)
                 completed = {"sampler": sampler.state(), "rng": rng_states()}
                 elapsed = time.time() - step_started
+                console.step_done(step)
                 if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
-                    metrics = mean_metrics(parts, "train", dist)
+                    metrics = finish_token_means(mean_metrics(parts, "train", dist), "train")
                     metrics |= reduce_loss_metrics(loss_metric_parts, dist)
                     total_tokens = dist.sum(tokens)
                     tflops = step_model_flops(num_params, trainable_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
@@ -365,11 +304,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     if peak:
                         metrics["train/mfu"] = tflops / (peak * dist.world_size)
                     tracker.log(step, metrics)
-                    if dist.is_main:
-                        mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if peak else ""
-                        log.info("step %d/%d | loss %.4f | margin %.3f | acc %.2f | lr %.2e | %.0f tok/s | %.2f TFLOP/s%s", step,
-                                 trainer_cfg.max_steps, metrics["train/loss"], metrics["train/rewards/margin"],
-                                 metrics["train/rewards/accuracy"], lr, metrics["train/tokens_per_s"], tflops, mfu)
+                    console.log_step(step, metrics)
                 if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
                     run_eval(step, generate=False)
                 if probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
@@ -397,17 +332,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             save(trainer_cfg.max_steps)
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
         summary |= {f"data/{key}": value for key, value in data.stats.items()}
-        for key in ("logps/chosen", "logps/rejected", "rewards/margin"):
-            if f"eval/{key}" in first_eval and f"eval/{key}" in final_eval:
-                summary[f"eval/delta/{key}"] = final_eval[f"eval/{key}"] - first_eval[f"eval/{key}"]
-        if first_greedy is not None:
-            summary["eval/greedy_accuracy_before"] = first_greedy
-            summary["eval/greedy_accuracy_after"] = final_greedy
-        if probes is not None:
-            summary |= dynamics_deltas(first_dynamics, final_dynamics)
-            if dist.is_main:
-                plot_runs([run_dir], run_dir / "dynamics.png")
+        summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
+        if probes is not None and dist.is_main:
+            plot_runs([run_dir], run_dir / "dynamics.png")
         tracker.finish(summary)
+        console.finish(summary)
         return summary
     finally:
+        console.close()
         tracker.close()

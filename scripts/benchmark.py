@@ -164,6 +164,18 @@ def plan_batches(overrides: list[str], steps: int) -> dict:
     }
 
 
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 directory (tokenizer + weights), converted from the GGUF here on a fresh machine."""
+    from hydra import compose, initialize_config_module
+
+    from prefopt.config import register_schema
+    from prefopt.models import converted_gguf_dir
+
+    register_schema()
+    with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
+        return converted_gguf_dir(compose(config_name="config", overrides=["model=smollm2_135m"]).model)
+
+
 def safetensors_parameters(model_dir: Path) -> int:
     """Parameters of the saved model (a tied head is stored once, and counted once)."""
     from safetensors import safe_open
@@ -288,7 +300,7 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     pairs_path = out_dir / "pairs.jsonl"
     num_pairs = PAIRS_PER_STEP * steps + EVAL_PAIRS
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_hh_like_pairs.py"), "--out", str(pairs_path), "--num-pairs",
-                    str(num_pairs), "--seed", str(seed)], check=True, cwd=REPO)
+                    str(num_pairs), "--seed", str(seed), "--tokenizer", str(smollm2_dir())], check=True, cwd=REPO)
     overrides = prefopt_overrides(pairs_path, steps, seed)
     plan = plan_batches(overrides, steps)
     if plan["stats"].get("train/truncated") or plan["stats"].get("train/dropped_empty_response"):

@@ -108,3 +108,35 @@ def test_a_failing_worker_fails_the_run_and_leaves_no_process(tmp_path):
     assert (tmp_path / "run" / "error.txt").exists()
     time.sleep(1)
     assert leftover_processes(str(tmp_path / "run")) == []
+
+
+def held_out_rows(run_dir: Path, file: str, step: int) -> dict:
+    [row] = [row for row in read_jsonl(run_dir / file) if row["step"] == step and any(key.startswith(("eval/", "dynamics/")) for key in row)]
+    return {key: value for key, value in row.items() if key.startswith(("eval/", "dynamics/"))}
+
+
+def test_eval_probes_and_greedy_split_over_two_ranks_match_one_rank(tmp_path):
+    """Each rank scores a shard of the eval pairs, probes and greedy prompts (prefopt/sharding.py). 5 eval pairs in
+    batches of 2 and 3 probes one per batch: rank 1 runs a padding batch in every pass. Under ZeRO-3 with
+    every parameter partitioned (persistence threshold 0, so each module call gathers collectively) and small
+    log-prob chunks (ranks score different token counts), unequal forwards or head calls would hang or fail."""
+    gather_everything = tmp_path / "gather_everything.yaml"
+    gather_everything.write_text("zero_optimization:\n  stage3_param_persistence_threshold: 0\n")
+    common = ["model=tiny_llama", "loss=gate_dpo", "trainer.lr=1e-3", "trainer.warmup_steps=0", "dataset.arith.num_train=32",
+              "dataset.arith.num_eval=5", "trainer.eval_batch_size=2", "trainer.greedy_eval_examples=5", "trainer.max_new_tokens=4",
+              "dynamics.num_probes=3", "dynamics.batch_size=1", "dynamics.generate=true", "dynamics.num_generate=3",
+              "dynamics.max_new_tokens=4", "trainer.logp_chunk_size=8", "trainer.max_steps=2", "logger.wandb.mode=disabled",
+              "trainer.save_final=false", "reference.precompute=false"]
+    one = run_train(tmp_path / "one", *common, "hardware=cpu", "trainer.micro_batch_size=4")
+    for zero_stage in (0, 3):
+        two = run_train(tmp_path / f"zero{zero_stage}", *common, "hardware=cpu_2proc", "trainer.micro_batch_size=2",
+                        f"hardware.zero_stage={zero_stage}", f"hardware.deepspeed_config={gather_everything}")
+        for file in ("metrics.jsonl", "dynamics.jsonl"):
+            expected, actual = held_out_rows(one, file, 0), held_out_rows(two, file, 0)
+            assert actual.keys() == expected.keys() and expected
+            for key, value in expected.items():  # the same initial weights: only float rounding may differ
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (zero_stage, file, key)
+            final_expected, final_actual = held_out_rows(one, file, 2), held_out_rows(two, file, 2)
+            for key, value in final_expected.items():  # two training steps later: the runs' own rounding too
+                assert final_actual[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (zero_stage, file, key)
+    assert "eval/greedy_accuracy" in held_out_rows(one, "metrics.jsonl", 0)

@@ -54,7 +54,7 @@ def test_gradient_accumulation_is_exact(tmp_path, engine):
             relative = float((reference - weights[micro_batch][name]).norm() / reference.norm())
             assert relative < 1e-5, (micro_batch, name, relative)
         for row, other in zip(train_rows(runs[4]), train_rows(runs[micro_batch]), strict=True):
-            for key in ("train/loss", "train/grad_norm", "train/rewards/margin"):
+            for key in ("train/loss", "train/grad_norm", "train/rewards/margins", "train/logits/chosen"):
                 assert other[key] == pytest.approx(row[key], rel=1e-4, abs=1e-7), (micro_batch, row["step"], key)
 
 

@@ -182,9 +182,11 @@ def test_two_runs_in_one_dir_the_second_fails_at_once(tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    # the holder died: its lock went with it, so the next run takes the dir at once (no stale lock)
+    # the holder died: its lock went with it, so the next run takes the dir at once (no stale lock). It was killed
+    # before its first checkpoint, so resuming it is refused (after the lock is taken) with what to do instead
     third = prefopt(*TINY, "trainer.max_steps=2", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}", "trainer.resume=true")
-    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.returncode == 2 and "in use" not in third.stderr, third.stderr[-2000:]
+    assert "no checkpoint to continue (the run there stopped before its first checkpoint" in third.stderr
     record("two concurrent runs in one dir", "the second exits 2 at once naming the holder's pid; a dead holder's lock is free")
 
 

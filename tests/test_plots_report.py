@@ -80,9 +80,10 @@ def test_plot_cli_names_a_dir_without_dynamics(tmp_path, capsys):
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     sweep_dir = tmp_path / "multirun"
-    summary = lambda chosen, accuracy: {"delta/chosen": chosen, "delta/rejected": -8.0, "delta/others": -1.5,  # noqa: E731
-                                         "delta/greedy": 0.75, "eval/rewards/accuracy": accuracy, "steps": 10}
-    make_run(sweep_dir / "0", ["loss=dpo", "loss.beta=0.1"], summary=summary(-2.0, 0.75))
+    summary = lambda chosen, accuracy, name="eval/rewards/accuracies": {  # noqa: E731
+        "delta/chosen": chosen, "delta/rejected": -8.0, "delta/others": -1.5, "delta/greedy": 0.75, name: accuracy, "steps": 10}
+    # job 0 ran before prefopt took TRL's metric names: the report reads its old name as the new one
+    make_run(sweep_dir / "0", ["loss=dpo", "loss.beta=0.1"], summary=summary(-2.0, 0.75, name="eval/rewards/accuracy"))
     make_run(sweep_dir / "1", ["loss=gate_dpo", "loss.beta=0.1"], drift=0.3, summary=summary(-0.25, 0.5))
     crashed = make_run(sweep_dir / "2", ["loss=lpo", "loss.beta=0.1"], summary=summary(0.1, 0.25))
     (crashed / "error.txt").write_text("Traceback ...\nRuntimeError: boom\n")
@@ -154,7 +155,7 @@ def test_band_plot_is_readable_with_and_without_an_interval(tmp_path):
     figure = band_figure([seeds3, seed1])
     panels = [axis for axis in figure.axes if axis.get_title()]
     assert [axis.get_title() for axis in panels] == [title for title, _ in BAND_PANELS]
-    assert all(axis.get_ylabel() == BAND_Y_LABEL == "summed log-prob (nats)" and axis.get_xlabel() == "step" for axis in panels)
+    assert all(axis.get_ylabel() == BAND_Y_LABEL == "summed log-prob (nats)" and axis.get_xlabel() == "training step" for axis in panels)
     assert not any(axis.yaxis.get_major_formatter().get_useOffset() for axis in panels)  # -112.5 reads as -112.5, not an offset
     [legend] = figure.legends  # one legend for the figure, not one per panel
     assert [text.get_text() for text in legend.get_texts()] == ["loss=dpo (n=3)", "loss=ipo (n=1)"]

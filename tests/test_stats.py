@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.errors import ConfigError
-from prefopt.report import Group, find_baseline, group_bands, group_jobs, job_dirs, read_job, split_keys
+from prefopt.report import Group, find_baselines, group_bands, group_jobs, job_dirs, read_job, split_keys
 from prefopt.stats import estimate, mean, paired_difference, sample_std, t_cdf, t_quantile
 from tests.test_plots_report import assert_png, cli, make_run
 
@@ -79,7 +79,7 @@ def make_job(sweep_dir: Path, number: int, loss: str, seed: int, chosen: float, 
     dynamics.jsonl (chosen log-prob -10 - (1 + seed) * step), metrics.jsonl with the gate when given;
     a failed job has error.txt and no summary."""
     overrides = [f"loss={loss}"] * ("loss" in write_overrides_for) + [f"trainer.seed={seed}"] * ("trainer.seed" in write_overrides_for)
-    summary = None if failed else {"delta/chosen": chosen, "delta/rejected": -2 * chosen, "eval/rewards/accuracy": 0.5 + 0.1 * seed,
+    summary = None if failed else {"delta/chosen": chosen, "delta/rejected": -2 * chosen, "eval/rewards/accuracies": 0.5 + 0.1 * seed,
                                    "eval/delta/logps/chosen": chosen / 2, "steps": 10, "train_seconds": 3.0, "data/pairs": 16}
     job_dir = make_run(sweep_dir / str(number), [*overrides, *extra], drift=1.0 + seed, summary=summary)
     config = {"trainer": {"seed": seed, "lr": 3e-6}, "loss": {"name": "dpo", "beta": beta, "gate": {"kind": "none"}},
@@ -127,14 +127,14 @@ def test_report_groups_seeds_with_intervals_and_paired_differences(seeded_sweep,
     # gate mean over seeds 0.2, 0.3, 0.4 -> 0.3 ± 0.248414; dpo ran without a gate (empty cell)
     # others and greedy come from dynamics.jsonl (the summary lacks them): -10 * (1 + seed) -> -20 ± 24.841377
     markdown = (seeded_sweep / "report_groups.md").read_text()
-    assert "| group | n | delta/chosen | delta/rejected | delta/others | delta/greedy | eval/rewards/accuracy | train/gate/mean | failed |" in markdown
+    assert "| group | n | delta/chosen | delta/rejected | delta/others | delta/greedy | eval/rewards/accuracies | train/gate/mean | failed |" in markdown
     assert "| loss=dpo | 3 | 2.000 ± 2.484 | -4.000 ± 4.968 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 |  | 0 |" in markdown
     assert ("| loss=gate_dpo | 3 | 5.000 ± 8.957 | -10.000 ± 17.913 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 "
             "| 0.300 ± 0.248 | 1 |") in markdown
     # paired: chosen differences 1, 2, 6 -> 3 ± 4.302653 * sqrt(7) / sqrt(3) = 6.572411 (rejected: twice that);
     # accuracy, others and greedy are the same per seed: differences 0 ± 0; no gate in the baseline: empty
     assert "## Paired differences vs loss=dpo" in markdown
-    assert "| loss=gate_dpo | 3 | 0 | 3.000 ± 6.572 | -6.000 ± 13.145 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 |  |" in markdown
+    assert "| loss=gate_dpo | loss=dpo | 3 | 0 | 3.000 ± 6.572 | -6.000 ± 13.145 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 |  |" in markdown
     assert markdown in out  # printed too
 
     rows = read_csv(seeded_sweep / "report_groups.csv")
@@ -179,7 +179,7 @@ def test_a_single_seed_group_has_n_1_and_no_interval(tmp_path, capsys):
     assert "| loss=ipo | 1 | 2.000 (n<2: no interval) |" in markdown
     assert "| loss=lpo | 0 |  |" in markdown and markdown.rstrip().endswith("|")
     # ipo has seed 0 only: one pair (difference 2 - 1 = 1), seed 1 dropped
-    assert "| loss=ipo | 1 | 1 (seed 1) | 1.000 (n<2: no interval) |" in markdown
+    assert "| loss=ipo | loss=dpo | 1 | 1 (seed 1) | 1.000 (n<2: no interval) |" in markdown
     rows = read_csv(tmp_path / "report_groups.csv")
     ipo = rows[("loss=ipo", "", "delta/chosen")]
     assert (ipo["n"], ipo["mean"], ipo["std"], ipo["ci_low"], ipo["ci_high"]) == ("1", "2.0", "", "", "")
@@ -235,5 +235,27 @@ def test_group_by_keys_comma_separated_or_repeated(seeded_sweep):
     assert split_keys(["loss,loss.gate.kind", "loss.beta", "loss,loss"]) == ["loss", "loss.gate.kind", "loss.beta"]
     group_by = split_keys(["loss,loss.gate.kind"])
     groups = groups_of(seeded_sweep, group_by)
-    assert find_baseline(groups, ["loss=gate_dpo,loss.gate.kind=none"], group_by).label == "loss=gate_dpo loss.gate.kind=none"
-    assert find_baseline(groups, ["loss=gate_dpo"], group_by) is groups[1]  # one key is enough when it picks one group
+    named = find_baselines(groups, ["loss=gate_dpo,loss.gate.kind=none"], group_by)
+    assert {baseline.label for baseline in named.values()} == {"loss=gate_dpo loss.gate.kind=none"}
+    assert set(named) == {group.label for group in groups}  # every key named: one baseline for all groups
+
+
+def test_baseline_naming_some_keys_compares_within_each_stratum(tmp_path):
+    """--group-by loss,regime --baseline loss=dpo: each loss is compared with dpo in its own regime."""
+    sweep_dir = tmp_path / "multirun"
+    number = 0
+    for regime, shift in (("near", 0.0), ("offpolicy", 100.0)):
+        for loss, seed, chosen in [("dpo", 0, 1.0), ("dpo", 1, 2.0), ("gate_dpo", 0, 3.0), ("gate_dpo", 1, 5.0)]:
+            make_job(sweep_dir, number, loss, seed, chosen + shift, extra=[f"dataset.arith.rejected_style={regime}"])
+            number += 1
+    group_by = ["loss", "dataset.arith.rejected_style"]
+    groups = groups_of(sweep_dir, group_by)
+    baselines = find_baselines(groups, ["loss=dpo"], group_by)
+    assert {label: baseline.label for label, baseline in baselines.items()} == {
+        group.label: f"loss=dpo dataset.arith.rejected_style={group.label.rsplit('=', 1)[1]}" for group in groups}
+    assert cli("report", str(sweep_dir), "--group-by", "loss,dataset.arith.rejected_style", "--baseline", "loss=dpo") == 0
+    markdown = (sweep_dir / "report_groups.md").read_text()
+    # paired within a regime: 3-1, 5-2 -> 2.5 ± 12.706205 * sqrt(0.5) / sqrt(2) = 6.353; across regimes it would be ~100
+    for regime in ("near", "offpolicy"):
+        assert (f"| loss=gate_dpo dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
+                "| 2 | 0 | 2.500 ± 6.353 |") in markdown

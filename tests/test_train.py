@@ -32,7 +32,8 @@ def test_tiny_run_writes_the_whole_run_dir(tmp_path, engine):
     train = train_rows(run_dir)
     assert [row["step"] for row in train] == [1, 2, 3, 4]
     for key in ("train/loss", "train/logps/chosen", "train/logps/rejected", "train/rewards/chosen", "train/rewards/rejected",
-                "train/rewards/margin", "train/rewards/accuracy", "train/grad_norm", "train/lr", "train/tokens_per_s"):
+                "train/rewards/margins", "train/rewards/accuracies", "train/logits/chosen", "train/logits/rejected",
+                "train/grad_norm", "train/lr", "train/tokens_per_s"):
         assert all(math.isfinite(row[key]) for row in train), key
     evals = [row for row in rows if "eval/loss" in row]
     assert [row["step"] for row in evals] == [0, 2, 4]

@@ -1,16 +1,24 @@
 """Row layouts -> one normalized `PreferenceRow`; malformed rows are errors (or skipped and counted).
 
-Three layouts (`dataset.format`, or detected when `auto` from the first row whose columns fit one, so a
-malformed first row is a bad row like any other):
-  strings  : {prompt: str, chosen: str, rejected: str}
-  messages : {prompt: str | [{role, content}], chosen / rejected: [{role, content}] ending with the
-             assistant turn}. Lists that repeat the prompt turns (UltraFeedback's do) are stripped of them.
-  hh       : {chosen: str, rejected: str}, full "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts (HH-RLHF).
-             The prompt is everything up to and including the last "\\n\\nAssistant:" of the chosen
-             transcript. The space after that marker stays with the response: BPE vocabularies hold
-             " word" tokens, so " Sure" tokenizes as the model would see it mid-transcript, and the
-             prompt ends on the marker exactly as HH's own prompts do.
-Strings and messages rows may carry an optional `answer` column: a reference answer for greedy eval.
+The layouts (`dataset.format`, or detected under `auto` by detect.py), TRL's four and HH's:
+  strings           : {prompt: str, chosen: str, rejected: str}                  (TRL: standard, explicit prompt)
+  implicit          : {chosen: str, rejected: str}, full texts that share the prompt as a prefix (TRL: standard,
+                      implicit prompt). The prompt is the shared text up to the last word boundary before the two
+                      differ; the whitespace there starts the responses (" yes" / " no"), as BPE vocabularies
+                      tokenize a word mid-text.
+  hh                : {chosen: str, rejected: str}, "\n\nHuman: ...\n\nAssistant: ..." transcripts (HH-RLHF, an implicit
+                      layout with a rule of its own): the prompt is everything up to and including the last
+                      "\n\nAssistant:" of the chosen transcript, so it ends on the marker exactly as HH's own prompts do,
+                      and the space after it stays with the response.
+  messages          : {prompt: str | [{role, content}], chosen / rejected: [{role, content}] ending with the
+                      assistant turn} (TRL: conversational, explicit prompt). Lists that repeat the prompt turns
+                      (UltraFeedback's do) are stripped of them.
+  implicit_messages : {chosen / rejected: [{role, content}]}, whole conversations (TRL: conversational, implicit
+                      prompt): the prompt is the messages both share from the start, each response the one
+                      assistant message after them.
+Messages may also be written {from, value} (ShareGPT, LLaMA-Factory): human -> user, gpt -> assistant.
+dataset.columns maps the data's own column names onto prompt / chosen / rejected first (columns.py).
+Rows in the strings and message layouts may carry an optional `answer` column: a reference answer for greedy eval.
 
 A plain-string prompt is templated once at most. Where the chat template is in use, it becomes one user
 message for the template, unless it already holds the markers the template writes to open a user turn
@@ -20,26 +28,16 @@ the template's way).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
-from prefopt.data.errors import DataError, bad_row_error
+from prefopt.data.columns import ColumnMap
+from prefopt.data.errors import BadRow, bad_row_error
 from prefopt.data.sources import RawSplit, UnreadableRow
 
-logger = logging.getLogger("prefopt.data")
-
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
-FORMAT_COLUMNS = {
-    "strings": ("prompt", "chosen", "rejected"),
-    "messages": ("prompt", "chosen", "rejected"),
-    "hh": ("chosen", "rejected"),
-}
-FORMAT_DESCRIPTIONS = {
-    "strings": "prompt, chosen, rejected (strings)",
-    "messages": "prompt (string or list of {role, content}), chosen, rejected (lists of {role, content} ending with the assistant turn)",
-    "hh": "chosen, rejected (full '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts)",
-}
+CONVERSATIONAL = ("messages", "implicit_messages")  # layouts whose prompts the chat template renders
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # {from, value} messages
 Messages = list  # [{"role": str, "content": str}, ...]
 
 
@@ -50,10 +48,6 @@ class PreferenceRow:
     chosen: str  # response text, without EOS
     rejected: str
     answer: Optional[str] = None  # reference answer for greedy-accuracy eval
-
-
-class BadRow(Exception):
-    """A malformed row; the caller turns it into a DataError naming the source, or skips it."""
 
 
 @dataclass
@@ -69,53 +63,11 @@ class SkippedRows:
         if len(self.examples) < 3:
             self.examples.append(f"{position}: {problem}")
 
-    def warn(self) -> None:
-        if self.count:
-            logger.warning("%s: skipped %d bad rows, e.g. %s", self.origin, self.count, "; ".join(self.examples))
-
-
-def resolve_format(configured: str, split: RawSplit) -> str:
-    """The configured format, or the one the rows show; checks that some row has its columns. The first
-    object row whose columns fit decides, so rows that are unreadable or lack a column stay bad rows
-    for dataset.on_bad_row, not a verdict on the whole file."""
-    if not len(split):
-        raise DataError(f"{split.origin} has no rows")
-    first_object = None
-    for _, row in split:
-        if not isinstance(row, dict):
-            continue
-        if first_object is None:
-            first_object = row
-        row_format = format_of_columns(configured, row)
-        if row_format is not None:
-            return row_format
-    if first_object is None:
-        first_index, first_row = next(iter(split))
-        problem = first_row.problem if isinstance(first_row, UnreadableRow) else f"got {type(first_row).__name__}"
-        raise DataError(f"{split.origin}: no row is an object with named fields (the first, {split.position(first_index)}: {problem})")
-    raise wrong_columns_error(configured, split.origin, set(first_object))
-
-
-def format_of_columns(configured: str, row: dict) -> Optional[str]:
-    """The layout of a row (the configured one, or detected under auto) if its columns fit it; else None."""
-    columns = set(row)
-    if configured != "auto":
-        return configured if set(FORMAT_COLUMNS[configured]) <= columns else None
-    if set(FORMAT_COLUMNS["strings"]) <= columns:
-        values = [row[name] for name in FORMAT_COLUMNS["strings"]]
-        return "messages" if any(isinstance(value, (list, dict)) for value in values) else "strings"
-    if set(FORMAT_COLUMNS["hh"]) <= columns:
-        return "hh"
-    return None
-
-
-def wrong_columns_error(configured: str, origin: str, columns: set) -> DataError:
-    expected = "; ".join(f"{name}: {FORMAT_DESCRIPTIONS[name]}" for name in FORMAT_COLUMNS)
-    wanted = f"dataset.format={configured} expects {FORMAT_DESCRIPTIONS[configured]}" if configured != "auto" else ""
-    return DataError(
-        f"{origin}: wrong columns. Found: {', '.join(sorted(columns)) or '(none)'}. Expected, per format: {expected}. "
-        f"{wanted + '. ' if wanted else ''}Rename the columns, or set dataset.format to the layout the file has"
-    )
+    def warning(self) -> Optional[str]:
+        """What the log says about the skipped rows (kept with cached pairs, so every run says it); None: none skipped."""
+        if not self.count:
+            return None
+        return f"{self.origin}: skipped {self.count} bad rows, e.g. {'; '.join(self.examples)}"
 
 
 def normalize_rows(
@@ -125,12 +77,13 @@ def normalize_rows(
     on_bad_row: str,
     skipped: SkippedRows,
     template_markers: tuple[str, ...] = (),
+    columns: ColumnMap = ColumnMap(),
 ) -> Iterator[PreferenceRow]:
     """Normalized rows, lazily (a capped split stops reading early). Bad rows raise or go to `skipped`.
     template_markers: what marks a string prompt as already rendered by the chat template (module docstring)."""
     for index, row in split:
         try:
-            normalized = normalize_row(index, row, row_format, string_prompt_as_user_message, template_markers)
+            normalized = normalize_row(index, row, row_format, string_prompt_as_user_message, template_markers, columns)
         except BadRow as bad:
             if on_bad_row == "error":
                 raise bad_row_error(split.where(index), str(bad)) from None
@@ -140,14 +93,22 @@ def normalize_rows(
 
 
 def normalize_row(
-    source_index: int, row: Any, row_format: str, string_prompt_as_user_message: bool, template_markers: tuple[str, ...] = ()
+    source_index: int,
+    row: Any,
+    row_format: str,
+    string_prompt_as_user_message: bool,
+    template_markers: tuple[str, ...] = (),
+    columns: ColumnMap = ColumnMap(),
 ) -> PreferenceRow:
     if isinstance(row, UnreadableRow):
         raise BadRow(row.problem)
     if not isinstance(row, dict):
         raise BadRow(f"a row must be an object with named fields, got {type(row).__name__}")
+    row = columns.apply(row)
     if row_format == "hh":
         prompt, chosen, rejected = split_hh_transcripts(required_string(row, "chosen"), required_string(row, "rejected"))
+    elif row_format == "implicit":
+        prompt, chosen, rejected = split_shared_text(required_string(row, "chosen"), required_string(row, "rejected"))
     elif row_format == "strings":
         prompt = required_string(row, "prompt")
         chosen, rejected = required_string(row, "chosen"), required_string(row, "rejected")
@@ -155,10 +116,12 @@ def normalize_row(
             prompt = [{"role": "user", "content": prompt}]
     elif row_format == "messages":
         prompt, chosen, rejected = split_message_rows(row, template_markers)
+    elif row_format == "implicit_messages":
+        prompt, chosen, rejected = split_conversations(row)
     else:
         raise ValueError(f"unknown row format {row_format!r}")
     check_responses(chosen, rejected)
-    answer = row.get("answer") if row_format != "hh" else None
+    answer = row.get("answer") if row_format not in ("hh", "implicit") else None
     return PreferenceRow(source_index, prompt, chosen, rejected, None if answer is None else str(answer))
 
 
@@ -199,6 +162,25 @@ def split_hh_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
+def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of two texts sharing a prefix (the implicit layout): the
+    prompt ends at the last word boundary before they differ, so no word is cut in two; the whitespace
+    there starts both responses."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    boundary = next((at for at in range(shared - 1, -1, -1) if chosen[at].isspace()), 0)
+    while boundary > 0 and chosen[boundary - 1].isspace():
+        boundary -= 1
+    prompt = chosen[:boundary]
+    if not prompt.strip():
+        raise BadRow(
+            "chosen and rejected share no prompt (no common text before the word where they differ); "
+            "give the prompt in a column of its own (dataset.columns.prompt=<column>)"
+        )
+    return prompt, chosen[boundary:], rejected[boundary:]
+
+
 def split_message_rows(row: dict, template_markers: tuple[str, ...] = ()) -> tuple[Union[str, Messages], str, str]:
     """(prompt messages, chosen content, rejected content). A response list's earlier turns must be the
     prompt's turns, optionally followed by more context that chosen and rejected share. A string prompt
@@ -232,6 +214,37 @@ def split_message_rows(row: dict, template_markers: tuple[str, ...] = ()) -> tup
     return full_prompt, contents[0], contents[1]
 
 
+def split_conversations(row: dict) -> tuple[Messages, str, str]:
+    """(prompt messages, chosen content, rejected content) of two whole conversations (the implicit_messages
+    layout): the prompt is the messages both share from the start; after it each side must hold exactly
+    one assistant message, its response."""
+    sides = {}
+    for side in ("chosen", "rejected"):
+        value = row.get(side)
+        if value is None:
+            raise BadRow(f"missing field '{side}'")
+        sides[side] = checked_messages(value, side)
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    if chosen == rejected:
+        raise BadRow("chosen and rejected conversations are identical, so the pair carries no preference")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if not shared:
+        raise BadRow("chosen and rejected conversations share no prompt messages (they differ from the first message)")
+    contents = []
+    for side, messages in sides.items():
+        tail = messages[shared:]
+        if len(tail) != 1 or tail[0]["role"] != "assistant":
+            roles = ", ".join(message["role"] for message in tail) or "nothing"
+            raise BadRow(
+                f"after the {shared} messages chosen and rejected share, '{side}' must hold one assistant message, "
+                f"but holds: {roles}"
+            )
+        contents.append(tail[0]["content"])
+    return chosen[:shared], contents[0], contents[1]
+
+
 def response_turns(value: Any, side: str) -> tuple[Messages, str]:
     """(earlier turns, assistant content) of a response given as text, one message or a message list."""
     if value is None:
@@ -245,14 +258,17 @@ def response_turns(value: Any, side: str) -> tuple[Messages, str]:
 
 
 def checked_messages(value: Any, name: str) -> Messages:
-    """A list of {role: str, content: str}, as plain dicts (parquet may add None-valued keys)."""
+    """A list of {role: str, content: str}, as plain dicts (parquet may add None-valued keys; {from, value}
+    messages are read as ShareGPT writes them)."""
     if not isinstance(value, list):
         raise BadRow(f"field '{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
     messages = []
     for position, message in enumerate(value):
+        if isinstance(message, dict) and message.get("role") is None and isinstance(message.get("from"), str):
+            message = {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message.get("value")}
         if not (
             isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
         ):
-            raise BadRow(f"field '{name}', message {position}: must be an object with string 'role' and 'content'")
+            raise BadRow(f"field '{name}', message {position}: must be an object with string 'role' and 'content' (or 'from' and 'value')")
         messages.append({"role": message["role"], "content": message["content"]})
     return messages

@@ -1,6 +1,7 @@
 """build_preference_data: the `dataset` config node + a tokenizer -> tokenized train and eval pairs.
 
-    source rows (sources.py) -> normalized rows (formats.py) -> token ids, truncated (tokenize.py)
+    source rows (sources.py) -> layout (detect.py) -> normalized rows (formats.py) -> token ids, truncated (tokenize.py)
+                                  \\-> the tokenized pairs cache (cache.py): a hit skips all but the first step
 
 Each split is read lazily up to its cap (max_train_examples / max_eval_examples), so the cap means
 "the first N usable pairs" and a huge split is not tokenized for a short run.
@@ -8,16 +9,22 @@ Each split is read lazily up to its cap (max_train_examples / max_eval_examples)
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import ConfigError
+from prefopt.data.cache import Splits, cache_key, cached_pairs, indices_digest, tokenizer_fingerprint
+from prefopt.data.columns import ColumnMap
+from prefopt.data.detect import resolve_format
 from prefopt.data.errors import DataError
-from prefopt.data.formats import SkippedRows, normalize_rows, resolve_format
-from prefopt.data.sources import RawSplit, load_raw_splits
+from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
+from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
 from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
+from prefopt.fileutil import file_digests
 
 logger = logging.getLogger("prefopt.data")
 
@@ -27,37 +34,77 @@ class PreferenceData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
     stats: dict[str, int] = field(default_factory=dict)  # "train/pairs", "train/truncated", "train/boundary_merges", ... and eval/
-    row_format: str = "strings"  # the layout the rows had (strings | messages | hh), for logs
+    row_format: str = "strings"  # the layout the rows had (formats.py: strings | implicit | hh | messages | implicit_messages)
+    cache: str = "off"  # hit | miss (tokenized now, then cached) | off (dataset.cache_dir=null, or generated data)
 
 
 def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> PreferenceData:
-    train_split, eval_split = load_raw_splits(dataset_cfg, seed)
+    source = load_raw_splits(dataset_cfg, seed)
+    entry = cache_entry(dataset_cfg, source, tokenizer)
+    if entry is None:
+        splits, meta = tokenize_source(dataset_cfg, source, tokenizer)
+        cache = "off"
+    else:
+        splits, meta, hit = cached_pairs(*entry, lambda: tokenize_source(dataset_cfg, source, tokenizer))
+        cache = "hit" if hit else "miss"
+        logger.info("tokenized pairs: cache %s (%s)", cache, entry[0])
+    for warning in meta["warnings"]:  # said on every run, cached or not
+        logger.warning("%s", warning)
+    stats = meta["stats"]
+    if not splits["train"]:
+        raise DataError(
+            f"{source.train.origin}: no usable training pairs ({stats['train/skipped_bad_rows']} bad rows skipped, "
+            f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, dataset.max_train_examples "
+            f"and dataset.max_length / dataset.max_prompt_length"
+        )
+    logger.info("dataset %s (%s rows): %s", dataset_cfg.name, meta["row_format"], stats)
+    return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=meta["row_format"], cache=cache)
+
+
+def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Optional[tuple[Path, str]]:
+    """(entry path, key) of the tokenized pairs cache (cache.py), or None where nothing is cached."""
+    cache_dir = dataset_cfg.get("cache_dir")
+    if not cache_dir or (source.files is None and source.fingerprint is None):
+        return None
+    cache_dir = Path(os.path.expanduser(cache_dir))
+    content = file_digests(source.files, cache_dir / "file_digests.json") if source.files is not None else source.fingerprint
+    settings = OmegaConf.to_container(dataset_cfg, resolve=True)
+    settings.pop("cache_dir", None)
+    key = cache_key(
+        {
+            "data": content,
+            "splits": {name: [split.origin, indices_digest(split.indices)] for name, split in (("train", source.train), ("eval", source.eval))},
+            "dataset": settings,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+        }
+    )
+    return cache_dir / f"pairs-{key}.pt", key
+
+
+def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tuple[Splits, dict]:
+    """(pairs per split, meta: row_format, stats and the warnings to repeat on every run)."""
+    columns = ColumnMap.from_config(dataset_cfg.get("columns"))
     # arith rows are generated in the strings layout; other sources say theirs, or their rows show it
-    row_format = "strings" if dataset_cfg.name == "arith" else resolve_format(dataset_cfg.format, train_split)
-    if len(eval_split) and dataset_cfg.name != "arith":
-        resolve_format(row_format, eval_split)  # the eval split must have the same columns
+    generated = dataset_cfg.name == "arith"
+    row_format = "strings" if generated else resolve_format(dataset_cfg.format, source.train, columns)
+    if len(source.eval) and not generated and source.eval.rows is not source.train.rows:
+        resolve_format(row_format, source.eval, columns)  # a split of its own must have the same layout
     string_prompt_as_user_message = string_prompts_use_chat_template(dataset_cfg.chat_template, row_format, tokenizer)
-    # the template is read only where it renders prompts: never for hh transcripts or dataset.chat_template=never
+    # the template is read only where it renders prompts: never for raw text (hh, implicit) or dataset.chat_template=never
     encoder = PairEncoder(
         tokenizer, dataset_cfg.max_length, dataset_cfg.max_prompt_length, use_chat_template=string_prompt_as_user_message
     )
     stats: dict[str, int] = {}
+    warnings: list[str] = []
     splits = {}
     for name, split, limit in (
-        ("train", train_split, dataset_cfg.max_train_examples),
-        ("eval", eval_split, dataset_cfg.max_eval_examples),
+        ("train", source.train, dataset_cfg.max_train_examples),
+        ("eval", source.eval, dataset_cfg.max_eval_examples),
     ):
         splits[name] = prepare_split(
-            name, split, row_format, string_prompt_as_user_message, dataset_cfg.on_bad_row, encoder, limit, stats
+            name, split, row_format, string_prompt_as_user_message, dataset_cfg.on_bad_row, encoder, limit, stats, warnings, columns
         )
-    if not splits["train"]:
-        raise DataError(
-            f"{train_split.origin}: no usable training pairs ({stats['train/skipped_bad_rows']} bad rows skipped, "
-            f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, dataset.max_train_examples "
-            f"and dataset.max_length / dataset.max_prompt_length"
-        )
-    logger.info("dataset %s (%s rows): %s", dataset_cfg.name, row_format, stats)
-    return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=row_format)
+    return splits, {"row_format": row_format, "stats": stats, "warnings": warnings}
 
 
 def prepare_split(
@@ -69,12 +116,15 @@ def prepare_split(
     encoder: PairEncoder,
     limit: Optional[int],
     stats: dict[str, int],
+    warnings: list[str],
+    columns: ColumnMap,
 ) -> list[TokenizedPair]:
     skipped = SkippedRows(split.origin)
     counts = EncodingCounts()
-    rows = normalize_rows(split, row_format, string_prompt_as_user_message, on_bad_row, skipped, encoder.user_markers)
+    rows = normalize_rows(split, row_format, string_prompt_as_user_message, on_bad_row, skipped, encoder.user_markers, columns)
     pairs = encoder.encode(rows, limit, split.where, counts)
-    skipped.warn()
+    if skipped.warning():
+        warnings.append(skipped.warning())
     stats[f"{name}/pairs"] = len(pairs)
     stats[f"{name}/truncated"] = counts.truncated
     stats[f"{name}/dropped_empty_response"] = counts.dropped_empty_response
@@ -87,16 +137,16 @@ def string_prompts_use_chat_template(setting: str, row_format: str, tokenizer) -
     """Whether the chat template renders prompts: a plain-string prompt then becomes one user message
     (unless it is already rendered, see formats.py), and responses end the template's way.
 
-    hh transcripts are raw text by construction; message prompts always need the template.
+    hh transcripts and implicit-prompt texts are raw text by construction; message prompts always need the template.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    if row_format == "hh":
+    if row_format in ("hh", "implicit"):
         return False
-    if row_format == "messages":
+    if row_format in CONVERSATIONAL:
         if setting == "never" or not has_template:
             reason = "dataset.chat_template=never" if has_template else "the tokenizer has no chat template"
             raise ConfigError(
-                f"dataset.format=messages renders prompts with the tokenizer's chat template, but {reason}; "
+                f"dataset.format={row_format} renders prompts with the tokenizer's chat template, but {reason}; "
                 f"use dataset.chat_template=auto with a chat model, or give the data as plain strings"
             )
         return True

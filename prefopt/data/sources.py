@@ -1,39 +1,39 @@
-"""Where rows come from: the arith generator, a local .json/.jsonl/.parquet file, or a hub dataset.
+"""Where rows come from: the arith generator, local files (files.py), or what `datasets` loads by name (hub.py).
+
+    dataset.path                         read by                      splits
+    a file, or a glob of files           files.py, through datasets   eval_fraction held out by the seed
+    a save_to_disk directory             load_from_disk               a Dataset: held out; a DatasetDict: by name
+    any other directory (a repository)   load_dataset(dir, subset)    by name (train_split / eval_split)
+    a hub id                             load_dataset(id, subset)     by name
 
 Every source gives two `RawSplit`s (train, eval) of untouched rows; formats.py makes sense of them.
 A source with a single split (a local file, or eval_split=null) holds out eval_fraction of its rows,
-chosen by the seed.
-
-Messages point at a row the way an editor counts, from 1: "line 8" is the 8th line of a JSON-lines
-file; "row 3" is the 3rd row of a JSON list, a parquet file, a hub split or the generator. A JSON line
-that cannot be read (not UTF-8, not JSON) stays in place as an `UnreadableRow`, a bad row like any
-other: dataset.on_bad_row decides whether it stops the run (naming its line) or is skipped and counted.
+chosen by the seed. The `RawSource` also says what identifies the data's content (its files, or the
+`datasets` fingerprint), which keys the tokenized-pairs cache (cache.py).
 """
 from __future__ import annotations
 
-import contextlib
-import json
+import glob
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
 from prefopt.errors import ConfigError
 from prefopt.data.arith import generate_arith_rows
-from prefopt.data.errors import DataError
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-UTF8_BOM = "\ufeff"  # some editors start UTF-8 files with it; JSON parsers refuse it
+from prefopt.data.files import BUILDERS, SUPPORTED, UnreadableRow, data_files, read_data_files  # noqa: F401  (UnreadableRow: formats.py)
+from prefopt.data.hub import is_saved_dataset, load_named_split, load_saved, saved_split
 
 
 @dataclass
 class RawSplit:
-    origin: str  # "file /x/pairs.jsonl" or "hub dataset Anthropic/hh-rlhf (helpful-base) split train": starts every error
+    origin: str  # "file /x/pairs.jsonl" or "hub dataset Anthropic/hh-rlhf split train": starts every error
     rows: Sequence[Any]  # all rows of the source (a list, or a datasets.Dataset: both index by position)
     indices: list[int]  # positions of this split's rows in `rows` (0-based, the pairs' source_index), in source order
-    line_numbers: Optional[Sequence[int]] = None  # the file line of each row of `rows` (JSON lines); None: rows are counted
+    positions: Optional[Sequence[str]] = None  # each row's position as users count it ("line 8"); None: "row N"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -43,9 +43,9 @@ class RawSplit:
             yield index, self.rows[index]
 
     def position(self, index: int) -> str:
-        """The row at `index` of `rows` as users count it (module docstring): "line 8" or "row 3"."""
-        if self.line_numbers is not None:
-            return f"line {self.line_numbers[index]}"
+        """The row at `index` of `rows` as users count it (files.py): "line 8", "row 3", "b.jsonl, line 8"."""
+        if self.positions is not None:
+            return self.positions[index]
         return f"row {index + 1}"
 
     def where(self, index: int) -> str:
@@ -53,127 +53,99 @@ class RawSplit:
         return f"{self.origin}, {self.position(index)}"
 
 
-@dataclass(frozen=True)
-class UnreadableRow:
-    """A line of a JSON-lines file that is not UTF-8 or not JSON, kept in place as a bad row (module docstring)."""
+@dataclass
+class RawSource:
+    train: RawSplit
+    eval: RawSplit
+    files: Optional[list[Path]] = None  # local files whose bytes are the data (they key the tokenized cache)
+    fingerprint: Optional[str] = None  # else what `datasets` says identifies the loaded splits (hub data)
+    # neither: the data is generated (arith), which is as quick as reading a cache: nothing is cached
 
-    problem: str  # what is wrong and how to fix it
 
-
-def load_raw_splits(dataset_cfg: DictConfig, seed: int) -> tuple[RawSplit, RawSplit]:
+def load_raw_splits(dataset_cfg: DictConfig, seed: int) -> RawSource:
     if dataset_cfg.name == "arith":
         train_rows, eval_rows = generate_arith_rows(dataset_cfg.arith, seed)
         origin = f"arith generator (seed {seed})"
-        return (
+        return RawSource(
             RawSplit(f"{origin} train", train_rows, list(range(len(train_rows)))),
             RawSplit(f"{origin} eval", eval_rows, list(range(len(eval_rows)))),
         )
     if not dataset_cfg.path:
         raise ConfigError(
-            f"dataset.path is empty for dataset.name={dataset_cfg.name}: give a local file "
-            f"(dataset.path=/path/to/file.jsonl; .json, .jsonl or .parquet) or a hub id"
+            f"dataset.path is empty for dataset.name={dataset_cfg.name}: give a local file (dataset.path=/path/to/file.jsonl; "
+            f"{SUPPORTED}), a glob, a directory or a hub id"
         )
     path = os.path.expanduser(dataset_cfg.path)
+    if os.path.isdir(path):
+        return load_directory(dataset_cfg, Path(path), seed)
     if dataset_cfg.name == "local" or os.path.exists(path) or looks_like_local_path(path):
-        rows, line_numbers = read_local_file(path)
-        return hold_out(f"file {path}", rows, dataset_cfg.eval_fraction, seed, line_numbers)
-    return load_hub_splits(dataset_cfg, seed)
+        files = data_files(path)
+        origin = f"file {path}" if not glob.has_magic(path) else f"files {path} ({len(files)} files)"
+        read = read_data_files(files, origin)
+        train, held_out = hold_out(origin, read.rows, dataset_cfg.eval_fraction, seed, read.positions)
+        return RawSource(train, held_out, files=files)
+    return load_hub_source(dataset_cfg, seed)
 
 
 def looks_like_local_path(path: str) -> bool:
     """A missing local file must be reported as missing, not looked up on the hub."""
-    return path.startswith((".", "/", "~")) or path.endswith(LOCAL_SUFFIXES)
+    return path.startswith((".", "/", "~")) or path.endswith(tuple(BUILDERS)) or glob.has_magic(path)
 
 
-def read_local_file(path: str) -> tuple[list, Optional[list[int]]]:
-    """All rows of a .json (a list of objects, or JSON lines), .jsonl or .parquet file, read offline, and
-    each row's file line where the file is JSON lines (None otherwise: rows are then counted)."""
-    if not os.path.isfile(path):
-        raise DataError(f"dataset.path={path} does not exist (or is not a file); give an existing .json, .jsonl or .parquet file")
-    if not path.endswith(LOCAL_SUFFIXES):
-        raise DataError(f"dataset.path={path}: unsupported file type; use a .json, .jsonl or .parquet file")
-    if path.endswith(".parquet"):
-        import pyarrow.parquet
+def load_directory(dataset_cfg: DictConfig, directory: Path, seed: int) -> RawSource:
+    """A save_to_disk directory, or a dataset repository on disk (a clone of a hub dataset, or data files
+    laid out the way load_dataset reads them). Its files' bytes identify it (hidden files left out)."""
+    files = sorted(
+        path for path in directory.rglob("*") if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    )
+    if is_saved_dataset(directory):
+        import datasets
 
-        try:
-            rows, line_numbers = pyarrow.parquet.read_table(path).to_pylist(), None
-        except Exception as error:  # pyarrow raises several types for a damaged file
-            raise DataError(f"file {path} is not a readable parquet file: {error}") from None
-    else:
-        with open(path, "rb") as handle:
-            data = handle.read()
-        rows, line_numbers = parse_json_rows(path, data)
-    if not rows:
-        raise DataError(f"file {path} has no rows")
-    return rows, line_numbers
+        saved = load_saved(directory)
+        origin = f"saved dataset {directory}"
+        if not isinstance(saved, datasets.DatasetDict):  # a Dataset: one split
+            train, held_out = hold_out(origin, saved, dataset_cfg.eval_fraction, seed)
+            return RawSource(train, held_out, files=files)
+        train, held_out = named_splits(origin, lambda split: saved_split(saved, split, origin), dataset_cfg, seed)
+        return RawSource(train, held_out, files=files)
+    origin = f"dataset directory {directory}" + (f" ({dataset_cfg.subset})" if dataset_cfg.subset else "")
 
+    def load(split: str):
+        return load_named_split(str(directory), dataset_cfg.subset, dataset_cfg.data_dir, split, local=True)
 
-def parse_json_rows(path: str, data: bytes) -> tuple[list, Optional[list[int]]]:
-    # A .json file may hold JSON lines (as `datasets` accepts), so try one document first, then lines.
-    if not path.endswith(".jsonl"):
-        document = parse_json_document(path, data)
-        if document is not None:
-            return document, None
-    return parse_json_lines(path, data)
+    train, held_out = named_splits(origin, load, dataset_cfg, seed)
+    return RawSource(train, held_out, files=files)
 
 
-def parse_json_document(path: str, data: bytes) -> Optional[list]:
-    """The rows of a file holding one JSON list; None if the file is not one JSON document."""
-    try:
-        text = data.decode("utf-8").removeprefix(UTF8_BOM)
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise DataError(f"file {path}, line {line}: {not_utf8_problem(path, data[error.start], error.start)}") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        if text.lstrip().startswith("["):  # meant as one list of rows: its own error says where it breaks
-            raise DataError(
-                f"file {path}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno}); fix the file "
-                f"(a .json file holds one list of row objects, or JSON lines)"
-            ) from None
-        return None
-    if isinstance(document, dict):  # a single JSON-lines row, or an object that is not a row list
-        document = [document] if len(text.strip().splitlines()) == 1 else None
-    if not isinstance(document, list):
-        raise DataError(f"file {path} must hold a list of objects (one per row) or JSON lines (one object per line)")
-    return document
+def load_hub_source(dataset_cfg: DictConfig, seed: int) -> RawSource:
+    hub_id, subset = dataset_cfg.path, dataset_cfg.subset
+    origin = f"hub dataset {hub_id}" + (f" ({subset})" if subset else "")
+    loaded = []
+
+    def load(split: str):
+        rows = load_named_split(hub_id, subset, dataset_cfg.data_dir, split, local=False)
+        loaded.append(rows)
+        return rows
+
+    train, held_out = named_splits(origin, load, dataset_cfg, seed)
+    fingerprints = [getattr(rows, "_fingerprint", None) for rows in loaded]
+    return RawSource(train, held_out, fingerprint="/".join(fingerprints) if all(fingerprints) else None)
 
 
-def parse_json_lines(path: str, data: bytes) -> tuple[list, list[int]]:
-    """One row per non-blank line, and its line number. Lines are split on "\\n" bytes, as editors count them."""
-    rows, line_numbers = [], []
-    offset = 0  # of the line's first byte in the file
-    for line_number, raw_line in enumerate(data.split(b"\n"), start=1):
-        if raw_line.strip():
-            rows.append(parse_json_line(path, raw_line, offset, first=line_number == 1))
-            line_numbers.append(line_number)
-        offset += len(raw_line) + 1
-    return rows, line_numbers
-
-
-def parse_json_line(path: str, raw_line: bytes, offset: int, first: bool) -> Any:
-    """The line's JSON value, or an UnreadableRow saying why there is none."""
-    try:
-        text = raw_line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return UnreadableRow(not_utf8_problem(path, raw_line[error.start], offset + error.start))
-    try:
-        return json.loads(text.removeprefix(UTF8_BOM) if first else text)
-    except json.JSONDecodeError as error:
-        return UnreadableRow(f"not valid JSON ({error.msg} at column {error.colno})")
-
-
-def not_utf8_problem(path: str, byte: int, offset: int) -> str:
-    fixed = "utf8" + os.path.splitext(path)[1]
+def named_splits(origin: str, load: Callable[[str], Sequence[Any]], dataset_cfg: DictConfig, seed: int) -> tuple[RawSplit, RawSplit]:
+    """train_split and eval_split by name, or eval_fraction of train_split held out when eval_split is null."""
+    train_rows = load(dataset_cfg.train_split)
+    if dataset_cfg.eval_split is None:
+        return hold_out(f"{origin} split {dataset_cfg.train_split}", train_rows, dataset_cfg.eval_fraction, seed)
+    eval_rows = load(dataset_cfg.eval_split)
     return (
-        f"not UTF-8 text (byte 0x{byte:02x} at byte offset {offset} of the file); re-encode the file as UTF-8 "
-        f"(from latin-1: iconv -f latin1 -t utf-8 {path} > {fixed})"
+        RawSplit(f"{origin} split {dataset_cfg.train_split}", train_rows, list(range(len(train_rows)))),
+        RawSplit(f"{origin} split {dataset_cfg.eval_split}", eval_rows, list(range(len(eval_rows)))),
     )
 
 
 def hold_out(
-    origin: str, rows: Sequence[Any], eval_fraction: float, seed: int, line_numbers: Optional[Sequence[int]] = None
+    origin: str, rows: Sequence[Any], eval_fraction: float, seed: int, positions: Optional[Sequence[str]] = None
 ) -> tuple[RawSplit, RawSplit]:
     """Split one source into train and eval by the seed; both keep source order."""
     total = len(rows)
@@ -183,56 +155,6 @@ def hold_out(
     eval_indices = set(random.Random(seed).sample(range(total), eval_count))
     train = [index for index in range(total) if index not in eval_indices]
     return (
-        RawSplit(f"{origin} (train part)", rows, train, line_numbers),
-        RawSplit(f"{origin} (held-out part)", rows, sorted(eval_indices), line_numbers),
+        RawSplit(f"{origin} (train part)", rows, train, positions),
+        RawSplit(f"{origin} (held-out part)", rows, sorted(eval_indices), positions),
     )
-
-
-def load_hub_splits(dataset_cfg: DictConfig, seed: int) -> tuple[RawSplit, RawSplit]:
-    hub_id, subset = dataset_cfg.path, dataset_cfg.subset
-    label = f"hub dataset {hub_id}" + (f" ({subset})" if subset else "")
-    train_rows = load_hub_split(hub_id, subset, dataset_cfg.train_split)
-    if dataset_cfg.eval_split is None:
-        return hold_out(f"{label} split {dataset_cfg.train_split}", train_rows, dataset_cfg.eval_fraction, seed)
-    eval_rows = load_hub_split(hub_id, subset, dataset_cfg.eval_split)
-    return (
-        RawSplit(f"{label} split {dataset_cfg.train_split}", train_rows, list(range(len(train_rows)))),
-        RawSplit(f"{label} split {dataset_cfg.eval_split}", eval_rows, list(range(len(eval_rows)))),
-    )
-
-
-def load_hub_split(hub_id: str, subset: str | None, split: str):
-    """One split through `datasets`; offline it reads only the local cache and fails in about a second."""
-    import datasets
-
-    from prefopt.models import hub_reachable
-
-    offline = datasets.config.HF_HUB_OFFLINE or not hub_reachable()
-    try:
-        with hub_offline_mode(offline):
-            return datasets.load_dataset(hub_id, data_dir=subset, split=split)
-    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ... here
-        reason = "the hub cannot be reached (offline?) and it is not in the local cache" if offline else str(error)
-        raise DataError(
-            f"hub dataset {hub_id}" + (f" ({subset})" if subset else "") + f" split {split} could not be loaded: "
-            f"{reason}. Download it where there is internet, or pass a local file in the same schema: "
-            f"dataset.path=/path/to/file.jsonl (.json, .jsonl or .parquet)"
-        ) from error
-
-
-@contextlib.contextmanager
-def hub_offline_mode(offline: bool):
-    """Without this, `datasets` retries an unreachable hub for ~25 s per file. The flags are read at
-    import time, so the environment variable would come too late; set the module constants instead."""
-    if not offline:
-        yield
-        return
-    import datasets
-    import huggingface_hub.constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved

@@ -40,6 +40,7 @@ class LossOutput:
     chosen_rewards: torch.Tensor  # (B,), detached
     rejected_rewards: torch.Tensor  # (B,), detached
     metrics: Dict[str, float]  # gate/* when gated, plus loss-specific values, averaged over the batch
+    gates: Optional[torch.Tensor] = None  # (B,) per-example gate when gated (kind token: the mean over its tokens)
 
 
 def preference_loss(
@@ -77,11 +78,13 @@ def preference_loss(
     rejected_lengths = rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
 
     metrics: Dict[str, torch.Tensor] = {}
+    example_gates = None
     if gate_params is not None:
         policy_rejected_logps, gates = apply_gate(
             gate_params, policy_rejected_logps, rejected_lengths, rejected_token_logps, rejected_mask
         )
         metrics.update(gate_metrics(gates))
+        example_gates = per_example_gates(gate_params, gates, rejected_mask)
 
     inputs = LossInputs(
         policy_chosen=policy_chosen_logps,
@@ -105,7 +108,18 @@ def preference_loss(
         chosen_rewards=terms.chosen_rewards,
         rejected_rewards=terms.rejected_rewards,
         metrics=dict(zip(metrics, values)),
+        gates=example_gates,
     )
+
+
+def per_example_gates(gate_params: GateParams, gates: torch.Tensor, rejected_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B,) gate values: kind token returns one gate per response token (flattened), averaged here per example."""
+    if gate_params.kind != "token":
+        return gates.detach()
+    response = rejected_mask > 0
+    token_gates = torch.zeros(response.shape, dtype=gates.dtype, device=gates.device)
+    token_gates[response] = gates.detach()
+    return token_gates.sum(-1) / response.sum(-1).clamp(min=1)
 
 
 def validate_loss_config(loss_cfg: Any) -> None:

@@ -118,3 +118,14 @@ def gate_metrics(gates: torch.Tensor) -> Dict[str, torch.Tensor]:
         "gate/min": gates.min(),
         "gate/frac_below_half": (gates < 0.5).to(gates.dtype).mean(),
     }
+
+
+def gate_distribution(example_gates: torch.Tensor) -> Dict[str, float]:
+    """Per-example gates summarized: mean, min, max, 10/50/90th percentiles and the fraction below 0.5."""
+    gates = example_gates.detach().to(torch.float64)
+    quantiles = torch.quantile(gates, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    return {
+        "gate/mean": float(gates.mean()), "gate/min": float(gates.min()), "gate/max": float(gates.max()),
+        "gate/p10": quantiles[0], "gate/p50": quantiles[1], "gate/p90": quantiles[2],
+        "gate/frac_below_half": float((gates < 0.5).to(torch.float64).mean()),
+    }

@@ -1,0 +1,208 @@
+"""Which run `trainer.resume` continues, decided in the parent before anything is written.
+
+    trainer.resume=true      this run dir's newest checkpoint; a dir without one is an error that lists
+                             the newest runs that have checkpoints (step, age, same config or not) as
+                             ready-to-paste `trainer.resume=PATH` overrides
+    trainer.resume=latest    the newest run with a checkpoint and this same config (RESUME_KEYS aside,
+                             compared with the resolved config.yaml each run dir keeps), continued in
+                             its own dir; none: an error naming what differs in the nearest runs
+    trainer.resume=PATH      that run dir or checkpoint (launch.resume_run_dir)
+
+Runs are searched under the roots the config points at: the fixed part of `hydra.run.dir` and of
+`hydra.sweep.dir` (outputs/ and multirun/ by default; a dir given without a timestamp: its parent), a
+few levels deep. A finished run (summary.json) is never picked by `latest`: there is nothing to continue.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.checkpoint import CHECKPOINT_CONFIG, CHECKPOINTS, MANIFEST, checkpoint_candidates, config_differences
+from prefopt.errors import CheckpointError
+
+log = logging.getLogger("prefopt")
+
+LATEST = "latest"
+MAX_DEPTH = 4  # levels below a root searched for run dirs (multirun/DATE/TIME/JOB is 3)
+MAX_DIRS_VISITED = 20_000  # bounds the search in a huge tree (a root that is someone's home)
+MAX_LISTED = 5  # runs listed in an error
+SKIPPED_DIRS = ("checkpoints", "wandb", "policy", "__pycache__", "node_modules")  # never hold run dirs
+
+
+def resume_mode(resume: Any) -> str:
+    """'off' | 'this' (true) | 'latest' | 'path', from trainer.resume as Hydra or YAML gave it."""
+    if resume is False or resume in ("false", "False", "", None):
+        return "off"
+    if resume is True or resume in ("true", "True"):
+        return "this"
+    if resume == LATEST:
+        return "latest"
+    return "path"
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    run_dir: Path
+    checkpoint: Path  # its newest complete checkpoint (manifest written; verified only when resumed)
+    step: int
+    saved_at: float  # the manifest's modification time
+
+    def override(self) -> str:
+        return shlex.quote(f"trainer.resume={self.run_dir}")
+
+    def describe(self) -> str:
+        return f"step {self.step}, saved {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.saved_at))}"
+
+
+def search_root(resolved: Path, template: str, cwd: Path) -> Path:
+    """The dir holding this kind of run dir: `resolved` (a dir template, resolved) less its trailing
+    interpolated parts (outputs/${now:%Y-%m-%d}/${now:%H-%M-%S-%f} -> outputs), or its parent when the
+    template has none (a run given its own dir: its siblings)."""
+    trailing = 0
+    for part in reversed(Path(template).parts):
+        if "${" not in part:
+            break
+        trailing += 1
+    root = Path(resolved)
+    for _ in range(max(1, min(trailing, len(root.parts) - 1))):
+        root = root.parent
+    return root if root.is_absolute() else cwd / root
+
+
+def search_roots(fallback_run_dir: Path) -> list[Path]:
+    """The outputs root and the multirun root of this Hydra app's config; outside Hydra, the run dir's parent."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return [Path(fallback_run_dir).resolve().parent]
+    hydra = HydraConfig.get()
+    cwd = Path(hydra.runtime.cwd)
+    roots: list[Path] = []
+    for node in (hydra.run, hydra.sweep):
+        template = str(OmegaConf.to_container(node, resolve=False)["dir"])
+        root = search_root(Path(str(node.dir)), template, cwd).resolve()
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def _run_dirs(root: Path) -> Iterator[Path]:
+    """Dirs with a checkpoints/ dir under root (root included), at most MAX_DEPTH levels down."""
+    stack, visited = [(root, 0)], 0
+    while stack and visited < MAX_DIRS_VISITED:
+        directory, depth = stack.pop()
+        visited += 1
+        if (directory / CHECKPOINTS).is_dir():
+            yield directory
+            continue
+        if depth >= MAX_DEPTH:
+            continue
+        try:
+            entries = [entry for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
+        except OSError:  # unreadable: someone else's dir
+            continue
+        stack += [(Path(entry.path), depth + 1) for entry in entries if not entry.name.startswith(".") and entry.name not in SKIPPED_DIRS]
+
+
+def newest_checkpoint(run_dir: Path) -> Optional[RunCheckpoint]:
+    for candidate in checkpoint_candidates(run_dir):
+        manifest = candidate / MANIFEST
+        if manifest.is_file():
+            step = int(candidate.name.split("-")[-1]) if candidate.name.split("-")[-1].isdigit() else -1
+            return RunCheckpoint(run_dir, candidate, step, manifest.stat().st_mtime)
+    return None
+
+
+def runs_with_checkpoints(roots: list[Path], exclude: Optional[Path] = None) -> list[RunCheckpoint]:
+    """Every run dir under the roots with a complete checkpoint, newest checkpoint first."""
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    found: dict[Path, RunCheckpoint] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for run_dir in _run_dirs(root):
+            run_dir = run_dir.resolve()
+            if run_dir != excluded and run_dir not in found:
+                run = newest_checkpoint(run_dir)
+                if run is not None:
+                    found[run_dir] = run
+    return sorted(found.values(), key=lambda run: run.saved_at, reverse=True)
+
+
+def saved_config(run_dir: Path) -> Optional[dict]:
+    """The resolved config a run dir recorded (config.yaml), or None when it has none or it is unreadable."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(run_dir / CHECKPOINT_CONFIG), resolve=True)
+    except Exception:  # missing, or not YAML: such a run cannot match
+        return None
+
+
+def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 3) -> str:
+    shown = ", ".join(f"{key}: {theirs!r} there vs {ours!r} now" for key, theirs, ours in differences[:limit])
+    return shown + (f", and {len(differences) - limit} more" if len(differences) > limit else "")
+
+
+def roots_text(roots: list[Path]) -> str:
+    return " and ".join(str(root) for root in roots)
+
+
+def no_checkpoint_error(run_dir: Path, roots: list[Path], cfg: DictConfig) -> CheckpointError:
+    """trainer.resume=true in a dir without a checkpoint: what the user can resume instead."""
+    from prefopt.rundir import existing_run
+
+    why = ("the run there stopped before its first checkpoint; trainer.save_every=N saves every N steps"
+           if existing_run(run_dir) else "a new dir: Hydra gives each launch a new timestamped one")
+    lines = [f"trainer.resume=true, but run dir {run_dir} has no checkpoint to continue ({why})."]
+    runs = runs_with_checkpoints(roots, exclude=run_dir)[:MAX_LISTED]
+    if not runs:
+        lines.append(f"No run under {roots_text(roots)} has a checkpoint either: leave trainer.resume out to start a fresh run.")
+        return CheckpointError("\n".join(lines))
+    lines.append(f"The newest runs with checkpoints under {roots_text(roots)} (paste one):")
+    for run in runs:
+        saved = saved_config(run.run_dir)
+        differences = config_differences(cfg, saved) if saved is not None else None
+        match = ("unreadable config.yaml" if differences is None else "same config" if not differences
+                 else f"other config: {describe_differences(differences, limit=2)}")
+        lines.append(f"  {run.override()}    ({run.describe()}; {match})")
+    lines.append("Or trainer.resume=latest continues the newest run with this config; leave trainer.resume out to start fresh.")
+    return CheckpointError("\n".join(lines))
+
+
+def find_latest_run(cfg: DictConfig, roots: list[Path], exclude: Optional[Path] = None) -> RunCheckpoint:
+    """trainer.resume=latest: the newest unfinished run under the roots with a checkpoint and this config."""
+    from prefopt.tracking import SUMMARY_FILE
+
+    runs = runs_with_checkpoints(roots, exclude)
+    nearest: list[tuple[int, RunCheckpoint, list]] = []
+    finished: list[RunCheckpoint] = []
+    for run in runs:
+        saved = saved_config(run.run_dir)
+        if saved is None:
+            continue
+        differences = config_differences(cfg, saved)
+        if differences:
+            nearest.append((len(differences), run, differences))
+        elif (run.run_dir / SUMMARY_FILE).exists():
+            finished.append(run)
+        else:
+            log.info("trainer.resume=latest: continuing %s (%s)", run.run_dir, run.describe())
+            return run
+    if finished:
+        raise CheckpointError(f"trainer.resume=latest: the runs with this config under {roots_text(roots)} have finished "
+                              f"(newest: {finished[0].run_dir}, {finished[0].describe()}, summary.json written); there is "
+                              f"nothing to continue. Leave trainer.resume out to start a fresh run")
+    if not nearest:
+        raise CheckpointError(f"trainer.resume=latest: no run under {roots_text(roots)} has a checkpoint; leave trainer.resume "
+                              f"out to start a fresh run (trainer.save_every=N checkpoints every N steps)")
+    nearest.sort(key=lambda item: (item[0], -item[1].saved_at))
+    listed = "; ".join(f"{run.run_dir} ({run.describe()}): {describe_differences(differences)}" for _, run, differences in nearest[:3])
+    raise CheckpointError(f"trainer.resume=latest: no run under {roots_text(roots)} with a checkpoint has this config. "
+                          f"Nearest: {listed}. Use the same values to continue one of them (or trainer.resume=PATH with its own "
+                          f"config), or leave trainer.resume out to start fresh")

@@ -1,0 +1,155 @@
+"""examples/: every recipe runs here at tiny scale through its own script, the command a user runs, with
+overrides appended (the last value of a key wins in Hydra): model=tiny_llama, 2 steps, small data. The SLURM
+recipe runs on the local cluster (scripts/slurm/start_local_cluster.sh) and skips without one, or fails with
+CI=true, as tests/test_slurm.py does. A fast check keeps every script documented, linked from README.md and
+tested here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from prefopt.report import build_report
+from prefopt.tracking import read_jsonl
+from tests.test_slurm import RANK_VARIABLES, Sweep, cluster_state, slurm_client_env
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+PREFOPT = f"{sys.executable} -m prefopt.cli"  # the checkout's prefopt (the scripts run from the repository root)
+TINY = ["model=tiny_llama", "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4",
+        "trainer.greedy_eval_examples=0", "trainer.lr=1e-3", "trainer.warmup_steps=0", "dynamics.num_probes=2",
+        "dynamics.batch_size=4", "logger.wandb.mode=disabled", "hardware.num_threads=1"]
+SMALL_ARITH = ["dataset.arith.num_train=16", "dataset.arith.num_eval=4"]
+
+
+def example_env(**extra: str) -> dict:
+    """The scripts' environment: the checkout's prefopt, offline, no rank variables left by in-process tests."""
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+    return {**env, "PREFOPT": PREFOPT, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_example(script: str, *overrides: str, env: dict, timeout: float = 300) -> str:
+    """`bash examples/SCRIPT OVERRIDES` in its own session (everything it started is killed on a timeout); its output."""
+    process = subprocess.Popen(["bash", str(EXAMPLES / script), *overrides], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script} did not end within {timeout:.0f} s:\n{output[-3000:]}")
+    assert process.returncode == 0, f"{script} exited {process.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row]
+
+
+def example_scripts() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.sh"))
+
+
+def test_every_example_is_documented_linked_and_tested():
+    scripts = example_scripts()
+    assert len(scripts) >= 4
+    readme = (REPO / "README.md").read_text()
+    this_file = Path(__file__).read_text()
+    for script in scripts:
+        text = script.read_text()
+        header = text.split("set -euo pipefail")[0]
+        assert "What it shows:" in header and "Expected runtime:" in header, f"{script.name}: its header must say both"
+        assert "\"$@\"" in text, f"{script.name} must pass the caller's overrides on"
+        checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{script.name}: {checked.stderr}"
+        assert f"examples/{script.name}" in readme, f"README.md does not link examples/{script.name}"
+        assert f'"{script.name}"' in this_file, f"no test runs {script.name}"
+
+
+def test_the_sample_file_is_ultrafeedback_shaped():
+    rows = [json.loads(line) for line in (EXAMPLES / "data" / "ultrafeedback_sample.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and len({row["prompt_id"] for row in rows}) == 24
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            assert [turn["role"] for turn in row[side]] == ["user", "assistant"]
+            assert row[side][0]["content"] == row["prompt"]
+        assert row["chosen"][1]["content"] != row["rejected"][1]["content"] and row["score_chosen"] > row["score_rejected"]
+
+
+def test_gate_dpo_on_the_local_ultrafeedback_sample(tmp_path):
+    run_dir = tmp_path / "run"
+    output = run_example("gate_dpo_local.sh", *TINY, "dynamics.enabled=false", "trainer.save_final=false", env=example_env(RUN_DIR=str(run_dir)))
+    assert f"run dir: {run_dir}" in output
+    config = OmegaConf.load(run_dir / "config.yaml")
+    assert config.loss.name == "dpo" and config.loss.gate.kind == "seq" and config.dataset.name == "ultrafeedback"
+    assert config.dataset.path.endswith("examples/data/ultrafeedback_sample.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data/train/pairs"] + summary["data/eval/pairs"] == 24 and summary["data/eval/pairs"] == 6
+    rows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(0.0 < row["train/gate/mean"] <= 1.0 for row in rows)  # the gate ran every step
+
+
+@pytest.mark.slow
+def test_lpo_vs_dpo_sweep_and_its_report(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    output = run_example("lpo_vs_dpo.sh", *TINY, *SMALL_ARITH, "trainer.seed=0,1", env=example_env(SWEEP_DIR=str(sweep_dir)))
+    jobs = sorted((path for path in sweep_dir.iterdir() if path.name.isdigit()), key=lambda path: int(path.name))
+    configs = [OmegaConf.load(job / "config.yaml") for job in jobs]
+    assert sorted((config.loss.name, config.trainer.seed) for config in configs) == [("dpo", 0), ("dpo", 1), ("lpo", 0), ("lpo", 1)]
+    assert all(config.dataset.arith.rejected_style == "offpolicy" for config in configs)
+    rows, _ = build_report(sweep_dir)
+    assert [row["status"] for row in rows] == ["ok"] * 4
+    groups = (sweep_dir / "report_groups.md").read_text()
+    assert "lpo" in groups and "dpo" in groups and "4 jobs, 0 failed" in output
+    assert (sweep_dir / "report_bands.png").is_file()
+
+
+@pytest.mark.slow
+def test_lora_zero2_at_tiny_scale_on_two_cpu_ranks(tmp_path):
+    run_dir = tmp_path / "run"
+    run_example("lora_zero2.sh", *TINY, *SMALL_ARITH, "hardware.device=cpu", "hardware.gpus_per_node=2",
+                env=example_env(RUN_DIR=str(run_dir)))
+    config = OmegaConf.load(run_dir / "config.yaml")
+    assert (config.hardware.name, config.hardware.engine, config.hardware.zero_stage, config.hardware.gpus_per_node) == ("zero2", "deepspeed", 2, 2)
+    assert config.model.lora.enabled and config.model.lora.r == 16
+    assert train_steps(run_dir) == [1, 2]
+    assert list(run_dir.glob("checkpoints/step-2/policy/adapter_config.json")), "the checkpoint holds the adapters"
+
+
+@pytest.fixture
+def slurm_env():
+    return slurm_client_env(*cluster_state())
+
+
+class ExampleSweep(Sweep):
+    """examples/SCRIPT in its own session, its SLURM jobs cancelled whatever happens (tests/test_slurm.py's Sweep)."""
+
+    def __init__(self, env: dict, sweep_dir: Path, script: str, *overrides: str):
+        self.env, self.dir = env, sweep_dir
+        self.log = sweep_dir.parent / f"{sweep_dir.name}.log"
+        self.process = subprocess.Popen(["bash", str(EXAMPLES / script), *overrides], env={**env, "PREFOPT": PREFOPT, "SWEEP_DIR": str(sweep_dir)},
+                                        stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_slurm_sweep_example_on_the_local_cluster(slurm_env, tmp_path):
+    sweep = ExampleSweep(slurm_env, tmp_path / "sweep", "slurm_sweep.sh", "hydra/launcher=slurm_local", "hardware=cpu",
+                         "hydra.launcher.timeout_min=5", "loss=dpo,gate_dpo", "trainer.seed=0", *TINY, *SMALL_ARITH)
+    try:
+        returncode, output = sweep.wait(timeout=300)
+        assert returncode == 0, output[-4000:]
+        assert len(sweep.job_ids()) == 2 and set(sweep.final_states().values()) == {"COMPLETED"}
+        rows, _ = build_report(sweep.dir)
+        assert [row["status"] for row in rows] == ["ok", "ok"]
+        assert re.search(r"2 jobs, 0 failed; wrote .*report_groups\.md", output), output[-2000:]
+    finally:
+        sweep.cancel()
