@@ -22,10 +22,10 @@ cd "$(dirname "$0")/.."
 PREFOPT=(${PREFOPT:-.venv/bin/prefopt})  # the prefopt command: PREFOPT=prefopt for an install elsewhere
 SWEEP_DIR=${SWEEP_DIR:-multirun/lpo_vs_dpo_$(date +%Y%m%d_%H%M%S)}
 
-# trainer.lr + constant schedule: push for the whole run (the dynamics are the point, as in the squeezing demo);
+# trainer.lr + constant schedule after the warmup: push for the whole run (the dynamics are the point, as in the squeezing demo);
 # greedy eval and final weights skipped: the probes are the measurement
 "${PREFOPT[@]}" train -m loss=dpo,lpo trainer.seed=0,1,2 model=smollm2_135m \
-    dataset=arith dataset.arith.rejected_style=offpolicy trainer.max_steps=30 trainer.lr=1e-5 trainer.lr_schedule=constant \
+    dataset=arith dataset.arith.rejected_style=offpolicy trainer.max_steps=30 trainer.lr=1e-5 trainer.lr_schedule=constant_with_warmup \
     trainer.greedy_eval_examples=0 trainer.save_final=false dynamics.every_n_steps=10 \
     hydra.sweep.dir="$SWEEP_DIR" "$@"
 # the jobs of a group may differ only in trainer.seed; paired by seed against loss=dpo

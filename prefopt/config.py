@@ -83,9 +83,9 @@ class ArithConfig:
 
 @dataclass
 class DatasetColumnsConfig:
-    prompt: Any = None  # column holding the prompt, or a list joined by newlines ([instruction,input]); null = "prompt"
-    chosen: Optional[str] = None  # column holding the chosen response; null = "chosen"
-    rejected: Optional[str] = None  # column holding the rejected response; null = "rejected"
+    prompt: Any = None  # prompt column (OpenRLHF --prompt_key), or several joined by newlines (LLaMA-Factory: [instruction,input]); null = "prompt"
+    chosen: Optional[str] = None  # chosen-response column (OpenRLHF --chosen_key); null = "chosen"
+    rejected: Optional[str] = None  # rejected-response column (OpenRLHF --rejected_key); null = "rejected"
 
 
 @dataclass

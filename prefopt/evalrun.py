@@ -104,6 +104,8 @@ def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> 
                               f"{', '.join(RUN_GROUPS + THIS_COMMAND_GROUPS[:-1])} one by one (key=value or group=option)")
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
     cfg.trainer.resume, cfg.trainer.stop_after = False, None  # an eval never continues the run
+    if cfg.trainer.num_epochs is not None and cfg.trainer.max_steps is not None:
+        cfg.trainer.num_epochs = None  # the run derived max_steps from its epochs (with its own world size): keep that
     cfg.eval.policy = str(checkpoint.resolve())  # the frozen config names the exact checkpoint evaluated
 
 
@@ -160,20 +162,23 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from prefopt.models import load_tokenizer
     from prefopt.plots import plot_runs
     from prefopt.reference import build_reference
+    from prefopt.schedules import settle_max_steps
     from prefopt.tracking import Tracker
-    from prefopt.console import Console
+    from prefopt.console import Console, quiet_known_noise
     from prefopt.evaluation import RunEvaluator, eval_changes
     from prefopt.trainer import PreferenceStep, build_policy
 
     started = time.time()
     dist = init_distributed(cfg.hardware)
     device = device_for(cfg.hardware, dist)
+    quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
     torch.manual_seed(cfg.trainer.seed)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
+    settle_max_steps(cfg, len(data.train), dist.world_size, None)  # a model dir's eval with trainer.num_epochs composed
     policy = build_policy(cfg, source, tokenizer, device)
     # the reference is the base model, built (copied, or precomputed for the eval pairs) before the trained weights load
     reference = build_reference(cfg, policy, source, data.eval, get_loss(cfg.loss.name).needs_reference, dist, device, tokenizer.pad_token_id)

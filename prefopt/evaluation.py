@@ -14,7 +14,7 @@ from prefopt.distributed import DistInfo
 from prefopt.dynamics import ProbeSet, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.losses.gate import gate_distribution
 from prefopt.metrics import finish_token_means
-from prefopt.sharding import sharded_pass
+from prefopt.sharding import pair_scored_tokens, sharded_pass
 from prefopt.tracking import DYNAMICS_FILE
 
 GATE_COLUMN = "gate"  # the per-example gate travels as one more column of the gathered rows
@@ -38,12 +38,9 @@ def evaluate(step_fn, pairs: list[TokenizedPair], batch_size: int, max_batches: 
         keys[:] = list(columns)
         return torch.stack([value.detach().float().cpu() for value in columns.values()], dim=1)
 
-    def pair_tokens(index: int) -> int:
-        return len(pairs[index].chosen_ids) + len(pairs[index].rejected_ids)
-
     step_fn.policy.eval()
     try:
-        values = sharded_pass(len(pairs), batch_size, dist or DistInfo(), score, pair_tokens)
+        values = sharded_pass(len(pairs), batch_size, dist or DistInfo(), score, lambda index: pair_scored_tokens(pairs[index]))
     finally:
         step_fn.policy.train()
     columns = dict(zip(keys, values.unbind(dim=1)))

@@ -77,16 +77,17 @@ def load_run(run_dir: Path) -> RunTrace:
     return RunTrace(run_label(run_dir), rows)
 
 
-def readable_axes(axis, xlabel: str, ylabel: str) -> None:
+def readable_axes(axis, xlabel: str, ylabel: str, integer_x: bool = False) -> None:
     """Axis labels (with units), and tick labels that read as the values themselves: no offset text
-    (log-probs around -112.3 must not read as '+1.123e2' plus ticks 0.1, 0.2) and no scientific notation on
-    a linear axis; whole numbers of steps on x. Call after the scale is set (setting it resets the ticks)."""
+    (log-probs around -112.3 must not read as '-1.123e2' plus ticks 0.0002, 0.0004) and no scientific
+    notation on a linear axis; integer_x: whole numbers on x (steps). Call after the scale is set
+    (setting it resets the ticks)."""
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     for name, scale in (("x", axis.get_xscale()), ("y", axis.get_yscale())):
         if scale == "linear":  # a log axis has its own formatter, without offsets
             axis.ticklabel_format(axis=name, style="plain", useOffset=False)
-    if xlabel == STEP_LABEL:
+    if integer_x:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -103,7 +104,7 @@ def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Fi
                 steps, values = zip(*points)
                 axis.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=trace.label)
         axis.set_title(panel_title)
-        readable_axes(axis, STEP_LABEL, ylabel)
+        readable_axes(axis, STEP_LABEL, ylabel, integer_x=True)
         axis.grid(alpha=0.3)
     legend_axis = axes[len(PANELS)]
     legend_axis.axis("off")
@@ -177,7 +178,7 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
             axis.plot(band.steps, band.mean, color=color, marker="o", markersize=3, linewidth=1.5, label=group.label)
             axis.fill_between(band.steps, band.low, band.high, color=color, alpha=0.2, linewidth=0)
         axis.set_title(panel_title)
-        readable_axes(axis, STEP_LABEL, BAND_Y_LABEL)
+        readable_axes(axis, STEP_LABEL, BAND_Y_LABEL, integer_x=True)
         axis.grid(alpha=0.3)
     handles, labels = {}, []
     for axis in axes:  # a group may lack a panel's metric: collect every labelled line once

@@ -28,7 +28,7 @@ from prefopt.engine import wrap_reference
 from prefopt.fileutil import exclusive_lock, file_digests
 from prefopt.logps import sequence_logps, split_pairs
 from prefopt.models import freeze
-from prefopt.sharding import sharded_pass
+from prefopt.sharding import pair_scored_tokens, sharded_pass
 
 log = logging.getLogger("prefopt")
 
@@ -107,13 +107,10 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], cfg: DictConfig, 
         batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(device)
         return torch.stack(reference.logps(chunk, batch, peer_scored_tokens), dim=1)
 
-    def pair_tokens(index: int) -> int:
-        return len(pairs[index].chosen_ids) + len(pairs[index].rejected_ids)
-
     was_training = model.training
     model.eval()
     try:
-        return sharded_pass(len(pairs), cfg.trainer.eval_batch_size, dist, score, pair_tokens)
+        return sharded_pass(len(pairs), cfg.trainer.eval_batch_size, dist, score, lambda index: pair_scored_tokens(pairs[index]))
     finally:
         model.train(was_training)
 

@@ -29,6 +29,17 @@ class ShardPlan:
         return [batches[position] for batches in self.batches]
 
 
+def pair_scored_tokens(pair) -> int:
+    """Response tokens a preference pair scores (chosen + rejected), in any layout."""
+    return len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def largest_batch_tokens(batches: list[list[int]], item_tokens: Callable[[int], int]) -> int:
+    """The most scored tokens any rank's batch holds, when rank r scores batches[r]: what each rank passes as
+    sequence_logps(min_scored_tokens=...) so that all of them call the output head equally often."""
+    return max(sum(item_tokens(index) for index in batch) for batch in batches)
+
+
 def shard_plan(count: int, batch_size: int, world_size: int) -> ShardPlan:
     """Strided shards of `count` items in batches of `batch_size`, padded to rank 0's number of batches
     (rank 0's shard is the longest). A padding batch repeats the rank's last batch, or the first items
@@ -58,8 +69,7 @@ def sharded_pass(count: int, batch_size: int, dist: DistInfo, score: Callable[[l
     plan = shard_plan(count, batch_size, dist.world_size)
     rows, result = [], None
     for position, indices in enumerate(plan.batches[dist.rank]):
-        peers = plan.peer_batches(position)
-        peer_tokens = max(sum(item_tokens(index) for index in batch) for batch in peers) if item_tokens else 0
+        peer_tokens = largest_batch_tokens(plan.peer_batches(position), item_tokens) if item_tokens else 0
         result = score(indices, peer_tokens).detach().to(torch.float64).cpu()
         if result.dim() != 2 or result.shape[0] != len(indices):
             raise ValueError(f"score returned shape {tuple(result.shape)} for {len(indices)} items; expected ({len(indices)}, K)")

@@ -31,6 +31,7 @@ from prefopt.precision import set_compute_dtype
 from prefopt.reference import CachedReference, ModelReference, build_reference
 from prefopt.plots import plot_runs
 from prefopt.schedules import settle_max_steps
+from prefopt.sharding import largest_batch_tokens, pair_scored_tokens
 from prefopt.slurm import preemption, restart_count
 from prefopt.tracking import Tracker
 
@@ -280,7 +281,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     global_indices = sampler.next_indices(trainer_cfg.micro_batch_size * dist.world_size)
                     rank_slice = slice(dist.rank * trainer_cfg.micro_batch_size, (dist.rank + 1) * trainer_cfg.micro_batch_size)
                     pairs = [data.train[i] for i in global_indices[rank_slice]]
-                    out, per_example, batch_tokens = step_fn(pairs, step - 1)
+                    # every rank calls the head as often as the rank with the most tokens (ZeRO-3 gathers it per call)
+                    rank_batches = [global_indices[r * trainer_cfg.micro_batch_size : (r + 1) * trainer_cfg.micro_batch_size] for r in range(dist.world_size)]
+                    peer_tokens = largest_batch_tokens(rank_batches, lambda index: pair_scored_tokens(data.train[index]))
+                    out, per_example, batch_tokens = step_fn(pairs, step - 1, min_scored_tokens=peer_tokens)
                     if dist.minimum(float(torch.isfinite(out.loss.detach()).item())) == 1.0:  # every rank agrees
                         engine.backward(out.loss / trainer_cfg.grad_accum)
                     else:

@@ -282,7 +282,7 @@ def test_a_layout_no_row_fits_is_a_layout_error_not_bad_rows(tmp_path, preferenc
         build_preference_data(dataset_cfg(path, tmp_path, format="hh", eval_fraction=0.0), byte_tokenizer, 0)
     message = str(error.value)
     assert "With dataset.format=hh, none of the first 4 rows makes a pair" in message
-    assert "line 1: field 'chosen' must be a string" in message and "dataset.columns." in message
+    assert "(line 1 and 3 more: field 'chosen' must be a string" in message and "dataset.columns." in message
     assert "on_bad_row" not in message
 
 

@@ -111,6 +111,29 @@ def test_eval_of_an_exported_model_dir_against_its_base(trained_run, tmp_path):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
 
+@pytest.mark.slow  # torchrun, two CPU ranks with DeepSpeed's CPU accelerator
+def test_eval_on_two_ranks_matches_the_runs_final_eval(trained_run, tmp_path):
+    eval_dir = run_eval(tmp_path / "eval", str(trained_run), "hardware=cpu_2proc", "logger.wandb.mode=disabled", "eval.baseline=false")
+    assert_same_numbers(eval_row(eval_dir, STEPS), eval_row(trained_run, STEPS), "eval/")  # each rank scored a shard
+
+
+@pytest.mark.slow  # two evals
+def test_a_sweep_of_evals_is_a_sweep_report_reads(trained_run, tmp_path):
+    from prefopt.report import build_report
+
+    checkpoints = ",".join(str(trained_run / "checkpoints" / name) for name in ("step-000002", "step-000003"))
+    argv = sys.argv
+    try:
+        assert main(["eval", "-m", f"eval.policy={checkpoints}", *QUIET, "dynamics.enabled=true", "trainer.greedy_eval_examples=0",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 0
+    finally:
+        sys.argv = argv
+    rows, plot = build_report(tmp_path / "sweep")
+    assert [(row["steps"], row["status"]) for row in rows] == [(2, "ok"), (3, "ok")]
+    assert rows[1]["eval_accuracy"] == pytest.approx(eval_row(trained_run, STEPS)["eval/rewards/accuracies"], abs=1e-6)
+    assert plot is not None and plot.is_file()  # the probe trajectories, base model to each checkpoint
+
+
 @pytest.mark.parametrize("policy, named", [
     ("/no/such/run", "eval.policy=/no/such/run: does not exist"),
     ("EMPTY_DIR", "no checkpoint found there"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -132,23 +134,36 @@ def tracker_config(**wandb_settings) -> OmegaConf:
     return cfg
 
 
-def test_wandb_gets_system_metrics_console_one_table_per_kind_and_the_summary(tmp_path, capfd):
+# one tracker's life in a fresh process, as in a run: W&B wraps the console once per process, and an earlier
+# in-process run (other tests) leaves pytest's streams in a state where that capture cannot be checked
+TRACKER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from prefopt.tracking import Tracker
+from tests.test_metrics import tracker_config
+run_dir = Path(sys.argv[1])
+tracker = Tracker(tracker_config(mode="offline", system_sample_seconds=0.1), run_dir)
+try:
+    print("a line for the W&B console log", flush=True)
+    columns = ["prompt", "generation", "answer", "correct"]
+    tracker.log_table("eval/generations", 0, columns, [["1+1=", "3", "2", False]])
+    tracker.log(0, {"eval/rewards/accuracies": 0.5})
+    tracker.log_table("eval/generations", 4, columns, [["1+1=", "2", "2", True]])
+    tracker.log(4, {"eval/rewards/accuracies": 1.0})
+    time.sleep(1.0)  # a few system-metric samples
+    tracker.finish({"steps": 4, "eval/rewards/accuracies": 1.0})
+finally:
+    tracker.close()
+"""
+
+
+def test_wandb_gets_system_metrics_console_one_table_per_kind_and_the_summary(tmp_path):
     (tmp_path / "overrides.yaml").write_text(OmegaConf.to_yaml(["loss=gate_dpo"]))
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": {"runtime": {"choices": {"loss": "gate_dpo", "hydra/launcher": "basic"}}}}))
     (tmp_path / "git_revision").write_text("abc123\n")
-    tracker = Tracker(tracker_config(mode="offline", system_sample_seconds=0.1), tmp_path)
-    try:
-        print("a line for the W&B console log", flush=True)
-        columns = ["prompt", "generation", "answer", "correct"]
-        tracker.log_table("eval/generations", 0, columns, [["1+1=", "3", "2", False]])
-        tracker.log(0, {"eval/rewards/accuracies": 0.5})
-        tracker.log_table("eval/generations", 4, columns, [["1+1=", "2", "2", True]])
-        tracker.log(4, {"eval/rewards/accuracies": 1.0})
-        time.sleep(1.0)  # a few system-metric samples
-        tracker.finish({"steps": 4, "eval/rewards/accuracies": 1.0})
-    finally:
-        tracker.close()
+    subprocess.run([sys.executable, "-c", TRACKER_SCRIPT, str(tmp_path)], check=True, timeout=300, cwd=Path(__file__).parent.parent)
+    columns = ["prompt", "generation", "answer", "correct"]
     summary, history = read_wandb_run(tmp_path)
     assert summary["summary"]["eval/rewards/accuracies"] == 1.0 and summary["summary"]["steps"] == 4
     assert summary["config"]["run"] == {"overrides": ["loss=gate_dpo"], "choices": {"loss": "gate_dpo"}, "git_revision": "abc123"}
@@ -213,11 +228,11 @@ def test_a_tiny_run_logs_trl_names_to_metrics_jsonl_and_wandb(tmp_path):
 
 
 def test_dynamics_plot_ticks_read_as_values_with_units_and_one_legend(tmp_path):
-    """Log-probs that move in the third decimal around -112.3 must read as -112.300, not as an offset
-    '+1.123e2' above ticks 0.001, 0.002; steps are whole numbers; every panel says its unit."""
+    """Log-probs that move in the fourth decimal around -112.3 must read as -112.3004, not as an offset
+    '-1.123e2' above ticks 0.0002, 0.0004; steps are whole numbers; every panel says its unit."""
     from prefopt.plots import PANELS, RunTrace, overlay_figure, save_png
 
-    rows = [{"step": step, **{key: -112.3 - 0.001 * step if key.endswith("/logp") else 0.5 + 1e-5 * step for _, key, _ in PANELS}}
+    rows = [{"step": step, **{key: -112.3 - 1e-6 * step if key.endswith("/logp") else 0.5 + 1e-7 * step for _, key, _ in PANELS}}
             for step in (0, 500, 1000)]
     figure = overlay_figure([RunTrace("loss=dpo", rows), RunTrace("loss=gate_dpo", rows[::-1])])
     figure.canvas.draw()

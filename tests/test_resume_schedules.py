@@ -142,7 +142,7 @@ def test_epoch_steps_arithmetic():
 def test_num_epochs_gives_the_expected_steps_and_records_them(tmp_path):
     # 16 generated pairs, 2 per micro batch x 2 accumulation x 1 rank = 4 pairs per step: 1.5 epochs = 6 steps
     run_dir = run_train(tmp_path / "run", *TINY, "trainer.max_steps=null", "trainer.num_epochs=1.5", "trainer.grad_accum=2",
-                        "logger.wandb.mode=disabled", "trainer.save_final=false")
+                        "logger.wandb.mode=disabled", "trainer.save_every=2", "trainer.save_total_limit=2")
     [data] = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "data/train/pairs" in row]
     assert data["data/train/pairs"] == 16 and math.ceil(1.5 * 16 / 4) == 6
     assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
@@ -150,6 +150,8 @@ def test_num_epochs_gives_the_expected_steps_and_records_them(tmp_path):
     recorded = OmegaConf.load(run_dir / "config.yaml")
     assert recorded.trainer.max_steps == 6 and recorded.trainer.num_epochs == 1.5
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    # the same run keeps trainer.save_total_limit=2 of its checkpoints at steps 2, 4, 6
+    assert sorted(path.name for path in (run_dir / "checkpoints").glob("step-*")) == ["step-000004", "step-000006"]
 
 
 # --- checkpoints kept
@@ -170,6 +172,7 @@ def test_pruning_spares_the_new_checkpoint_and_the_one_resumed_from(tmp_path):
     assert checkpoints_beyond_limit(root, None, root / "step-000008") == []
 
 
+@pytest.mark.slow  # two runs, 7 checkpoints (~25 s of CPU); the quick checks: test_pruning_spares_..., and the epochs run below
 def test_save_total_limit_keeps_n_and_never_the_checkpoint_resumed_from(tmp_path):
     common = [*TINY, "trainer.max_steps=4", "trainer.save_every=1", "logger.wandb.mode=disabled"]
     run_dir = run_train(tmp_path / "run", *common, "trainer.stop_after=3", "trainer.save_total_limit=2")

@@ -21,7 +21,8 @@ from typing import Optional
 from prefopt.data.columns import ColumnMap
 from prefopt.data.errors import BadRow, DataError
 from prefopt.data.formats import HH_ASSISTANT_MARKER, normalize_row
-from prefopt.data.sources import RawSplit, UnreadableRow
+from prefopt.data.files import UnreadableRow
+from prefopt.data.sources import RawSplit
 
 FORMAT_COLUMNS = {
     "strings": ("prompt", "chosen", "rejected"),
@@ -99,7 +100,8 @@ def check_mapped_columns(columns: ColumnMap, row: dict, origin: str) -> None:
 def check_layout_fits(split: RawSplit, row_format: str, configured: str, columns: ColumnMap, seen: set) -> None:
     """At least one of the first PROBE_ROWS object rows of the data must make a pair in this layout (module
     docstring). The data's first rows, not the split's: which rows are held out must not decide the layout."""
-    problems = []
+    problems: dict[str, list[str]] = {}  # problem -> positions of the rows that have it
+    tried = 0
     for index in range(len(split.rows)):
         row = split.rows[index]
         if not isinstance(row, dict):
@@ -108,12 +110,16 @@ def check_layout_fits(split: RawSplit, row_format: str, configured: str, columns
             normalize_row(index, row, row_format, string_prompt_as_user_message=False, columns=columns)
             return
         except BadRow as bad:
-            problems.append(f"{split.position(index)}: {bad}")
-        if len(problems) == PROBE_ROWS:
+            problems.setdefault(str(bad), []).append(split.position(index))
+        tried = sum(len(positions) for positions in problems.values())
+        if tried == PROBE_ROWS:
             break
     how = f"dataset.format={row_format}" + (" (detected)" if configured == "auto" else "")
-    examples = "; ".join(problems[:3])
-    raise layout_error(configured, split.origin, seen, f"With {how}, none of the first {len(problems)} rows makes a pair ({examples}). ")
+    examples = "; ".join(
+        f"{positions[0]}{f' and {len(positions) - 1} more' if len(positions) > 1 else ''}: {problem}"
+        for problem, positions in list(problems.items())[:3]
+    )
+    raise layout_error(configured, split.origin, seen, f"With {how}, none of the first {tried} rows makes a pair ({examples}). ")
 
 
 def layout_error(configured: str, origin: str, columns: set, finding: str = "") -> DataError:

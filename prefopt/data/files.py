@@ -92,13 +92,16 @@ def load_with_datasets(builder: str, files: list[Path]):
     if builder == "csv":  # every column stays text ("007" is not 7, "NA" is not null); only empty cells are null
         options = dict(features=csv_text_features(files[0]), keep_default_na=False, na_values=[""])
     with hub_offline_mode(True):  # local files need no network
-        return datasets.load_dataset(builder, data_files=[str(file) for file in files], split="train", **options)
+        rows = datasets.load_dataset(builder, data_files=[str(file) for file in files], split="train", **options)
+    if builder == "json":  # pyarrow's JSON reader lets bytes that are not UTF-8 through: such a file goes to our parser
+        rows.data.table.validate(full=True)
+    return rows
 
 
 def csv_text_features(path: Path):
     import datasets
 
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not part of the first name
         header = next(csv.reader(handle), None)
     if not header:
         raise DataError(f"file {path} has no header line; a CSV file starts with the column names (prompt,chosen,rejected)")

@@ -33,7 +33,8 @@ from typing import Any, Iterator, Optional, Union
 
 from prefopt.data.columns import ColumnMap
 from prefopt.data.errors import BadRow, bad_row_error
-from prefopt.data.sources import RawSplit, UnreadableRow
+from prefopt.data.files import UnreadableRow
+from prefopt.data.sources import RawSplit
 
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
 CONVERSATIONAL = ("messages", "implicit_messages")  # layouts whose prompts the chat template renders

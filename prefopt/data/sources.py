@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from prefopt.errors import ConfigError
 from prefopt.data.arith import generate_arith_rows
-from prefopt.data.files import BUILDERS, SUPPORTED, UnreadableRow, data_files, read_data_files  # noqa: F401  (UnreadableRow: formats.py)
+from prefopt.data.files import BUILDERS, SUPPORTED, data_files, read_data_files
 from prefopt.data.hub import is_saved_dataset, load_named_split, load_saved, saved_split
 
 
