@@ -20,6 +20,8 @@ from prefopt.losses import LOSSES, GateParams, get_loss, preference_loss, valida
 REPO = Path(__file__).resolve().parents[1]
 LOSS_CONF = REPO / "conf" / "loss"
 GATE_PRESETS = {f"gate_{base}": base for base in ("dpo", "ipo", "cal_dpo", "dpo_shift", "lpo")}
+GATE_KIND_OF_PRESET = {"gate_dpo_q10": "q10"}  # presets with another gate kind than seq
+GATE_PRESETS["gate_dpo_q10"] = "dpo"
 GATE_KINDS = ("seq", "q10", "log", "token")
 GATED_LOSSES = [name for name in LOSSES if get_loss(name).has_rejected_term]
 
@@ -495,7 +497,7 @@ def test_loss_yaml_composes_validates_and_matches_defaults(option):
     assert hyperparameters == defaults and all(type(hyperparameters[k]) is type(defaults[k]) for k in defaults)
     expected_gate = dataclasses.asdict(GateParams())
     if option in GATE_PRESETS:
-        expected_gate["kind"] = "seq"
+        expected_gate["kind"] = GATE_KIND_OF_PRESET.get(option, "seq")
     assert OmegaConf.to_container(loss.gate) == expected_gate
 
 

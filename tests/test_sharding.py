@@ -119,6 +119,7 @@ def rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     try:
         results = held_out_results(DistInfo(rank, rank, world_size, initialized=True))
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+        torch.distributed.barrier()  # no rank tears gloo down while its peer still has work in flight (SIGABRT)
     finally:
         torch.distributed.destroy_process_group()
 
