@@ -51,13 +51,26 @@ def run_worker(config_path: str | Path, command: str = "train") -> dict[str, Any
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             rundir.acquire(Path(cfg.run_dir))  # an sbatch job's rank 0 owns the run dir (a no-op under prefopt train, which holds it)
         record_rank(Path(cfg.run_dir), cfg.hardware)  # RUN_DIR/ranks.json: which host runs this rank
-        return body(cfg, Path(cfg.run_dir))
+        result = body(cfg, Path(cfg.run_dir))
+        leave_process_group()
+        return result
     except BaseException as error:
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):
             rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
             name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
             atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank} on {socket.gethostname()}:\n{traceback.format_exc()}")
         raise
+
+
+def leave_process_group() -> None:
+    """After a run every rank finished: wait for the others, then tear gloo down in order. A rank that exits
+    while its peer still has collective work in flight can abort in gloo's teardown ("terminate called without
+    an active exception", SIGABRT), turning a finished run into a failed launch."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
