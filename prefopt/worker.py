@@ -65,10 +65,11 @@ def run_worker(config_path: str | Path, command: str = "train") -> dict[str, Any
 def leave_process_group() -> None:
     """After a run every rank finished: wait for the others, then tear gloo down in order. A rank that exits
     while its peer still has collective work in flight can abort in gloo's teardown ("terminate called without
-    an active exception", SIGABRT), turning a finished run into a failed launch."""
+    an active exception", SIGABRT), turning a finished run into a failed launch. A one-rank run keeps its group:
+    it may be inline in a process that trains again (tests, sweeps), and DeepSpeed caches groups made from it."""
     import torch.distributed
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
