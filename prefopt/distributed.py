@@ -248,6 +248,16 @@ def init_distributed(hardware_cfg: DictConfig) -> DistInfo:
     return info
 
 
+def leave_distributed() -> None:
+    """After a run every rank finished: wait for the others, then tear gloo down in order. A rank that exits
+    while its peer still has collective work in flight can abort in gloo's teardown ("terminate called without
+    an active exception", SIGABRT), turning a finished run into a failed launch. A one-rank run keeps its group:
+    it may be inline in a process that trains again (tests, sweeps), and DeepSpeed caches groups made from it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(hardware_cfg: DictConfig, info: DistInfo) -> torch.device:
     if hardware_cfg.device == "cuda":
         torch.cuda.set_device(info.local_rank)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from prefopt import rundir
 from prefopt.config import Config
-from prefopt.distributed import export_ranks, record_rank
+from prefopt.distributed import export_ranks, leave_distributed, record_rank
 from prefopt.fileutil import atomic_write_text
 from prefopt.slurm import check_job_shape, in_slurm_task, in_submitit_task, preemption, restart_count
 
@@ -52,7 +52,7 @@ def run_worker(config_path: str | Path, command: str = "train") -> dict[str, Any
             rundir.acquire(Path(cfg.run_dir))  # an sbatch job's rank 0 owns the run dir (a no-op under prefopt train, which holds it)
         record_rank(Path(cfg.run_dir), cfg.hardware)  # RUN_DIR/ranks.json: which host runs this rank
         result = body(cfg, Path(cfg.run_dir))
-        leave_process_group()
+        leave_distributed()
         return result
     except BaseException as error:
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):
@@ -60,18 +60,6 @@ def run_worker(config_path: str | Path, command: str = "train") -> dict[str, Any
             name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
             atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank} on {socket.gethostname()}:\n{traceback.format_exc()}")
         raise
-
-
-def leave_process_group() -> None:
-    """After a run every rank finished: wait for the others, then tear gloo down in order. A rank that exits
-    while its peer still has collective work in flight can abort in gloo's teardown ("terminate called without
-    an active exception", SIGABRT), turning a finished run into a failed launch. A one-rank run keeps its group:
-    it may be inline in a process that trains again (tests, sweeps), and DeepSpeed caches groups made from it."""
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
