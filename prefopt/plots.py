@@ -162,33 +162,62 @@ class Band:
 class GroupBands:
     label: str  # the group's settings and its number of seeds
     bands: dict[str, Band]  # metric key (BAND_PANELS) -> band
+    facet: str = ""  # the row of panels it is drawn in (e.g. "dataset.arith.rejected_style=near"); "" = one row for all
+    series: str = ""  # its legend entry within the row (the label without the facet); "" = the label
+
+
+def band_colors(count: int) -> list:
+    """`count` distinguishable colors: tab10, then tab20 (paired shades) up to 20, then a continuous map."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [f"C{index}" for index in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](index) for index in range(count)]
+    return [colormaps["turbo"](index / (count - 1)) for index in range(count)]
 
 
 def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -> Figure:
-    """2 x 2 panels, one line + band per group in the same color on every panel, one legend for all."""
-    figure = Figure(figsize=(11, 8), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 2).flatten()
-    for axis, (panel_title, key) in zip(axes, BAND_PANELS):
-        for index, group in enumerate(groups):
+    """One line + band per group, in the same color on every panel, one legend for all. Groups with facets
+    are drawn one row of the four panels per facet (a study's regimes side by side, one color per loss);
+    otherwise 2 x 2 panels with every group in each."""
+    facets = list(dict.fromkeys(group.facet for group in groups))
+    faceted = len(facets) > 1
+    series = list(dict.fromkeys((group.series or group.label) if faceted else group.label for group in groups))
+    colors = dict(zip(series, band_colors(len(series))))
+    if faceted:
+        figure = Figure(figsize=(18, 3.8 * len(facets) + 1.5), layout="constrained")
+        FigureCanvasAgg(figure)
+        grid = figure.subplots(len(facets), len(BAND_PANELS), squeeze=False)
+        cells = [(grid[row][column], panel, facet) for row, facet in enumerate(facets) for column, panel in enumerate(BAND_PANELS)]
+    else:
+        figure = Figure(figsize=(11, 8), layout="constrained")
+        FigureCanvasAgg(figure)
+        cells = [(axis, panel, None) for axis, panel in zip(figure.subplots(2, 2).flatten(), BAND_PANELS)]
+    for axis, (panel_title, key), facet in cells:
+        for group in groups:
+            if facet is not None and group.facet != facet:
+                continue
             band = group.bands.get(key)
             if band is None or not band.steps:
                 continue
-            color = f"C{index % 10}"
-            axis.plot(band.steps, band.mean, color=color, marker="o", markersize=3, linewidth=1.5, label=group.label)
-            axis.fill_between(band.steps, band.low, band.high, color=color, alpha=0.2, linewidth=0)
-        axis.set_title(panel_title)
+            name = (group.series or group.label) if faceted else group.label
+            axis.plot(band.steps, band.mean, color=colors[name], marker="o", markersize=3, linewidth=1.5, label=name)
+            axis.fill_between(band.steps, band.low, band.high, color=colors[name], alpha=0.15, linewidth=0)
+        axis.set_title(f"{panel_title}\n{facet}" if faceted else panel_title, fontsize="medium" if faceted else None)
         readable_axes(axis, STEP_LABEL, BAND_Y_LABEL, integer_x=True)
         axis.grid(alpha=0.3)
     handles, labels = {}, []
-    for axis in axes:  # a group may lack a panel's metric: collect every labelled line once
+    for axis, _, _ in cells:  # a group may lack a panel's metric: collect every labelled line once
         for handle, label in zip(*axis.get_legend_handles_labels()):
             if label not in handles:
                 handles[label] = handle
                 labels.append(label)
     if labels:
-        figure.legend([handles[label] for label in labels], [textwrap.fill(label, 60) for label in labels],
-                      loc="outside lower center", ncols=min(len(labels), 3), fontsize="small", title="groups", frameon=False)
+        width = 45 if not faceted else 40
+        columns = min(len(labels), 4 if faceted else 2)
+        figure.legend([handles[label] for label in labels], [textwrap.fill(label, width) for label in labels],
+                      loc="outside lower center", ncols=columns, fontsize="small", title="groups", frameon=False)
     figure.suptitle(title)
     return figure
 

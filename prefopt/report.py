@@ -501,8 +501,21 @@ def groups_csv(groups: list[Group], group_by: list[str], baselines: dict[str, Gr
     return buffer.getvalue()
 
 
-def group_bands(group: Group) -> GroupBands:
-    """The group's probe trajectories: at each step, mean and 95% t interval over the seeds that have it."""
+MAX_BAND_FACETS = 4  # rows of panels in the band plot: more would make each too small to read
+
+
+def band_facet_key(groups: list[Group], group_by: list[str]) -> Optional[str]:
+    """The group-by key whose values become the band plot's rows: the last one, when there are several keys
+    and it takes 2 to MAX_BAND_FACETS values (a study's regimes); None: every group in one set of panels."""
+    if len(group_by) < 2:
+        return None
+    values = {dict(group.settings)[group_by[-1]].text for group in groups}
+    return group_by[-1] if 2 <= len(values) <= MAX_BAND_FACETS else None
+
+
+def group_bands(group: Group, facet_key: Optional[str] = None) -> GroupBands:
+    """The group's probe trajectories: at each step, mean and 95% t interval over the seeds that have it;
+    with `facet_key`, drawn in that key's row of panels and named by its other settings."""
     bands = {}
     for _, key in BAND_PANELS:
         by_step: dict[int, list[float]] = {}
@@ -517,7 +530,12 @@ def group_bands(group: Group) -> GroupBands:
             low=[math.nan if value.ci_low is None else value.ci_low for _, value in estimates],
             high=[math.nan if value.ci_high is None else value.ci_high for _, value in estimates],
         )
-    return GroupBands(f"{group.label} (n={len(group.jobs)})", bands)
+    seeds = f"(n={len(group.jobs)})"
+    if facet_key is None:
+        return GroupBands(f"{group.label} {seeds}", bands)
+    facet = " ".join(f"{key}={setting.text}" for key, setting in group.settings if key == facet_key)
+    series = " ".join([f"{key}={setting.text}" for key, setting in group.settings if key != facet_key] + [seeds])
+    return GroupBands(f"{group.label} {seeds}", bands, facet=facet, series=series)
 
 
 @dataclass
@@ -540,7 +558,8 @@ def build_group_report(sweep_dir: Path, group_by: list[str], baseline: Optional[
     with_dynamics = [group for group in groups if any(job.dynamics for job in group.jobs)]
     plot = None
     if with_dynamics:
-        plot = plot_bands([group_bands(group) for group in with_dynamics], sweep_dir / "report_bands.png")
+        facet_key = band_facet_key(with_dynamics, group_by)
+        plot = plot_bands([group_bands(group, facet_key) for group in with_dynamics], sweep_dir / "report_bands.png")
     return GroupReport(groups, baselines, markdown, plot)
 
 

@@ -160,3 +160,26 @@ def test_band_plot_is_readable_with_and_without_an_interval(tmp_path):
     [legend] = figure.legends  # one legend for the figure, not one per panel
     assert [text.get_text() for text in legend.get_texts()] == ["loss=dpo (n=3)", "loss=ipo (n=1)"]
     assert_png(plot_bands([seeds3, seed1], tmp_path / "bands.png"))
+
+
+def test_band_plot_draws_one_row_per_facet_with_one_color_per_series(tmp_path):
+    """A study's regimes: a row of the four panels per regime, a loss keeps its color across rows, and the
+    legend names each loss once (16 groups in one set of panels repeated colors and clipped the legend)."""
+    from matplotlib.colors import to_rgba
+
+    from prefopt.plots import BAND_PANELS, Band, GroupBands, band_figure
+
+    def group(loss, regime, offset):
+        bands = {key: Band([0, 10], [offset, offset - 1.0], [offset - 0.5, offset - 1.5], [offset + 0.5, offset - 0.5]) for _, key in BAND_PANELS}
+        return GroupBands(f"loss={loss} style={regime} (n=3)", bands, facet=f"style={regime}", series=f"loss={loss} (n=3)")
+
+    losses = [f"loss{index}" for index in range(12)]  # more than tab10 holds: the colors must still differ
+    figure = band_figure([group(loss, regime, -10.0 - index) for regime in ("near", "off") for index, loss in enumerate(losses)])
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    assert [axis.get_title() for axis in panels] == [f"{title}\nstyle={regime}" for regime in ("near", "off") for title, _ in BAND_PANELS]
+    assert all(len(axis.get_lines()) == len(losses) for axis in panels)  # each row holds its own facet's groups only
+    [legend] = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [f"loss={loss} (n=3)" for loss in losses]
+    near_colors = [to_rgba(line.get_color()) for line in panels[0].get_lines()]
+    off_colors = [to_rgba(line.get_color()) for line in panels[len(BAND_PANELS)].get_lines()]
+    assert near_colors == off_colors and len(set(near_colors)) == len(losses)

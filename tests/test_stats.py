@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.errors import ConfigError
-from prefopt.report import Group, find_baselines, group_bands, group_jobs, job_dirs, read_job, split_keys
+from prefopt.report import Group, band_facet_key, find_baselines, group_bands, group_jobs, job_dirs, read_job, split_keys
 from prefopt.stats import estimate, mean, paired_difference, sample_std, t_cdf, t_quantile
 from tests.test_plots_report import assert_png, cli, make_run
 
@@ -259,3 +259,9 @@ def test_baseline_naming_some_keys_compares_within_each_stratum(tmp_path):
     for regime in ("near", "offpolicy"):
         assert (f"| loss=gate_dpo dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
                 "| 2 | 0 | 2.500 ± 6.353 |") in markdown
+    # the band plot: one row of panels per regime, each group named by its loss within the row
+    assert band_facet_key(groups, group_by) == "dataset.arith.rejected_style"
+    assert band_facet_key(groups, ["loss"]) is None
+    bands = {group.label: group_bands(group, "dataset.arith.rejected_style") for group in groups}
+    gate_near = bands["loss=gate_dpo dataset.arith.rejected_style=near"]
+    assert (gate_near.facet, gate_near.series) == ("dataset.arith.rejected_style=near", "loss=gate_dpo (n=2)")
