@@ -46,13 +46,22 @@ class DistInfo:
         if self.initialized:
             dist.barrier()
 
+    @property
+    def collective_device(self) -> torch.device:
+        """Where a collective's tensors must live: NCCL takes only this rank's GPU, gloo only the CPU. Every
+        tensor collective goes through here, so a CPU tensor never reaches NCCL (it would raise mid-run)."""
+        if self.initialized and dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
     def gather_cat(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-rank 1-D tensor over ranks (equal sizes), so means are over the global batch."""
         if not self.initialized or self.world_size == 1:
             return values
-        parts = [torch.empty_like(values) for _ in range(self.world_size)]
-        dist.all_gather(parts, values.contiguous())
-        return torch.cat(parts)
+        local = values.contiguous().to(self.collective_device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(values.device)
 
     def gather_objects(self, value) -> list:
         """Every rank's picklable `value`, in rank order (texts, tables: results that are not tensors)."""
@@ -63,17 +72,18 @@ class DistInfo:
         return parts
 
     def sum(self, value: float) -> float:
-        return self._all_reduce(value, dist.ReduceOp.SUM)
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64)))
 
     def minimum(self, value: float) -> float:
-        return self._all_reduce(value, dist.ReduceOp.MIN)
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN))
 
-    def _all_reduce(self, value: float, op) -> float:
+    def all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """`values` reduced over ranks (a new tensor on values' device; values itself when there is one rank)."""
         if not self.initialized or self.world_size == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total, op=op)
-        return float(total)
+            return values
+        reduced = values.to(self.collective_device, copy=True)
+        dist.all_reduce(reduced, op=op)
+        return reduced.to(values.device)
 
 
 def free_port() -> int:

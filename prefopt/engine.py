@@ -181,13 +181,8 @@ class DeepSpeedEngine:
         return (float(grad_norm) if grad_norm is not None else float("nan")), True
 
     def parameters_finite(self) -> bool:
-        """Every rank's (partition of the) trainable weights is finite; the same answer on every rank."""
-        import torch.distributed as dist
-
-        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.model.parameters() if p.requires_grad)
-        flag = torch.tensor([1.0 if local else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() == 1.0)
+        """This rank's partition of the trainable weights is finite (the trainer reduces it over ranks)."""
+        return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.model.parameters() if p.requires_grad)
 
     def _full_grad_norm(self) -> float:
         norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]

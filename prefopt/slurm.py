@@ -142,11 +142,7 @@ class Preemption:
         """(some rank got the warning signal, some rank got SIGTERM)."""
         import torch
 
-        flags = torch.tensor([float(self.warning_signal() in self.received), float(signal.SIGTERM in self.received)], dtype=torch.float64)
-        if dist.initialized and dist.world_size > 1:
-            import torch.distributed
-
-            torch.distributed.all_reduce(flags)
+        flags = dist.all_reduce(torch.tensor([float(self.warning_signal() in self.received), float(signal.SIGTERM in self.received)], dtype=torch.float64))
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def requeue_job(self) -> None:

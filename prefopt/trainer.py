@@ -254,7 +254,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         def save(step: int) -> None:
             """Checkpoint the state after `step` (`completed` is updated at the end of every step)."""
-            if not engine.parameters_finite():
+            if dist.minimum(float(engine.parameters_finite())) < 1.0:  # any rank's partition
                 raise NonFiniteTrainingError(f"the weights are not finite after step {step}: no checkpoint is written "
                                              f"(the last one on disk is intact); lower trainer.lr")
             state = {"step": step, **completed, "first_eval": first_eval, "first_greedy_accuracy": first_greedy,
