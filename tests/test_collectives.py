@@ -1,9 +1,10 @@
 """DistInfo's collectives: every tensor one hands to torch.distributed sits where the backend takes it
 (NCCL: this rank's GPU; gloo: the CPU), the values come back on the caller's device, and the results
-are right over two real gloo ranks. No module but prefopt/distributed.py calls a tensor collective."""
+are right over two real gloo ranks, which then leave their group in order. No module but prefopt/distributed.py calls a tensor collective."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from prefopt.distributed import DistInfo, free_port
+from prefopt.distributed import DistInfo, free_port, leave_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,18 +70,40 @@ def _two_rank_collectives(rank: int, port: int, results) -> None:
         info = DistInfo(rank=rank, local_rank=rank, world_size=2, initialized=True)
         gathered = info.gather_cat(torch.tensor([rank + 1.0, rank + 10.0]))
         reduced = info.all_reduce(torch.tensor([rank + 1.0], dtype=torch.float64))
-        results[rank] = (info.sum(rank + 0.5), info.minimum(rank + 0.5), gathered.tolist(), reduced.tolist(),
-                         str(gathered.device), info.gather_objects(f"r{rank}"))
+        values = (info.sum(rank + 0.5), info.minimum(rank + 0.5), gathered.tolist(), reduced.tolist(),
+                  str(gathered.device), info.gather_objects(f"r{rank}"))
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 reaches the teardown first: it must wait for its peer, not exit under it
+        leave_distributed()
+        results[rank] = (*values, torch_dist.is_initialized())
     finally:
-        torch_dist.destroy_process_group()
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
 def test_collectives_over_two_real_gloo_ranks():
     results = mp.Manager().dict()
     mp.spawn(_two_rank_collectives, args=(free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
-        total, smallest, gathered, reduced, device, objects = results[rank]
+        total, smallest, gathered, reduced, device, objects, still_in_group = results[rank]
         assert total == 2.0 and smallest == 0.5
         assert gathered == [1.0, 10.0, 2.0, 11.0] and device == "cpu"
         assert reduced == [3.0]
         assert objects == ["r0", "r1"]
+        assert not still_in_group  # a finished multi-rank run leaves its group in order (gloo aborts a peer otherwise)
+
+
+def test_a_one_rank_group_is_kept_after_a_run(monkeypatch):
+    """An inline one-rank run may train again in the same process (tests, sweeps): DeepSpeed caches groups made
+    from the default group, so tearing it down would break the next run."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    started_here = not torch_dist.is_initialized()
+    if started_here:
+        torch_dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        leave_distributed()
+        assert torch_dist.is_initialized()
+    finally:
+        if started_here:
+            torch_dist.destroy_process_group()
