@@ -149,6 +149,7 @@ class TrainerConfig:
     lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)  # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
+    logp_keep_mb: float = 1024.0  # fp32 log-probs a step may keep for backward; past it the head is recomputed in backward (0 = always)
     batching: str = "packed"  # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
     packed_row_tokens: int = 1024  # token budget of a packed row (a longer pair gets a row of its own)
     group_by_length: bool = False  # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
@@ -280,6 +281,7 @@ LOWER_BOUNDS = {
     "trainer.warmup_steps": (0, True),
     "trainer.max_grad_norm": (0.0, True),
     "trainer.logp_chunk_size": (1, True),
+    "trainer.logp_keep_mb": (0.0, True),
     "trainer.packed_row_tokens": (1, True),
     "trainer.log_every": (1, True),
     "trainer.eval_every": (0, True),

@@ -5,8 +5,10 @@ The model runs its own root forward (`model(input_ids, attention_mask)`), so eve
 hidden-state path is its own and, under ZeRO-3, the root module's hooks (parameter prefetch
 bookkeeping) run. The output head is intercepted inside that forward: it records the hidden states it
 is given and returns a placeholder, so the model never projects prompt and padding positions onto the
-vocabulary. The hidden states of the scored (labelled) positions are gathered and projected in chunks,
-each under activation checkpointing, so neither pass holds more than `chunk_size` x vocab fp32 logits.
+vocabulary. The hidden states of the scored (labelled) positions are gathered and projected in chunks
+of `chunk_size` positions. In a backward pass each chunk's fp32 log-probs are kept for its gradient when
+all of them fit in `keep_logps_mb`, so the head runs once per token; past that budget each chunk runs under
+activation checkpointing and its head is recomputed in backward, so no pass holds more than one chunk.
 
 What a model does to its logits after the head (Gemma-2/3 final-logit soft-capping, Cohere's
 `logit_scale`, Granite's `logits_scaling`) is applied from its config (`logit_postprocessor`), and
@@ -119,15 +121,28 @@ def _chunk_logps(head, postprocess, hidden: torch.Tensor, targets: torch.Tensor,
     return token_logps, mean_logits, max_logps, entropy
 
 
-def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: bool = False, min_scored_tokens: int = 0) -> TokenLogps:
+def kept_logps_bytes(scored_tokens: int, vocab_size: int, postprocessed: bool) -> int:
+    """What a backward pass keeps per scored token when the head is not recomputed: the fp32 log-softmax
+    output (and a post-processor's own saved logits, Gemma-2's tanh soft-cap)."""
+    return scored_tokens * vocab_size * 4 * (2 if postprocessed else 1)
+
+
+def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: bool = False, min_scored_tokens: int = 0,
+                   keep_logps_mb: float = 0.0) -> TokenLogps:
     """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
     result is sequence i, column k its k-th response token; identical numbers for padded and packed.
 
     min_scored_tokens: call the head as if at least this many tokens were scored (empty chunks past the
     end). Ranks scoring different batches in step (sharding.py) pass the same value, so they call the
-    head equally often: under ZeRO-3 each call gathers its weight collectively."""
+    head equally often: under ZeRO-3 each call gathers its weight collectively. The recompute decision
+    below reads the same count, so it is the same on every rank too.
+    keep_logps_mb: with gradients on, keep the chunks' log-probs for backward when they fit in this many MB
+    (the head runs once); otherwise recompute each chunk's head in backward (0 = always recompute)."""
     head = output_head(model)
     postprocess = logit_postprocessor(model.config)
+    vocab_size = getattr(head, "out_features", None) or _text_config(model.config).vocab_size
+    scored_tokens = max(int(batch.targets.shape[0]), min_scored_tokens)
+    recompute_head = torch.is_grad_enabled() and kept_logps_bytes(scored_tokens, vocab_size, postprocess is not None) > keep_logps_mb * 2**20
     attention_mask = model_attention_mask(model, batch.attention_mask)
     with autocast(model, batch.input_ids.device.type):
         with intercepted_head(head) as captured:
@@ -138,7 +153,7 @@ def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: boo
         outputs = []
         for start in range(0, max(scored_hidden.shape[0], min_scored_tokens, 1), chunk_size):
             args = (head, postprocess, scored_hidden[start : start + chunk_size], batch.targets[start : start + chunk_size], with_stats)
-            if torch.is_grad_enabled():
+            if recompute_head:
                 outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 outputs.append(_chunk_logps(*args))
@@ -162,7 +177,8 @@ def model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_token_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_stats: bool = False
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_stats: bool = False,
+    keep_logps_mb: float = 0.0,
 ) -> TokenLogps:
     """Log-probs of the labelled tokens (labels != -100) of right-padded rows, one sequence per row."""
     targets = labels[:, 1:]
@@ -175,7 +191,7 @@ def response_token_logps(
         targets=targets[rows, columns], sequence_index=rows, token_index=token_index, num_sequences=labels.shape[0],
         max_response_length=int(token_index.max()) + 1 if token_index.numel() else 0, real_tokens=int(attention_mask.sum()),
     )
-    return sequence_logps(model, batch, chunk_size, with_stats)
+    return sequence_logps(model, batch, chunk_size, with_stats, keep_logps_mb=keep_logps_mb)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ vocabulary, key/value width = kv heads x head size):
                   hooks on Llama blocks; bf16 autocast also keeps 2 B/param bf16 copies of the weights;
                   model.gradient_checkpointing: tokens * (4h*L + a), each layer's input plus one layer recomputed
     logp buffers = 4 x min(trainer.logp_chunk_size, tokens) x V x 4 B   (chunked fp32 log-softmax)
+                   + min(trainer.logp_keep_mb, tokens x V x 4 B)   (log-probs kept for backward)
     overhead    = 0.5 GB per CPU process (Python + torch + transformers + DeepSpeed: the tiny_llama run's
                   peak RSS) or 1.5 GB per GPU (CUDA context, cuBLAS workspace, allocator slack)
 
@@ -122,6 +123,7 @@ class Run:
     grad_accum: int
     gradient_checkpointing: bool
     logp_chunk_size: int
+    logp_keep_bytes: float  # trainer.logp_keep_mb: log-probs a step keeps for backward instead of recomputing the head
 
     @property
     def trained_parameters(self) -> int:
@@ -298,6 +300,7 @@ def run_shape(cfg: DictConfig) -> Run:
         reference_offload=cfg.reference.offload, sequences=2 * cfg.trainer.micro_batch_size,
         sequence_length=cfg.dataset.max_length, grad_accum=cfg.trainer.grad_accum,
         gradient_checkpointing=model.gradient_checkpointing, logp_chunk_size=cfg.trainer.logp_chunk_size,
+        logp_keep_bytes=cfg.trainer.logp_keep_mb * 2**20,
     )
 
 
@@ -358,7 +361,7 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
         device=hardware["device"], ranks_per_node=hardware["gpus_per_node"],
         weights=weights, gradients=gradients, optimizer=optimizer, buckets=buckets, reference=reference,
         activations=activation_bytes(run, autocast=run.dtype == "bf16" and not deepspeed),
-        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.tokens) * arch.vocab_size * 4,
+        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.tokens) * arch.vocab_size * 4 + min(run.logp_keep_bytes, run.tokens * arch.vocab_size * 4),
         overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES, host=host,
     )
 

@@ -51,14 +51,14 @@ class PreferenceStep:
         self.hyperparameters = loss_hyperparameters(cfg.loss)
         self.policy, self.reference = policy, reference
         self.device, self.pad_token_id = device, pad_token_id
-        self.chunk_size = cfg.trainer.logp_chunk_size
+        self.chunk_size, self.keep_logps_mb = cfg.trainer.logp_chunk_size, cfg.trainer.logp_keep_mb
         self.max_steps = cfg.trainer.max_steps
         self.batching, self.row_tokens = cfg.trainer.batching, cfg.trainer.packed_row_tokens
 
     def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0):
         """min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
         batch = build_batch(pair_groups(pairs), self.pad_token_id, self.batching, self.row_tokens).to(self.device)
-        policy = sequence_logps(self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens)
+        policy = sequence_logps(self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb)
         reference_chosen = reference_rejected = None
         if self.reference is not None:
             reference_chosen, reference_rejected = self.reference.logps(pairs, batch, min_scored_tokens)

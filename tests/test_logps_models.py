@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefopt.data import IGNORE_INDEX
-from prefopt.logps import LogitsPathError, check_logits_path, response_token_logps
+from prefopt.logps import LogitsPathError, check_logits_path, kept_logps_bytes, response_token_logps
 
 VOCAB = 97
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -64,11 +64,12 @@ def direct_logps(model, input_ids, attention_mask, labels):
 ARCHITECTURES = ["llama", "qwen2", "gemma2", "cohere", "granite"]
 
 
+@pytest.mark.parametrize("keep_logps_mb", [0.0, 1024.0], ids=["head-recomputed", "logps-kept"])
 @pytest.mark.parametrize("kind", ARCHITECTURES)
-def test_logps_equal_the_models_own_logits_in_value_and_gradient(kind):
+def test_logps_equal_the_models_own_logits_in_value_and_gradient(kind, keep_logps_mb):
     model = tiny_model(kind)
     input_ids, attention_mask, labels = batch()
-    ours = response_token_logps(model, input_ids, attention_mask, labels, chunk_size=4).summed
+    ours = response_token_logps(model, input_ids, attention_mask, labels, chunk_size=4, keep_logps_mb=keep_logps_mb).summed
     our_grads = torch.autograd.grad(ours.sum(), list(model.parameters()), allow_unused=True)
     expected = direct_logps(model, input_ids, attention_mask, labels)
     expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()), allow_unused=True)
@@ -105,6 +106,59 @@ def test_the_head_runs_only_on_scored_positions():
     scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
     # the intercepted call inside the model's forward returns a placeholder; the real projection sees scored positions only
     assert [shape[0] for shape in seen_rows if len(shape) == 2] == [scored]
+
+
+def head_projections_in_a_training_pass(model, keep_logps_mb: float, chunk_size: int, min_scored_tokens: int = 0):
+    """(projections the head ran, forward and backward together; the parameters' gradients)."""
+    input_ids, attention_mask, labels = batch()
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(args[0].dim()))
+    try:
+        summed = response_token_logps(model, input_ids, attention_mask, labels, chunk_size, keep_logps_mb=keep_logps_mb).summed
+        grads = torch.autograd.grad(summed.sum(), [p for p in model.parameters()], allow_unused=True)
+    finally:
+        handle.remove()
+    return calls.count(2), grads  # 3-D calls are the intercepted one inside the model's forward
+
+
+def test_the_head_runs_once_per_chunk_when_the_log_probs_fit_the_budget_and_twice_past_it():
+    """trainer.logp_keep_mb: kept log-probs spare the backward recompute of the head, with the same gradients."""
+    model = tiny_model("gemma2")  # post-processed logits: the soft-cap's saved tensors count against the budget too
+    scored = int((batch()[2][:, 1:] != IGNORE_INDEX).sum())
+    chunks = -(-scored // 4)
+    needed_mb = kept_logps_bytes(scored, VOCAB, postprocessed=True) / 2**20
+    kept_calls, kept_grads = head_projections_in_a_training_pass(model, keep_logps_mb=needed_mb, chunk_size=4)
+    recomputed_calls, recomputed_grads = head_projections_in_a_training_pass(model, keep_logps_mb=needed_mb * 0.99, chunk_size=4)
+    assert (kept_calls, recomputed_calls) == (chunks, 2 * chunks)
+    for kept, recomputed in zip(kept_grads, recomputed_grads):
+        if kept is not None:
+            torch.testing.assert_close(kept, recomputed, rtol=0, atol=0)
+
+
+def test_ranks_take_the_same_recompute_decision_from_the_peer_token_count():
+    """Under ZeRO-3 a head call gathers its weight collectively: a rank scoring fewer tokens must still
+    recompute exactly when its peer does, so the decision reads min_scored_tokens (the peers' largest)."""
+    from prefopt.logps import sequence_logps
+    from prefopt.data.layout import SequenceBatch
+
+    model = tiny_model("llama")
+    input_ids, attention_mask, labels = batch()
+    targets = labels[:, 1:]
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    scored = rows.numel()
+    one = SequenceBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=None, predictor_rows=rows, predictor_cols=columns,
+                        targets=targets[rows, columns], sequence_index=rows, token_index=columns - 5, num_sequences=3,
+                        max_response_length=int((columns - 5).max()) + 1, real_tokens=int(attention_mask.sum()))
+    budget_mb = kept_logps_bytes(scored, VOCAB, postprocessed=False) / 2**20
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(args[0].dim()))
+    try:
+        for peer_tokens in (0, scored + 1):
+            calls.clear()
+            sequence_logps(model, one, scored, keep_logps_mb=budget_mb, min_scored_tokens=peer_tokens).summed.sum().backward()
+            assert calls.count(2) == (1 if peer_tokens == 0 else 2 * 2), peer_tokens  # a peer over budget: recompute (and pad chunks)
+    finally:
+        handle.remove()
 
 
 def test_an_unknown_logit_post_processing_is_refused():

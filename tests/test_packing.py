@@ -89,8 +89,9 @@ def test_packed_training_matches_padded_torch_engine(tmp_path, loss):
 
 
 @pytest.mark.slow
-def test_packed_training_matches_padded_two_ranks(tmp_path):
-    assert_layouts_agree(tmp_path, "loss=gate_dpo", "loss.gate.kind=token", "hardware=cpu_2proc", "trainer.micro_batch_size=2")
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda overrides: "-".join(o.split("=")[1] for o in overrides))
+def test_packed_training_matches_padded_two_ranks(tmp_path, loss):
+    assert_layouts_agree(tmp_path, *loss, "hardware=cpu_2proc", "trainer.micro_batch_size=2")
 
 
 def test_packed_training_matches_padded_with_lora(tmp_path):
