@@ -47,6 +47,11 @@ class DistInfo:
             dist.barrier()
 
     @property
+    def spans_ranks(self) -> bool:
+        """Collectives have peers to talk to (otherwise every one returns its input)."""
+        return self.initialized and self.world_size > 1
+
+    @property
     def collective_device(self) -> torch.device:
         """Where a collective's tensors must live: NCCL takes only this rank's GPU, gloo only the CPU. Every
         tensor collective goes through here, so a CPU tensor never reaches NCCL (it would raise mid-run)."""
@@ -56,7 +61,7 @@ class DistInfo:
 
     def gather_cat(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-rank 1-D tensor over ranks (equal sizes), so means are over the global batch."""
-        if not self.initialized or self.world_size == 1:
+        if not self.spans_ranks:
             return values
         local = values.contiguous().to(self.collective_device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -65,21 +70,26 @@ class DistInfo:
 
     def gather_objects(self, value) -> list:
         """Every rank's picklable `value`, in rank order (texts, tables: results that are not tensors)."""
-        if not self.initialized or self.world_size == 1:
+        if not self.spans_ranks:
             return [value]
         parts = [None] * self.world_size
         dist.all_gather_object(parts, value)
         return parts
 
     def sum(self, value: float) -> float:
-        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64)))
+        return self._reduce_float(value, dist.ReduceOp.SUM)
 
     def minimum(self, value: float) -> float:
-        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN))
+        return self._reduce_float(value, dist.ReduceOp.MIN)
+
+    def _reduce_float(self, value: float, op) -> float:
+        if not self.spans_ranks:
+            return value  # one rank: no tensor round trip in the step's metric reduction
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64), op))
 
     def all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """`values` reduced over ranks (a new tensor on values' device; values itself when there is one rank)."""
-        if not self.initialized or self.world_size == 1:
+        if not self.spans_ranks:
             return values
         reduced = values.to(self.collective_device, copy=True)
         dist.all_reduce(reduced, op=op)

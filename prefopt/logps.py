@@ -181,17 +181,21 @@ def response_token_logps(
     keep_logps_mb: float = 0.0,
 ) -> TokenLogps:
     """Log-probs of the labelled tokens (labels != -100) of right-padded rows, one sequence per row."""
+    return sequence_logps(model, labelled_rows_batch(input_ids, attention_mask, labels), chunk_size, with_stats, keep_logps_mb=keep_logps_mb)
+
+
+def labelled_rows_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> SequenceBatch:
+    """Right-padded rows, one sequence per row, scored where labels != -100, as a SequenceBatch."""
     targets = labels[:, 1:]
     rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     first = torch.full((labels.shape[0],), labels.shape[1], dtype=torch.long, device=labels.device)
     first = first.scatter_reduce(0, rows, columns, reduce="amin")
     token_index = columns - first[rows]
-    batch = SequenceBatch(
+    return SequenceBatch(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=None, predictor_rows=rows, predictor_cols=columns,
         targets=targets[rows, columns], sequence_index=rows, token_index=token_index, num_sequences=labels.shape[0],
         max_response_length=int(token_index.max()) + 1 if token_index.numel() else 0, real_tokens=int(attention_mask.sum()),
     )
-    return sequence_logps(model, batch, chunk_size, with_stats, keep_logps_mb=keep_logps_mb)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prefopt.data import IGNORE_INDEX
-from prefopt.logps import LogitsPathError, check_logits_path, kept_logps_bytes, response_token_logps
+from prefopt.logps import (LogitsPathError, check_logits_path, kept_logps_bytes, labelled_rows_batch, response_token_logps,
+                           sequence_logps)
 
 VOCAB = 97
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -110,11 +111,11 @@ def test_the_head_runs_only_on_scored_positions():
 
 def head_projections_in_a_training_pass(model, keep_logps_mb: float, chunk_size: int, min_scored_tokens: int = 0):
     """(projections the head ran, forward and backward together; the parameters' gradients)."""
-    input_ids, attention_mask, labels = batch()
     calls = []
     handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(args[0].dim()))
     try:
-        summed = response_token_logps(model, input_ids, attention_mask, labels, chunk_size, keep_logps_mb=keep_logps_mb).summed
+        summed = sequence_logps(model, labelled_rows_batch(*batch()), chunk_size, keep_logps_mb=keep_logps_mb,
+                                min_scored_tokens=min_scored_tokens).summed
         grads = torch.autograd.grad(summed.sum(), [p for p in model.parameters()], allow_unused=True)
     finally:
         handle.remove()
@@ -138,27 +139,13 @@ def test_the_head_runs_once_per_chunk_when_the_log_probs_fit_the_budget_and_twic
 def test_ranks_take_the_same_recompute_decision_from_the_peer_token_count():
     """Under ZeRO-3 a head call gathers its weight collectively: a rank scoring fewer tokens must still
     recompute exactly when its peer does, so the decision reads min_scored_tokens (the peers' largest)."""
-    from prefopt.logps import sequence_logps
-    from prefopt.data.layout import SequenceBatch
-
     model = tiny_model("llama")
-    input_ids, attention_mask, labels = batch()
-    targets = labels[:, 1:]
-    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    scored = rows.numel()
-    one = SequenceBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=None, predictor_rows=rows, predictor_cols=columns,
-                        targets=targets[rows, columns], sequence_index=rows, token_index=columns - 5, num_sequences=3,
-                        max_response_length=int((columns - 5).max()) + 1, real_tokens=int(attention_mask.sum()))
+    scored = int((batch()[2][:, 1:] != IGNORE_INDEX).sum())
     budget_mb = kept_logps_bytes(scored, VOCAB, postprocessed=False) / 2**20
-    calls = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(args[0].dim()))
-    try:
-        for peer_tokens in (0, scored + 1):
-            calls.clear()
-            sequence_logps(model, one, scored, keep_logps_mb=budget_mb, min_scored_tokens=peer_tokens).summed.sum().backward()
-            assert calls.count(2) == (1 if peer_tokens == 0 else 2 * 2), peer_tokens  # a peer over budget: recompute (and pad chunks)
-    finally:
-        handle.remove()
+    alone, _ = head_projections_in_a_training_pass(model, budget_mb, chunk_size=scored)
+    beside_a_larger_peer, _ = head_projections_in_a_training_pass(model, budget_mb, chunk_size=scored, min_scored_tokens=scored + 1)
+    assert alone == 1  # fits: one chunk, kept
+    assert beside_a_larger_peer == 2 * 2  # the peer is over budget: recompute, and pad to its two chunks
 
 
 def test_an_unknown_logit_post_processing_is_refused():
