@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -37,21 +38,27 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 CHECKPOINT_CONFIG = "config.yaml"
-# keys that say how to run or resume, not what is trained: they may differ between a checkpoint and its resume
+# keys that say how to run, log or resume, not what is trained: they may differ between a checkpoint and its resume.
+# Cadences only (which rows metrics.jsonl gets, when a checkpoint is written): what an eval or probe measures
+# (batches, probes, generation length) stays fixed, so a run's first and last evals compare like with like
 RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_total_limit",
-               "trainer.save_on_interrupt", "trainer.max_skipped_steps", "logger", "sweep", "hardware.num_threads",
+               "trainer.save_on_interrupt", "trainer.save_final", "trainer.max_skipped_steps", "trainer.log_every",
+               "trainer.eval_every", "dynamics.every_n_steps", "logger", "sweep", "hardware.num_threads",
                "eval", "hardware.chosen_by")  # eval: `prefopt eval` settings, nothing trained; chosen_by: hardware=auto's note (this machine's RAM)
+# how long the run trains: a resume may change it (extend a run; HF Trainer's semantics, see resume.check_resume), as
+# long as the checkpoint's step is not past the new end; trainer.resume=latest still asks for the same length
+LENGTH_KEYS = ("trainer.max_steps", "trainer.num_epochs")
 
 
-def training_config(cfg: DictConfig | dict) -> dict:
-    """The config without RESUME_KEYS: what must match for a checkpoint to belong to a run. Under
-    trainer.num_epochs, trainer.max_steps is left out too: the worker derives it from the data (and
-    records it), so a command line's null and a run dir's derived count are the same run."""
+def training_config(cfg: DictConfig | dict, length: bool = True) -> dict:
+    """The config without RESUME_KEYS (and LENGTH_KEYS unless `length`): what must match for a checkpoint to
+    belong to a run. Under trainer.num_epochs, trainer.max_steps is left out too: the worker derives it from the
+    data (and records it), so a command line's null and a run dir's derived count are the same run."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
     trainer = container.get("trainer")
     if isinstance(trainer, dict) and trainer.get("num_epochs") is not None:
         trainer.pop("max_steps", None)
-    for key in RESUME_KEYS:
+    for key in RESUME_KEYS + (() if length else LENGTH_KEYS):
         *parents, leaf = key.split(".")
         node = container
         for parent in parents:
@@ -105,6 +112,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
     target = root / f"step-{step:06d}"
     staging = root / f".{target.name}.partial"  # the same path on every rank
     if dist.is_main:
+        restore_retired(root)  # a kill between the two renames below: the complete old one goes back in place
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-save
         staging.mkdir(parents=True)
     dist.barrier()
@@ -113,14 +121,17 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
         dist.barrier()
         if dist.is_main:
             torch.save(trainer_state, staging / TRAINER_STATE)
-    except RuntimeError as error:  # torch.save reports a full disk as a RuntimeError: make it the OSError it is
-        raise unwritable(staging, error) from None
+            atomic_write_text(staging / CHECKPOINT_CONFIG, frozen_yaml(cfg))
+            write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
+    except Exception as error:  # a full disk: torch.save says RuntimeError, safetensors SafetensorError; say what it was
+        full = not (isinstance(error, OSError) and error.errno is not None) and disk_full(error, staging)
+        if dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # the space it took, and nothing half-written left behind
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({str(error).splitlines()[0]})", str(staging)) from None
     if dist.is_main:
-        atomic_write_text(staging / CHECKPOINT_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-        write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_checkpoint(staging, target)
         atomic_write_text(root / "latest", target.name + "\n")
         log.info("saved checkpoint %s", target)
         for old in checkpoints_beyond_limit(root, keep, target, protect):
@@ -128,6 +139,63 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
             log.info("removed checkpoint %s (trainer.save_total_limit=%s)", old, keep)
     dist.barrier()
     return target
+
+
+RETIRED_SUFFIX = ".retired"  # checkpoints/.step-N.retired: the complete step-N while a new save of step N replaces it
+
+
+def replace_checkpoint(staging: Path, target: Path) -> None:
+    """Move a complete staging dir into place. A checkpoint of the same step (a finished run resumed saves its last
+    step again) is first renamed aside, and deleted only once the new one is in place: a kill at any instant leaves
+    a complete step-N, or its retired copy, which restore_retired (the next save, the next resume) puts back."""
+    retired = target.parent / f".{target.name}{RETIRED_SUFFIX}"
+    if target.exists():
+        shutil.rmtree(retired, ignore_errors=True)  # a stale copy: target itself is complete
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def restore_retired(root: Path) -> list[Path]:
+    """Put back a checkpoint renamed aside by a save killed before its replacement was in place; drop those
+    whose replacement made it (a kill before the delete)."""
+    restored = []
+    for retired in root.glob(f".step-*{RETIRED_SUFFIX}"):
+        target = root / retired.name[1 : -len(RETIRED_SUFFIX)]
+        if target.exists():
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(retired, target)
+            log.warning("restored checkpoint %s (a save of the same step was cut off before it was complete)", target)
+            restored.append(target)
+    return restored
+
+
+def disk_full(error: BaseException, path: Path) -> bool:
+    """Whether a library's error (no errno of its own: torch's RuntimeError, safetensors' SafetensorError) was a
+    full disk or quota: its text says so, or the disk has (almost) no space left."""
+    text = str(error)
+    if any(mark in text for mark in ("No space left", "os error 28", "StorageFull", "Disk quota", "os error 122")):
+        return True
+    return shutil.disk_usage(path if path.exists() else path.parent).free < (64 << 20)
+
+
+def frozen_yaml(cfg: DictConfig | dict) -> str:
+    """The config resolved once, as YAML that stays literal when loaded again: a string holding `${` (a value the
+    user escaped, `\\${oc.env:SECRET}`) is escaped again, so the worker reading it never resolves it a second time."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_yaml(OmegaConf.create(escape_interpolations(container)))
+
+
+def escape_interpolations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: escape_interpolations(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [escape_interpolations(item) for item in value]
+    if isinstance(value, str) and "${" in value:
+        # n backslashes before a literal `${`: 2n (each escaped) and one more that escapes the `${`
+        return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
+    return value
 
 
 def checkpoints_beyond_limit(root: Path, keep: Optional[int], newest: Path, protect: Optional[Path] = None) -> list[Path]:
@@ -141,28 +209,48 @@ def checkpoints_beyond_limit(root: Path, keep: Optional[int], newest: Path, prot
     return others[max(0, keep - 1):]
 
 
-def unwritable(path: Path, error: Exception) -> OSError:
-    """The OSError a failed checkpoint write really was (ENOSPC when the disk is full), naming the path."""
-    free = shutil.disk_usage(path if path.exists() else path.parent).free
-    code = errno.ENOSPC if free < (64 << 20) else errno.EIO
-    return OSError(code, f"{os.strerror(code)} ({str(error).splitlines()[0]})", str(path))
-
-
-def config_differences(ours: DictConfig | dict, theirs: DictConfig | dict) -> list[tuple[str, Any, Any]]:
-    """(key, their value, our value) for every training key that differs (RESUME_KEYS aside), by key."""
-    ours_flat, theirs_flat = flatten(training_config(ours)), flatten(training_config(theirs))
+def config_differences(ours: DictConfig | dict, theirs: DictConfig | dict, length: bool = True) -> list[tuple[str, Any, Any]]:
+    """(key, their value, our value) for every training key that differs (RESUME_KEYS aside; LENGTH_KEYS too
+    unless `length`), by key."""
+    ours_flat, theirs_flat = flatten(training_config(ours, length)), flatten(training_config(theirs, length))
     return [(key, theirs_flat.get(key), ours_flat.get(key)) for key in sorted(ours_flat.keys() | theirs_flat.keys())
             if ours_flat.get(key) != theirs_flat.get(key)]
 
 
 def config_mismatch(directory: Path, cfg: DictConfig) -> Optional[str]:
-    """None when the checkpoint was trained with this config (RESUME_KEYS aside), else the differing keys."""
+    """None when the checkpoint was trained with this config (RESUME_KEYS and LENGTH_KEYS aside: the parent
+    has accepted a new length, the trainer checks the step against it), else the differing keys."""
     saved = OmegaConf.to_container(OmegaConf.load(directory / CHECKPOINT_CONFIG), resolve=True)
-    differing = config_differences(cfg, saved)
+    differing = config_differences(cfg, saved, length=False) + length_differences(cfg, saved, checkpoint_step(directory))
     if not differing:
         return None
     shown = ", ".join(f"{key}: checkpoint {theirs!r} vs now {ours!r}" for key, theirs, ours in differing[:5])
     return f"it belongs to another config ({shown}{', ...' if len(differing) > 5 else ''})"
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The step a checkpoint dir's name says (step-000010 -> 10; -1 when it says none)."""
+    tail = directory.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def length_differences(ours: DictConfig | dict, theirs: DictConfig | dict, step: int) -> list[tuple[str, Any, Any]]:
+    """The LENGTH_KEYS differences a resume cannot take: one run by steps and the other by epochs, or a
+    trainer.max_steps the checkpoint's step is already past. (A longer or shorter run otherwise is an extension.)"""
+    ours_t, theirs_t = (training_config(cfg).get("trainer", {}) for cfg in (ours, theirs))
+    if (ours_t.get("num_epochs") is None) != (theirs_t.get("num_epochs") is None):
+        return [(key, theirs_t.get(key.split(".")[1]), ours_t.get(key.split(".")[1])) for key in LENGTH_KEYS]
+    new_steps = ours_t.get("max_steps")
+    if ours_t.get("num_epochs") is None and new_steps is not None and step > new_steps:
+        return [("trainer.max_steps", theirs_t.get("max_steps"), new_steps)]
+    return []
+
+
+def length_change(ours: DictConfig | dict, theirs: DictConfig | dict) -> Optional[tuple[str, Any, Any]]:
+    """(key, their value, our value) when a resume changes how long the run trains (one it may take), else None."""
+    ours_t, theirs_t = (training_config(cfg).get("trainer", {}) for cfg in (ours, theirs))
+    key = "num_epochs" if ours_t.get("num_epochs") is not None else "max_steps"
+    return (f"trainer.{key}", theirs_t.get(key), ours_t.get(key)) if ours_t.get(key) != theirs_t.get(key) else None
 
 
 def checkpoint_candidates(path: Path) -> list[Path]:

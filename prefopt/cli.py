@@ -81,7 +81,16 @@ class CreateOutputDir(Callback):
     the dir first and fail in one line instead."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from prefopt.launch import defer_hydra_record
+        from prefopt.rundir import refuse_outside_links
+
+        try:
+            refuse_outside_links(Path(config.hydra.run.dir))  # before Hydra opens its log file there
+        except ConfigError as error:
+            print(f"prefopt: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         create_output_dir(config.hydra.run.dir, "hydra.run.dir")
+        defer_hydra_record(config)  # a dir that holds a run keeps its .hydra/ until this launch is accepted
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")

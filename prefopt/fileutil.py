@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -9,6 +10,28 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from prefopt.errors import ConfigError
+
+
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .NAME.XXXXXXXX.tmp next to NAME
+
+
+def clean_stale_temps(directory: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files writes killed mid-way left in `directory` (atomic_write's .NAME.XXXXXXXX.tmp); only
+    those older than min_age_s (a dir shared with live writers, such as a cache: a day; a locked run dir: 0)."""
+    import time
+
+    removed = []
+    for path in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        try:
+            info = path.lstat()
+            if os.path.isfile(path) and not os.path.islink(path) and time.time() - info.st_mtime >= min_age_s:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -18,7 +41,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     whoever may read the run dir's other files may read these too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())
@@ -51,12 +74,29 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """An flock on a side file, so two processes never build the same cache entry at once."""
     Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    fd = open_no_follow(lock_path, os.O_RDWR | os.O_CREAT)  # never truncated, never a link's target
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def open_no_follow(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symbolic link (a planted one would redirect the write) with a ValueError naming it."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LinkRefused(f"{path} is a symbolic link to {os.readlink(path)}: prefopt does not write through links; remove it") from None
+        raise
+
+
+class LinkRefused(ConfigError):
+    """A write would go through a symbolic link: shown as one line, like every user error."""
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -11,15 +11,15 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from prefopt.checkpoint import CHECKPOINTS, checkpoint_candidates
+from prefopt.checkpoint import CHECKPOINTS, checkpoint_candidates, frozen_yaml, restore_retired
 from prefopt.config import ConfigError, validate_config
 from prefopt.distributed import is_follower_host, wait_for_frozen_config
-from prefopt.fileutil import atomic_write_text
+from prefopt.fileutil import atomic_write_text, clean_stale_temps
 from prefopt import rundir
 from prefopt.models import resolve_model_source
-from prefopt.resume import find_latest_run, no_checkpoint_error, resume_mode, search_roots
+from prefopt.resume import check_resume, find_latest_run, no_checkpoint_error, resume_mode, search_roots
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
 from prefopt.worker import ERROR_FILE
@@ -58,6 +58,9 @@ def resume_run_dir(resume: Any, hydra_dir: Path, cfg: Optional[DictConfig] = Non
 
 def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     """Validate, settle hardware=auto, check the model can be found, and write the frozen config. Returns the run dir."""
+    if cfg.get("run_dir") is not None:
+        raise ConfigError(f"run_dir={cfg.run_dir}: run_dir is where prefopt records the dir a run wrote to, not a setting; choose "
+                          f"the dir with hydra.run.dir={cfg.run_dir} (a sweep: hydra.sweep.dir=...)")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
@@ -67,26 +70,67 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     settle_hardware(cfg)  # hardware=auto -> the preset that fits (or a refusal), before the model is even looked for
     resolve_model_source(cfg.model)
     run_dir = resume_run_dir(cfg.trainer.resume, hydra_dir, cfg)
+    rundir.refuse_outside_links(run_dir)  # before the lock file is even opened
     rundir.acquire(run_dir)  # one owner per run dir, held until dispatch() returns
     try:
+        # --- decide: nothing in the run dir is written until the run may use it (a refused resume leaves its record as it was)
+        restore_retired(run_dir / CHECKPOINTS)  # the run's own checkpoint, back in place after a save killed mid-replace
         mode = resume_mode(cfg.trainer.resume)
         if mode == "this" and restart_count() == 0 and not checkpoint_candidates(run_dir):
             raise no_checkpoint_error(run_dir, search_roots(hydra_dir), cfg)
         rundir.refuse_reuse(run_dir, mode != "off" or restart_count() > 0)
+        accepted = check_resume(cfg, run_dir) if mode != "off" else None
+        # (the data a resume continues on is checked here too, before anything is written)
+        # --- accepted: record this launch in the run dir
         if run_dir.resolve() != hydra_dir.resolve():
             follow_log(run_dir, hydra_dir)
+        if accepted is not None and accepted.length_change:
+            log.warning("%s", accepted.length_change)  # in the run dir's log; config.yaml records the new length
+        clean_stale_temps(run_dir)  # left by a write killed mid-way (atomic_write's temporary files)
         for stale in run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")):
             stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
         frozen = OmegaConf.to_container(cfg, resolve=True)
         frozen["run_dir"] = str(run_dir.resolve())
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(frozen))
+        atomic_write_text(run_dir / "config.yaml", frozen_yaml(frozen))
         atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
         atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
+        write_deferred_hydra_record(cfg, run_dir, hydra_dir, overrides)
     except BaseException:
         unfollow_log(run_dir)
         rundir.release(run_dir)
         raise
     return run_dir
+
+
+HYDRA_SUBDIR = ".hydra"
+_deferred_hydra_record: dict[str, str] = {}  # Hydra's job record (file name -> YAML), held back until the run is accepted
+
+
+def defer_hydra_record(config: DictConfig) -> None:
+    """Called by cli.CreateOutputDir before Hydra writes its job record (.hydra/) into a run dir that already has one
+    (a resume, or a refused reuse): Hydra skips it (output_subdir=null) and prepare_run writes it once the run is
+    accepted, so a refused launch leaves the earlier record intact."""
+    _deferred_hydra_record.clear()  # an earlier launch's in this process (refused before it was written)
+    if not (Path(str(config.hydra.run.dir)) / HYDRA_SUBDIR).is_dir() or config.hydra.output_subdir != HYDRA_SUBDIR:
+        return
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    _deferred_hydra_record["config.yaml"] = OmegaConf.to_yaml(task)
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+
+
+def write_deferred_hydra_record(cfg: DictConfig, run_dir: Path, hydra_dir: Path, overrides: list[str]) -> None:
+    """What Hydra would have written to hydra_dir/.hydra (defer_hydra_record), now that the run is accepted."""
+    if not _deferred_hydra_record:
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    record = hydra_dir / HYDRA_SUBDIR
+    hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get(), resolve=False)})
+    hydra_node.hydra.output_subdir = HYDRA_SUBDIR
+    atomic_write_text(record / "config.yaml", _deferred_hydra_record.pop("config.yaml"))
+    atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(hydra_node))
+    atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
 
 
 _followed_logs: dict[Path, logging.Handler] = {}  # run dir -> the handler that appends this launch's log to it

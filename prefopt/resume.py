@@ -8,6 +8,10 @@
                              its own dir; none: an error naming what differs in the nearest runs
     trainer.resume=PATH      that run dir or checkpoint (launch.resume_run_dir)
 
+The checkpoint a resume continues is checked against this config by `check_resume` before the parent
+writes anything into the run dir: a refusal names each differing key with both values and leaves the
+run's record (config.yaml, overrides.yaml, .hydra/, no error.txt) as it was.
+
 Runs are searched under the roots the config points at: the fixed part of `hydra.run.dir` and of
 `hydra.sweep.dir` (outputs/ and multirun/ by default; a dir given without a timestamp: its parent), a
 few levels deep. A finished run (summary.json) is never picked by `latest`: there is nothing to continue.
@@ -24,7 +28,8 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.checkpoint import CHECKPOINT_CONFIG, CHECKPOINTS, MANIFEST, checkpoint_candidates, config_differences
+from prefopt.checkpoint import (CHECKPOINT_CONFIG, CHECKPOINTS, MANIFEST, RESUME_KEYS, checkpoint_candidates, checkpoint_step,
+                                config_differences, length_change, length_differences)
 from prefopt.errors import CheckpointError
 
 log = logging.getLogger("prefopt")
@@ -206,3 +211,67 @@ def find_latest_run(cfg: DictConfig, roots: list[Path], exclude: Optional[Path] 
     raise CheckpointError(f"trainer.resume=latest: no run under {roots_text(roots)} with a checkpoint has this config. "
                           f"Nearest: {listed}. Use the same values to continue one of them (or trainer.resume=PATH with its own "
                           f"config), or leave trainer.resume out to start fresh")
+
+
+@dataclass(frozen=True)
+class AcceptedResume:
+    checkpoint: Path
+    step: int
+    length_change: Optional[str]  # the warning line when the resume changes trainer.max_steps / num_epochs
+
+
+def yaml_value(value: Any) -> str:
+    """A value as a command-line override writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
+    """The checkpoint trainer.resume continues, if this config may continue it; else a CheckpointError naming every
+    key that differs (both values) and how to fix it. None when there is none to check (a SLURM requeue before its
+    first save). Reads only: nothing in the run dir changes either way. The checksums are verified by the worker,
+    which falls back to an older checkpoint past a damaged one, as this does past one of another config.
+
+    A resume may change RESUME_KEYS (logging, cadences, save limits), and the run's length: a larger
+    trainer.max_steps (or num_epochs) extends a run, finished or not, as a Hugging Face Trainer resumed with a
+    larger max_steps does: the schedule is rebuilt for the new length and its step count continues from the
+    checkpoint's (the next step's LR is the one the old schedule set; each after it, the new schedule's)."""
+    resume = cfg.trainer.resume
+    path = Path(str(resume)).expanduser() if resume_mode(resume) == "path" else run_dir
+    candidates = checkpoint_candidates(path)
+    refusals: list[tuple[Path, list[tuple[str, Any, Any]]]] = []
+    for candidate in candidates:
+        if not (candidate / MANIFEST).is_file():
+            continue  # incomplete: the worker names it when it skips it
+        saved = saved_config(candidate)
+        if saved is None:
+            continue
+        step = checkpoint_step(candidate)
+        differences = config_differences(cfg, saved, length=False) + length_differences(cfg, saved, step)
+        if differences:
+            refusals.append((candidate, differences))
+            continue
+        change = length_change(cfg, saved)
+        note = None
+        if change is not None:
+            key, theirs, ours = change
+            note = (f"{key}: {theirs} -> {ours}: continuing {candidate.name} with the new length; the LR schedule is rebuilt "
+                    f"for it and its step count continues from step {step}, as a Hugging Face Trainer resumed with a larger "
+                    f"max_steps does (the next step keeps the LR already set, the following ones follow the new schedule)")
+        return AcceptedResume(candidate, step, note)
+    if refusals:
+        raise refusal_error(resume, run_dir, *refusals[0])
+    if candidates:
+        listed = "; ".join(f"{candidate}: no manifest.json (incomplete)" for candidate in candidates)
+        raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint. {listed}. Start a fresh run in a new dir, or point "
+                              f"trainer.resume at a valid checkpoint; nothing in {run_dir} was changed")
+    return None
+
+
+def refusal_error(resume: Any, run_dir: Path, checkpoint: Path, differences: list[tuple[str, Any, Any]]) -> CheckpointError:
+    shown = "; ".join(f"{key}: {theirs!r} there vs {ours!r} now" for key, theirs, ours in differences)
+    fix = " ".join(f"{key}={yaml_value(theirs)}" for key, theirs, _ in differences)
+    may_change = ", ".join(key if "." in key else f"{key}.*" for key in RESUME_KEYS if key not in ("run_dir", "trainer.resume", "hardware.chosen_by"))
+    return CheckpointError(f"trainer.resume={resume}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
+                           f"values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
+                           f"trainer.max_steps (not below the checkpoint's step {checkpoint_step(checkpoint)}). Nothing in {run_dir} "
+                           f"was changed")

@@ -69,6 +69,40 @@ def describe(holder: str) -> str:
         return "holder unknown"
 
 
+LINK_CHECKED_DIRS = ("checkpoints", "wandb", ".hydra")  # subdirs whose entries are checked too (one level)
+
+
+def outside_links(run_dir: Path) -> list[tuple[Path, str]]:
+    """(link, where it points) for every symbolic link in the run dir (its entries, and those of LINK_CHECKED_DIRS)
+    that points outside it, dangling ones included: a write through one would change a file that is not the run's."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or run_dir.is_symlink() and not run_dir.exists():
+        return []
+    root = run_dir.resolve()
+    found = []
+    for directory in [run_dir, *(run_dir / name for name in LINK_CHECKED_DIRS)]:
+        try:
+            entries = list(os.scandir(directory)) if directory == run_dir or not directory.is_symlink() else []
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                target = Path(os.path.realpath(entry.path))
+                if target != root and root not in target.parents:
+                    found.append((Path(entry.path), os.readlink(entry.path)))
+    return found
+
+
+def refuse_outside_links(run_dir: Path) -> None:
+    """One line naming a link in the run dir that points out of it (nothing is written through one)."""
+    links = outside_links(run_dir)
+    if links:
+        link, target = links[0]
+        more = f" (and {len(links) - 1} more: {', '.join(str(path.name) for path, _ in links[1:])})" if len(links) > 1 else ""
+        raise ConfigError(f"{link} is a symbolic link to {target}, outside the run dir{more}: prefopt writes there and does not "
+                          f"write through links; remove it (or use another run dir); nothing was written")
+
+
 def existing_run(run_dir: Path) -> Optional[str]:
     """What in run_dir shows a run already lives there, or None."""
     found = [name for name in RUN_FILES if (run_dir / name).exists()]

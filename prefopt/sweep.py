@@ -83,6 +83,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
     from prefopt import slurm
     from prefopt.evalrun import prepare_eval
     from prefopt.launch import dispatch, prepare_run
+    from prefopt.rundir import existing_run
 
     job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
     prepare = prepare_eval if command == "eval" else prepare_run  # both freeze the job's run dir (eval: cfg becomes the run's)
@@ -90,6 +91,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
     in_slurm_job = slurm.in_submitit_task()
     num_threads = torch.get_num_threads()
     run_dir = job_dir
+    prepared = False
     try:
         if in_slurm_job:  # every task of the job runs this: rank 0 freezes the run dir, the others wait for it
             run_dir = slurm.prepare_once(lambda: prepare(cfg, job_dir, overrides), job_dir)
@@ -98,10 +100,12 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
                 raise ConfigError(f"hardware={cfg.hardware.name} (launcher: slurm) runs as SLURM tasks: add hydra/launcher=slurm "
                                   "(or slurm_local) to the sweep, or use a local hardware preset")
             run_dir = prepare(cfg, job_dir, overrides)
+        prepared = True
         summary = dispatch(cfg, run_dir, command)
         return objective_value(cfg, summary, required=True)
     except Exception as error:
-        ensure_error_file(run_dir, error)
+        if prepared or in_slurm_job or not existing_run(run_dir):  # a refused resume or reuse leaves the earlier run's record as it was
+            ensure_error_file(run_dir, error)
         log.error("job %s failed (%s):\n%s", hydra_cfg.job.num, " ".join(overrides), "".join(traceback.format_exception(error)))
         if in_slurm_job:
             # a non-zero exit: srun ends the job's other ranks, sacct says FAILED, the launcher reports error.txt

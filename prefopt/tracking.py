@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.fileutil import atomic_write_json, atomic_write_text
+from prefopt.fileutil import atomic_write_json, atomic_write_text, open_no_follow
 
 log = logging.getLogger("prefopt")
 
@@ -41,6 +41,11 @@ HYDRA_RECORD = Path(".hydra") / "hydra.yaml"  # Hydra's record of the job: the c
 SUMMARY_FILE = "summary.json"
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_BLOCK = 32 * 1024  # block size of W&B's record log
+
+
+def append_no_follow(path: Path):
+    """open(path, "a"), refusing a symbolic link (a dangling one would create a file outside the run dir)."""
+    return os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -205,7 +210,7 @@ class Tracker:
         if not self.enabled:
             return
         row = strict_json_row({"step": step, **metrics})
-        with open(self.run_dir / file, "a") as handle:
+        with append_no_follow(self.run_dir / file) as handle:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
         self.rows[file] = self.rows.get(file, 0) + 1
         if self.wandb_run is not None:
@@ -217,7 +222,7 @@ class Tracker:
         if not self.enabled:
             return
         new_rows = [{TABLE_KEY: key, "step": step, **dict(zip(columns, values))} for values in rows]
-        with open(self.run_dir / GENERATIONS_FILE, "a") as handle:
+        with append_no_follow(self.run_dir / GENERATIONS_FILE) as handle:
             handle.writelines(json.dumps(strict_json_row(row), allow_nan=False) + "\n" for row in new_rows)
         self.rows[GENERATIONS_FILE] += len(new_rows)
         table = self.tables.setdefault(key, [])

@@ -13,13 +13,14 @@ import numpy
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from prefopt.checkpoint import CHECKPOINTS, find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
 from prefopt.console import Console, quiet_known_noise
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.dynamics import build_probe_set
 from prefopt.distributed import DistInfo, device_for, init_distributed
 from prefopt.engine import build_engine
 from prefopt.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
+from prefopt.errors import CheckpointError
 from prefopt.guards import NonFiniteTrainingError, StepGuard
 from prefopt.data.layout import build_batch, pair_groups
 from prefopt.data.sampler import PairSampler, training_sampler  # noqa: F401 (PairSampler: scripts import it from here)
@@ -236,10 +237,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # --- resume: weights, optimizer, schedule, data position, RNG
     start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
+    if dist.is_main and trainer_cfg.resume not in (False, None):
+        restore_retired(run_dir / CHECKPOINTS)  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
+    dist.barrier()
     checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0)  # requeued before its first save: step 0
     if checkpoint is not None:
         engine.load(checkpoint)
         state = load_trainer_state(checkpoint)
+        if state["step"] > trainer_cfg.max_steps:  # trainer.num_epochs fewer than the checkpoint has trained
+            raise CheckpointError(f"trainer.resume: checkpoint {checkpoint} is at step {state['step']}, past this run's "
+                                  f"trainer.max_steps={trainer_cfg.max_steps}; resume with a length that includes it")
         start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
         sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
         restore_rng_states(state["rng"])

@@ -1,0 +1,173 @@
+"""Fault injection for the run dir's record: a refused resume changes nothing, an allowed one (a cadence, a longer
+run) continues it without a gap or a repeat, a kill while a checkpoint replaces one of the same step leaves a
+resumable run, planted symbolic links are refused before anything is written through them, a full disk during a
+checkpoint is one line, an escaped `\\${...}` stays literal, `run_dir=` is refused, killed writes' temp files go."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prefopt.cli import main
+from prefopt.tracking import read_jsonl
+from tests.helpers import run_train, wandb_history_all_segments
+from tests.test_faults import REPO, TINY, record, train_rows
+
+QUIET = ["logger.wandb.mode=disabled"]
+
+
+def train_fails(capsys, run_dir: Path, *overrides: str) -> tuple[int, str]:
+    """`prefopt train OVERRIDES hydra.run.dir=RUN_DIR` in this process, expected to fail: (exit code, stderr)."""
+    argv = sys.argv
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *overrides, f"hydra.run.dir={run_dir}"])
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def record_files(run_dir: Path) -> dict[str, bytes]:
+    """The run's record: what a refused launch must leave byte-identical."""
+    names = ["config.yaml", "overrides.yaml", "git_revision", *(f".hydra/{path.name}" for path in (run_dir / ".hydra").iterdir())]
+    return {name: (run_dir / name).read_bytes() for name in names}
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("prefopt: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_a_refused_resume_leaves_the_record_and_an_allowed_change_resumes(tmp_path, capsys):
+    args = [*TINY, *QUIET, "trainer.max_steps=4", "trainer.save_every=2"]
+    run_dir = run_train(tmp_path / "run", *args, "trainer.stop_after=2")
+    before = record_files(run_dir)
+    code, stderr = train_fails(capsys, run_dir, *args, "loss.beta=0.5", "trainer.resume=true")
+    line = one_error_line(stderr)
+    assert code == 2 and "another config" in line and "loss.beta: 0.1 there vs 0.5 now" in line and "loss.beta=0.1" in line
+    assert record_files(run_dir) == before and not list(run_dir.glob("error*.txt"))
+    # a step count below the checkpoint's: refused the same way
+    code, stderr = train_fails(capsys, run_dir, *[*args[:-2], "trainer.max_steps=1", "trainer.resume=true"])
+    assert code == 2 and "trainer.max_steps: 4 there vs 1 now" in one_error_line(stderr)
+    assert record_files(run_dir) == before and not list(run_dir.glob("error*.txt"))
+    record("resume with another loss.beta / max_steps below the checkpoint", "exit 2 naming each key, both values and the fix; "
+           "config.yaml, overrides.yaml, .hydra/ byte-identical, no error.txt")
+    # what does not change training may change: cadences of evals, probes, logging, saving; killed writes' temps go
+    stale = run_dir / ".config.yaml.k1ll3d00.tmp"
+    stale.write_bytes(b"x" * 1000)
+    run_train(run_dir, *args, "trainer.eval_every=1", "dynamics.every_n_steps=1", "trainer.save_every=1", "trainer.resume=true")
+    assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3, 4]
+    assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in row] == [0, 3, 4]
+    assert not stale.exists()
+    record("resume with eval_every / every_n_steps / save_every changed", "resumes; steps 1-4 once; a killed write's temp file removed")
+
+
+def test_a_finished_run_extended_continues_without_a_gap_or_a_repeat(tmp_path, capsys):
+    args = [*TINY, "logger.wandb.mode=offline"]
+    run_dir = run_train(tmp_path / "run", *args, "trainer.max_steps=4")
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    run_train(run_dir, *args, "trainer.max_steps=8", "trainer.resume=true")
+    assert [row["step"] for row in train_rows(run_dir)] == list(range(1, 9))
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+    history = [row["step"] for row in wandb_history_all_segments(run_dir) if "train/loss" in row]
+    assert sorted(history) == list(range(1, 9)), history
+    assert "trainer.max_steps: 4 -> 8" in capsys.readouterr().out and "max_steps: 8" in (run_dir / "config.yaml").read_text()
+    assert "trainer.max_steps: 4 -> 8" in (run_dir / "cli.log").read_text()
+    record("finished 4-step run resumed with max_steps=8", "steps 1-8 once in metrics.jsonl and W&B; summary replaced; "
+           "one warning line (HF Trainer's schedule continuation), recorded in config.yaml and cli.log")
+
+
+KILL_IN_REPLACE = """
+import os, signal, sys
+real_replace = os.replace
+def replace(source, target):
+    if str(source).endswith(".partial"):  # the new checkpoint is complete, the old one of the same step moved aside or gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(source, target)
+os.replace = replace
+from prefopt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_while_a_checkpoint_replaces_one_of_the_same_step_leaves_a_resumable_run(tmp_path):
+    args = [*TINY, *QUIET, "trainer.max_steps=2"]
+    run_dir = run_train(tmp_path / "run", *args)
+    # resuming a finished run saves its last step again: killed between taking the old one away and putting the new in
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_REPLACE, "train", *args, "trainer.resume=true", f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_train(run_dir, *args, "trainer.resume=true")
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step-000002"] and (run_dir / "checkpoints" / "step-000002" / "manifest.json").is_file()
+    assert [row["step"] for row in train_rows(run_dir)] == [1, 2]
+    record("kill -9 inside a checkpoint's replacement (same step)", "the complete old checkpoint is put back; the run resumes")
+
+
+@pytest.mark.parametrize("name", [".prefopt.lock", "cli.log", "metrics.jsonl", "checkpoints"])
+def test_a_planted_link_out_of_the_run_dir_is_refused_and_nothing_outside_changes(tmp_path, capsys, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    target = outside if name == "checkpoints" else outside / ("missing" if name == "metrics.jsonl" else "precious")  # dangling
+    (run_dir / name).symlink_to(target)
+    code, stderr = train_fails(capsys, run_dir, *TINY, *QUIET, "trainer.max_steps=2")
+    line = one_error_line(stderr)
+    assert code == 2 and f"{run_dir / name} is a symbolic link to {target}" in line
+    assert sorted(path.name for path in outside.iterdir()) == ["precious"] and (outside / "precious").read_text() == "keep me\n"
+    record(f"planted link {name} -> outside the run dir", "exit 2 naming the link; nothing outside written")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    run_dir = tmp_path / "run"
+    code, stderr = train_fails(capsys, run_dir, *TINY, *QUIET, "trainer.max_steps=1")
+    line = one_error_line(stderr)
+    assert code == 2 and "No space left on device" in line and "the disk is full" in line
+    assert not list((run_dir / "checkpoints").glob(".*")), "the partial checkpoint is removed (its space freed)"
+    record("disk full while a checkpoint is written (safetensors)", "exit 2, one line: cannot write ...: the disk is full")
+
+
+def test_an_escaped_interpolation_stays_literal_in_the_worker(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("PREFOPT_TEST_SECRET", "s3cret-token")
+    names = []
+    real_init = wandb.init
+
+    def init(*args, **kwargs):
+        names.append(kwargs["name"])
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    run_dir = run_train(tmp_path / "run", *TINY, "logger.wandb.mode=offline", "trainer.max_steps=1",
+                        r"logger.wandb.name=\${oc.env:PREFOPT_TEST_SECRET}")
+    assert names == ["${oc.env:PREFOPT_TEST_SECRET}"]
+    from prefopt.worker import load_frozen_config
+
+    assert load_frozen_config(run_dir / "config.yaml").logger.wandb.name == "${oc.env:PREFOPT_TEST_SECRET}"
+    texts = [path.read_text() for path in [run_dir / "config.yaml", *run_dir.glob("checkpoints/step-*/config.yaml")]]
+    assert len(texts) == 2 and not any("s3cret" in text for text in texts)
+    run_train(run_dir, *TINY, "logger.wandb.mode=offline", "trainer.max_steps=1", "trainer.resume=true",
+              r"logger.wandb.name=\${oc.env:PREFOPT_TEST_SECRET}")  # the checkpoint's config compares equal
+    record("escaped \\${oc.env:SECRET} as the W&B run name", "literal in the frozen config, the checkpoint and W&B; resolved once")
+
+
+def test_run_dir_is_refused_with_where_to_set_it(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    code, stderr = train_fails(capsys, tmp_path / "run", *TINY, *QUIET, f"run_dir={elsewhere}")
+    assert code == 2 and f"hydra.run.dir={elsewhere}" in one_error_line(stderr) and not elsewhere.exists()
+    record("run_dir=PATH on the command line", "exit 2: run_dir is recorded, not a setting; use hydra.run.dir=PATH")
