@@ -262,7 +262,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
         raise refusal_error(resume, run_dir, *refusals[0])
     if candidates:
         listed = "; ".join(f"{candidate}: no manifest.json (incomplete)" for candidate in candidates)
-        raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint. {listed}. Start a fresh run in a new dir, or point "
+        raise CheckpointError(f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {listed}. Start a fresh run in a new dir, or point "
                               f"trainer.resume at a valid checkpoint; nothing in {run_dir} was changed")
     return None
 
@@ -271,7 +271,7 @@ def refusal_error(resume: Any, run_dir: Path, checkpoint: Path, differences: lis
     shown = "; ".join(f"{key}: {theirs!r} there vs {ours!r} now" for key, theirs, ours in differences)
     fix = " ".join(f"{key}={yaml_value(theirs)}" for key, theirs, _ in differences)
     may_change = ", ".join(key if "." in key else f"{key}.*" for key in RESUME_KEYS if key not in ("run_dir", "trainer.resume", "hardware.chosen_by"))
-    return CheckpointError(f"trainer.resume={resume}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
+    return CheckpointError(f"trainer.resume={yaml_value(resume)}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
                            f"values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
                            f"trainer.max_steps (not below the checkpoint's step {checkpoint_step(checkpoint)}). Nothing in {run_dir} "
                            f"was changed")
