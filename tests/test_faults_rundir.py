@@ -171,3 +171,20 @@ def test_run_dir_is_refused_with_where_to_set_it(tmp_path, capsys):
     code, stderr = train_fails(capsys, tmp_path / "run", *TINY, *QUIET, f"run_dir={elsewhere}")
     assert code == 2 and f"hydra.run.dir={elsewhere}" in one_error_line(stderr) and not elsewhere.exists()
     record("run_dir=PATH on the command line", "exit 2: run_dir is recorded, not a setting; use hydra.run.dir=PATH")
+
+
+def test_a_killed_writes_temp_file_is_removed_by_the_next_write_of_that_file(tmp_path):
+    """The tokenized cache (and every atomic write) writes NAME through .NAME.HOST-PID.XXXXXXXX.tmp: a kill leaves
+    that temp (full size); the next write of NAME removes those of dead processes, never a live writer's."""
+    from prefopt.fileutil import HOST, atomic_write_bytes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".pairs-abc.pt.{HOST}-{dead.pid}.k1ll3d00.tmp"
+    killed.write_bytes(b"\0" * 4096)
+    live = tmp_path / f".pairs-abc.pt.{HOST}-{os.getppid()}.l1v3wr1t.tmp"  # a live process's write in progress
+    live.write_bytes(b"\0")
+    atomic_write_bytes(tmp_path / "pairs-abc.pt", b"whole")
+    assert not killed.exists() and live.exists() and (tmp_path / "pairs-abc.pt").read_bytes() == b"whole"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, "pairs-abc.pt"])
+    record("kill during a cache write (full-size temp left)", "the next write of that entry removes it; a live writer's is kept")
