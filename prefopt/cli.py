@@ -75,6 +75,9 @@ def unwritable_message(error: OSError, path: Any) -> str:
     return f"cannot {action} {error.filename or path}: {error.strerror}; {unwritable_hint(error)}"
 
 
+running_app = ""  # the Hydra app run_hydra_app is running ("train", "eval", "toy")
+
+
 class CreateOutputDir(Callback):
     """Hydra creates the run (or sweep) dir, saves .hydra/ and opens its log file there before any prefopt
     code runs, and reports a failure as a traceback; conf/config.yaml registers this callback to create
@@ -90,10 +93,15 @@ class CreateOutputDir(Callback):
             print(f"prefopt: error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         create_output_dir(config.hydra.run.dir, "hydra.run.dir")
-        defer_hydra_record(config)  # a dir that holds a run keeps its .hydra/ until this launch is accepted
+        if running_app == "train":  # prepare_run writes the record once accepted (prepare_eval does not)
+            defer_hydra_record(config)  # a dir that holds a run keeps its .hydra/ until this launch is accepted
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from prefopt.launch import defer_sweep_hydra_records
+
         create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+        if running_app == "train":
+            defer_sweep_hydra_records(config)  # resumed jobs keep their .hydra/ until each is accepted
 
 
 def create_output_dir(path: str, key: str) -> None:
@@ -205,6 +213,8 @@ def worker_command(argv: list[str]) -> int:
 def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     # Hydra reads sys.argv itself. Its help shows "prefopt <name>"; its completion script must register
     # plain "prefopt" (a completion function is bound to one word), which then calls `prefopt -sc ...`
+    global running_app
+    running_app = name
     completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:

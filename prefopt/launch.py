@@ -64,6 +64,7 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
+    deferred_record = OmegaConf.to_yaml(cfg) if hydra_record_deferred() else None  # as composed, before hardware=auto settles
     validate_config(cfg)
     if is_follower_host(cfg.hardware):  # torchrun across hosts: node_rank 0 freezes and locks the run dir; this host waits for it
         return wait_for_frozen_config(resume_run_dir(cfg.trainer.resume, hydra_dir, cfg))
@@ -94,7 +95,8 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
         atomic_write_text(run_dir / "config.yaml", frozen_yaml(frozen))
         atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
         atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
-        write_deferred_hydra_record(cfg, run_dir, hydra_dir, overrides)
+        if deferred_record is not None:
+            write_hydra_record(deferred_record, hydra_dir, overrides)
     except BaseException:
         unfollow_log(run_dir)
         rundir.release(run_dir)
@@ -103,34 +105,41 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
 
 
 HYDRA_SUBDIR = ".hydra"
-_deferred_hydra_record: dict[str, str] = {}  # Hydra's job record (file name -> YAML), held back until the run is accepted
 
 
 def defer_hydra_record(config: DictConfig) -> None:
     """Called by cli.CreateOutputDir before Hydra writes its job record (.hydra/) into a run dir that already has one
     (a resume, or a refused reuse): Hydra skips it (output_subdir=null) and prepare_run writes it once the run is
     accepted, so a refused launch leaves the earlier record intact."""
-    _deferred_hydra_record.clear()  # an earlier launch's in this process (refused before it was written)
-    if not (Path(str(config.hydra.run.dir)) / HYDRA_SUBDIR).is_dir() or config.hydra.output_subdir != HYDRA_SUBDIR:
-        return
-    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-    _deferred_hydra_record["config.yaml"] = OmegaConf.to_yaml(task)
-    with read_write(config.hydra), open_dict(config.hydra):
-        config.hydra.output_subdir = None
+    if (Path(str(config.hydra.run.dir)) / HYDRA_SUBDIR).is_dir() and config.hydra.output_subdir == HYDRA_SUBDIR:
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None
 
 
-def write_deferred_hydra_record(cfg: DictConfig, run_dir: Path, hydra_dir: Path, overrides: list[str]) -> None:
-    """What Hydra would have written to hydra_dir/.hydra (defer_hydra_record), now that the run is accepted."""
-    if not _deferred_hydra_record:
-        return
+def defer_sweep_hydra_records(config: DictConfig) -> None:
+    """The same for a sweep that resumes its jobs (trainer.resume set): every job's config is composed again from
+    hydra.overrides.hydra, so the deferral goes there."""
+    if resume_mode(config.trainer.resume) != "off" and config.hydra.output_subdir == HYDRA_SUBDIR:
+        with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
+            config.hydra.overrides.hydra.append("hydra.output_subdir=null")
+
+
+def hydra_record_deferred() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
-    record = hydra_dir / HYDRA_SUBDIR
+    return HydraConfig.initialized() and HydraConfig.get().output_subdir is None
+
+
+def write_hydra_record(task_yaml: str, hydra_dir: Path, overrides: list[str]) -> None:
+    """What Hydra would have written to hydra_dir/.hydra (defer_hydra_record), now that the run is accepted."""
+    from hydra.core.hydra_config import HydraConfig
+
     hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get(), resolve=False)})
     hydra_node.hydra.output_subdir = HYDRA_SUBDIR
-    atomic_write_text(record / "config.yaml", _deferred_hydra_record.pop("config.yaml"))
-    atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(hydra_node))
-    atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+    hydra_node.hydra.overrides.hydra = [item for item in hydra_node.hydra.overrides.hydra if item != "hydra.output_subdir=null"]
+    atomic_write_text(hydra_dir / HYDRA_SUBDIR / "config.yaml", task_yaml)
+    atomic_write_text(hydra_dir / HYDRA_SUBDIR / "hydra.yaml", OmegaConf.to_yaml(hydra_node))
+    atomic_write_text(hydra_dir / HYDRA_SUBDIR / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
 
 
 _followed_logs: dict[Path, logging.Handler] = {}  # run dir -> the handler that appends this launch's log to it

@@ -188,3 +188,22 @@ def test_a_killed_writes_temp_file_is_removed_by_the_next_write_of_that_file(tmp
     assert not killed.exists() and live.exists() and (tmp_path / "pairs-abc.pt").read_bytes() == b"whole"
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, "pairs-abc.pt"])
     record("kill during a cache write (full-size temp left)", "the next write of that entry removes it; a live writer's is kept")
+
+
+def test_a_refused_resume_of_a_finished_sweep_job_leaves_it_finished(tmp_path, capsys):
+    from tests.helpers import run_sweep
+
+    sweep_dir = tmp_path / "sweep"
+    args = [*TINY, *QUIET, "trainer.max_steps=2", "sweep.continue_on_failure=true"]
+    [job] = run_sweep(sweep_dir, *args, "loss.beta=0.1")
+    before = record_files(job)
+    argv = sys.argv
+    try:
+        with pytest.raises(SystemExit):  # the job failed (Hydra's report of a sweep with a failed job)
+            main(["train", "-m", *args, "loss.beta=0.3", "trainer.resume=true", f"hydra.sweep.dir={sweep_dir}"])
+    finally:
+        sys.argv = argv
+    assert "loss.beta: 0.1 there vs 0.3 now" in capsys.readouterr().err
+    assert record_files(job) == before and not list(job.glob("error*.txt")) and (job / "summary.json").is_file()
+    record("a sweep re-run with trainer.resume=true and another loss.beta", "job refused; its record (config, .hydra/) "
+           "unchanged, no error.txt: it still reads as finished")
