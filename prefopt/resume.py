@@ -239,11 +239,12 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
     path = Path(str(resume)).expanduser() if resume_mode(resume) == "path" else run_dir
     candidates = checkpoint_candidates(path)
     refusals: list[tuple[Path, list[tuple[str, Any, Any]]]] = []
+    unusable = []
     for candidate in candidates:
-        if not (candidate / MANIFEST).is_file():
-            continue  # incomplete: the worker names it when it skips it
-        saved = saved_config(candidate)
+        saved = saved_config(candidate) if (candidate / MANIFEST).is_file() else None
         if saved is None:
+            unusable.append(f"{candidate}: " + ("unreadable config.yaml" if (candidate / MANIFEST).is_file() else
+                                                "no manifest.json (incomplete)"))
             continue
         step = checkpoint_step(candidate)
         differences = config_differences(cfg, saved, length=False) + length_differences(cfg, saved, step)
@@ -260,9 +261,8 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
         return AcceptedResume(candidate, step, note)
     if refusals:
         raise refusal_error(resume, run_dir, *refusals[0])
-    if candidates:
-        listed = "; ".join(f"{candidate}: no manifest.json (incomplete)" for candidate in candidates)
-        raise CheckpointError(f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {listed}. Start a fresh run in a new dir, or point "
+    if unusable:
+        raise CheckpointError(f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {'; '.join(unusable)}. Start a fresh run in a new dir, or point "
                               f"trainer.resume at a valid checkpoint; nothing in {run_dir} was changed")
     return None
 

@@ -5,12 +5,14 @@ checkpoint is one line, an escaped `\\${...}` stays literal, `run_dir=` is refus
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from prefopt.cli import main
 from prefopt.tracking import read_jsonl
@@ -64,6 +66,9 @@ def test_a_refused_resume_leaves_the_record_and_an_allowed_change_resumes(tmp_pa
     assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3, 4]
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in row] == [0, 3, 4]
     assert not stale.exists()
+    hydra_record = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra  # written by prepare_run once accepted
+    assert hydra_record.runtime.choices.loss == "dpo" and hydra_record.output_subdir == ".hydra"
+    assert "trainer.eval_every=1" in (run_dir / ".hydra" / "overrides.yaml").read_text()
     record("resume with eval_every / every_n_steps / save_every changed", "resumes; steps 1-4 once; a killed write's temp file removed")
 
 
@@ -72,7 +77,12 @@ def test_a_finished_run_extended_continues_without_a_gap_or_a_repeat(tmp_path, c
     run_dir = run_train(tmp_path / "run", *args, "trainer.max_steps=4")
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     run_train(run_dir, *args, "trainer.max_steps=8", "trainer.resume=true")
-    assert [row["step"] for row in train_rows(run_dir)] == list(range(1, 9))
+    rows = train_rows(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    # HF Trainer's continuation: step 5 keeps the LR the 4-step cosine set after step 4 (0); from step 6 on, the cosine
+    # rebuilt for 8 steps at the continued step count: lr x (1 + cos(pi t / 8)) / 2 for t = 5, 6, 7
+    assert rows[4]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+    assert [row["train/lr"] for row in rows[5:]] == pytest.approx([1e-3 * (1 + math.cos(math.pi * t / 8)) / 2 for t in (5, 6, 7)])
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
     history = [row["step"] for row in wandb_history_all_segments(run_dir) if "train/loss" in row]
     assert sorted(history) == list(range(1, 9)), history
