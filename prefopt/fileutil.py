@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,23 +17,34 @@ from typing import Any, Iterator
 from prefopt.errors import ConfigError
 
 
-TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .NAME.XXXXXXXX.tmp next to NAME
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .NAME.HOST-PID.XXXXXXXX.tmp next to NAME
+HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
-def clean_stale_temps(directory: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
-    """Remove the temporary files writes killed mid-way left in `directory` (atomic_write's .NAME.XXXXXXXX.tmp); only
-    those older than min_age_s (a dir shared with live writers, such as a cache: a day; a locked run dir: 0)."""
-    import time
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
+
+def clean_stale_temps(directory: str | os.PathLike, name: str = "*", all_writers: bool = False) -> list[Path]:
+    """Remove the temporary files of writes killed mid-way (atomic_write's .NAME.HOST-PID.XXXXXXXX.tmp) in
+    `directory`: those of processes of this host that are gone (a shared cache dir may have live writers on
+    other hosts), or, with all_writers (a run dir whose lock this process holds: nobody else writes there),
+    every one. name: only the temps of this file name (atomic_write cleans its target's before writing)."""
     removed = []
-    for path in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        try:
-            info = path.lstat()
-            if os.path.isfile(path) and not os.path.islink(path) and time.time() - info.st_mtime >= min_age_s:
+    for path in Path(directory).glob(f".{glob.escape(name) if name != '*' else name}.*{TEMP_SUFFIX}"):
+        match = TEMP_PATTERN.match(path.name)
+        stale = all_writers or (match is not None and match["host"] == HOST and not process_alive(int(match["pid"])))
+        if stale and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
-        except FileNotFoundError:
-            continue
     return removed
 
 
@@ -41,7 +55,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     whoever may read the run dir's other files may read these too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    clean_stale_temps(path.parent, path.name)  # an earlier write of this file that was killed (a full-size cache entry)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}-{os.getpid()}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())
