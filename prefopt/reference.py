@@ -176,6 +176,7 @@ def precomputed_reference(model, model_identity: str, fingerprint: str, pairs: l
             path.parent.mkdir(parents=True, exist_ok=True)
             with exclusive_lock(path.with_suffix(".lock")):
                 staging = path.with_suffix(f".tmp{dist.rank}")
+                staging.unlink(missing_ok=True)  # a killed write's, or a planted link: torch.save would write through it
                 torch.save({"key": key, "values": values, "digest": values_digest(values)}, staging)
                 staging.replace(path)  # atomic: a reader sees the old file or the whole new one
         dist.barrier()

@@ -237,7 +237,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # --- resume: weights, optimizer, schedule, data position, RNG
     start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
-    if dist.is_main and trainer_cfg.resume not in (False, None):
+    if dist.is_main:
         restore_retired(run_dir / CHECKPOINTS)  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
     dist.barrier()
     checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0)  # requeued before its first save: step 0

@@ -217,3 +217,17 @@ def test_a_refused_resume_of_a_finished_sweep_job_leaves_it_finished(tmp_path, c
     assert record_files(job) == before and not list(job.glob("error*.txt")) and (job / "summary.json").is_file()
     record("a sweep re-run with trainer.resume=true and another loss.beta", "job refused; its record (config, .hydra/) "
            "unchanged, no error.txt: it still reads as finished")
+
+
+def test_a_link_planted_at_the_reference_caches_staging_file_is_not_written_through(tmp_path):
+    args = [*TINY, *QUIET, "trainer.max_steps=1", "reference.precompute=true", f"reference.cache_dir={tmp_path / 'cache'}",
+            "trainer.save_final=false"]
+    run_train(tmp_path / "first", *args)
+    [entry] = list((tmp_path / "cache").glob("*.pt"))
+    entry.unlink()  # the next run misses and writes it again, through its staging file
+    outside = tmp_path / "outside"
+    outside.write_text("keep me\n")
+    entry.with_suffix(".tmp0").symlink_to(outside)
+    run_train(tmp_path / "second", *args)
+    assert outside.read_text() == "keep me\n" and entry.is_file() and not entry.with_suffix(".tmp0").exists()
+    record("link planted at the reference cache's staging file", "replaced, not written through; the outside file unchanged")
