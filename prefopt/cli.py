@@ -99,9 +99,9 @@ class CreateOutputDir(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from prefopt.launch import defer_sweep_hydra_records
 
-        create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
         if running_app == "train":
-            defer_sweep_hydra_records(config)  # resumed jobs keep their .hydra/ until each is accepted
+            defer_sweep_hydra_records(config)
+        create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")  # resumed jobs keep their .hydra/ until each is accepted
 
 
 def create_output_dir(path: str, key: str) -> None:

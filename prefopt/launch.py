@@ -118,9 +118,12 @@ def defer_hydra_record(config: DictConfig) -> None:
 
 
 def defer_sweep_hydra_records(config: DictConfig) -> None:
-    """The same for a sweep that resumes its jobs (trainer.resume set): every job's config is composed again from
-    hydra.overrides.hydra, so the deferral goes there."""
-    if resume_mode(config.trainer.resume) != "off" and config.hydra.output_subdir == HYDRA_SUBDIR:
+    """The same for a sweep whose jobs may find runs in their dirs (trainer.resume set, or a sweep dir used before):
+    every job's config is composed again from hydra.overrides.hydra, so the deferral goes there. Called before the
+    sweep dir is created."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    reused = sweep_dir.is_dir() and any(sweep_dir.iterdir())
+    if (reused or resume_mode(config.trainer.resume) != "off") and config.hydra.output_subdir == HYDRA_SUBDIR:
         with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
             config.hydra.overrides.hydra.append("hydra.output_subdir=null")
 

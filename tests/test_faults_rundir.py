@@ -215,6 +215,14 @@ def test_a_refused_resume_of_a_finished_sweep_job_leaves_it_finished(tmp_path, c
         sys.argv = argv
     assert "loss.beta: 0.1 there vs 0.3 now" in capsys.readouterr().err
     assert record_files(job) == before and not list(job.glob("error*.txt")) and (job / "summary.json").is_file()
+    argv = sys.argv
+    try:  # the same sweep dir again without trainer.resume: refused as a reuse, its record kept too
+        with pytest.raises(SystemExit):
+            main(["train", "-m", *args, "loss.beta=0.3", f"hydra.sweep.dir={sweep_dir}"])
+    finally:
+        sys.argv = argv
+    assert "already holds a run" in capsys.readouterr().err
+    assert record_files(job) == before and not list(job.glob("error*.txt"))
     record("a sweep re-run with trainer.resume=true and another loss.beta", "job refused; its record (config, .hydra/) "
            "unchanged, no error.txt: it still reads as finished")
 
