@@ -106,6 +106,7 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
 
 
 HYDRA_SUBDIR = ".hydra"
+DEFER_OVERRIDE = "++hydra.output_subdir=null"  # how prefopt defers Hydra's record (a user would write hydra.output_subdir=null)
 
 
 def defer_hydra_record(config: DictConfig) -> None:
@@ -115,6 +116,7 @@ def defer_hydra_record(config: DictConfig) -> None:
     if (Path(str(config.hydra.run.dir)) / HYDRA_SUBDIR).is_dir() and config.hydra.output_subdir == HYDRA_SUBDIR:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None
+            config.hydra.overrides.hydra.append(DEFER_OVERRIDE)  # the mark: a user's own output_subdir=null is left alone
 
 
 def defer_sweep_hydra_records(config: DictConfig) -> None:
@@ -125,13 +127,13 @@ def defer_sweep_hydra_records(config: DictConfig) -> None:
     reused = sweep_dir.is_dir() and any(sweep_dir.iterdir())
     if (reused or resume_mode(config.trainer.resume) != "off") and config.hydra.output_subdir == HYDRA_SUBDIR:
         with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
-            config.hydra.overrides.hydra.append("hydra.output_subdir=null")
+            config.hydra.overrides.hydra.append(DEFER_OVERRIDE)
 
 
 def hydra_record_deferred() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.initialized() and HydraConfig.get().output_subdir is None
+    return HydraConfig.initialized() and HydraConfig.get().output_subdir is None and DEFER_OVERRIDE in HydraConfig.get().overrides.hydra
 
 
 def write_hydra_record(task_yaml: str, hydra_dir: Path, overrides: list[str]) -> None:
@@ -140,7 +142,7 @@ def write_hydra_record(task_yaml: str, hydra_dir: Path, overrides: list[str]) ->
 
     hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get(), resolve=False)})
     hydra_node.hydra.output_subdir = HYDRA_SUBDIR
-    hydra_node.hydra.overrides.hydra = [item for item in hydra_node.hydra.overrides.hydra if item != "hydra.output_subdir=null"]
+    hydra_node.hydra.overrides.hydra = [item for item in hydra_node.hydra.overrides.hydra if item != DEFER_OVERRIDE]
     atomic_write_text(hydra_dir / HYDRA_SUBDIR / "config.yaml", task_yaml)
     atomic_write_text(hydra_dir / HYDRA_SUBDIR / "hydra.yaml", OmegaConf.to_yaml(hydra_node))
     atomic_write_text(hydra_dir / HYDRA_SUBDIR / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
