@@ -100,8 +100,8 @@ class CreateOutputDir(Callback):
         from prefopt.launch import defer_sweep_hydra_records
 
         if running_app == "train":
-            defer_sweep_hydra_records(config)
-        create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")  # resumed jobs keep their .hydra/ until each is accepted
+            defer_sweep_hydra_records(config)  # resumed or reused jobs keep their .hydra/ until each is accepted
+        create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 def create_output_dir(path: str, key: str) -> None:

@@ -76,7 +76,7 @@ def outside_links(run_dir: Path) -> list[tuple[Path, str]]:
     """(link, where it points) for every symbolic link in the run dir (its entries, and those of LINK_CHECKED_DIRS)
     that points outside it, dangling ones included: a write through one would change a file that is not the run's."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or run_dir.is_symlink() and not run_dir.exists():
+    if not run_dir.is_dir():
         return []
     root = run_dir.resolve()
     found = []
