@@ -40,6 +40,7 @@ CHECKPOINT_CONFIG = "config.yaml"
 # keys that say how to run or resume, not what is trained: they may differ between a checkpoint and its resume
 RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_total_limit",
                "trainer.save_on_interrupt", "trainer.max_skipped_steps", "logger", "sweep", "hardware.num_threads",
+               "trainer.resume_data_changed",  # it says whether a resume may continue on changed data, nothing trained
                "eval", "hardware.chosen_by")  # eval: `prefopt eval` settings, nothing trained; chosen_by: hardware=auto's note (this machine's RAM)
 
 

@@ -19,6 +19,7 @@ from prefopt.distributed import is_follower_host, wait_for_frozen_config
 from prefopt.fileutil import atomic_write_text
 from prefopt import rundir
 from prefopt.models import resolve_model_source
+from prefopt.resume_data import refuse_changed_data
 from prefopt.resume import find_latest_run, no_checkpoint_error, resume_mode, search_roots
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
@@ -72,6 +73,8 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
         mode = resume_mode(cfg.trainer.resume)
         if mode == "this" and restart_count() == 0 and not checkpoint_candidates(run_dir):
             raise no_checkpoint_error(run_dir, search_roots(hydra_dir), cfg)
+        if mode != "off":  # a resume on other data than the checkpoint's is refused here, before anything is written
+            refuse_changed_data(cfg, run_dir)
         rundir.refuse_reuse(run_dir, mode != "off" or restart_count() > 0)
         if run_dir.resolve() != hydra_dir.resolve():
             follow_log(run_dir, hydra_dir)

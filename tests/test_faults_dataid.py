@@ -1,0 +1,134 @@
+"""A run remembers its data: a resume on changed data (labels flipped, rows appended: a moved eval split) is
+refused in one line naming the file, before anything is written, unless trainer.resume_data_changed=allow,
+which is then recorded. Cases feed the fault table (tests/test_faults.py's record)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from prefopt.cli import main
+from prefopt.checkpoint import load_trainer_state
+from prefopt.data.identity import DATA_FILE
+from prefopt.rundir import LOCK_FILE
+from tests.helpers import run_train
+from tests.test_faults import TINY, prefopt, record
+
+ARGS = [*(arg for arg in TINY if not arg.startswith("dataset.")), "dataset=local", "dataset.eval_fraction=0.25",
+        "dataset.cache_dir=null", "trainer.max_steps=4", "trainer.save_every=2", "logger.wandb.mode=disabled"]
+ROWS = [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in range(16)]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def flipped(rows: list[dict]) -> list[dict]:
+    return [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after its step-2 checkpoint, and its data file (restored by each test)."""
+    root = tmp_path_factory.mktemp("dataid")
+    data = root / "pairs.jsonl"
+    write_rows(data, ROWS)
+    run_dir = run_train(root / "run", *ARGS, f"dataset.path={data}", "trainer.stop_after=2")
+    return run_dir, data
+
+
+def files_in(run_dir: Path) -> dict[str, int]:
+    """Every file under the run dir with its mtime (Hydra's own .hydra/ and log, and the run dir lock aside: they are
+    written before prefopt looks at the data)."""
+    return {str(path.relative_to(run_dir)): path.stat().st_mtime_ns for path in run_dir.rglob("*")
+            if path.is_file() and ".hydra" not in path.parts and path.suffix != ".log" and path.name != LOCK_FILE}
+
+
+def resume(run_dir: Path, data: Path, *extra: str):
+    return prefopt(*ARGS, f"dataset.path={data}", f"hydra.run.dir={run_dir}", "trainer.resume=true", *extra)
+
+
+def assert_refused(result, data: Path, *named: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("prefopt: error: ") and str(data) in message, message
+    for text in (*named, "trainer.resume_data_changed=allow"):
+        assert text in message, message
+    return message
+
+
+def test_the_checkpoint_and_the_run_dir_record_the_data(stopped_run):
+    run_dir, data = stopped_run
+    saved = load_trainer_state(run_dir / "checkpoints" / "step-000002")["data"]
+    assert saved["train_pairs"] == 12 and saved["eval_pairs"] == 4 and saved["files"] == [str(data)]
+    assert json.loads((run_dir / DATA_FILE).read_text()) == saved
+
+
+def test_flipped_labels_refuse_the_resume_naming_the_file(stopped_run):
+    run_dir, data = stopped_run
+    before = files_in(run_dir)
+    try:
+        write_rows(data, flipped(ROWS))
+        message = assert_refused(resume(run_dir, data), data, "the training pairs differ", "labels changed", "eval split differs")
+    finally:
+        write_rows(data, ROWS)
+    assert files_in(run_dir) == before  # refused before anything was written: no error.txt, config untouched
+    record("labels flipped between a run and its resume", "refused in the parent, one line naming the file; run dir untouched")
+    assert "step-000002" in message
+
+
+def test_appended_rows_refuse_the_resume_as_a_moved_eval_split(stopped_run):
+    run_dir, data = stopped_run
+    before = files_in(run_dir)
+    try:
+        write_rows(data, ROWS + [{"prompt": f"What is {i} - 1?", "chosen": f"{i - 1}", "rejected": f"{i}"} for i in range(4)])
+        assert_refused(resume(run_dir, data), data, "eval split differs", "(4 held-out pairs at the checkpoint, 5 now)")
+    finally:
+        write_rows(data, ROWS)
+    assert files_in(run_dir) == before
+    record("rows appended between a run and its resume (held-out split moves)", "refused in the parent, one line naming the file")
+
+
+def test_the_worker_refuses_too_when_the_parent_did_not_check(stopped_run, monkeypatch, capsys):
+    """Belt and braces (sbatch jobs and requeues start workers without `prefopt train`'s parent)."""
+    run_dir, data = stopped_run
+    monkeypatch.setattr("prefopt.launch.refuse_changed_data", lambda cfg, run_dir: None)
+    copy = run_dir.parent / "worker_copy"
+    shutil.copytree(run_dir, copy)
+    argv = sys.argv
+    try:
+        write_rows(data, flipped(ROWS))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *ARGS, f"dataset.path={data}", f"hydra.run.dir={copy}", "trainer.resume=true"])
+    finally:
+        sys.argv = argv
+        write_rows(data, ROWS)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("prefopt: error: ") and str(data) in message and "trainer.resume_data_changed=allow" in message
+    assert not (copy / "checkpoints" / "step-000004").exists()
+    record("labels flipped, worker started without the parent's check", "the worker refuses before training a step")
+
+
+def test_allow_resumes_on_changed_data_and_records_it(stopped_run):
+    run_dir, data = stopped_run
+    copy = run_dir.parent / "allow_copy"
+    shutil.copytree(run_dir, copy)
+    try:
+        write_rows(data, flipped(ROWS))
+        run_train(copy, *ARGS, f"dataset.path={data}", "trainer.resume=true", "trainer.resume_data_changed=allow")
+    finally:
+        write_rows(data, ROWS)
+    assert "resume_data_changed: allow" in (copy / "config.yaml").read_text()
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["data/changed_at_step"] == 2
+    recorded = json.loads((copy / DATA_FILE).read_text())
+    assert recorded["changed_at_steps"] == [2]
+    assert load_trainer_state(copy / "checkpoints" / "step-000004")["data"]["changed_at_steps"] == [2]
+    assert any("resuming at step 2 on changed data" in path.read_text() for path in copy.glob("*.log"))
+    record("labels flipped, resume with trainer.resume_data_changed=allow", "resumes; change recorded in config, data.json, "
+           "summary and the checkpoint")
