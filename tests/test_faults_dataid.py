@@ -3,7 +3,9 @@ refused in one line naming the file, before anything is written, unless trainer.
 which is then recorded. Cases feed the fault table (tests/test_faults.py's record)."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from prefopt.cli import main
 from prefopt.checkpoint import load_trainer_state
 from prefopt.data.identity import DATA_FILE
+from prefopt.report import build_report
 from prefopt.rundir import LOCK_FILE
 from tests.helpers import run_train
 from tests.test_faults import TINY, prefopt, record
@@ -132,3 +135,34 @@ def test_allow_resumes_on_changed_data_and_records_it(stopped_run):
     assert any("resuming at step 2 on changed data" in path.read_text() for path in copy.glob("*.log"))
     record("labels flipped, resume with trainer.resume_data_changed=allow", "resumes; change recorded in config, data.json, "
            "summary and the checkpoint")
+
+
+def test_an_interrupted_sweeps_report_lists_every_planned_job(tmp_path, capsys):
+    """A real sweep (Hydra's multirun.yaml) stopped by its first job's failure (sweep.continue_on_failure=false): jobs
+    1 to 3 never ran; job 2 is then marked running while a process holds its run dir lock."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["model=tiny_llama", "hardware=cpu", "logger.wandb.mode=disabled", "trainer.max_steps=1", "dynamics.enabled=false",
+            "trainer.greedy_eval_examples=0", "dataset.arith.num_train=8", "dataset.arith.num_eval=4", "sweep.continue_on_failure=false",
+            "trainer.seed=0,1", "trainer.lr=100.0,1e-4"]  # job 0 (seed 0, lr 100) is refused and stops the sweep
+    argv = sys.argv
+    try:
+        with pytest.raises(SystemExit):
+            main(["train", "-m", *args, f"hydra.sweep.dir={sweep_dir}"])
+    finally:
+        sys.argv = argv
+    assert sorted(path.name for path in sweep_dir.iterdir() if path.name.isdigit()) == ["0"]
+    rows, _ = build_report(sweep_dir)
+    assert [(row["job"], row["status"]) for row in rows] == [(0, "failed"), (1, "never ran"), (2, "never ran"), (3, "never ran")]
+    assert rows[0]["overrides"].endswith("trainer.seed=0 trainer.lr=100.0")  # failed before recording its overrides: as planned
+    assert rows[3]["overrides"].endswith("trainer.seed=1 trainer.lr=0.0001")
+    (sweep_dir / "2").mkdir()
+    holder = os.open(sweep_dir / "2" / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # what a live job's prefopt train holds (prefopt/rundir.py)
+        assert main(["report", str(sweep_dir)]) == 0
+    finally:
+        os.close(holder)
+    out = capsys.readouterr().out
+    assert "| running |" in out and "4 jobs, 1 failed, 1 running, 2 never ran" in out
+    assert [row["status"] for row in build_report(sweep_dir)[0]] == ["failed", "never ran", "failed", "never ran"]  # holder gone
+    record("sweep stopped by its first job's failure", "report lists all 4 planned jobs: failed / running / never ran")
