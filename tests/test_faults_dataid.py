@@ -166,3 +166,28 @@ def test_an_interrupted_sweeps_report_lists_every_planned_job(tmp_path, capsys):
     assert "| running |" in out and "4 jobs, 1 failed, 1 running, 2 never ran" in out
     assert [row["status"] for row in build_report(sweep_dir)[0]] == ["failed", "never ran", "failed", "never ran"]  # holder gone
     record("sweep stopped by its first job's failure", "report lists all 4 planned jobs: failed / running / never ran")
+
+
+def test_an_unknown_architecture_is_one_line_exit_2(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "prefopt_mystery", "hidden_size": 8}))
+    result = prefopt("model=pythia_410m", f"model.path={model_dir}", "hardware=cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("prefopt: error: ") and str(model_dir / "config.json") in message and "'prefopt_mystery'" in message
+    record("model dir with a model_type transformers does not know", "one line naming config.json and the model_type, exit 2")
+
+
+def test_an_architecture_with_its_own_code_needs_trust_remote_code(tmp_path):
+    from omegaconf import OmegaConf
+
+    from prefopt.errors import ModelNotFoundError
+    from prefopt.models import resolve_model_source
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "prefopt_mystery", "auto_map": {"AutoModel": "x.Y"}}))
+    model_cfg = OmegaConf.create({"source": "hub", "path": str(tmp_path), "trust_remote_code": False, "name": "custom"})
+    with pytest.raises(ModelNotFoundError, match="model.trust_remote_code=true"):
+        resolve_model_source(model_cfg)
+    model_cfg.trust_remote_code = True
+    assert resolve_model_source(model_cfg).kind == "dir"
