@@ -240,18 +240,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
     checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0)  # requeued before its first save: step 0
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        # other data than the checkpoint trained on: refused (the parent checked too), or allowed and recorded
-        changed = check_resume_data(state.get("data"), data_record, checkpoint, trainer_cfg.resume_data_changed)
-        earlier_changes = (state.get("data") or {}).get("changed_at_steps", [])
-        data_record["changed_at_steps"] = [*earlier_changes, *([state["step"]] if changed else [])]
-        if changed:
-            log.warning("resuming at step %d on changed data (%s=allow): %s", state["step"], OVERRIDE_KEY, "; ".join(changed))
         engine.load(checkpoint)
+        state = load_trainer_state(checkpoint)
         start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
         sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
         restore_rng_states(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
+        # other data than the checkpoint trained on: refused (the parent checked too), or allowed and recorded
+        changed = check_resume_data(state.get("data"), data_record, checkpoint, trainer_cfg.resume_data_changed)
+        data_record["changed_at_steps"] = [*(state.get("data") or {}).get("changed_at_steps", []), *([start_step] if changed else [])]
+        if changed:
+            log.warning("resumed at step %d on changed data (%s=allow): %s", start_step, OVERRIDE_KEY, "; ".join(changed))
 
     if dist.is_main:
         write_data_record(run_dir / DATA_FILE, data_record)

@@ -132,7 +132,7 @@ def test_allow_resumes_on_changed_data_and_records_it(stopped_run):
     recorded = json.loads((copy / DATA_FILE).read_text())
     assert recorded["changed_at_steps"] == [2]
     assert load_trainer_state(copy / "checkpoints" / "step-000004")["data"]["changed_at_steps"] == [2]
-    assert any("resuming at step 2 on changed data" in path.read_text() for path in copy.glob("*.log"))
+    assert any("resumed at step 2 on changed data" in path.read_text() for path in copy.glob("*.log"))
     record("labels flipped, resume with trainer.resume_data_changed=allow", "resumes; change recorded in config, data.json, "
            "summary and the checkpoint")
 
