@@ -26,6 +26,9 @@ DESCRIPTION = ("Show the preference data a run would train on: the source and la
                "`prefopt data dataset=local dataset.path=pairs.jsonl model=qwen2_5_0_5b`. Loads the tokenizer only.")
 
 
+SPLIT_STATS = ("pairs", "skipped_bad_rows", "truncated", "dropped_empty_response", "boundary_merges")  # shown per split
+
+
 def compose_run_config(overrides: list[str]) -> DictConfig:
     """The config `prefopt train OVERRIDES` would run (before hardware=auto settles, which the data does not need)."""
     from hydra import compose, initialize_config_module
@@ -70,6 +73,10 @@ def describe_data(cfg: DictConfig, data: PreferenceData, tokenizer, pairs: int) 
         lines.append(f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: {stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
                      f"{stats[f'{split}/truncated']} truncated, {stats[f'{split}/dropped_empty_response']} dropped (no response "
                      f"token left), {stats[f'{split}/boundary_merges']} boundary merges")
+    shown_stats = {f"{split}/{name}" for split in ("train", "eval") for name in SPLIT_STATS}
+    others = {key: value for key, value in stats.items() if key not in shown_stats}
+    if others:
+        lines.append("other    " + ", ".join(f"{key} {value}" for key, value in others.items()))
     if data.eval_origin.endswith("(held-out part)"):
         lines.append(f"split    eval = dataset.eval_fraction={cfg.dataset.eval_fraction} of the rows, held out by trainer.seed="
                      f"{cfg.trainer.seed}")
