@@ -44,6 +44,7 @@ CHECKPOINT_CONFIG = "config.yaml"
 RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_total_limit",
                "trainer.save_on_interrupt", "trainer.save_final", "trainer.max_skipped_steps", "trainer.log_every",
                "trainer.eval_every", "dynamics.every_n_steps", "logger", "sweep", "hardware.num_threads",
+               "trainer.resume_data_changed",  # whether a resume may continue on changed data: nothing trained
                "eval", "hardware.chosen_by")  # eval: `prefopt eval` settings, nothing trained; chosen_by: hardware=auto's note (this machine's RAM)
 # how long the run trains: a resume may change it (extend a run; HF Trainer's semantics, see resume.check_resume), as
 # long as the checkpoint's step is not past the new end; trainer.resume=latest still asks for the same length

@@ -35,6 +35,9 @@ commands:
   eval      evaluate a run's policy as training does (reward accuracy and margins against the base model, greedy
             accuracy, probes) into a run dir of its own: `prefopt eval RUN_DIR` (newest checkpoint, the run's config),
             `prefopt eval CHECKPOINT_DIR`, `prefopt eval MODEL_DIR model=... dataset=... loss=...`; Hydra app, `-m` sweeps
+  data      show what a run would train on, without training: the source and layout found, train/eval counts, skipped
+            and truncated rows, the eval split's origin and the first pairs decoded from their token ids (what the model
+            reads): `prefopt data [--pairs N] dataset=local dataset.path=pairs.jsonl model=...` (train's overrides)
   worker    train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`
   plot      overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`
   report    tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
@@ -254,6 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_hydra_app(eval_app, "eval", resolve_shown_config(policy_argument(rest)))
     if command == "worker":
         return worker_command(rest)
+    if command == "data":
+        from prefopt.datacmd import data_command
+
+        return data_command(rest)
     if command == "plot":
         from prefopt.plots import plot_command
 

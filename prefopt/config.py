@@ -164,6 +164,7 @@ class TrainerConfig:
     save_total_limit: Optional[int] = 2  # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
     resume: Any = False  # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
+    resume_data_changed: str = "refuse"  # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
     max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
     save_on_interrupt: bool = True  # Ctrl-C (one process) checkpoints the last whole step before exiting
     objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
@@ -408,6 +409,8 @@ def validate_config(cfg: DictConfig) -> None:
     resume = cfg.trainer.resume
     if not isinstance(resume, (bool, str)):
         raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
+    if cfg.trainer.resume_data_changed not in ("refuse", "allow"):
+        raise ConfigError(f"trainer.resume_data_changed={cfg.trainer.resume_data_changed} must be refuse or allow")
     check_length_config(cfg.trainer)
     check_schedule_config(cfg.trainer)
     if cfg.hardware.device == "cuda" and cfg.hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here

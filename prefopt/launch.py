@@ -20,6 +20,7 @@ from prefopt.fileutil import atomic_write_text, clean_stale_temps
 from prefopt import rundir
 from prefopt.models import resolve_model_source
 from prefopt.resume import check_resume, find_latest_run, no_checkpoint_error, resume_mode, search_roots
+from prefopt.resume_data import refuse_changed_data
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
 from prefopt.worker import ERROR_FILE
@@ -81,7 +82,8 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
             raise no_checkpoint_error(run_dir, search_roots(hydra_dir), cfg)
         rundir.refuse_reuse(run_dir, mode != "off" or restart_count() > 0)
         accepted = check_resume(cfg, run_dir) if mode != "off" else None
-        # (the data a resume continues on is checked here too, before anything is written)
+        if accepted is not None:  # a resume on other data than the checkpoint's is refused here too, before anything is written
+            refuse_changed_data(cfg, accepted.checkpoint)
         # --- accepted: record this launch in the run dir
         if run_dir.resolve() != hydra_dir.resolve():
             follow_log(run_dir, hydra_dir)

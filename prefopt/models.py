@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -46,6 +47,7 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotFoundError(f"model.path={path} is a directory without config.json; point it at a saved HF model")
+        check_architecture(Path(path) / "config.json", model_cfg.trust_remote_code)
         return ModelSource("dir", path, f"dir:{os.path.abspath(path)}")
     if names_local_path(path):
         raise ModelNotFoundError(f"model.path={path} does not exist; give an existing directory or a hub id")
@@ -56,6 +58,7 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
     except Exception:  # an invalid repo id lands here too
         cached = None
     if isinstance(cached, str):
+        check_architecture(Path(cached), model_cfg.trust_remote_code)
         return ModelSource("hub_cache", path, f"hub:{path}")
     if hub_offline() or not hub_reachable():
         raise ModelNotFoundError(
@@ -64,6 +67,32 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
             f"then run with model.path=DIR"
         )
     return ModelSource("hub", path, f"hub:{path}")
+
+
+def check_architecture(config_path: Path, trust_remote_code: bool) -> None:
+    """A model whose config.json names an architecture this transformers does not know fails here, in one line,
+    not as a traceback from deep inside the tokenizer or model loader. A model that ships its own code (auto_map)
+    loads under model.trust_remote_code=true, which is then its business."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{config_path}: not a readable JSON model config ({error}); point model.path at a saved HF model") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None or model_type in CONFIG_MAPPING:
+        return  # no model_type: transformers guesses from the path, as it always has
+    if "auto_map" in config:
+        if trust_remote_code:
+            return
+        raise ModelNotFoundError(f"{config_path}: model_type {model_type!r} is not built into transformers {transformers_version()}; "
+                                 f"the model ships its own code (auto_map): set model.trust_remote_code=true if you trust it")
+    raise ModelNotFoundError(f"{config_path}: model_type {model_type!r} is unknown to transformers {transformers_version()}; "
+                             f"upgrade transformers (pip install -U transformers) or use a model of a supported architecture")
+
+
+def transformers_version() -> str:
+    return importlib.metadata.version("transformers")
 
 
 def names_local_path(path: str) -> bool:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.checkpoint import CHECKPOINTS, find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
 from prefopt.console import Console, quiet_known_noise
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
+from prefopt.data.identity import DATA_FILE, OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
 from prefopt.dynamics import build_probe_set
 from prefopt.distributed import DistInfo, device_for, init_distributed
 from prefopt.engine import build_engine
@@ -220,6 +221,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
+    data_record = {**data_identity(data), "changed_at_steps": []}  # what the run trains on: every checkpoint keeps it
     settle_max_steps(cfg, len(data.train), dist.world_size, run_dir / "config.yaml" if dist.is_main else None)  # trainer.num_epochs
     policy = build_policy(cfg, source, tokenizer, device)
     policy.train()
@@ -251,7 +253,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
         restore_rng_states(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
+        # other data than the checkpoint trained on: refused (the parent checked too), or allowed and recorded
+        changed = check_resume_data(state.get("data"), data_record, checkpoint, trainer_cfg.resume_data_changed)
+        data_record["changed_at_steps"] = [*(state.get("data") or {}).get("changed_at_steps", []), *([start_step] if changed else [])]
+        if changed:
+            log.warning("resumed at step %d on changed data (%s=allow): %s", start_step, OVERRIDE_KEY, "; ".join(changed))
 
+    if dist.is_main:
+        write_data_record(run_dir / DATA_FILE, data_record)
     tracker = Tracker(cfg, run_dir, resume_step=start_step, enabled=dist.is_main,
                       resume_rows=state.get("tracker_rows") if checkpoint is not None else None)
     try:
@@ -265,7 +274,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 raise NonFiniteTrainingError(f"the weights are not finite after step {step}: no checkpoint is written "
                                              f"(the last one on disk is intact); lower trainer.lr")
             state = {"step": step, **completed, "first_eval": first_eval, "first_greedy_accuracy": first_greedy,
-                     "first_dynamics": first_dynamics, "tracker_rows": dict(tracker.rows)}
+                     "first_dynamics": first_dynamics, "tracker_rows": dict(tracker.rows), "data": data_record}
             save_checkpoint(run_dir, step, engine, tokenizer, state, dist, cfg, keep=trainer_cfg.save_total_limit, protect=checkpoint)
 
         if start_step == 0:
@@ -343,6 +352,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             save(trainer_cfg.max_steps)
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
         summary |= {f"data/{key}": value for key, value in data.stats.items()}
+        if data_record["changed_at_steps"]:  # resumed on other data (resume_data_changed=allow): the numbers mix two datasets
+            summary["data/changed_at_step"] = data_record["changed_at_steps"][-1]
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
         if probes is not None and dist.is_main:
             plot_runs([run_dir], run_dir / "dynamics.png")

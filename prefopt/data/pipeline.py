@@ -36,6 +36,9 @@ class PreferenceData:
     stats: dict[str, int] = field(default_factory=dict)  # "train/pairs", "train/truncated", "train/boundary_merges", ... and eval/
     row_format: str = "strings"  # the layout the rows had (formats.py: strings | implicit | hh | messages | implicit_messages)
     cache: str = "off"  # hit | miss (tokenized now, then cached) | off (dataset.cache_dir=null, or generated data)
+    origin: str = ""  # where the training pairs came from ("file /x/pairs.jsonl (train part)"): names the data in messages
+    eval_origin: str = ""  # where the eval pairs came from (a held-out part, or a split of its own)
+    files: Optional[list[str]] = None  # the local files read (None: hub or generated data)
 
 
 def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> PreferenceData:
@@ -58,7 +61,9 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
             f"and dataset.max_length / dataset.max_prompt_length"
         )
     logger.info("dataset %s (%s rows): %s", dataset_cfg.name, meta["row_format"], stats)
-    return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=meta["row_format"], cache=cache)
+    return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=meta["row_format"], cache=cache,
+                          origin=source.train.origin, eval_origin=source.eval.origin,
+                          files=[str(path) for path in source.files] if source.files is not None else None)
 
 
 def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Optional[tuple[Path, str]]:
