@@ -377,6 +377,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
+    from prefopt.data.sources import check_path_is_read
+
+    check_path_is_read(cfg.dataset)  # dataset.path with dataset=arith would be ignored: refused
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
         raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)")
     from prefopt.data.columns import ColumnMap
