@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -137,6 +138,17 @@ def read_data_files(files: list[Path], label: str) -> FileRows:
     return FileRows(rows, positions)
 
 
+def file_identity(path: Path) -> str:
+    """What must be unchanged for a file's remembered digest (cache.data_digest) or `datasets`' Arrow copy of it
+    to hold. Size and mtime alone are not enough: an
+    edit that keeps the size, followed by `touch -r`, `cp -p` or `rsync -a` from a copy, restores both. The
+    inode change time (ctime) cannot be set from user space (every write, chmod or utime sets it to now) and
+    the inode number changes when a file is replaced (rsync renames a new file into place), so a file whose
+    device, inode, size, mtime and ctime all match has not been written since it was hashed."""
+    info = path.stat()
+    return f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+
+
 def load_with_datasets(builder: str, files: list[Path]):
     import datasets
 
@@ -146,7 +158,10 @@ def load_with_datasets(builder: str, files: list[Path]):
     if builder == "csv":  # every column stays text ("007" is not 7, "NA" is not null); only empty cells are null
         options = dict(features=csv_text_features(files[0]), keep_default_na=False, na_values=[""])
     with hub_offline_mode(True):  # local files need no network
-        rows = datasets.load_dataset(builder, data_files=[str(file) for file in files], split="train", **options)
+        # `datasets` keys its Arrow copy of local files on their paths and mtimes only, so an edit with the mtime
+        # restored (cp -p, rsync -a) would read the old copy: the config name carries the files' identities too
+        identities = hashlib.sha256("|".join(file_identity(file) for file in files).encode()).hexdigest()[:16]
+        rows = datasets.load_dataset(builder, f"prefopt-{identities}", data_files=[str(file) for file in files], split="train", **options)
     if builder == "json":  # pyarrow's JSON reader lets bytes that are not UTF-8 through: such a file goes to our parser
         rows.data.table.validate(full=True)
     return rows
