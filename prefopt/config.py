@@ -99,7 +99,7 @@ class DatasetConfig:
     train_split: str = "train"  # split used for training
     eval_split: Optional[str] = "test"  # held-out split; null = carve eval_fraction out of train
     eval_fraction: float = 0.1  # share of train held out when there is no eval split
-    format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages: how rows are laid out
+    format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
     chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
     max_length: int = 512  # prompt + response tokens, after truncation
     max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
@@ -249,7 +249,7 @@ CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "dataset.name": ("arith", "hh_rlhf", "ultrafeedback", "local"),
-    "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages"),
+    "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages", "alpaca"),
     "dataset.chat_template": ("auto", "always", "never"),
     "dataset.on_bad_row": ("error", "skip"),
     "dataset.arith.rejected_style": ("near", "offpolicy"),

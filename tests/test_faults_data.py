@@ -178,3 +178,83 @@ def test_a_read_only_cache_dir_names_dataset_cache_dir(tmp_path, byte_tokenizer)
             build_preference_data(local_cfg(path, cache_dir=str(cache)), byte_tokenizer, seed=0)
     finally:
         cache.chmod(0o755)
+
+
+# ---------------------------------------------------------------- LLaMA-Factory rows and unread prompt columns
+
+ALPACA_ROWS = [
+    {"instruction": f"Translate word {i}", "input": f"hello {i}", "chosen": f"Bonjour {i}", "rejected": f"Hola {i}"} for i in range(4)
+] + [{"instruction": "Say hi", "input": "", "chosen": "Hi there", "rejected": "Go away"}]
+
+
+def prompts_by_chosen(data) -> dict[str, str]:
+    return {pair.chosen: pair.prompt for pair in data.train + data.eval}
+
+
+def test_llama_factory_alpaca_rows_use_instruction_and_input_as_the_prompt(tmp_path, byte_tokenizer):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+    data = build_preference_data(local_cfg(path, eval_fraction=0.2), byte_tokenizer, seed=0)
+    assert data.row_format == "alpaca"
+    prompts = prompts_by_chosen(data)
+    assert prompts["Bonjour 2"] == byte_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Translate word 2\nhello 2"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "<|im_start|>user\nSay hi<|im_end|>" in prompts["Hi there"]  # an empty input adds nothing
+    raw = build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
+    assert prompts_by_chosen(raw)["Bonjour 2"] == "Translate word 2\nhello 2"
+    record("LLaMA-Factory alpaca ranking rows", "alpaca layout: instruction + '\\n' + input is the prompt (was: the chosen/rejected common prefix)")
+
+
+def test_alpaca_system_and_history_become_chat_turns_or_are_refused_without_a_template(tmp_path, byte_tokenizer):
+    rows = [dict(row, system="Be brief.", history=[["Hi", "Hello!"], ["Ready?", "Yes."]]) for row in ALPACA_ROWS]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    data = build_preference_data(local_cfg(path, eval_fraction=0.2), byte_tokenizer, seed=0)
+    expected = byte_tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Ready?"},
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "Translate word 1\nhello 1"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert prompts_by_chosen(data)["Bonjour 1"] == expected
+    with pytest.raises(DataError, match="history turns and a system prompt, which only a chat template can render"):
+        build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
+    record("alpaca rows with system and history", "system turn + history turns before the instruction; refused without a template")
+
+
+def test_llama_factory_sharegpt_ranking_rows_keep_their_system_column(tmp_path, byte_tokenizer):
+    rows = [
+        {
+            "conversations": [{"from": "human", "value": f"Question {i}?"}],
+            "chosen": {"from": "gpt", "value": f"Good {i}"},
+            "rejected": {"from": "gpt", "value": f"Bad {i}"},
+            "system": "You are terse.",
+        }
+        for i in range(5)
+    ]
+    data = build_preference_data(local_cfg(write_jsonl(tmp_path / "sharegpt.jsonl", rows), eval_fraction=0.2), byte_tokenizer, seed=0)
+    assert data.row_format == "messages"
+    assert prompts_by_chosen(data)["Good 3"] == byte_tokenizer.apply_chat_template(
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Question 3?"}], tokenize=False, add_generation_prompt=True
+    )
+    record("LLaMA-Factory sharegpt ranking rows with system", "conversations is the prompt, system its system turn")
+
+
+def test_a_prompt_like_column_left_unread_is_a_warning(tmp_path, byte_tokenizer, caplog):
+    rows = [dict(row, system="Be brief.", context=f"ctx {i}") for i, row in enumerate(ROWS)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        data = build_preference_data(local_cfg(path, eval_fraction=0.2), byte_tokenizer, seed=0)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in data.train[0].prompt  # templated string prompts read it
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("column(s) context look like part of the prompt" in message for message in warnings), warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
+    assert any("column(s) system, context look like part of the prompt" in record.getMessage() for record in caplog.records)
+    record("a system / context column the layout does not read", "system is the system turn under a template; else a warning naming it")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.errors import ConfigError
 from prefopt.data.cache import Splits, cache_key, cached_pairs, data_digest, indices_digest, tokenizer_fingerprint
 from prefopt.data.columns import ColumnMap
-from prefopt.data.detect import resolve_format
+from prefopt.data.detect import resolve_format, unread_prompt_columns
 from prefopt.data.errors import DataError
 from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
 from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
@@ -89,12 +89,15 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
     if len(source.eval) and not generated and source.eval.rows is not source.train.rows:
         resolve_format(row_format, source.eval, columns)  # a split of its own must have the same layout
     string_prompt_as_user_message = string_prompts_use_chat_template(dataset_cfg.chat_template, row_format, tokenizer)
+    warnings: list[str] = []
+    unread = None if generated else unread_prompt_columns(source.train, row_format, string_prompt_as_user_message, columns)
+    if unread:
+        warnings.append(unread)
     # the template is read only where it renders prompts: never for raw text (hh, implicit) or dataset.chat_template=never
     encoder = PairEncoder(
         tokenizer, dataset_cfg.max_length, dataset_cfg.max_prompt_length, use_chat_template=string_prompt_as_user_message
     )
     stats: dict[str, int] = {}
-    warnings: list[str] = []
     splits = {}
     for name, split, limit in (
         ("train", source.train, dataset_cfg.max_train_examples),
