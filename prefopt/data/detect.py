@@ -45,7 +45,9 @@ FORMAT_DESCRIPTIONS = {
     "each ending with its own assistant turn)",
     "alpaca": "instruction, optional input, system and history, chosen, rejected (strings; LLaMA-Factory's alpaca ranking rows)",
 }
-PROMPT_LIKE_COLUMNS = ("prompt", "system", "instruction", "input", "query", "question", "history", "conversations", "context", "messages")
+PROMPT_LIKE_COLUMNS = (  # read by some layout, or other tools' names for part of the prompt
+    "prompt", "system", "instruction", "input", "query", "question", "history", "conversations", "context", "messages"
+)
 PROBE_ROWS = 16  # rows a layout is tried on before it is judged wrong for the data
 COLUMNS_HINT = (
     "map the data's own columns with dataset.columns.prompt=<column> dataset.columns.chosen=<column> "
@@ -159,7 +161,11 @@ def unread_prompt_columns(split: RawSplit, row_format: str, templated: bool, col
     rows = [split.rows[index] for index in range(min(len(split.rows), PROBE_ROWS))]
     for row in rows:
         if isinstance(row, dict):
-            unread.update((name, None) for name, value in row.items() if name in PROMPT_LIKE_COLUMNS and name not in read and value not in (None, "", []))
+            unread.update(
+                (name, None)
+                for name, value in row.items()
+                if name in PROMPT_LIKE_COLUMNS and name not in read and value not in (None, "", [])
+            )
     if not unread:
         return None
     names = ", ".join(unread)

@@ -100,7 +100,8 @@ def walk_glob(pattern: str) -> list[str]:
         walked.add(real)
         # hidden ones aside; real directories before symlinks, so a file is named by its real path where it can be
         subdirectories[:] = sorted(
-            (name for name in subdirectories if not name.startswith(".")), key=lambda name: (os.path.islink(os.path.join(directory, name)), name)
+            (name for name in subdirectories if not name.startswith(".")),
+            key=lambda name: (os.path.islink(os.path.join(directory, name)), name),
         )
         relative = os.path.relpath(directory, root)
         base = [] if relative == "." else relative.split(os.sep)
@@ -161,7 +162,9 @@ def load_with_datasets(builder: str, files: list[Path]):
         # `datasets` keys its Arrow copy of local files on their paths and mtimes only, so an edit with the mtime
         # restored (cp -p, rsync -a) would read the old copy: the config name carries the files' identities too
         identities = hashlib.sha256("|".join(file_identity(file) for file in files).encode()).hexdigest()[:16]
-        rows = datasets.load_dataset(builder, f"prefopt-{identities}", data_files=[str(file) for file in files], split="train", **options)
+        rows = datasets.load_dataset(
+            builder, f"prefopt-{identities}", data_files=[str(file) for file in files], split="train", **options
+        )
     if builder == "json":  # pyarrow's JSON reader lets bytes that are not UTF-8 through: such a file goes to our parser
         rows.data.table.validate(full=True)
     return rows
@@ -252,7 +255,10 @@ def parse_json_document(path: str, data: bytes) -> Optional[list]:
         document = json.loads(text)
     except RecursionError:
         if text.lstrip().startswith("["):
-            raise DataError(f"file {path}: {TOO_DEEP}; as JSON lines (one row per line) such a row is a bad row that dataset.on_bad_row=skip skips") from None
+            raise DataError(
+                f"file {path}: {TOO_DEEP}; as JSON lines (one row per line) such a row is a bad row that "
+                f"dataset.on_bad_row=skip skips"
+            ) from None
         return None  # JSON lines, one of them too deep: parsed line by line
     except json.JSONDecodeError as error:
         if text.lstrip().startswith("["):  # meant as one list of rows: its own error says where it breaks

@@ -56,7 +56,10 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
             f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, dataset.max_train_examples "
             f"and dataset.max_length / dataset.max_prompt_length"
         )
-    logger.info("dataset %s (%s rows; train: %s; eval: %s): %s", dataset_cfg.name, meta["row_format"], source.train.origin, source.eval.origin, stats)
+    logger.info(
+        "dataset %s (%s rows; train: %s; eval: %s): %s",
+        dataset_cfg.name, meta["row_format"], source.train.origin, source.eval.origin, stats,
+    )
     return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=meta["row_format"], cache=cache)
 
 

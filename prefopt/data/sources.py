@@ -6,6 +6,11 @@
     any other directory (a repository)   load_dataset(dir, subset)    by name (train_split / eval_split)
     a hub id                             load_dataset(id, subset)     by name
 
+With eval_split null, a directory's own held-out split (validation, else test: a test*.jsonl beside the
+train file) is the eval split; only a source without one has eval_fraction held out. A directory is read
+whole or refused (check_directory_read_whole). dataset.path with the arith preset is refused
+(check_path_is_read): the user named data, and arith would not read it.
+
 Every source gives two `RawSplit`s (train, eval) of untouched rows; formats.py makes sense of them.
 A source with a single split (a local file, or eval_split=null) holds out eval_fraction of its rows,
 chosen by the seed. The `RawSource` also says what identifies the data's content (its files, or the
@@ -155,17 +160,23 @@ def directory_split_files(directory: Path, dataset_cfg: DictConfig) -> Optional[
     return {str(split): [Path(str(file)) for file in split_files] for split, split_files in data_files.items()}
 
 
-def check_directory_read_whole(directory: Path, dataset_cfg: DictConfig, files: list[Path], split_files: dict[str, list[Path]]) -> None:
+def check_directory_read_whole(
+    directory: Path, dataset_cfg: DictConfig, files: list[Path], split_files: dict[str, list[Path]]
+) -> None:
     """A directory is read whole or refused: `datasets` reads the files of one format only (the most common) and,
     once some files are named for a split, only those; any other data file would be left out without a word."""
-    if dataset_cfg.subset or (directory / "README.md").is_file() and "configs:" in (directory / "README.md").read_text(errors="replace"):
+    readme = directory / "README.md"
+    if dataset_cfg.subset or (readme.is_file() and "configs:" in readme.read_text(errors="replace")):
         return  # the repository says which files make which config: files of other configs are not this one's
     read = {os.path.realpath(file) for split in split_files.values() for file in split}
     under = directory / dataset_cfg.data_dir if dataset_cfg.data_dir else directory
-    left_out = [file for file in files if file.suffix in BUILDERS and file.is_relative_to(under) and os.path.realpath(file) not in read]
+    left_out = [
+        file for file in files if file.suffix in BUILDERS and file.is_relative_to(under) and os.path.realpath(file) not in read
+    ]
     if left_out:
         kinds = sorted({file.suffix for file in files if file.suffix in BUILDERS})
-        named = ", ".join(str(file.relative_to(directory)) for file in left_out[:3]) + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
+        named = ", ".join(str(file.relative_to(directory)) for file in left_out[:3])
+        named += f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
         why = (f"it holds files of several formats ({', '.join(kinds)}) and `datasets` reads one format per directory"
                if len(kinds) > 1 else "their names name no split (train*, test*, validation*) while other files' do")
         raise DataError(
