@@ -66,12 +66,15 @@ def test_dataset_path_with_the_default_arith_preset_is_refused_naming_dataset_lo
 def test_a_glob_through_a_symlink_cycle_reads_each_file_once(tmp_path, byte_tokenizer):
     write_jsonl(tmp_path / "d" / "a.jsonl", ROWS[:5])
     write_jsonl(tmp_path / "d" / "sub" / "b.jsonl", ROWS[5:])
-    os.symlink("..", tmp_path / "d" / "sub" / "up")  # a cycle: d/sub/up/sub/up/...
-    os.symlink("sub", tmp_path / "d" / "again")  # a second name for d/sub
+    os.symlink("..", tmp_path / "d" / "sub" / "up")  # a cycle: d/sub/up/sub/up/... (glob.glob: each file ~40 times)
     data = build_preference_data(local_cfg(f"{tmp_path}/d/**/*.jsonl", eval_fraction=0.2), byte_tokenizer, seed=0)
     assert texts(data.train + data.eval) == texts_of(ROWS)
     source = load_raw_splits(local_cfg(f"{tmp_path}/d/**/*.jsonl"), seed=0)
     assert source.files == [tmp_path / "d" / "a.jsonl", tmp_path / "d" / "sub" / "b.jsonl"]  # real names, each once
+    # a second name for a directory (no cycle): its files once, by their real names
+    write_jsonl(tmp_path / "e" / "sub" / "b.jsonl", ROWS[5:])
+    os.symlink("sub", tmp_path / "e" / "again")
+    assert load_raw_splits(local_cfg(f"{tmp_path}/e/**/*.jsonl"), seed=0).files == [tmp_path / "e" / "sub" / "b.jsonl"]
     record("** glob through a symlink cycle", "each file read once, by its real path (10 rows, not 10 x 41)")
 
 
