@@ -101,6 +101,9 @@ def test_a_directory_of_several_formats_is_refused_naming_the_files_left_out(tmp
     (tmp_path / "d" / "b.csv").write_text("prompt,chosen,rejected\n" + "".join(f"q{i},c{i},r{i}\n" for i in range(5)))
     with pytest.raises(DataError, match=r"b\.csv would not be read: it holds files of several formats"):
         load_raw_splits(local_cfg(tmp_path / "d"), seed=0)
+    (tmp_path / "d" / "b.csv").unlink()
+    (tmp_path / "d" / "dataset_info.json").write_text("{}")  # metadata (LLaMA-Factory's, the hub's) is not data
+    assert len(load_raw_splits(local_cfg(tmp_path / "d"), seed=0).train) > 0
     record("directory with a .jsonl and a .csv", "refused naming b.csv (only one format would be read)")
 
 

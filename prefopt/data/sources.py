@@ -168,10 +168,18 @@ def check_directory_read_whole(
     readme = directory / "README.md"
     if dataset_cfg.subset or (readme.is_file() and "configs:" in readme.read_text(errors="replace")):
         return  # the repository says which files make which config: files of other configs are not this one's
+    from datasets.data_files import FILES_TO_IGNORE  # metadata files (dataset_info.json, ...) that are never data
+
     read = {os.path.realpath(file) for split in split_files.values() for file in split}
     under = directory / dataset_cfg.data_dir if dataset_cfg.data_dir else directory
     left_out = [
-        file for file in files if file.suffix in BUILDERS and file.is_relative_to(under) and os.path.realpath(file) not in read
+        file
+        for file in files
+        if file.suffix in BUILDERS
+        and file.is_relative_to(under)
+        and file.name not in FILES_TO_IGNORE
+        and not any(part.startswith("__") for part in file.relative_to(directory).parts)
+        and os.path.realpath(file) not in read
     ]
     if left_out:
         kinds = sorted({file.suffix for file in files if file.suffix in BUILDERS})
