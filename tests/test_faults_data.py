@@ -264,3 +264,17 @@ def test_a_prompt_like_column_left_unread_is_a_warning(tmp_path, byte_tokenizer,
         build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
     assert any("column(s) system, context look like part of the prompt" in record.getMessage() for record in caplog.records)
     record("a system / context column the layout does not read", "system is the system turn under a template; else a warning naming it")
+
+
+def test_an_unwritable_reference_cache_names_reference_cache_dir_and_the_run_goes_on(tmp_path, capfd):
+    from tests.helpers import run_train
+    from tests.test_faults import TINY
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    run = run_train(tmp_path / "run", *TINY, "trainer.max_steps=2", "reference.precompute=true", f"reference.cache_dir={blocker}/ref",
+                    "logger.wandb.mode=disabled")
+    assert (run / "summary.json").is_file()
+    output = capfd.readouterr()
+    assert f"reference.cache_dir={blocker}/ref cannot be written" in output.out + output.err
+    record("unwritable reference.cache_dir", "the run goes on uncached; the warning names reference.cache_dir (not hydra.run.dir)")
