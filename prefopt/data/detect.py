@@ -45,9 +45,9 @@ FORMAT_DESCRIPTIONS = {
     "each ending with its own assistant turn)",
     "alpaca": "instruction, optional input, system and history, chosen, rejected (strings; LLaMA-Factory's alpaca ranking rows)",
 }
-PROMPT_LIKE_COLUMNS = (  # read by some layout, or other tools' names for part of the prompt
-    "prompt", "system", "instruction", "input", "query", "question", "history", "conversations", "context", "messages"
-)
+PROMPT_LIKE_COLUMNS = (  # read by some layout, or other tools' names for part of the prompt ("messages" is not:
+    "prompt", "system", "instruction", "input", "query", "question", "history", "conversations", "context"
+)  # UltraFeedback's holds the whole chosen conversation, which its prompt and chosen already give)
 PROBE_ROWS = 16  # rows a layout is tried on before it is judged wrong for the data
 COLUMNS_HINT = (
     "map the data's own columns with dataset.columns.prompt=<column> dataset.columns.chosen=<column> "

@@ -145,9 +145,10 @@ def file_identity(path: Path) -> str:
     edit that keeps the size, followed by `touch -r`, `cp -p` or `rsync -a` from a copy, restores both. The
     inode change time (ctime) cannot be set from user space (every write, chmod or utime sets it to now) and
     the inode number changes when a file is replaced (rsync renames a new file into place), so a file whose
-    device, inode, size, mtime and ctime all match has not been written since it was hashed."""
+    inode, size, mtime and ctime all match has not been written since it was hashed. (The device number is
+    left out: one NFS file shows different ones on different nodes, and would be hashed again on each.)"""
     info = path.stat()
-    return f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
 
 def load_with_datasets(builder: str, files: list[Path]):
