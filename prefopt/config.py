@@ -99,7 +99,7 @@ class DatasetConfig:
     train_split: str = "train"  # split used for training
     eval_split: Optional[str] = "test"  # held-out split; null = carve eval_fraction out of train
     eval_fraction: float = 0.1  # share of train held out when there is no eval split
-    format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages: how rows are laid out
+    format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
     chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
     max_length: int = 512  # prompt + response tokens, after truncation
     max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
@@ -250,7 +250,7 @@ CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "dataset.name": ("arith", "hh_rlhf", "ultrafeedback", "local"),
-    "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages"),
+    "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages", "alpaca"),
     "dataset.chat_template": ("auto", "always", "never"),
     "dataset.on_bad_row": ("error", "skip"),
     "dataset.arith.rejected_style": ("near", "offpolicy"),
@@ -378,6 +378,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
+    from prefopt.data.sources import check_path_is_read
+
+    check_path_is_read(cfg.dataset)  # dataset.path with dataset=arith would be ignored: refused
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
         raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)")
     from prefopt.data.columns import ColumnMap

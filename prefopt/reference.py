@@ -173,12 +173,16 @@ def precomputed_reference(model, model_identity: str, fingerprint: str, pairs: l
             log.info("reference cache miss: computing reference log-probs for %d pairs into %s", len(pairs), path)
         values = compute_reference_logps(model, pairs, cfg, dist, device, pad_token_id)
         if dist.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with exclusive_lock(path.with_suffix(".lock")):
-                staging = path.with_suffix(f".tmp{dist.rank}")
-                staging.unlink(missing_ok=True)  # a killed write's, or a planted link: torch.save would write through it
-                torch.save({"key": key, "values": values, "digest": values_digest(values)}, staging)
-                staging.replace(path)  # atomic: a reader sees the old file or the whole new one
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with exclusive_lock(path.with_suffix(".lock")):
+                    staging = path.with_suffix(f".tmp{dist.rank}")
+                    staging.unlink(missing_ok=True)  # a killed write's, or a planted link: torch.save would write through it
+                    torch.save({"key": key, "values": values, "digest": values_digest(values)}, staging)
+                    staging.replace(path)  # atomic: a reader sees the old file or the whole new one
+            except OSError as error:  # the values are right, only not kept: say which key holds the unwritable dir
+                log.warning("reference.cache_dir=%s cannot be written (%s: %s): the reference log-probs are not cached; "
+                            "point reference.cache_dir at a writable directory", path.parent, error.strerror, error.filename)
         dist.barrier()
     return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
 

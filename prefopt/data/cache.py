@@ -1,14 +1,17 @@
 """Tokenized pairs, cached: every job of a sweep (and every later run) tokenizes the same data once.
 
 An entry lives in dataset.cache_dir under a key that hashes everything the pairs depend on:
-  - the data's content: the SHA-256 of its files (memoized per size and mtime, fileutil.file_digests),
-    or `datasets`' fingerprint of what it loaded from the hub;
+  - the data's content: the SHA-256 of its files (data_digest: memoized per file identity, which size and
+    mtime alone are not), or `datasets`' fingerprint of what it loaded from the hub;
   - which rows each split holds (the held-out indices follow the seed) and the split names;
   - every dataset.* setting (layout, columns, chat_template, lengths, caps, on_bad_row; cache_dir aside);
   - the tokenizer: its class, name_or_path, the hash of its whole serialized vocabulary and rules, its
     special tokens and chat template;
   - the code of prefopt/data/ itself, so a change to how pairs are made never reads old pairs.
 Generated data (arith) is not cached: generating it is as quick as reading a cache.
+
+A cache_dir that cannot be written (read-only, full, not ours) is a one-line error naming dataset.cache_dir
+(CacheDirError); entries already there are still read from it.
 
 Entries are written atomically, under a lock, so parallel jobs of a sweep wait for the first instead of
 tokenizing the same data side by side. An entry carries a digest of its contents; one that cannot be
@@ -21,13 +24,17 @@ import hashlib
 import io
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from prefopt.data.errors import DataError
+from prefopt.data.files import file_identity
 from prefopt.data.tokenize import TokenizedPair
-from prefopt.fileutil import atomic_write_bytes, exclusive_lock
+from prefopt.fileutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_digest
 
 logger = logging.getLogger("prefopt.data")
 
@@ -66,6 +73,45 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def data_digest(paths: list[Path], memo_path: Path) -> str:
+    """One digest of the data files' contents. Each file is hashed again unless its identity (file_identity)
+    is the one remembered in memo_path with its digest, so a sweep reads each file once, and an edited file
+    is never taken for the old one. The memo is kept where it can be written, else only used."""
+    memo = {}
+    if memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except ValueError:
+            memo = {}
+    combined = hashlib.sha256()
+    changed = False
+    for path in sorted(paths):
+        identity = file_identity(path)
+        entry = memo.get(os.path.abspath(path))
+        if not isinstance(entry, dict) or entry.get("identity") != identity:
+            entry = {"identity": identity, "sha256": file_digest(path)}
+            memo[os.path.abspath(path)] = entry
+            changed = True
+        combined.update(f"{path.name}:{entry['sha256']}|".encode())
+    if changed:
+        try:
+            atomic_write_json(memo_path, memo)
+        except OSError as error:  # a read-only cache: the digest is right, only not remembered
+            logger.info("cannot remember the data files' digests in %s (%s)", memo_path, error.strerror)
+    return combined.hexdigest()
+
+
+class CacheDirError(DataError):
+    """dataset.cache_dir cannot be written: named, with the fix."""
+
+    def __init__(self, cache_dir: Path, error: OSError):
+        super().__init__(
+            f"dataset.cache_dir={cache_dir}: cannot write the tokenized-pairs cache ({error.strerror}: "
+            f"{error.filename or cache_dir}); point dataset.cache_dir at a writable directory, or set "
+            f"dataset.cache_dir=null to tokenize without a cache"
+        )
+
+
 def cache_key(parts: dict) -> str:
     """parts: JSON-able description of everything the pairs depend on (module docstring)."""
     described = json.dumps({"version": CACHE_VERSION, "code": code_digest(), **parts}, sort_keys=True, default=str)
@@ -82,6 +128,7 @@ def cached_pairs(path: Path, key: str, build: Callable[[], tuple[Splits, dict]])
     entry = load_entry(path, key)
     if entry is not None:
         return (*entry, True)
+    check_writable(path.parent)
     with exclusive_lock(path.with_suffix(".lock")):
         entry = load_entry(path, key, quiet=True)  # another job may have written it while this one waited
         if entry is not None:
@@ -89,6 +136,15 @@ def cached_pairs(path: Path, key: str, build: Callable[[], tuple[Splits, dict]])
         splits, meta = build()
         save_entry(path, key, splits, meta)
     return splits, meta, False
+
+
+def check_writable(cache_dir: Path) -> None:
+    """A cache_dir that cannot be written fails here, naming dataset.cache_dir, before any tokenizing."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache_dir).close()
+    except OSError as error:
+        raise CacheDirError(cache_dir, error) from None
 
 
 def packed(pairs: list[TokenizedPair]) -> dict:

@@ -7,8 +7,10 @@ How other tools' settings map (a column left null keeps its own name):
     LLaMA-Factory    alpaca preference data {instruction, input, chosen, rejected}
                      -> dataset.columns.prompt=[instruction,input]: several columns, joined by a newline
                         (empty ones left out), as LLaMA-Factory joins instruction and input
+                     (read as they are too: dataset.format=alpaca, detected; formats.py)
                      sharegpt preference data {conversations, chosen, rejected} with {from, value} messages
-                     -> dataset.columns.prompt=conversations (formats.py reads {from, value} messages)
+                     -> nothing to map: a row without a prompt column takes `conversations` as its prompt
+                        (formats.py reads {from, value} messages)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any, Optional
 from prefopt.data.errors import BadRow
 from prefopt.errors import ConfigError
 
+SHAREGPT_PROMPT = "conversations"  # LLaMA-Factory's sharegpt rows keep the prompt messages there
 PROMPT_JOINER = "\n"  # between the columns of a several-column prompt (LLaMA-Factory's instruction + input)
 
 
@@ -54,7 +57,10 @@ class ColumnMap:
         return named
 
     def apply(self, row: dict) -> dict:
-        """The row with prompt / chosen / rejected taken from the mapped columns (unmapped ones as they are)."""
+        """The row with prompt / chosen / rejected taken from the mapped columns (unmapped ones as they are);
+        without a prompt column, LLaMA-Factory's sharegpt `conversations` is the prompt."""
+        if not self.prompt and row.get("prompt") is None and isinstance(row.get(SHAREGPT_PROMPT), list):
+            row = {**row, "prompt": row[SHAREGPT_PROMPT]}
         if not (self.prompt or self.chosen or self.rejected):
             return row
         mapped = dict(row)

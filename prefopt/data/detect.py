@@ -6,6 +6,7 @@ dataset.on_bad_row rather than a verdict on the whole file:
 
     prompt, chosen, rejected all strings        -> strings
     prompt, chosen, rejected, some a list       -> messages
+    instruction, chosen, rejected (no prompt)   -> alpaca (LLaMA-Factory's alpaca ranking rows)
     chosen, rejected lists of messages          -> implicit_messages
     chosen, rejected strings with "\\n\\nAssistant:" -> hh
     chosen, rejected other strings              -> implicit
@@ -13,6 +14,9 @@ dataset.on_bad_row rather than a verdict on the whole file:
 A layout (detected or configured) must then fit at least one of the first PROBE_ROWS rows. If none
 does, the layout is wrong for this data, not the rows: the error names the layouts, the columns seen
 and the dataset.columns keys, and does not suggest dataset.on_bad_row=skip, which would skip them all.
+
+Columns that look like part of the prompt (system, instruction, input, history, ...) but that the layout
+does not read are a warning (unread_prompt_columns), never dropped without a word.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ FORMAT_COLUMNS = {
     "hh": ("chosen", "rejected"),
     "messages": ("prompt", "chosen", "rejected"),
     "implicit_messages": ("chosen", "rejected"),
+    "alpaca": ("instruction", "chosen", "rejected"),
 }
 FORMAT_DESCRIPTIONS = {
     "strings": "prompt, chosen, rejected (strings)",
@@ -38,7 +43,11 @@ FORMAT_DESCRIPTIONS = {
     "messages": "prompt (string or list of {role, content}), chosen, rejected (lists of {role, content} ending with the assistant turn)",
     "implicit_messages": "chosen, rejected (whole conversations: lists of {role, content} sharing the prompt turns, "
     "each ending with its own assistant turn)",
+    "alpaca": "instruction, optional input, system and history, chosen, rejected (strings; LLaMA-Factory's alpaca ranking rows)",
 }
+PROMPT_LIKE_COLUMNS = (  # read by some layout, or other tools' names for part of the prompt ("messages" is not:
+    "prompt", "system", "instruction", "input", "query", "question", "history", "conversations", "context"
+)  # UltraFeedback's holds the whole chosen conversation, which its prompt and chosen already give)
 PROBE_ROWS = 16  # rows a layout is tried on before it is judged wrong for the data
 COLUMNS_HINT = (
     "map the data's own columns with dataset.columns.prompt=<column> dataset.columns.chosen=<column> "
@@ -80,6 +89,8 @@ def format_of_columns(configured: str, row: dict) -> Optional[str]:
     if set(FORMAT_COLUMNS["strings"]) <= present:
         values = [row[name] for name in FORMAT_COLUMNS["strings"]]
         return "messages" if any(isinstance(value, (list, dict)) for value in values) else "strings"
+    if set(FORMAT_COLUMNS["alpaca"]) <= present:
+        return "alpaca"
     if {"chosen", "rejected"} <= present:
         if isinstance(row["chosen"], (list, dict)) or isinstance(row["rejected"], (list, dict)):
             return "implicit_messages"
@@ -107,7 +118,8 @@ def check_layout_fits(split: RawSplit, row_format: str, configured: str, columns
         if not isinstance(row, dict):
             continue
         try:
-            normalize_row(index, row, row_format, string_prompt_as_user_message=False, columns=columns)
+            # as templated: whether the rows' system / history turns can be rendered is the tokenizer's question, asked later
+            normalize_row(index, row, row_format, string_prompt_as_user_message=True, columns=columns)
             return
         except BadRow as bad:
             problems.setdefault(str(bad), []).append(split.position(index))
@@ -130,4 +142,36 @@ def layout_error(configured: str, origin: str, columns: set, finding: str = "") 
         f"(the data's columns). "
         f"Expected, per format (dataset.format): {expected}. {wanted}Rename the columns, {COLUMNS_HINT}, or set "
         f"dataset.format to the layout the data has"
+    )
+
+
+def unread_prompt_columns(split: RawSplit, row_format: str, templated: bool, columns: ColumnMap) -> Optional[str]:
+    """A warning naming the columns that look like part of the prompt (PROMPT_LIKE_COLUMNS) and hold text in the
+    first PROBE_ROWS rows, but that this layout does not read; None when there are none."""
+    read = {"chosen", "rejected", "answer", *columns.sources()}
+    if row_format in ("strings", "messages"):
+        read.add("prompt")
+    if row_format == "messages" and not columns.prompt:
+        read.add("conversations")  # the prompt of rows without one (columns.py)
+    if row_format == "alpaca":
+        read |= {"instruction", "input", "history"}
+    if row_format in ("messages", "implicit_messages", "alpaca") or (row_format == "strings" and templated):
+        read.add("system")  # formats.with_system_turn
+    unread: dict[str, None] = {}
+    rows = [split.rows[index] for index in range(min(len(split.rows), PROBE_ROWS))]
+    for row in rows:
+        if isinstance(row, dict):
+            unread.update(
+                (name, None)
+                for name, value in row.items()
+                if name in PROMPT_LIKE_COLUMNS and name not in read and value not in (None, "", [])
+            )
+    if not unread:
+        return None
+    names = ", ".join(unread)
+    system_hint = " (a system column is read only where the chat template renders the prompt)" if "system" in unread else ""
+    return (
+        f"{split.origin}: column(s) {names} look like part of the prompt, but dataset.format={row_format} does not read "
+        f"them{system_hint}; map them with dataset.columns.prompt=[...] (columns joined by newlines), set dataset.format, "
+        f"or remove them from the data"
     )

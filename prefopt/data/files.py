@@ -15,7 +15,9 @@ one: the files are scanned then, not on every run.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ logger = logging.getLogger("prefopt.data")
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> `datasets` builder
 SUPPORTED = ".json, .jsonl, .csv or .parquet"
 UTF8_BOM = "\ufeff"  # some editors start UTF-8 files with it; JSON parsers refuse it
+TOO_DEEP = "nested too deeply to read (JSON arrays or objects nested about 1000 levels or more); flatten or remove it"
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class FileRows:
 def data_files(path: str) -> list[Path]:
     """The files dataset.path names: one file, or every file a glob matches (sorted, so the order is stable)."""
     if glob.has_magic(path):
-        files = sorted(Path(match) for match in glob.glob(path, recursive=True) if os.path.isfile(match))
+        files = glob_files(path)
         if not files:
             raise DataError(f"dataset.path={path} matches no file; check the pattern (e.g. dataset.path='/data/train-*.jsonl')")
     elif os.path.isfile(path):
@@ -67,6 +70,59 @@ def data_files(path: str) -> list[Path]:
     return files
 
 
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob matches, each file once (sorted). Two matches that resolve to one file (a symlink, a
+    directory linked twice) are one file: the match with the fewest directories names it. A `**` pattern is
+    walked here, not by glob.glob, which follows a symlink cycle until the path is too long for the system
+    (~40 times round, each time matching the same files again) and, with two cycles, far longer."""
+    matches = walk_glob(pattern) if "**" in pattern else [match for match in glob.glob(pattern) if os.path.isfile(match)]
+    chosen: dict[str, str] = {}  # real path -> the match that names it
+    for match in sorted(matches, key=lambda match: (match.count(os.sep), match)):
+        chosen.setdefault(os.path.realpath(match), match)
+    if len(chosen) < len(matches):
+        logger.info("dataset.path=%s: %d matches are %d files (symlinks); each file is read once", pattern, len(matches), len(chosen))
+    return sorted(Path(match) for match in chosen.values())
+
+
+def walk_glob(pattern: str) -> list[str]:
+    """Files matching a pattern with `**` (any number of directories, hidden ones aside, as glob.glob counts
+    them), walked once per real directory: a symlink back to a directory already walked is not entered."""
+    parts = pattern.split(os.sep)
+    fixed = next(number for number, part in enumerate(parts) if glob.has_magic(part))
+    root = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else ".")
+    wanted = parts[fixed:]
+    matches, walked = [], set()
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in walked:  # reached again through a symlink: a cycle, or a second name for it
+            subdirectories[:] = []
+            continue
+        walked.add(real)
+        # hidden ones aside; real directories before symlinks, so a file is named by its real path where it can be
+        subdirectories[:] = sorted(
+            (name for name in subdirectories if not name.startswith(".")),
+            key=lambda name: (os.path.islink(os.path.join(directory, name)), name),
+        )
+        relative = os.path.relpath(directory, root)
+        base = [] if relative == "." else relative.split(os.sep)
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and components_match(base + [name], wanted):
+                matches.append(path if root != "." else os.path.relpath(path))  # as glob.glob names them
+    return matches
+
+
+def components_match(names: list[str], pattern: list[str]) -> bool:
+    """Whether path components match pattern components, `**` standing for any number of them."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(components_match(names[skip:], pattern[1:]) for skip in range(len(names) + 1))
+    if not names or (names[0].startswith(".") and not pattern[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(names[0], pattern[0]) and components_match(names[1:], pattern[1:])
+
+
 def read_data_files(files: list[Path], label: str) -> FileRows:
     """All rows of the files, in file order, through `datasets` (module docstring)."""
     builder = BUILDERS[files[0].suffix]
@@ -83,6 +139,18 @@ def read_data_files(files: list[Path], label: str) -> FileRows:
     return FileRows(rows, positions)
 
 
+def file_identity(path: Path) -> str:
+    """What must be unchanged for a file's remembered digest (cache.data_digest) or `datasets`' Arrow copy of it
+    to hold. Size and mtime alone are not enough: an
+    edit that keeps the size, followed by `touch -r`, `cp -p` or `rsync -a` from a copy, restores both. The
+    inode change time (ctime) cannot be set from user space (every write, chmod or utime sets it to now) and
+    the inode number changes when a file is replaced (rsync renames a new file into place), so a file whose
+    inode, size, mtime and ctime all match has not been written since it was hashed. (The device number is
+    left out: one NFS file shows different ones on different nodes, and would be hashed again on each.)"""
+    info = path.stat()
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+
+
 def load_with_datasets(builder: str, files: list[Path]):
     import datasets
 
@@ -92,7 +160,12 @@ def load_with_datasets(builder: str, files: list[Path]):
     if builder == "csv":  # every column stays text ("007" is not 7, "NA" is not null); only empty cells are null
         options = dict(features=csv_text_features(files[0]), keep_default_na=False, na_values=[""])
     with hub_offline_mode(True):  # local files need no network
-        rows = datasets.load_dataset(builder, data_files=[str(file) for file in files], split="train", **options)
+        # `datasets` keys its Arrow copy of local files on their paths and mtimes only, so an edit with the mtime
+        # restored (cp -p, rsync -a) would read the old copy: the config name carries the files' identities too
+        identities = hashlib.sha256("|".join(file_identity(file) for file in files).encode()).hexdigest()[:16]
+        rows = datasets.load_dataset(
+            builder, f"prefopt-{identities}", data_files=[str(file) for file in files], split="train", **options
+        )
     if builder == "json":  # pyarrow's JSON reader lets bytes that are not UTF-8 through: such a file goes to our parser
         rows.data.table.validate(full=True)
     return rows
@@ -181,6 +254,13 @@ def parse_json_document(path: str, data: bytes) -> Optional[list]:
         raise DataError(f"file {path}, line {line}: {not_utf8_problem(path, data[error.start], error.start)}") from None
     try:
         document = json.loads(text)
+    except RecursionError:
+        if text.lstrip().startswith("["):
+            raise DataError(
+                f"file {path}: {TOO_DEEP}; as JSON lines (one row per line) such a row is a bad row that "
+                f"dataset.on_bad_row=skip skips"
+            ) from None
+        return None  # JSON lines, one of them too deep: parsed line by line
     except json.JSONDecodeError as error:
         if text.lstrip().startswith("["):  # meant as one list of rows: its own error says where it breaks
             raise DataError(
@@ -217,6 +297,8 @@ def parse_json_line(path: str, raw_line: bytes, offset: int, first: bool) -> Any
         return json.loads(text.removeprefix(UTF8_BOM) if first else text)
     except json.JSONDecodeError as error:
         return UnreadableRow(f"not valid JSON ({error.msg} at column {error.colno})")
+    except RecursionError:  # Python's parser gives up on deeply nested values: a bad row, not a crash
+        return UnreadableRow(TOO_DEEP)
 
 
 def not_utf8_problem(path: str, byte: int, offset: int) -> str:

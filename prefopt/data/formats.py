@@ -16,7 +16,16 @@ The layouts (`dataset.format`, or detected under `auto` by detect.py), TRL's fou
   implicit_messages : {chosen / rejected: [{role, content}]}, whole conversations (TRL: conversational, implicit
                       prompt): the prompt is the messages both share from the start, each response the one
                       assistant message after them.
+  alpaca            : {instruction: str, input: str (optional), chosen: str, rejected: str, system: str (optional),
+                      history: [[user, assistant], ...] (optional)}: LLaMA-Factory's alpaca ranking rows. The
+                      user turn is instruction + "\n" + input (input left out when empty), as LLaMA-Factory's
+                      AlpacaDatasetConverter joins them; history pairs become the earlier user/assistant turns and
+                      system the system turn, so a row that has either needs the chat template (else a bad row).
 Messages may also be written {from, value} (ShareGPT, LLaMA-Factory): human -> user, gpt -> assistant.
+LLaMA-Factory's sharegpt ranking rows {conversations, chosen, rejected} read as messages: a row without a
+prompt column takes `conversations` as its prompt (columns.py).
+A `system` column (a string) becomes the system turn wherever the prompt is messages (messages,
+implicit_messages, alpaca, and strings under the chat template); detect.py warns about one left unread.
 dataset.columns maps the data's own column names onto prompt / chosen / rejected first (columns.py).
 Rows in the strings and message layouts may carry an optional `answer` column: a reference answer for greedy eval.
 
@@ -119,11 +128,70 @@ def normalize_row(
         prompt, chosen, rejected = split_message_rows(row, template_markers)
     elif row_format == "implicit_messages":
         prompt, chosen, rejected = split_conversations(row)
+    elif row_format == "alpaca":
+        prompt = alpaca_prompt(row, string_prompt_as_user_message)
+        chosen, rejected = required_string(row, "chosen"), required_string(row, "rejected")
     else:
         raise ValueError(f"unknown row format {row_format!r}")
+    if isinstance(prompt, list):
+        prompt = with_system_turn(row, prompt)
     check_responses(chosen, rejected)
     answer = row.get("answer") if row_format not in ("hh", "implicit") else None
     return PreferenceRow(source_index, prompt, chosen, rejected, None if answer is None else str(answer))
+
+
+ALPACA_JOINER = "\n"  # between instruction and input: LLaMA-Factory's AlpacaDatasetConverter writes "\n".join([instruction, input])
+
+
+def alpaca_prompt(row: dict, templated: bool) -> Union[str, Messages]:
+    """The prompt of a LLaMA-Factory alpaca ranking row (module docstring): a string, or messages where the
+    chat template is in use (a system turn, if any, is added by with_system_turn)."""
+    instruction = required_string(row, "instruction")
+    query = row.get("input")
+    if query is not None and not isinstance(query, str):
+        raise BadRow(f"field 'input' must be a string, got {type(query).__name__}")
+    user = ALPACA_JOINER.join(part for part in (instruction, query) if part)
+    if not user.strip():
+        raise BadRow("the instruction is empty")
+    turns = history_turns(row.get("history"))
+    system = row.get("system")
+    if not templated:
+        if turns or system:
+            which = " and ".join(name for name, value in (("history turns", turns), ("a system prompt", system)) if value)
+            raise BadRow(
+                f"the row has {which}, which only a chat template can render; use a model whose tokenizer has one "
+                f"(with dataset.chat_template=auto or always), or remove the column"
+            )
+        return user
+    return turns + [{"role": "user", "content": user}]
+
+
+def history_turns(history: Any) -> Messages:
+    """LLaMA-Factory's history, [[user, assistant], ...], as the earlier turns of the conversation."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise BadRow(f"field 'history' must be a list of [user, assistant] pairs, got {type(history).__name__}")
+    turns = []
+    for position, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(text, str) for text in turn)):
+            raise BadRow(f"field 'history', item {position}: must be a pair of strings [user, assistant]")
+        turns += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return turns
+
+
+def with_system_turn(row: dict, prompt: Messages) -> Messages:
+    """The prompt messages with the row's `system` column (LLaMA-Factory's) as the system turn in front."""
+    system = row.get("system")
+    if system is None or system == "":
+        return prompt
+    if not isinstance(system, str):
+        raise BadRow(f"field 'system' must be a string, got {type(system).__name__}")
+    if prompt and prompt[0]["role"] == "system":
+        if prompt[0]["content"] != system:
+            raise BadRow("the 'system' column and the prompt's own system message differ; keep one of them")
+        return prompt
+    return [{"role": "system", "content": system}] + prompt
 
 
 def holds_template_markers(prompt: str, template_markers: tuple[str, ...]) -> bool:

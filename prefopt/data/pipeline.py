@@ -17,14 +17,13 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import ConfigError
-from prefopt.data.cache import Splits, cache_key, cached_pairs, indices_digest, tokenizer_fingerprint
+from prefopt.data.cache import Splits, cache_key, cached_pairs, data_digest, indices_digest, tokenizer_fingerprint
 from prefopt.data.columns import ColumnMap
-from prefopt.data.detect import resolve_format
+from prefopt.data.detect import resolve_format, unread_prompt_columns
 from prefopt.data.errors import DataError
 from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
 from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
 from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
-from prefopt.fileutil import file_digests
 
 logger = logging.getLogger("prefopt.data")
 
@@ -60,7 +59,10 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
             f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, dataset.max_train_examples "
             f"and dataset.max_length / dataset.max_prompt_length"
         )
-    logger.info("dataset %s (%s rows): %s", dataset_cfg.name, meta["row_format"], stats)
+    logger.info(
+        "dataset %s (%s rows; train: %s; eval: %s): %s",
+        dataset_cfg.name, meta["row_format"], source.train.origin, source.eval.origin, stats,
+    )
     return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=meta["row_format"], cache=cache,
                           origin=source.train.origin, eval_origin=source.eval.origin,
                           files=[str(path) for path in source.files] if source.files is not None else None)
@@ -72,7 +74,7 @@ def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Option
     if not cache_dir or (source.files is None and source.fingerprint is None):
         return None
     cache_dir = Path(os.path.expanduser(cache_dir))
-    content = file_digests(source.files, cache_dir / "file_digests.json") if source.files is not None else source.fingerprint
+    content = data_digest(source.files, cache_dir / "data_digests.json") if source.files is not None else source.fingerprint
     settings = OmegaConf.to_container(dataset_cfg, resolve=True)
     settings.pop("cache_dir", None)
     key = cache_key(
@@ -95,12 +97,15 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
     if len(source.eval) and not generated and source.eval.rows is not source.train.rows:
         resolve_format(row_format, source.eval, columns)  # a split of its own must have the same layout
     string_prompt_as_user_message = string_prompts_use_chat_template(dataset_cfg.chat_template, row_format, tokenizer)
+    warnings: list[str] = []
+    unread = None if generated else unread_prompt_columns(source.train, row_format, string_prompt_as_user_message, columns)
+    if unread:
+        warnings.append(unread)
     # the template is read only where it renders prompts: never for raw text (hh, implicit) or dataset.chat_template=never
     encoder = PairEncoder(
         tokenizer, dataset_cfg.max_length, dataset_cfg.max_prompt_length, use_chat_template=string_prompt_as_user_message
     )
     stats: dict[str, int] = {}
-    warnings: list[str] = []
     splits = {}
     for name, split, limit in (
         ("train", source.train, dataset_cfg.max_train_examples),
@@ -109,7 +114,21 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
         splits[name] = prepare_split(
             name, split, row_format, string_prompt_as_user_message, dataset_cfg.on_bad_row, encoder, limit, stats, warnings, columns
         )
+    count_overlap(splits, source.eval.origin, stats, warnings)
     return splits, {"row_format": row_format, "stats": stats, "warnings": warnings}
+
+
+def count_overlap(splits: Splits, eval_origin: str, stats: dict[str, int], warnings: list[str]) -> None:
+    """eval/overlap_with_train: eval pairs whose prompt, chosen and rejected text is also a train pair (exact
+    duplicates in the data land on both sides of a held-out split, and public splits share rows too)."""
+    train = {(pair.prompt, pair.chosen, pair.rejected) for pair in splits["train"]}
+    overlap = sum((pair.prompt, pair.chosen, pair.rejected) in train for pair in splits["eval"])
+    stats["eval/overlap_with_train"] = overlap
+    if overlap:
+        warnings.append(
+            f"{eval_origin}: {overlap} of {len(splits['eval'])} eval pairs are also train pairs (the same prompt, chosen and "
+            f"rejected text), so eval metrics partly measure memorized pairs; remove the duplicates from the data"
+        )
 
 
 def prepare_split(
