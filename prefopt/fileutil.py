@@ -7,6 +7,7 @@ import glob
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -123,10 +124,22 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: str | os.PathLike) -> str:
+    """What must be unchanged for a file's remembered digest (file_digests) or `datasets`' Arrow copy of it to
+    hold. Size and mtime alone are not enough: an edit that keeps the size, followed by `touch -r`, `cp -p` or
+    `rsync -a` from a copy, restores both. The inode change time (ctime) cannot be set from user space (every
+    write, chmod or utime sets it to now) and the inode number changes when a file is replaced (rsync renames a
+    new file into place), so a file whose inode, size, mtime and ctime all match has not been written since it
+    was hashed. (The device number is left out: one NFS file shows different ones on different nodes.)"""
+    info = os.stat(path)
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+
+
 def file_digests(paths: list[Path], memo_path: Path) -> str:
-    """One digest of the files' contents. Each file is hashed once per (size, mtime) and remembered in
-    memo_path, so a sweep of many runs (and every run after the first) reads no file twice. Used for
-    model weights (the reference cache) and data files (the tokenized-pairs cache)."""
+    """One digest of the files' contents. Each file is hashed again unless its identity (file_identity) is the
+    one remembered in memo_path with its digest, so a sweep of many runs reads no file twice and an edited file
+    is never taken for the old one. Used for model weights (the reference cache) and data files (the
+    tokenized-pairs cache). The memo is kept where it can be written, else only used."""
     memo = {}
     if memo_path.is_file():
         try:
@@ -136,14 +149,16 @@ def file_digests(paths: list[Path], memo_path: Path) -> str:
     combined = hashlib.sha256()
     changed = False
     for path in sorted(paths):
-        info = path.stat()
-        stamp = f"{info.st_size}:{info.st_mtime_ns}"
-        entry = memo.get(str(path))
-        if not entry or entry.get("stamp") != stamp:
-            entry = {"stamp": stamp, "sha256": file_digest(path)}
-            memo[str(path)] = entry
+        identity = file_identity(path)
+        entry = memo.get(os.path.abspath(path))
+        if not isinstance(entry, dict) or entry.get("identity") != identity:
+            entry = {"identity": identity, "sha256": file_digest(path)}
+            memo[os.path.abspath(path)] = entry
             changed = True
         combined.update(f"{path.name}:{entry['sha256']}|".encode())
     if changed:
-        atomic_write_json(memo_path, memo)
+        try:
+            atomic_write_json(memo_path, memo)
+        except OSError as error:  # a read-only cache: the digest is right, only not remembered
+            logging.getLogger("prefopt").info("cannot remember the files' digests in %s (%s)", memo_path, error.strerror)
     return combined.hexdigest()

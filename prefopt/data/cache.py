@@ -1,7 +1,7 @@
 """Tokenized pairs, cached: every job of a sweep (and every later run) tokenizes the same data once.
 
 An entry lives in dataset.cache_dir under a key that hashes everything the pairs depend on:
-  - the data's content: the SHA-256 of its files (data_digest: memoized per file identity, which size and
+  - the data's content: the SHA-256 of its files (fileutil.file_digests: memoized per file identity, which size and
     mtime alone are not), or `datasets`' fingerprint of what it loaded from the hub;
   - which rows each split holds (the held-out indices follow the seed) and the split names;
   - every dataset.* setting (layout, columns, chat_template, lengths, caps, on_bad_row; cache_dir aside);
@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,9 +31,8 @@ from typing import Callable, Optional
 import torch
 
 from prefopt.data.errors import DataError
-from prefopt.data.files import file_identity
 from prefopt.data.tokenize import TokenizedPair
-from prefopt.fileutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_digest
+from prefopt.fileutil import atomic_write_bytes, exclusive_lock
 
 logger = logging.getLogger("prefopt.data")
 
@@ -71,34 +69,6 @@ def code_digest() -> str:
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def data_digest(paths: list[Path], memo_path: Path) -> str:
-    """One digest of the data files' contents. Each file is hashed again unless its identity (file_identity)
-    is the one remembered in memo_path with its digest, so a sweep reads each file once, and an edited file
-    is never taken for the old one. The memo is kept where it can be written, else only used."""
-    memo = {}
-    if memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except ValueError:
-            memo = {}
-    combined = hashlib.sha256()
-    changed = False
-    for path in sorted(paths):
-        identity = file_identity(path)
-        entry = memo.get(os.path.abspath(path))
-        if not isinstance(entry, dict) or entry.get("identity") != identity:
-            entry = {"identity": identity, "sha256": file_digest(path)}
-            memo[os.path.abspath(path)] = entry
-            changed = True
-        combined.update(f"{path.name}:{entry['sha256']}|".encode())
-    if changed:
-        try:
-            atomic_write_json(memo_path, memo)
-        except OSError as error:  # a read-only cache: the digest is right, only not remembered
-            logger.info("cannot remember the data files' digests in %s (%s)", memo_path, error.strerror)
-    return combined.hexdigest()
 
 
 class CacheDirError(DataError):

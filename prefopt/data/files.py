@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from prefopt.data.errors import DataError
+from prefopt.fileutil import file_identity
 
 logger = logging.getLogger("prefopt.data")
 
@@ -137,18 +138,6 @@ def read_data_files(files: list[Path], label: str) -> FileRows:
     if not len(rows):
         raise DataError(f"{label} has no rows")
     return FileRows(rows, positions)
-
-
-def file_identity(path: Path) -> str:
-    """What must be unchanged for a file's remembered digest (cache.data_digest) or `datasets`' Arrow copy of it
-    to hold. Size and mtime alone are not enough: an
-    edit that keeps the size, followed by `touch -r`, `cp -p` or `rsync -a` from a copy, restores both. The
-    inode change time (ctime) cannot be set from user space (every write, chmod or utime sets it to now) and
-    the inode number changes when a file is replaced (rsync renames a new file into place), so a file whose
-    inode, size, mtime and ctime all match has not been written since it was hashed. (The device number is
-    left out: one NFS file shows different ones on different nodes, and would be hashed again on each.)"""
-    info = path.stat()
-    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
 
 def load_with_datasets(builder: str, files: list[Path]):

@@ -17,12 +17,13 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import ConfigError
-from prefopt.data.cache import Splits, cache_key, cached_pairs, data_digest, indices_digest, tokenizer_fingerprint
+from prefopt.data.cache import Splits, cache_key, cached_pairs, indices_digest, tokenizer_fingerprint
 from prefopt.data.columns import ColumnMap
 from prefopt.data.detect import resolve_format, unread_prompt_columns
 from prefopt.data.errors import DataError
 from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
 from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
+from prefopt.fileutil import file_digests
 from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
 
 logger = logging.getLogger("prefopt.data")
@@ -74,7 +75,7 @@ def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Option
     if not cache_dir or (source.files is None and source.fingerprint is None):
         return None
     cache_dir = Path(os.path.expanduser(cache_dir))
-    content = data_digest(source.files, cache_dir / "data_digests.json") if source.files is not None else source.fingerprint
+    content = file_digests(source.files, cache_dir / "data_digests.json") if source.files is not None else source.fingerprint
     settings = OmegaConf.to_container(dataset_cfg, resolve=True)
     settings.pop("cache_dir", None)
     key = cache_key(
