@@ -165,7 +165,7 @@ class TrainerConfig:
     resume: Any = False  # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
     max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
-    save_on_interrupt: bool = True  # Ctrl-C (one process) checkpoints the last whole step before exiting
+    save_on_interrupt: bool = True  # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
     objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
     objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
 

@@ -35,3 +35,15 @@ class HubError(RuntimeError):
 
 # what `prefopt train` reports as one line: (error types, exit code)
 USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, HubError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, `timeout`, systemd, container runtimes) outside SLURM: stops a run like Ctrl-C (the last
+    whole step is checkpointed when the loop is running), and `prefopt train` exits 143 with one line."""
+
+
+def stop_exception(signum: int) -> KeyboardInterrupt:
+    """What a stop signal raises: Terminated for SIGTERM, KeyboardInterrupt for Ctrl-C."""
+    import signal
+
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

@@ -1,0 +1,179 @@
+"""Process faults: the parent of a run killed the way the world does (`kill -9 PID`, SIGHUP from a closed terminal,
+`kill -9` of its process group) ends torchrun and every rank with it; SIGTERM stops a run like Ctrl-C (checkpoint
+of the last whole step, one line, exit 143) on every engine; a rank's user error is one line and exit 2. Outcomes
+go to the fault table of tests/test_faults.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prefopt import rundir
+from prefopt.checkpoint import checkpoint_candidates
+from tests.test_faults import REPO, TINY, assert_same_metrics, prefopt, record, train_rows
+
+STEPS = 40  # 40 short steps: a signal sent at step 2 or 3 lands while the loop runs
+TWO_RANKS = [*TINY, "hardware=cpu_2proc", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.eval_every=20",
+             "dynamics.every_n_steps=20", "logger.wandb.mode=disabled"]
+ONE_PROCESS = [*TINY, f"trainer.max_steps={STEPS}", "trainer.eval_every=20", "dynamics.every_n_steps=20", "logger.wandb.mode=disabled"]
+
+
+def run_processes(run_dir: Path) -> list[str]:
+    """'pid: command line' of every live process (not a zombie) whose command line names run_dir."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(run_dir) in command and state not in ("Z", "X"):
+            found.append(f"{entry.name}: {command[:200]}")
+    return found
+
+
+def assert_nothing_survives(run_dir: Path, within_s: float = 10.0) -> None:
+    deadline = time.time() + within_s
+    while run_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert run_processes(run_dir) == [], "processes of the run survived its parent"
+
+
+def start(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
+    """`prefopt train` in a session of its own (its pid is its process group's), stderr to a file."""
+    command = [sys.executable, "-m", "prefopt.cli", "train", *args, f"hydra.run.dir={run_dir}"]
+    with open(log, "w") as stderr:
+        return subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and any(row["step"] >= step for row in train_rows(run_dir)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended (exit {process.poll()}) or stalled before step {step}")
+
+
+@pytest.fixture(scope="module")
+def straight_two_ranks(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = prefopt(*TWO_RANKS, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+KILLS = [
+    pytest.param("kill -9 PID", lambda pid: os.kill(pid, signal.SIGKILL), id="sigkill"),
+    pytest.param("SIGHUP (terminal closed)", lambda pid: os.kill(pid, signal.SIGHUP), id="sighup"),
+    pytest.param("kill -9 of its process group", lambda pid: os.killpg(pid, signal.SIGKILL), id="killpg"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, kill", KILLS)
+def test_killing_the_parent_of_two_ranks_ends_them_all_then_resume_is_exact(tmp_path, straight_two_ranks, how, kill):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, TWO_RANKS, tmp_path / "stderr.txt")
+    try:
+        wait_for_step(process, run_dir, 3)
+        kill(process.pid)
+        process.wait(timeout=30)
+        assert_nothing_survives(run_dir)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    assert not (run_dir / "summary.json").exists(), "the run finished before its parent was killed"
+    resumed = prefopt(*TWO_RANKS, f"hydra.run.dir={run_dir}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_metrics(straight_two_ranks, run_dir)
+    record(f"{how} of a 2-rank run's parent", "torchrun and both ranks gone within seconds; resume equals an uninterrupted run")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_two_ranks_at_a_checkpoint_of_the_last_whole_step(tmp_path, straight_two_ranks):
+    run_dir = tmp_path / "run"
+    args = [*TWO_RANKS, "trainer.save_every=0"]  # no periodic checkpoints: the only one is SIGTERM's
+    process = start(run_dir, args, tmp_path / "stderr.txt")
+    wait_for_step(process, run_dir, 2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
+    assert line.startswith("prefopt: terminated; resume with: prefopt train") and "trainer.resume=" in line
+    [checkpoint] = checkpoint_candidates(run_dir)
+    assert checkpoint.name == f"step-{train_rows(run_dir)[-1]['step']:06d}"  # the last whole step, written by both ranks
+    assert not (run_dir / "error.txt").exists() and not list(run_dir.glob(".rank*.exit.json"))
+    assert_nothing_survives(run_dir, within_s=2)
+    resumed = prefopt(*args, f"hydra.run.dir={run_dir}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_metrics(straight_two_ranks, run_dir)
+    record("SIGTERM to a 2-rank run's parent", "ranks checkpoint the same last whole step; exit 143, one line; resume equals")
+
+
+@pytest.mark.slow
+def test_a_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, straight_two_ranks):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_two_ranks, run_dir)
+    result = prefopt(*TWO_RANKS, "loss.beta=0.5", f"hydra.run.dir={run_dir}", "trainer.resume=true")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("prefopt:")]
+    assert line.startswith("prefopt: error:") and "another config" in line and "loss.beta" in line
+    assert not (run_dir / "error.txt").exists() and not list(run_dir.glob(".rank*.exit.json"))
+    assert_nothing_survives(run_dir, within_s=5)
+    record("resume with another config on 2 ranks", "exit 2, one line naming loss.beta (no tracebacks, no error.txt); ranks gone")
+
+
+@pytest.mark.parametrize("engine", ["torch", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_sigterm_on_one_process_checkpoints_the_last_whole_step(tmp_path, engine):
+    args = [*ONE_PROCESS, f"hardware.engine={engine}"]  # no periodic checkpoints
+    run_dir = tmp_path / "run"
+    process = start(run_dir, args, tmp_path / "stderr.txt")
+    wait_for_step(process, run_dir, 2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
+    assert line.startswith("prefopt: terminated; resume with: prefopt train")
+    [checkpoint] = checkpoint_candidates(run_dir)
+    assert checkpoint.name == f"step-{train_rows(run_dir)[-1]['step']:06d}"
+    if engine == "torch":  # resume is exact (the deepspeed engine's resume is the same code path, tested above on 2 ranks)
+        straight = tmp_path / "straight"
+        assert prefopt(*args, f"hydra.run.dir={straight}").returncode == 0
+        resumed = prefopt(*args, f"hydra.run.dir={run_dir}", "trainer.resume=true")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_metrics(straight, run_dir)
+    record(f"SIGTERM mid-run (one process, {engine})", "checkpoint of the last whole step; exit 143, one line with the resume command")
+
+
+def test_a_new_owner_waits_for_the_ranks_of_the_last_launch_then_refuses(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ranks.json").write_text(json.dumps({"launch": "x", "ranks": [{"rank": 1, "pid": 4242, "host": "h"}]}))
+    ghost = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from prefopt import rundir; "
+                              "rundir.hold_for_rank(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(run_dir)],
+                             cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert ghost.stdout.readline().strip() == "held"
+        monkeypatch.setattr(rundir, "RANKS_GONE_WAIT_S", 0.5)
+        with pytest.raises(rundir.RunDirBusyError, match="still has live ranks .*rank 1: pid 4242 on h"):
+            rundir.acquire(run_dir)
+        rundir.acquire(run_dir, wait_for_ranks=False)  # a job's own rank 0: its peers hold the ranks lock
+        rundir.release(run_dir)
+    finally:
+        ghost.kill()
+        ghost.wait()
+    rundir.acquire(run_dir)  # the rank is gone: the dir is free at once
+    rundir.release(run_dir)
+    record("a rank of an ended launch still alive", "a new run waits for it, then refuses in one line naming it")
