@@ -179,12 +179,12 @@ def eval_app(cfg: DictConfig) -> Optional[float]:
         return run_job(cfg, hydra_cfg, command="eval")
     run_dir = None
     try:
-        run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("eval run dir: %s", run_dir)
-        summary = dispatch(cfg, run_dir, command="eval")
-    except KeyboardInterrupt:
-        print("prefopt: interrupted", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        with sigterm_stops():
+            run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+            log.info("eval run dir: %s", run_dir)
+            summary = dispatch(cfg, run_dir, command="eval")
+    except KeyboardInterrupt as stop:
+        raise stopped_exit(stop, None, []) from None
     except Exception as error:
         raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
     print(f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, summary.json); "

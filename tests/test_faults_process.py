@@ -1,7 +1,7 @@
-"""Process faults: the parent of a run killed the way the world does (`kill -9 PID`, SIGHUP from a closed terminal,
-`kill -9` of its process group) ends torchrun and every rank with it; SIGTERM stops a run like Ctrl-C (checkpoint
-of the last whole step, one line, exit 143) on every engine; a rank's user error is one line and exit 2. Outcomes
-go to the fault table of tests/test_faults.py."""
+"""Process faults: the parent of a run killed the way the world does (`kill -9 PID`, SIGHUP from a closed terminal;
+`kill -9` of its process group: tests/test_faults.py) ends torchrun and every rank with it; SIGTERM stops a run
+like Ctrl-C (checkpoint of the last whole step, one line, exit 143) on every engine; a rank's user error is one
+line and exit 2. Outcomes go to the fault table of tests/test_faults.py."""
 from __future__ import annotations
 
 import json
@@ -17,35 +17,12 @@ import pytest
 
 from prefopt import rundir
 from prefopt.checkpoint import checkpoint_candidates
-from tests.test_faults import REPO, TINY, assert_same_metrics, prefopt, record, train_rows
+from tests.test_faults import REPO, TINY, assert_nothing_survives, assert_same_metrics, prefopt, record, train_rows
 
 STEPS = 40  # 40 short steps: a signal sent at step 2 or 3 lands while the loop runs
 TWO_RANKS = [*TINY, "hardware=cpu_2proc", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.eval_every=20",
              "dynamics.every_n_steps=20", "logger.wandb.mode=disabled"]
 ONE_PROCESS = [*TINY, f"trainer.max_steps={STEPS}", "trainer.eval_every=20", "dynamics.every_n_steps=20", "logger.wandb.mode=disabled"]
-
-
-def run_processes(run_dir: Path) -> list[str]:
-    """'pid: command line' of every live process (not a zombie) whose command line names run_dir."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if str(run_dir) in command and state not in ("Z", "X"):
-            found.append(f"{entry.name}: {command[:200]}")
-    return found
-
-
-def assert_nothing_survives(run_dir: Path, within_s: float = 10.0) -> None:
-    deadline = time.time() + within_s
-    while run_processes(run_dir) and time.time() < deadline:
-        time.sleep(0.1)
-    assert run_processes(run_dir) == [], "processes of the run survived its parent"
 
 
 def start(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
@@ -75,8 +52,7 @@ def straight_two_ranks(tmp_path_factory) -> Path:
 KILLS = [
     pytest.param("kill -9 PID", lambda pid: os.kill(pid, signal.SIGKILL), id="sigkill"),
     pytest.param("SIGHUP (terminal closed)", lambda pid: os.kill(pid, signal.SIGHUP), id="sighup"),
-    pytest.param("kill -9 of its process group", lambda pid: os.killpg(pid, signal.SIGKILL), id="killpg"),
-]
+]  # kill -9 of its process group: tests/test_faults.py (cpu_2proc)
 
 
 @pytest.mark.slow
