@@ -92,6 +92,7 @@ def kill_at_step(run_dir: Path, args: list[str], step: int) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert_nothing_survives(run_dir)
+    assert not (run_dir / "summary.json").exists(), "the ranks ran on after their parent was killed and finished the run"
 
 
 KILL_CASES = [
