@@ -210,11 +210,13 @@ def wait_for_ranks(process: subprocess.Popen, run_dir: Path, poll_s: float = 0.2
 
 
 def stop_ranks(process: subprocess.Popen, signum: int) -> None:
-    """Send the ranks (torchrun's children) the stop signal: they agree on a step, checkpoint it and exit 0; torchrun
-    then exits too. A second Ctrl-C or SIGTERM while they do ends them at once."""
+    """Ranks in the training loop (they catch SIGTERM there, trainer.DeferredInterrupt) get the stop signal: they
+    agree on a step, checkpoint it and exit 0, and torchrun exits too; a second Ctrl-C or SIGTERM while they do ends
+    them at once. Ranks outside the loop (starting up: nothing to checkpoint yet) are ended at once, quietly: a
+    default SIGTERM would make torchrun print a traceback of its own."""
     ranks = [pid for pid in proctree.descendants(process.pid)
              if proctree.parent_of(pid) == process.pid and "prefopt.worker" in proctree.cmdline(pid)]
-    if not ranks:  # torchrun has not started them yet
+    if not ranks or not all(proctree.catches(pid, signal.SIGTERM) for pid in ranks):
         proctree.kill_tree(process)
         return
     log.warning("stopping the ranks after their current step, with a checkpoint (again to stop at once)")

@@ -79,6 +79,16 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def catches(pid: int, signum: int) -> bool:
+    """The process has a handler for signum (its SigCgt mask in /proc): a rank in the training loop catches SIGTERM."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            mask = next(int(line.split()[1], 16) for line in handle if line.startswith("SigCgt:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    return bool(mask >> (int(signum) - 1) & 1)
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

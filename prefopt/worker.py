@@ -29,7 +29,7 @@ from prefopt import rundir
 from prefopt import proctree
 from prefopt.config import Config
 from prefopt.distributed import export_ranks, leave_distributed, record_rank
-from prefopt.errors import USER_ERRORS, Terminated, stop_exception
+from prefopt.errors import USER_ERRORS, Terminated
 from prefopt.fileutil import atomic_write_text
 from prefopt.slurm import check_job_shape, in_slurm_task, in_submitit_task, preemption, restart_count
 
@@ -89,10 +89,6 @@ def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = 
         raise
 
 
-def raise_stop(signum: int, frame) -> None:
-    raise stop_exception(signum)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prefopt-worker", description=__doc__)
     parser.add_argument("config", help="a run dir's config.yaml")
@@ -102,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     if in_slurm_task() and not in_submitit_task():
         preemption.install(deferred=False)  # an sbatch job (scripts/slurm/train.sbatch): its time-limit warning requeues it
     proctree.follow_launcher()  # under prefopt train: die with it, or exit now if it is already gone
-    if not in_slurm_task():  # SIGTERM stops like Ctrl-C (the trainer checkpoints the last whole step); SLURM's is preemption's
-        signal.signal(signal.SIGTERM, raise_stop)
     rank = current_rank()
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
     report = Path(args.config).resolve().parent / EXIT_REPORT.format(rank=rank)

@@ -17,7 +17,8 @@ import pytest
 
 from prefopt import rundir
 from prefopt.checkpoint import checkpoint_candidates
-from tests.test_faults import REPO, TINY, assert_nothing_survives, assert_same_metrics, prefopt, record, train_rows
+from tests.test_faults import (REPO, TINY, assert_nothing_survives, assert_same_metrics, prefopt, record, run_processes,
+                               train_rows)
 
 STEPS = 40  # 40 short steps: a signal sent at step 2 or 3 lands while the loop runs
 TWO_RANKS = [*TINY, "hardware=cpu_2proc", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.eval_every=20",
@@ -95,6 +96,23 @@ def test_sigterm_stops_two_ranks_at_a_checkpoint_of_the_last_whole_step(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_metrics(straight_two_ranks, run_dir)
     record("SIGTERM to a 2-rank run's parent", "ranks checkpoint the same last whole step; exit 143, one line; resume equals")
+
+
+@pytest.mark.slow
+def test_sigterm_while_two_ranks_start_ends_them_quietly(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, TWO_RANKS, tmp_path / "stderr.txt")
+    deadline = time.time() + 120
+    while not [line for line in run_processes(run_dir) if "prefopt.worker" in line and "torch.distributed.run" not in line]:
+        assert time.time() < deadline and process.poll() is None, "the ranks never started"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # the ranks are importing: nothing to checkpoint yet
+    assert process.wait(timeout=60) == 143
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"prefopt: terminated; run dir {run_dir} has no checkpoint to resume from"
+    assert_nothing_survives(run_dir, within_s=2)
+    record("SIGTERM while 2 ranks start up", "ended at once without torchrun's traceback; exit 143, one line (no checkpoint)")
 
 
 @pytest.mark.slow
