@@ -235,9 +235,8 @@ def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
         app()
-    except KeyboardInterrupt:  # outside train_app's own handler: while Hydra composes, or in another app
-        print("prefopt: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt as stop:  # outside train_app's own handler: while Hydra composes, in a sweep, or in another app
+        return stopped_exit(stop, None, []).code
     return 0
 
 

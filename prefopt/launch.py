@@ -183,6 +183,7 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
         proctree.kill_tree(process)
         raise
     reports = take_exit_reports(run_dir)
+    raise_user_error(reports)  # a rank that reported one and gave up waiting for this process to end the launch
     stopped = [report["stopped"] for report in reports if "stopped" in report]
     if stopped:  # a rank was sent SIGTERM (or SIGINT) by someone else: the ranks stopped at a checkpoint
         raise stop_exception(stopped[0])
@@ -200,13 +201,17 @@ def wait_for_ranks(process: subprocess.Popen, run_dir: Path, poll_s: float = 0.2
             return process.wait(timeout=poll_s)
         except subprocess.TimeoutExpired:
             pass
-        if any(run_dir.glob(EXIT_REPORT.format(rank="*"))):
-            errors = [report for report in read_exit_reports(run_dir) if "user_error" in report]
-            if errors:
-                proctree.kill_tree(process)  # the other ranks may wait in a collective for the one that failed
-                take_exit_reports(run_dir)
-                first = min(errors, key=lambda report: report["rank"])
-                raise getattr(prefopt_errors, first["user_error"], ConfigError)(first["message"])
+        if any("user_error" in report for report in read_exit_reports(run_dir)):
+            proctree.kill_tree(process)  # the other ranks may wait in a collective for the one that failed
+            raise_user_error(take_exit_reports(run_dir))
+
+
+def raise_user_error(reports: list[dict]) -> None:
+    """Raise the lowest rank's reported user error as its own type (prefopt/errors.py), if any rank reported one."""
+    errors = [report for report in reports if "user_error" in report]
+    if errors:
+        first = min(errors, key=lambda report: report["rank"])
+        raise getattr(prefopt_errors, first["user_error"], ConfigError)(first["message"])
 
 
 def stop_ranks(process: subprocess.Popen, signum: int) -> None:

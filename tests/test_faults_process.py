@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prefopt import rundir
+from prefopt import proctree, rundir
 from prefopt.checkpoint import checkpoint_candidates
 from tests.test_faults import (REPO, TINY, assert_nothing_survives, assert_same_metrics, prefopt, record, run_processes,
                                train_rows)
@@ -172,3 +172,36 @@ def test_a_new_owner_waits_for_the_ranks_of_the_last_launch_then_refuses(tmp_pat
     rundir.acquire(run_dir)  # the rank is gone: the dir is free at once
     rundir.release(run_dir)
     record("a rank of an ended launch still alive", "a new run waits for it, then refuses in one line naming it")
+
+
+RANK = """import sys, time
+time.sleep(float(sys.argv[2]))
+from prefopt import proctree
+proctree.follow_launcher()
+time.sleep(1.0)
+open(sys.argv[1], "w").write("ran on")
+"""
+TORCHRUN = """import os, subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+print(rank.pid, flush=True)
+if sys.argv[4] == "wait":
+    rank.wait()
+else:
+    time.sleep(float(sys.argv[4]))
+"""
+
+
+@pytest.mark.parametrize("case, rank_starts_s, torchrun_lives", [
+    ("a rank whose torchrun lives", 0.0, "wait"),
+    ("a rank whose torchrun dies after it started", 0.0, "0.8"),
+    ("a rank that starts after its torchrun died", 0.5, "0"),
+])
+def test_a_rank_lives_only_as_long_as_its_launch(tmp_path, case, rank_starts_s, torchrun_lives):
+    """This test process plays `prefopt train`, a child plays torchrun, its child a rank (proctree.follow_launcher)."""
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PREFOPT_LAUNCHER_PID": str(os.getpid())}
+    torchrun = subprocess.run([sys.executable, "-c", TORCHRUN, RANK, str(marker), str(rank_starts_s), torchrun_lives],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proctree.wait_gone([int(torchrun.stdout.split()[0])], 10.0) == []  # the rank
+    assert marker.exists() == (torchrun_lives == "wait"), case
+    record(case, "ran to its end" if marker.exists() else "ended with its launch (parent-death signal / launcher check)")
