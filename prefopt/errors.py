@@ -6,6 +6,8 @@ without importing the config schema (which is what once made config.py and losse
 """
 from __future__ import annotations
 
+import signal
+
 
 class ConfigError(ValueError):
     """A config value that cannot work. The message names the key and says how to fix it."""
@@ -44,6 +46,4 @@ class Terminated(KeyboardInterrupt):
 
 def stop_exception(signum: int) -> KeyboardInterrupt:
     """What a stop signal raises: Terminated for SIGTERM, KeyboardInterrupt for Ctrl-C."""
-    import signal
-
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

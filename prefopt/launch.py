@@ -154,7 +154,6 @@ def _dispatch(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
 def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") -> dict[str, Any]:
     """torchrun's ranks on this host. They die with this process however it dies (prefopt/proctree.py); a rank's user
     error ends them all and is raised here as its one line; Ctrl-C or SIGTERM here stops them at a checkpoint."""
-    import json
     import sys
 
     from prefopt.distributed import torchrun_node_args

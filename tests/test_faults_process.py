@@ -129,7 +129,8 @@ def test_a_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, straight_two
     record("resume with another config on 2 ranks", "exit 2, one line naming loss.beta (no tracebacks, no error.txt); ranks gone")
 
 
-@pytest.mark.parametrize("engine", ["torch", pytest.param("deepspeed", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_sigterm_on_one_process_checkpoints_the_last_whole_step(tmp_path, engine):
     args = [*ONE_PROCESS, f"hardware.engine={engine}"]  # no periodic checkpoints
     run_dir = tmp_path / "run"
