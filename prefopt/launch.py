@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
@@ -243,8 +244,14 @@ def read_exit_reports(run_dir: Path) -> list[dict]:
 
 
 def take_exit_reports(run_dir: Path) -> list[dict]:
-    """The ranks' exit reports, removed: they are messages to this process, not a record of the run."""
+    """The ranks' exit reports, and those of this host's ranks removed: they are messages to the launching process
+    (on each host of a multi-host run), not a record of the run."""
     reports = read_exit_reports(run_dir)
     for path in run_dir.glob(EXIT_REPORT.format(rank="*")):
+        try:
+            if json.loads(path.read_text()).get("host") not in (None, socket.gethostname()):
+                continue
+        except (OSError, ValueError, AttributeError):
+            pass
         path.unlink(missing_ok=True)
     return reports

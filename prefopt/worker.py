@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"prefopt: error: {error}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
         kind = next(cls.__name__ for cls in type(error).__mro__ if cls in USER_ERRORS)
-        atomic_write_text(report, json.dumps({"rank": rank, "user_error": kind, "message": str(error)}))
+        atomic_write_text(report, json.dumps({"rank": rank, "host": socket.gethostname(), "user_error": kind, "message": str(error)}))
         # exiting non-zero would make torchrun print a traceback of its own: the parent ends this launch instead
         time.sleep(REPORTED_WAIT_S)
         os._exit(USER_ERROR_EXIT_CODE)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
         if not launched_by_prefopt():
             raise SystemExit(128 + signum) from None
-        atomic_write_text(report, json.dumps({"rank": rank, "stopped": int(signum)}))
+        atomic_write_text(report, json.dumps({"rank": rank, "host": socket.gethostname(), "stopped": int(signum)}))
         raise SystemExit(0) from None  # quietly: the parent says how the run stopped and how to resume it
 
 
