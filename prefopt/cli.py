@@ -102,7 +102,8 @@ def create_output_dir(path: str, key: str) -> None:
 
 
 def interrupted_message(run_dir: Optional[Path], overrides: list[str], how: str = "interrupted") -> str:
-    """One line for Ctrl-C (how="terminated": SIGTERM); with the command that continues the run when it left a checkpoint."""
+    """One line for Ctrl-C (how="terminated": SIGTERM); with the command that continues the run when it left a
+    checkpoint."""
     from prefopt.checkpoint import checkpoint_candidates
 
     if run_dir is None:
@@ -235,7 +236,7 @@ def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
         app()
-    except KeyboardInterrupt as stop:  # outside train_app's own handler: while Hydra composes, in a sweep, or in another app
+    except KeyboardInterrupt as stop:  # outside train_app's handler: while Hydra composes, in a sweep, in another app
         return stopped_exit(stop, None, []).code
     return 0
 

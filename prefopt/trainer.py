@@ -188,7 +188,8 @@ class DeferredInterrupt:
         """The stop signal any rank received (0: none); every rank calls this at every step."""
         if not dist.spans_ranks:
             return self.received
-        return int(dist.all_reduce(torch.tensor([float(self.received)], dtype=torch.float64), torch.distributed.ReduceOp.MAX).item())
+        received = torch.tensor([float(self.received)], dtype=torch.float64)
+        return int(dist.all_reduce(received, torch.distributed.ReduceOp.MAX).item())
 
     def restore(self) -> None:
         for signum, previous in self.previous.items():

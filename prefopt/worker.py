@@ -72,7 +72,8 @@ def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = 
         check_job_shape(cfg.hardware)
         export_ranks(cfg.hardware)  # inside an srun task RANK & co. come from SLURM, before anything reads them
         if current_rank() == 0:
-            # an sbatch job's rank 0 owns the run dir (a no-op under prefopt train, which holds it); its peers hold the ranks lock
+            # an sbatch job's rank 0 owns the run dir (a no-op under prefopt train, which holds it); its peers may
+            # already hold the ranks lock
             rundir.acquire(Path(cfg.run_dir), wait_for_ranks=False)
         if as_rank:
             rundir.hold_for_rank(Path(cfg.run_dir))
