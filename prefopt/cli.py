@@ -5,14 +5,17 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -66,6 +69,7 @@ UNWRITABLE_HINTS = {
     errno.EACCES: "no permission: fix the permissions, or use another path (hydra.run.dir for the run's outputs)",
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM
 
 
 def unwritable_hint(error: OSError) -> str:
@@ -117,16 +121,48 @@ def create_output_dir(path: str, key: str) -> None:
         raise SystemExit(2) from None
 
 
-def interrupted_message(run_dir: Optional[Path], overrides: list[str]) -> str:
-    """One line for Ctrl-C; with the command that continues the run when it left a checkpoint."""
+def interrupted_message(run_dir: Optional[Path], overrides: list[str], how: str = "interrupted") -> str:
+    """One line for Ctrl-C (how="terminated": SIGTERM); with the command that continues the run when it left a
+    checkpoint."""
     from prefopt.checkpoint import checkpoint_candidates
 
     if run_dir is None:
-        return "prefopt: interrupted"
+        return f"prefopt: {how}"
     if not checkpoint_candidates(run_dir):
-        return f"prefopt: interrupted; run dir {run_dir} has no checkpoint to resume from"
+        return f"prefopt: {how}; run dir {run_dir} has no checkpoint to resume from"
     kept = [override for override in overrides if not override.lstrip("+").startswith("trainer.resume=")]
-    return f"prefopt: interrupted; resume with: prefopt train {shlex.join([*kept, f'trainer.resume={run_dir}'])}"
+    return f"prefopt: {how}; resume with: prefopt train {shlex.join([*kept, f'trainer.resume={run_dir}'])}"
+
+
+def stopped_exit(stop: KeyboardInterrupt, run_dir: Optional[Path], overrides: list[str]) -> SystemExit:
+    """Ctrl-C or SIGTERM said in one line (with how to resume), as its exit: 130 or 143."""
+    from prefopt.errors import Terminated
+
+    terminated = isinstance(stop, Terminated)
+    print(interrupted_message(run_dir, overrides, "terminated" if terminated else "interrupted"), file=sys.stderr)
+    return SystemExit(TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """SIGTERM (kill, `timeout`, systemd, container runtimes) raises errors.Terminated, a KeyboardInterrupt: the run
+    stops as on Ctrl-C (the trainer checkpoints the last whole step; torchrun's ranks are stopped the same way).
+    Inside a SLURM task SIGTERM stays SLURM's (prefopt/slurm.py)."""
+    from prefopt.errors import stop_exception
+    from prefopt.slurm import in_slurm_task
+
+    if in_slurm_task() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_stop(signum: int, frame) -> None:
+        raise stop_exception(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
@@ -140,12 +176,12 @@ def train_app(cfg: DictConfig) -> Optional[float]:
         return run_job(cfg, hydra_cfg)
     run_dir = None
     try:
-        run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("run dir: %s", run_dir)
-        summary = dispatch(cfg, run_dir)
-    except KeyboardInterrupt:
-        print(interrupted_message(run_dir, list(hydra_cfg.overrides.task)), file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        with sigterm_stops():
+            run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+            log.info("run dir: %s", run_dir)
+            summary = dispatch(cfg, run_dir)
+    except KeyboardInterrupt as stop:
+        raise stopped_exit(stop, run_dir, list(hydra_cfg.overrides.task)) from None
     except Exception as error:
         raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
     return objective_value(cfg, summary, required=False)
@@ -164,12 +200,12 @@ def eval_app(cfg: DictConfig) -> Optional[float]:
         return run_job(cfg, hydra_cfg, command="eval")
     run_dir = None
     try:
-        run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("eval run dir: %s", run_dir)
-        summary = dispatch(cfg, run_dir, command="eval")
-    except KeyboardInterrupt:
-        print("prefopt: interrupted", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        with sigterm_stops():
+            run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+            log.info("eval run dir: %s", run_dir)
+            summary = dispatch(cfg, run_dir, command="eval")
+    except KeyboardInterrupt as stop:
+        raise stopped_exit(stop, None, []) from None
     except Exception as error:
         raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
     print(f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, summary.json); "
@@ -222,9 +258,8 @@ def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
         app()
-    except KeyboardInterrupt:  # outside train_app's own handler: while Hydra composes, or in another app
-        print("prefopt: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt as stop:  # outside train_app's handler: while Hydra composes, in a sweep, in another app
+        return stopped_exit(stop, None, []).code
     return 0
 
 

@@ -166,7 +166,7 @@ class TrainerConfig:
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
     resume_data_changed: str = "refuse"  # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
     max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
-    save_on_interrupt: bool = True  # Ctrl-C (one process) checkpoints the last whole step before exiting
+    save_on_interrupt: bool = True  # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
     objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
     objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
 

@@ -6,6 +6,8 @@ without importing the config schema (which is what once made config.py and losse
 """
 from __future__ import annotations
 
+import signal
+
 
 class ConfigError(ValueError):
     """A config value that cannot work. The message names the key and says how to fix it."""
@@ -35,3 +37,13 @@ class HubError(RuntimeError):
 
 # what `prefopt train` reports as one line: (error types, exit code)
 USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, HubError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, `timeout`, systemd, container runtimes) outside SLURM: stops a run like Ctrl-C (the last
+    whole step is checkpointed when the loop is running), and `prefopt train` exits 143 with one line."""
+
+
+def stop_exception(signum: int) -> KeyboardInterrupt:
+    """What a stop signal raises: Terminated for SIGTERM, KeyboardInterrupt for Ctrl-C."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

@@ -5,8 +5,11 @@ fails here in seconds.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +26,10 @@ from prefopt.resume import check_resume, find_latest_run, no_checkpoint_error, r
 from prefopt.resume_data import refuse_changed_data
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
-from prefopt.worker import ERROR_FILE
+from prefopt import errors as prefopt_errors
+from prefopt import proctree
+from prefopt.errors import Terminated, stop_exception
+from prefopt.worker import ERROR_FILE, EXIT_REPORT
 
 log = logging.getLogger("prefopt")
 
@@ -208,8 +214,8 @@ def _dispatch(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
 
 
 def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") -> dict[str, Any]:
-    import json
-    import signal
+    """torchrun's ranks on this host. They die with this process however it dies (prefopt/proctree.py); a rank's user
+    error ends them all and is raised here as its one line; Ctrl-C or SIGTERM here stops them at a checkpoint."""
     import sys
 
     from prefopt.distributed import torchrun_node_args
@@ -220,20 +226,93 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
         "-m", "prefopt.worker", str(run_dir / "config.yaml"), *(["--command", command_name] if command_name != "train" else []),
     ]
     env = dict(os.environ)
+    env[proctree.LAUNCHER_ENV] = str(os.getpid())
     if cfg.hardware.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(cfg.hardware.num_threads or max(1, (os.cpu_count() or 1) // ranks)))
+    take_exit_reports(run_dir)  # an earlier launch's
     log.info("launching %d ranks: %s", ranks, " ".join(command))
-    # its own session, so an interrupt (or a failure) takes the whole process tree down with it
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    # its own session (a Ctrl-C in the terminal reaches this process only), and it dies with this process
+    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=proctree.die_with_parent_preexec())
     try:
-        returncode = process.wait()
-    except BaseException:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        returncode = wait_for_ranks(process, run_dir)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (errors.Terminated) here: the ranks stop at a checkpoint
+        stop_ranks(process, signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        take_exit_reports(run_dir)
         raise
+    except BaseException:
+        proctree.kill_tree(process)
+        raise
+    reports = take_exit_reports(run_dir)
+    raise_user_error(reports)  # a rank that reported one and gave up waiting for this process to end the launch
+    stopped = [report["stopped"] for report in reports if "stopped" in report]
+    if stopped:  # a rank was sent SIGTERM (or SIGINT) by someone else: the ranks stopped at a checkpoint
+        raise stop_exception(stopped[0])
     if returncode != 0:
         errors = sorted(run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")))
         details = "\n".join(path.read_text() for path in errors) or "(no traceback was written; see the output above)"
         raise WorkerError(f"a worker failed (torchrun exit code {returncode}); run dir {run_dir}\n{details}")
     return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+
+
+def wait_for_ranks(process: subprocess.Popen, run_dir: Path, poll_s: float = 0.2) -> int:
+    """torchrun's exit code; a rank's user error (its exit report) ends every rank at once and is raised here."""
+    while True:
+        try:
+            return process.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if any("user_error" in report for report in read_exit_reports(run_dir)):
+            proctree.kill_tree(process)  # the other ranks may wait in a collective for the one that failed
+            raise_user_error(take_exit_reports(run_dir))
+
+
+def raise_user_error(reports: list[dict]) -> None:
+    """Raise the lowest rank's reported user error as its own type (prefopt/errors.py), if any rank reported one."""
+    errors = [report for report in reports if "user_error" in report]
+    if errors:
+        first = min(errors, key=lambda report: report["rank"])
+        raise getattr(prefopt_errors, first["user_error"], ConfigError)(first["message"])
+
+
+def stop_ranks(process: subprocess.Popen, signum: int) -> None:
+    """Ranks in the training loop (they catch SIGTERM there, trainer.DeferredInterrupt) get the stop signal: they
+    agree on a step, checkpoint it and exit 0, and torchrun exits too; a second Ctrl-C or SIGTERM while they do ends
+    them at once. Ranks outside the loop (starting up: nothing to checkpoint yet) are ended at once, quietly: a
+    default SIGTERM would make torchrun print a traceback of its own."""
+    ranks = [pid for pid in proctree.descendants(process.pid)
+             if proctree.parent_of(pid) == process.pid and "prefopt.worker" in proctree.cmdline(pid)]
+    if not ranks or not all(proctree.catches(pid, signal.SIGTERM) for pid in ranks):
+        proctree.kill_tree(process)
+        return
+    log.warning("stopping the ranks after their current step, with a checkpoint (again to stop at once)")
+    proctree.signal_all(ranks, signum)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        proctree.kill_tree(process)
+    proctree.wait_gone(ranks, 10.0)
+
+
+def read_exit_reports(run_dir: Path) -> list[dict]:
+    reports = []
+    for path in sorted(run_dir.glob(EXIT_REPORT.format(rank="*"))):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return reports
+
+
+def take_exit_reports(run_dir: Path) -> list[dict]:
+    """The ranks' exit reports, and those of this host's ranks removed: they are messages to the launching process
+    (on each host of a multi-host run), not a record of the run."""
+    reports = read_exit_reports(run_dir)
+    for path in run_dir.glob(EXIT_REPORT.format(rank="*")):
+        try:
+            if json.loads(path.read_text()).get("host") not in (None, socket.gethostname()):
+                continue
+        except (OSError, ValueError, AttributeError):
+            pass
+        path.unlink(missing_ok=True)
+    return reports

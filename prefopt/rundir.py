@@ -5,6 +5,11 @@ takes it before writing anything and keeps it until its workers (torchrun ranks 
 done; an sbatch job's rank 0 takes it itself (PREFOPT_RUN_DIR_LOCK tells children that a parent holds
 it). The kernel drops an flock when its holder dies, so a lock left by a killed run is never stale: the
 next run takes it at once. The lock file records who holds it, for the message a second run gets.
+
+A rank outlives its launcher for as long as it takes the kernel to end it (prefopt/proctree.py), and on a
+system without a parent-death signal it could run on: so every rank of a launch holds a shared lock on
+RUN_DIR/.prefopt.ranks.lock for its whole life, and `prefopt train` takes the run dir only once that lock is
+free (waiting a few seconds for dying ranks), so a resumed run never writes beside the ranks of the last one.
 """
 from __future__ import annotations
 
@@ -20,18 +25,22 @@ from typing import Optional
 from prefopt.errors import ConfigError
 
 LOCK_FILE = ".prefopt.lock"
+RANKS_LOCK_FILE = ".prefopt.ranks.lock"  # shared by every live rank of the run dir's launch
+RANKS_GONE_WAIT_S = 10.0  # how long a new owner waits for the ranks of an ended launch to be gone
 LOCK_ENV = "PREFOPT_RUN_DIR_LOCK"  # set for child processes: this run dir's lock is held by a parent
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # any of these (or a checkpoint) means the dir holds a run
 
 _held: dict[Path, int] = {}  # run dir -> open lock file descriptor (this process's)
+_rank_locks: dict[Path, int] = {}  # run dir -> this rank's shared lock on its ranks lock file, held until exit
 
 
 class RunDirBusyError(ConfigError):
     """Another live process owns the run dir."""
 
 
-def acquire(run_dir: Path) -> None:
-    """Take the run dir's lock for this process (idempotent), or fail at once naming the holder."""
+def acquire(run_dir: Path, wait_for_ranks: bool = True) -> None:
+    """Take the run dir's lock for this process (idempotent), or fail at once naming the holder. wait_for_ranks: also
+    wait (bounded) until no rank of an earlier launch lives (off for a job's own rank 0, whose peers hold it)."""
     run_dir = run_dir.resolve()
     if run_dir in _held or os.environ.get(LOCK_ENV) == str(run_dir):
         return
@@ -44,6 +53,10 @@ def acquire(run_dir: Path) -> None:
         os.close(fd)
         raise RunDirBusyError(f"run dir {run_dir} is in use by another prefopt run ({describe(holder)}); wait for it to "
                               f"finish, or give this run another dir (hydra.run.dir=...)") from None
+    if wait_for_ranks and not ranks_gone(run_dir, RANKS_GONE_WAIT_S):
+        os.close(fd)
+        raise RunDirBusyError(f"run dir {run_dir} still has live ranks of an earlier launch ({describe_ranks(run_dir)}) "
+                              f"{RANKS_GONE_WAIT_S:.0f} s after it ended; end them (kill PID) and run again") from None
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": " ".join(sys.argv)})
     os.ftruncate(fd, 0)
@@ -59,6 +72,42 @@ def release(run_dir: Path) -> None:
         os.close(fd)  # closing drops the flock
         if os.environ.get(LOCK_ENV) == str(run_dir):
             del os.environ[LOCK_ENV]
+
+
+def ranks_gone(run_dir: Path, timeout_s: float) -> bool:
+    """Wait (bounded) until no process holds the run dir's ranks lock."""
+    fd = os.open(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+def hold_for_rank(run_dir: Path) -> None:
+    """This rank holds the run dir's ranks lock (shared with its peers) until it exits."""
+    run_dir = run_dir.resolve()
+    if run_dir in _rank_locks:
+        return
+    fd = os.open(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a new owner checks that no earlier rank lives
+    _rank_locks[run_dir] = fd
+
+
+def describe_ranks(run_dir: Path) -> str:
+    """The ranks of the dir's last launch, from its ranks.json (prefopt/distributed.py records them)."""
+    try:
+        ranks = json.loads((run_dir / "ranks.json").read_text()).get("ranks", [])
+        return ", ".join(f"rank {rank['rank']}: pid {rank['pid']} on {rank['host']}" for rank in ranks) or "pids unknown"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "pids unknown"
 
 
 def describe(holder: str) -> str:

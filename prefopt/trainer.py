@@ -18,8 +18,9 @@ from prefopt.console import Console, quiet_known_noise
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import DATA_FILE, OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
 from prefopt.dynamics import build_probe_set
-from prefopt.distributed import DistInfo, device_for, init_distributed
+from prefopt.distributed import DistInfo, device_for, init_distributed, leave_distributed
 from prefopt.engine import build_engine
+from prefopt.errors import stop_exception
 from prefopt.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
 from prefopt.errors import CheckpointError
 from prefopt.guards import NonFiniteTrainingError, StepGuard
@@ -34,7 +35,7 @@ from prefopt.reference import CachedReference, ModelReference, build_reference
 from prefopt.plots import plot_runs
 from prefopt.schedules import settle_max_steps
 from prefopt.sharding import largest_batch_tokens, pair_scored_tokens
-from prefopt.slurm import preemption, restart_count
+from prefopt.slurm import in_slurm_task, preemption, restart_count
 from prefopt.tracking import Tracker
 
 log = logging.getLogger("prefopt")
@@ -165,26 +166,37 @@ def build_policy(cfg: DictConfig, source, tokenizer, device: torch.device):
 
 
 class DeferredInterrupt:
-    """Ctrl-C during training (one process, trainer.save_on_interrupt): the first one only sets a flag, which
-    the loop reads at the end of a step, checkpoints that step and stops, so no update is ever cut in half
-    (an interrupt inside the optimizer's step would leave half-updated weights). A second Ctrl-C stops at once."""
+    """Ctrl-C or SIGTERM during training (trainer.save_on_interrupt): the first one only sets a flag, which the loop
+    reads at the end of a step; every rank takes it at that same step (one all-reduce: any rank's signal stops all),
+    checkpoints that step and stops, so no update is ever cut in half (an interrupt inside the optimizer's step
+    would leave half-updated weights). A second signal stops at once. Inside a SLURM task SIGTERM belongs to
+    preemption (prefopt/slurm.py), which checkpoints and requeues."""
 
     def __init__(self, enabled: bool):
-        self.requested = False
-        self.previous = None
+        self.received = 0  # the first stop signal's number
+        self.previous: dict[int, Any] = {}
         if enabled and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGINT, *(() if in_slurm_task() else (signal.SIGTERM,))):
+                self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
+        if self.received:
+            raise stop_exception(signum)
+        self.received = signum
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: stopping after this step with a checkpoint (again to stop at once)", name)
+
+    def requested(self, dist: DistInfo) -> int:
+        """The stop signal any rank received (0: none); every rank calls this at every step."""
+        if not dist.spans_ranks:
+            return self.received
+        received = torch.tensor([float(self.received)], dtype=torch.float64)
+        return int(dist.all_reduce(received, torch.distributed.ReduceOp.MAX).item())
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}
 
 
 def rng_states() -> dict[str, Any]:
@@ -287,7 +299,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         step = start_step
         guard = StepGuard(trainer_cfg.max_skipped_steps)
         completed = {"sampler": sampler.state(), "rng": rng_states()}  # the data position and RNG after the last whole step
-        interrupt = DeferredInterrupt(enabled=trainer_cfg.save_on_interrupt and dist.world_size == 1)
+        interrupt = DeferredInterrupt(enabled=trainer_cfg.save_on_interrupt)
         try:
             for step in range(start_step + 1, trainer_cfg.max_steps + 1):
                 step_started = time.time()
@@ -335,10 +347,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint this step, then requeue
                     save(step)
                     preemption.requeue(dist)
-                if interrupt.requested:  # Ctrl-C: taken at this step boundary, never inside an update
+                stop = interrupt.requested(dist)
+                if stop:  # Ctrl-C or SIGTERM: taken at this step boundary by every rank, never inside an update
                     save(step)
-                    log.warning("interrupted: checkpoint of step %d written in %s", step, run_dir)  # the CLI prints the resume command
-                    raise KeyboardInterrupt
+                    log.warning("stopped: checkpoint of step %d written in %s", step, run_dir)  # the CLI prints the resume command
+                    leave_distributed()  # every rank stops here: tear gloo down in order
+                    raise stop_exception(stop)
                 if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
                     log.warning("stopping after step %d (trainer.stop_after)", step)
                     return {"stopped_at": step}

@@ -96,16 +96,17 @@ def test_killed_two_rank_run_resumes_exactly(tmp_path):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 
 
-def test_a_failing_worker_fails_the_run_and_leaves_no_process(tmp_path):
+def test_a_bad_row_on_two_ranks_is_one_line_exit_2_and_leaves_no_process(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
     bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
     process = prefopt_process(*TINY, "hardware=cpu_2proc", "dataset=local", f"dataset.path={bad}", "trainer.max_steps=2",
                               f"hydra.run.dir={tmp_path / 'run'}")
     output, _ = process.communicate(timeout=300)
-    assert process.returncode != 0
-    assert "a worker failed" in output and "line 9" in output and "pairs.jsonl" in output
-    assert (tmp_path / "run" / "error.txt").exists()
+    assert process.returncode == 2 and "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
+    [line] = [line for line in output.splitlines() if line.startswith("prefopt:")]  # the rank's one line, said once
+    assert line.startswith("prefopt: error:") and "line 9" in line and "pairs.jsonl" in line
+    assert not (tmp_path / "run" / "error.txt").exists()  # a user error, not a failed run (prefopt report)
     time.sleep(1)
     assert leftover_processes(str(tmp_path / "run")) == []
 

@@ -55,7 +55,33 @@ def assert_same_metrics(first: Path, second: Path) -> None:
         json.loads((second / "summary.json").read_text())["eval/loss"], rel=1e-5)
 
 
+def run_processes(run_dir: Path) -> list[str]:
+    """'pid: command line' of every live process (not a zombie) whose command line names run_dir (its parent,
+    torchrun, its ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(run_dir) in command and state not in ("Z", "X"):
+            found.append(f"{entry.name}: {command[:200]}")
+    return found
+
+
+def assert_nothing_survives(run_dir: Path, within_s: float = 10.0) -> None:
+    deadline = time.time() + within_s
+    while run_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert run_processes(run_dir) == [], "processes of the run survived its parent"
+
+
 def kill_at_step(run_dir: Path, args: list[str], step: int) -> None:
+    """kill -9 of the run's process group (the parent's: torchrun and its ranks have sessions of their own), then
+    nothing of the run may survive: a rank that ran on would finish the run and hide the kill."""
     process = prefopt(*args, f"hydra.run.dir={run_dir}", wait=False)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -65,6 +91,8 @@ def kill_at_step(run_dir: Path, args: list[str], step: int) -> None:
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    assert_nothing_survives(run_dir)
+    assert not (run_dir / "summary.json").exists(), "the ranks ran on after their parent was killed and finished the run"
 
 
 KILL_CASES = [
@@ -88,7 +116,8 @@ def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pat
     # W&B: the killed segment kept what it flushed; the resumed one replayed the rest: every train step once
     train_steps = [row["step"] for row in wandb_history_all_segments(killed) if "train/loss" in row]
     assert sorted(train_steps) == list(range(1, 11)), train_steps
-    record(f"kill -9 at step {kill_step} ({name}), resume", "metrics, summary and W&B history equal an uninterrupted run")
+    record(f"kill -9 of the process group at step {kill_step} ({name}), resume",
+           "nothing of the run survives; metrics, summary and W&B history equal an uninterrupted run")
 
 
 def test_a_partial_checkpoint_from_a_kill_mid_save_is_ignored(tmp_path):
