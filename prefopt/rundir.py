@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefopt.errors import ConfigError
+from prefopt.fileutil import open_no_follow
 
 LOCK_FILE = ".prefopt.lock"
 RANKS_LOCK_FILE = ".prefopt.ranks.lock"  # shared by every live rank of the run dir's launch
@@ -45,7 +46,7 @@ def acquire(run_dir: Path, wait_for_ranks: bool = True) -> None:
     if run_dir in _held or os.environ.get(LOCK_ENV) == str(run_dir):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_no_follow(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # a planted link is refused, never written through
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -76,7 +77,7 @@ def release(run_dir: Path) -> None:
 
 def ranks_gone(run_dir: Path, timeout_s: float) -> bool:
     """Wait (bounded) until no process holds the run dir's ranks lock."""
-    fd = os.open(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_no_follow(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -96,7 +97,7 @@ def hold_for_rank(run_dir: Path) -> None:
     run_dir = run_dir.resolve()
     if run_dir in _rank_locks:
         return
-    fd = os.open(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_no_follow(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a new owner checks that no earlier rank lives
     _rank_locks[run_dir] = fd
 
