@@ -33,20 +33,46 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(directory: str | os.PathLike, name: str = "*", all_writers: bool = False) -> list[Path]:
-    """Remove the temporary files of writes killed mid-way (atomic_write's .NAME.HOST-PID.XXXXXXXX.tmp) in
-    `directory`: those of processes of this host that are gone (a shared cache dir may have live writers on
-    other hosts), or, with all_writers (a run dir whose lock this process holds: nobody else writes there),
-    every one. name: only the temps of this file name (atomic_write cleans its target's before writing)."""
+def clean_stale_temps(directory: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove the temporary files of writes killed mid-way (atomic_write's .NAME.HOST-PID.XXXXXXXX.tmp) in `directory`.
+    A writer holds an exclusive flock on its temp until the rename, so a temp whose lock can be taken has no live
+    writer. Unlike a pid check this holds for writers on other hosts or in other pid namespaces (containers sharing a
+    host name) and for a pid reused since. name: only the temps of this file name (atomic_write cleans its target's)."""
     removed = []
     for path in Path(directory).glob(f".{glob.escape(name) if name != '*' else name}.*{TEMP_SUFFIX}"):
-        match = TEMP_PATTERN.match(path.name)
-        stale = all_writers or (match is not None and match["host"] == HOST and not process_alive(int(match["pid"])))
-        if stale and path.is_file() and not path.is_symlink():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
+        if TEMP_PATTERN.match(path.name) and remove_if_unlocked(path):
+            removed.append(path)
     return removed
+
+
+def remove_if_unlocked(path: Path) -> bool:
+    """Unlink `path` if no process holds a lock on it; True when removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone already, a link, or not ours to read
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # still the file we locked: its writer may have renamed it onto its target meanwhile (then the name is gone)
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            return False
+        os.unlink(path)
+        return True
+    except (BlockingIOError, FileNotFoundError):  # a live writer's, or renamed into place
+        return False
+    finally:
+        os.close(fd)
+
+
+def locked_temp(path: Path) -> tuple[int, str]:
+    """A new temp file next to `path`, exclusively flocked, so clean_stale_temps never takes it for a killed write's.
+    A cleaner may lock and unlink it between creation and our lock: then make another."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}-{os.getpid()}.", suffix=TEMP_SUFFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return fd, tmp
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -57,14 +83,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent, path.name)  # an earlier write of this file that was killed (a full-size cache entry)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}-{os.getpid()}.", suffix=TEMP_SUFFIX)
+    fd, tmp = locked_temp(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "wb") as handle:  # closing it (after the rename) drops the lock
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -107,8 +133,17 @@ def open_no_follow(path: str | os.PathLike, flags: int, mode: int = 0o644) -> in
         return os.open(path, flags | os.O_NOFOLLOW, mode)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise LinkRefused(f"{path} is a symbolic link to {os.readlink(path)}: prefopt does not write through links; remove it") from None
+            raise LinkRefused(f"{path} is a symbolic link{link_target(path)}: prefopt does not write through links; remove it") from None
         raise
+
+
+def link_target(path: str | os.PathLike) -> str:
+    """Where a refused link points, for the message. ELOOP also comes from a link loop in a parent dir, where path
+    itself is no link and readlink fails (EINVAL): then say that instead."""
+    try:
+        return f" to {os.readlink(path)}"
+    except OSError:
+        return " (or a link loop in its parent dirs)"
 
 
 class LinkRefused(ConfigError):

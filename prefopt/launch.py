@@ -96,7 +96,7 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
         if accepted is not None and accepted.length_change:
             log.warning("%s", accepted.length_change)  # in the run dir's log; config.yaml records the new length
         for directory in (run_dir, run_dir / CHECKPOINTS):  # writes killed mid-way left their temporary files
-            clean_stale_temps(directory, all_writers=True)
+            clean_stale_temps(directory)
         for stale in run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")):
             stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
         frozen = OmegaConf.to_container(cfg, resolve=True)

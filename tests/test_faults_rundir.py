@@ -60,12 +60,16 @@ def test_a_refused_resume_leaves_the_record_and_an_allowed_change_resumes(tmp_pa
     record("resume with another loss.beta / max_steps below the checkpoint", "exit 2 naming each key, both values and the fix; "
            "config.yaml, overrides.yaml, .hydra/ byte-identical, no error.txt")
     # what does not change training may change: cadences of evals, probes, logging, saving; killed writes' temps go
-    stale = run_dir / ".config.yaml.k1ll3d00.tmp"
+    from prefopt.fileutil import HOST
+
+    stale = run_dir / f".config.yaml.{HOST}-4242.k1ll3d00.tmp"  # atomic_write's name for a killed write's temp
     stale.write_bytes(b"x" * 1000)
+    foreign = run_dir / ".notes.txt.tmp"  # not atomic_write's: never removed
+    foreign.write_bytes(b"mine")
     run_train(run_dir, *args, "trainer.eval_every=1", "dynamics.every_n_steps=1", "trainer.save_every=1", "trainer.resume=true")
     assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3, 4]
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in row] == [0, 3, 4]
-    assert not stale.exists()
+    assert not stale.exists() and foreign.exists()
     hydra_record = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra  # written by prepare_run once accepted
     assert hydra_record.runtime.choices.loss == "dpo" and hydra_record.output_subdir == ".hydra"
     assert "trainer.eval_every=1" in (run_dir / ".hydra" / "overrides.yaml").read_text()
@@ -184,20 +188,54 @@ def test_run_dir_is_refused_with_where_to_set_it(tmp_path, capsys):
 
 
 def test_a_killed_writes_temp_file_is_removed_by_the_next_write_of_that_file(tmp_path):
-    """The tokenized cache (and every atomic write) writes NAME through .NAME.HOST-PID.XXXXXXXX.tmp: a kill leaves
-    that temp (full size); the next write of NAME removes those of dead processes, never a live writer's."""
+    """The tokenized cache (and every atomic write) writes NAME through .NAME.HOST-PID.XXXXXXXX.tmp, flocked while
+    written: a kill leaves that temp (full size) unlocked; the next write of NAME removes it, never a temp whose lock
+    is held (a live writer, whatever its host or pid namespace: the name's host and pid are not trusted), nor a
+    file that is not atomic_write's."""
     from prefopt.fileutil import HOST, atomic_write_bytes
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    killed = tmp_path / f".pairs-abc.pt.{HOST}-{dead.pid}.k1ll3d00.tmp"
+    killed = tmp_path / f".pairs-abc.pt.{HOST}-{os.getpid()}.k1ll3d00.tmp"  # a pid that lives: only the lock counts
     killed.write_bytes(b"\0" * 4096)
-    live = tmp_path / f".pairs-abc.pt.{HOST}-{os.getppid()}.l1v3wr1t.tmp"  # a live process's write in progress
+    live = tmp_path / ".pairs-abc.pt.otherhost-1.l1v3wr1t.tmp"  # a live writer in another container
     live.write_bytes(b"\0")
-    atomic_write_bytes(tmp_path / "pairs-abc.pt", b"whole")
-    assert not killed.exists() and live.exists() and (tmp_path / "pairs-abc.pt").read_bytes() == b"whole"
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, "pairs-abc.pt"])
-    record("kill during a cache write (full-size temp left)", "the next write of that entry removes it; a live writer's is kept")
+    other = tmp_path / ".pairs-abc.pt.not-a-temp.tmp"  # not atomic_write's name
+    other.write_bytes(b"\0")
+    writer = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(live)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        atomic_write_bytes(tmp_path / "pairs-abc.pt", b"whole")
+    finally:
+        writer.communicate("")
+    assert not killed.exists() and live.exists() and other.exists() and (tmp_path / "pairs-abc.pt").read_bytes() == b"whole"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name, "pairs-abc.pt"])
+    record("kill during a cache write (full-size temp left)", "the next write of that entry removes it; a locked (live) "
+           "writer's is kept on any host; a file not named like atomic_write's temps is kept")
+
+
+def test_an_atomic_writes_temp_is_locked_while_it_is_written(tmp_path, monkeypatch):
+    """A second process's cleaner must not take a temp being written for a killed write's."""
+    import fcntl
+
+    from prefopt import fileutil
+
+    seen = []
+
+    def replace(tmp, target):  # the moment before the rename: the temp is complete and still locked
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        seen.append(Path(tmp).name)
+        real_replace(tmp, target)
+
+    real_replace = os.replace
+    monkeypatch.setattr(fileutil.os, "replace", replace)
+    fileutil.atomic_write_bytes(tmp_path / "entry.pt", b"x")
+    assert len(seen) == 1 and fileutil.TEMP_PATTERN.match(seen[0]) and (tmp_path / "entry.pt").read_bytes() == b"x"
 
 
 def test_a_refused_resume_of_a_finished_sweep_job_leaves_it_finished(tmp_path, capsys):
