@@ -125,7 +125,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
             atomic_write_text(staging / CHECKPOINT_CONFIG, frozen_yaml(cfg))
             write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
     except Exception as error:  # a full disk: torch.save says RuntimeError, safetensors SafetensorError; say what it was
-        full = not (isinstance(error, OSError) and error.errno is not None) and disk_full(error, staging)
+        full = disk_full(error, staging)  # before the staging dir's space is freed
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # the space it took, and nothing half-written left behind
         if not full:
@@ -172,13 +172,27 @@ def restore_retired(root: Path) -> list[Path]:
     return restored
 
 
+FULL_MARKS = ("No space left", "os error 28", "StorageFull", "Disk quota", "os error 122")  # ENOSPC / EDQUOT in words
+# what torch (PytorchStreamWriter) and safetensors (IoError) say when a write failed, without saying why
+WRITE_FAILED_MARKS = ("file write failed", "PytorchStreamWriter failed", "IoError", "unexpected pos")
+
+
 def disk_full(error: BaseException, path: Path) -> bool:
-    """Whether a library's error (no errno of its own: torch's RuntimeError, safetensors' SafetensorError) was a
-    full disk or quota: its text says so, or the disk has (almost) no space left."""
+    """Whether a failed write without an errno of its own (torch's RuntimeError, safetensors' SafetensorError) was a
+    full disk or quota: its text says so, or it says a write failed and the disk has (almost) no space left. Any other
+    error (CUDA out of memory, NCCL, a bug) is not, whatever the free space: it is re-raised as it was. An OSError with
+    an errno already says what it is."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return False
     text = str(error)
-    if any(mark in text for mark in ("No space left", "os error 28", "StorageFull", "Disk quota", "os error 122")):
+    if any(mark in text for mark in FULL_MARKS):
         return True
-    return shutil.disk_usage(path if path.exists() else path.parent).free < (64 << 20)
+    if not (isinstance(error, OSError) or any(mark in text for mark in WRITE_FAILED_MARKS)):
+        return False
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free < (64 << 20)
+    except OSError:  # cannot tell: the original error, untouched, says more than a guess
+        return False
 
 
 def frozen_yaml(cfg: DictConfig | dict) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,7 @@ from prefopt.data import TokenizedPair
 from prefopt.data.layout import SequenceBatch, build_batch, pair_groups
 from prefopt.distributed import DistInfo
 from prefopt.engine import wrap_reference
-from prefopt.fileutil import exclusive_lock, file_digests
+from prefopt.fileutil import atomic_write_bytes, exclusive_lock, file_digests
 from prefopt.logps import sequence_logps, split_pairs
 from prefopt.models import freeze
 from prefopt.sharding import pair_scored_tokens, sharded_pass
@@ -173,16 +174,15 @@ def precomputed_reference(model, model_identity: str, fingerprint: str, pairs: l
             log.info("reference cache miss: computing reference log-probs for %d pairs into %s", len(pairs), path)
         values = compute_reference_logps(model, pairs, cfg, dist, device, pad_token_id)
         if dist.is_main:
+            buffer = io.BytesIO()  # serialized in memory: the file is then written like every other (one temp scheme)
+            torch.save({"key": key, "values": values, "digest": values_digest(values)}, buffer)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 with exclusive_lock(path.with_suffix(".lock")):
-                    staging = path.with_suffix(f".tmp{dist.rank}")
-                    staging.unlink(missing_ok=True)  # a killed write's, or a planted link: torch.save would write through it
-                    torch.save({"key": key, "values": values, "digest": values_digest(values)}, staging)
-                    staging.replace(path)  # atomic: a reader sees the old file or the whole new one
-            except OSError as error:  # the values are right, only not kept: say which key holds the unwritable dir
+                    atomic_write_bytes(path, buffer.getvalue())  # a reader sees the old file or the whole new one
+            except OSError as error:  # a full or read-only disk: the values are right, only not kept
                 log.warning("reference.cache_dir=%s cannot be written (%s: %s): the reference log-probs are not cached; "
-                            "point reference.cache_dir at a writable directory", path.parent, error.strerror, error.filename)
+                            "point reference.cache_dir at a writable directory with free space", path.parent,
+                            error.strerror or error, error.filename or path)
         dist.barrier()
     return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
 

@@ -4,6 +4,7 @@ resumable run, planted symbolic links are refused before anything is written thr
 checkpoint is one line, an escaped `\\${...}` stays literal, `run_dir=` is refused, killed writes' temp files go."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -153,6 +154,27 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, capsys, monkeypat
     assert code == 2 and "No space left on device" in line and "the disk is full" in line
     assert not list((run_dir / "checkpoints").glob(".*")), "the partial checkpoint is removed (its space freed)"
     record("disk full while a checkpoint is written (safetensors)", "exit 2, one line: cannot write ...: the disk is full")
+
+
+def test_only_a_failed_write_is_taken_for_a_full_disk(tmp_path, monkeypatch):
+    """A checkpoint save that fails for another reason (CUDA out of memory, NCCL, a bug) keeps its own error even on a
+    nearly full disk; a free-space probe that fails itself never hides the original error."""
+    import shutil
+
+    from prefopt.checkpoint import disk_full
+
+    nearly_full = shutil._ntuple_diskusage(100 << 30, (100 << 30) - (1 << 20), 1 << 20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: nearly_full)
+    assert not disk_full(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), tmp_path)
+    assert not disk_full(OSError(errno.EIO, "Input/output error"), tmp_path)  # its errno already says what it is
+    assert disk_full(RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), tmp_path)
+    assert disk_full(RuntimeError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'), tmp_path)
+
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "disk_usage", unreadable)
+    assert not disk_full(RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), tmp_path)
 
 
 def test_an_escaped_interpolation_stays_literal_in_the_worker(tmp_path, monkeypatch):

@@ -57,6 +57,33 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path):
     assert train_losses(again) == pytest.approx(train_losses(tmp_path / "first"), rel=1e-6)
 
 
+def test_a_full_cache_disk_is_a_warning_naming_the_key_and_leaves_no_temp(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: the cache is serialized in memory and written by
+    atomic_write_bytes, whose OSError is the one caught: the run trains on, uncached, and says which key to change."""
+    import errno
+    import os
+
+    import prefopt.reference as reference
+
+    real_save = torch.save
+
+    def save(obj, target, *args, **kwargs):
+        if isinstance(target, (str, os.PathLike)):  # to a file on a full disk: what torch says then
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: file write failed")
+        return real_save(obj, target, *args, **kwargs)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(reference, "atomic_write_bytes", full, raising=False)  # raising=False: red on the old torch.save-to-file code too
+    cache_dir = tmp_path / "cache"
+    run_dir = run_train(tmp_path / "run", *TINY, "reference.precompute=true", f"reference.cache_dir={cache_dir}")
+    assert f"reference.cache_dir={cache_dir} cannot be written (No space left on device" in run_log(run_dir)
+    assert len(train_losses(run_dir)) == 3
+    assert [path.name for path in cache_dir.iterdir()] == [next(cache_dir.glob("*.lock")).name]  # no temp left
+
+
 def test_cache_key_changes_with_data_and_reference():
     from prefopt.data import TokenizedPair
     from transformers import LlamaConfig, LlamaForCausalLM
