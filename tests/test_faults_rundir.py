@@ -77,6 +77,39 @@ def test_a_refused_resume_leaves_the_record_and_an_allowed_change_resumes(tmp_pa
     record("resume with eval_every / every_n_steps / save_every changed", "resumes; steps 1-4 once; a killed write's temp file removed")
 
 
+def test_fewer_epochs_than_the_checkpoint_trained_are_refused_before_anything_is_written(tmp_path, capsys):
+    """trainer.num_epochs becomes steps only on the data: the parent builds it (once, no model) and refuses a length the
+    checkpoint is past before it writes config.yaml, overrides.yaml, .hydra/ or git_revision."""
+    args = [*TINY, *QUIET, "dataset.arith.num_train=8", "trainer.max_steps=null", "trainer.grad_accum=1", "trainer.save_every=2"]
+    run_dir = run_train(tmp_path / "run", *args, "trainer.num_epochs=1")
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4  # 8 pairs / 2 per step
+    before = record_files(run_dir)
+    code, stderr = train_fails(capsys, run_dir, *args, "trainer.num_epochs=0.25", "trainer.resume=true")  # 1 step: both checkpoints past it
+    line = one_error_line(stderr)
+    assert code == 2 and "trainer.num_epochs: 1.0 there vs 0.25 now" in line and "trainer.num_epochs=1.0" in line, line
+    assert record_files(run_dir) == before and not list(run_dir.glob("error*.txt"))
+    record("resume with fewer trainer.num_epochs than the checkpoint trained", "exit 2 in the parent naming num_epochs; "
+           "config.yaml, overrides.yaml, .hydra/, git_revision byte-identical")
+
+
+def test_a_retired_checkpoint_is_restored_only_once_the_resume_is_accepted(tmp_path, capsys):
+    """A save of step N killed between its two renames leaves only .step-N.retired: a resume sees it as step N; a refused
+    one leaves it where it is (nothing moved), an accepted one puts it back and continues from it."""
+    args = [*TINY, *QUIET, "trainer.max_steps=2", "trainer.save_every=2"]
+    run_dir = run_train(tmp_path / "run", *args)
+    checkpoints = run_dir / "checkpoints"
+    retired = checkpoints / ".step-000002.retired"
+    os.replace(checkpoints / "step-000002", retired)
+    before = record_files(run_dir)
+    code, stderr = train_fails(capsys, run_dir, *args, "loss.beta=0.5", "trainer.resume=true")
+    assert code == 2 and f"checkpoint {retired} belongs to another config" in one_error_line(stderr)
+    assert retired.is_dir() and not (checkpoints / "step-000002").exists() and record_files(run_dir) == before
+    run_train(run_dir, *args[:-2], "trainer.max_steps=3", "trainer.resume=true")
+    assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3] and not retired.exists()
+    record("refused resume of a run whose checkpoint was mid-replace", "refused; the retired copy is not moved; an "
+           "accepted resume restores it and continues")
+
+
 def test_a_finished_run_extended_continues_without_a_gap_or_a_repeat(tmp_path, capsys):
     args = [*TINY, "logger.wandb.mode=offline"]
     run_dir = run_train(tmp_path / "run", *args, "trainer.max_steps=4")
@@ -287,15 +320,21 @@ def test_a_refused_resume_of_a_finished_sweep_job_leaves_it_finished(tmp_path, c
            "unchanged, no error.txt: it still reads as finished")
 
 
-def test_a_link_planted_at_the_reference_caches_staging_file_is_not_written_through(tmp_path):
+def test_a_link_planted_at_the_reference_cache_entry_is_not_written_through(tmp_path):
+    """The cache is written by atomic_write_bytes: a temp file of a random name (created O_EXCL, so never a planted
+    link) renamed over the entry, which replaces a link there instead of writing through it."""
+    from prefopt.fileutil import HOST
+
     args = [*TINY, *QUIET, "trainer.max_steps=1", "reference.precompute=true", f"reference.cache_dir={tmp_path / 'cache'}",
             "trainer.save_final=false"]
     run_train(tmp_path / "first", *args)
     [entry] = list((tmp_path / "cache").glob("*.pt"))
-    entry.unlink()  # the next run misses and writes it again, through its staging file
+    entry.unlink()  # the next run misses and writes it again
     outside = tmp_path / "outside"
     outside.write_text("keep me\n")
-    entry.with_suffix(".tmp0").symlink_to(outside)
+    entry.symlink_to(outside)
+    temp_link = entry.parent / f".{entry.name}.{HOST}-1.l1nk0000.tmp"  # named like a killed write's temp: not followed
+    temp_link.symlink_to(outside)
     run_train(tmp_path / "second", *args)
-    assert outside.read_text() == "keep me\n" and entry.is_file() and not entry.with_suffix(".tmp0").exists()
-    record("link planted at the reference cache's staging file", "replaced, not written through; the outside file unchanged")
+    assert outside.read_text() == "keep me\n" and entry.is_file() and not entry.is_symlink()
+    record("link planted at the reference cache's entry", "replaced, not written through; the outside file unchanged")
