@@ -232,11 +232,20 @@ def config_differences(ours: DictConfig | dict, theirs: DictConfig | dict, lengt
             if ours_flat.get(key) != theirs_flat.get(key)]
 
 
+def resume_differences(cfg: DictConfig | dict, saved: DictConfig | dict, step: int,
+                       derived_steps: Optional[int] = None) -> list[tuple[str, Any, Any]]:
+    """What keeps a checkpoint at `step`, trained with `saved`, from continuing as `cfg`: the training keys that differ
+    (RESUME_KEYS aside), and a length it cannot take (length_differences). epoch_steps: the steps cfg's
+    trainer.num_epochs gives on this data, when known (derived_steps)."""
+    return config_differences(cfg, saved, length=False) + length_differences(cfg, saved, step, derived_steps)
+
+
 def config_mismatch(directory: Path, cfg: DictConfig) -> Optional[str]:
-    """None when the checkpoint was trained with this config (RESUME_KEYS and LENGTH_KEYS aside: the parent
-    has accepted a new length, the trainer checks the step against it), else the differing keys."""
+    """None when the checkpoint may continue as this config (the worker's cfg: under trainer.num_epochs its
+    trainer.max_steps is already derived from the data), else the differing keys."""
     saved = OmegaConf.to_container(OmegaConf.load(directory / CHECKPOINT_CONFIG), resolve=True)
-    differing = config_differences(cfg, saved, length=False) + length_differences(cfg, saved, checkpoint_step(directory))
+    derived = cfg.trainer.max_steps if cfg.trainer.get("num_epochs") is not None else None
+    differing = resume_differences(cfg, saved, checkpoint_step(directory), derived)
     if not differing:
         return None
     shown = ", ".join(f"{key}: checkpoint {theirs!r} vs now {ours!r}" for key, theirs, ours in differing[:5])
@@ -244,19 +253,25 @@ def config_mismatch(directory: Path, cfg: DictConfig) -> Optional[str]:
 
 
 def checkpoint_step(directory: Path) -> int:
-    """The step a checkpoint dir's name says (step-000010 -> 10; -1 when it says none)."""
-    tail = directory.name.split("-")[-1]
-    return int(tail) if tail.isdigit() else -1
+    """The step a checkpoint dir's name says (step-000010 and its retired copy .step-000010.retired -> 10; -1 when
+    it says none)."""
+    match = re.fullmatch(rf"\.?step-(\d+)(?:{re.escape(RETIRED_SUFFIX)})?", directory.name)
+    return int(match[1]) if match else -1
 
 
-def length_differences(ours: DictConfig | dict, theirs: DictConfig | dict, step: int) -> list[tuple[str, Any, Any]]:
-    """The LENGTH_KEYS differences a resume cannot take: one run by steps and the other by epochs, or a
-    trainer.max_steps the checkpoint's step is already past. (A longer or shorter run otherwise is an extension.)"""
+def length_differences(ours: DictConfig | dict, theirs: DictConfig | dict, step: int,
+                       derived_steps: Optional[int] = None) -> list[tuple[str, Any, Any]]:
+    """The LENGTH_KEYS differences a resume cannot take: one run by steps and the other by epochs, or a length the
+    checkpoint's step is already past: trainer.max_steps, or derived_steps, the steps ours' trainer.num_epochs gives
+    (known only once the data is built). A longer or shorter run otherwise is an extension."""
     ours_t, theirs_t = (training_config(cfg).get("trainer", {}) for cfg in (ours, theirs))
     if (ours_t.get("num_epochs") is None) != (theirs_t.get("num_epochs") is None):
         return [(key, theirs_t.get(key.split(".")[1]), ours_t.get(key.split(".")[1])) for key in LENGTH_KEYS]
+    if ours_t.get("num_epochs") is not None:
+        past = derived_steps is not None and step > derived_steps
+        return [("trainer.num_epochs", theirs_t.get("num_epochs"), ours_t.get("num_epochs"))] if past else []
     new_steps = ours_t.get("max_steps")
-    if ours_t.get("num_epochs") is None and new_steps is not None and step > new_steps:
+    if new_steps is not None and step > new_steps:
         return [("trainer.max_steps", theirs_t.get("max_steps"), new_steps)]
     return []
 
@@ -269,10 +284,15 @@ def length_change(ours: DictConfig | dict, theirs: DictConfig | dict) -> Optiona
 
 
 def checkpoint_candidates(path: Path) -> list[Path]:
-    """A checkpoint dir itself, or a run dir's checkpoints, newest first."""
+    """A checkpoint dir itself, or a run dir's checkpoints, newest first. A retired copy (.step-N.retired) whose step-N
+    is missing is that checkpoint (a save of step N was cut off mid-replace): listed, to be read where it is, so the
+    parent can accept a resume before restore_retired moves anything."""
     if (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file():
         return [path]
-    return sorted((p for p in (path / CHECKPOINTS).glob("step-*") if not p.name.endswith(".partial")), reverse=True)
+    root = path / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if not p.name.endswith(".partial")]
+    found += [p for p in root.glob(f".step-*{RETIRED_SUFFIX}") if not (root / p.name[1 : -len(RETIRED_SUFFIX)]).exists()]
+    return sorted(found, key=checkpoint_step, reverse=True)
 
 
 def find_checkpoint(resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None, key: str = "trainer.resume",

@@ -22,8 +22,7 @@ from prefopt.distributed import is_follower_host, wait_for_frozen_config
 from prefopt.fileutil import atomic_write_text, clean_stale_temps
 from prefopt import rundir
 from prefopt.models import resolve_model_source
-from prefopt.resume import check_resume, find_latest_run, no_checkpoint_error, resume_mode, search_roots
-from prefopt.resume_data import refuse_changed_data
+from prefopt.resume import accept_resume, find_latest_run, no_checkpoint_error, resume_mode, search_roots
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
 from prefopt import errors as prefopt_errors
@@ -82,15 +81,14 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     rundir.acquire(run_dir)  # one owner per run dir, held until dispatch() returns
     try:
         # --- decide: nothing in the run dir is written until the run may use it (a refused resume leaves its record as it was)
-        restore_retired(run_dir / CHECKPOINTS)  # the run's own checkpoint, back in place after a save killed mid-replace
         mode = resume_mode(cfg.trainer.resume)
         if mode == "this" and restart_count() == 0 and not checkpoint_candidates(run_dir):
             raise no_checkpoint_error(run_dir, search_roots(hydra_dir), cfg)
         rundir.refuse_reuse(run_dir, mode != "off" or restart_count() > 0)
-        accepted = check_resume(cfg, run_dir) if mode != "off" else None
-        if accepted is not None:  # a resume on other data than the checkpoint's is refused here too, before anything is written
-            refuse_changed_data(cfg, accepted.checkpoint)
+        # its config, its length (under trainer.num_epochs, on the data built once) and its data's identity
+        accepted = accept_resume(cfg, run_dir) if mode != "off" else None
         # --- accepted: record this launch in the run dir
+        restore_retired(run_dir / CHECKPOINTS)  # a checkpoint renamed aside by a save killed mid-replace, back in place
         if run_dir.resolve() != hydra_dir.resolve():
             follow_log(run_dir, hydra_dir)
         if accepted is not None and accepted.length_change:

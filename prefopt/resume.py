@@ -29,8 +29,12 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.checkpoint import (CHECKPOINT_CONFIG, CHECKPOINTS, MANIFEST, RESUME_KEYS, checkpoint_candidates, checkpoint_step,
-                                config_differences, length_change, length_differences)
+                                config_differences, length_change, load_trainer_state, resume_differences)
+from prefopt.data import PreferenceData, build_preference_data
+from prefopt.data.identity import ALLOW_CHANGED, check_resume_data, data_identity
 from prefopt.errors import CheckpointError
+from prefopt.models import load_tokenizer
+from prefopt.schedules import epoch_steps
 
 log = logging.getLogger("prefopt")
 
@@ -120,8 +124,7 @@ def newest_checkpoint(run_dir: Path) -> Optional[RunCheckpoint]:
     for candidate in checkpoint_candidates(run_dir):
         manifest = candidate / MANIFEST
         if manifest.is_file():
-            step = int(candidate.name.split("-")[-1]) if candidate.name.split("-")[-1].isdigit() else -1
-            return RunCheckpoint(run_dir, candidate, step, manifest.stat().st_mtime)
+            return RunCheckpoint(run_dir, candidate, checkpoint_step(candidate), manifest.stat().st_mtime)
     return None
 
 
@@ -149,7 +152,9 @@ def saved_config(run_dir: Path) -> Optional[dict]:
         return None
 
 
-def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 3) -> str:
+def describe_differences(differences: list[tuple[str, Any, Any]], limit: Optional[int] = 3) -> str:
+    """The differing keys with both values (limit: how many; None = all)."""
+    limit = len(differences) if limit is None else limit
     shown = ", ".join(f"{key}: {theirs!r} there vs {ours!r} now" for key, theirs, ours in differences[:limit])
     return shown + (f", and {len(differences) - limit} more" if len(differences) > limit else "")
 
@@ -225,7 +230,52 @@ def yaml_value(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
+def accept_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
+    """The parent's whole resume check, before anything is written: check_resume, with the steps trainer.num_epochs
+    gives on this data, then the data's identity (refuse_changed_data). The data is built at most once, and only when
+    a checkpoint is there to check against; never a model."""
+    data: Optional[PreferenceData] = None
+    derived = None
+    if cfg.trainer.num_epochs is not None and checkpoint_candidates(resume_path(cfg, run_dir)):
+        data = resume_data(cfg)
+        derived = epoch_steps(cfg.trainer.num_epochs, len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
+                              cfg.hardware.gpus_per_node * cfg.hardware.nodes)  # the world size the worker will have
+    accepted = check_resume(cfg, run_dir, derived)
+    if accepted is not None:
+        refuse_changed_data(cfg, accepted.checkpoint, data)
+    return accepted
+
+
+def resume_data(cfg: DictConfig) -> PreferenceData:
+    """The data exactly as the worker will build it (a tokenizer load and a tokenization, cached: the worker then
+    reads the cache)."""
+    return build_preference_data(cfg.dataset, load_tokenizer(cfg.model), cfg.trainer.seed)
+
+
+def refuse_changed_data(cfg: DictConfig, checkpoint: Path, data: Optional[PreferenceData] = None) -> None:
+    """DataError when `checkpoint` (the one check_resume accepted) recorded other data than cfg.dataset gives now
+    (prefopt/data/identity.py). data: already built, else built here when there is something to compare. Its
+    checksums are verified by the worker; an unreadable state file is the worker's to name. The worker checks
+    again (sbatch runs and requeues do not pass here)."""
+    if cfg.trainer.resume_data_changed == ALLOW_CHANGED:
+        return  # the worker compares, warns and records the change
+    try:
+        saved = load_trainer_state(checkpoint).get("data")
+    except (CheckpointError, OSError):
+        return
+    if not saved:
+        return  # a checkpoint from before prefopt recorded its data
+    current = data if data is not None else resume_data(cfg)
+    check_resume_data(saved, data_identity(current), checkpoint, cfg.trainer.resume_data_changed)
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Path:
+    """Where trainer.resume looks for checkpoints: the path it names, else the run dir."""
+    resume = cfg.trainer.resume
+    return Path(str(resume)).expanduser() if resume_mode(resume) == "path" else run_dir
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, derived_steps: Optional[int] = None) -> Optional[AcceptedResume]:
     """The checkpoint trainer.resume continues, if this config may continue it; else a CheckpointError naming every
     key that differs (both values) and how to fix it. None when there is none to check (a SLURM requeue before its
     first save). Reads only: nothing in the run dir changes either way. The checksums are verified by the worker,
@@ -236,8 +286,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
     larger max_steps does: the schedule is rebuilt for the new length and its step count continues from the
     checkpoint's (the next step's LR is the one the old schedule set; each after it, the new schedule's)."""
     resume = cfg.trainer.resume
-    path = Path(str(resume)).expanduser() if resume_mode(resume) == "path" else run_dir
-    candidates = checkpoint_candidates(path)
+    candidates = checkpoint_candidates(resume_path(cfg, run_dir))
     refusals: list[tuple[Path, list[tuple[str, Any, Any]]]] = []
     unusable = []
     for candidate in candidates:
@@ -247,7 +296,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
                                                 "no manifest.json (incomplete)"))
             continue
         step = checkpoint_step(candidate)
-        differences = config_differences(cfg, saved, length=False) + length_differences(cfg, saved, step)
+        differences = resume_differences(cfg, saved, step, derived_steps)
         if differences:
             refusals.append((candidate, differences))
             continue
@@ -268,10 +317,11 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
 
 
 def refusal_error(resume: Any, run_dir: Path, checkpoint: Path, differences: list[tuple[str, Any, Any]]) -> CheckpointError:
-    shown = "; ".join(f"{key}: {theirs!r} there vs {ours!r} now" for key, theirs, ours in differences)
+    shown = describe_differences(differences, limit=None)
     fix = " ".join(f"{key}={yaml_value(theirs)}" for key, theirs, _ in differences)
     may_change = ", ".join(key if "." in key else f"{key}.*" for key in RESUME_KEYS if key not in ("run_dir", "trainer.resume", "hardware.chosen_by"))
     return CheckpointError(f"trainer.resume={yaml_value(resume)}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
                            f"values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
-                           f"trainer.max_steps (not below the checkpoint's step {checkpoint_step(checkpoint)}). Nothing in {run_dir} "
+                           f"trainer.max_steps or trainer.num_epochs (not to fewer steps than the checkpoint's {checkpoint_step(checkpoint)}). "
+                           f"Nothing in {run_dir} "
                            f"was changed")

@@ -256,11 +256,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     dist.barrier()
     checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0)  # requeued before its first save: step 0
     if checkpoint is not None:
-        engine.load(checkpoint)
         state = load_trainer_state(checkpoint)
-        if state["step"] > trainer_cfg.max_steps:  # trainer.num_epochs fewer than the checkpoint has trained
+        if state["step"] > trainer_cfg.max_steps:  # before the weights load: trainer.num_epochs fewer than it has trained
             raise CheckpointError(f"trainer.resume: checkpoint {checkpoint} is at step {state['step']}, past this run's "
                                   f"trainer.max_steps={trainer_cfg.max_steps}; resume with a length that includes it")
+        engine.load(checkpoint)
         start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
         sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
         restore_rng_states(state["rng"])

@@ -99,7 +99,7 @@ def test_appended_rows_refuse_the_resume_as_a_moved_eval_split(stopped_run):
 def test_the_worker_refuses_too_when_the_parent_did_not_check(stopped_run, monkeypatch, capsys):
     """Belt and braces (sbatch jobs and requeues start workers without `prefopt train`'s parent)."""
     run_dir, data = stopped_run
-    monkeypatch.setattr("prefopt.launch.refuse_changed_data", lambda cfg, run_dir: None)
+    monkeypatch.setattr("prefopt.resume.refuse_changed_data", lambda cfg, checkpoint, data=None: None)
     copy = run_dir.parent / "worker_copy"
     shutil.copytree(run_dir, copy)
     argv = sys.argv
