@@ -339,8 +339,16 @@ def check_finite(values: Any, key: str = "") -> None:
         raise ConfigError(f"{key}={values} is not a finite number; give a finite value")
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Reject values that cannot work, naming the key. Runs in the parent, before any model loads."""
+def require_values(cfg: DictConfig) -> None:
+    """A required key (???) left without a value: one line naming it."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
+
+
+def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
+    """Reject values that cannot work, naming the key. Runs in the parent, before any model loads. hardware=False
+    leaves out the checks of this machine and its launch (`prefopt data` on a login node without the run's GPUs)."""
     unresolved = OmegaConf.to_container(cfg, resolve=False)  # interpolations (hardware=auto's) stay unevaluated
     check_known_keys(unresolved, OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
     check_finite(unresolved)
@@ -386,7 +394,29 @@ def validate_config(cfg: DictConfig) -> None:
     from prefopt.data.columns import ColumnMap
 
     ColumnMap.from_config(cfg.dataset.columns)  # a ConfigError naming the dataset.columns key
-    hardware = cfg.hardware
+    if hardware:
+        check_hardware(cfg.hardware)
+    resume = cfg.trainer.resume
+    if not isinstance(resume, (bool, str)):
+        raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
+    if cfg.trainer.resume_data_changed not in ("refuse", "allow"):
+        raise ConfigError(f"trainer.resume_data_changed={cfg.trainer.resume_data_changed} must be refuse or allow")
+    check_length_config(cfg.trainer)
+    check_schedule_config(cfg.trainer)
+    from prefopt.metrics import renamed_metric
+
+    renamed = renamed_metric(cfg.trainer.objective)
+    if renamed:  # caught here, not after training when the summary lacks the old name
+        raise ConfigError(f"trainer.objective={cfg.trainer.objective}: that metric is now named {renamed} (TRL's name); "
+                          f"use trainer.objective={renamed}")
+
+    from prefopt.losses import validate_loss_config
+
+    validate_loss_config(cfg.loss)
+
+
+def check_hardware(hardware: DictConfig) -> None:
+    """The hardware.* values, and whether this machine can run them (no CUDA device: refused unless SLURM runs it)."""
     if hardware.gpus_per_node * hardware.nodes > 1 and hardware.engine != "deepspeed":
         raise ConfigError(f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)")
     if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
@@ -409,26 +439,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the memory")
     if hardware.deepspeed_config and not Path(hardware.deepspeed_config).is_file():
         raise ConfigError(f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file")
-    resume = cfg.trainer.resume
-    if not isinstance(resume, (bool, str)):
-        raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
-    if cfg.trainer.resume_data_changed not in ("refuse", "allow"):
-        raise ConfigError(f"trainer.resume_data_changed={cfg.trainer.resume_data_changed} must be refuse or allow")
-    check_length_config(cfg.trainer)
-    check_schedule_config(cfg.trainer)
-    if cfg.hardware.device == "cuda" and cfg.hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here
+    if hardware.device == "cuda" and hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
-
-    from prefopt.metrics import renamed_metric
-
-    renamed = renamed_metric(cfg.trainer.objective)
-    if renamed:  # caught here, not after training when the summary lacks the old name
-        raise ConfigError(f"trainer.objective={cfg.trainer.objective}: that metric is now named {renamed} (TRL's name); "
-                          f"use trainer.objective={renamed}")
-
-    from prefopt.losses import validate_loss_config
-
-    validate_loss_config(cfg.loss)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from prefopt.config import ConfigError, register_schema, validate_config
+from prefopt.cli import failure_exit, stopped_exit
+from prefopt.config import ConfigError, register_schema, require_values, validate_config
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import data_identity
 from prefopt.data.pipeline import string_prompts_use_chat_template
-from prefopt.errors import USER_ERRORS
 from prefopt.models import load_tokenizer, resolve_model_source
 
 DESCRIPTION = ("Show the preference data a run would train on: the source and layout found, train/eval counts, skipped "
@@ -30,7 +29,8 @@ SPLIT_STATS = ("pairs", "skipped_bad_rows", "truncated", "dropped_empty_response
 
 
 def compose_run_config(overrides: list[str]) -> DictConfig:
-    """The config `prefopt train OVERRIDES` would run (before hardware=auto settles, which the data does not need)."""
+    """The config `prefopt train OVERRIDES` would run (before hardware=auto settles, which the data does not need),
+    validated except for its hardware."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
@@ -40,10 +40,8 @@ def compose_run_config(overrides: list[str]) -> DictConfig:
             cfg = compose(config_name="config", overrides=overrides)
     except HydraException as error:  # an unknown group option or key, a malformed override
         raise ConfigError(" ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
-    validate_config(cfg)
+    require_values(cfg)
+    validate_config(cfg, hardware=False)  # no model is loaded here: the run's GPUs need not be on this machine
     return cfg
 
 
@@ -116,8 +114,9 @@ def data_command(argv: list[str]) -> int:
         cfg = compose_run_config(args.overrides)
         tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
         data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
-    except USER_ERRORS as error:
-        print(f"prefopt: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C while it tokenizes: one line, exit 130
+        return stopped_exit(stop, None, []).code
+    except Exception as error:  # a user error or a full/read-only disk: one line, exit 2; anything else: a bug, re-raised
+        return failure_exit(error, "the tokenized-pairs cache (dataset.cache_dir)").code
     print(describe_data(cfg, data, tokenizer, max(0, args.pairs)))
     return 0

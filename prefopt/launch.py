@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prefopt.checkpoint import CHECKPOINTS, checkpoint_candidates, frozen_yaml, restore_retired
-from prefopt.config import ConfigError, validate_config
+from prefopt.config import ConfigError, require_values, validate_config
 from prefopt.distributed import is_follower_host, wait_for_frozen_config
 from prefopt.fileutil import atomic_write_text, clean_stale_temps
 from prefopt import rundir
@@ -67,9 +67,7 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     if cfg.get("run_dir") is not None:
         raise ConfigError(f"run_dir={cfg.run_dir}: run_dir is where prefopt records the dir a run wrote to, not a setting; choose "
                           f"the dir with hydra.run.dir={cfg.run_dir} (a sweep: hydra.sweep.dir=...)")
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
+    require_values(cfg)
     deferred_record = OmegaConf.to_yaml(cfg) if hydra_record_deferred() else None  # as composed, before hardware=auto settles
     validate_config(cfg)
     if is_follower_host(cfg.hardware):  # torchrun across hosts: node_rank 0 freezes and locks the run dir; this host waits for it

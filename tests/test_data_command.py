@@ -61,3 +61,39 @@ def test_a_bad_override_is_one_line_exit_2(override, named, capsys):
     assert prefopt_data("model=tiny_llama", override) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("prefopt: error: ") and named in message, message
+
+
+def test_gpu_hardware_is_not_needed_to_show_the_data(tmp_path, monkeypatch, capsys):
+    """`prefopt data hardware=zero3 ...` on a CPU login node: no model loads, so the run's GPUs need not be here."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    assert prefopt_data(*BASE, f"dataset.path={path}", "hardware=zero3", "--pairs", "1") == 0
+    assert "train    " in capsys.readouterr().out
+
+
+def test_an_unwritable_cache_and_ctrl_c_are_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import prefopt.datacmd as datacmd
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache" / "pairs.pt"))
+
+    monkeypatch.setattr(datacmd, "build_preference_data", full)
+    assert prefopt_data(*BASE, f"dataset.path={path}") == 2
+    err = capsys.readouterr().err
+    assert f"prefopt: error: cannot write {tmp_path}/cache/pairs.pt: No space left on device" in err and "Traceback" not in err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datacmd, "build_preference_data", interrupted)
+    assert prefopt_data(*BASE, f"dataset.path={path}") == 130
+    assert "interrupted" in capsys.readouterr().err
