@@ -97,7 +97,7 @@ class DatasetConfig:
     columns: DatasetColumnsConfig = field(default_factory=DatasetColumnsConfig)  # the data's own column names (prefopt/data/columns.py)
     cache_dir: Optional[str] = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized"  # tokenized pairs cache; null = off
     train_split: str = "train"  # split used for training
-    eval_split: Optional[str] = "test"  # held-out split; null = carve eval_fraction out of train
+    eval_split: Optional[str] = "test"  # held-out split; null = the source's own validation (else test) split, else eval_fraction of train
     eval_fraction: float = 0.1  # share of train held out when there is no eval split
     format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
     chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
@@ -261,6 +261,8 @@ CHOICES = {
     "trainer.batching": ("packed", "padded"),
     "reference.precompute": ("auto", True, False),
     "trainer.objective_direction": ("maximize", "minimize"),
+    # the data layer acts on "allow" (data/identity.ALLOW_CHANGED; data never imports config): tests/test_config.py ties them
+    "trainer.resume_data_changed": ("refuse", "allow"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "logger.console": ("auto", "fancy", "plain"),
     "logger.wandb.console": ("auto", "wrap", "redirect", "off"),
@@ -399,8 +401,6 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     resume = cfg.trainer.resume
     if not isinstance(resume, (bool, str)):
         raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
-    if cfg.trainer.resume_data_changed not in ("refuse", "allow"):
-        raise ConfigError(f"trainer.resume_data_changed={cfg.trainer.resume_data_changed} must be refuse or allow")
     check_length_config(cfg.trainer)
     check_schedule_config(cfg.trainer)
     from prefopt.metrics import renamed_metric

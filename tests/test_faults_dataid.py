@@ -191,3 +191,27 @@ def test_an_architecture_with_its_own_code_needs_trust_remote_code(tmp_path):
         resolve_model_source(model_cfg)
     model_cfg.trust_remote_code = True
     assert resolve_model_source(model_cfg).kind == "dir"
+
+
+def test_a_record_of_another_identity_version_is_not_compared(caplog):
+    """A digest scheme changed by a later prefopt: equal data would read as changed, so the versions are compared
+    first; another version warns that it cannot compare and resumes (refusing would block every resume across an
+    upgrade, for no change of data); the same version with other digests is refused."""
+    from prefopt.data.errors import DataError
+    from prefopt.data.identity import IDENTITY_VERSION, check_resume_data
+
+    current = {"version": IDENTITY_VERSION, "train": "a" * 64, "eval": "b" * 64, "train_pairs": 12, "eval_pairs": 4,
+               "origin": "file pairs.jsonl", "files": []}
+    other_scheme = {**current, "version": IDENTITY_VERSION + 1, "train": "c" * 64, "eval": "d" * 64}
+    with caplog.at_level("WARNING", logger="prefopt"):
+        assert check_resume_data(other_scheme, current, "step-000002", "refuse") == []
+    assert f"identity version {IDENTITY_VERSION + 1}" in caplog.text and "cannot be compared" in caplog.text
+    with pytest.raises(DataError, match="the training pairs differ"):
+        check_resume_data({**other_scheme, "version": IDENTITY_VERSION}, current, "step-000002", "refuse")
+
+
+def test_resume_data_changed_choices_include_the_value_the_data_layer_acts_on():
+    from prefopt.config import CHOICES
+    from prefopt.data.identity import ALLOW_CHANGED
+
+    assert ALLOW_CHANGED in CHOICES["trainer.resume_data_changed"]

@@ -8,6 +8,7 @@ re-serialized. The origin and the file names ride along only to name the data in
 from __future__ import annotations
 
 import hashlib
+import logging
 from array import array
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -16,9 +17,11 @@ from prefopt.data.errors import DataError
 from prefopt.data.tokenize import TokenizedPair
 from prefopt.fileutil import atomic_write_json
 
+log = logging.getLogger("prefopt")
+
 DATA_FILE = "data.json"  # in the run dir: the identity of the data the run trains on
 IDENTITY_VERSION = 1
-ALLOW_CHANGED = "allow"  # trainer.resume_data_changed=allow: resume on data that differs from the checkpoint's
+ALLOW_CHANGED = "allow"  # trainer.resume_data_changed=allow: resume on data that differs from the checkpoint's (config.CHOICES)
 OVERRIDE_KEY = "trainer.resume_data_changed"
 
 
@@ -59,8 +62,14 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
 def check_resume_data(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Any, setting: str) -> list[str]:
     """Refuse (DataError) a resume whose data differs from what the checkpoint trained on, unless setting is
     ALLOW_CHANGED; returns what differs (the caller records an allowed change). A checkpoint from before prefopt
-    recorded its data has nothing to compare: []."""
+    recorded its data, or recorded it with another IDENTITY_VERSION, has nothing to compare: [] (a warning for the
+    latter: refusing would block every resume across an upgrade that changes the digest, for no change of data)."""
     if not saved:
+        return []
+    if saved.get("version") != current["version"]:  # digests of another prefopt's scheme: equal data would read as changed
+        log.warning("checkpoint %s recorded its data with identity version %s, this prefopt computes version %s: the data "
+                    "cannot be compared, so a change would go unnoticed; resuming", checkpoint, saved.get("version"),
+                    current["version"])
         return []
     differences = identity_differences(saved, current)
     if not differences or setting == ALLOW_CHANGED:
