@@ -19,6 +19,19 @@ def run_train(run_dir: Path, *overrides: str) -> Path:
     return Path(run_dir)
 
 
+def command_fails(capsys, command: str, run_dir: Path, *overrides: str) -> tuple[int, str]:
+    """`prefopt COMMAND OVERRIDES hydra.run.dir=RUN_DIR` in this process, expected to exit: (exit code, stderr)."""
+    import pytest
+
+    argv = sys.argv
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *overrides, f"hydra.run.dir={run_dir}"])
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def run_sweep(sweep_dir: Path, *overrides: str) -> list[Path]:
     """`prefopt train -m ...` (Hydra's basic launcher, jobs run one after another in this process)."""
     argv = sys.argv

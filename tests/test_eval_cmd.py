@@ -10,7 +10,7 @@ import pytest
 
 from prefopt.cli import main
 from prefopt.tracking import read_jsonl
-from tests.helpers import run_train
+from tests.helpers import command_fails, run_train
 
 TINY = ["model=tiny_llama", "hardware=cpu", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3",
         "dataset.arith.num_train=16", "dataset.arith.num_eval=6", "trainer.greedy_eval_examples=4", "trainer.max_new_tokens=4",
@@ -39,14 +39,8 @@ def run_eval(out_dir: Path, *args: str) -> Path:
 
 def failed_eval(out_dir: Path, capsys, *args: str) -> str:
     """`prefopt eval ARGS` that must fail as a user error: exit code 2 and one line on stderr; returns that line."""
-    argv = sys.argv
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["eval", *args, f"hydra.run.dir={out_dir}"])
-    finally:
-        sys.argv = argv
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2, stderr
+    code, stderr = command_fails(capsys, "eval", out_dir, *args)
+    assert code == 2, stderr
     assert "Traceback" not in stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("prefopt: error: ")

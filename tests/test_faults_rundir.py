@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.cli import main
 from prefopt.tracking import read_jsonl
-from tests.helpers import run_train, wandb_history_all_segments
+from prefopt.cli import main
+from tests.helpers import command_fails, run_train, wandb_history_all_segments
 from tests.test_faults import REPO, TINY, record, train_rows
 
 QUIET = ["logger.wandb.mode=disabled"]
@@ -25,13 +25,7 @@ QUIET = ["logger.wandb.mode=disabled"]
 
 def train_fails(capsys, run_dir: Path, *overrides: str) -> tuple[int, str]:
     """`prefopt train OVERRIDES hydra.run.dir=RUN_DIR` in this process, expected to fail: (exit code, stderr)."""
-    argv = sys.argv
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train", *overrides, f"hydra.run.dir={run_dir}"])
-    finally:
-        sys.argv = argv
-    return exit_info.value.code, capsys.readouterr().err
+    return command_fails(capsys, "train", run_dir, *overrides)
 
 
 def record_files(run_dir: Path) -> dict[str, bytes]:
