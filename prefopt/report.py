@@ -4,7 +4,8 @@ run moved the probe log-probs (chosen, rejected, others, greedy) and its final e
 Writes report.md, report.csv and the overlay plot report.png into the sweep dir and prints the table.
 A job that crashed (no summary.json, or an error.txt) is a `failed` row, never a crash of the report. An
 interrupted sweep lists every job it planned (Hydra's multirun.yaml: the basic sweeper's cartesian product of
-the sweep's overrides): a job whose run dir lock is held is `running`, one without a dir `never ran`.
+the sweep's overrides): a job whose run dir lock is held is `running`, one without a dir `never ran`
+(prefopt/sweep_status.py reads the rows).
 
 `--group-by KEYS` adds evidence over seeds: jobs that differ only in trainer.seed form a group, and each
 group gets n, mean, std and a 95% Student-t interval for every metric (prefopt/stats.py);
@@ -15,129 +16,28 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import functools
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 
 from prefopt.errors import ConfigError
 from prefopt.fileutil import atomic_write_text
-from prefopt.metrics import with_current_names
-from prefopt.plots import BAND_PANELS, Band, GroupBands, RunDirError, plot_bands, plot_runs, run_label, run_overrides
-from prefopt.rundir import LOCK_FILE
+from prefopt.plots import BAND_PANELS, Band, GroupBands, RunDirError, plot_bands, plot_runs, run_overrides
 from prefopt.stats import Estimate, PairedDifference, estimate, paired_difference, sorted_seeds
-from prefopt.tracking import DYNAMICS_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
-from prefopt.worker import ERROR_FILE
+from prefopt.sweep_status import (NEVER_RAN, RUNNING, SUMMARY_COLUMNS, job_dirs, job_failed, load_yaml, read_summary,  # noqa: F401
+                                  sweep_rows)  # job_dirs: re-exported for tests
+from prefopt.tracking import DYNAMICS_FILE, METRICS_FILE, read_jsonl
 
 
-# column -> summary.json key
-SUMMARY_COLUMNS = {
-    "dChosen": "delta/chosen",
-    "dRejected": "delta/rejected",
-    "dOthers": "delta/others",
-    "dGreedy": "delta/greedy",
-    "eval_accuracy": "eval/rewards/accuracies",
-    "steps": "steps",
-}
 COLUMNS = ("job", "overrides", *SUMMARY_COLUMNS, "status")
-
-
-MULTIRUN_FILE = "multirun.yaml"  # Hydra's record of a sweep, written before its first job: the overrides it sweeps
-NEVER_RAN, RUNNING = "never ran", "running"
-
-
-def job_dirs(sweep_dir: Path, allow_none: bool = False) -> list[Path]:
-    """The job subdirs (named 0, 1, 2, ...) in job order."""
-    if not sweep_dir.is_dir():
-        raise RunDirError(f"{sweep_dir}: not a directory; give a sweep dir made by `prefopt train -m`")
-    jobs = sorted((path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()), key=lambda path: int(path.name))
-    if not jobs and not allow_none:
-        raise RunDirError(f"{sweep_dir}: no job dirs (0, 1, 2, ...) inside; give the sweep dir of a `prefopt train -m` run")
-    return jobs
-
-
-def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
-    """The overrides of every job the sweep planned, in job order (Hydra's basic sweeper: the cartesian product of
-    hydra.sweeper.params and the command line's overrides); None when unknown (no multirun.yaml, another sweeper)."""
-    hydra_cfg = (load_yaml(sweep_dir / MULTIRUN_FILE) or {}).get("hydra") or {}
-    task = (hydra_cfg.get("overrides") or {}).get("task")
-    sweeper = hydra_cfg.get("sweeper") or {}
-    if task is None or sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
-        return None
-    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
-    try:
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*params, *task]), None)
-    except HydraException:  # a sweep the parser cannot expand without the config (glob): the job dirs say what ran
-        return None
-    return [list(job) for batch in batches for job in batch]
-
-
-def lock_held(run_dir: Path) -> bool:
-    """Whether a live process holds the run dir's lock (prefopt/rundir.py): the job is running. Probed with a shared,
-    non-blocking flock released at once; the kernel drops a dead holder's lock, so a killed job reads as not running."""
-    try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def read_summary(job_dir: Path) -> Optional[dict[str, Any]]:
-    """summary.json with today's metric names: a job run before prefopt took TRL's names
-    (eval/rewards/accuracy) reports next to new ones (eval/rewards/accuracies), not as a blank."""
-    path = job_dir / SUMMARY_FILE
-    try:
-        return with_current_names(json.loads(path.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def job_failed(job_dir: Path, summary: Optional[dict[str, Any]]) -> bool:
-    """A job without a summary never finished; one with an error.txt crashed after writing it."""
-    return summary is None or (job_dir / ERROR_FILE).exists()
-
-
-def job_row(job_dir: Path, planned: Optional[list[str]] = None) -> dict[str, Any]:
-    """planned: the job's overrides as the sweep planned them, shown for a job that failed before it recorded its own."""
-    summary = read_summary(job_dir)
-    failed = job_failed(job_dir, summary)
-    label = " ".join(planned) if planned and not run_overrides(job_dir) else run_label(job_dir)
-    row: dict[str, Any] = {"job": int(job_dir.name), "overrides": label}
-    row |= {column: (summary or {}).get(key) for column, key in SUMMARY_COLUMNS.items()}
-    row["status"] = (RUNNING if summary is None and lock_held(job_dir) else "failed") if failed else "ok"
-    return row
-
-
-def never_ran_row(number: int, overrides: list[str]) -> dict[str, Any]:
-    return {"job": number, "overrides": " ".join(overrides), **{column: None for column in SUMMARY_COLUMNS}, "status": NEVER_RAN}
-
-
-def sweep_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-    """(a row per job, planned or started, in job order; the job dirs)."""
-    planned = planned_jobs(sweep_dir) if sweep_dir.is_dir() else None
-    jobs = job_dirs(sweep_dir, allow_none=bool(planned))
-    planned_by_number = dict(enumerate(planned or []))
-    rows = {int(job.name): job_row(job, planned_by_number.get(int(job.name))) for job in jobs}
-    for number, overrides in planned_by_number.items():
-        rows.setdefault(number, never_ran_row(number, overrides))
-    return [rows[number] for number in sorted(rows)], jobs
 
 
 def plot_labels(jobs: list[Path]) -> list[str]:
@@ -305,16 +205,6 @@ def job_seed(job: Job) -> Any:
     the canonical text of whatever else it is."""
     value = job_setting(job, SEED_KEY).value
     return int(value) if value.lstrip("-").isdigit() else value
-
-
-def load_yaml(path: Path) -> Optional[dict]:
-    """A YAML file as plain containers (interpolations left as text), or None when absent."""
-    if not path.is_file():
-        return None
-    try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as error:  # OmegaConf raises several types for a damaged file
-        raise RunDirError(f"{path}: not readable YAML ({error}); the job dir is damaged") from None
 
 
 def read_job(job_dir: Path) -> Job:

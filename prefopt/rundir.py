@@ -28,6 +28,7 @@ from prefopt.fileutil import open_no_follow
 LOCK_FILE = ".prefopt.lock"
 RANKS_LOCK_FILE = ".prefopt.ranks.lock"  # shared by every live rank of the run dir's launch
 RANKS_GONE_WAIT_S = 10.0  # how long a new owner waits for the ranks of an ended launch to be gone
+PROBE_GRACE_S = 1.0  # how long acquire retries a lock held for an instant by a probe (lock_is_held), not an owner
 LOCK_ENV = "PREFOPT_RUN_DIR_LOCK"  # set for child processes: this run dir's lock is held by a parent
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # any of these (or a checkpoint) means the dir holds a run
 
@@ -47,9 +48,7 @@ def acquire(run_dir: Path, wait_for_ranks: bool = True) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = open_no_follow(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # a planted link is refused, never written through
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not take_lock(fd, fcntl.LOCK_EX, PROBE_GRACE_S):
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.close(fd)
         raise RunDirBusyError(f"run dir {run_dir} is in use by another prefopt run ({describe(holder)}); wait for it to "
@@ -66,6 +65,35 @@ def acquire(run_dir: Path, wait_for_ranks: bool = True) -> None:
     os.environ[LOCK_ENV] = str(run_dir)  # torchrun workers and other children inherit it
 
 
+def take_lock(fd: int, operation: int, timeout_s: float) -> bool:
+    """flock(fd, operation) without blocking, tried again for up to timeout_s: whether it was taken."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process owns the run dir (`prefopt report`: the job is running). Probed with a shared lock taken
+    without blocking and dropped at once: probes never hold each other off (a probe of a probe would read as a live
+    owner), and the kernel drops a killed owner's lock, so a killed job reads as not running. An owner's acquire that
+    meets a probe's lock tries again for PROBE_GRACE_S instead of failing. Opened read-only and never created: a
+    probe leaves a job dir as it found it."""
+    try:
+        fd = open_no_follow(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except (OSError, ConfigError):  # no lock file: never owned; a planted link: not a prefopt lock
+        return False
+    try:
+        return not take_lock(fd, fcntl.LOCK_SH, 0.0)
+    finally:
+        os.close(fd)
+
+
 def release(run_dir: Path) -> None:
     run_dir = run_dir.resolve()
     fd = _held.pop(run_dir, None)
@@ -79,15 +107,7 @@ def ranks_gone(run_dir: Path, timeout_s: float) -> bool:
     """Wait (bounded) until no process holds the run dir's ranks lock."""
     fd = open_no_follow(run_dir / RANKS_LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.1)
+        return take_lock(fd, fcntl.LOCK_EX, timeout_s)  # exclusive: the ranks hold it shared
     finally:
         os.close(fd)
 

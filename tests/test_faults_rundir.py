@@ -332,3 +332,30 @@ def test_a_link_planted_at_the_reference_cache_entry_is_not_written_through(tmp_
     run_train(tmp_path / "second", *args)
     assert outside.read_text() == "keep me\n" and entry.is_file() and not entry.is_symlink()
     record("link planted at the reference cache's entry", "replaced, not written through; the outside file unchanged")
+
+
+def test_a_report_probing_the_lock_never_makes_a_launch_fail(tmp_path):
+    """`prefopt report` probes a job's run dir lock while a launch may be taking it: the probe's instant of holding
+    the lock makes acquire try again, never fail with 'holder unknown'; probes do not read each other as owners."""
+    import fcntl
+    import threading
+
+    from prefopt import rundir
+
+    run_dir = tmp_path / "job"
+    run_dir.mkdir()
+    (run_dir / rundir.LOCK_FILE).touch()
+    probe = os.open(run_dir / rundir.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # a probe caught mid-way (held longer than any real one)
+    try:
+        assert not rundir.lock_is_held(run_dir)  # another probe: not an owner
+        threading.Timer(0.3, fcntl.flock, [probe, fcntl.LOCK_UN]).start()  # the probe lets go
+        rundir.acquire(run_dir, wait_for_ranks=False)
+        try:
+            assert rundir.lock_is_held(run_dir)
+        finally:
+            rundir.release(run_dir)
+    finally:
+        os.close(probe)
+    assert not rundir.lock_is_held(run_dir) and not rundir.lock_is_held(tmp_path / "never-ran")
+    assert not (tmp_path / "never-ran").exists()
