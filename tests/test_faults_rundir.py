@@ -359,3 +359,17 @@ def test_a_report_probing_the_lock_never_makes_a_launch_fail(tmp_path):
         os.close(probe)
     assert not rundir.lock_is_held(run_dir) and not rundir.lock_is_held(tmp_path / "never-ran")
     assert not (tmp_path / "never-ran").exists()
+
+
+def test_a_link_loop_above_a_written_file_is_one_line(tmp_path):
+    """ELOOP also comes from a looping link among the parent dirs, where readlink of the path itself fails: still the
+    one-line LinkRefused, never that OSError."""
+    from prefopt.fileutil import LinkRefused, open_no_follow
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(LinkRefused, match="link loop in its parent dirs"):
+        open_no_follow(tmp_path / "loop" / "config.yaml", os.O_RDWR | os.O_CREAT)
+    (tmp_path / "outside").write_text("x")
+    (tmp_path / "lock").symlink_to(tmp_path / "outside")
+    with pytest.raises(LinkRefused, match=f"lock is a symbolic link to {tmp_path / 'outside'}"):
+        open_no_follow(tmp_path / "lock", os.O_RDWR | os.O_CREAT)
