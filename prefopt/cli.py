@@ -176,10 +176,9 @@ def train_app(cfg: DictConfig) -> Optional[float]:
         return run_job(cfg, hydra_cfg)
     run_dir = None
     try:
-        with sigterm_stops():
-            run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-            log.info("run dir: %s", run_dir)
-            summary = dispatch(cfg, run_dir)
+        run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        log.info("run dir: %s", run_dir)
+        summary = dispatch(cfg, run_dir)
     except KeyboardInterrupt as stop:
         raise stopped_exit(stop, run_dir, list(hydra_cfg.overrides.task)) from None
     except Exception as error:
@@ -200,10 +199,9 @@ def eval_app(cfg: DictConfig) -> Optional[float]:
         return run_job(cfg, hydra_cfg, command="eval")
     run_dir = None
     try:
-        with sigterm_stops():
-            run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-            log.info("eval run dir: %s", run_dir)
-            summary = dispatch(cfg, run_dir, command="eval")
+        run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        log.info("eval run dir: %s", run_dir)
+        summary = dispatch(cfg, run_dir, command="eval")
     except KeyboardInterrupt as stop:
         raise stopped_exit(stop, None, []) from None
     except Exception as error:
@@ -257,7 +255,8 @@ def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
-        app()
+        with sigterm_stops():  # for the whole app: one run, every job of a sweep (-m), and Hydra's composing around them
+            app()
     except KeyboardInterrupt as stop:  # outside train_app's handler: while Hydra composes, in a sweep, in another app
         return stopped_exit(stop, None, []).code
     return 0

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from prefopt.fileutil import atomic_write_json, exclusive_lock
+from prefopt.proctree import host_name
 
 RANKS_FILE = "ranks.json"  # in the run dir: which host ran which rank, written by every rank at start
 FOLLOWER_WAIT_S = 900.0  # how long a torchrun host with node_rank > 0 waits for node_rank 0 to freeze the run dir
@@ -191,7 +192,7 @@ def record_rank(run_dir: Path, hardware_cfg: DictConfig) -> dict:
         except OSError:
             pass
     entry = {"rank": int(env.get("RANK", "0")), "local_rank": int(env.get("LOCAL_RANK", "0")), "world_size": world_size,
-             "host": socket.gethostname(), "slurm_node": env.get("SLURMD_NODENAME"), "address": address,
+             "host": host_name(), "slurm_node": env.get("SLURMD_NODENAME"), "address": address,
              "interface": env.get("GLOO_SOCKET_IFNAME") or interface, "pid": os.getpid()}
     launch = launch_id()
     run_dir = Path(run_dir)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
-import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,9 +26,8 @@ from prefopt.models import resolve_model_source
 from prefopt.resume import accept_resume, find_latest_run, no_checkpoint_error, resume_mode, search_roots
 from prefopt.slurm import restart_count
 from prefopt.resources import settle_hardware
-from prefopt import errors as prefopt_errors
 from prefopt import proctree
-from prefopt.errors import Terminated, stop_exception
+from prefopt.errors import USER_ERRORS, Terminated, stop_exception
 from prefopt.worker import ERROR_FILE, EXIT_REPORT
 
 log = logging.getLogger("prefopt")
@@ -209,6 +209,10 @@ def _dispatch(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     return run_torchrun(cfg, run_dir, command)
 
 
+STOP_WAIT_S = 600.0  # ranks stopping at a checkpoint (Ctrl-C, SIGTERM here) are ended after this long; again: at once
+LONE_STOP_WAIT_S = 10.0  # after a rank reported a stop, how long torchrun may take to exit before its ranks are ended
+
+
 def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") -> dict[str, Any]:
     """torchrun's ranks on this host. They die with this process however it dies (prefopt/proctree.py); a rank's user
     error ends them all and is raised here as its one line; Ctrl-C or SIGTERM here stops them at a checkpoint."""
@@ -221,28 +225,34 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", *torchrun_node_args(cfg.hardware),
         "-m", "prefopt.worker", str(run_dir / "config.yaml"), *(["--command", command_name] if command_name != "train" else []),
     ]
+    launch = secrets.token_hex(8)  # the ranks stamp their exit reports with it: another launch's are never read here
     env = dict(os.environ)
     env[proctree.LAUNCHER_ENV] = str(os.getpid())
+    env[proctree.LAUNCH_ID_ENV] = launch
     if cfg.hardware.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(cfg.hardware.num_threads or max(1, (os.cpu_count() or 1) // ranks)))
-    take_exit_reports(run_dir)  # an earlier launch's
+    if not is_follower_host(cfg.hardware):
+        # this process holds the run dir's lock, and no rank of this launch runs yet (another host's meet this one's
+        # torchrun first): every report there is an earlier launch's, left by a parent that was killed
+        remove_exit_reports(run_dir)
     log.info("launching %d ranks: %s", ranks, " ".join(command))
     # its own session (a Ctrl-C in the terminal reaches this process only), and it dies with this process
     process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=proctree.die_with_parent_preexec())
     try:
-        returncode = wait_for_ranks(process, run_dir)
+        returncode = wait_for_ranks(process, run_dir, launch)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (errors.Terminated) here: the ranks stop at a checkpoint
         stop_ranks(process, signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
-        take_exit_reports(run_dir)
+        take_exit_reports(run_dir, launch)
         raise
     except BaseException:
         proctree.kill_tree(process)
         raise
-    reports = take_exit_reports(run_dir)
-    raise_user_error(reports)  # a rank that reported one and gave up waiting for this process to end the launch
+    # torchrun has exited (or was ended by wait_for_ranks): what its ranks reported is raised outside the try above
+    reports = take_exit_reports(run_dir, launch)
+    raise_user_error(reports)
     stopped = [report["stopped"] for report in reports if "stopped" in report]
-    if stopped:  # a rank was sent SIGTERM (or SIGINT) by someone else: the ranks stopped at a checkpoint
+    if stopped:  # a rank was sent SIGTERM (or SIGINT) by someone else: the ranks stopped (at a checkpoint in the loop)
         raise stop_exception(stopped[0])
     if returncode != 0:
         errors = sorted(run_dir.glob(ERROR_FILE.replace(".txt", "*.txt")))
@@ -251,16 +261,26 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
     return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
 
 
-def wait_for_ranks(process: subprocess.Popen, run_dir: Path, poll_s: float = 0.2) -> int:
-    """torchrun's exit code; a rank's user error (its exit report) ends every rank at once and is raised here."""
+def wait_for_ranks(process: subprocess.Popen, run_dir: Path, launch: str, poll_s: float = 0.2) -> int:
+    """torchrun's exit code, once it exits or its ranks were ended here: on a rank's user error at once (the others
+    may wait in a collective for the one that failed), and when a rank reported a stop but torchrun is still there
+    LONE_STOP_WAIT_S later (a rank stopped alone, outside the loop: its peers would wait for it in a collective).
+    The caller acts on the reports."""
+    stopped_at = None
     while True:
         try:
             return process.wait(timeout=poll_s)
         except subprocess.TimeoutExpired:
             pass
-        if any("user_error" in report for report in read_exit_reports(run_dir)):
-            proctree.kill_tree(process)  # the other ranks may wait in a collective for the one that failed
-            raise_user_error(take_exit_reports(run_dir))
+        reports = read_exit_reports(run_dir, launch)
+        if stopped_at is None and any("stopped" in report for report in reports):
+            stopped_at = time.monotonic()
+        lone_stop = stopped_at is not None and time.monotonic() - stopped_at > LONE_STOP_WAIT_S
+        if lone_stop:
+            log.warning("a rank stopped on its own and the others did not follow within %.0f s: ending them", LONE_STOP_WAIT_S)
+        if lone_stop or any("user_error" in report for report in reports):
+            proctree.kill_tree(process)
+            return process.returncode if process.returncode is not None else -signal.SIGKILL  # None: stuck in the kernel
 
 
 def raise_user_error(reports: list[dict]) -> None:
@@ -268,14 +288,14 @@ def raise_user_error(reports: list[dict]) -> None:
     errors = [report for report in reports if "user_error" in report]
     if errors:
         first = min(errors, key=lambda report: report["rank"])
-        raise getattr(prefopt_errors, first["user_error"], ConfigError)(first["message"])
+        raise {kind.__name__: kind for kind in USER_ERRORS}.get(first["user_error"], ConfigError)(first["message"])
 
 
 def stop_ranks(process: subprocess.Popen, signum: int) -> None:
     """Ranks in the training loop (they catch SIGTERM there, trainer.DeferredInterrupt) get the stop signal: they
     agree on a step, checkpoint it and exit 0, and torchrun exits too; a second Ctrl-C or SIGTERM while they do ends
-    them at once. Ranks outside the loop (starting up: nothing to checkpoint yet) are ended at once, quietly: a
-    default SIGTERM would make torchrun print a traceback of its own."""
+    them at once, and so does STOP_WAIT_S passing. Ranks outside the loop (starting up: nothing to checkpoint yet)
+    are ended at once, quietly: a default SIGTERM would make torchrun print a traceback of its own."""
     ranks = [pid for pid in proctree.descendants(process.pid)
              if proctree.parent_of(pid) == process.pid and "prefopt.worker" in proctree.cmdline(pid)]
     if not ranks or not all(proctree.catches(pid, signal.SIGTERM) for pid in ranks):
@@ -284,31 +304,36 @@ def stop_ranks(process: subprocess.Popen, signum: int) -> None:
     log.warning("stopping the ranks after their current step, with a checkpoint (again to stop at once)")
     proctree.signal_all(ranks, signum)
     try:
-        process.wait()
+        process.wait(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("the ranks did not stop within %.0f s: ending them (the last checkpoint on disk is intact)", STOP_WAIT_S)
+        proctree.kill_tree(process)
     except KeyboardInterrupt:
         proctree.kill_tree(process)
-    proctree.wait_gone(ranks, 10.0)
+    proctree.wait_gone(ranks, proctree.KILL_WAIT_S)
 
 
-def read_exit_reports(run_dir: Path) -> list[dict]:
+def read_exit_reports(run_dir: Path, launch: str) -> list[dict]:
+    """The exit reports of this launch's ranks (another launch's, another host's or an earlier one, are not ours)."""
     reports = []
     for path in sorted(run_dir.glob(EXIT_REPORT.format(rank="*"))):
         try:
-            reports.append(json.loads(path.read_text()))
+            report = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(report, dict) and report.get("launch") == launch:
+            reports.append(report)
     return reports
 
 
-def take_exit_reports(run_dir: Path) -> list[dict]:
-    """The ranks' exit reports, and those of this host's ranks removed: they are messages to the launching process
-    (on each host of a multi-host run), not a record of the run."""
-    reports = read_exit_reports(run_dir)
+def take_exit_reports(run_dir: Path, launch: str) -> list[dict]:
+    """This launch's exit reports, removed: they are messages to this process, not a record of the run."""
+    reports = read_exit_reports(run_dir, launch)
+    for report in reports:
+        (run_dir / EXIT_REPORT.format(rank=report["rank"])).unlink(missing_ok=True)
+    return reports
+
+
+def remove_exit_reports(run_dir: Path) -> None:
     for path in run_dir.glob(EXIT_REPORT.format(rank="*")):
-        try:
-            if json.loads(path.read_text()).get("host") not in (None, socket.gethostname()):
-                continue
-        except (OSError, ValueError, AttributeError):
-            pass
         path.unlink(missing_ok=True)
-    return reports

@@ -17,12 +17,17 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections import defaultdict
 from typing import Callable, Optional
 
+from prefopt.fileutil import process_alive
+
 LAUNCHER_ENV = "PREFOPT_LAUNCHER_PID"  # set for torchrun's ranks: the `prefopt train` process they belong to
+LAUNCH_ID_ENV = "PREFOPT_LAUNCH_ID"  # set for torchrun's ranks: a nonce naming this launch (worker.EXIT_REPORT)
 PR_SET_PDEATHSIG = 1
 
 
@@ -37,7 +42,12 @@ def _prctl() -> Optional[Callable]:
 
 def die_with_parent_preexec() -> Optional[Callable[[], None]]:
     """A Popen preexec_fn: the child gets SIGKILL when this process dies (and exits at once if it already has).
-    None where the kernel offers no parent-death signal."""
+    None where the kernel offers no parent-death signal.
+
+    preexec_fn runs between fork and exec, which is unsafe when this process has threads (a lock another thread
+    held at the fork stays held in the child). It is kept because nothing else sets PR_SET_PDEATHSIG on the child
+    before it runs (Popen has no option for it, and torchrun is not ours to change), and kept minimal for that: one
+    foreign call (prctl, looked up before the fork) and getppid, no Python allocation, import or lock."""
     prctl, parent = _prctl(), os.getpid()  # looked up before the fork: the child only calls it
     if prctl is None:
         return None
@@ -53,9 +63,9 @@ def die_with_parent_preexec() -> Optional[Callable[[], None]]:
 def follow_launcher() -> None:
     """In a rank started by `prefopt train` (through torchrun): die with torchrun, and exit now if the launcher is
     already gone. Elsewhere (srun tasks, a worker started by hand) nothing changes."""
-    launcher = os.environ.get(LAUNCHER_ENV)
+    launcher = os.environ.get(LAUNCHER_ENV, "")
     prctl = _prctl()
-    if not launcher or prctl is None:
+    if not launcher.isdigit() or prctl is None:  # unset, or not a pid (set by hand): not a rank of `prefopt train`
         return
     prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if parent_of(os.getppid()) != int(launcher):  # torchrun died, or its parent did: this launch is over
@@ -89,36 +99,41 @@ def catches(pid: int, signum: int) -> bool:
     return bool(mask >> (int(signum) - 1) & 1)
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
+def running(pid: int) -> bool:
+    """The process exists (fileutil.process_alive) and is not a zombie: a dead process that its parent has not
+    reaped yet (a container's pid 1 may never reap the ranks it inherits) is gone for every purpose here."""
+    return process_alive(pid) and state(pid) not in ("Z", "X")
+
+
+def state(pid: int) -> Optional[str]:
+    """The process's state letter in /proc (R, S, Z...); None when it is gone or there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        if os.path.isdir("/proc"):
-            return False
+            return handle.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        pass
-    try:  # no /proc: signal 0 only says the pid exists
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        return None
+
+
+def processes() -> list[int]:
+    """Every pid in /proc ([] where there is none)."""
+    try:
+        return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
+    except OSError:
+        return []
+
+
+def host_name() -> str:
+    """This host's name, as every record of where a process runs says it (run-dir lock, ranks, exit reports, errors)."""
+    return socket.gethostname()
 
 
 def descendants(pid: int) -> list[int]:
     """Every process below pid (children first), from /proc; [] where there is no /proc."""
     children: dict[int, list[int]] = defaultdict(list)
-    try:
-        entries = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
-    except OSError:
-        return []
-    for name in entries:
-        parent = parent_of(int(name))
+    for child in processes():
+        parent = parent_of(child)
         if parent is not None:
-            children[parent].append(int(name))
+            children[parent].append(child)
     found, queue = [], list(children.get(pid, []))
     while queue:
         child = queue.pop(0)
@@ -136,18 +151,29 @@ def signal_all(pids: list[int], signum: int) -> None:
 
 
 def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """Wait (bounded) until none of pids is alive; returns those still alive."""
+    """Wait (bounded) until none of pids is running; returns those still running."""
     deadline = time.monotonic() + timeout_s
-    left = [pid for pid in pids if alive(pid)]
+    left = [pid for pid in pids if running(pid)]
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [pid for pid in left if alive(pid)]
+        left = [pid for pid in left if running(pid)]
     return left
 
 
+KILL_WAIT_S = 10.0  # how long SIGKILLed processes may take to be gone (the kernel frees their memory)
+
+
 def kill_tree(process) -> None:
-    """SIGKILL a Popen'd launcher (torchrun) and everything below it, and wait until they are gone."""
-    below = descendants(process.pid)
-    signal_all([process.pid, *below], signal.SIGKILL)
-    process.wait()
-    wait_gone(below, 10.0)
+    """SIGKILL a Popen'd launcher (torchrun) and everything below it, and wait (bounded) until they are gone.
+    Nothing once the launcher has been reaped: its pid, and those of its former children, may be another process's
+    by now (its ranks die with it: prefopt/proctree.py)."""
+    if process.poll() is not None:
+        return
+    below = descendants(process.pid)  # read while the launcher is alive and unreaped: these pids are still its own
+    process.kill()  # Popen's own: never signals a pid it has reaped
+    signal_all(below, signal.SIGKILL)
+    try:
+        process.wait(timeout=KILL_WAIT_S)
+    except subprocess.TimeoutExpired:
+        pass  # in uninterruptible sleep (a hung file system): nothing more can be done from here
+    wait_gone(below, KILL_WAIT_S)

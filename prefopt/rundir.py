@@ -16,12 +16,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from prefopt import proctree
 from prefopt.errors import ConfigError
 from prefopt.fileutil import open_no_follow
 
@@ -57,7 +57,7 @@ def acquire(run_dir: Path, wait_for_ranks: bool = True) -> None:
         os.close(fd)
         raise RunDirBusyError(f"run dir {run_dir} still has live ranks of an earlier launch ({describe_ranks(run_dir)}) "
                               f"{RANKS_GONE_WAIT_S:.0f} s after it ended; end them (kill PID) and run again") from None
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    info = json.dumps({"pid": os.getpid(), "host": proctree.host_name(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": " ".join(sys.argv)})
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode() + b"\n", 0)

@@ -89,11 +89,12 @@ class Preemption:
     The warning is USR2 (`--signal=USR2@SECONDS`; submitit's default; SUBMITIT_PREEMPT_SIGNAL changes it).
     With the trainer hook, the flag is polled once per step and the checkpoint is written at that step:
 
-        if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint at this step, then requeue
+        preempted, stop = interrupt.requested(dist)  # one all-reduce: these flags and the trainer's Ctrl-C/SIGTERM
+        if preempted:  # SLURM time limit / preemption: checkpoint at this step, then requeue
             save(step)  # checkpoint_state of this step (trainer.py)
             preemption.requeue(dist)
 
-    Outside a SLURM task `requested` is False and costs nothing. Inside one, its first call takes over
+    Outside a SLURM task the flags stay 0 and `requested` is False. Inside one, the first poll takes over
     USR2 and SIGTERM (scancel, `scontrol requeue`, preemption) and from then on all ranks agree on the
     flags every step (one small all-reduce), so they checkpoint at the same step. After a USR2, rank 0
     requeues the job (through submitit's handler under hydra/launcher=slurm, which also re-pickles the
@@ -131,18 +132,24 @@ class Preemption:
             self.requeue_job()
 
     def requested(self, dist) -> bool:
-        if not self.deferred:
-            if not in_slurm_task():
-                return False
-            self.install(deferred=True)
+        if not self.deferred and not in_slurm_task():
+            return False
         warned, terminated = self._flags(dist)
         return warned or terminated
+
+    def local_flags(self) -> list[float]:
+        """This rank's [got the warning signal, got SIGTERM], for an all-reduce that makes every rank agree (the
+        trainer's per-step one carries its stop flag too: trainer.DeferredInterrupt.requested). Inside a SLURM task
+        the first call arms the deferred handlers; elsewhere both stay 0."""
+        if not self.deferred and in_slurm_task():
+            self.install(deferred=True)
+        return [float(self.warning_signal() in self.received), float(signal.SIGTERM in self.received)]
 
     def _flags(self, dist) -> tuple[bool, bool]:
         """(some rank got the warning signal, some rank got SIGTERM)."""
         import torch
 
-        flags = dist.all_reduce(torch.tensor([float(self.warning_signal() in self.received), float(signal.SIGTERM in self.received)], dtype=torch.float64))
+        flags = dist.all_reduce(torch.tensor(self.local_flags(), dtype=torch.float64))
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def requeue_job(self) -> None:

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy
 import torch
@@ -186,12 +186,13 @@ class DeferredInterrupt:
         name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         log.warning("%s: stopping after this step with a checkpoint (again to stop at once)", name)
 
-    def requested(self, dist: DistInfo) -> int:
-        """The stop signal any rank received (0: none); every rank calls this at every step."""
-        if not dist.spans_ranks:
-            return self.received
-        received = torch.tensor([float(self.received)], dtype=torch.float64)
-        return int(dist.all_reduce(received, torch.distributed.ReduceOp.MAX).item())
+    def requested(self, dist: DistInfo) -> tuple[bool, int]:
+        """(SLURM's time-limit warning or SIGTERM reached some rank: checkpoint and requeue, prefopt/slurm.py; the stop
+        signal some rank received, 0 for none). Every rank calls this at every step: one all-reduce carries both, so
+        a multi-rank run pays one small collective per step for them, and a single rank none."""
+        flags = torch.tensor([*preemption.local_flags(), float(self.received)], dtype=torch.float64)
+        warned, terminated, stop = dist.all_reduce(flags, torch.distributed.ReduceOp.MAX).tolist()
+        return bool(warned or terminated), int(stop)
 
     def restore(self) -> None:
         for signum, previous in self.previous.items():
@@ -344,10 +345,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 guard.after_step(step, applied, grad_norm)  # too many non-finite steps in a row: stop here
                 if trainer_cfg.save_every and step % trainer_cfg.save_every == 0:
                     save(step)
-                if preemption.requested(dist):  # SLURM time limit / preemption: checkpoint this step, then requeue
+                preempted, stop = interrupt.requested(dist)  # what any rank received, agreed in one all-reduce
+                if preempted:  # SLURM time limit / preemption: checkpoint this step, then requeue
                     save(step)
                     preemption.requeue(dist)
-                stop = interrupt.requested(dist)
                 if stop:  # Ctrl-C or SIGTERM: taken at this step boundary by every rank, never inside an update
                     save(step)
                     log.warning("stopped: checkpoint of step %d written in %s", step, run_dir)  # the CLI prints the resume command

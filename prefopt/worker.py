@@ -8,6 +8,7 @@ The DeepSpeed launcher appends --local_rank; ranks come from the environment, so
 A rank of `prefopt train` (torchrun under it) dies with it (prefopt/proctree.py), holds the run dir's ranks lock
 for its life, and tells it how it ended in a transient report (EXIT_REPORT) instead of a traceback: a user error
 as its one line (the parent ends the ranks and prints it, exit 2), a stop (SIGTERM, Ctrl-C) after its checkpoint.
+Each report names its launch (PREFOPT_LAUNCH_ID): a parent reads only its own launch's reports.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -51,7 +51,13 @@ def current_rank() -> int:
 
 def launched_by_prefopt() -> bool:
     """This process is a rank that `prefopt train` started through torchrun (it reads this rank's exit report)."""
-    return bool(os.environ.get(proctree.LAUNCHER_ENV))
+    return bool(os.environ.get(proctree.LAUNCH_ID_ENV))
+
+
+def write_exit_report(run_dir: Path, rank: int, **outcome: Any) -> None:
+    """This rank's EXIT_REPORT for the `prefopt train` that launched it: outcome is user_error= and message=, or stopped=."""
+    report = {"launch": os.environ[proctree.LAUNCH_ID_ENV], "rank": rank, "host": proctree.host_name(), **outcome}
+    atomic_write_text(run_dir / EXIT_REPORT.format(rank=rank), json.dumps(report))
 
 
 def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = False) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = 
         if not isinstance(error, (KeyboardInterrupt, SystemExit)) and not reported:
             rank = current_rank()
             name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
-            atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank} on {socket.gethostname()}:\n{traceback.format_exc()}")
+            atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank} on {proctree.host_name()}:\n{traceback.format_exc()}")
         raise
 
 
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     proctree.follow_launcher()  # under prefopt train: die with it, or exit now if it is already gone
     rank = current_rank()
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
-    report = Path(args.config).resolve().parent / EXIT_REPORT.format(rank=rank)
+    run_dir = Path(args.config).resolve().parent
     try:
         run_worker(args.config, args.command, as_rank=True)
     except USER_ERRORS as error:
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"prefopt: error: {error}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
         kind = next(cls.__name__ for cls in type(error).__mro__ if cls in USER_ERRORS)
-        atomic_write_text(report, json.dumps({"rank": rank, "host": socket.gethostname(), "user_error": kind, "message": str(error)}))
+        write_exit_report(run_dir, rank, user_error=kind, message=str(error))
         # exiting non-zero would make torchrun print a traceback of its own: the parent ends this launch instead
         time.sleep(REPORTED_WAIT_S)
         os._exit(USER_ERROR_EXIT_CODE)
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
         if not launched_by_prefopt():
             raise SystemExit(128 + signum) from None
-        atomic_write_text(report, json.dumps({"rank": rank, "host": socket.gethostname(), "stopped": int(signum)}))
+        write_exit_report(run_dir, rank, stopped=int(signum))
         raise SystemExit(0) from None  # quietly: the parent says how the run stopped and how to resume it
 
 

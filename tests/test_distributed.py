@@ -4,7 +4,6 @@ The first DeepSpeed start on a machine compiles a small shared-memory op (~45 s,
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -32,11 +31,6 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def prefopt_process(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "prefopt.cli", "train", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def leftover_processes(marker: str) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in ps if marker in line and "ps -eo" not in line]
 
 
 @pytest.mark.parametrize("zero_stage, dtype", [(0, "fp32"), (3, "fp32"), (3, "bf16")])
@@ -94,21 +88,6 @@ def test_killed_two_rank_run_resumes_exactly(tmp_path):
     assert sorted(resumed) == list(range(1, 41))
     for step in range(1, 41):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
-
-
-def test_a_bad_row_on_two_ranks_is_one_line_exit_2_and_leaves_no_process(tmp_path):
-    bad = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
-    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    process = prefopt_process(*TINY, "hardware=cpu_2proc", "dataset=local", f"dataset.path={bad}", "trainer.max_steps=2",
-                              f"hydra.run.dir={tmp_path / 'run'}")
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 2 and "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
-    [line] = [line for line in output.splitlines() if line.startswith("prefopt:")]  # the rank's one line, said once
-    assert line.startswith("prefopt: error:") and "line 9" in line and "pairs.jsonl" in line
-    assert not (tmp_path / "run" / "error.txt").exists()  # a user error, not a failed run (prefopt report)
-    time.sleep(1)
-    assert leftover_processes(str(tmp_path / "run")) == []
 
 
 def held_out_rows(run_dir: Path, file: str, step: int) -> dict:

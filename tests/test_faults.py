@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prefopt import proctree
 from prefopt.checkpoint import write_manifest
 from prefopt.tracking import read_jsonl
 from tests.helpers import run_train, wandb_history_all_segments
@@ -58,18 +59,8 @@ def assert_same_metrics(first: Path, second: Path) -> None:
 def run_processes(run_dir: Path) -> list[str]:
     """'pid: command line' of every live process (not a zombie) whose command line names run_dir (its parent,
     torchrun, its ranks)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if str(run_dir) in command and state not in ("Z", "X"):
-            found.append(f"{entry.name}: {command[:200]}")
-    return found
+    return [f"{pid}: {proctree.cmdline(pid)[:200]}" for pid in proctree.processes()
+            if pid != os.getpid() and str(run_dir) in proctree.cmdline(pid) and proctree.running(pid)]
 
 
 def assert_nothing_survives(run_dir: Path, within_s: float = 10.0) -> None:

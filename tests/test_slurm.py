@@ -397,3 +397,39 @@ def test_the_sbatch_script_trains_a_frozen_run_dir_on_two_tasks(slurm_env, tmp_p
     assert sorted(losses) == [1, 2, 3]
     for step, expected in local_two_rank_losses.items():
         assert losses[step] == pytest.approx(expected, rel=1e-4), step
+
+
+class CountingDist(DistInfo):
+    """Two ranks as far as the trainer can tell; counts the collectives it is asked for (each returns its input)."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=2, initialized=True)
+        self.collectives = 0
+
+    def all_reduce(self, values, op=None):
+        self.collectives += 1
+        return values.clone()
+
+
+@pytest.mark.parametrize("in_slurm", [False, True])
+def test_a_step_agrees_on_preemption_and_stop_signals_in_one_collective(monkeypatch, in_slurm):
+    from prefopt import slurm
+    from prefopt.trainer import DeferredInterrupt
+
+    for name in ("SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.setenv(name, "0") if in_slurm else monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(slurm, "preemption", Preemption())
+    monkeypatch.setattr("prefopt.trainer.preemption", slurm.preemption)
+    dist, interrupt = CountingDist(), DeferredInterrupt(enabled=False)
+    try:
+        assert interrupt.requested(dist) == (False, 0)
+        interrupt.received = signal.SIGINT
+        assert interrupt.requested(dist) == (False, signal.SIGINT)
+        if in_slurm:
+            slurm.preemption.record(signal.SIGUSR2)
+            assert interrupt.requested(dist) == (True, signal.SIGINT)
+        assert dist.collectives == (3 if in_slurm else 2)  # one per step, for both
+    finally:
+        if in_slurm:
+            signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
