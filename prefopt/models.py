@@ -6,6 +6,7 @@ fail in seconds on a model that is not there, before anything is dispatched.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from prefopt.errors import ModelNotFoundError  # noqa: F401  (re-exported)
+from prefopt.errors import ConfigError, ModelNotFoundError  # noqa: F401  (ModelNotFoundError: re-exported)
 from prefopt.fileutil import exclusive_lock
 
 CHATML_TEMPLATE = (
@@ -144,6 +145,9 @@ def gguf_file_path(model_cfg: DictConfig) -> Path:
     raise ModelNotFoundError(f"package {model_cfg.gguf_package} has no file {model_cfg.gguf_file}; reinstall it: {hint}")
 
 
+CACHE_WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)  # the cache dir, not the model
+
+
 def converted_gguf_dir(model_cfg: DictConfig) -> Path:
     """Converting the GGUF takes ~30 s; do it once per file and keep an HF directory in the cache."""
     gguf_path = gguf_file_path(model_cfg)
@@ -152,6 +156,17 @@ def converted_gguf_dir(model_cfg: DictConfig) -> Path:
     target = Path(os.path.expanduser(model_cfg.cache_dir)) / "models" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    try:
+        return convert_gguf(gguf_path, target)
+    except OSError as error:  # an unwritable cache is the user's to fix, and its key is model.cache_dir
+        if error.errno not in CACHE_WRITE_ERRNOS:
+            raise
+        raise ConfigError(f"model.cache_dir={model_cfg.cache_dir}: cannot keep the converted model there ({error.strerror}: "
+                          f"{error.filename or target}); point model.cache_dir (or PREFOPT_CACHE) at a writable directory") from None
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """The GGUF as a plain HF directory at `target`, converted once (under a lock: a sweep's jobs wait for the first)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.parent / f"{target.name}.lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited

@@ -278,3 +278,23 @@ def test_an_unwritable_reference_cache_names_reference_cache_dir_and_the_run_goe
     output = capfd.readouterr()
     assert f"reference.cache_dir={blocker}/ref cannot be written" in output.out + output.err
     record("unwritable reference.cache_dir", "the run goes on uncached; the warning names reference.cache_dir (not hydra.run.dir)")
+
+
+def test_an_unwritable_model_cache_names_model_cache_dir(tmp_path):
+    """The GGUF's conversion is kept in model.cache_dir: a cache that cannot be written names that key, not hydra.run.dir."""
+    from omegaconf import OmegaConf
+
+    from prefopt.config import ModelConfig
+    from prefopt.errors import ConfigError, ModelNotFoundError
+    from prefopt.models import converted_gguf_dir
+    from tests.conftest import SMOLLM2_GGUF
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # a file where the cache directory should be: unwritable even for root
+    model_cfg = OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF, cache_dir=str(blocker / "cache")))
+    try:
+        with pytest.raises(ConfigError, match=f"model.cache_dir={blocker}/cache: cannot keep the converted model"):
+            converted_gguf_dir(model_cfg)
+    except ModelNotFoundError as error:  # the offline model package is not installed
+        pytest.skip(str(error))
+    record("unwritable model.cache_dir (GGUF conversion)", "one-line error naming model.cache_dir (not hydra.run.dir)")
