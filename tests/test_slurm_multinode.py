@@ -176,7 +176,7 @@ def test_a_requeued_two_node_job_resumes_from_its_checkpoint(sweeps, tmp_path, r
 
 
 FAIL_ON_NODE2 = '''
-# sitecustomize for one test: on host node2 only, the trainer's once-per-step preemption poll raises at step 20,
+# sitecustomize for one test: on host node2 only, the trainer's once-per-step poll of the stop flags raises at step 20,
 # mid-training, while the rank on node1 waits for it in that poll's collective
 import importlib.abc, importlib.util, socket, sys
 
@@ -190,15 +190,15 @@ class FailOnNode2(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            original, calls = module.Preemption.requested, []
+            original, calls = module.Preemption.local_flags, []
 
-            def failing_poll(self, dist):
-                calls.append(dist.rank)
+            def failing_poll(self):
+                calls.append(1)
                 if len(calls) == 20:
                     raise RuntimeError("injected failure on " + socket.gethostname())
-                return original(self, dist)
+                return original(self)
 
-            module.Preemption.requested = failing_poll
+            module.Preemption.local_flags = failing_poll
 
         spec.loader.exec_module = exec_module
         return spec
