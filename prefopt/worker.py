@@ -96,6 +96,23 @@ def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = 
         raise
 
 
+def exit_finished_rank() -> None:
+    """Leave a finished rank without the interpreter's teardown. gloo's (and DeepSpeed's shared-memory comm's) C++
+    threads can abort in static destructors at exit ("terminate called without an active exception", SIGABRT) even
+    after leave_distributed synchronised and destroyed the group (seen in CI: a finished 2-rank run then failed its
+    launch). Everything the run wrote is already closed (files atomic, W&B finished): flush and go."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        try:
+            wandb.teardown()  # its service process, which an atexit hook would otherwise stop
+        except Exception:  # noqa: BLE001 (the run is finished and recorded: nothing here may fail it)
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prefopt-worker", description=__doc__)
     parser.add_argument("config", help="a run dir's config.yaml")
@@ -110,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(args.config).resolve().parent
     try:
         run_worker(args.config, args.command, as_rank=True)
+        exit_finished_rank()
     except USER_ERRORS as error:
         if not launched_by_prefopt():
             print(f"prefopt: error: {error}", file=sys.stderr)
