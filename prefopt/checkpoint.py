@@ -13,6 +13,7 @@ plain containers only; a pickled object is refused). DeepSpeed's own checkpoint 
 a DeepSpeed checkpoint is only loaded when every file in it belongs to the current user and is not
 writable by others (a run dir you own); see `check_trusted`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,8 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.errors import CheckpointError
 from prefopt.distributed import DistInfo
+from prefopt.errors import CheckpointError
 from prefopt.fileutil import atomic_write_json, atomic_write_text, file_digest
 
 log = logging.getLogger("prefopt")
@@ -41,11 +42,25 @@ CHECKPOINT_CONFIG = "config.yaml"
 # keys that say how to run, log or resume, not what is trained: they may differ between a checkpoint and its resume.
 # Cadences only (which rows metrics.jsonl gets, when a checkpoint is written): what an eval or probe measures
 # (batches, probes, generation length) stays fixed, so a run's first and last evals compare like with like
-RESUME_KEYS = ("run_dir", "trainer.resume", "trainer.stop_after", "trainer.save_every", "trainer.save_total_limit",
-               "trainer.save_on_interrupt", "trainer.save_final", "trainer.max_skipped_steps", "trainer.log_every",
-               "trainer.eval_every", "dynamics.every_n_steps", "logger", "sweep", "hardware.num_threads",
-               "trainer.resume_data_changed",  # whether a resume may continue on changed data: nothing trained
-               "eval", "hardware.chosen_by")  # eval: `prefopt eval` settings, nothing trained; chosen_by: hardware=auto's note (this machine's RAM)
+RESUME_KEYS = (
+    "run_dir",
+    "trainer.resume",
+    "trainer.stop_after",
+    "trainer.save_every",
+    "trainer.save_total_limit",
+    "trainer.save_on_interrupt",
+    "trainer.save_final",
+    "trainer.max_skipped_steps",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "dynamics.every_n_steps",
+    "logger",
+    "sweep",
+    "hardware.num_threads",
+    "trainer.resume_data_changed",  # whether a resume may continue on changed data: nothing trained
+    "eval",
+    "hardware.chosen_by",
+)  # eval: `prefopt eval` settings, nothing trained; chosen_by: hardware=auto's note (this machine's RAM)
 # how long the run trains: a resume may change it (extend a run; HF Trainer's semantics, see resume.check_resume), as
 # long as the checkpoint's step is not past the new end; trainer.resume=latest still asks for the same length
 LENGTH_KEYS = ("trainer.max_steps", "trainer.num_epochs")
@@ -55,7 +70,9 @@ def training_config(cfg: DictConfig | dict, length: bool = True) -> dict:
     """The config without RESUME_KEYS (and LENGTH_KEYS unless `length`): what must match for a checkpoint to
     belong to a run. Under trainer.num_epochs, trainer.max_steps is left out too: the worker derives it from the
     data (and records it), so a command line's null and a run dir's derived count are the same run."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    container = (
+        OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    )
     trainer = container.get("trainer")
     if isinstance(trainer, dict) and trainer.get("num_epochs") is not None:
         trainer.pop("max_steps", None)
@@ -105,8 +122,17 @@ def manifest_problem(directory: Path) -> Optional[str]:
     return None
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: dict[str, Any], dist: DistInfo,
-                    cfg: DictConfig, keep: Optional[int] = 2, protect: Optional[Path] = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    engine,
+    tokenizer,
+    trainer_state: dict[str, Any],
+    dist: DistInfo,
+    cfg: DictConfig,
+    keep: Optional[int] = 2,
+    protect: Optional[Path] = None,
+) -> Path:
     """Every rank writes its part into one staging dir (ZeRO shards); rank 0 renames it into place, then
     prunes to `keep` checkpoints (trainer.save_total_limit; None = keep all), never `protect`."""
     root = run_dir / CHECKPOINTS
@@ -124,13 +150,17 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, trainer_state: 
             torch.save(trainer_state, staging / TRAINER_STATE)
             atomic_write_text(staging / CHECKPOINT_CONFIG, frozen_yaml(cfg))
             write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
-    except Exception as error:  # a full disk: torch.save says RuntimeError, safetensors SafetensorError; say what it was
+    except (
+        Exception
+    ) as error:  # a full disk: torch.save says RuntimeError, safetensors SafetensorError; say what it was
         full = disk_full(error, staging)  # before the staging dir's space is freed
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # the space it took, and nothing half-written left behind
         if not full:
             raise
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({str(error).splitlines()[0]})", str(staging)) from None
+        raise OSError(
+            errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({str(error).splitlines()[0]})", str(staging)
+        ) from None
     if dist.is_main:
         replace_checkpoint(staging, target)
         atomic_write_text(root / "latest", target.name + "\n")
@@ -213,27 +243,37 @@ def escape_interpolations(value: Any) -> Any:
     return value
 
 
-def checkpoints_beyond_limit(root: Path, keep: Optional[int], newest: Path, protect: Optional[Path] = None) -> list[Path]:
+def checkpoints_beyond_limit(
+    root: Path, keep: Optional[int], newest: Path, protect: Optional[Path] = None
+) -> list[Path]:
     """What pruning removes once `newest` is complete: the oldest checkpoints past `keep` (newest counts
     toward it; None = keep all), never `newest` itself nor `protect` (the checkpoint this run resumed from)."""
     if keep is None:
         return []
     spared = {newest.resolve()} | ({Path(protect).resolve()} if protect is not None else set())
-    others = sorted((path for path in root.glob("step-*") if path.resolve() not in spared and not path.name.endswith(".partial")),
-                    reverse=True)  # newest first (zero-padded step numbers)
-    return others[max(0, keep - 1):]
+    others = sorted(
+        (path for path in root.glob("step-*") if path.resolve() not in spared and not path.name.endswith(".partial")),
+        reverse=True,
+    )  # newest first (zero-padded step numbers)
+    return others[max(0, keep - 1) :]
 
 
-def config_differences(ours: DictConfig | dict, theirs: DictConfig | dict, length: bool = True) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    ours: DictConfig | dict, theirs: DictConfig | dict, length: bool = True
+) -> list[tuple[str, Any, Any]]:
     """(key, their value, our value) for every training key that differs (RESUME_KEYS aside; LENGTH_KEYS too
     unless `length`), by key."""
     ours_flat, theirs_flat = flatten(training_config(ours, length)), flatten(training_config(theirs, length))
-    return [(key, theirs_flat.get(key), ours_flat.get(key)) for key in sorted(ours_flat.keys() | theirs_flat.keys())
-            if ours_flat.get(key) != theirs_flat.get(key)]
+    return [
+        (key, theirs_flat.get(key), ours_flat.get(key))
+        for key in sorted(ours_flat.keys() | theirs_flat.keys())
+        if ours_flat.get(key) != theirs_flat.get(key)
+    ]
 
 
-def resume_differences(cfg: DictConfig | dict, saved: DictConfig | dict, step: int,
-                       derived_steps: Optional[int] = None) -> list[tuple[str, Any, Any]]:
+def resume_differences(
+    cfg: DictConfig | dict, saved: DictConfig | dict, step: int, derived_steps: Optional[int] = None
+) -> list[tuple[str, Any, Any]]:
     """What keeps a checkpoint at `step`, trained with `saved`, from continuing as `cfg`: the training keys that differ
     (RESUME_KEYS aside), and a length it cannot take (length_differences). epoch_steps: the steps cfg's
     trainer.num_epochs gives on this data, when known (derived_steps)."""
@@ -259,8 +299,9 @@ def checkpoint_step(directory: Path) -> int:
     return int(match[1]) if match else -1
 
 
-def length_differences(ours: DictConfig | dict, theirs: DictConfig | dict, step: int,
-                       derived_steps: Optional[int] = None) -> list[tuple[str, Any, Any]]:
+def length_differences(
+    ours: DictConfig | dict, theirs: DictConfig | dict, step: int, derived_steps: Optional[int] = None
+) -> list[tuple[str, Any, Any]]:
     """The LENGTH_KEYS differences a resume cannot take: one run by steps and the other by epochs, or a length the
     checkpoint's step is already past: trainer.max_steps, or derived_steps, the steps ours' trainer.num_epochs gives
     (known only once the data is built). A longer or shorter run otherwise is an extension."""
@@ -291,12 +332,15 @@ def checkpoint_candidates(path: Path) -> list[Path]:
         return [path]
     root = path / CHECKPOINTS
     found = [p for p in root.glob("step-*") if not p.name.endswith(".partial")]
-    found += [p for p in root.glob(f".step-*{RETIRED_SUFFIX}") if not (root / p.name[1 : -len(RETIRED_SUFFIX)]).exists()]
+    found += [
+        p for p in root.glob(f".step-*{RETIRED_SUFFIX}") if not (root / p.name[1 : -len(RETIRED_SUFFIX)]).exists()
+    ]
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
-def find_checkpoint(resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None, key: str = "trainer.resume",
-                    missing_ok: bool = False) -> Optional[Path]:
+def find_checkpoint(
+    resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None, key: str = "trainer.resume", missing_ok: bool = False
+) -> Optional[Path]:
     """resume: false -> None; true or latest (the parent has already moved the run into the run dir it
     chose) -> this run dir's newest valid checkpoint; a path -> that checkpoint or run dir's newest valid
     one. Invalid ones are skipped with a warning naming them; when checkpoints exist and none is valid,
@@ -321,8 +365,11 @@ def find_checkpoint(resume: Any, run_dir: Path, cfg: Optional[DictConfig] = None
         problems.append(f"{candidate}: {problem}")
         log.warning("checkpoint %s is not usable: %s", candidate, problem)
     if problems:
-        raise CheckpointError(f"{key}={resume}: no valid checkpoint. " + "; ".join(problems)
-                              + ". Start a fresh run in a new dir, or point trainer.resume at a valid checkpoint")
+        raise CheckpointError(
+            f"{key}={resume}: no valid checkpoint. "
+            + "; ".join(problems)
+            + ". Start a fresh run in a new dir, or point trainer.resume at a valid checkpoint"
+        )
     if explicit or not missing_ok:
         raise CheckpointError(f"{key}={resume}: no checkpoint found there (looked for {path / CHECKPOINTS}/step-*)")
     log.warning("requeued, but %s has no checkpoint yet: starting from step 0", run_dir)

@@ -1,8 +1,9 @@
 """`prefopt` command line: subcommands dispatch to Hydra apps or plain argparse tools.
 
-    prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
-    prefopt train --help | --cfg job (resolved: shows the hardware auto chose) | -m ... | --shell-completion install=bash
+prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
+prefopt train --help | --cfg job (resolved: shows the hardware auto chose) | -m ... | --shell-completion install=bash
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -206,8 +207,10 @@ def eval_app(cfg: DictConfig) -> Optional[float]:
         raise stopped_exit(stop, None, []) from None
     except Exception as error:
         raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
-    print(f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, summary.json); "
-          f"`prefopt plot {run_dir}` draws its probes")
+    print(
+        f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, summary.json); "
+        f"`prefopt plot {run_dir}` draws its probes"
+    )
     return objective_value(cfg, summary, required=False)
 
 
@@ -255,7 +258,9 @@ def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
     completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
-        with sigterm_stops():  # for the whole app: one run, every job of a sweep (-m), and Hydra's composing around them
+        with (
+            sigterm_stops()
+        ):  # for the whole app: one run, every job of a sweep (-m), and Hydra's composing around them
             app()
     except KeyboardInterrupt as stop:  # outside train_app's handler: while Hydra composes, in a sweep, in another app
         return stopped_exit(stop, None, []).code

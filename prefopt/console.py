@@ -15,6 +15,7 @@ Passes report their batches through `report_progress` (called by prefopt/shardin
 over eval pairs, probes, reference pairs and greedy prompts), which reaches the console of this process
 if one is active: no progress object has to be threaded through the scoring functions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,10 @@ def progress_text(label: str, done: int, total: int, unit: str, elapsed: float, 
         return f"{label}{' |' if bar else ': running,'} {format_duration(elapsed)} elapsed"
     filled = BAR_WIDTH * done // total
     drawn = f" [{'#' * filled}{'.' * (BAR_WIDTH - filled)}]" if bar else ":"
-    return (f"{label}{drawn} {done}/{total} {unit} | {format_duration(elapsed)} elapsed | "
-            f"ETA {format_duration(eta) if eta is not None else '?'}")
+    return (
+        f"{label}{drawn} {done}/{total} {unit} | {format_duration(elapsed)} elapsed | "
+        f"ETA {format_duration(eta) if eta is not None else '?'}"
+    )
 
 
 class Console:
@@ -83,8 +86,15 @@ class Console:
     and the status line is drawn again below it; the two never share a line. The lock guards the state
     and the status line; nothing logs while holding it (a handler's lock is taken first on that path)."""
 
-    def __init__(self, mode: str, run_dir: Path, wandb_mode: str, enabled: bool = True, stream: Optional[TextIO] = None,
-                 tick_seconds: Optional[float] = TICK_SECONDS):
+    def __init__(
+        self,
+        mode: str,
+        run_dir: Path,
+        wandb_mode: str,
+        enabled: bool = True,
+        stream: Optional[TextIO] = None,
+        tick_seconds: Optional[float] = TICK_SECONDS,
+    ):
         global _active
         self.stream = stream or sys.stderr
         self.mode = resolve_mode(mode, self.stream)
@@ -111,7 +121,9 @@ class Console:
                 if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                     self._wrap_emit(handler)
         if tick_seconds:
-            self.ticker = threading.Thread(target=self._tick_loop, args=(tick_seconds,), name="prefopt-console", daemon=True)
+            self.ticker = threading.Thread(
+                target=self._tick_loop, args=(tick_seconds,), name="prefopt-console", daemon=True
+            )
             self.ticker.start()
 
     def _wrap_emit(self, handler: logging.Handler) -> None:
@@ -145,7 +157,9 @@ class Console:
     # --- what the status shows
     def phase_text(self, now: float, bar: bool) -> str:
         eta = eta_seconds(self.pass_done, self.pass_total, self.pass_started, self.last_batch_at, now)
-        return progress_text(self.phase_label, self.pass_done, self.pass_total, "batches", now - self.pass_started, eta, bar)
+        return progress_text(
+            self.phase_label, self.pass_done, self.pass_total, "batches", now - self.pass_started, eta, bar
+        )
 
     def training_active(self) -> bool:
         return bool(self.train_started) and self.train_done < self.train_total
@@ -158,14 +172,20 @@ class Console:
         if self.training_active():
             steps = self.train_done - self.train_first
             eta = eta_seconds(steps, self.train_total - self.train_first, self.train_started, self.last_step_at, now)
-            text = progress_text("train", self.train_done, self.train_total, "steps", now - self.train_started, eta, bar=True)
+            text = progress_text(
+                "train", self.train_done, self.train_total, "steps", now - self.train_started, eta, bar=True
+            )
             rate = f" | {(self.last_step_at - self.train_started) / steps:.2f} s/step" if steps else ""
             loss = f" | loss {self.train_loss:.4f}" if self.train_loss is not None else ""
             return text + rate + loss
         return None
 
     def plain_pass_line(self, now: float) -> Optional[str]:
-        if self.phase_label is None or now - self.phase_started < SHOW_AFTER_SECONDS or now - self.last_plain < PLAIN_PASS_EVERY_SECONDS:
+        if (
+            self.phase_label is None
+            or now - self.phase_started < SHOW_AFTER_SECONDS
+            or now - self.last_plain < PLAIN_PASS_EVERY_SECONDS
+        ):
             return None
         self.phase_shown, self.last_plain = True, now
         return self.phase_text(now, bar=False)
@@ -182,7 +202,9 @@ class Console:
 
     def draw(self, text: str) -> None:
         width = shutil.get_terminal_size((100, 24)).columns
-        self.stream.write("\r" + text[: max(10, width - 1)] + "\x1b[K")  # never wider than the terminal: a wrapped line cannot be redrawn
+        self.stream.write(
+            "\r" + text[: max(10, width - 1)] + "\x1b[K"
+        )  # never wider than the terminal: a wrapped line cannot be redrawn
         self.stream.flush()
         self.status_shown = True
 
@@ -217,8 +239,13 @@ class Console:
             return
         with self.lock:
             self.train_loss = metric(metrics, "train", "loss")
-            eta = eta_seconds(self.train_done - self.train_first, self.train_total - self.train_first, self.train_started,
-                              self.last_step_at, time.time())
+            eta = eta_seconds(
+                self.train_done - self.train_first,
+                self.train_total - self.train_first,
+                self.train_started,
+                self.last_step_at,
+                time.time(),
+            )
             line = step_line(step, self.train_total, metrics, self.seconds_per_step(), eta)
         log.info("%s", line)
 
@@ -308,7 +335,9 @@ def quiet_known_noise(device: str, wandb_mode: str) -> None:
         # Online runs keep W&B's own lines (the run's URL). An explicit WANDB_SILENT wins.
         os.environ.setdefault("WANDB_SILENT", "true")
     if device == "cpu":
-        deepspeed_logger = logging.getLogger("DeepSpeed")  # the name DeepSpeed's logger factory uses; filters survive its setup
+        deepspeed_logger = logging.getLogger(
+            "DeepSpeed"
+        )  # the name DeepSpeed's logger factory uses; filters survive its setup
         if not any(isinstance(existing, _CpuAcceleratorNotice) for existing in deepspeed_logger.filters):
             deepspeed_logger.addFilter(_CpuAcceleratorNotice())
     # transformers' own tqdm bars ("Writing model shards" at every checkpoint) scribble \r into logs and

@@ -1,5 +1,6 @@
 """The lines a training run prints (pure formatting, console.py prints them): the step line, each eval's
 headline and the closing summary, which says where the run's outputs are and what to run next."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,10 +36,12 @@ def number(value: Optional[float], spec: str) -> str:
 
 def eval_headline(step: int, metrics: Mapping[str, Any]) -> str:
     """One line per eval: what moved (accuracy, margin), where the log-probs went, and the loss."""
-    text = (f"eval @ step {step} | acc {number(metric(metrics, 'eval', 'accuracy'), '.3f')} "
-            f"| margin {number(metric(metrics, 'eval', 'margin'), '+.4f')} "
-            f"| logp chosen {number(metric(metrics, 'eval', 'chosen'), '.2f')} rejected {number(metric(metrics, 'eval', 'rejected'), '.2f')} "
-            f"| loss {number(metric(metrics, 'eval', 'loss'), '.4f')}")
+    text = (
+        f"eval @ step {step} | acc {number(metric(metrics, 'eval', 'accuracy'), '.3f')} "
+        f"| margin {number(metric(metrics, 'eval', 'margin'), '+.4f')} "
+        f"| logp chosen {number(metric(metrics, 'eval', 'chosen'), '.2f')} rejected {number(metric(metrics, 'eval', 'rejected'), '.2f')} "
+        f"| loss {number(metric(metrics, 'eval', 'loss'), '.4f')}"
+    )
     if isinstance(metrics.get("eval/greedy_accuracy"), (int, float)):
         text += f" | greedy acc {metrics['eval/greedy_accuracy']:.3f}"
     return text
@@ -49,21 +52,28 @@ def flops_text(tflops: float) -> str:
     return f"{tflops:.2f} TFLOP/s" if tflops >= 0.1 else f"{tflops * 1e3:.3g} GFLOP/s"
 
 
-def step_line(step: int, max_steps: int, metrics: Mapping[str, Any], seconds_per_step: float, eta: Optional[float]) -> str:
+def step_line(
+    step: int, max_steps: int, metrics: Mapping[str, Any], seconds_per_step: float, eta: Optional[float]
+) -> str:
     """The training line written every trainer.log_every steps (both modes)."""
     mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else ""
-    return (f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} "
-            f"| margin {number(metric(metrics, 'train', 'margin'), '.3f')} | acc {number(metric(metrics, 'train', 'accuracy'), '.2f')} "
-            f"| lr {metrics.get('train/lr', 0.0):.2e} | {metrics.get('train/tokens_per_s', 0.0):.0f} tok/s "
-            f"| {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | {seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}")
+    return (
+        f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} "
+        f"| margin {number(metric(metrics, 'train', 'margin'), '.3f')} | acc {number(metric(metrics, 'train', 'accuracy'), '.2f')} "
+        f"| lr {metrics.get('train/lr', 0.0):.2e} | {metrics.get('train/tokens_per_s', 0.0):.0f} tok/s "
+        f"| {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | {seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}"
+    )
 
 
 def squeeze_deltas(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
     """(column, value) of the probe deltas, named and chosen as `prefopt report` names its columns."""
     from prefopt.report import SUMMARY_COLUMNS
 
-    return [(column, float(summary[key])) for column, key in SUMMARY_COLUMNS.items()
-            if key.startswith("delta/") and isinstance(summary.get(key), (int, float))]
+    return [
+        (column, float(summary[key]))
+        for column, key in SUMMARY_COLUMNS.items()
+        if key.startswith("delta/") and isinstance(summary.get(key), (int, float))
+    ]
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -82,7 +92,9 @@ def wandb_line(run_dir: Path, mode: str) -> Optional[str]:
         return None
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     if mode == "offline" and segments:
-        target = str(segments[0]) if len(segments) == 1 else str(run_dir / "wandb" / "offline-run-*")  # a resumed run: every segment
+        target = (
+            str(segments[0]) if len(segments) == 1 else str(run_dir / "wandb" / "offline-run-*")
+        )  # a resumed run: every segment
         return f"offline; upload with: wandb sync {target}"
     id_path = run_dir / "wandb_run_id"
     run_id = id_path.read_text().strip() if id_path.is_file() else "?"
@@ -97,7 +109,11 @@ def sweep_dir_of(run_dir: Path) -> Optional[Path]:
 def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) -> list[str]:
     """The closing summary: final eval, the squeeze deltas, where the outputs are, the next commands."""
     steps, seconds = summary.get("steps"), summary.get("train_seconds")
-    timing = f" in {format_duration(seconds)} ({seconds / steps:.2f} s/step incl. evals)" if steps and isinstance(seconds, (int, float)) else ""
+    timing = (
+        f" in {format_duration(seconds)} ({seconds / steps:.2f} s/step incl. evals)"
+        if steps and isinstance(seconds, (int, float))
+        else ""
+    )
     lines = [f"run finished: {steps} steps{timing}"]
     final = eval_headline(steps or 0, summary).removeprefix("eval @ ")
     before, after = summary.get("eval/greedy_accuracy_before"), summary.get("eval/greedy_accuracy_after")
@@ -106,13 +122,18 @@ def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) ->
     lines.append(f"  final eval   {final}")
     deltas = squeeze_deltas(summary)
     if deltas:
-        lines.append("  squeeze      probe log-probs, first -> last probe: " + " | ".join(f"{name} {value:+.3f}" for name, value in deltas))
+        lines.append(
+            "  squeeze      probe log-probs, first -> last probe: "
+            + " | ".join(f"{name} {value:+.3f}" for name, value in deltas)
+        )
     lines.append(f"  run dir      {run_dir}")
     plot = run_dir / "dynamics.png"
     if plot.is_file():
         lines.append(f"  plot         {plot}")
     checkpoint = latest_checkpoint(run_dir)
-    lines.append(f"  checkpoint   {checkpoint if checkpoint else 'none written (trainer.save_final=false, trainer.save_every=0)'}")
+    lines.append(
+        f"  checkpoint   {checkpoint if checkpoint else 'none written (trainer.save_final=false, trainer.save_every=0)'}"
+    )
     wandb = wandb_line(run_dir, wandb_mode)
     if wandb:
         lines.append(f"  W&B          {wandb}")

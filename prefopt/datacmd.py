@@ -6,10 +6,12 @@ split by the seed, the tokenized-pairs cache) and prints the layout found, the c
 comes from, and the first pairs decoded from their token ids, special tokens and all: the text the model
 reads. Loads no model weights and creates no run dir (Hydra's compose API: no output dir, no log file).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
+
 from omegaconf import DictConfig
 
 from prefopt.cli import failure_exit, stopped_exit
@@ -19,10 +21,12 @@ from prefopt.data.identity import data_identity
 from prefopt.data.pipeline import string_prompts_use_chat_template
 from prefopt.models import load_tokenizer, resolve_model_source
 
-DESCRIPTION = ("Show the preference data a run would train on: the source and layout found, train/eval counts, skipped "
-               "and truncated rows, the eval split's origin, and the first pairs as the model sees them (decoded from "
-               "their token ids, special tokens visible). Takes the same Hydra overrides as `prefopt train`, e.g. "
-               "`prefopt data dataset=local dataset.path=pairs.jsonl model=qwen2_5_0_5b`. Loads the tokenizer only.")
+DESCRIPTION = (
+    "Show the preference data a run would train on: the source and layout found, train/eval counts, skipped "
+    "and truncated rows, the eval split's origin, and the first pairs as the model sees them (decoded from "
+    "their token ids, special tokens visible). Takes the same Hydra overrides as `prefopt train`, e.g. "
+    "`prefopt data dataset=local dataset.path=pairs.jsonl model=qwen2_5_0_5b`. Loads the tokenizer only."
+)
 
 
 SPLIT_STATS = ("pairs", "skipped_bad_rows", "truncated", "dropped_empty_response", "boundary_merges")  # shown per split
@@ -68,21 +72,27 @@ def describe_data(cfg: DictConfig, data: PreferenceData, tokenizer, pairs: int) 
         f"max_prompt_length {cfg.dataset.max_prompt_length}",
     ]
     for split, origin in (("train", data.origin), ("eval", data.eval_origin)):
-        lines.append(f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: {stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
-                     f"{stats[f'{split}/truncated']} truncated, {stats[f'{split}/dropped_empty_response']} dropped (no response "
-                     f"token left), {stats[f'{split}/boundary_merges']} boundary merges")
+        lines.append(
+            f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: {stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
+            f"{stats[f'{split}/truncated']} truncated, {stats[f'{split}/dropped_empty_response']} dropped (no response "
+            f"token left), {stats[f'{split}/boundary_merges']} boundary merges"
+        )
     shown_stats = {f"{split}/{name}" for split in ("train", "eval") for name in SPLIT_STATS}
     others = {key: value for key, value in stats.items() if key not in shown_stats}
     if others:
         lines.append("other    " + ", ".join(f"{key} {value}" for key, value in others.items()))
     if data.eval_origin.endswith("(held-out part)"):
-        lines.append(f"split    eval = dataset.eval_fraction={cfg.dataset.eval_fraction} of the rows, held out by trainer.seed="
-                     f"{cfg.trainer.seed}")
+        lines.append(
+            f"split    eval = dataset.eval_fraction={cfg.dataset.eval_fraction} of the rows, held out by trainer.seed="
+            f"{cfg.trainer.seed}"
+        )
     lines.append(f"digest   train {identity['train'][:16]}, eval {identity['eval'][:16]} (what a checkpoint records)")
     lines.append(f"cache    {data.cache}")
     shown_pairs = data.train[:pairs]
     if shown_pairs:
-        lines.append(f"\nthe first {len(shown_pairs)} training pairs, decoded from their token ids (what the model reads):")
+        lines.append(
+            f"\nthe first {len(shown_pairs)} training pairs, decoded from their token ids (what the model reads):"
+        )
     for number, pair in enumerate(shown_pairs, 1):
         lines.extend(describe_pair(tokenizer, pair, f"train pair {number}"))
     return "\n".join(lines)
@@ -116,7 +126,9 @@ def data_command(argv: list[str]) -> int:
         data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
     except KeyboardInterrupt as stop:  # Ctrl-C while it tokenizes: one line, exit 130
         return stopped_exit(stop, None, []).code
-    except Exception as error:  # a user error or a full/read-only disk: one line, exit 2; anything else: a bug, re-raised
+    except (
+        Exception
+    ) as error:  # a user error or a full/read-only disk: one line, exit 2; anything else: a bug, re-raised
         return failure_exit(error, "the tokenized-pairs cache (dataset.cache_dir)").code
     print(describe_data(cfg, data, tokenizer, max(0, args.pairs)))
     return 0

@@ -8,6 +8,7 @@ Across hosts: the master is the job's first node (SLURM) or hardware.rdzv_endpoi
 `prefopt train` per host, hardware.node_rank 0 owning the run dir); gloo is bound to the interface that
 routes to the master, and every rank records where it ran in RUN_DIR/ranks.json.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -119,7 +120,9 @@ def export_slurm_ranks() -> None:
     Overwrites: values inherited from the submitting shell (an earlier local run) must not win inside a job."""
     env = os.environ
     env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NTASKS"]
-    env["LOCAL_WORLD_SIZE"] = str(int(env["SLURM_NTASKS"]) // int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))
+    env["LOCAL_WORLD_SIZE"] = str(
+        int(env["SLURM_NTASKS"]) // int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    )
     env["MASTER_ADDR"] = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
     env["MASTER_PORT"] = str(20_000 + int(env.get("SLURM_JOB_ID", "0")) % 40_000)
 
@@ -191,9 +194,16 @@ def record_rank(run_dir: Path, hardware_cfg: DictConfig) -> dict:
             address, interface = route_to(env.get("MASTER_ADDR", "127.0.0.1"))
         except OSError:
             pass
-    entry = {"rank": int(env.get("RANK", "0")), "local_rank": int(env.get("LOCAL_RANK", "0")), "world_size": world_size,
-             "host": host_name(), "slurm_node": env.get("SLURMD_NODENAME"), "address": address,
-             "interface": env.get("GLOO_SOCKET_IFNAME") or interface, "pid": os.getpid()}
+    entry = {
+        "rank": int(env.get("RANK", "0")),
+        "local_rank": int(env.get("LOCAL_RANK", "0")),
+        "world_size": world_size,
+        "host": host_name(),
+        "slurm_node": env.get("SLURMD_NODENAME"),
+        "address": address,
+        "interface": env.get("GLOO_SOCKET_IFNAME") or interface,
+        "pid": os.getpid(),
+    }
     launch = launch_id()
     run_dir = Path(run_dir)
     with exclusive_lock(run_dir / f".{RANKS_FILE}.lock"):  # every rank rewrites the one file
@@ -201,8 +211,14 @@ def record_rank(run_dir: Path, hardware_cfg: DictConfig) -> dict:
             recorded = json.loads((run_dir / RANKS_FILE).read_text())
         except (FileNotFoundError, ValueError):
             recorded = {}
-        ranks = [rank for rank in recorded.get("ranks", []) if recorded.get("launch") == launch and rank["rank"] != entry["rank"]]
-        atomic_write_json(run_dir / RANKS_FILE, {"launch": launch, "ranks": sorted([*ranks, entry], key=lambda rank: rank["rank"])})
+        ranks = [
+            rank
+            for rank in recorded.get("ranks", [])
+            if recorded.get("launch") == launch and rank["rank"] != entry["rank"]
+        ]
+        atomic_write_json(
+            run_dir / RANKS_FILE, {"launch": launch, "ranks": sorted([*ranks, entry], key=lambda rank: rank["rank"])}
+        )
     return entry
 
 
@@ -218,8 +234,10 @@ def wait_for_frozen_config(run_dir: Path, timeout_s: float = FOLLOWER_WAIT_S) ->
     deadline = time.monotonic() + timeout_s
     while not (Path(run_dir) / "config.yaml").is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"node_rank 0 did not freeze {run_dir}/config.yaml within {timeout_s:.0f} s: start "
-                               "`prefopt train` with hardware.node_rank=0 (same overrides, same hydra.run.dir) on its host")
+            raise TimeoutError(
+                f"node_rank 0 did not freeze {run_dir}/config.yaml within {timeout_s:.0f} s: start "
+                "`prefopt train` with hardware.node_rank=0 (same overrides, same hydra.run.dir) on its host"
+            )
         time.sleep(0.5)
     return Path(run_dir)
 
@@ -231,7 +249,12 @@ def torchrun_node_args(hardware_cfg: DictConfig) -> list[str]:
     if hardware_cfg.nodes == 1:
         return ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     host, _, port = str(hardware_cfg.rdzv_endpoint).rpartition(":")
-    return [f"--nnodes={hardware_cfg.nodes}", f"--node_rank={hardware_cfg.node_rank}", f"--master_addr={host}", f"--master_port={port}"]
+    return [
+        f"--nnodes={hardware_cfg.nodes}",
+        f"--node_rank={hardware_cfg.node_rank}",
+        f"--master_addr={host}",
+        f"--master_port={port}",
+    ]
 
 
 def uses_deepspeed(hardware_cfg: DictConfig) -> bool:

@@ -20,6 +20,7 @@ trainer writes them.
 A dataset whose prompts are all the same has no response to another prompt: the probe set then leaves
 out other_train and other_test (with one warning), and "others" averages the kinds that remain.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,7 +81,9 @@ def random_response(length: int, allowed_ids: list[int], rng: random.Random) -> 
     return [rng.choice(allowed_ids) for _ in range(length)]
 
 
-def build_probe_set(data: PreferenceData, num_probes: int, seed: int, vocab_size: int, special_ids: set[int]) -> ProbeSet:
+def build_probe_set(
+    data: PreferenceData, num_probes: int, seed: int, vocab_size: int, special_ids: set[int]
+) -> ProbeSet:
     """The first `num_probes` held-out pairs with their responses, deterministic for a seed.
 
     vocab_size is the tokenizer's (len(tokenizer)): a model's embedding may be padded past it with rows
@@ -100,7 +103,9 @@ def build_probe_set(data: PreferenceData, num_probes: int, seed: int, vocab_size
         responses["rejected"].append(list(pair.rejected_ids))
         responses["other_train"].append(pick_other_response(data.train, pair.prompt_ids, rng))
         # with a single held-out prompt there is no other one: fall back to a second training response
-        other_test = pick_other_response(data.eval, pair.prompt_ids, rng) or pick_other_response(data.train, pair.prompt_ids, rng)
+        other_test = pick_other_response(data.eval, pair.prompt_ids, rng) or pick_other_response(
+            data.train, pair.prompt_ids, rng
+        )
         responses["other_test"].append(other_test)
         responses["permuted"].append(permuted_response(pair.chosen_ids, special_ids, rng))
         responses["random"].append(random_response(len(pair.chosen_ids), allowed_ids, rng))
@@ -108,7 +113,8 @@ def build_probe_set(data: PreferenceData, num_probes: int, seed: int, vocab_size
     if missing:
         logger.warning(
             "probe set: no pair has a prompt different from a probe's (are all prompts the same?), so there is no "
-            "response to another prompt: leaving out %s; dynamics/others averages the remaining kinds", " and ".join(missing)
+            "response to another prompt: leaving out %s; dynamics/others averages the remaining kinds",
+            " and ".join(missing),
         )
     responses = {name: values for name, values in responses.items() if name not in missing}
     return ProbeSet([list(pair.prompt_ids) for pair in probes], [pair.prompt for pair in probes], responses)
@@ -128,20 +134,42 @@ def token_sums(token: TokenLogps, with_stats: bool) -> dict[str, torch.Tensor]:
     return {key: value.float().cpu() for key, value in sums.items()}
 
 
-def sequence_stats(model, prompt_ids: list[list[int]], response_ids: list[list[int]], chunk_size: int, device, batch_size: int, with_stats: bool) -> dict[str, torch.Tensor]:
+def sequence_stats(
+    model,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    chunk_size: int,
+    device,
+    batch_size: int,
+    with_stats: bool,
+) -> dict[str, torch.Tensor]:
     """token_sums of one response per prompt, padded rows (the reference path the packed probes are checked against)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(prompt_ids), batch_size):
-        groups = [(prompt, [(index, response)]) for index, (prompt, response) in
-                  enumerate(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]))]
-        token = sequence_logps(model, build_batch(groups, PAD_ID, "padded").to(device), chunk_size, with_stats=with_stats)
+        groups = [
+            (prompt, [(index, response)])
+            for index, (prompt, response) in enumerate(
+                zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])
+            )
+        ]
+        token = sequence_logps(
+            model, build_batch(groups, PAD_ID, "padded").to(device), chunk_size, with_stats=with_stats
+        )
         for key, value in token_sums(token, with_stats).items():
             parts.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def probe_stats(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str, row_tokens: int,
-                dist: Optional[DistInfo] = None) -> dict[str, dict[str, torch.Tensor]]:
+def probe_stats(
+    model,
+    probe_set: ProbeSet,
+    chunk_size: int,
+    device,
+    batch_size: int,
+    layout: str,
+    row_tokens: int,
+    dist: Optional[DistInfo] = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """token_sums of every response type of every probe: response type -> stat -> (probes,). Each probe's
     prompt and all its responses form one group, so the packed layout computes the prompt once. With
     several ranks each scores a shard of the probes and every rank gets all of them (sharding.py)."""
@@ -150,13 +178,23 @@ def probe_stats(model, probe_set: ProbeSet, chunk_size: int, device, batch_size:
 
     def score(probes: list[int], peer_scored_tokens: int) -> torch.Tensor:
         count = len(probes)
-        groups = [(probe_set.prompt_ids[probe], [(kind * count + offset, probe_set.responses[name][probe]) for kind, name in enumerate(names)])
-                  for offset, probe in enumerate(probes)]
+        groups = [
+            (
+                probe_set.prompt_ids[probe],
+                [(kind * count + offset, probe_set.responses[name][probe]) for kind, name in enumerate(names)],
+            )
+            for offset, probe in enumerate(probes)
+        ]
         batch = build_batch(groups, PAD_ID, layout, row_tokens).to(device)
-        sums = token_sums(sequence_logps(model, batch, chunk_size, with_stats=True, min_scored_tokens=peer_scored_tokens), with_stats=True)
+        sums = token_sums(
+            sequence_logps(model, batch, chunk_size, with_stats=True, min_scored_tokens=peer_scored_tokens),
+            with_stats=True,
+        )
         keys[:] = list(sums)
         # columns: response type major, stat minor; rows: probes
-        return torch.stack([sums[key][kind * count : (kind + 1) * count] for kind in range(len(names)) for key in keys], dim=1)
+        return torch.stack(
+            [sums[key][kind * count : (kind + 1) * count] for kind in range(len(names)) for key in keys], dim=1
+        )
 
     def probe_tokens(probe: int) -> int:
         return sum(len(probe_set.responses[name][probe]) for name in names)
@@ -167,8 +205,16 @@ def probe_stats(model, probe_set: ProbeSet, chunk_size: int, device, batch_size:
 
 
 @torch.no_grad()
-def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_size: int, layout: str = "packed", row_tokens: int = 1024,
-                    dist: Optional[DistInfo] = None) -> dict[str, float]:
+def evaluate_probes(
+    model,
+    probe_set: ProbeSet,
+    chunk_size: int,
+    device,
+    batch_size: int,
+    layout: str = "packed",
+    row_tokens: int = 1024,
+    dist: Optional[DistInfo] = None,
+) -> dict[str, float]:
     """Mean over probes of each response type's summed (`logp`) and per-token mean (`logp_mean`) log-prob,
     the greedy path's, the mean of the four others', and mass metrics on the chosen positions (each a
     mean over probes of the per-token mean). Keys: dynamics/<type>/logp[_mean], dynamics/mass/<metric>.
@@ -190,13 +236,22 @@ def evaluate_probes(model, probe_set: ProbeSet, chunk_size: int, device, batch_s
             metrics |= {f"dynamics/mass/{key}": float((stats[key] / lengths).mean()) for key in MASS_METRICS}
     others = [name for name in OTHER_TYPES if name in probe_set.responses]
     for suffix in ("logp", "logp_mean"):
-        metrics[f"dynamics/others/{suffix}"] = sum(metrics[f"dynamics/{name}/{suffix}"] for name in others) / len(others)
+        metrics[f"dynamics/others/{suffix}"] = sum(metrics[f"dynamics/{name}/{suffix}"] for name in others) / len(
+            others
+        )
     return metrics
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, device, batch_size: int = 16,
-                    dist: Optional[DistInfo] = None) -> list[str]:
+def greedy_generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    device,
+    batch_size: int = 16,
+    dist: Optional[DistInfo] = None,
+) -> list[str]:
     """Greedy continuations of token-id prompts (left-padded for generation), decoded without specials.
     Generation stops at EOS or where the chat template ends a turn (<|im_end|> on a base model whose EOS
     is <|endoftext|>): the responses were trained to end there.
@@ -217,8 +272,13 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_token
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
         generated = model.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=stop_ids, synced_gpus=lockstep,
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=stop_ids,
+            synced_gpus=lockstep,
         )
         return [tokenizer.decode(row, skip_special_tokens=True) for row in generated[:, width:]]
 
@@ -228,8 +288,9 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_token
         model.train(was_training)
 
 
-def generate_probes(model, tokenizer, probe_set: ProbeSet, num: int, max_new_tokens: int, device,
-                    dist: Optional[DistInfo] = None) -> list[list[str]]:
+def generate_probes(
+    model, tokenizer, probe_set: ProbeSet, num: int, max_new_tokens: int, device, dist: Optional[DistInfo] = None
+) -> list[list[str]]:
     """[[prompt, greedy generation], ...] for the first `num` probes (dynamics.generate)."""
     generations = greedy_generate(model, tokenizer, probe_set.prompt_ids[:num], max_new_tokens, device, dist=dist)
     return [[prompt, text] for prompt, text in zip(probe_set.prompts[:num], generations)]

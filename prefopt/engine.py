@@ -3,6 +3,7 @@
 `TorchEngine` is the single-process path (one CPU or one GPU). A DeepSpeed engine for ZeRO and
 multi-rank runs implements the same five methods, so the trainer never branches on the backend.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,14 +32,18 @@ def load_policy_weights(model: torch.nn.Module, location: str, local_files_only:
         return
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(location, dtype=next(model.parameters()).dtype, local_files_only=local_files_only)
+    saved = AutoModelForCausalLM.from_pretrained(
+        location, dtype=next(model.parameters()).dtype, local_files_only=local_files_only
+    )
     model.load_state_dict(saved.state_dict())
 
 
 class TorchEngine:
     ENGINE_STATE = "engine_state.pt"
 
-    def __init__(self, model: torch.nn.Module, trainer_cfg: DictConfig, cpu_adam: bool = False, under_deepspeed: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, trainer_cfg: DictConfig, cpu_adam: bool = False, under_deepspeed: bool = False
+    ):
         self.model = model
         self.max_grad_norm = trainer_cfg.max_grad_norm
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -86,7 +91,10 @@ class TorchEngine:
         """The policy in HF format (loadable with from_pretrained) plus optimizer and schedule state."""
         self.model.save_pretrained(directory / "policy", safe_serialization=True)
         tokenizer.save_pretrained(directory / "policy")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory / self.ENGINE_STATE)  # plain tensors and containers: loads with weights_only
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            directory / self.ENGINE_STATE,
+        )  # plain tensors and containers: loads with weights_only
 
     def load(self, directory: Path) -> None:
         load_policy_weights(self.model, str(directory / "policy"))
@@ -141,7 +149,9 @@ class DeepSpeedEngine:
         # the same optimizer and schedule as one process; with the optimizer offloaded, DeepSpeed's CPU AdamW
         torch_engine = TorchEngine(model, cfg.trainer, cpu_adam=offloads_optimizer(cfg.hardware), under_deepspeed=True)
         self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=torch_engine.optimizer, lr_scheduler=torch_engine.scheduler,
+            model=model,
+            optimizer=torch_engine.optimizer,
+            lr_scheduler=torch_engine.scheduler,
             config=deepspeed_config(cfg, world_size),
         )
         self.model = self.ds.module
@@ -182,7 +192,9 @@ class DeepSpeedEngine:
 
     def parameters_finite(self) -> bool:
         """This rank's partition of the trainable weights is finite (the trainer reduces it over ranks)."""
-        return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.model.parameters() if p.requires_grad)
+        return all(
+            bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.model.parameters() if p.requires_grad
+        )
 
     def _full_grad_norm(self) -> float:
         norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
@@ -208,7 +220,9 @@ class DeepSpeedEngine:
 
         # ZeRO-0 keeps its masters in FP16_UnfusedOptimizer.fp32_groups, which safe_get_full_fp32_param does not read
         stage0_masters = {}
-        for low, high in zip(getattr(self.ds.optimizer, "fp16_groups", []), getattr(self.ds.optimizer, "fp32_groups", [])):
+        for low, high in zip(
+            getattr(self.ds.optimizer, "fp16_groups", []), getattr(self.ds.optimizer, "fp32_groups", [])
+        ):
             stage0_masters |= {id(param): master for param, master in zip(low, high)}
         state = {}
         for name, param in self.model.named_parameters():
@@ -224,7 +238,9 @@ class DeepSpeedEngine:
                         master = param.detach().clone()
             state[name] = master.detach().float().cpu().clone()
         persistent = self.model.state_dict().keys()
-        state |= {name: buffer.detach().cpu().clone() for name, buffer in self.model.named_buffers() if name in persistent}
+        state |= {
+            name: buffer.detach().cpu().clone() for name, buffer in self.model.named_buffers() if name in persistent
+        }
         return state
 
     def load(self, directory: Path) -> None:
@@ -244,5 +260,7 @@ def wrap_reference(reference: torch.nn.Module, cfg: DictConfig, world_size: int)
         return reference
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=reference, config=deepspeed_config(cfg, world_size, for_reference=True))
+    engine, _, _, _ = deepspeed.initialize(
+        model=reference, config=deepspeed_config(cfg, world_size, for_reference=True)
+    )
     return engine.module

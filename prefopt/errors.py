@@ -4,6 +4,7 @@ traceback, so its message names the key, file, row or path and says how to fix i
 This module imports nothing from prefopt, so every layer (losses, data, checkpoints) can raise these
 without importing the config schema (which is what once made config.py and losses/ import each other).
 """
+
 from __future__ import annotations
 
 import signal

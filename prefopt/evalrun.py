@@ -16,6 +16,7 @@ Which config: for a run dir or checkpoint, the checkpoint's own groups in RUN_GR
 probes, loss and eval settings as the run), with every key or group given on the command line taking
 its place; hardware, logger, sweep and eval are this command's (where and how it runs now).
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,7 +63,9 @@ def checkpoint_of(policy: str) -> Optional[Path]:
     if path.is_dir():
         return find_checkpoint(str(path), path, key="eval.policy")
     if path.exists() or names_local_path(policy):
-        raise ConfigError(f"eval.policy={policy}: {'not a directory' if path.exists() else 'does not exist'}; give {POLICY_KINDS}")
+        raise ConfigError(
+            f"eval.policy={policy}: {'not a directory' if path.exists() else 'does not exist'}; give {POLICY_KINDS}"
+        )
     return None  # a hub id: resolve_model_source says whether it can be found
 
 
@@ -79,9 +82,11 @@ def policy_source(cfg: DictConfig) -> Optional[ModelSource]:
     try:
         return resolve_model_source(model_cfg)
     except ModelNotFoundError:
-        raise ModelNotFoundError(f"eval.policy={policy}: not a local path, and as a hub id it is not in the local Hugging Face "
-                                 f"cache and the hub cannot be reached (offline); download it on a machine with internet "
-                                 f"(hf download {policy} --local-dir DIR) and give eval.policy=DIR") from None
+        raise ModelNotFoundError(
+            f"eval.policy={policy}: not a local path, and as a hub id it is not in the local Hugging Face "
+            f"cache and the hub cannot be reached (offline); download it on a machine with internet "
+            f"(hf download {policy} --local-dir DIR) and give eval.policy=DIR"
+        ) from None
 
 
 def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> None:
@@ -100,8 +105,10 @@ def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> 
         if key.split(".")[0] in THIS_COMMAND_GROUPS:
             continue  # composed into cfg already, and not taken from the run
         if key.split(".")[0] not in RUN_GROUPS or override.is_delete():
-            raise ConfigError(f"{override.input_line}: evaluating a run (its config is the base), give groups or keys of "
-                              f"{', '.join(RUN_GROUPS + THIS_COMMAND_GROUPS[:-1])} one by one (key=value or group=option)")
+            raise ConfigError(
+                f"{override.input_line}: evaluating a run (its config is the base), give groups or keys of "
+                f"{', '.join(RUN_GROUPS + THIS_COMMAND_GROUPS[:-1])} one by one (key=value or group=option)"
+            )
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
     cfg.trainer.resume, cfg.trainer.stop_after = False, None  # an eval never continues the run
     if cfg.trainer.num_epochs is not None and cfg.trainer.max_steps is not None:
@@ -120,12 +127,21 @@ def prepare_eval(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path
             take_run_config(cfg, checkpoint, overrides)
         else:
             source = policy_source(cfg)
-            if source is not None and source.kind == "dir" and is_adapter_dir(Path(source.location)) and not cfg.model.lora.enabled:
-                raise ConfigError(f"eval.policy={cfg.eval.policy} holds LoRA adapters: set model.lora.enabled=true (with the "
-                                  f"adapters' model.lora.* settings) and model= their base model")
+            if (
+                source is not None
+                and source.kind == "dir"
+                and is_adapter_dir(Path(source.location))
+                and not cfg.model.lora.enabled
+            ):
+                raise ConfigError(
+                    f"eval.policy={cfg.eval.policy} holds LoRA adapters: set model.lora.enabled=true (with the "
+                    f"adapters' model.lora.* settings) and model= their base model"
+                )
     if OmegaConf.select(cfg, "hardware.launcher") == "slurm":
-        raise ConfigError(f"hardware={cfg.hardware.name} (launcher: slurm): prefopt eval runs where it is started; use a local "
-                          f"preset (hardware=cpu, gpu or cpu_2proc), e.g. inside an salloc/srun allocation")
+        raise ConfigError(
+            f"hardware={cfg.hardware.name} (launcher: slurm): prefopt eval runs where it is started; use a local "
+            f"preset (hardware=cpu, gpu or cpu_2proc), e.g. inside an salloc/srun allocation"
+        )
     cfg.trainer.resume = False
     return prepare_run(cfg, hydra_dir, overrides)
 
@@ -148,24 +164,26 @@ def load_evaluated_weights(cfg: DictConfig, policy) -> None:
     try:
         load_policy_weights(policy, location, local_files_only=source is None or source.kind != "hub")
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ConfigError(f"eval.policy={cfg.eval.policy}: its weights do not fit model={cfg.model.name} "
-                          f"({str(error).strip().splitlines()[0]}); give model= (and model.path=) the policy's base model") from None
+        raise ConfigError(
+            f"eval.policy={cfg.eval.policy}: its weights do not fit model={cfg.model.name} "
+            f"({str(error).strip().splitlines()[0]}); give model= (and model.path=) the policy's base model"
+        ) from None
 
 
 def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Worker side: build as training does, evaluate the base model (eval.baseline) and then the policy with the
     trainer's own eval and probe functions, and write metrics.jsonl, dynamics.jsonl and summary.json."""
+    from prefopt.console import Console, quiet_known_noise
     from prefopt.data import build_preference_data
     from prefopt.distributed import device_for, init_distributed
     from prefopt.dynamics import build_probe_set
+    from prefopt.evaluation import RunEvaluator, eval_changes
     from prefopt.losses import get_loss
     from prefopt.models import load_tokenizer
     from prefopt.plots import plot_runs
     from prefopt.reference import build_reference
     from prefopt.schedules import settle_max_steps
     from prefopt.tracking import Tracker
-    from prefopt.console import Console, quiet_known_noise
-    from prefopt.evaluation import RunEvaluator, eval_changes
     from prefopt.trainer import PreferenceStep, build_policy
 
     started = time.time()
@@ -181,9 +199,15 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     settle_max_steps(cfg, len(data.train), dist.world_size, None)  # a model dir's eval with trainer.num_epochs composed
     policy = build_policy(cfg, source, tokenizer, device)
     # the reference is the base model, built (copied, or precomputed for the eval pairs) before the trained weights load
-    reference = build_reference(cfg, policy, source, data.eval, get_loss(cfg.loss.name).needs_reference, dist, device, tokenizer.pad_token_id)
+    reference = build_reference(
+        cfg, policy, source, data.eval, get_loss(cfg.loss.name).needs_reference, dist, device, tokenizer.pad_token_id
+    )
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
-    probes = build_probe_set(data, cfg.dynamics.num_probes, cfg.trainer.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None
+    probes = (
+        build_probe_set(data, cfg.dynamics.num_probes, cfg.trainer.seed, len(tokenizer), set(tokenizer.all_special_ids))
+        if cfg.dynamics.enabled
+        else None
+    )
     step = policy_step(cfg)
     tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
     console = Console(cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main)
@@ -201,8 +225,13 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         else:  # the base model alone: its one evaluation is the final one
             final_eval, final_greedy, final_dynamics = first_eval, first_greedy, first_dynamics
             first_eval, first_greedy, first_dynamics = {}, None, {}
-        summary = {"steps": step, "eval_seconds": time.time() - started, "policy": cfg.eval.policy or f"base: {source.identity}",
-                   **final_eval, **{f"data/{key}": value for key, value in data.stats.items()}}
+        summary = {
+            "steps": step,
+            "eval_seconds": time.time() - started,
+            "policy": cfg.eval.policy or f"base: {source.identity}",
+            **final_eval,
+            **{f"data/{key}": value for key, value in data.stats.items()},
+        }
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
         if probes is not None and dist.is_main:
             plot_runs([run_dir], run_dir / "dynamics.png")

@@ -6,6 +6,7 @@ config, applies the adapters and merges them into the weights. A full fine-tune 
 The directory is built beside its target and renamed into place, so it is always whole; the upload comes
 after, so a failed push (offline, not logged in) leaves a complete export to push later.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from prefopt.checkpoint import CHECKPOINT_CONFIG, find_checkpoint, load_trainer_state
-from prefopt.errors import USER_ERRORS, HubError
 from prefopt.engine import is_adapter_dir
+from prefopt.errors import USER_ERRORS, HubError
 from prefopt.fileutil import atomic_write_text
 from prefopt.tracking import SUMMARY_FILE
 
@@ -59,8 +60,12 @@ def export_policy(run_dir: Path, output_dir: Path, title: Optional[str] = None) 
         else:
             shutil.copytree(policy_dir, staging, dirs_exist_ok=True)
         step = int(load_trainer_state(checkpoint)["step"])
-        card = model_card(cfg, step, checkpoint.name, read_run_summary(run_dir), title or output_dir.name, merged_lora=merged)
-        atomic_write_text(staging / CARD_FILE, card)  # inside the staging dir: the export appears with its card or not at all
+        card = model_card(
+            cfg, step, checkpoint.name, read_run_summary(run_dir), title or output_dir.name, merged_lora=merged
+        )
+        atomic_write_text(
+            staging / CARD_FILE, card
+        )  # inside the staging dir: the export appears with its card or not at all
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.replace(output_dir)
@@ -88,26 +93,42 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"prefopt export of {folder.name}")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=f"prefopt export of {folder.name}"
+        )
     except LocalTokenNotFoundError:
-        raise HubError(f"cannot push to the hub: not logged in (run `hf auth login` or set HF_TOKEN); {later}") from None
+        raise HubError(
+            f"cannot push to the hub: not logged in (run `hf auth login` or set HF_TOKEN); {later}"
+        ) from None
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
-        reason = "the token is not valid or may not write there" if status in (401, 403) else str(error).strip().splitlines()[0]
+        reason = (
+            "the token is not valid or may not write there"
+            if status in (401, 403)
+            else str(error).strip().splitlines()[0]
+        )
         raise HubError(f"cannot push to the hub ({repo_id}: {reason}); {later}") from None
     except Exception as error:
         if not unreachable(error):
             raise
-        raise HubError(f"cannot push to the hub: it cannot be reached ({str(error).strip().splitlines()[0]}); {later}") from None
+        raise HubError(
+            f"cannot push to the hub: it cannot be reached ({str(error).strip().splitlines()[0]}); {later}"
+        ) from None
     return str(getattr(commit, "commit_url", None) or commit)
 
 
 def export_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="prefopt export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prefopt export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="a run dir with checkpoints/")
     parser.add_argument("-o", "--output", type=Path, default=None, help="output dir (default RUN_DIR/exported)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
-                        help="also upload the exported dir to this Hugging Face Hub repo (user/name; created if missing)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        default=None,
+        help="also upload the exported dir to this Hugging Face Hub repo (user/name; created if missing)",
+    )
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = parser.parse_args(argv)
     try:

@@ -1,10 +1,11 @@
 """Atomic writes and locks: nothing prefopt writes is ever left half-written."""
+
 from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefopt.errors import ConfigError
-
 
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .NAME.HOST-PID.XXXXXXXX.tmp next to NAME
 HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
@@ -109,7 +109,9 @@ def current_umask() -> int:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")  # strict JSON: no bare NaN
+    atomic_write_text(
+        path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    )  # strict JSON: no bare NaN
 
 
 @contextlib.contextmanager
@@ -133,7 +135,9 @@ def open_no_follow(path: str | os.PathLike, flags: int, mode: int = 0o644) -> in
         return os.open(path, flags | os.O_NOFOLLOW, mode)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise LinkRefused(f"{path} is a symbolic link{link_target(path)}: prefopt does not write through links; remove it") from None
+            raise LinkRefused(
+                f"{path} is a symbolic link{link_target(path)}: prefopt does not write through links; remove it"
+            ) from None
         raise
 
 
@@ -195,5 +199,7 @@ def file_digests(paths: list[Path], memo_path: Path) -> str:
         try:
             atomic_write_json(memo_path, memo)
         except OSError as error:  # a read-only cache: the digest is right, only not remembered
-            logging.getLogger("prefopt").info("cannot remember the files' digests in %s (%s)", memo_path, error.strerror)
+            logging.getLogger("prefopt").info(
+                "cannot remember the files' digests in %s (%s)", memo_path, error.strerror
+            )
     return combined.hexdigest()

@@ -5,6 +5,7 @@ A step is skipped (its update not applied, see engine.step) when a micro batch's
 norm is not finite. `trainer.max_skipped_steps` consecutive skips end the run with a
 NonFiniteTrainingError; checkpoints are only written from finite weights, so the last one stays valid.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,13 @@ class StepGuard:
         else:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            log.warning("step %d: non-finite loss or gradient norm (%s); the update was skipped (%d in a row, %d in all)",
-                        step, grad_norm, self.consecutive_skips, self.skipped_steps)
+            log.warning(
+                "step %d: non-finite loss or gradient norm (%s); the update was skipped (%d in a row, %d in all)",
+                step,
+                grad_norm,
+                self.consecutive_skips,
+                self.skipped_steps,
+            )
             if self.consecutive_skips >= self.max_consecutive_skips:
                 raise NonFiniteTrainingError(
                     f"{self.consecutive_skips} consecutive steps up to step {step} had a non-finite loss or gradient "
@@ -43,6 +49,9 @@ class StepGuard:
         self.zero_norm_steps = self.zero_norm_steps + 1 if applied and grad_norm == 0.0 else 0
         if self.zero_norm_steps >= ZERO_NORM_STEPS_TO_WARN and not self.warned_zero_norm:
             self.warned_zero_norm = True
-            log.warning("the gradient norm has been exactly 0 for %d steps (up to step %d): nothing is training. "
-                        "Saturated losses or an overflowed model give this; check trainer.lr and the loss's scale",
-                        self.zero_norm_steps, step)
+            log.warning(
+                "the gradient norm has been exactly 0 for %d steps (up to step %d): nothing is training. "
+                "Saturated losses or an overflowed model give this; check trainer.lr and the loss's scale",
+                self.zero_norm_steps,
+                step,
+            )

@@ -3,6 +3,7 @@
 Runs inside the Hydra app, loads no model and touches no CUDA: a bad config or an unreachable model
 fails here in seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,16 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from prefopt import proctree, rundir
 from prefopt.checkpoint import CHECKPOINTS, checkpoint_candidates, frozen_yaml, restore_retired
 from prefopt.config import ConfigError, require_values, validate_config
 from prefopt.distributed import is_follower_host, wait_for_frozen_config
+from prefopt.errors import USER_ERRORS, Terminated, stop_exception
 from prefopt.fileutil import atomic_write_text, clean_stale_temps
-from prefopt import rundir
 from prefopt.models import resolve_model_source
+from prefopt.resources import settle_hardware
 from prefopt.resume import accept_resume, find_latest_run, no_checkpoint_error, resume_mode, search_roots
 from prefopt.slurm import restart_count
-from prefopt.resources import settle_hardware
-from prefopt import proctree
-from prefopt.errors import USER_ERRORS, Terminated, stop_exception
 from prefopt.worker import ERROR_FILE, EXIT_REPORT
 
 log = logging.getLogger("prefopt")
@@ -37,10 +37,18 @@ def git_revision() -> str:
     """The prefopt source revision (with '-dirty' for uncommitted changes), for reproducibility."""
     source_dir = Path(__file__).resolve().parent
     try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, timeout=10)
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, timeout=10
+        )
         if revision.returncode != 0:
             return "unknown (not a git checkout)"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return revision.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (git not available)"
@@ -65,12 +73,18 @@ def resume_run_dir(resume: Any, hydra_dir: Path, cfg: Optional[DictConfig] = Non
 def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     """Validate, settle hardware=auto, check the model can be found, and write the frozen config. Returns the run dir."""
     if cfg.get("run_dir") is not None:
-        raise ConfigError(f"run_dir={cfg.run_dir}: run_dir is where prefopt records the dir a run wrote to, not a setting; choose "
-                          f"the dir with hydra.run.dir={cfg.run_dir} (a sweep: hydra.sweep.dir=...)")
+        raise ConfigError(
+            f"run_dir={cfg.run_dir}: run_dir is where prefopt records the dir a run wrote to, not a setting; choose "
+            f"the dir with hydra.run.dir={cfg.run_dir} (a sweep: hydra.sweep.dir=...)"
+        )
     require_values(cfg)
-    deferred_record = OmegaConf.to_yaml(cfg) if hydra_record_deferred() else None  # as composed, before hardware=auto settles
+    deferred_record = (
+        OmegaConf.to_yaml(cfg) if hydra_record_deferred() else None
+    )  # as composed, before hardware=auto settles
     validate_config(cfg)
-    if is_follower_host(cfg.hardware):  # torchrun across hosts: node_rank 0 freezes and locks the run dir; this host waits for it
+    if is_follower_host(
+        cfg.hardware
+    ):  # torchrun across hosts: node_rank 0 freezes and locks the run dir; this host waits for it
         return wait_for_frozen_config(resume_run_dir(cfg.trainer.resume, hydra_dir, cfg))
     settle_hardware(cfg)  # hardware=auto -> the preset that fits (or a refusal), before the model is even looked for
     resolve_model_source(cfg.model)
@@ -110,7 +124,9 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
 
 
 HYDRA_SUBDIR = ".hydra"
-DEFER_OVERRIDE = "++hydra.output_subdir=null"  # how prefopt defers Hydra's record (a user would write hydra.output_subdir=null)
+DEFER_OVERRIDE = (
+    "++hydra.output_subdir=null"  # how prefopt defers Hydra's record (a user would write hydra.output_subdir=null)
+)
 
 
 def defer_hydra_record(config: DictConfig) -> None:
@@ -120,7 +136,9 @@ def defer_hydra_record(config: DictConfig) -> None:
     if (Path(str(config.hydra.run.dir)) / HYDRA_SUBDIR).is_dir() and config.hydra.output_subdir == HYDRA_SUBDIR:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None
-            config.hydra.overrides.hydra.append(DEFER_OVERRIDE)  # the mark: a user's own output_subdir=null is left alone
+            config.hydra.overrides.hydra.append(
+                DEFER_OVERRIDE
+            )  # the mark: a user's own output_subdir=null is left alone
 
 
 def defer_sweep_hydra_records(config: DictConfig) -> None:
@@ -137,7 +155,11 @@ def defer_sweep_hydra_records(config: DictConfig) -> None:
 def hydra_record_deferred() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.initialized() and HydraConfig.get().output_subdir is None and DEFER_OVERRIDE in HydraConfig.get().overrides.hydra
+    return (
+        HydraConfig.initialized()
+        and HydraConfig.get().output_subdir is None
+        and DEFER_OVERRIDE in HydraConfig.get().overrides.hydra
+    )
 
 
 def write_hydra_record(task_yaml: str, hydra_dir: Path, overrides: list[str]) -> None:
@@ -158,8 +180,11 @@ _followed_logs: dict[Path, logging.Handler] = {}  # run dir -> the handler that 
 def follow_log(run_dir: Path, hydra_dir: Path) -> None:
     """A run continued in another dir (trainer.resume=PATH or latest) logs there too, appended to its own
     log file (Hydra's is opened in this launch's new dir before any prefopt code runs)."""
-    hydra_files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)
-                   and Path(handler.baseFilename).parent == hydra_dir.resolve()]
+    hydra_files = [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == hydra_dir.resolve()
+    ]
     name = Path(hydra_files[0].baseFilename).name if hydra_files else "train.log"
     log.info("continuing the run in %s; this launch logs to %s", run_dir, run_dir / name)
     handler = logging.FileHandler(run_dir / name, mode="a")
@@ -197,13 +222,20 @@ def _dispatch(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
 
     if cfg.hardware.launcher == "slurm":
         if not in_slurm_task():
-            log.warning("hardware.launcher=slurm and this is not a SLURM task: nothing was trained. The run dir is frozen; "
-                        "train it with `sbatch scripts/slurm/train.sbatch %s` (or sweep with -m hydra/launcher=slurm)", run_dir)
+            log.warning(
+                "hardware.launcher=slurm and this is not a SLURM task: nothing was trained. The run dir is frozen; "
+                "train it with `sbatch scripts/slurm/train.sbatch %s` (or sweep with -m hydra/launcher=slurm)",
+                run_dir,
+            )
             return {}
-        return run_worker(run_dir / "config.yaml", command)  # ranks from SLURM's environment, no launcher inside the job
+        return run_worker(
+            run_dir / "config.yaml", command
+        )  # ranks from SLURM's environment, no launcher inside the job
     if in_slurm_task() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        raise ConfigError(f"this SLURM job has {os.environ['SLURM_NTASKS']} tasks but hardware.launcher={cfg.hardware.launcher} "
-                          "would start every rank in each of them; use a slurm_* hardware preset (launcher: slurm)")
+        raise ConfigError(
+            f"this SLURM job has {os.environ['SLURM_NTASKS']} tasks but hardware.launcher={cfg.hardware.launcher} "
+            "would start every rank in each of them; use a slurm_* hardware preset (launcher: slurm)"
+        )
     if cfg.hardware.launcher == "inline":
         return run_worker(run_dir / "config.yaml", command)
     return run_torchrun(cfg, run_dir, command)
@@ -222,8 +254,15 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
 
     ranks = cfg.hardware.gpus_per_node
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", *torchrun_node_args(cfg.hardware),
-        "-m", "prefopt.worker", str(run_dir / "config.yaml"), *(["--command", command_name] if command_name != "train" else []),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        *torchrun_node_args(cfg.hardware),
+        "-m",
+        "prefopt.worker",
+        str(run_dir / "config.yaml"),
+        *(["--command", command_name] if command_name != "train" else []),
     ]
     launch = secrets.token_hex(8)  # the ranks stamp their exit reports with it: another launch's are never read here
     env = dict(os.environ)
@@ -277,10 +316,14 @@ def wait_for_ranks(process: subprocess.Popen, run_dir: Path, launch: str, poll_s
             stopped_at = time.monotonic()
         lone_stop = stopped_at is not None and time.monotonic() - stopped_at > LONE_STOP_WAIT_S
         if lone_stop:
-            log.warning("a rank stopped on its own and the others did not follow within %.0f s: ending them", LONE_STOP_WAIT_S)
+            log.warning(
+                "a rank stopped on its own and the others did not follow within %.0f s: ending them", LONE_STOP_WAIT_S
+            )
         if lone_stop or any("user_error" in report for report in reports):
             proctree.kill_tree(process)
-            return process.returncode if process.returncode is not None else -signal.SIGKILL  # None: stuck in the kernel
+            return (
+                process.returncode if process.returncode is not None else -signal.SIGKILL
+            )  # None: stuck in the kernel
 
 
 def raise_user_error(reports: list[dict]) -> None:
@@ -296,8 +339,11 @@ def stop_ranks(process: subprocess.Popen, signum: int) -> None:
     agree on a step, checkpoint it and exit 0, and torchrun exits too; a second Ctrl-C or SIGTERM while they do ends
     them at once, and so does STOP_WAIT_S passing. Ranks outside the loop (starting up: nothing to checkpoint yet)
     are ended at once, quietly: a default SIGTERM would make torchrun print a traceback of its own."""
-    ranks = [pid for pid in proctree.descendants(process.pid)
-             if proctree.parent_of(pid) == process.pid and "prefopt.worker" in proctree.cmdline(pid)]
+    ranks = [
+        pid
+        for pid in proctree.descendants(process.pid)
+        if proctree.parent_of(pid) == process.pid and "prefopt.worker" in proctree.cmdline(pid)
+    ]
     if not ranks or not all(proctree.catches(pid, signal.SIGTERM) for pid in ranks):
         proctree.kill_tree(process)
         return
@@ -306,7 +352,9 @@ def stop_ranks(process: subprocess.Popen, signum: int) -> None:
     try:
         process.wait(timeout=STOP_WAIT_S)
     except subprocess.TimeoutExpired:
-        log.warning("the ranks did not stop within %.0f s: ending them (the last checkpoint on disk is intact)", STOP_WAIT_S)
+        log.warning(
+            "the ranks did not stop within %.0f s: ending them (the last checkpoint on disk is intact)", STOP_WAIT_S
+        )
         proctree.kill_tree(process)
     except KeyboardInterrupt:
         proctree.kill_tree(process)

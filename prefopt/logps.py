@@ -16,6 +16,7 @@ What a model does to its logits after the head (Gemma-2/3 final-logit soft-cappi
 `log_softmax(model(...).logits)`: an architecture that post-processes logits some other way is
 refused loudly instead of being trained on wrong log-probs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,9 @@ class TokenLogps:
     mask: torch.Tensor  # (N, T) 1.0 on response positions
     max_logps: Optional[torch.Tensor] = None  # (N, T) max_v log pi(v | ...): the greedy token's log-prob
     entropy: Optional[torch.Tensor] = None  # (N, T) entropy of the next-token distribution
-    mean_logits: Optional[torch.Tensor] = None  # (N, T) mean over the vocabulary of the (post-processed) logits, no gradient
+    mean_logits: Optional[torch.Tensor] = (
+        None  # (N, T) mean over the vocabulary of the (post-processed) logits, no gradient
+    )
 
     @property
     def summed(self) -> torch.Tensor:
@@ -74,7 +77,9 @@ def logit_postprocessor(config) -> Optional[Callable[[torch.Tensor], torch.Tenso
 def output_head(model) -> torch.nn.Module:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise LogitsPathError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None): not a causal LM")
+        raise LogitsPathError(
+            f"{type(model).__name__} has no output embedding (get_output_embeddings() is None): not a causal LM"
+        )
     return head
 
 
@@ -127,8 +132,14 @@ def kept_logps_bytes(scored_tokens: int, vocab_size: int, postprocessed: bool) -
     return scored_tokens * vocab_size * 4 * (2 if postprocessed else 1)
 
 
-def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: bool = False, min_scored_tokens: int = 0,
-                   keep_logps_mb: float = 0.0) -> TokenLogps:
+def sequence_logps(
+    model,
+    batch: SequenceBatch,
+    chunk_size: int,
+    with_stats: bool = False,
+    min_scored_tokens: int = 0,
+    keep_logps_mb: float = 0.0,
+) -> TokenLogps:
     """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
     result is sequence i, column k its k-th response token; identical numbers for padded and packed.
 
@@ -142,17 +153,35 @@ def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: boo
     postprocess = logit_postprocessor(model.config)
     vocab_size = getattr(head, "out_features", None) or _text_config(model.config).vocab_size
     scored_tokens = max(int(batch.targets.shape[0]), min_scored_tokens)
-    recompute_head = torch.is_grad_enabled() and kept_logps_bytes(scored_tokens, vocab_size, postprocess is not None) > keep_logps_mb * 2**20
+    recompute_head = (
+        torch.is_grad_enabled()
+        and kept_logps_bytes(scored_tokens, vocab_size, postprocess is not None) > keep_logps_mb * 2**20
+    )
     attention_mask = model_attention_mask(model, batch.attention_mask)
     with autocast(model, batch.input_ids.device.type):
         with intercepted_head(head) as captured:
-            model(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=batch.position_ids, use_cache=False)
+            model(
+                input_ids=batch.input_ids,
+                attention_mask=attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
         if "hidden" not in captured:
-            raise LogitsPathError(f"{type(model).__name__}'s forward never called its output head; prefopt cannot score it")
-        scored_hidden = captured["hidden"][batch.predictor_rows, batch.predictor_cols]  # (S, H): only positions that score
+            raise LogitsPathError(
+                f"{type(model).__name__}'s forward never called its output head; prefopt cannot score it"
+            )
+        scored_hidden = captured["hidden"][
+            batch.predictor_rows, batch.predictor_cols
+        ]  # (S, H): only positions that score
         outputs = []
         for start in range(0, max(scored_hidden.shape[0], min_scored_tokens, 1), chunk_size):
-            args = (head, postprocess, scored_hidden[start : start + chunk_size], batch.targets[start : start + chunk_size], with_stats)
+            args = (
+                head,
+                postprocess,
+                scored_hidden[start : start + chunk_size],
+                batch.targets[start : start + chunk_size],
+                with_stats,
+            )
             if recompute_head:
                 outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
@@ -160,9 +189,13 @@ def sequence_logps(model, batch: SequenceBatch, chunk_size: int, with_stats: boo
     # back to (sequences, response tokens) with zeros past each response's end (index_put keeps the gradient path)
     shape = (batch.num_sequences, batch.max_response_length)
     where = (batch.sequence_index, batch.token_index)
-    per_token = [torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.cat(parts))
-                 for parts in zip(*outputs)]
-    mask = torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.ones_like(batch.targets, dtype=torch.float32))
+    per_token = [
+        torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.cat(parts))
+        for parts in zip(*outputs)
+    ]
+    mask = torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(
+        where, torch.ones_like(batch.targets, dtype=torch.float32)
+    )
     stats = dict(zip(("max_logps", "entropy"), per_token[2:]))
     return TokenLogps(per_token[0], mask, mean_logits=per_token[1], **stats)
 
@@ -177,11 +210,22 @@ def model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_token_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_stats: bool = False,
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    with_stats: bool = False,
     keep_logps_mb: float = 0.0,
 ) -> TokenLogps:
     """Log-probs of the labelled tokens (labels != -100) of right-padded rows, one sequence per row."""
-    return sequence_logps(model, labelled_rows_batch(input_ids, attention_mask, labels), chunk_size, with_stats, keep_logps_mb=keep_logps_mb)
+    return sequence_logps(
+        model,
+        labelled_rows_batch(input_ids, attention_mask, labels),
+        chunk_size,
+        with_stats,
+        keep_logps_mb=keep_logps_mb,
+    )
 
 
 def labelled_rows_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> SequenceBatch:
@@ -192,9 +236,17 @@ def labelled_rows_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, l
     first = first.scatter_reduce(0, rows, columns, reduce="amin")
     token_index = columns - first[rows]
     return SequenceBatch(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=None, predictor_rows=rows, predictor_cols=columns,
-        targets=targets[rows, columns], sequence_index=rows, token_index=token_index, num_sequences=labels.shape[0],
-        max_response_length=int(token_index.max()) + 1 if token_index.numel() else 0, real_tokens=int(attention_mask.sum()),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=None,
+        predictor_rows=rows,
+        predictor_cols=columns,
+        targets=targets[rows, columns],
+        sequence_index=rows,
+        token_index=token_index,
+        num_sequences=labels.shape[0],
+        max_response_length=int(token_index.max()) + 1 if token_index.numel() else 0,
+        real_tokens=int(attention_mask.sum()),
     )
 
 

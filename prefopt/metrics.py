@@ -17,6 +17,7 @@ One difference from TRL, on purpose: TRL averages each micro batch's value over 
 and over eval batches; prefopt pools the whole step (or eval set) first, so a short last micro batch
 weighs by its pairs and tokens, not as a whole batch. With one micro batch per step they are equal.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -27,13 +28,18 @@ from prefopt.logps import TokenLogps, split_pairs
 
 # logits/* are token-weighted: each example carries its summed mean-logit in this column, and the pooled
 # mean divides by the pooled response length (finish_token_means); the column itself is never logged
-LOGIT_SUMS = {"logits/chosen": ("logit_sums/chosen", "lengths/chosen"), "logits/rejected": ("logit_sums/rejected", "lengths/rejected")}
+LOGIT_SUMS = {
+    "logits/chosen": ("logit_sums/chosen", "lengths/chosen"),
+    "logits/rejected": ("logit_sums/rejected", "lengths/rejected"),
+}
 
 # names prefopt wrote before it took TRL's (run dirs from before the rename still hold them)
 RENAMED = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
 
 
-def pair_metrics(policy: TokenLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+def pair_metrics(
+    policy: TokenLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-pair (B,) columns of one batch whose means over the logged batch are the metrics above
     (finish_token_means turns the logit sums into logits/*). policy: the policy's log-probs of the
     batch, chosen rows first (split_pairs); rewards: the loss's (B,) implicit rewards."""

@@ -4,6 +4,7 @@ random models for tests.
 `resolve_model_source` only checks that a model can be found (no weights load), so the parent can
 fail in seconds on a model that is not there, before anything is dispatched.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,12 +43,16 @@ def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
     if model_cfg.source == "tiny":
         return ModelSource("tiny", "", f"tiny:{hash_tiny_config(model_cfg)}")
     path = os.path.expanduser(model_cfg.path or "")
-    if model_cfg.source == "gguf_package" and not names_local_path(path):  # a local model.path wins; a hub id is informational
+    if model_cfg.source == "gguf_package" and not names_local_path(
+        path
+    ):  # a local model.path wins; a hub id is informational
         gguf_path = gguf_file_path(model_cfg)  # converted to an HF directory on first load
         return ModelSource("gguf", str(gguf_path), f"gguf:{model_cfg.gguf_package}/{model_cfg.gguf_file}")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ModelNotFoundError(f"model.path={path} is a directory without config.json; point it at a saved HF model")
+            raise ModelNotFoundError(
+                f"model.path={path} is a directory without config.json; point it at a saved HF model"
+            )
         check_architecture(Path(path) / "config.json", model_cfg.trust_remote_code)
         return ModelSource("dir", path, f"dir:{os.path.abspath(path)}")
     if names_local_path(path):
@@ -79,17 +84,23 @@ def check_architecture(config_path: Path, trust_remote_code: bool) -> None:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"{config_path}: not a readable JSON model config ({error}); point model.path at a saved HF model") from None
+        raise ModelNotFoundError(
+            f"{config_path}: not a readable JSON model config ({error}); point model.path at a saved HF model"
+        ) from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type is None or model_type in CONFIG_MAPPING:
         return  # no model_type: transformers guesses from the path, as it always has
     if "auto_map" in config:
         if trust_remote_code:
             return
-        raise ModelNotFoundError(f"{config_path}: model_type {model_type!r} is not built into transformers {transformers_version()}; "
-                                 f"the model ships its own code (auto_map): set model.trust_remote_code=true if you trust it")
-    raise ModelNotFoundError(f"{config_path}: model_type {model_type!r} is unknown to transformers {transformers_version()}; "
-                             f"upgrade transformers (pip install -U transformers) or use a model of a supported architecture")
+        raise ModelNotFoundError(
+            f"{config_path}: model_type {model_type!r} is not built into transformers {transformers_version()}; "
+            f"the model ships its own code (auto_map): set model.trust_remote_code=true if you trust it"
+        )
+    raise ModelNotFoundError(
+        f"{config_path}: model_type {model_type!r} is unknown to transformers {transformers_version()}; "
+        f"upgrade transformers (pip install -U transformers) or use a model of a supported architecture"
+    )
 
 
 def transformers_version() -> str:
@@ -105,7 +116,9 @@ def hub_offline() -> bool:
     """HF_HUB_OFFLINE is set, read now (huggingface_hub reads it once, at its import)."""
     from huggingface_hub import constants
 
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off") or bool(constants.HF_HUB_OFFLINE)
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off") or bool(
+        constants.HF_HUB_OFFLINE
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -142,10 +155,19 @@ def gguf_file_path(model_cfg: DictConfig) -> Path:
     for entry in distribution.files or []:
         if entry.name == model_cfg.gguf_file:
             return Path(distribution.locate_file(entry))
-    raise ModelNotFoundError(f"package {model_cfg.gguf_package} has no file {model_cfg.gguf_file}; reinstall it: {hint}")
+    raise ModelNotFoundError(
+        f"package {model_cfg.gguf_package} has no file {model_cfg.gguf_file}; reinstall it: {hint}"
+    )
 
 
-CACHE_WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)  # the cache dir, not the model
+CACHE_WRITE_ERRNOS = (
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+)  # the cache dir, not the model
 
 
 def converted_gguf_dir(model_cfg: DictConfig) -> Path:
@@ -161,8 +183,10 @@ def converted_gguf_dir(model_cfg: DictConfig) -> Path:
     except OSError as error:  # an unwritable cache is the user's to fix, and its key is model.cache_dir
         if error.errno not in CACHE_WRITE_ERRNOS:
             raise
-        raise ConfigError(f"model.cache_dir={model_cfg.cache_dir}: cannot keep the converted model there ({error.strerror}: "
-                          f"{error.filename or target}); point model.cache_dir (or PREFOPT_CACHE) at a writable directory") from None
+        raise ConfigError(
+            f"model.cache_dir={model_cfg.cache_dir}: cannot keep the converted model there ({error.strerror}: "
+            f"{error.filename or target}); point model.cache_dir (or PREFOPT_CACHE) at a writable directory"
+        ) from None
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
@@ -174,7 +198,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
         # the weights are already dequantized to fp32: save them as a plain model
         model.hf_quantizer = None
         model.is_quantized = False
@@ -251,7 +277,9 @@ def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        local_location(model_cfg, source), trust_remote_code=model_cfg.trust_remote_code, local_files_only=source.kind != "hub"
+        local_location(model_cfg, source),
+        trust_remote_code=model_cfg.trust_remote_code,
+        local_files_only=source.kind != "hub",
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id works
@@ -326,8 +354,11 @@ def apply_lora(model, lora_cfg: DictConfig):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

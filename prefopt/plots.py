@@ -5,6 +5,7 @@ overlaid, one panel per response type (plus the mass metrics), from each run dir
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
 display needed, safe inside a training process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,7 +127,10 @@ def save_png(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 
 def plot_runs(
-    run_dirs: Sequence[str | os.PathLike], output_path: str | os.PathLike, title: str = DEFAULT_TITLE, labels: Optional[Sequence[str]] = None
+    run_dirs: Sequence[str | os.PathLike],
+    output_path: str | os.PathLike,
+    title: str = DEFAULT_TITLE,
+    labels: Optional[Sequence[str]] = None,
 ) -> Path:
     """Overlay the dynamics of `run_dirs` in one PNG at `output_path`, each line labelled by its run's
     overrides unless `labels` are given; RunDirError names a dir without dynamics."""
@@ -189,7 +193,11 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
         figure = Figure(figsize=(18, 3.8 * len(facets) + 1.5), layout="constrained")
         FigureCanvasAgg(figure)
         grid = figure.subplots(len(facets), len(BAND_PANELS), squeeze=False)
-        cells = [(grid[row][column], panel, facet) for row, facet in enumerate(facets) for column, panel in enumerate(BAND_PANELS)]
+        cells = [
+            (grid[row][column], panel, facet)
+            for row, facet in enumerate(facets)
+            for column, panel in enumerate(BAND_PANELS)
+        ]
     else:
         figure = Figure(figsize=(11, 8), layout="constrained")
         FigureCanvasAgg(figure)
@@ -216,8 +224,15 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
     if labels:
         width = 45 if not faceted else 40
         columns = min(len(labels), 4 if faceted else 2)
-        figure.legend([handles[label] for label in labels], [textwrap.fill(label, width) for label in labels],
-                      loc="outside lower center", ncols=columns, fontsize="small", title="groups", frameon=False)
+        figure.legend(
+            [handles[label] for label in labels],
+            [textwrap.fill(label, width) for label in labels],
+            loc="outside lower center",
+            ncols=columns,
+            fontsize="small",
+            title="groups",
+            frameon=False,
+        )
     figure.suptitle(title)
     return figure
 
@@ -229,7 +244,8 @@ def plot_bands(groups: Sequence[GroupBands], output_path: str | os.PathLike, tit
 
 def plot_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="prefopt plot", description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs."
+        prog="prefopt plot",
+        description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
     parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_PLOT})")

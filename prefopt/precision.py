@@ -15,6 +15,7 @@ The compute dtype is a property of the model object (set once by `set_compute_dt
 forward (policy, the frozen reference copy, probes, generation) picks it up without threading it
 through every call.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ the next run in the same dir. So (Linux):
 Every rank also holds a shared lock on the run dir (rundir.hold_for_rank), so a new run there waits until the
 last rank of an earlier one is gone (prefopt/rundir.py).
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -10,6 +10,7 @@
 Only summed log-probs are stored: losses that average divide by the lengths themselves, and the gate
 reads the policy's per-token log-probs, never the reference's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,12 +44,18 @@ class ModelReference:
         self.model, self.chunk_size, self.adapters_off = model, chunk_size, adapters_off
 
     @torch.no_grad()
-    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """min_scored_tokens: see sequence_logps (a frozen ZeRO-3 reference gathers its head per call too)."""
         if self.adapters_off:
             with self.model.disable_adapter():
-                return split_pairs(sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed)
-        return split_pairs(sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed)
+                return split_pairs(
+                    sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed
+                )
+        return split_pairs(
+            sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed
+        )
 
 
 def pair_key(pair: TokenizedPair) -> tuple:
@@ -59,7 +66,9 @@ class CachedReference:
     def __init__(self, table: dict[tuple, tuple[float, float]], device: torch.device):
         self.table, self.device = table, device
 
-    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         values = torch.tensor([self.table[pair_key(pair)] for pair in pairs], dtype=torch.float32, device=self.device)
         return values[:, 0], values[:, 1]
 
@@ -73,7 +82,9 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def reference_fingerprint(model, model_cfg: DictConfig, weight_paths: Optional[list[Path]], seed: int, dist: DistInfo) -> str:
+def reference_fingerprint(
+    model, model_cfg: DictConfig, weight_paths: Optional[list[Path]], seed: int, dist: DistInfo
+) -> str:
     """What identifies the reference's weights, computed on rank 0 only and broadcast: the weight files'
     digests (memoized), the seed for a random tiny model, or (weights only in memory) their bytes."""
     fingerprint = [None]
@@ -99,19 +110,25 @@ def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str)
     return digest.hexdigest()[:24]
 
 
-def compute_reference_logps(model, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int) -> torch.Tensor:
+def compute_reference_logps(
+    model, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int
+) -> torch.Tensor:
     """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather (sharding.py)."""
     reference = ModelReference(model, cfg.trainer.logp_chunk_size)
 
     def score(indices: list[int], peer_scored_tokens: int) -> torch.Tensor:
         chunk = [pairs[index] for index in indices]
-        batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(device)
+        batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(
+            device
+        )
         return torch.stack(reference.logps(chunk, batch, peer_scored_tokens), dim=1)
 
     was_training = model.training
     model.eval()
     try:
-        return sharded_pass(len(pairs), cfg.trainer.eval_batch_size, dist, score, lambda index: pair_scored_tokens(pairs[index]))
+        return sharded_pass(
+            len(pairs), cfg.trainer.eval_batch_size, dist, score, lambda index: pair_scored_tokens(pairs[index])
+        )
     finally:
         model.train(was_training)
 
@@ -140,7 +157,9 @@ def load_cache(path: Path, key: str, num_pairs: int) -> Optional[torch.Tensor]:
 SPOT_CHECK_PAIRS = 2
 
 
-def matches_the_policy(values: torch.Tensor, model, pairs: list[TokenizedPair], cfg: DictConfig, device, pad_token_id: int, path: Path) -> bool:
+def matches_the_policy(
+    values: torch.Tensor, model, pairs: list[TokenizedPair], cfg: DictConfig, device, pad_token_id: int, path: Path
+) -> bool:
     """At step 0 the policy *is* the reference, so its log-probs of the first pairs must equal the cached
     values (their rewards are 0). A cache whose key matches but whose values are wrong (written by
     other code, or edited) fails this and is rebuilt."""
@@ -152,14 +171,26 @@ def matches_the_policy(values: torch.Tensor, model, pairs: list[TokenizedPair], 
     worst = float((fresh - cached).abs().max())
     tolerance = 1e-3 + 1e-4 * float(cached.abs().max())  # batch composition changes rounding a little
     if not math.isfinite(worst) or worst > tolerance:
-        log.warning("reference cache %s does not match the model at step 0 (log-probs differ by %.3g on its first pairs): "
-                    "rebuilding it", path, worst)
+        log.warning(
+            "reference cache %s does not match the model at step 0 (log-probs differ by %.3g on its first pairs): "
+            "rebuilding it",
+            path,
+            worst,
+        )
         return False
     return True
 
 
-def precomputed_reference(model, model_identity: str, fingerprint: str, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo,
-                          device, pad_token_id: int) -> CachedReference:
+def precomputed_reference(
+    model,
+    model_identity: str,
+    fingerprint: str,
+    pairs: list[TokenizedPair],
+    cfg: DictConfig,
+    dist: DistInfo,
+    device,
+    pad_token_id: int,
+) -> CachedReference:
     key = cache_key(pairs, model_identity, fingerprint)
     path = Path(cfg.reference.cache_dir).expanduser() / f"{key}.pt"
     values = load_cache(path, key, len(pairs))
@@ -180,9 +211,13 @@ def precomputed_reference(model, model_identity: str, fingerprint: str, pairs: l
                 with exclusive_lock(path.with_suffix(".lock")):
                     atomic_write_bytes(path, buffer.getvalue())  # a reader sees the old file or the whole new one
             except OSError as error:  # a full or read-only disk: the values are right, only not kept
-                log.warning("reference.cache_dir=%s cannot be written (%s: %s): the reference log-probs are not cached; "
-                            "point reference.cache_dir at a writable directory with free space", path.parent,
-                            error.strerror or error, error.filename or path)
+                log.warning(
+                    "reference.cache_dir=%s cannot be written (%s: %s): the reference log-probs are not cached; "
+                    "point reference.cache_dir at a writable directory with free space",
+                    path.parent,
+                    error.strerror or error,
+                    error.filename or path,
+                )
         dist.barrier()
     return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
 
@@ -192,8 +227,16 @@ def precompute_enabled(reference_cfg: DictConfig) -> bool:
     return str(reference_cfg.precompute).lower() in ("auto", "true")
 
 
-def build_reference(cfg: DictConfig, policy, source, pairs: list[TokenizedPair], needs_reference: bool,
-                    dist: DistInfo, device, pad_token_id: int):
+def build_reference(
+    cfg: DictConfig,
+    policy,
+    source,
+    pairs: list[TokenizedPair],
+    needs_reference: bool,
+    dist: DistInfo,
+    device,
+    pad_token_id: int,
+):
     """Call before the policy is wrapped by DeepSpeed: the initial policy *is* the reference here.
     `pairs`: every pair the run will score against the reference (visited train pairs and eval pairs)."""
     if not needs_reference:

@@ -12,6 +12,7 @@ group gets n, mean, std and a 95% Student-t interval for every metric (prefopt/s
 `--baseline KEY=VALUE` adds each group's paired difference to that group, seed by seed. Writes
 report_groups.md, report_groups.csv and report_bands.png (mean trajectory and band per group).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,17 @@ from prefopt.errors import ConfigError
 from prefopt.fileutil import atomic_write_text
 from prefopt.plots import BAND_PANELS, Band, GroupBands, RunDirError, plot_bands, plot_runs, run_overrides
 from prefopt.stats import Estimate, PairedDifference, estimate, paired_difference, sorted_seeds
-from prefopt.sweep_status import (NEVER_RAN, RUNNING, SUMMARY_COLUMNS, job_dirs, job_failed, load_yaml, read_summary,  # noqa: F401
-                                  sweep_rows)  # job_dirs: re-exported for tests
+from prefopt.sweep_status import (
+    NEVER_RAN,
+    RUNNING,
+    SUMMARY_COLUMNS,
+    job_dirs,
+    job_failed,
+    load_yaml,
+    read_summary,  # noqa: F401
+    sweep_rows,
+)  # job_dirs: re-exported for tests
 from prefopt.tracking import DYNAMICS_FILE, METRICS_FILE, read_jsonl
-
 
 COLUMNS = ("job", "overrides", *SUMMARY_COLUMNS, "status")
 
@@ -45,7 +53,10 @@ def plot_labels(jobs: list[Path]) -> list[str]:
     repeats of the common settings."""
     overrides = [run_overrides(job) for job in jobs]
     shared = set.intersection(*(set(items) for items in overrides)) if len(jobs) > 1 else set()
-    return [f"job {job.name}: " + " ".join(item for item in items if item not in shared) for job, items in zip(jobs, overrides)]
+    return [
+        f"job {job.name}: " + " ".join(item for item in items if item not in shared)
+        for job, items in zip(jobs, overrides)
+    ]
 
 
 def format_cell(value: Any) -> str:
@@ -80,7 +91,12 @@ def build_report(sweep_dir: Path) -> tuple[list[dict[str, Any]], Optional[Path]]
     with_dynamics = [job for job in jobs if read_jsonl(job / DYNAMICS_FILE)]
     plot = None
     if with_dynamics:
-        plot = plot_runs(with_dynamics, sweep_dir / "report.png", f"Learning dynamics: sweep {sweep_dir.name}", plot_labels(with_dynamics))
+        plot = plot_runs(
+            with_dynamics,
+            sweep_dir / "report.png",
+            f"Learning dynamics: sweep {sweep_dir.name}",
+            plot_labels(with_dynamics),
+        )
     return rows, plot
 
 
@@ -91,7 +107,14 @@ CONFIG_FILE = "config.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"  # Hydra's record of the job, with the config-group choices
 GATE_MEAN_KEY = "train/gate/mean"
 # the markdown table's columns; report_groups.csv has every metric
-HEADLINE_METRICS = ("delta/chosen", "delta/rejected", "delta/others", "delta/greedy", "eval/rewards/accuracies", GATE_MEAN_KEY)
+HEADLINE_METRICS = (
+    "delta/chosen",
+    "delta/rejected",
+    "delta/others",
+    "delta/greedy",
+    "eval/rewards/accuracies",
+    GATE_MEAN_KEY,
+)
 ALWAYS_SHOWN = HEADLINE_METRICS[:-1]  # the gate column only appears when some group ran with a gate
 GROUP_CSV_STATS = ("n", "mean", "std", "ci_low", "ci_high")
 NO_INTERVAL = "n<2: no interval"
@@ -245,7 +268,9 @@ def job_metrics(summary: dict[str, Any], dynamics: list[dict], metrics_rows: lis
     (delta/<type> for the summed log-prob, delta/<type>/logp_mean, delta/mass/*); and train/gate/mean,
     the gate averaged over the run's logged steps (how much of the rejected-side gradient got through)."""
     metrics = probe_deltas(dynamics)
-    metrics |= {key: float(value) for key, value in summary.items() if key.startswith(("eval/", "delta/")) and is_number(value)}
+    metrics |= {
+        key: float(value) for key, value in summary.items() if key.startswith(("eval/", "delta/")) and is_number(value)
+    }
     gate = [row[GATE_MEAN_KEY] for row in metrics_rows if is_number(row.get(GATE_MEAN_KEY))]
     if gate:
         metrics[GATE_MEAN_KEY] = math.fsum(gate) / len(gate)
@@ -296,8 +321,10 @@ def check_group_keys(jobs: list[Job], group_by: list[str]) -> None:
     for key in group_by:
         if all(job_setting(job, key) is ABSENT for job in jobs):
             overridden = sorted({name for job in jobs for name in job.overrides})
-            raise ConfigError(f"--group-by {key}: no job sets it (not in any job's overrides.yaml or config.yaml); "
-                              f"the jobs override: {', '.join(overridden) or 'nothing'}")
+            raise ConfigError(
+                f"--group-by {key}: no job sets it (not in any job's overrides.yaml or config.yaml); "
+                f"the jobs override: {', '.join(overridden) or 'nothing'}"
+            )
 
 
 def check_only_seeds_differ(group: Group, group_by: list[str]) -> None:
@@ -315,14 +342,17 @@ def check_only_seeds_differ(group: Group, group_by: list[str]) -> None:
             if expected.value != found.value:
                 raise ConfigError(
                     f"jobs {first.number} and {job.number} (group {group.label}) differ in {key} ({key}={expected.text} vs "
-                    f"{key}={found.text}), not only in {SEED_KEY}: add {key} to --group-by, or report those jobs apart")
+                    f"{key}={found.text}), not only in {SEED_KEY}: add {key} to --group-by, or report those jobs apart"
+                )
     seen: dict[Any, Job] = {}
     for job in group.jobs:
         seed = job_seed(job)
         if seed in seen:
-            raise ConfigError(f"jobs {seen[seed].number} and {job.number} (group {group.label}) are the same setting with the same "
-                              f"{SEED_KEY}={job_setting(job, SEED_KEY).text}: a repeated seed is not a new sample and would "
-                              "narrow the interval falsely; report a sweep whose jobs have distinct seeds")
+            raise ConfigError(
+                f"jobs {seen[seed].number} and {job.number} (group {group.label}) are the same setting with the same "
+                f"{SEED_KEY}={job_setting(job, SEED_KEY).text}: a repeated seed is not a new sample and would "
+                "narrow the interval falsely; report a sweep whose jobs have distinct seeds"
+            )
         seen[seed] = job
 
 
@@ -334,7 +364,9 @@ def group_estimates(group: Group) -> dict[str, Estimate]:
 
 def paired_differences(group: Group, baseline: Group) -> dict[str, PairedDifference]:
     """Per metric, group - baseline matched by trainer.seed; a seed either side lacks is dropped."""
-    names = sorted({name for job in group.jobs for name in job.metrics} | {name for job in baseline.jobs for name in job.metrics})
+    names = sorted(
+        {name for job in group.jobs for name in job.metrics} | {name for job in baseline.jobs for name in job.metrics}
+    )
     by_seed = lambda jobs, name: {job_seed(job): job.metrics[name] for job in jobs if name in job.metrics}  # noqa: E731
     return {name: paired_difference(by_seed(group.jobs, name), by_seed(baseline.jobs, name)) for name in names}
 
@@ -349,16 +381,25 @@ def find_baselines(groups: list[Group], baseline: Optional[list[str]], group_by:
     wanted = override_items(item for value in baseline for item in value.split(",") if item.strip())
     for key, text in wanted.items():
         if key not in group_by or not text:
-            raise ConfigError(f"--baseline {key}={text}: give KEY=VALUE with KEY one of the --group-by keys ({', '.join(group_by)})")
-    matches = [group for group in groups
-               if all(dict(group.settings)[key].value == canonical(parse_value(text)) for key, text in wanted.items())]
+            raise ConfigError(
+                f"--baseline {key}={text}: give KEY=VALUE with KEY one of the --group-by keys ({', '.join(group_by)})"
+            )
+    matches = [
+        group
+        for group in groups
+        if all(dict(group.settings)[key].value == canonical(parse_value(text)) for key, text in wanted.items())
+    ]
     if not matches:
         shown = ",".join(f"{key}={text}" for key, text in wanted.items())
-        raise ConfigError(f"--baseline {shown}: no group has these values; the groups are: {'; '.join(group.label for group in groups)}")
+        raise ConfigError(
+            f"--baseline {shown}: no group has these values; the groups are: {'; '.join(group.label for group in groups)}"
+        )
     strata_keys = [key for key in group_by if key not in wanted]
     stratum = lambda group: tuple(dict(group.settings)[key].value for key in strata_keys)  # noqa: E731
     baseline_of_stratum = {stratum(group): group for group in matches}  # unique: groups differ in some group-by key
-    return {group.label: baseline_of_stratum[stratum(group)] for group in groups if stratum(group) in baseline_of_stratum}
+    return {
+        group.label: baseline_of_stratum[stratum(group)] for group in groups if stratum(group) in baseline_of_stratum
+    }
 
 
 def format_estimate(value: Optional[Estimate]) -> str:
@@ -391,21 +432,35 @@ def groups_markdown(sweep_dir: Path, groups: list[Group], group_by: list[str], b
     metrics = headline_metrics(estimates)
     finished, failed = sum(len(group.jobs) for group in groups), sum(len(group.failed) for group in groups)
     lines = [
-        f"# Sweep groups: {sweep_dir}", "",
+        f"# Sweep groups: {sweep_dir}",
+        "",
         f"Grouped by {', '.join(group_by)}: {len(groups)} groups, {finished} finished jobs, {failed} failed (not counted). "
         f"Each cell: mean ± half-width of the 95% Student-t confidence interval over seeds ({SEED_KEY}), n-1 degrees of "
-        f"freedom; {NO_INTERVAL}. Deltas are summed log-probs (nats), first to last probe evaluation.", "",
+        f"freedom; {NO_INTERVAL}. Deltas are summed log-probs (nats), first to last probe evaluation.",
+        "",
         markdown_row(["group", "n", *metrics, "failed"]),
         "|" + "---|" * (len(metrics) + 3),
     ]
     for group, values in zip(groups, estimates):
-        lines.append(markdown_row([group.label, len(group.jobs), *(format_estimate(values.get(name)) for name in metrics), len(group.failed)]))
+        lines.append(
+            markdown_row(
+                [
+                    group.label,
+                    len(group.jobs),
+                    *(format_estimate(values.get(name)) for name in metrics),
+                    len(group.failed),
+                ]
+            )
+        )
     if baselines:
         shown = sorted({baseline.label for baseline in baselines.values()})
         lines += [
-            "", f"## Paired differences vs {'; '.join(shown)}", "",
+            "",
+            f"## Paired differences vs {'; '.join(shown)}",
+            "",
             f"Group minus its baseline per {SEED_KEY} both have; mean ± half-width of the 95% Student-t interval over the pairs. "
-            "Seeds only one side has are dropped (counted).", "",
+            "Seeds only one side has are dropped (counted).",
+            "",
             markdown_row(["group", "baseline", "pairs", "dropped", *metrics]),
             "|" + "---|" * (len(metrics) + 4),
         ]
@@ -416,8 +471,17 @@ def groups_markdown(sweep_dir: Path, groups: list[Group], group_by: list[str], b
             differences = paired_differences(group, baseline)
             seeds, baseline_seeds = {job_seed(job) for job in group.jobs}, {job_seed(job) for job in baseline.jobs}
             cells = (format_estimate(differences[name].estimate) if name in differences else "" for name in metrics)
-            lines.append(markdown_row([group.label, baseline.label, len(seeds & baseline_seeds),
-                                       format_dropped(sorted_seeds(seeds ^ baseline_seeds)), *cells]))
+            lines.append(
+                markdown_row(
+                    [
+                        group.label,
+                        baseline.label,
+                        len(seeds & baseline_seeds),
+                        format_dropped(sorted_seeds(seeds ^ baseline_seeds)),
+                        *cells,
+                    ]
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -518,20 +582,32 @@ def report_command(argv: list[str]) -> int:
         "writes report.md, report.csv and report.png into the sweep dir. With --group-by: statistics over seeds per group "
         "(n, mean, std, 95% Student-t interval) in report_groups.md, report_groups.csv and report_bands.png.",
     )
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", type=Path, help="the multirun dir holding job dirs 0, 1, 2, ...")
-    parser.add_argument("--group-by", action="append", metavar="KEYS",
-                        help="config keys whose values define a group, comma-separated or repeated (e.g. loss,loss.gate.kind); "
-                        f"the jobs of a group must differ only in {SEED_KEY}")
-    parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
-                        help="the group the others are compared with, seed by seed (e.g. loss=dpo); needs --group-by. Keys it does "
-                        "not name stratify: each group is compared with the baseline that shares their values")
+    parser.add_argument(
+        "sweep_dir", metavar="SWEEP_DIR", type=Path, help="the multirun dir holding job dirs 0, 1, 2, ..."
+    )
+    parser.add_argument(
+        "--group-by",
+        action="append",
+        metavar="KEYS",
+        help="config keys whose values define a group, comma-separated or repeated (e.g. loss,loss.gate.kind); "
+        f"the jobs of a group must differ only in {SEED_KEY}",
+    )
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the group the others are compared with, seed by seed (e.g. loss=dpo); needs --group-by. Keys it does "
+        "not name stratify: each group is compared with the baseline that shares their values",
+    )
     args = parser.parse_args(argv)
     group_by = split_keys(args.group_by)
     if args.baseline and not group_by:
         print("prefopt: error: --baseline needs --group-by (e.g. --group-by loss --baseline loss=dpo)", file=sys.stderr)
         return 2
     try:
-        groups = build_group_report(args.sweep_dir, group_by, args.baseline) if group_by else None  # refuses before writing the rest
+        groups = (
+            build_group_report(args.sweep_dir, group_by, args.baseline) if group_by else None
+        )  # refuses before writing the rest
         rows, plot = build_report(args.sweep_dir)
     except (RunDirError, ConfigError) as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
@@ -542,8 +618,13 @@ def report_command(argv: list[str]) -> int:
         print(groups.markdown)
         written += ["report_groups.md", "report_groups.csv"] + (["report_bands.png"] if groups.plot else [])
     failed = sum(row["status"] == "failed" for row in rows)
-    unfinished = [f"{sum(row['status'] == status for row in rows)} {status}" for status in (RUNNING, NEVER_RAN)
-                  if any(row["status"] == status for row in rows)]
+    unfinished = [
+        f"{sum(row['status'] == status for row in rows)} {status}"
+        for status in (RUNNING, NEVER_RAN)
+        if any(row["status"] == status for row in rows)
+    ]
     no_plot = "" if plot else " (no dynamics.jsonl: no plot)"
-    print(f"{len(rows)} jobs, {', '.join([f'{failed} failed', *unfinished])}; wrote {', '.join(written)}{no_plot} in {args.sweep_dir}")
+    print(
+        f"{len(rows)} jobs, {', '.join([f'{failed} failed', *unfinished])}; wrote {', '.join(written)}{no_plot} in {args.sweep_dir}"
+    )
     return 0

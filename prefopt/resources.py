@@ -42,6 +42,7 @@ refuses (ConfigError) and lists what would fit, with the estimates. Its keys are
 interpolations, so each job of a sweep resolves its own choice; `prepare_run` replaces them by the
 chosen preset's values before the run dir is frozen, so a worker never sees `auto`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,7 +100,9 @@ class Arch:
         return max(0, self.num_parameters - self.embedding_parameters) // self.num_layers
 
 
-def llama_parameters(hidden: int, layers: int, vocab: int, heads: int, kv_heads: int, intermediate: int, tied: bool) -> int:
+def llama_parameters(
+    hidden: int, layers: int, vocab: int, heads: int, kv_heads: int, intermediate: int, tied: bool
+) -> int:
     """Parameters of a Llama-style decoder (q/k/v/o, gated MLP, RMSNorms), for figures without a count."""
     kv_width = kv_heads * (hidden // heads)
     per_layer = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * intermediate + 2 * hidden
@@ -175,8 +178,16 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.buckets + self.reference
-                + self.activations + self.logp_buffers + self.overhead)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.buckets
+            + self.reference
+            + self.activations
+            + self.logp_buffers
+            + self.overhead
+        )
 
     @property
     def host_per_node(self) -> float:
@@ -186,7 +197,11 @@ class MemoryEstimate:
 
     def breakdown(self) -> str:
         parts = ("weights", "gradients", "optimizer", "buckets", "reference", "activations", "logp_buffers", "overhead")
-        shown = [f"{part.replace('_', ' ')} {getattr(self, part) / GB:.1f}" for part in parts if getattr(self, part) >= 0.05 * GB]
+        shown = [
+            f"{part.replace('_', ' ')} {getattr(self, part) / GB:.1f}"
+            for part in parts
+            if getattr(self, part) >= 0.05 * GB
+        ]
         return ", ".join(shown)
 
 
@@ -208,10 +223,24 @@ def arch_from_figures(figures: Mapping[str, Any]) -> Arch:
     kv_heads = figures.get("num_kv_heads") or heads
     tied = bool(figures.get("tie_word_embeddings"))
     count = figures.get("num_parameters") or llama_parameters(
-        figures["hidden_size"], figures["num_layers"], figures["vocab_size"], heads, kv_heads, figures["intermediate_size"], tied
+        figures["hidden_size"],
+        figures["num_layers"],
+        figures["vocab_size"],
+        heads,
+        kv_heads,
+        figures["intermediate_size"],
+        tied,
     )
-    return Arch(int(count), figures["hidden_size"], figures["num_layers"], figures["vocab_size"], heads, kv_heads,
-                figures["intermediate_size"], tied)
+    return Arch(
+        int(count),
+        figures["hidden_size"],
+        figures["num_layers"],
+        figures["vocab_size"],
+        heads,
+        kv_heads,
+        figures["intermediate_size"],
+        tied,
+    )
 
 
 def first_present(config: Mapping[str, Any], *keys: str) -> Any:
@@ -231,7 +260,8 @@ def directory_figures(directory: str) -> tuple:
         "vocab_size": config.get("vocab_size"),
         "num_heads": first_present(config, "num_attention_heads", "n_head"),
         "num_kv_heads": 1 if config.get("multi_query") else first_present(config, "num_key_value_heads"),
-        "intermediate_size": first_present(config, "intermediate_size", "n_inner", "ffn_dim") or (4 * hidden if hidden else None),
+        "intermediate_size": first_present(config, "intermediate_size", "n_inner", "ffn_dim")
+        or (4 * hidden if hidden else None),
         "tie_word_embeddings": config.get("tie_word_embeddings", True),  # transformers' default
     }
     return tuple(figures.items())
@@ -252,13 +282,21 @@ def model_arch(model_cfg: DictConfig) -> Arch:
     """The model's figures: model.tiny (random models), else a local model.path's config.json and the preset's model.arch."""
     if model_cfg.source == "tiny":
         tiny = model_cfg.tiny
-        return arch_from_figures({
-            "hidden_size": tiny.hidden_size, "num_layers": tiny.num_layers, "vocab_size": tiny.vocab_size or BYTE_TOKENIZER_VOCAB,
-            "num_heads": tiny.num_heads, "intermediate_size": tiny.intermediate_size, "tie_word_embeddings": True,
-        })
+        return arch_from_figures(
+            {
+                "hidden_size": tiny.hidden_size,
+                "num_layers": tiny.num_layers,
+                "vocab_size": tiny.vocab_size or BYTE_TOKENIZER_VOCAB,
+                "num_heads": tiny.num_heads,
+                "intermediate_size": tiny.intermediate_size,
+                "tie_word_embeddings": True,
+            }
+        )
     figures = OmegaConf.to_container(model_cfg.arch)
     path = os.path.expanduser(model_cfg.path) if model_cfg.path else None
-    if path and os.path.isfile(os.path.join(path, "config.json")):  # the model itself: its figures win, model.arch fills gaps
+    if path and os.path.isfile(
+        os.path.join(path, "config.json")
+    ):  # the model itself: its figures win, model.arch fills gaps
         local = {key: value for key, value in directory_figures(os.path.abspath(path)) if value is not None}
         figures = {**figures, "num_parameters": None, **local}  # the preset's count is another model's
     missing = [key for key in ARCH_FIGURES if not figures.get(key)]
@@ -273,9 +311,17 @@ def model_arch(model_cfg: DictConfig) -> Arch:
 
 
 LORA_SHAPES = {  # module name -> (in, out) in units of (h, I, kv, 3h); unknown names count as h x h
-    "q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
-    "gate_proj": ("h", "I"), "up_proj": ("h", "I"), "down_proj": ("I", "h"),
-    "query_key_value": ("h", "3h"), "dense": ("h", "h"), "dense_h_to_4h": ("h", "I"), "dense_4h_to_h": ("I", "h"),
+    "q_proj": ("h", "h"),
+    "k_proj": ("h", "kv"),
+    "v_proj": ("h", "kv"),
+    "o_proj": ("h", "h"),
+    "gate_proj": ("h", "I"),
+    "up_proj": ("h", "I"),
+    "down_proj": ("I", "h"),
+    "query_key_value": ("h", "3h"),
+    "dense": ("h", "h"),
+    "dense_h_to_4h": ("h", "I"),
+    "dense_4h_to_h": ("I", "h"),
 }
 
 
@@ -292,14 +338,24 @@ def run_shape(cfg: DictConfig) -> Run:
 
     model = cfg.model
     arch = model_arch(model)
-    reference_forward = get_loss(cfg.loss.name).needs_reference and str(cfg.reference.precompute).lower() not in ("auto", "true")
+    reference_forward = get_loss(cfg.loss.name).needs_reference and str(cfg.reference.precompute).lower() not in (
+        "auto",
+        "true",
+    )
     return Run(
-        name=model.name, arch=arch, dtype=model.dtype,
-        lora=model.lora.enabled, adapter_parameters=lora_parameters(arch, model.lora.r, list(model.lora.target_modules)),
-        reference_forward=reference_forward, holds_reference=reference_forward and not model.lora.enabled,
-        reference_offload=cfg.reference.offload, sequences=2 * cfg.trainer.micro_batch_size,
-        sequence_length=cfg.dataset.max_length, grad_accum=cfg.trainer.grad_accum,
-        gradient_checkpointing=model.gradient_checkpointing, logp_chunk_size=cfg.trainer.logp_chunk_size,
+        name=model.name,
+        arch=arch,
+        dtype=model.dtype,
+        lora=model.lora.enabled,
+        adapter_parameters=lora_parameters(arch, model.lora.r, list(model.lora.target_modules)),
+        reference_forward=reference_forward,
+        holds_reference=reference_forward and not model.lora.enabled,
+        reference_offload=cfg.reference.offload,
+        sequences=2 * cfg.trainer.micro_batch_size,
+        sequence_length=cfg.dataset.max_length,
+        grad_accum=cfg.trainer.grad_accum,
+        gradient_checkpointing=model.gradient_checkpointing,
+        logp_chunk_size=cfg.trainer.logp_chunk_size,
         logp_keep_bytes=cfg.trainer.logp_keep_mb * 2**20,
     )
 
@@ -309,6 +365,7 @@ def limits_from(hardware: DictConfig) -> Limits:
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
+
 
 def activation_bytes(run: Run, autocast: bool) -> float:
     """Tensors saved for backward (Llama blocks, SDPA: no seq^2 term), measured per token and layer."""
@@ -349,7 +406,9 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
         weights += weight_bytes * (2 * arch.layer_parameters + arch.vocab_size * arch.hidden_size)
     buckets = 2 * min(DEEPSPEED_BUCKET, trained) * grad_bytes if deepspeed and stage >= 1 and ranks > 1 else 0.0
     reference = 0.0
-    if run.holds_reference:  # engine.py: an inference engine, ZeRO-3 when the policy is, unless reference_zero_stage says
+    if (
+        run.holds_reference
+    ):  # engine.py: an inference engine, ZeRO-3 when the policy is, unless reference_zero_stage says
         reference_stage = hardware.get("reference_zero_stage") if deepspeed else 0
         if reference_stage is None:
             reference_stage = 3 if stage == 3 else 0
@@ -358,11 +417,18 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
             host, reference = host + reference, 0.0
     on_gpu = hardware["device"] == "cuda"
     return MemoryEstimate(
-        device=hardware["device"], ranks_per_node=hardware["gpus_per_node"],
-        weights=weights, gradients=gradients, optimizer=optimizer, buckets=buckets, reference=reference,
+        device=hardware["device"],
+        ranks_per_node=hardware["gpus_per_node"],
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        buckets=buckets,
+        reference=reference,
         activations=activation_bytes(run, autocast=run.dtype == "bf16" and not deepspeed),
-        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.tokens) * arch.vocab_size * 4 + min(run.logp_keep_bytes, run.tokens * arch.vocab_size * 4),
-        overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES, host=host,
+        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.tokens) * arch.vocab_size * 4
+        + min(run.logp_keep_bytes, run.tokens * arch.vocab_size * 4),
+        overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES,
+        host=host,
     )
 
 
@@ -387,6 +453,7 @@ def fits(estimate: MemoryEstimate, machine: Machine, limits: Limits) -> bool:
 
 
 # ---- the machine ------------------------------------------------------------------------------------
+
 
 def memory_limit_bytes() -> int:
     """Physical RAM, or the container's cgroup limit when lower."""
@@ -417,6 +484,7 @@ def this_machine() -> Machine:
 
 
 # ---- presets and the plan ---------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def _preset(name: str) -> tuple:
@@ -458,7 +526,9 @@ def first_fit(run: Run, machine: Machine, limits: Limits) -> Optional[HardwarePl
         estimate = estimate_memory(run, values)
         seconds = step_seconds(run, cpu_tflops(machine, limits)) if values["device"] == "cpu" else None
         if fits(estimate, machine, limits) and (seconds is None or seconds <= limits.max_cpu_step_seconds):
-            return HardwarePlan(dict(values, chosen_by="auto: " + describe_fit(estimate, machine, seconds)), estimate, seconds)
+            return HardwarePlan(
+                dict(values, chosen_by="auto: " + describe_fit(estimate, machine, seconds)), estimate, seconds
+            )
     return None
 
 
@@ -479,7 +549,9 @@ def plan_hardware(run: Run, machine: Machine, limits: Limits) -> HardwarePlan:
 def gpu_fit(run: Run, gpu_bytes: int, limits: Limits, offload: bool) -> tuple[Optional[dict], MemoryEstimate]:
     """The fewest GPUs of gpu_bytes (then the smallest stage) that hold `run`; else (None, the largest try's estimate)."""
     for count in SUGGESTED_GPU_COUNTS:
-        node = Machine(ram_bytes=2**62, cpu_cores=1, gpu_bytes=(gpu_bytes,) * count)  # a node's RAM is unknown: shown, not checked
+        node = Machine(
+            ram_bytes=2**62, cpu_cores=1, gpu_bytes=(gpu_bytes,) * count
+        )  # a node's RAM is unknown: shown, not checked
         for values in gpu_presets(count, offload):
             estimate = estimate_memory(run, values)
             if fits(estimate, node, limits):
@@ -497,11 +569,16 @@ def suggestion(overrides: str, run: Run, machine: Machine, limits: Limits, offlo
     host = f" + {estimate.host_per_node / GB:.0f} GB CPU RAM" if estimate.host else ""
     if values is None:
         largest = preset_overrides(gpu_presets(SUGGESTED_GPU_COUNTS[-1], offload)[-1])
-        return (f"  {' '.join(filter(None, [overrides, largest]))}: {estimate.total / GB:.1f} GB per GPU{host}, "
-                f"more than {SUGGESTED_GPU_COUNTS[-1]} GPUs of {gpu_bytes / GB:.0f} GB hold")
+        return (
+            f"  {' '.join(filter(None, [overrides, largest]))}: {estimate.total / GB:.1f} GB per GPU{host}, "
+            f"more than {SUGGESTED_GPU_COUNTS[-1]} GPUs of {gpu_bytes / GB:.0f} GB hold"
+        )
     count = values["gpus_per_node"]
-    where = ("fits here" if count <= len(machine.gpu_bytes) and fits(estimate, machine, limits)
-             else f"on {count} GPU{'s' if count > 1 else ''} of {gpu_bytes / GB:.0f} GB")
+    where = (
+        "fits here"
+        if count <= len(machine.gpu_bytes) and fits(estimate, machine, limits)
+        else f"on {count} GPU{'s' if count > 1 else ''} of {gpu_bytes / GB:.0f} GB"
+    )
     return f"  {' '.join(filter(None, [overrides, preset_overrides(values)]))}: {estimate.total / GB:.1f} GB per GPU{host}, {where}"
 
 
@@ -519,22 +596,31 @@ def refusal(run: Run, machine: Machine, limits: Limits) -> str:
     if machine.gpu_bytes:
         largest = auto_candidates(machine)[-1]
         estimate = estimate_memory(run, largest)
-        lines.append(f"On the visible GPUs, {preset_overrides(largest)} needs ~{estimate.total / GB:.1f} GB per GPU "
-                     f"({estimate.breakdown()}).")
+        lines.append(
+            f"On the visible GPUs, {preset_overrides(largest)} needs ~{estimate.total / GB:.1f} GB per GPU "
+            f"({estimate.breakdown()})."
+        )
     lines.append("What would fit (estimated peak memory per rank; GB = 2^30 bytes):")
     lines.append(suggestion("", run, machine, limits))
     lines.append(suggestion("", run, machine, limits, offload=True))
     if not run.lora:
-        lines.append(suggestion("model.lora.enabled=true", dataclasses.replace(run, lora=True, holds_reference=False), machine, limits))
+        lines.append(
+            suggestion(
+                "model.lora.enabled=true", dataclasses.replace(run, lora=True, holds_reference=False), machine, limits
+            )
+        )
     if run.reference_forward:
         precomputed = dataclasses.replace(run, reference_forward=False, holds_reference=False)
         lines.append(suggestion("reference.precompute=true", precomputed, machine, limits))
-    lines.append("Run it where that fits, or name a preset yourself (hardware=cpu | gpu | zero1 | zero2 | zero3 | "
-                 "zero3_offload): an explicit preset runs, with a warning when it looks too small.")
+    lines.append(
+        "Run it where that fits, or name a preset yourself (hardware=cpu | gpu | zero1 | zero2 | zero3 | "
+        "zero3_offload): an explicit preset runs, with a warning when it looks too small."
+    )
     return "\n".join(lines)
 
 
 # ---- the config side: the resolver, and settling the choice before the run dir is frozen -------------
+
 
 def placeholder_plan(reason: str) -> HardwarePlan:
     """What `--cfg job` shows when auto has no choice: the cpu values under the name auto; `prefopt train` refuses."""
@@ -546,7 +632,9 @@ def lenient_plan(run: Run, limits: Limits, machine: Machine) -> HardwarePlan:
     plan = first_fit(run, machine, limits)
     if plan is None:
         needed = estimate_memory(run, preset_values("cpu")).total / GB
-        return placeholder_plan(f"nothing here fits (~{needed:.1f} GB on the CPU); `prefopt train` refuses and lists what would")
+        return placeholder_plan(
+            f"nothing here fits (~{needed:.1f} GB on the CPU); `prefopt train` refuses and lists what would"
+        )
     return plan
 
 
@@ -562,7 +650,9 @@ def auto_hardware_value(key: str, _root_: DictConfig) -> Any:
 def uses_auto(hardware: DictConfig) -> list[str]:
     """The hardware keys still set by hardware=auto (the user's own overrides replace theirs)."""
     raw = OmegaConf.to_container(hardware, resolve=False)
-    return [key for key, value in raw.items() if isinstance(value, str) and value.startswith("${" + AUTO_RESOLVER + ":")]
+    return [
+        key for key, value in raw.items() if isinstance(value, str) and value.startswith("${" + AUTO_RESOLVER + ":")
+    ]
 
 
 def settle_hardware(cfg: DictConfig, machine: Optional[Machine] = None) -> Optional[HardwarePlan]:
@@ -593,6 +683,12 @@ def warn_if_too_small(cfg: DictConfig, machine: Machine) -> None:
     else:
         need, have, where = estimate.host_per_node, machine.ram_bytes, "of CPU memory"
     if need > WARN_MARGIN * have:
-        log.warning("hardware=%s: this run needs ~%.1f GB %s by estimate (%s) and this machine has %.1f GB: it will likely "
-                    "run out of memory. hardware=auto picks what fits, or lists it.", hardware.name, need / GB, where,
-                    estimate.breakdown(), have / GB)
+        log.warning(
+            "hardware=%s: this run needs ~%.1f GB %s by estimate (%s) and this machine has %.1f GB: it will likely "
+            "run out of memory. hardware=auto picks what fits, or lists it.",
+            hardware.name,
+            need / GB,
+            where,
+            estimate.breakdown(),
+            have / GB,
+        )

@@ -16,6 +16,7 @@ Runs are searched under the roots the config points at: the fixed part of `hydra
 `hydra.sweep.dir` (outputs/ and multirun/ by default; a dir given without a timestamp: its parent), a
 few levels deep. A finished run (summary.json) is never picked by `latest`: there is nothing to continue.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,18 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.checkpoint import (CHECKPOINT_CONFIG, CHECKPOINTS, MANIFEST, RESUME_KEYS, checkpoint_candidates, checkpoint_step,
-                                config_differences, length_change, load_trainer_state, resume_differences)
+from prefopt.checkpoint import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINTS,
+    MANIFEST,
+    RESUME_KEYS,
+    checkpoint_candidates,
+    checkpoint_step,
+    config_differences,
+    length_change,
+    load_trainer_state,
+    resume_differences,
+)
 from prefopt.data import PreferenceData, build_preference_data
 from prefopt.data.identity import ALLOW_CHANGED, check_resume_data, data_identity
 from prefopt.errors import CheckpointError
@@ -117,7 +128,11 @@ def _run_dirs(root: Path) -> Iterator[Path]:
             entries = [entry for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
         except OSError:  # unreadable: someone else's dir
             continue
-        stack += [(Path(entry.path), depth + 1) for entry in entries if not entry.name.startswith(".") and entry.name not in SKIPPED_DIRS]
+        stack += [
+            (Path(entry.path), depth + 1)
+            for entry in entries
+            if not entry.name.startswith(".") and entry.name not in SKIPPED_DIRS
+        ]
 
 
 def newest_checkpoint(run_dir: Path) -> Optional[RunCheckpoint]:
@@ -167,21 +182,33 @@ def no_checkpoint_error(run_dir: Path, roots: list[Path], cfg: DictConfig) -> Ch
     """trainer.resume=true in a dir without a checkpoint: what the user can resume instead."""
     from prefopt.rundir import existing_run
 
-    why = ("the run there stopped before its first checkpoint; trainer.save_every=N saves every N steps"
-           if existing_run(run_dir) else "a new dir: Hydra gives each launch a new timestamped one")
+    why = (
+        "the run there stopped before its first checkpoint; trainer.save_every=N saves every N steps"
+        if existing_run(run_dir)
+        else "a new dir: Hydra gives each launch a new timestamped one"
+    )
     lines = [f"trainer.resume=true, but run dir {run_dir} has no checkpoint to continue ({why})."]
     runs = runs_with_checkpoints(roots, exclude=run_dir)[:MAX_LISTED]
     if not runs:
-        lines.append(f"No run under {roots_text(roots)} has a checkpoint either: leave trainer.resume out to start a fresh run.")
+        lines.append(
+            f"No run under {roots_text(roots)} has a checkpoint either: leave trainer.resume out to start a fresh run."
+        )
         return CheckpointError("\n".join(lines))
     lines.append(f"The newest runs with checkpoints under {roots_text(roots)} (paste one):")
     for run in runs:
         saved = saved_config(run.run_dir)
         differences = config_differences(cfg, saved) if saved is not None else None
-        match = ("unreadable config.yaml" if differences is None else "same config" if not differences
-                 else f"other config: {describe_differences(differences, limit=2)}")
+        match = (
+            "unreadable config.yaml"
+            if differences is None
+            else "same config"
+            if not differences
+            else f"other config: {describe_differences(differences, limit=2)}"
+        )
         lines.append(f"  {run.override()}    ({run.describe()}; {match})")
-    lines.append("Or trainer.resume=latest continues the newest run with this config; leave trainer.resume out to start fresh.")
+    lines.append(
+        "Or trainer.resume=latest continues the newest run with this config; leave trainer.resume out to start fresh."
+    )
     return CheckpointError("\n".join(lines))
 
 
@@ -205,17 +232,25 @@ def find_latest_run(cfg: DictConfig, roots: list[Path], exclude: Optional[Path] 
             log.info("trainer.resume=latest: continuing %s (%s)", run.run_dir, run.describe())
             return run
     if finished:
-        raise CheckpointError(f"trainer.resume=latest: the runs with this config under {roots_text(roots)} have finished "
-                              f"(newest: {finished[0].run_dir}, {finished[0].describe()}, summary.json written); there is "
-                              f"nothing to continue. Leave trainer.resume out to start a fresh run")
+        raise CheckpointError(
+            f"trainer.resume=latest: the runs with this config under {roots_text(roots)} have finished "
+            f"(newest: {finished[0].run_dir}, {finished[0].describe()}, summary.json written); there is "
+            f"nothing to continue. Leave trainer.resume out to start a fresh run"
+        )
     if not nearest:
-        raise CheckpointError(f"trainer.resume=latest: no run under {roots_text(roots)} has a checkpoint; leave trainer.resume "
-                              f"out to start a fresh run (trainer.save_every=N checkpoints every N steps)")
+        raise CheckpointError(
+            f"trainer.resume=latest: no run under {roots_text(roots)} has a checkpoint; leave trainer.resume "
+            f"out to start a fresh run (trainer.save_every=N checkpoints every N steps)"
+        )
     nearest.sort(key=lambda item: (item[0], -item[1].saved_at))
-    listed = "; ".join(f"{run.run_dir} ({run.describe()}): {describe_differences(differences)}" for _, run, differences in nearest[:3])
-    raise CheckpointError(f"trainer.resume=latest: no run under {roots_text(roots)} with a checkpoint has this config. "
-                          f"Nearest: {listed}. Use the same values to continue one of them (or trainer.resume=PATH with its own "
-                          f"config), or leave trainer.resume out to start fresh")
+    listed = "; ".join(
+        f"{run.run_dir} ({run.describe()}): {describe_differences(differences)}" for _, run, differences in nearest[:3]
+    )
+    raise CheckpointError(
+        f"trainer.resume=latest: no run under {roots_text(roots)} with a checkpoint has this config. "
+        f"Nearest: {listed}. Use the same values to continue one of them (or trainer.resume=PATH with its own "
+        f"config), or leave trainer.resume out to start fresh"
+    )
 
 
 @dataclass(frozen=True)
@@ -238,8 +273,13 @@ def accept_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
     derived = None
     if cfg.trainer.num_epochs is not None and checkpoint_candidates(resume_path(cfg, run_dir)):
         data = resume_data(cfg)
-        derived = epoch_steps(cfg.trainer.num_epochs, len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
-                              cfg.hardware.gpus_per_node * cfg.hardware.nodes)  # the world size the worker will have
+        derived = epoch_steps(
+            cfg.trainer.num_epochs,
+            len(data.train),
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.grad_accum,
+            cfg.hardware.gpus_per_node * cfg.hardware.nodes,
+        )  # the world size the worker will have
     accepted = check_resume(cfg, run_dir, derived)
     if accepted is not None:
         refuse_changed_data(cfg, accepted.checkpoint, data)
@@ -292,8 +332,10 @@ def check_resume(cfg: DictConfig, run_dir: Path, derived_steps: Optional[int] = 
     for candidate in candidates:
         saved = saved_config(candidate) if (candidate / MANIFEST).is_file() else None
         if saved is None:
-            unusable.append(f"{candidate}: " + ("unreadable config.yaml" if (candidate / MANIFEST).is_file() else
-                                                "no manifest.json (incomplete)"))
+            unusable.append(
+                f"{candidate}: "
+                + ("unreadable config.yaml" if (candidate / MANIFEST).is_file() else "no manifest.json (incomplete)")
+            )
             continue
         step = checkpoint_step(candidate)
         differences = resume_differences(cfg, saved, step, derived_steps)
@@ -304,24 +346,36 @@ def check_resume(cfg: DictConfig, run_dir: Path, derived_steps: Optional[int] = 
         note = None
         if change is not None:
             key, theirs, ours = change
-            note = (f"{key}: {theirs} -> {ours}: continuing {candidate.name} with the new length; the LR schedule is rebuilt "
-                    f"for it and its step count continues from step {step}, as a Hugging Face Trainer resumed with a larger "
-                    f"max_steps does (the next step keeps the LR already set, the following ones follow the new schedule)")
+            note = (
+                f"{key}: {theirs} -> {ours}: continuing {candidate.name} with the new length; the LR schedule is rebuilt "
+                f"for it and its step count continues from step {step}, as a Hugging Face Trainer resumed with a larger "
+                f"max_steps does (the next step keeps the LR already set, the following ones follow the new schedule)"
+            )
         return AcceptedResume(candidate, step, note)
     if refusals:
         raise refusal_error(resume, run_dir, *refusals[0])
     if unusable:
-        raise CheckpointError(f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {'; '.join(unusable)}. Start a fresh run in a new dir, or point "
-                              f"trainer.resume at a valid checkpoint; nothing in {run_dir} was changed")
+        raise CheckpointError(
+            f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {'; '.join(unusable)}. Start a fresh run in a new dir, or point "
+            f"trainer.resume at a valid checkpoint; nothing in {run_dir} was changed"
+        )
     return None
 
 
-def refusal_error(resume: Any, run_dir: Path, checkpoint: Path, differences: list[tuple[str, Any, Any]]) -> CheckpointError:
+def refusal_error(
+    resume: Any, run_dir: Path, checkpoint: Path, differences: list[tuple[str, Any, Any]]
+) -> CheckpointError:
     shown = describe_differences(differences, limit=None)
     fix = " ".join(f"{key}={yaml_value(theirs)}" for key, theirs, _ in differences)
-    may_change = ", ".join(key if "." in key else f"{key}.*" for key in RESUME_KEYS if key not in ("run_dir", "trainer.resume", "hardware.chosen_by"))
-    return CheckpointError(f"trainer.resume={yaml_value(resume)}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
-                           f"values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
-                           f"trainer.max_steps or trainer.num_epochs (not to fewer steps than the checkpoint's {checkpoint_step(checkpoint)}). "
-                           f"Nothing in {run_dir} "
-                           f"was changed")
+    may_change = ", ".join(
+        key if "." in key else f"{key}.*"
+        for key in RESUME_KEYS
+        if key not in ("run_dir", "trainer.resume", "hardware.chosen_by")
+    )
+    return CheckpointError(
+        f"trainer.resume={yaml_value(resume)}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
+        f"values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
+        f"trainer.max_steps or trainer.num_epochs (not to fewer steps than the checkpoint's {checkpoint_step(checkpoint)}). "
+        f"Nothing in {run_dir} "
+        f"was changed"
+    )

@@ -11,6 +11,7 @@ system without a parent-death signal it could run on: so every rank of a launch 
 RUN_DIR/.prefopt.ranks.lock for its whole life, and `prefopt train` takes the run dir only once that lock is
 free (waiting a few seconds for dying ranks), so a resumed run never writes beside the ranks of the last one.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -51,14 +52,24 @@ def acquire(run_dir: Path, wait_for_ranks: bool = True) -> None:
     if not take_lock(fd, fcntl.LOCK_EX, PROBE_GRACE_S):
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise RunDirBusyError(f"run dir {run_dir} is in use by another prefopt run ({describe(holder)}); wait for it to "
-                              f"finish, or give this run another dir (hydra.run.dir=...)") from None
+        raise RunDirBusyError(
+            f"run dir {run_dir} is in use by another prefopt run ({describe(holder)}); wait for it to "
+            f"finish, or give this run another dir (hydra.run.dir=...)"
+        ) from None
     if wait_for_ranks and not ranks_gone(run_dir, RANKS_GONE_WAIT_S):
         os.close(fd)
-        raise RunDirBusyError(f"run dir {run_dir} still has live ranks of an earlier launch ({describe_ranks(run_dir)}) "
-                              f"{RANKS_GONE_WAIT_S:.0f} s after it ended; end them (kill PID) and run again") from None
-    info = json.dumps({"pid": os.getpid(), "host": proctree.host_name(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "command": " ".join(sys.argv)})
+        raise RunDirBusyError(
+            f"run dir {run_dir} still has live ranks of an earlier launch ({describe_ranks(run_dir)}) "
+            f"{RANKS_GONE_WAIT_S:.0f} s after it ended; end them (kill PID) and run again"
+        ) from None
+    info = json.dumps(
+        {
+            "pid": os.getpid(),
+            "host": proctree.host_name(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode() + b"\n", 0)
     _held[run_dir] = fd
@@ -126,7 +137,9 @@ def describe_ranks(run_dir: Path) -> str:
     """The ranks of the dir's last launch, from its ranks.json (prefopt/distributed.py records them)."""
     try:
         ranks = json.loads((run_dir / "ranks.json").read_text()).get("ranks", [])
-        return ", ".join(f"rank {rank['rank']}: pid {rank['pid']} on {rank['host']}" for rank in ranks) or "pids unknown"
+        return (
+            ", ".join(f"rank {rank['rank']}: pid {rank['pid']} on {rank['host']}" for rank in ranks) or "pids unknown"
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "pids unknown"
 
@@ -168,9 +181,15 @@ def refuse_outside_links(run_dir: Path) -> None:
     links = outside_links(run_dir)
     if links:
         link, target = links[0]
-        more = f" (and {len(links) - 1} more: {', '.join(str(path.name) for path, _ in links[1:])})" if len(links) > 1 else ""
-        raise ConfigError(f"{link} is a symbolic link to {target}, outside the run dir{more}: prefopt writes there and does not "
-                          f"write through links; remove it (or use another run dir); nothing was written")
+        more = (
+            f" (and {len(links) - 1} more: {', '.join(str(path.name) for path, _ in links[1:])})"
+            if len(links) > 1
+            else ""
+        )
+        raise ConfigError(
+            f"{link} is a symbolic link to {target}, outside the run dir{more}: prefopt writes there and does not "
+            f"write through links; remove it (or use another run dir); nothing was written"
+        )
 
 
 def existing_run(run_dir: Path) -> Optional[str]:
@@ -188,5 +207,7 @@ def refuse_reuse(run_dir: Path, resuming: bool) -> None:
         return
     found = existing_run(run_dir)
     if found:
-        raise ConfigError(f"run dir {run_dir} already holds a run ({found}). Continue it with trainer.resume=true, or start "
-                          f"fresh in a new dir (leave hydra.run.dir out for a new timestamped one); nothing was deleted")
+        raise ConfigError(
+            f"run dir {run_dir} already holds a run ({found}). Continue it with trainer.resume=true, or start "
+            f"fresh in a new dir (leave hydra.run.dir out for a new timestamped one); nothing was deleted"
+        )

@@ -8,6 +8,7 @@ with fewer batches than rank 0 repeats one (a *padding* batch, scored and discar
 knows the largest number of scored tokens any rank has in the same batch position, so the output head
 (called once per log-prob chunk, logps.py) is called equally often on every rank.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ def shard_plan(count: int, batch_size: int, world_size: int) -> ShardPlan:
     (rank 0's shard is the longest). A padding batch repeats the rank's last batch, or the first items
     when its shard is empty (fewer items than ranks)."""
     if count < 1 or batch_size < 1 or world_size < 1:
-        raise ValueError(f"shard_plan needs count, batch_size and world_size >= 1 (got {count}, {batch_size}, {world_size})")
+        raise ValueError(
+            f"shard_plan needs count, batch_size and world_size >= 1 (got {count}, {batch_size}, {world_size})"
+        )
     shards = [list(range(rank, count, world_size)) for rank in range(world_size)]
     positions = -(-len(shards[0]) // batch_size)
     batches, owned = [], []
@@ -57,8 +60,13 @@ def shard_plan(count: int, batch_size: int, world_size: int) -> ShardPlan:
     return ShardPlan(batches, owned)
 
 
-def sharded_pass(count: int, batch_size: int, dist: DistInfo, score: Callable[[list[int], int], torch.Tensor],
-                 item_tokens: Optional[Callable[[int], int]] = None) -> torch.Tensor:
+def sharded_pass(
+    count: int,
+    batch_size: int,
+    dist: DistInfo,
+    score: Callable[[list[int], int], torch.Tensor],
+    item_tokens: Optional[Callable[[int], int]] = None,
+) -> torch.Tensor:
     """Every item's result row, (count, K) float64, the same on every rank; one all_gather in all.
 
     score(indices, peer_scored_tokens) returns a (len(indices), K) tensor for those items; it runs once per
@@ -72,7 +80,9 @@ def sharded_pass(count: int, batch_size: int, dist: DistInfo, score: Callable[[l
         peer_tokens = largest_batch_tokens(plan.peer_batches(position), item_tokens) if item_tokens else 0
         result = score(indices, peer_tokens).detach().to(torch.float64).cpu()
         if result.dim() != 2 or result.shape[0] != len(indices):
-            raise ValueError(f"score returned shape {tuple(result.shape)} for {len(indices)} items; expected ({len(indices)}, K)")
+            raise ValueError(
+                f"score returned shape {tuple(result.shape)} for {len(indices)} items; expected ({len(indices)}, K)"
+            )
         if position < plan.owned[dist.rank]:
             rows.append(result)
         report_progress(position + 1, len(plan.batches[dist.rank]))
@@ -86,7 +96,7 @@ def sharded_pass(count: int, batch_size: int, dist: DistInfo, score: Callable[[l
     values = torch.empty(count, width, dtype=torch.float64)
     for rank in range(dist.world_size):
         owned = len(range(rank, count, dist.world_size))
-        values[rank::dist.world_size] = gathered[rank, :owned]
+        values[rank :: dist.world_size] = gathered[rank, :owned]
     return values
 
 

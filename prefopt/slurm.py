@@ -8,6 +8,7 @@ environment (prefopt.distributed.export_slurm_ranks). A requeued job (time limit
 
 Imports no Hydra: workers use it too. The Hydra launcher lives in hydra_plugins/prefopt_slurm_launcher.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,9 +54,11 @@ def check_job_shape(hardware_cfg) -> None:
     if tasks != ranks:
         from prefopt.config import ConfigError
 
-        raise ConfigError(f"this SLURM job has {tasks} tasks but hardware={hardware_cfg.name} needs {ranks} ranks "
-                          f"({hardware_cfg.nodes} nodes x {hardware_cfg.gpus_per_node}): submit it with "
-                          f"--nodes={hardware_cfg.nodes} --ntasks-per-node={hardware_cfg.gpus_per_node}")
+        raise ConfigError(
+            f"this SLURM job has {tasks} tasks but hardware={hardware_cfg.name} needs {ranks} ranks "
+            f"({hardware_cfg.nodes} nodes x {hardware_cfg.gpus_per_node}): submit it with "
+            f"--nodes={hardware_cfg.nodes} --ntasks-per-node={hardware_cfg.gpus_per_node}"
+        )
 
 
 def prepare_once(prepare: Callable[[], Path], job_dir: Path, timeout_s: float = 1800.0) -> Path:
@@ -127,8 +130,10 @@ class Preemption:
         if self.deferred:
             log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
         elif signum == self.warning_signal() and int(os.environ.get("SLURM_PROCID", "0")) == 0:
-            log.warning("received %s before the trainer polls for it: requeueing now (resume from the last checkpoint)",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s before the trainer polls for it: requeueing now (resume from the last checkpoint)",
+                signal.Signals(signum).name,
+            )
             self.requeue_job()
 
     def requested(self, dist) -> bool:

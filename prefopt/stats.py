@@ -12,6 +12,7 @@ is what says whether a method beats the baseline.
 Pure Python on purpose: scipy is not a dependency, and the t quantile needs only the regularized
 incomplete beta function (continued fraction) inverted by bisection.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,9 @@ def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimat
     return Estimate(n, center, std, center - half_width, center + half_width)
 
 
-def paired_difference(values_by_seed: Mapping[Hashable, float], baseline_by_seed: Mapping[Hashable, float],
-                      confidence: float = CONFIDENCE) -> PairedDifference:
+def paired_difference(
+    values_by_seed: Mapping[Hashable, float], baseline_by_seed: Mapping[Hashable, float], confidence: float = CONFIDENCE
+) -> PairedDifference:
     """The estimate of values - baseline over the seeds present on both sides."""
     paired = sorted_seeds(set(values_by_seed) & set(baseline_by_seed))
     dropped = sorted_seeds(set(values_by_seed) ^ set(baseline_by_seed))
@@ -142,8 +144,10 @@ def beta_continued_fraction(x: float, a: float, b: float, max_terms: int = 500, 
     d = 1 / (d if abs(d) > tiny else tiny)
     fraction = d
     for m in range(1, max_terms + 1):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1 + numerator * d
             d = 1 / (d if abs(d) > tiny else tiny)
             c = 1 + numerator / c

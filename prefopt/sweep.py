@@ -9,6 +9,7 @@ and in its log. sweep.continue_on_failure=true: the other jobs run, and Hydra fa
 end with the error (Optuna records a failed trial instead: hydra.sweeper.max_failure_rate). false:
 the first failure stops the sweep.
 """
+
 from __future__ import annotations
 
 import gc
@@ -86,7 +87,9 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
     from prefopt.rundir import existing_run
 
     job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
-    prepare = prepare_eval if command == "eval" else prepare_run  # both freeze the job's run dir (eval: cfg becomes the run's)
+    prepare = (
+        prepare_eval if command == "eval" else prepare_run
+    )  # both freeze the job's run dir (eval: cfg becomes the run's)
     name_wandb_run(cfg, hydra_cfg.sweep.dir, overrides, hydra_cfg.job.num)
     in_slurm_job = slurm.in_submitit_task()
     num_threads = torch.get_num_threads()
@@ -97,23 +100,34 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
             run_dir = slurm.prepare_once(lambda: prepare(cfg, job_dir, overrides), job_dir)
         else:
             if cfg.hardware.launcher == "slurm":
-                raise ConfigError(f"hardware={cfg.hardware.name} (launcher: slurm) runs as SLURM tasks: add hydra/launcher=slurm "
-                                  "(or slurm_local) to the sweep, or use a local hardware preset")
+                raise ConfigError(
+                    f"hardware={cfg.hardware.name} (launcher: slurm) runs as SLURM tasks: add hydra/launcher=slurm "
+                    "(or slurm_local) to the sweep, or use a local hardware preset"
+                )
             run_dir = prepare(cfg, job_dir, overrides)
         prepared = True
         summary = dispatch(cfg, run_dir, command)
         return objective_value(cfg, summary, required=True)
     except Exception as error:
-        if prepared or in_slurm_job or not existing_run(run_dir):  # a refused resume or reuse leaves the earlier run's record as it was
+        if (
+            prepared or in_slurm_job or not existing_run(run_dir)
+        ):  # a refused resume or reuse leaves the earlier run's record as it was
             ensure_error_file(run_dir, error)
-        log.error("job %s failed (%s):\n%s", hydra_cfg.job.num, " ".join(overrides), "".join(traceback.format_exception(error)))
+        log.error(
+            "job %s failed (%s):\n%s",
+            hydra_cfg.job.num,
+            " ".join(overrides),
+            "".join(traceback.format_exception(error)),
+        )
         if in_slurm_job:
             # a non-zero exit: srun ends the job's other ranks, sacct says FAILED, the launcher reports error.txt
             raise SystemExit(1) from None
         if not cfg.sweep.continue_on_failure:
-            print(f"prefopt: error: job {hydra_cfg.job.num} failed and sweep.continue_on_failure=false stops the sweep: {error}", file=sys.stderr)
+            print(
+                f"prefopt: error: job {hydra_cfg.job.num} failed and sweep.continue_on_failure=false stops the sweep: {error}",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
         raise  # Hydra records the job as failed and runs the others
     finally:
         free_job_state(num_threads)
-

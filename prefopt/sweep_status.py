@@ -5,6 +5,7 @@ A job dir without summary.json is `running` while its run dir lock is held (rund
 killed job's lock, so a killed job reads as failed), else `failed`; a planned job without a dir `never ran`. The plan
 is Hydra's multirun.yaml: the basic sweeper's cartesian product of the sweep's overrides.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,13 @@ def job_dirs(sweep_dir: Path, allow_none: bool = False) -> list[Path]:
     """The job subdirs (named 0, 1, 2, ...) in job order."""
     if not sweep_dir.is_dir():
         raise RunDirError(f"{sweep_dir}: not a directory; give a sweep dir made by `prefopt train -m`")
-    jobs = sorted((path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()), key=lambda path: int(path.name))
+    jobs = sorted(
+        (path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()), key=lambda path: int(path.name)
+    )
     if not jobs and not allow_none:
-        raise RunDirError(f"{sweep_dir}: no job dirs (0, 1, 2, ...) inside; give the sweep dir of a `prefopt train -m` run")
+        raise RunDirError(
+            f"{sweep_dir}: no job dirs (0, 1, 2, ...) inside; give the sweep dir of a `prefopt train -m` run"
+        )
     return jobs
 
 
@@ -94,7 +99,12 @@ def job_row(job_dir: Path, planned: Optional[list[str]] = None) -> dict[str, Any
 
 
 def never_ran_row(number: int, overrides: list[str]) -> dict[str, Any]:
-    return {"job": number, "overrides": " ".join(overrides), **{column: None for column in SUMMARY_COLUMNS}, "status": NEVER_RAN}
+    return {
+        "job": number,
+        "overrides": " ".join(overrides),
+        **{column: None for column in SUMMARY_COLUMNS},
+        "status": NEVER_RAN,
+    }
 
 
 def sweep_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:

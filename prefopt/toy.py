@@ -16,6 +16,7 @@ log p(y) moves the logits by exactly lr * (e_y - p) (the gradient of log p_y in 
 Every case starts from the same W. `run_toy_case` is pure and returns the numbers; the Hydra app
 (conf/toy.yaml) plots them and prints the table.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,7 +92,9 @@ class ToyResult:
         }
 
 
-def toy_problem(num_classes: int, input_dim: int, seed: int, logit_scale: float, peak_boost: float) -> tuple[torch.Tensor, torch.Tensor]:
+def toy_problem(
+    num_classes: int, input_dim: int, seed: int, logit_scale: float, peak_boost: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, x): x of unit norm and W with W x = logits, where logits ~ N(0, logit_scale^2) plus peak_boost
     on one class, so the distribution has one clear peak and deep valleys."""
     generator = torch.Generator().manual_seed(seed)
@@ -113,7 +116,9 @@ def gate_value(prob: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
     return torch.sigmoid(alpha * (prob.detach() - tau))
 
 
-def sgd_step(weight: torch.Tensor, inputs: torch.Tensor, target: int, case: ToyCase, lr: float, alpha: float, tau: float) -> tuple[torch.Tensor, float]:
+def sgd_step(
+    weight: torch.Tensor, inputs: torch.Tensor, target: int, case: ToyCase, lr: float, alpha: float, tau: float
+) -> tuple[torch.Tensor, float]:
     """One SGD step on direction * log p(target), the gradient scaled by the gate when gated: (new W, g)."""
     weight = weight.detach().clone().requires_grad_(True)
     target_logp = torch.log_softmax(weight @ inputs, dim=-1)[target]
@@ -127,7 +132,16 @@ def case_target(case: ToyCase, probs: torch.Tensor, valley_rank: int) -> int:
     return int(order[0] if case.target == "peak" else order[valley_rank])
 
 
-def run_toy_case(case: str, weight: torch.Tensor, inputs: torch.Tensor, lr: float, steps: int, valley_rank: int, gate_alpha: float, gate_tau: float) -> ToyResult:
+def run_toy_case(
+    case: str,
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    lr: float,
+    steps: int,
+    valley_rank: int,
+    gate_alpha: float,
+    gate_tau: float,
+) -> ToyResult:
     """`steps` SGD steps of one case from (weight, inputs); the gate is recomputed at every step."""
     spec = CASES[case]
     probs_before = probabilities(weight, inputs)
@@ -136,7 +150,9 @@ def run_toy_case(case: str, weight: torch.Tensor, inputs: torch.Tensor, lr: floa
     for _ in range(steps):
         updated, gate = sgd_step(updated, inputs, target, spec, lr, gate_alpha, gate_tau)
         gates.append(gate)
-    return ToyResult(case, target, int(probs_before.argmax()), gates, probs_before, probabilities(updated, inputs), updated - weight)
+    return ToyResult(
+        case, target, int(probs_before.argmax()), gates, probs_before, probabilities(updated, inputs), updated - weight
+    )
 
 
 def check_toy_config(cfg: DictConfig) -> None:
@@ -144,7 +160,9 @@ def check_toy_config(cfg: DictConfig) -> None:
     if unknown or not cfg.cases:
         raise ConfigError(f"cases={list(cfg.cases)} is not valid; use a non-empty list of: {', '.join(CASES)}")
     if not 1 <= cfg.valley_rank < cfg.num_classes:
-        raise ConfigError(f"valley_rank={cfg.valley_rank} must be in 1..num_classes-1 ({cfg.num_classes - 1}); 0 is the peak")
+        raise ConfigError(
+            f"valley_rank={cfg.valley_rank} must be in 1..num_classes-1 ({cfg.num_classes - 1}); 0 is the peak"
+        )
     if cfg.steps < 1 or cfg.input_dim < 1 or cfg.num_classes < 3:
         raise ConfigError("steps and input_dim must be >= 1 and num_classes >= 3")
 
@@ -152,7 +170,10 @@ def check_toy_config(cfg: DictConfig) -> None:
 def run_toy(cfg: DictConfig) -> list[ToyResult]:
     check_toy_config(cfg)
     weight, inputs = toy_problem(cfg.num_classes, cfg.input_dim, cfg.seed, cfg.logit_scale, cfg.peak_boost)
-    return [run_toy_case(case, weight, inputs, cfg.lr, cfg.steps, cfg.valley_rank, cfg.gate.alpha, cfg.gate.tau) for case in cfg.cases]
+    return [
+        run_toy_case(case, weight, inputs, cfg.lr, cfg.steps, cfg.valley_rank, cfg.gate.alpha, cfg.gate.tau)
+        for case in cfg.cases
+    ]
 
 
 def toy_table(results: list[ToyResult]) -> str:
@@ -169,8 +190,11 @@ def toy_table(results: list[ToyResult]) -> str:
 
 
 BEFORE_COLOR, AFTER_COLOR = "0.6", "tab:blue"
-LEGEND = [Patch(color=BEFORE_COLOR, label="before"), Patch(color=AFTER_COLOR, label="after"),
-          Patch(facecolor="none", edgecolor="red", linewidth=2, label="target class")]
+LEGEND = [
+    Patch(color=BEFORE_COLOR, label="before"),
+    Patch(color=AFTER_COLOR, label="after"),
+    Patch(facecolor="none", edgecolor="red", linewidth=2, label="target class"),
+]
 
 
 def toy_figure(results: list[ToyResult]) -> Figure:
@@ -191,12 +215,18 @@ def toy_figure(results: list[ToyResult]) -> Figure:
             bars[target_rank].set_linewidth(2)
             axis.set_yscale(scale)
             gates = ", ".join(f"{g:.3f}" for g in result.gates)
-            axis.set_title(f"{result.case} (target: rank {target_rank}, g = {gates}) - {scale} scale", fontsize="medium")
+            axis.set_title(
+                f"{result.case} (target: rank {target_rank}, g = {gates}) - {scale} scale", fontsize="medium"
+            )
             readable_axes(axis, "class, by initial probability (0 = argmax)", "probability (0-1)")
             axis.set_xticks(ranks)
-    figure.legend(handles=LEGEND, loc="outside lower center", ncols=len(LEGEND), frameon=False)  # one legend for every panel
+    figure.legend(
+        handles=LEGEND, loc="outside lower center", ncols=len(LEGEND), frameon=False
+    )  # one legend for every panel
     steps = len(results[0].gates)
-    figure.suptitle(f"Softmax toy: {steps} SGD step(s) on log p(target) per case; a negative step on a valley class squeezes mass onto the argmax")
+    figure.suptitle(
+        f"Softmax toy: {steps} SGD step(s) on log p(target) per case; a negative step on a valley class squeezes mass onto the argmax"
+    )
     return figure
 
 

@@ -16,13 +16,14 @@ its step and table; W&B gets one table per kind (`eval/generations`, `dynamics/g
 column, re-logged whole under that one key at each eval (rebuilt from the file on resume), so the latest
 version holds every step's rows.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
-import struct
 import os
+import struct
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -61,7 +62,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError:
             if number == len(lines):
-                log.warning("%s: dropping a torn last line (%d characters), written when the run was cut off", path, len(line))
+                log.warning(
+                    "%s: dropping a torn last line (%d characters), written when the run was cut off", path, len(line)
+                )
                 break
             raise ValueError(f"{path}, line {number}: not JSON; the file is damaged") from None
     return rows
@@ -139,15 +142,25 @@ def wandb_row(row: Mapping[str, Any]) -> dict[str, Any]:
 class Tracker:
     """Only rank 0 writes (enabled=True); on other ranks every method does nothing."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0, enabled: bool = True,
-                 resume_rows: Optional[Mapping[str, int]] = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        resume_step: int = 0,
+        enabled: bool = True,
+        resume_rows: Optional[Mapping[str, int]] = None,
+    ):
         """resume_rows: how many lines each file had when the checkpoint was written (rows_written() then);
         on resume each file is cut back to exactly that (rows logged after the checkpoint, such as a final
         eval at the checkpoint's own step, are dropped). Without it, rows up to resume_step are kept."""
         self.run_dir = run_dir
         self.enabled = enabled
         self.wandb_run = None
-        self.rows = {METRICS_FILE: 0, DYNAMICS_FILE: 0, GENERATIONS_FILE: 0}  # lines in each file, for the checkpoint (see resume_rows)
+        self.rows = {
+            METRICS_FILE: 0,
+            DYNAMICS_FILE: 0,
+            GENERATIONS_FILE: 0,
+        }  # lines in each file, for the checkpoint (see resume_rows)
         self.tables: dict[str, list[dict[str, Any]]] = {}  # W&B table key -> its rows so far (generations.jsonl lines)
         if not enabled:
             return
@@ -176,7 +189,10 @@ class Tracker:
         for row in sorted(missing, key=lambda row: row.get("step", 0)):
             self.wandb_run.log(wandb_row(row))
         if missing:
-            log.info("W&B: replayed %d rows (steps an earlier, interrupted segment did not keep) from the run dir", len(missing))
+            log.info(
+                "W&B: replayed %d rows (steps an earlier, interrupted segment did not keep) from the run dir",
+                len(missing),
+            )
 
     def _start_wandb(self, cfg: DictConfig, resume: bool):
         wandb_cfg = cfg.logger.wandb
@@ -198,8 +214,12 @@ class Tracker:
             id=run_id,
             resume="allow",
             config=OmegaConf.to_container(cfg, resolve=True) | {"run": run_provenance(self.run_dir)},
-            settings=wandb.Settings(console=wandb_cfg.console, quiet=True, x_disable_stats=not wandb_cfg.system_metrics,
-                                    x_stats_sampling_interval=wandb_cfg.system_sample_seconds),
+            settings=wandb.Settings(
+                console=wandb_cfg.console,
+                quiet=True,
+                x_disable_stats=not wandb_cfg.system_metrics,
+                x_stats_sampling_interval=wandb_cfg.system_sample_seconds,
+            ),
         )
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
@@ -231,7 +251,13 @@ class Tracker:
             import wandb
 
             all_columns = ["step", *columns]
-            self.wandb_run.log({key: wandb.Table(columns=all_columns, data=[[row.get(column) for column in all_columns] for row in table])})
+            self.wandb_run.log(
+                {
+                    key: wandb.Table(
+                        columns=all_columns, data=[[row.get(column) for column in all_columns] for row in table]
+                    )
+                }
+            )
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -261,8 +287,11 @@ def run_provenance(run_dir: Path) -> dict[str, Any]:
     if (run_dir / HYDRA_RECORD).is_file():
         choices = OmegaConf.select(OmegaConf.load(run_dir / HYDRA_RECORD), "hydra.runtime.choices")
         if choices is not None:
-            provenance["choices"] = {str(key): value for key, value in OmegaConf.to_container(choices).items()
-                                     if not str(key).startswith("hydra/")}
+            provenance["choices"] = {
+                str(key): value
+                for key, value in OmegaConf.to_container(choices).items()
+                if not str(key).startswith("hydra/")
+            }
     if (run_dir / "git_revision").is_file():
         provenance["git_revision"] = (run_dir / "git_revision").read_text().strip()
     return provenance

@@ -1,4 +1,5 @@
 """The training loop, top to bottom: build, (resume), evaluate, step, log, checkpoint, summarize."""
+
 from __future__ import annotations
 
 import logging
@@ -17,22 +18,21 @@ from prefopt.checkpoint import CHECKPOINTS, find_checkpoint, load_trainer_state,
 from prefopt.console import Console, quiet_known_noise
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import DATA_FILE, OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
-from prefopt.dynamics import build_probe_set
-from prefopt.distributed import DistInfo, device_for, init_distributed, leave_distributed
-from prefopt.engine import build_engine
-from prefopt.errors import stop_exception
-from prefopt.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
-from prefopt.errors import CheckpointError
-from prefopt.guards import NonFiniteTrainingError, StepGuard
 from prefopt.data.layout import build_batch, pair_groups
 from prefopt.data.sampler import PairSampler, training_sampler  # noqa: F401 (PairSampler: scripts import it from here)
+from prefopt.distributed import DistInfo, device_for, init_distributed, leave_distributed
+from prefopt.dynamics import build_probe_set
+from prefopt.engine import build_engine
+from prefopt.errors import CheckpointError, stop_exception
+from prefopt.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
+from prefopt.guards import NonFiniteTrainingError, StepGuard
 from prefopt.logps import check_logits_path, check_packed_path, sequence_logps, split_pairs
 from prefopt.losses import get_loss, preference_loss
 from prefopt.metrics import finish_token_means, pair_metrics
 from prefopt.models import apply_lora, load_model, load_tokenizer, resolve_model_source
+from prefopt.plots import plot_runs
 from prefopt.precision import set_compute_dtype
 from prefopt.reference import CachedReference, ModelReference, build_reference
-from prefopt.plots import plot_runs
 from prefopt.schedules import settle_max_steps
 from prefopt.sharding import largest_batch_tokens, pair_scored_tokens
 from prefopt.slurm import in_slurm_task, preemption, restart_count
@@ -42,13 +42,24 @@ log = logging.getLogger("prefopt")
 
 
 def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
-    return {key: value for key, value in OmegaConf.to_container(loss_cfg, resolve=True).items() if key not in ("name", "gate")}
+    return {
+        key: value
+        for key, value in OmegaConf.to_container(loss_cfg, resolve=True).items()
+        if key not in ("name", "gate")
+    }
 
 
 class PreferenceStep:
     """Log-probs for a batch of pairs (one concatenated forward) and the configured loss on them."""
 
-    def __init__(self, cfg: DictConfig, policy, reference: Optional[ModelReference | CachedReference], device: torch.device, pad_token_id: int):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        policy,
+        reference: Optional[ModelReference | CachedReference],
+        device: torch.device,
+        pad_token_id: int,
+    ):
         self.loss_name = cfg.loss.name
         self.gate = OmegaConf.to_container(cfg.loss.gate, resolve=True) if "gate" in cfg.loss else None
         self.hyperparameters = loss_hyperparameters(cfg.loss)
@@ -61,7 +72,9 @@ class PreferenceStep:
     def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0):
         """min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
         batch = build_batch(pair_groups(pairs), self.pad_token_id, self.batching, self.row_tokens).to(self.device)
-        policy = sequence_logps(self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb)
+        policy = sequence_logps(
+            self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb
+        )
         reference_chosen = reference_rejected = None
         if self.reference is not None:
             reference_chosen, reference_rejected = self.reference.logps(pairs, batch, min_scored_tokens)
@@ -85,8 +98,13 @@ class PreferenceStep:
             progress=min(step / self.max_steps, 1.0),
             **self.hyperparameters,
         )
-        per_example = {"loss": out.losses.detach(), **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards)}  # TRL's names
-        tokens = sum(len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)  # useful work, any layout
+        per_example = {
+            "loss": out.losses.detach(),
+            **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards),
+        }  # TRL's names
+        tokens = sum(
+            len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs
+        )  # useful work, any layout
         return out, per_example, tokens
 
 
@@ -125,8 +143,13 @@ def reduce_loss_metrics(parts: list[dict[str, float]], dist: DistInfo) -> dict[s
 
 def count_parameters(model, hardware_cfg: DictConfig) -> tuple[int, int]:
     """(all, trainable) parameter counts; under ZeRO-3 from the partitioned parameters' full sizes."""
+
     def size(parameter) -> int:
-        return parameter.ds_numel if hardware_cfg.engine == "deepspeed" and hardware_cfg.zero_stage == 3 else parameter.numel()
+        return (
+            parameter.ds_numel
+            if hardware_cfg.engine == "deepspeed" and hardware_cfg.zero_stage == 3
+            else parameter.numel()
+        )
 
     parameters = list(model.parameters())
     return sum(size(p) for p in parameters), sum(size(p) for p in parameters if p.requires_grad)
@@ -148,7 +171,11 @@ def reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> l
     trainer_cfg = cfg.trainer
     draws = trainer_cfg.max_steps * trainer_cfg.grad_accum * trainer_cfg.micro_batch_size * world_size
     visited = sorted(set(training_sampler(data.train, trainer_cfg, world_size).next_indices(draws)))
-    eval_count = len(data.eval) if trainer_cfg.max_eval_batches is None else trainer_cfg.max_eval_batches * trainer_cfg.eval_batch_size
+    eval_count = (
+        len(data.eval)
+        if trainer_cfg.max_eval_batches is None
+        else trainer_cfg.max_eval_batches * trainer_cfg.eval_batch_size
+    )
     return [data.train[index] for index in visited] + data.eval[:eval_count]
 
 
@@ -204,10 +231,19 @@ def rng_states() -> dict[str, Any]:
     """Every generator a step can draw from: torch CPU, every CUDA device, numpy, Python's random."""
     kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
     # plain tensors and containers only, so the checkpoint loads with torch.load(weights_only=True)
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(numpy.int64)), "position": int(position),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": numpy_state, "python": random.getstate()}
+    numpy_state = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(numpy.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": numpy_state,
+        "python": random.getstate(),
+    }
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
@@ -215,8 +251,15 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     saved = states["numpy"]
-    numpy.random.set_state((saved["kind"], saved["keys"].numpy().astype(numpy.uint32), saved["position"], saved["has_gauss"],
-                            saved["cached_gaussian"]))
+    numpy.random.set_state(
+        (
+            saved["kind"],
+            saved["keys"].numpy().astype(numpy.uint32),
+            saved["position"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
     random.setstate(states["python"])
 
 
@@ -225,7 +268,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     dist = init_distributed(cfg.hardware)
     device = device_for(cfg.hardware, dist)
     quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
-    console = Console(cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main)  # progress, eval lines, summary
+    console = Console(
+        cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main
+    )  # progress, eval lines, summary
     torch.manual_seed(trainer_cfg.seed)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
@@ -235,60 +280,116 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, source)
     data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
     data_record = {**data_identity(data), "changed_at_steps": []}  # what the run trains on: every checkpoint keeps it
-    settle_max_steps(cfg, len(data.train), dist.world_size, run_dir / "config.yaml" if dist.is_main else None)  # trainer.num_epochs
+    settle_max_steps(
+        cfg, len(data.train), dist.world_size, run_dir / "config.yaml" if dist.is_main else None
+    )  # trainer.num_epochs
     policy = build_policy(cfg, source, tokenizer, device)
     policy.train()
     # the reference is the initial policy: built (copied, or precomputed) before DeepSpeed wraps it
     needs_reference = get_loss(cfg.loss.name).needs_reference
     with console.phase("reference log-probs"):
-        reference = build_reference(cfg, policy, source, reference_pairs(data, cfg, dist.world_size), needs_reference, dist, device, tokenizer.pad_token_id)
+        reference = build_reference(
+            cfg,
+            policy,
+            source,
+            reference_pairs(data, cfg, dist.world_size),
+            needs_reference,
+            dist,
+            device,
+            tokenizer.pad_token_id,
+        )
     engine = build_engine(policy, cfg, dist.world_size)
     policy = engine.model
     sampler = training_sampler(data.train, trainer_cfg, dist.world_size)
     num_params, trainable_params = count_parameters(policy, cfg.hardware)
     peak = peak_tflops(cfg.hardware, device)
     step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
-    probes = build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids)) if cfg.dynamics.enabled else None
+    probes = (
+        build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids))
+        if cfg.dynamics.enabled
+        else None
+    )
 
     # --- resume: weights, optimizer, schedule, data position, RNG
     start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
     if dist.is_main:
-        restore_retired(run_dir / CHECKPOINTS)  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
+        restore_retired(
+            run_dir / CHECKPOINTS
+        )  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
     dist.barrier()
-    checkpoint = find_checkpoint(trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0)  # requeued before its first save: step 0
+    checkpoint = find_checkpoint(
+        trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0
+    )  # requeued before its first save: step 0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        if state["step"] > trainer_cfg.max_steps:  # before the weights load: trainer.num_epochs fewer than it has trained
-            raise CheckpointError(f"trainer.resume: checkpoint {checkpoint} is at step {state['step']}, past this run's "
-                                  f"trainer.max_steps={trainer_cfg.max_steps}; resume with a length that includes it")
+        if (
+            state["step"] > trainer_cfg.max_steps
+        ):  # before the weights load: trainer.num_epochs fewer than it has trained
+            raise CheckpointError(
+                f"trainer.resume: checkpoint {checkpoint} is at step {state['step']}, past this run's "
+                f"trainer.max_steps={trainer_cfg.max_steps}; resume with a length that includes it"
+            )
         engine.load(checkpoint)
-        start_step, first_eval, first_greedy, first_dynamics = state["step"], state["first_eval"], state["first_greedy_accuracy"], state["first_dynamics"]
+        start_step, first_eval, first_greedy, first_dynamics = (
+            state["step"],
+            state["first_eval"],
+            state["first_greedy_accuracy"],
+            state["first_dynamics"],
+        )
         sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
         restore_rng_states(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
         # other data than the checkpoint trained on: refused (the parent checked too), or allowed and recorded
         changed = check_resume_data(state.get("data"), data_record, checkpoint, trainer_cfg.resume_data_changed)
-        data_record["changed_at_steps"] = [*(state.get("data") or {}).get("changed_at_steps", []), *([start_step] if changed else [])]
+        data_record["changed_at_steps"] = [
+            *(state.get("data") or {}).get("changed_at_steps", []),
+            *([start_step] if changed else []),
+        ]
         if changed:
-            log.warning("resumed at step %d on changed data (%s=allow): %s", start_step, OVERRIDE_KEY, "; ".join(changed))
+            log.warning(
+                "resumed at step %d on changed data (%s=allow): %s", start_step, OVERRIDE_KEY, "; ".join(changed)
+            )
 
     if dist.is_main:
         write_data_record(run_dir / DATA_FILE, data_record)
-    tracker = Tracker(cfg, run_dir, resume_step=start_step, enabled=dist.is_main,
-                      resume_rows=state.get("tracker_rows") if checkpoint is not None else None)
+    tracker = Tracker(
+        cfg,
+        run_dir,
+        resume_step=start_step,
+        enabled=dist.is_main,
+        resume_rows=state.get("tracker_rows") if checkpoint is not None else None,
+    )
     try:
-
         evaluator = RunEvaluator(cfg, step_fn, tokenizer, data, probes, device, dist, tracker, console)
         run_eval, run_probes = evaluator.held_out, evaluator.probe_set
 
         def save(step: int) -> None:
             """Checkpoint the state after `step` (`completed` is updated at the end of every step)."""
             if dist.minimum(float(engine.parameters_finite())) < 1.0:  # any rank's partition
-                raise NonFiniteTrainingError(f"the weights are not finite after step {step}: no checkpoint is written "
-                                             f"(the last one on disk is intact); lower trainer.lr")
-            state = {"step": step, **completed, "first_eval": first_eval, "first_greedy_accuracy": first_greedy,
-                     "first_dynamics": first_dynamics, "tracker_rows": dict(tracker.rows), "data": data_record}
-            save_checkpoint(run_dir, step, engine, tokenizer, state, dist, cfg, keep=trainer_cfg.save_total_limit, protect=checkpoint)
+                raise NonFiniteTrainingError(
+                    f"the weights are not finite after step {step}: no checkpoint is written "
+                    f"(the last one on disk is intact); lower trainer.lr"
+                )
+            state = {
+                "step": step,
+                **completed,
+                "first_eval": first_eval,
+                "first_greedy_accuracy": first_greedy,
+                "first_dynamics": first_dynamics,
+                "tracker_rows": dict(tracker.rows),
+                "data": data_record,
+            }
+            save_checkpoint(
+                run_dir,
+                step,
+                engine,
+                tokenizer,
+                state,
+                dist,
+                cfg,
+                keep=trainer_cfg.save_total_limit,
+                protect=checkpoint,
+            )
 
         if start_step == 0:
             tracker.log(0, {f"data/{key}": value for key, value in data.stats.items()})
@@ -299,7 +400,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         console.start_training(start_step, trainer_cfg.max_steps)
         step = start_step
         guard = StepGuard(trainer_cfg.max_skipped_steps)
-        completed = {"sampler": sampler.state(), "rng": rng_states()}  # the data position and RNG after the last whole step
+        completed = {
+            "sampler": sampler.state(),
+            "rng": rng_states(),
+        }  # the data position and RNG after the last whole step
         interrupt = DeferredInterrupt(enabled=trainer_cfg.save_on_interrupt)
         try:
             for step in range(start_step + 1, trainer_cfg.max_steps + 1):
@@ -308,11 +412,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 for _ in range(trainer_cfg.grad_accum):
                     # every rank draws the same global micro batch and trains on its own slice of it
                     global_indices = sampler.next_indices(trainer_cfg.micro_batch_size * dist.world_size)
-                    rank_slice = slice(dist.rank * trainer_cfg.micro_batch_size, (dist.rank + 1) * trainer_cfg.micro_batch_size)
+                    rank_slice = slice(
+                        dist.rank * trainer_cfg.micro_batch_size, (dist.rank + 1) * trainer_cfg.micro_batch_size
+                    )
                     pairs = [data.train[i] for i in global_indices[rank_slice]]
                     # every rank calls the head as often as the rank with the most tokens (ZeRO-3 gathers it per call)
-                    rank_batches = [global_indices[r * trainer_cfg.micro_batch_size : (r + 1) * trainer_cfg.micro_batch_size] for r in range(dist.world_size)]
-                    peer_tokens = largest_batch_tokens(rank_batches, lambda index: pair_scored_tokens(data.train[index]))
+                    rank_batches = [
+                        global_indices[r * trainer_cfg.micro_batch_size : (r + 1) * trainer_cfg.micro_batch_size]
+                        for r in range(dist.world_size)
+                    ]
+                    peer_tokens = largest_batch_tokens(
+                        rank_batches, lambda index: pair_scored_tokens(data.train[index])
+                    )
                     out, per_example, batch_tokens = step_fn(pairs, step - 1, min_scored_tokens=peer_tokens)
                     if dist.minimum(float(torch.isfinite(out.loss.detach()).item())) == 1.0:  # every rank agrees
                         engine.backward(out.loss / trainer_cfg.grad_accum)
@@ -331,9 +442,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     metrics = finish_token_means(mean_metrics(parts, "train", dist), "train")
                     metrics |= reduce_loss_metrics(loss_metric_parts, dist)
                     total_tokens = dist.sum(tokens)
-                    tflops = step_model_flops(num_params, trainable_params, total_tokens, isinstance(step_fn.reference, ModelReference)) / elapsed / 1e12
-                    metrics |= {"train/grad_norm": grad_norm, "train/lr": lr, "train/tokens_per_s": total_tokens / elapsed,
-                                "train/epoch": sampler.epoch, "train/tflops": tflops, "train/skipped_steps": guard.skipped_steps + (not applied)}
+                    tflops = (
+                        step_model_flops(
+                            num_params, trainable_params, total_tokens, isinstance(step_fn.reference, ModelReference)
+                        )
+                        / elapsed
+                        / 1e12
+                    )
+                    metrics |= {
+                        "train/grad_norm": grad_norm,
+                        "train/lr": lr,
+                        "train/tokens_per_s": total_tokens / elapsed,
+                        "train/epoch": sampler.epoch,
+                        "train/tflops": tflops,
+                        "train/skipped_steps": guard.skipped_steps + (not applied),
+                    }
                     if peak:
                         metrics["train/mfu"] = tflops / (peak * dist.world_size)
                     tracker.log(step, metrics)
@@ -351,10 +474,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     preemption.requeue(dist)
                 if stop:  # Ctrl-C or SIGTERM: taken at this step boundary by every rank, never inside an update
                     save(step)
-                    log.warning("stopped: checkpoint of step %d written in %s", step, run_dir)  # the CLI prints the resume command
+                    log.warning(
+                        "stopped: checkpoint of step %d written in %s", step, run_dir
+                    )  # the CLI prints the resume command
                     leave_distributed()  # every rank stops here: tear gloo down in order
                     raise stop_exception(stop)
-                if trainer_cfg.stop_after is not None and step >= trainer_cfg.stop_after and step < trainer_cfg.max_steps:
+                if (
+                    trainer_cfg.stop_after is not None
+                    and step >= trainer_cfg.stop_after
+                    and step < trainer_cfg.max_steps
+                ):
                     log.warning("stopping after step %d (trainer.stop_after)", step)
                     return {"stopped_at": step}
         finally:
@@ -367,7 +496,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             save(trainer_cfg.max_steps)
         summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
         summary |= {f"data/{key}": value for key, value in data.stats.items()}
-        if data_record["changed_at_steps"]:  # resumed on other data (resume_data_changed=allow): the numbers mix two datasets
+        if data_record[
+            "changed_at_steps"
+        ]:  # resumed on other data (resume_data_changed=allow): the numbers mix two datasets
             summary["data/changed_at_step"] = data_record["changed_at_steps"][-1]
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
         if probes is not None and dist.is_main:

@@ -10,6 +10,7 @@ for its life, and tells it how it ended in a transient report (EXIT_REPORT) inst
 as its one line (the parent ends the ranks and prints it, exit 2), a stop (SIGTERM, Ctrl-C) after its checkpoint.
 Each report names its launch (PREFOPT_LAUNCH_ID): a parent reads only its own launch's reports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from prefopt import rundir
-from prefopt import proctree
+from prefopt import proctree, rundir
 from prefopt.config import Config
 from prefopt.distributed import export_ranks, leave_distributed, record_rank
 from prefopt.errors import USER_ERRORS, Terminated
@@ -37,7 +37,10 @@ ERROR_FILE = "error.txt"  # rank 0's; other ranks write error-rank<N>.txt
 EXIT_REPORT = ".rank{rank}.exit.json"  # a rank of `prefopt train`: how it ended, read (and removed) by the parent
 USER_ERROR_EXIT_CODE = 2
 REPORTED_WAIT_S = 60.0  # a rank that reported a user error waits this long for the parent to end the launch
-WORKER_COMMANDS = ("train", "eval")  # what a worker does with the frozen config: train it, or evaluate it (`prefopt eval`)
+WORKER_COMMANDS = (
+    "train",
+    "eval",
+)  # what a worker does with the frozen config: train it, or evaluate it (`prefopt eval`)
 
 
 def load_frozen_config(config_path: str | Path):
@@ -72,7 +75,9 @@ def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = 
     cfg = load_frozen_config(config_path)
     if restart_count() and cfg.trainer.resume is False and command == "train":
         # SLURM requeued this job (time limit, preemption, `scontrol requeue`): continue from its last checkpoint
-        logging.getLogger("prefopt").warning("SLURM requeued this job (restart %d): resuming from the run dir's last checkpoint", restart_count())
+        logging.getLogger("prefopt").warning(
+            "SLURM requeued this job (restart %d): resuming from the run dir's last checkpoint", restart_count()
+        )
         cfg.trainer.resume = True
     try:
         check_job_shape(cfg.hardware)
@@ -92,7 +97,9 @@ def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = 
         if not isinstance(error, (KeyboardInterrupt, SystemExit)) and not reported:
             rank = current_rank()
             name = ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
-            atomic_write_text(Path(cfg.run_dir) / name, f"rank {rank} on {proctree.host_name()}:\n{traceback.format_exc()}")
+            atomic_write_text(
+                Path(cfg.run_dir) / name, f"rank {rank} on {proctree.host_name()}:\n{traceback.format_exc()}"
+            )
         raise
 
 
@@ -116,11 +123,20 @@ def exit_finished_rank() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prefopt-worker", description=__doc__)
     parser.add_argument("config", help="a run dir's config.yaml")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored (ranks come from the environment)")
-    parser.add_argument("--command", choices=WORKER_COMMANDS, default="train", help="train the run (default), or evaluate it (prefopt eval)")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="ignored (ranks come from the environment)"
+    )
+    parser.add_argument(
+        "--command",
+        choices=WORKER_COMMANDS,
+        default="train",
+        help="train the run (default), or evaluate it (prefopt eval)",
+    )
     args = parser.parse_args(argv)
     if in_slurm_task() and not in_submitit_task():
-        preemption.install(deferred=False)  # an sbatch job (scripts/slurm/train.sbatch): its time-limit warning requeues it
+        preemption.install(
+            deferred=False
+        )  # an sbatch job (scripts/slurm/train.sbatch): its time-limit warning requeues it
     proctree.follow_launcher()  # under prefopt train: die with it, or exit now if it is already gone
     rank = current_rank()
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")

@@ -7,6 +7,7 @@ gloo ranks (prefopt/sharding.py), one thread per rank, the same model and data i
 The loss is simpo (reference-free): with the default precomputed reference an eval pass is policy forwards
 only, as here. Prints the median of --repeat timings per pass. Nothing is asserted: numbers go in notes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,16 @@ def timed_passes(rank: int, world_size: int, args: argparse.Namespace, init_file
     dist = DistInfo(rank, rank, world_size, initialized=True)
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={args.model}", "loss=simpo", "hardware=cpu",
-                                                       f"dataset.arith.num_eval={args.eval}", "dataset.arith.num_train=64"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                f"model={args.model}",
+                "loss=simpo",
+                "hardware=cpu",
+                f"dataset.arith.num_eval={args.eval}",
+                "dataset.arith.num_train=64",
+            ],
+        )
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data = build_preference_data(cfg.dataset, tokenizer, 0)
@@ -50,9 +59,19 @@ def timed_passes(rank: int, world_size: int, args: argparse.Namespace, init_file
     trainer = cfg.trainer
     passes = {
         "eval": lambda: evaluate(step_fn, data.eval, trainer.eval_batch_size, None, 0, dist),
-        "probes": lambda: evaluate_probes(policy, probes, trainer.logp_chunk_size, "cpu", cfg.dynamics.batch_size,
-                                          trainer.batching, trainer.packed_row_tokens, dist),
-        "greedy": lambda: greedy_accuracy(policy, tokenizer, data.eval[: args.greedy], trainer.max_new_tokens, "cpu", dist),
+        "probes": lambda: evaluate_probes(
+            policy,
+            probes,
+            trainer.logp_chunk_size,
+            "cpu",
+            cfg.dynamics.batch_size,
+            trainer.batching,
+            trainer.packed_row_tokens,
+            dist,
+        ),
+        "greedy": lambda: greedy_accuracy(
+            policy, tokenizer, data.eval[: args.greedy], trainer.max_new_tokens, "cpu", dist
+        ),
     }
     timings = {name: [] for name in passes}
     for _ in range(args.repeat):
@@ -79,8 +98,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for world_size in (1, 2):
             out = Path(scratch) / f"world{world_size}.json"
-            torch.multiprocessing.spawn(timed_passes, args=(world_size, args, str(Path(scratch) / f"init{world_size}"), str(out)),
-                                        nprocs=world_size, join=True)
+            torch.multiprocessing.spawn(
+                timed_passes,
+                args=(world_size, args, str(Path(scratch) / f"init{world_size}"), str(out)),
+                nprocs=world_size,
+                join=True,
+            )
             results[world_size] = json.loads(out.read_text())
     print(f"{'pass':<8} {'1 rank (s)':>11} {'2 ranks (s)':>12} {'speed-up':>9}")
     for name in results[1]:

@@ -15,6 +15,7 @@ Step times come from a TrainerCallback: time.perf_counter() at each on_step_begi
 process's CPU time (time.process_time()) at each on_step_end.
 The precompute_ref_log_probs pass (TRL runs it in DPOTrainer.__init__) is timed on its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,9 @@ def main() -> None:
 
         def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                timings["log"].append({"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}})
+                timings["log"].append(
+                    {"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}}
+                )
 
     class TimedDPOTrainer(DPOTrainer):
         """DPOTrainer with its one-off reference pass timed (nothing else changed)."""
@@ -76,7 +79,10 @@ def main() -> None:
             result = super()._precompute_ref_logps(dataset, name, batch_size)
             timings.setdefault("precompute_s", 0.0)
             timings["precompute_s"] += time.perf_counter() - started
-            print(f"[bench_trl] precompute_ref_log_probs ({name}, {len(dataset)} pairs): {timings['precompute_s']:.1f} s", flush=True)
+            print(
+                f"[bench_trl] precompute_ref_log_probs ({name}, {len(dataset)} pairs): {timings['precompute_s']:.1f} s",
+                flush=True,
+            )
             return result
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -102,14 +108,21 @@ def main() -> None:
         disable_tqdm=True,
     )
     built = time.perf_counter()
-    trainer = TimedDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = TimedDPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+    )
     init_s = time.perf_counter() - built
     # what TRL will train on, per pair: prompt + chosen + rejected token ids (after its tokenization and EOS)
     train = trainer.train_dataset
-    token_counts = [len(p) + len(c) + len(r) for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"])]
-    print(f"[bench_trl] trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); {len(train)} pairs, {sum(token_counts)} tokens; "
-          f"reference model in memory: {trainer.ref_model is not None}; init {init_s:.1f} s", flush=True)
+    token_counts = [
+        len(p) + len(c) + len(r) for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"])
+    ]
+    print(
+        f"[bench_trl] trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); {len(train)} pairs, {sum(token_counts)} tokens; "
+        f"reference model in memory: {trainer.ref_model is not None}; init {init_s:.1f} s",
+        flush=True,
+    )
     started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - started
@@ -130,8 +143,21 @@ def main() -> None:
         "pair_tokens": token_counts,
         "ref_model_in_memory": trainer.ref_model is not None,
         "logs": timings["log"],
-        "config": {key: getattr(config, key) for key in ("beta", "loss_type", "learning_rate", "lr_scheduler_type", "warmup_steps",
-                                                         "max_length", "max_grad_norm", "optim", "padding_free", "pad_to_multiple_of")},
+        "config": {
+            key: getattr(config, key)
+            for key in (
+                "beta",
+                "loss_type",
+                "learning_rate",
+                "lr_scheduler_type",
+                "warmup_steps",
+                "max_length",
+                "max_grad_norm",
+                "optim",
+                "padding_free",
+                "pad_to_multiple_of",
+            )
+        },
     }
     with open(args.out, "w") as handle:
         json.dump(result, handle, default=str)

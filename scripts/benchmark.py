@@ -10,6 +10,7 @@ TFLOP/s (and MFU where the device's peak is known), peak resident memory of the 
 Each case is NAME=OVERRIDES and runs in a fresh process (W&B disabled, run dirs under --out). Throughput
 is the median over logged steps after the first (warm-up). Nothing is asserted: numbers go in notes/README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,29 +47,47 @@ DEFAULT_CASES = [
 
 def run_case(name: str, overrides: str, out_dir: Path) -> dict:
     run_dir = out_dir / name
-    command = [sys.executable, "-m", "prefopt.cli", "train", *shlex.split(overrides), "logger.wandb.mode=disabled",
-               f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "prefopt.cli",
+        "train",
+        *shlex.split(overrides),
+        "logger.wandb.mode=disabled",
+        f"hydra.run.dir={run_dir}",
+    ]
     peak_file = out_dir / f"{name}.peak_kb"
     # a wrapper process per case, so the peak RSS is this case's (getrusage of children is a running max)
-    wrapper = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
-               "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+    wrapper = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+    )
     started = time.time()
     result = subprocess.run([sys.executable, "-c", wrapper, str(peak_file), *command], capture_output=True, text=True)
     wall = time.time() - started
     peak_kb = int(peak_file.read_text()) if peak_file.exists() else 0
     if result.returncode != 0:
-        return {"case": name, "status": f"failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})"}
+        return {
+            "case": name,
+            "status": f"failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})",
+        }
     all_steps = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/tokens_per_s" in row]
     steps = all_steps[1:]
     median = lambda key: statistics.median(row[key] for row in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
     return {
-        "case": name, "status": "ok", "wall_s": wall, "tokens_per_s": median("train/tokens_per_s"),
-        "tflops": median("train/tflops"), "mfu": median("train/mfu"),
+        "case": name,
+        "status": "ok",
+        "wall_s": wall,
+        "tokens_per_s": median("train/tokens_per_s"),
+        "tflops": median("train/tflops"),
+        "mfu": median("train/mfu"),
         "peak_rss_gb": peak_kb / 2**20 if peak_kb else float("nan"),
-        "loss_first": all_steps[0]["train/loss"], "loss_mid": all_steps[len(all_steps) // 2 - 1]["train/loss"],
+        "loss_first": all_steps[0]["train/loss"],
+        "loss_mid": all_steps[len(all_steps) // 2 - 1]["train/loss"],
         "loss_last": all_steps[-1]["train/loss"],
         "eval_loss": json.loads((run_dir / "summary.json").read_text()).get("eval/loss", float("nan")),
     }
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # --vs-trl: prefopt vs TRL 1.16's DPOTrainer (issue 11), same pairs / batches / order / model / precision
@@ -110,12 +129,18 @@ def ensure_bench_venv() -> Path:
     wanted = json.dumps(BENCH_INSTALL)
     if python.exists() and marker.exists() and marker.read_text() == wanted:
         return python
-    print(f"setting up {BENCH_VENV} ({' then '.join(' '.join(group) for group in BENCH_INSTALL)})", file=sys.stderr, flush=True)
+    print(
+        f"setting up {BENCH_VENV} ({' then '.join(' '.join(group) for group in BENCH_INSTALL)})",
+        file=sys.stderr,
+        flush=True,
+    )
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
     for group in BENCH_INSTALL:
         subprocess.run([str(python), "-m", "pip", "install", "-q", *group], check=True)
-    subprocess.run([str(python), "-c", "import trl, torch; assert trl.__version__ == '1.16.0', trl.__version__"], check=True)
+    subprocess.run(
+        [str(python), "-c", "import trl, torch; assert trl.__version__ == '1.16.0', trl.__version__"], check=True
+    )
     marker.write_text(wanted)
     return python
 
@@ -123,13 +148,30 @@ def ensure_bench_venv() -> Path:
 def prefopt_overrides(pairs: Path, steps: int, seed: int) -> list[str]:
     eval_fraction = EVAL_PAIRS / (PAIRS_PER_STEP * steps + EVAL_PAIRS)
     return [
-        "loss=dpo", "model=smollm2_135m", "model.dtype=fp32", "hardware=cpu", "dataset=local", f"dataset.path={pairs}",
-        "dataset.format=strings", "dataset.chat_template=never", f"dataset.eval_fraction={eval_fraction:.6f}",
-        "dataset.max_length=512", "dataset.max_prompt_length=256",  # above the longest pair: nothing truncated
-        f"trainer.micro_batch_size={PAIRS_PER_STEP}", "trainer.grad_accum=1", f"trainer.max_steps={steps}", f"trainer.seed={seed}",
-        "trainer.lr=1e-6", "trainer.warmup_steps=0", "trainer.lr_schedule=linear",  # TRL's defaults (no effect on speed)
-        "dynamics.enabled=false", "trainer.greedy_eval_examples=0", "trainer.eval_every=0", "trainer.max_eval_batches=1",
-        "trainer.save_final=false", "logger.wandb.mode=disabled",
+        "loss=dpo",
+        "model=smollm2_135m",
+        "model.dtype=fp32",
+        "hardware=cpu",
+        "dataset=local",
+        f"dataset.path={pairs}",
+        "dataset.format=strings",
+        "dataset.chat_template=never",
+        f"dataset.eval_fraction={eval_fraction:.6f}",
+        "dataset.max_length=512",
+        "dataset.max_prompt_length=256",  # above the longest pair: nothing truncated
+        f"trainer.micro_batch_size={PAIRS_PER_STEP}",
+        "trainer.grad_accum=1",
+        f"trainer.max_steps={steps}",
+        f"trainer.seed={seed}",
+        "trainer.lr=1e-6",
+        "trainer.warmup_steps=0",
+        "trainer.lr_schedule=linear",  # TRL's defaults (no effect on speed)
+        "dynamics.enabled=false",
+        "trainer.greedy_eval_examples=0",
+        "trainer.eval_every=0",
+        "trainer.max_eval_batches=1",
+        "trainer.save_final=false",
+        "logger.wandb.mode=disabled",
     ]
 
 
@@ -151,16 +193,22 @@ def plan_batches(overrides: list[str], steps: int) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
     if len(data.train) != PAIRS_PER_STEP * steps:
-        raise SystemExit(f"expected {PAIRS_PER_STEP * steps} training pairs (one pass), prefopt has {len(data.train)}: {data.stats}")
+        raise SystemExit(
+            f"expected {PAIRS_PER_STEP * steps} training pairs (one pass), prefopt has {len(data.train)}: {data.stats}"
+        )
     sampler = PairSampler(len(data.train), cfg.trainer.seed)
     order = [index for _ in range(steps) for index in sampler.next_indices(PAIRS_PER_STEP)]
     assert sorted(order) == list(range(len(data.train))), "not one pass"
     pairs = [data.train[index] for index in order]
     pair_tokens = [len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs]
     return {
-        "model_dir": model_dir, "pairs": pairs, "pair_tokens": pair_tokens, "stats": data.stats,
+        "model_dir": model_dir,
+        "pairs": pairs,
+        "pair_tokens": pair_tokens,
+        "stats": data.stats,
         "step_tokens": [sum(pair_tokens[i : i + PAIRS_PER_STEP]) for i in range(0, len(pair_tokens), PAIRS_PER_STEP)],
-        "default_batching": cfg.trainer.batching, "default_precompute": str(cfg.reference.precompute).lower(),
+        "default_batching": cfg.trainer.batching,
+        "default_precompute": str(cfg.reference.precompute).lower(),
     }
 
 
@@ -227,14 +275,21 @@ def run_logged(name: str, command: list[str], out_dir: Path) -> dict:
     sample the case process's CPU time whenever a step line appears (the wall clock is shared with other
     work on this machine, CPU seconds much less so)."""
     log_path, peak_file = out_dir / f"{name}.log", out_dir / f"{name}.peak_kb"
-    wrapper = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
-               "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+    wrapper = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-c", wrapper, str(peak_file), *command], stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=REPO, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-c", wrapper, str(peak_file), *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
     shown, case_pid, cpu_at_step = 0, None, {}
     while True:
         done = process.poll() is not None
@@ -254,13 +309,25 @@ def run_logged(name: str, command: list[str], out_dir: Path) -> dict:
             break
         time.sleep(1)
     wall = time.time() - started
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {process.returncode} after {wall:.0f} s", file=sys.stderr, flush=True)
-    return {"returncode": process.returncode, "wall_s": wall, "log": log_path, "cpu_at_step": cpu_at_step,
-            "peak_rss_gb": int(peak_file.read_text()) / 2**20 if peak_file.exists() else float("nan")}
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {name}: exit {process.returncode} after {wall:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "returncode": process.returncode,
+        "wall_s": wall,
+        "log": log_path,
+        "cpu_at_step": cpu_at_step,
+        "peak_rss_gb": int(peak_file.read_text()) / 2**20 if peak_file.exists() else float("nan"),
+    }
 
 
 def prefopt_result(name: str, run_dir: Path, cache_dir: Path, log_path: Path, plan: dict) -> dict:
-    rows = sorted((row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/tokens_per_s" in row), key=lambda row: row["step"])
+    rows = sorted(
+        (row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/tokens_per_s" in row),
+        key=lambda row: row["step"],
+    )
     # prefopt's own per-step timing (time.time() around data -> forward/backward -> optimizer step):
     # train/tokens_per_s = that step's real tokens / its seconds, so seconds = tokens / tokens_per_s
     step_s = [plan["step_tokens"][row["step"] - 1] / row["train/tokens_per_s"] for row in rows]
@@ -282,9 +349,17 @@ def prefopt_result(name: str, run_dir: Path, cache_dir: Path, log_path: Path, pl
 def trl_result(json_path: Path, plan: dict) -> dict:
     data = json.loads(json_path.read_text())
     mismatched = sum(a != b for a, b in zip(data["pair_tokens"], plan["pair_tokens"]))
-    return {"step_s": data["step_s"], "loss": [entry["loss"] for entry in data["logs"]], "ref_pass_s": data["precompute_s"],
-            "ref_pass_pairs": len(data["pair_tokens"]) if data["precompute"] else None, "versions": data["versions"],
-            "cpu_at_step": {step + 1: cpu for step, cpu in enumerate(data["cpu_at_step_end"])}, "token_mismatches": mismatched, "trl_tokens": sum(data["pair_tokens"]), "config": data["config"]}
+    return {
+        "step_s": data["step_s"],
+        "loss": [entry["loss"] for entry in data["logs"]],
+        "ref_pass_s": data["precompute_s"],
+        "ref_pass_pairs": len(data["pair_tokens"]) if data["precompute"] else None,
+        "versions": data["versions"],
+        "cpu_at_step": {step + 1: cpu for step, cpu in enumerate(data["cpu_at_step_end"])},
+        "token_mismatches": mismatched,
+        "trl_tokens": sum(data["pair_tokens"]),
+        "config": data["config"],
+    }
 
 
 def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: bool = False) -> None:
@@ -299,35 +374,67 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     bench_python = ensure_bench_venv() if any(case.startswith("trl") for case in cases) else None
     pairs_path = out_dir / "pairs.jsonl"
     num_pairs = PAIRS_PER_STEP * steps + EVAL_PAIRS
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_hh_like_pairs.py"), "--out", str(pairs_path), "--num-pairs",
-                    str(num_pairs), "--seed", str(seed), "--tokenizer", str(smollm2_dir())], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "make_hh_like_pairs.py"),
+            "--out",
+            str(pairs_path),
+            "--num-pairs",
+            str(num_pairs),
+            "--seed",
+            str(seed),
+            "--tokenizer",
+            str(smollm2_dir()),
+        ],
+        check=True,
+        cwd=REPO,
+    )
     overrides = prefopt_overrides(pairs_path, steps, seed)
     plan = plan_batches(overrides, steps)
     if plan["stats"].get("train/truncated") or plan["stats"].get("train/dropped_empty_response"):
         raise SystemExit(f"some pairs were truncated: {plan['stats']}")
     raw_rows = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
     trl_pairs = out_dir / "pairs_in_prefopt_order.jsonl"  # the training pairs, in the order prefopt draws them
-    trl_pairs.write_text("".join(json.dumps(raw_rows[pair.source_index], ensure_ascii=False) + "\n" for pair in plan["pairs"]))
+    trl_pairs.write_text(
+        "".join(json.dumps(raw_rows[pair.source_index], ensure_ascii=False) + "\n" for pair in plan["pairs"])
+    )
     num_params = safetensors_parameters(plan["model_dir"])
     peaks_file = out_dir / "matmul_peaks.json"  # every measurement of this out dir (a resumed invocation adds its own)
     peaks = (json.loads(peaks_file.read_text()) if resume and peaks_file.exists() else []) + [matmul_peak_gflops()]
     peaks_file.write_text(json.dumps(peaks))
-    print(f"pairs: {pairs_path} ({num_pairs}: {len(plan['pairs'])} train in one pass, {EVAL_PAIRS} held out); real tokens per "
-          f"step {plan['step_tokens']}; model {plan['model_dir']} ({num_params:,} parameters); fp32 matmul {peaks[0]:.1f} GFLOP/s",
-          file=sys.stderr, flush=True)
+    print(
+        f"pairs: {pairs_path} ({num_pairs}: {len(plan['pairs'])} train in one pass, {EVAL_PAIRS} held out); real tokens per "
+        f"step {plan['step_tokens']}; model {plan['model_dir']} ({num_params:,} parameters); fp32 matmul {peaks[0]:.1f} GFLOP/s",
+        file=sys.stderr,
+        flush=True,
+    )
 
-    default_label = f"prefopt default (batching={plan['default_batching']}, reference.precompute={plan['default_precompute']})"
+    default_label = (
+        f"prefopt default (batching={plan['default_batching']}, reference.precompute={plan['default_precompute']})"
+    )
     # prefopt.reference.precompute_enabled's rule: auto and true precompute, false keeps a reference model
-    reference_forward = {"trl": True, "trl-repeat": True, "trl-precompute": False, "prefopt-padded": True,
-                         "prefopt-default": plan["default_precompute"] not in ("auto", "true"), "prefopt-packed-precompute": False}
-    extra = {"prefopt-padded": ["trainer.batching=padded", "reference.precompute=false"], "prefopt-default": [],
-             "prefopt-packed-precompute": ["trainer.batching=packed", "reference.precompute=true"]}
+    reference_forward = {
+        "trl": True,
+        "trl-repeat": True,
+        "trl-precompute": False,
+        "prefopt-padded": True,
+        "prefopt-default": plan["default_precompute"] not in ("auto", "true"),
+        "prefopt-packed-precompute": False,
+    }
+    extra = {
+        "prefopt-padded": ["trainer.batching=padded", "reference.precompute=false"],
+        "prefopt-default": [],
+        "prefopt-packed-precompute": ["trainer.batching=packed", "reference.precompute=true"],
+    }
     results = {}
     for name in cases:
         saved = out_dir / f"{name}.result.json"
         if resume and saved.exists():  # finished by an earlier, interrupted invocation on this out dir
             results[name] = json.loads(saved.read_text())
-            results[name]["cpu_at_step"] = {int(step): cpu for step, cpu in results[name].get("cpu_at_step", {}).items()}
+            results[name]["cpu_at_step"] = {
+                int(step): cpu for step, cpu in results[name].get("cpu_at_step", {}).items()
+            }
             results[name]["resumed"] = True
             print(f"{name}: kept from the earlier invocation ({saved})", file=sys.stderr, flush=True)
             continue
@@ -336,19 +443,53 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
                 stale.rename(stale.with_name(f"{stale.name}.interrupted-{int(time.time())}"))
         if name.startswith("trl"):
             json_path = out_dir / f"{name}.json"
-            command = [str(bench_python), str(REPO / "scripts" / "bench_trl.py"), "--model", str(plan["model_dir"]), "--pairs",
-                       str(trl_pairs), "--steps", str(steps), "--batch", str(PAIRS_PER_STEP), "--seed", str(seed), "--out", str(json_path)]
+            command = [
+                str(bench_python),
+                str(REPO / "scripts" / "bench_trl.py"),
+                "--model",
+                str(plan["model_dir"]),
+                "--pairs",
+                str(trl_pairs),
+                "--steps",
+                str(steps),
+                "--batch",
+                str(PAIRS_PER_STEP),
+                "--seed",
+                str(seed),
+                "--out",
+                str(json_path),
+            ]
             command += ["--precompute"] if name == "trl-precompute" else []
         else:
-            run_dir, cache_dir = out_dir / name, out_dir / f"{name}-reference-cache"  # a fresh cache: the pass is computed
-            command = [sys.executable, "-m", "prefopt.cli", "train", *overrides, *extra[name], f"hydra.run.dir={run_dir}",
-                       f"reference.cache_dir={cache_dir}"]
+            run_dir, cache_dir = (
+                out_dir / name,
+                out_dir / f"{name}-reference-cache",
+            )  # a fresh cache: the pass is computed
+            command = [
+                sys.executable,
+                "-m",
+                "prefopt.cli",
+                "train",
+                *overrides,
+                *extra[name],
+                f"hydra.run.dir={run_dir}",
+                f"reference.cache_dir={cache_dir}",
+            ]
         run = run_logged(name, command, out_dir)
-        row = {"case": name, "label": default_label if name == "prefopt-default" else VS_TRL_LABELS[name], **run,
-               "reference_forward": reference_forward[name], "command": shlex.join(command)}
+        row = {
+            "case": name,
+            "label": default_label if name == "prefopt-default" else VS_TRL_LABELS[name],
+            **run,
+            "reference_forward": reference_forward[name],
+            "command": shlex.join(command),
+        }
         if run["returncode"] == 0:
             try:
-                row |= trl_result(json_path, plan) if name.startswith("trl") else prefopt_result(name, run_dir, cache_dir, run["log"], plan)
+                row |= (
+                    trl_result(json_path, plan)
+                    if name.startswith("trl")
+                    else prefopt_result(name, run_dir, cache_dir, run["log"], plan)
+                )
             except Exception as error:  # a parse problem must not lose the other cases
                 row["returncode"] = f"unreadable ({type(error).__name__}: {error})"
         row["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - run["wall_s"]))
@@ -361,7 +502,9 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     timed_tokens = sum(plan["step_tokens"][1:])
     for row in results.values():
         if row["returncode"] != 0 or len(row.get("step_s", [])) != steps:
-            row.setdefault("status", f"failed ({row['returncode']}, {len(row.get('step_s', []))} steps): see {row['log']}")
+            row.setdefault(
+                "status", f"failed ({row['returncode']}, {len(row.get('step_s', []))} steps): see {row['log']}"
+            )
             continue
         timed = row["step_s"][1:]  # step 1 is warm-up
         row["median_step_s"] = statistics.median(timed)
@@ -394,8 +537,10 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
         ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "n/a"
         cpu_cell = f"{row['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in row else "n/a"
         cpu_ratio = f"{row['tokens_per_cpu_s'] / base_cpu:.2f}x" if base_cpu and "tokens_per_cpu_s" in row else "n/a"
-        lines.append(f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | {row['median_step_s']:.1f} | {ref_cell} | {ratio} | "
-                     f"{row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% | {cpu_cell} | {cpu_ratio} |")
+        lines.append(
+            f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | {row['median_step_s']:.1f} | {ref_cell} | {ratio} | "
+            f"{row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% | {cpu_cell} | {cpu_ratio} |"
+        )
     lines += [
         "",
         f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the cases "
@@ -413,15 +558,32 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     ]
     for row in results.values():
         if "loss" in row and row["loss"]:
-            lines.append(f"| {row['label']} | {row.get('started', '?')} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
-                         f"{' '.join(f'{value:.1f}' for value in row['step_s'])} | {row['wall_s']:.0f} |")
-    checks = [f"{name}: TRL tokenized {row['trl_tokens']} tokens, prefopt {sum(plan['pair_tokens'])}; pairs whose count "
-              f"differs: {row['token_mismatches']}" for name, row in results.items() if "token_mismatches" in row]
+            lines.append(
+                f"| {row['label']} | {row.get('started', '?')} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
+                f"{' '.join(f'{value:.1f}' for value in row['step_s'])} | {row['wall_s']:.0f} |"
+            )
+    checks = [
+        f"{name}: TRL tokenized {row['trl_tokens']} tokens, prefopt {sum(plan['pair_tokens'])}; pairs whose count "
+        f"differs: {row['token_mismatches']}"
+        for name, row in results.items()
+        if "token_mismatches" in row
+    ]
     lines += ["", *checks, f"whole benchmark: {time.time() - began:.0f} s; run dirs and logs in {out_dir}"]
     print("\n".join(lines))
     (out_dir / "vs_trl.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "vs_trl.json").write_text(json.dumps({"peak_gflops": peaks, "num_params": num_params, "plan_stats": plan["stats"],
-                                                      "step_tokens": plan["step_tokens"], "cases": results}, default=str, indent=1))
+    (out_dir / "vs_trl.json").write_text(
+        json.dumps(
+            {
+                "peak_gflops": peaks,
+                "num_params": num_params,
+                "plan_stats": plan["stats"],
+                "step_tokens": plan["step_tokens"],
+                "cases": results,
+            },
+            default=str,
+            indent=1,
+        )
+    )
 
 
 def main() -> None:
@@ -429,12 +591,21 @@ def main() -> None:
     parser.add_argument("--case", action="append", help="NAME=OVERRIDES (repeatable); default: the main-job variants")
     parser.add_argument("--suite", choices=sorted(SUITES), help="a named set of cases")
     parser.add_argument("--out", type=Path, default=None, help="where run dirs go (default: a temporary dir)")
-    parser.add_argument("--vs-trl", action="store_true", help="prefopt vs TRL's DPOTrainer on the same HH-like pairs (own venv)")
-    parser.add_argument("--steps", type=int, default=12, help="--vs-trl: optimizer steps per case (4 pairs each, one pass)")
+    parser.add_argument(
+        "--vs-trl", action="store_true", help="prefopt vs TRL's DPOTrainer on the same HH-like pairs (own venv)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=12, help="--vs-trl: optimizer steps per case (4 pairs each, one pass)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="--vs-trl: seed of the pairs and of prefopt's data order")
-    parser.add_argument("--repeat-baseline", action="store_true",
-                        help="--vs-trl: run TRL's default case again at the end (how far the shared machine drifted)")
-    parser.add_argument("--resume", action="store_true", help="--vs-trl: keep the cases an interrupted invocation on --out finished")
+    parser.add_argument(
+        "--repeat-baseline",
+        action="store_true",
+        help="--vs-trl: run TRL's default case again at the end (how far the shared machine drifted)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="--vs-trl: keep the cases an interrupted invocation on --out finished"
+    )
     parser.add_argument("--only", default=None, help=f"--vs-trl: comma-separated subset of {','.join(VS_TRL_CASES)}")
     args = parser.parse_args()
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
@@ -447,8 +618,20 @@ def main() -> None:
         name, _, overrides = case.partition("=")
         rows.append(run_case(name, overrides, out_dir))
         print(f"finished {name}: {rows[-1]['status']}", file=sys.stderr)
-    columns = ("wall_s", "tokens_per_s", "tflops", "mfu", "peak_rss_gb", "loss_first", "loss_mid", "loss_last", "eval_loss")
-    print("| case | status | wall s | tokens/s | TFLOP/s | MFU | peak RSS GB* | train loss step 1 | mid | last | final eval loss |")
+    columns = (
+        "wall_s",
+        "tokens_per_s",
+        "tflops",
+        "mfu",
+        "peak_rss_gb",
+        "loss_first",
+        "loss_mid",
+        "loss_last",
+        "eval_loss",
+    )
+    print(
+        "| case | status | wall s | tokens/s | TFLOP/s | MFU | peak RSS GB* | train loss step 1 | mid | last | final eval loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [row.get(key, float("nan")) for key in columns]

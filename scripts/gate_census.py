@@ -11,6 +11,7 @@ that the middle of the spread maps to g between about 0.1 and 0.9.
 
 Any prefopt overrides (model=..., dataset=...) compose the config as `prefopt train` would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,22 @@ def census(overrides: list[str], num_pairs: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for start in range(0, len(pairs), 8):
             groups = pair_groups(pairs[start : start + 8])
-            batch = build_batch(groups, tokenizer.pad_token_id or 0, cfg.trainer.batching, cfg.trainer.packed_row_tokens)
+            batch = build_batch(
+                groups, tokenizer.pad_token_id or 0, cfg.trainer.batching, cfg.trainer.packed_row_tokens
+            )
             logps = sequence_logps(model, batch, cfg.trainer.logp_chunk_size)
             for side, summed, lengths, tokens, mask in zip(
-                ("chosen", "rejected"), split_pairs(logps.summed), split_pairs(logps.lengths), split_pairs(logps.logps), split_pairs(logps.mask)
+                ("chosen", "rejected"),
+                split_pairs(logps.summed),
+                split_pairs(logps.lengths),
+                split_pairs(logps.logps),
+                split_pairs(logps.mask),
             ):
                 token_probs = tokens.float().exp().masked_fill(mask <= 0, float("nan"))
                 estimates.setdefault(f"{side}/seq", []).append((summed.float() / lengths.clamp(min=1)).exp())
-                estimates.setdefault(f"{side}/q10", []).append(torch.nanquantile(token_probs, cfg.loss.gate.quantile, dim=-1))
+                estimates.setdefault(f"{side}/q10", []).append(
+                    torch.nanquantile(token_probs, cfg.loss.gate.quantile, dim=-1)
+                )
     return {key: torch.cat(values) for key, values in estimates.items()}
 
 
@@ -65,13 +74,19 @@ def main() -> None:
     print(f"{len(next(iter(estimates.values())))} pairs | {' '.join(args.overrides)}")
     print(f"{'estimate':<14}" + "".join(f"{f'p{int(q * 100)}':>10}" for q in quantiles))
     for key, values in estimates.items():
-        print(f"{key:<14}" + "".join(f"{value:>10.4f}" for value in torch.quantile(values.double(), quantiles.double()).tolist()))
+        print(
+            f"{key:<14}"
+            + "".join(f"{value:>10.4f}" for value in torch.quantile(values.double(), quantiles.double()).tolist())
+        )
     for kind in ("seq", "q10"):
         for tau in args.tau:
             gates = torch.sigmoid(args.alpha * (estimates[f"rejected/{kind}"].double() - tau))
             spread = torch.quantile(gates, quantiles.double()).tolist()
-            print(f"gate {kind} alpha={args.alpha:g} tau={tau:g}: " + " ".join(f"{value:.2f}" for value in spread)
-                  + f" (p10..p90), below 0.5: {float((gates < 0.5).double().mean()):.0%}")
+            print(
+                f"gate {kind} alpha={args.alpha:g} tau={tau:g}: "
+                + " ".join(f"{value:.2f}" for value in spread)
+                + f" (p10..p90), below 0.5: {float((gates < 0.5).double().mean()):.0%}"
+            )
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ Lengths, in SmolLM2 tokens (its tokenizer, add_special_tokens=False): prompt 32-
 16-192, drawn uniformly per row. A trainer appends its end-of-sequence token to each response (+1).
 Responses start with a space after "Assistant:" so the prompt ends on a token boundary.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import random
-import re
 from pathlib import Path
 
 PROMPT_HEAD = "\n\nHuman: "
@@ -36,8 +36,10 @@ def default_tokenizer_dir() -> Path:
     cache = Path(os.path.expanduser(os.environ.get("PREFOPT_CACHE") or "~/.cache/prefopt")) / "models"
     found = sorted(path for path in cache.glob("SmolLM2-135M*") if (path / "tokenizer.json").is_file())
     if not found:
-        raise SystemExit(f"no converted SmolLM2 directory under {cache}: run `prefopt train model=smollm2_135m "
-                         f"trainer.max_steps=1` once, or pass --tokenizer DIR")
+        raise SystemExit(
+            f"no converted SmolLM2 directory under {cache}: run `prefopt train model=smollm2_135m "
+            f"trainer.max_steps=1` once, or pass --tokenizer DIR"
+        )
     return found[0]
 
 
@@ -117,8 +119,9 @@ def make_pairs(tokenizer, num_pairs: int, seed: int) -> list[dict[str, str]]:
         rejected, _ = fit(tokenizer, words_b, sentence_start(words_b, rng), rejected_target)
         chosen, rejected = " " + chosen, " " + rejected
         lengths = count(tokenizer, prompt), count(tokenizer, chosen), count(tokenizer, rejected)
-        ok = (PROMPT_TOKENS[0] <= lengths[0] <= PROMPT_TOKENS[1]
-              and all(RESPONSE_TOKENS[0] <= n <= RESPONSE_TOKENS[1] for n in lengths[1:]))
+        ok = PROMPT_TOKENS[0] <= lengths[0] <= PROMPT_TOKENS[1] and all(
+            RESPONSE_TOKENS[0] <= n <= RESPONSE_TOKENS[1] for n in lengths[1:]
+        )
         if ok and prompt not in seen_prompts and chosen != rejected:  # a draw that misses the bounds is redrawn
             seen_prompts.add(prompt)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
@@ -130,7 +133,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     parser.add_argument("--num-pairs", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="a SmolLM2 tokenizer dir (default: prefopt's converted one)")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="a SmolLM2 tokenizer dir (default: prefopt's converted one)"
+    )
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -141,8 +146,10 @@ def main() -> None:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     totals = [sum(count(tokenizer, row[key]) for row in rows) for key in ("prompt", "chosen", "rejected")]
-    print(f"wrote {len(rows)} pairs to {args.out} (seed {args.seed}); tokens: prompt {totals[0]}, chosen {totals[1]}, "
-          f"rejected {totals[2]} (mean per pair {sum(totals) / len(rows):.0f}, before end-of-sequence tokens)")
+    print(
+        f"wrote {len(rows)} pairs to {args.out} (seed {args.seed}); tokens: prompt {totals[0]}, chosen {totals[1]}, "
+        f"rejected {totals[2]} (mean per pair {sum(totals) / len(rows):.0f}, before end-of-sequence tokens)"
+    )
 
 
 if __name__ == "__main__":

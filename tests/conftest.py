@@ -1,4 +1,5 @@
 """Shared fixtures. Data: tokenizers and small preference files written under tmp_path."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Shared test helpers: run `prefopt train` in-process and read a W&B offline run back."""
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,21 @@ def run_sweep(sweep_dir: Path, *overrides: str) -> list[Path]:
         assert main(["train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]) == 0
     finally:
         sys.argv = argv
-    return sorted((path for path in Path(sweep_dir).iterdir() if path.is_dir() and path.name.isdigit()), key=lambda p: int(p.name))
+    return sorted(
+        (path for path in Path(sweep_dir).iterdir() if path.is_dir() and path.name.isdigit()), key=lambda p: int(p.name)
+    )
 
 
 def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """(summary record, history items) of the offline W&B run in run_dir, decoded by wandb's own reader."""
     [wandb_dir] = list((Path(run_dir) / "wandb").glob("offline-run-*"))
     wandb_cli = [sys.executable, "-m", "wandb", "leet", "inspect", "--json"]
-    summary = json.loads(subprocess.run([*wandb_cli, "--summary", str(wandb_dir)], capture_output=True, text=True, check=True).stdout)
-    records = subprocess.run([*wandb_cli, str(wandb_dir)], capture_output=True, text=True, check=True).stdout.splitlines()
+    summary = json.loads(
+        subprocess.run([*wandb_cli, "--summary", str(wandb_dir)], capture_output=True, text=True, check=True).stdout
+    )
+    records = subprocess.run(
+        [*wandb_cli, str(wandb_dir)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     history = [json.loads(line)["history"]["item"] for line in records if '"type":"history"' in line]
     return summary, history
 
@@ -65,5 +72,7 @@ def wandb_history_all_segments(run_dir: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows

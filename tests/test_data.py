@@ -1,4 +1,5 @@
 """Data pipeline: sources, formats, bad rows, tokenization boundaries, truncation, collate, arith."""
+
 from __future__ import annotations
 
 import json
@@ -112,7 +113,10 @@ def test_ultrafeedback_rows_from_local_file(preference_file, smollm2_tokenizer):
         {
             "prompt": f"Write {i} words.",
             "prompt_id": f"id{i}",
-            "chosen": [{"role": "user", "content": f"Write {i} words."}, {"role": "assistant", "content": "Sure: one two."}],
+            "chosen": [
+                {"role": "user", "content": f"Write {i} words."},
+                {"role": "assistant", "content": "Sure: one two."},
+            ],
             "rejected": [{"role": "user", "content": f"Write {i} words."}, {"role": "assistant", "content": "No."}],
             "score_chosen": 8.0,
             "score_rejected": 2.0,
@@ -191,7 +195,10 @@ def test_bad_row_is_an_error_naming_file_and_row(preference_file, byte_tokenizer
 @pytest.mark.parametrize(
     "bad_row, problem",
     [
-        ({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "b"}]}, "message 0"),
+        (
+            {"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "b"}]},
+            "message 0",
+        ),
         ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "must end with an assistant"),
         ({"prompt": 3, "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string or a list"),
     ],
@@ -237,7 +244,9 @@ def test_smollm2_prompt_is_exact_prefix_and_no_bos_added(smollm2_tokenizer):
 @pytest.mark.parametrize("chat_template", ["auto", "never"])
 def test_exactly_one_bos(bos_byte_tokenizer, chat_template):
     tokenizer = bos_byte_tokenizer
-    data = build_preference_data(dataset_cfg(chat_template=chat_template, arith={"num_train": 4, "num_eval": 2}), tokenizer, 0)
+    data = build_preference_data(
+        dataset_cfg(chat_template=chat_template, arith={"num_train": 4, "num_eval": 2}), tokenizer, 0
+    )
     for pair in all_pairs(data):
         assert pair.prompt_ids[0] == tokenizer.bos_token_id
         assert pair.prompt_ids.count(tokenizer.bos_token_id) == 1
@@ -248,7 +257,10 @@ def test_exactly_one_bos(bos_byte_tokenizer, chat_template):
 def test_hh_with_bos_tokenizer_gets_one_bos(preference_file, bos_byte_tokenizer):
     data = build_preference_data(local_cfg(preference_file(HH_ROWS), eval_fraction=0.25), bos_byte_tokenizer, 0)
     for pair in all_pairs(data):
-        assert pair.prompt_ids.count(bos_byte_tokenizer.bos_token_id) == 1 and pair.prompt_ids[0] == bos_byte_tokenizer.bos_token_id
+        assert (
+            pair.prompt_ids.count(bos_byte_tokenizer.bos_token_id) == 1
+            and pair.prompt_ids[0] == bos_byte_tokenizer.bos_token_id
+        )
 
 
 def test_chat_template_never_keeps_raw_prompt(preference_file, byte_tokenizer):
@@ -278,19 +290,26 @@ def test_truncate_cuts_responses_from_right_and_leaves_short_pairs_alone():
 
 def test_truncation_counts_in_stats(preference_file, byte_tokenizer):
     rows = [{"prompt": "p" * 40, "chosen": "c" * 40, "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": "r"}]
-    cfg = local_cfg(preference_file(rows * 2), chat_template="never", max_length=30, max_prompt_length=10, eval_fraction=0.5)
+    cfg = local_cfg(
+        preference_file(rows * 2), chat_template="never", max_length=30, max_prompt_length=10, eval_fraction=0.5
+    )
     data = build_preference_data(cfg, byte_tokenizer, 0)
     assert data.stats["train/truncated"] + data.stats["eval/truncated"] == 2
     for pair in all_pairs(data):
         assert len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)) <= 30
         if pair.source_index % 2 == 0:
             assert len(pair.prompt_ids) == 10 and len(pair.chosen_ids) == 20
-            assert pair.chosen_ids[-1] != byte_tokenizer.eos_token_id and pair.rejected_ids[-1] == byte_tokenizer.eos_token_id
+            assert (
+                pair.chosen_ids[-1] != byte_tokenizer.eos_token_id
+                and pair.rejected_ids[-1] == byte_tokenizer.eos_token_id
+            )
 
 
 def test_pairs_left_without_response_are_dropped_and_counted(preference_file, byte_tokenizer):
     rows = [{"prompt": "p" * 40, "chosen": "c", "rejected": "r"}] + STRING_ROWS
-    cfg = local_cfg(preference_file(rows), chat_template="never", max_length=20, max_prompt_length=20, eval_fraction=0.2)
+    cfg = local_cfg(
+        preference_file(rows), chat_template="never", max_length=20, max_prompt_length=20, eval_fraction=0.2
+    )
     data = build_preference_data(cfg, byte_tokenizer, 0)
     assert data.stats["train/dropped_empty_response"] + data.stats["eval/dropped_empty_response"] == 1
     assert 0 not in [pair.source_index for pair in all_pairs(data)]
@@ -377,4 +396,3 @@ def test_arith_needs_enough_questions(byte_tokenizer):
 )
 def test_answer_is_correct(text, answer, correct):
     assert answer_is_correct(text, answer) is correct
-

@@ -1,5 +1,6 @@
 """`prefopt data`: the layout, counts and first pairs a run would train on, decoded from the token ids the model
 reads, built exactly as `prefopt train` builds them; no run dir, no model weights; bad data is one line, exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -32,16 +33,27 @@ def test_it_prints_layout_counts_split_and_pairs_as_the_chat_template_renders_th
     assert prefopt_data(*BASE, f"dataset.path={path}", "dataset.eval_fraction=0.2", "--pairs", "2") == 0
     out = capsys.readouterr().out
     assert "layout   strings" in out and "chat template used" in out
-    assert f"train    8 pairs from file {path} (train part)" in out and f"eval     2 pairs from file {path} (held-out part)" in out
+    assert (
+        f"train    8 pairs from file {path} (train part)" in out
+        and f"eval     2 pairs from file {path} (held-out part)" in out
+    )
     assert "eval = dataset.eval_fraction=0.2 of the rows, held out by trainer.seed=0" in out
     tokenizer = build_byte_tokenizer()  # tiny_llama's tokenizer: ChatML
     shown = [line for line in out.splitlines() if line.startswith("  prompt")]
     assert len(shown) == 2
     # train keeps source order: the first training pair is the first row the seed did not hold out
-    first_row = next(ROWS[int(line.split("row index ")[1].rstrip(")"))] for line in out.splitlines() if line.startswith("train pair 1"))
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": first_row["prompt"]}], add_generation_prompt=True, tokenize=False)
+    first_row = next(
+        ROWS[int(line.split("row index ")[1].rstrip(")"))]
+        for line in out.splitlines()
+        if line.startswith("train pair 1")
+    )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": first_row["prompt"]}], add_generation_prompt=True, tokenize=False
+    )
     assert shown[0].endswith(repr(rendered)), (shown[0], rendered)
-    assert repr(first_row["chosen"] + "<|im_end|>") in out  # the response ends the template's way, special token visible
+    assert (
+        repr(first_row["chosen"] + "<|im_end|>") in out
+    )  # the response ends the template's way, special token visible
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # no run dir, no outputs/
 
 
@@ -49,8 +61,13 @@ def test_bad_data_is_one_line_exit_2(tmp_path):
     """A subprocess: the exit code and all of stderr, as a user sees them."""
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "q", "chosen": \n')
-    result = subprocess.run([sys.executable, "-m", "prefopt.cli", "data", *BASE, f"dataset.path={path}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefopt.cli", "data", *BASE, f"dataset.path={path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("prefopt: error: ") and str(path) in message and "line 2" in message, message
@@ -89,7 +106,10 @@ def test_an_unwritable_cache_and_ctrl_c_are_one_line(tmp_path, monkeypatch, caps
     monkeypatch.setattr(datacmd, "build_preference_data", full)
     assert prefopt_data(*BASE, f"dataset.path={path}") == 2
     err = capsys.readouterr().err
-    assert f"prefopt: error: cannot write {tmp_path}/cache/pairs.pt: No space left on device" in err and "Traceback" not in err
+    assert (
+        f"prefopt: error: cannot write {tmp_path}/cache/pairs.pt: No space left on device" in err
+        and "Traceback" not in err
+    )
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

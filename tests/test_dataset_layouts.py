@@ -1,6 +1,7 @@
 """Datasets where users have them: TRL's four layouts and HH, column mapping (OpenRLHF, LLaMA-Factory),
 CSV / parquet / globs / save_to_disk / repository directories through `datasets`, the undetectable-layout
 error, and the tokenized-pairs cache."""
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,20 @@ LAYOUT_CASES = {
         " Bleh.",
     ),
     "hh": (
-        {"chosen": "\n\nHuman: Name a color.\n\nAssistant: Blue.", "rejected": "\n\nHuman: Name a color.\n\nAssistant: No."},
+        {
+            "chosen": "\n\nHuman: Name a color.\n\nAssistant: Blue.",
+            "rejected": "\n\nHuman: Name a color.\n\nAssistant: No.",
+        },
         "\n\nHuman: Name a color.\n\nAssistant:",
         " Blue.",
         " No.",
     ),
     "messages": (
-        {"prompt": USER, "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]},
+        {
+            "prompt": USER,
+            "chosen": [{"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        },
         USER,
         "Blue.",
         "No.",
@@ -61,7 +69,9 @@ def dataset_cfg(path, tmp_path, **overrides):
     """A dataset node for `path`, with the tokenized cache in tmp_path (or as overridden)."""
     overrides.setdefault("cache_dir", str(tmp_path / "tokenized"))
     columns = overrides.pop("columns", {})
-    node = OmegaConf.structured(DatasetConfig(name=overrides.pop("name", "local"), path=str(path), arith=ArithConfig(), **overrides))
+    node = OmegaConf.structured(
+        DatasetConfig(name=overrides.pop("name", "local"), path=str(path), arith=ArithConfig(), **overrides)
+    )
     node.columns = OmegaConf.merge(node.columns, columns)
     return node
 
@@ -98,7 +108,9 @@ def expected_prompt(tokenizer, prompt) -> str:
 @pytest.mark.parametrize("layout", list(LAYOUT_CASES))
 def test_each_layout_is_detected_and_split(tmp_path, preference_file, byte_tokenizer, layout):
     row, prompt, chosen, rejected = LAYOUT_CASES[layout]
-    data = build_preference_data(dataset_cfg(preference_file(rows_like(row)), tmp_path, eval_fraction=0.25), byte_tokenizer, seed=0)
+    data = build_preference_data(
+        dataset_cfg(preference_file(rows_like(row)), tmp_path, eval_fraction=0.25), byte_tokenizer, seed=0
+    )
     assert data.row_format == layout
     pairs = all_pairs(data)
     assert [pair.source_index for pair in pairs] == [0, 1, 2, 3]
@@ -111,7 +123,9 @@ def test_each_layout_is_detected_and_split(tmp_path, preference_file, byte_token
 def test_trl_implicit_conversations_no_longer_mistaken_for_hh(tmp_path, preference_file, byte_tokenizer):
     """The issue's case: {chosen: [messages], rejected: [messages]} from parquet, no prompt column."""
     row = LAYOUT_CASES["implicit_messages"][0]
-    data = build_preference_data(dataset_cfg(preference_file(rows_like(row), ".parquet"), tmp_path), byte_tokenizer, seed=0)
+    data = build_preference_data(
+        dataset_cfg(preference_file(rows_like(row), ".parquet"), tmp_path), byte_tokenizer, seed=0
+    )
     assert data.row_format == "implicit_messages" and len(all_pairs(data)) == 4
 
 
@@ -122,11 +136,15 @@ def test_trl_implicit_conversations_no_longer_mistaken_for_hh(tmp_path, preferen
         ([], "holds: nothing"),
     ],
 )
-def test_implicit_conversation_needs_one_differing_assistant_turn(tmp_path, preference_file, byte_tokenizer, chosen_tail, problem):
+def test_implicit_conversation_needs_one_differing_assistant_turn(
+    tmp_path, preference_file, byte_tokenizer, chosen_tail, problem
+):
     good = rows_like(LAYOUT_CASES["implicit_messages"][0], 3)
     bad = {"chosen": USER + chosen_tail, "rejected": USER + [{"role": "assistant", "content": "No."}]}
     with pytest.raises(DataError) as error:
-        build_preference_data(dataset_cfg(preference_file(good + [bad]), tmp_path, eval_fraction=0.25), byte_tokenizer, seed=0)
+        build_preference_data(
+            dataset_cfg(preference_file(good + [bad]), tmp_path, eval_fraction=0.25), byte_tokenizer, seed=0
+        )
     assert "line 4" in str(error.value) and problem in str(error.value)
 
 
@@ -134,7 +152,9 @@ def test_implicit_texts_without_a_shared_prompt_are_bad_rows(tmp_path, preferenc
     good = rows_like(LAYOUT_CASES["implicit"][0], 3)
     with pytest.raises(DataError, match=r"line 4: chosen and rejected share no prompt.*dataset\.on_bad_row=skip"):
         build_preference_data(
-            dataset_cfg(preference_file(good + [{"chosen": "Yes indeed", "rejected": "No way"}]), tmp_path, eval_fraction=0.25),
+            dataset_cfg(
+                preference_file(good + [{"chosen": "Yes indeed", "rejected": "No way"}]), tmp_path, eval_fraction=0.25
+            ),
             byte_tokenizer,
             seed=0,
         )
@@ -154,10 +174,20 @@ def test_openrlhf_style_keys_map_onto_prompt_chosen_rejected(tmp_path, preferenc
 
 
 def test_llama_factory_alpaca_instruction_and_input_join(tmp_path, preference_file, byte_tokenizer):
-    rows = [{"instruction": f"Translate {i}.", "input": "bonjour" if i % 2 else "", "chosen": "hello", "rejected": "bye"} for i in range(4)]
+    rows = [
+        {"instruction": f"Translate {i}.", "input": "bonjour" if i % 2 else "", "chosen": "hello", "rejected": "bye"}
+        for i in range(4)
+    ]
     columns = {"prompt": ["instruction", "input"]}
-    data = build_preference_data(dataset_cfg(preference_file(rows), tmp_path, columns=columns, chat_template="never"), byte_tokenizer, 0)
-    assert [pair.prompt for pair in all_pairs(data)] == ["Translate 0.", "Translate 1.\nbonjour", "Translate 2.", "Translate 3.\nbonjour"]
+    data = build_preference_data(
+        dataset_cfg(preference_file(rows), tmp_path, columns=columns, chat_template="never"), byte_tokenizer, 0
+    )
+    assert [pair.prompt for pair in all_pairs(data)] == [
+        "Translate 0.",
+        "Translate 1.\nbonjour",
+        "Translate 2.",
+        "Translate 3.\nbonjour",
+    ]
 
 
 def test_llama_factory_sharegpt_messages(tmp_path, preference_file, byte_tokenizer):
@@ -169,22 +199,31 @@ def test_llama_factory_sharegpt_messages(tmp_path, preference_file, byte_tokeniz
         }
         for i in range(4)
     ]
-    data = build_preference_data(dataset_cfg(preference_file(rows), tmp_path, columns={"prompt": "conversations"}), byte_tokenizer, 0)
+    data = build_preference_data(
+        dataset_cfg(preference_file(rows), tmp_path, columns={"prompt": "conversations"}), byte_tokenizer, 0
+    )
     assert data.row_format == "messages"
     for pair in all_pairs(data):
-        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Color {pair.source_index}?"}]
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Color {pair.source_index}?"},
+        ]
         assert pair.prompt == expected_prompt(byte_tokenizer, messages) and pair.chosen == "Blue."
 
 
 def test_mapping_a_column_the_data_lacks_names_key_and_columns(tmp_path, preference_file, byte_tokenizer):
     rows = [{"question": "Q?", "good": "Yes.", "bad": "No."}] * 3
     with pytest.raises(DataError) as error:
-        build_preference_data(dataset_cfg(preference_file(rows), tmp_path, columns={"chosen": "better"}), byte_tokenizer, 0)
+        build_preference_data(
+            dataset_cfg(preference_file(rows), tmp_path, columns={"chosen": "better"}), byte_tokenizer, 0
+        )
     message = str(error.value)
     assert "dataset.columns.chosen names column 'better'" in message and "bad, good, question" in message
 
 
-@pytest.mark.parametrize("columns, key", [({"prompt": [""]}, "dataset.columns.prompt"), ({"rejected": 3}, "dataset.columns.rejected")])
+@pytest.mark.parametrize(
+    "columns, key", [({"prompt": [""]}, "dataset.columns.prompt"), ({"rejected": 3}, "dataset.columns.rejected")]
+)
 def test_bad_column_settings_are_config_errors(columns, key):
     with pytest.raises(ConfigError, match=key):
         ColumnMap.from_config(OmegaConf.create(columns))
@@ -196,19 +235,31 @@ def test_bad_column_settings_are_config_errors(columns, key):
 def test_csv_keeps_every_cell_as_text(tmp_path, byte_tokenizer):
     path = tmp_path / "pairs.csv"
     path.write_text('prompt,chosen,rejected,answer\n"Say 007, please",007,NA,007\n"Two\nlines?",yes,no,\n1+1,2,3,2\n')
-    data = build_preference_data(dataset_cfg(path, tmp_path, chat_template="never", eval_fraction=0.0), byte_tokenizer, 0)
+    data = build_preference_data(
+        dataset_cfg(path, tmp_path, chat_template="never", eval_fraction=0.0), byte_tokenizer, 0
+    )
     triples = [(pair.prompt, pair.chosen, pair.rejected, pair.answer) for pair in all_pairs(data)]
-    assert triples == [("Say 007, please", "007", "NA", "007"), ("Two\nlines?", "yes", "no", None), ("1+1", "2", "3", "2")]
+    assert triples == [
+        ("Say 007, please", "007", "NA", "007"),
+        ("Two\nlines?", "yes", "no", None),
+        ("1+1", "2", "3", "2"),
+    ]
 
 
 def test_glob_reads_every_file_and_names_the_file_of_a_bad_row(tmp_path, byte_tokenizer):
     rows = rows_like(LAYOUT_CASES["strings"][0], 4)
     (tmp_path / "part-a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
     (tmp_path / "part-b.jsonl").write_text(json.dumps(rows[2]) + "\n" + json.dumps(rows[3]) + "\n")
-    data = build_preference_data(dataset_cfg(tmp_path / "part-*.jsonl", tmp_path, eval_fraction=0.25), byte_tokenizer, 0)
+    data = build_preference_data(
+        dataset_cfg(tmp_path / "part-*.jsonl", tmp_path, eval_fraction=0.25), byte_tokenizer, 0
+    )
     assert [pair.chosen for pair in all_pairs(data)] == ["Blue."] * 4 and data.cache == "miss"
-    (tmp_path / "part-b.jsonl").write_text(json.dumps(rows[2]) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
-    with pytest.raises(DataError, match=r"files .*part-\*\.jsonl \(2 files\).*part-b\.jsonl, line 2: chosen and rejected"):
+    (tmp_path / "part-b.jsonl").write_text(
+        json.dumps(rows[2]) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n"
+    )
+    with pytest.raises(
+        DataError, match=r"files .*part-\*\.jsonl \(2 files\).*part-b\.jsonl, line 2: chosen and rejected"
+    ):
         build_preference_data(dataset_cfg(tmp_path / "part-*.jsonl", tmp_path, eval_fraction=0.25), byte_tokenizer, 0)
     with pytest.raises(DataError, match="matches no file"):
         build_preference_data(dataset_cfg(tmp_path / "nothing-*.jsonl", tmp_path), byte_tokenizer, 0)
@@ -235,10 +286,15 @@ def test_subset_is_a_config_name_of_a_dataset_repository(tmp_path, byte_tokenize
         (repo / config).mkdir(parents=True)
         rows = [{"prompt": f"{config} {i}?", "chosen": "yes", "rejected": "no"} for i in range(3)]
         (repo / config / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    configs = "".join(f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train.jsonl\n" for name in ("alpha", "beta"))
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train.jsonl\n"
+        for name in ("alpha", "beta")
+    )
     (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
     for subset in ("alpha", "beta"):
-        data = build_preference_data(dataset_cfg(repo, tmp_path, subset=subset, eval_split=None, chat_template="never"), byte_tokenizer, 0)
+        data = build_preference_data(
+            dataset_cfg(repo, tmp_path, subset=subset, eval_split=None, chat_template="never"), byte_tokenizer, 0
+        )
         assert {pair.prompt.split()[0] for pair in all_pairs(data)} == {subset}
     with pytest.raises(DataError, match=r"subset gamma.*BuilderConfig 'gamma' not found"):
         build_preference_data(dataset_cfg(repo, tmp_path, subset="gamma", eval_split=None), byte_tokenizer, 0)
@@ -257,7 +313,10 @@ def test_hub_subset_goes_to_load_dataset_as_the_config_name(tmp_path, byte_token
     monkeypatch.setattr("prefopt.models.hub_reachable", lambda: False)
     cfg = dataset_cfg("org/prefs", tmp_path, name="ultrafeedback", subset="default", data_dir="v2", eval_split="test")
     build_preference_data(cfg, byte_tokenizer, 0)
-    assert calls == [("org/prefs", "default", {"data_dir": "v2", "split": "train"}), ("org/prefs", "default", {"data_dir": "v2", "split": "test"})]
+    assert calls == [
+        ("org/prefs", "default", {"data_dir": "v2", "split": "train"}),
+        ("org/prefs", "default", {"data_dir": "v2", "split": "test"}),
+    ]
 
 
 # ---------------------------------------------------------------- undetectable layouts
@@ -308,23 +367,37 @@ def cache_files(tmp_path):
 
 
 def as_tuples(data):
-    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.prompt, p.chosen, p.rejected, p.answer, p.source_index) for p in data.train + data.eval]
+    return [
+        (p.prompt_ids, p.chosen_ids, p.rejected_ids, p.prompt, p.chosen, p.rejected, p.answer, p.source_index)
+        for p in data.train + data.eval
+    ]
 
 
-def test_second_load_hits_the_cache_and_a_changed_setting_misses(tmp_path, preference_file, byte_tokenizer, bos_byte_tokenizer, tokenizer_calls):
+def test_second_load_hits_the_cache_and_a_changed_setting_misses(
+    tmp_path, preference_file, byte_tokenizer, bos_byte_tokenizer, tokenizer_calls
+):
     path = preference_file(rows_like(LAYOUT_CASES["strings"][0], 8))
     first = build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 0)
     assert first.cache == "miss" and tokenizer_calls and len(cache_files(tmp_path)) == 1
     tokenizer_calls.clear()
     second = build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 0)
     assert second.cache == "hit" and not tokenizer_calls  # nothing tokenized
-    assert as_tuples(second) == as_tuples(first) and second.stats == first.stats and second.row_format == first.row_format
+    assert (
+        as_tuples(second) == as_tuples(first) and second.stats == first.stats and second.row_format == first.row_format
+    )
     for changed in (dict(max_length=64), dict(max_prompt_length=8), dict(chat_template="never")):
         tokenizer_calls.clear()
-        assert build_preference_data(dataset_cfg(path, tmp_path, **changed), byte_tokenizer, 0).cache == "miss" and tokenizer_calls
+        assert (
+            build_preference_data(dataset_cfg(path, tmp_path, **changed), byte_tokenizer, 0).cache == "miss"
+            and tokenizer_calls
+        )
     tokenizer_calls.clear()
-    assert build_preference_data(dataset_cfg(path, tmp_path), bos_byte_tokenizer, 0).cache == "miss" and tokenizer_calls  # another tokenizer
-    assert build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 1).cache == "miss"  # another held-out split
+    assert (
+        build_preference_data(dataset_cfg(path, tmp_path), bos_byte_tokenizer, 0).cache == "miss" and tokenizer_calls
+    )  # another tokenizer
+    assert (
+        build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 1).cache == "miss"
+    )  # another held-out split
     path.write_text(path.read_text().replace("Blue.", "Green."))  # the same file, new content
     changed = build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 0)
     assert changed.cache == "miss" and {pair.chosen for pair in all_pairs(changed)} == {"Green."}
@@ -344,7 +417,11 @@ def test_corrupt_or_altered_entries_are_rebuilt(tmp_path, preference_file, byte_
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         rebuilt = build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 0)
-    assert rebuilt.cache == "miss" and "do not match their stored digest" in caplog.text and as_tuples(rebuilt) == as_tuples(first)
+    assert (
+        rebuilt.cache == "miss"
+        and "do not match their stored digest" in caplog.text
+        and as_tuples(rebuilt) == as_tuples(first)
+    )
     assert build_preference_data(dataset_cfg(path, tmp_path), byte_tokenizer, 0).cache == "hit"
 
 
@@ -362,5 +439,7 @@ def test_a_hit_repeats_the_skipped_rows_warning(tmp_path, preference_file, byte_
 def test_cache_off_and_generated_data_are_not_cached(tmp_path, preference_file, byte_tokenizer):
     path = preference_file(rows_like(LAYOUT_CASES["strings"][0]))
     assert build_preference_data(dataset_cfg(path, tmp_path, cache_dir=None), byte_tokenizer, 0).cache == "off"
-    arith = OmegaConf.structured(DatasetConfig(arith=ArithConfig(num_train=4, num_eval=2), cache_dir=str(tmp_path / "tokenized")))
+    arith = OmegaConf.structured(
+        DatasetConfig(arith=ArithConfig(num_train=4, num_eval=2), cache_dir=str(tmp_path / "tokenized"))
+    )
     assert build_preference_data(arith, byte_tokenizer, 0).cache == "off" and not cache_files(tmp_path)

@@ -2,6 +2,7 @@
 
 The first DeepSpeed start on a machine compiles a small shared-memory op (~45 s, cached after).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,16 @@ from tests.helpers import read_wandb_run, run_train
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model=tiny_llama", "trainer.eval_batch_size=4", "trainer.lr=1e-3", "dataset.arith.num_train=32",
-        "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=0", "dynamics.num_probes=2", "trainer.warmup_steps=0"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=32",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.num_probes=2",
+    "trainer.warmup_steps=0",
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,14 +38,28 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def prefopt_process(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "prefopt.cli", "train", *args], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefopt.cli", "train", *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("zero_stage, dtype", [(0, "fp32"), (3, "fp32"), (3, "bf16")])
 def test_two_ranks_train_end_to_end(tmp_path, zero_stage, dtype):
-    run_dir = run_train(tmp_path / "run", *TINY, "hardware=cpu_2proc", f"hardware.zero_stage={zero_stage}", f"model.dtype={dtype}",
-                        "trainer.max_steps=3", "trainer.micro_batch_size=2", "dynamics.every_n_steps=2")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        "hardware=cpu_2proc",
+        f"hardware.zero_stage={zero_stage}",
+        f"model.dtype={dtype}",
+        "trainer.max_steps=3",
+        "trainer.micro_batch_size=2",
+        "dynamics.every_n_steps=2",
+    )
     rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [row["step"] for row in rows if "train/loss" in row]
     assert steps == [1, 2, 3]  # written once, by rank 0
@@ -53,14 +76,30 @@ def test_two_ranks_train_end_to_end(tmp_path, zero_stage, dtype):
 
 
 def test_one_rank_and_two_ranks_agree_on_the_same_global_batch(tmp_path):
-    common = [*TINY, "trainer.max_steps=3", "logger.wandb.mode=disabled", "trainer.save_final=false", "dynamics.enabled=false",
-              "reference.precompute=false"]
+    common = [
+        *TINY,
+        "trainer.max_steps=3",
+        "logger.wandb.mode=disabled",
+        "trainer.save_final=false",
+        "dynamics.enabled=false",
+        "reference.precompute=false",
+    ]
     one_torch = train_losses(run_train(tmp_path / "torch1", *common, "hardware=cpu", "trainer.micro_batch_size=4"))
-    one_ds = train_losses(run_train(tmp_path / "ds1", *common, "hardware=cpu", "hardware.engine=deepspeed", "trainer.micro_batch_size=4"))
+    one_ds = train_losses(
+        run_train(tmp_path / "ds1", *common, "hardware=cpu", "hardware.engine=deepspeed", "trainer.micro_batch_size=4")
+    )
     two_ds = train_losses(run_train(tmp_path / "ds2", *common, "hardware=cpu_2proc", "trainer.micro_batch_size=2"))
     # the reference cache computed by both ranks (each a shard, then gathered) gives the same losses
-    two_cached = train_losses(run_train(tmp_path / "ds2c", *common, "hardware=cpu_2proc", "trainer.micro_batch_size=2",
-                                        "reference.precompute=auto", f"reference.cache_dir={tmp_path / 'cache'}"))
+    two_cached = train_losses(
+        run_train(
+            tmp_path / "ds2c",
+            *common,
+            "hardware=cpu_2proc",
+            "trainer.micro_batch_size=2",
+            "reference.precompute=auto",
+            f"reference.cache_dir={tmp_path / 'cache'}",
+        )
+    )
     for step in (1, 2, 3):
         assert one_ds[step] == pytest.approx(one_torch[step], rel=1e-5), step
         assert two_ds[step] == pytest.approx(one_torch[step], rel=1e-4), step
@@ -68,8 +107,16 @@ def test_one_rank_and_two_ranks_agree_on_the_same_global_batch(tmp_path):
 
 
 def test_killed_two_rank_run_resumes_exactly(tmp_path):
-    common = [*TINY, "hardware=cpu_2proc", "trainer.micro_batch_size=2", "trainer.max_steps=40", "trainer.save_every=4",
-              "logger.wandb.mode=disabled", "dynamics.enabled=false", "trainer.eval_every=0"]
+    common = [
+        *TINY,
+        "hardware=cpu_2proc",
+        "trainer.micro_batch_size=2",
+        "trainer.max_steps=40",
+        "trainer.save_every=4",
+        "logger.wandb.mode=disabled",
+        "dynamics.enabled=false",
+        "trainer.eval_every=0",
+    ]
     straight = run_train(tmp_path / "straight", *common)
 
     killed_dir = tmp_path / "killed"
@@ -91,7 +138,11 @@ def test_killed_two_rank_run_resumes_exactly(tmp_path):
 
 
 def held_out_rows(run_dir: Path, file: str, step: int) -> dict:
-    [row] = [row for row in read_jsonl(run_dir / file) if row["step"] == step and any(key.startswith(("eval/", "dynamics/")) for key in row)]
+    [row] = [
+        row
+        for row in read_jsonl(run_dir / file)
+        if row["step"] == step and any(key.startswith(("eval/", "dynamics/")) for key in row)
+    ]
     return {key: value for key, value in row.items() if key.startswith(("eval/", "dynamics/"))}
 
 
@@ -102,15 +153,37 @@ def test_eval_probes_and_greedy_split_over_two_ranks_match_one_rank(tmp_path):
     log-prob chunks (ranks score different token counts), unequal forwards or head calls would hang or fail."""
     gather_everything = tmp_path / "gather_everything.yaml"
     gather_everything.write_text("zero_optimization:\n  stage3_param_persistence_threshold: 0\n")
-    common = ["model=tiny_llama", "loss=gate_dpo", "trainer.lr=1e-3", "trainer.warmup_steps=0", "dataset.arith.num_train=32",
-              "dataset.arith.num_eval=5", "trainer.eval_batch_size=2", "trainer.greedy_eval_examples=5", "trainer.max_new_tokens=4",
-              "dynamics.num_probes=3", "dynamics.batch_size=1", "dynamics.generate=true", "dynamics.num_generate=3",
-              "dynamics.max_new_tokens=4", "trainer.logp_chunk_size=8", "trainer.max_steps=2", "logger.wandb.mode=disabled",
-              "trainer.save_final=false", "reference.precompute=false"]
+    common = [
+        "model=tiny_llama",
+        "loss=gate_dpo",
+        "trainer.lr=1e-3",
+        "trainer.warmup_steps=0",
+        "dataset.arith.num_train=32",
+        "dataset.arith.num_eval=5",
+        "trainer.eval_batch_size=2",
+        "trainer.greedy_eval_examples=5",
+        "trainer.max_new_tokens=4",
+        "dynamics.num_probes=3",
+        "dynamics.batch_size=1",
+        "dynamics.generate=true",
+        "dynamics.num_generate=3",
+        "dynamics.max_new_tokens=4",
+        "trainer.logp_chunk_size=8",
+        "trainer.max_steps=2",
+        "logger.wandb.mode=disabled",
+        "trainer.save_final=false",
+        "reference.precompute=false",
+    ]
     one = run_train(tmp_path / "one", *common, "hardware=cpu", "trainer.micro_batch_size=4")
     for zero_stage in (0, 3):
-        two = run_train(tmp_path / f"zero{zero_stage}", *common, "hardware=cpu_2proc", "trainer.micro_batch_size=2",
-                        f"hardware.zero_stage={zero_stage}", f"hardware.deepspeed_config={gather_everything}")
+        two = run_train(
+            tmp_path / f"zero{zero_stage}",
+            *common,
+            "hardware=cpu_2proc",
+            "trainer.micro_batch_size=2",
+            f"hardware.zero_stage={zero_stage}",
+            f"hardware.deepspeed_config={gather_everything}",
+        )
         for file in ("metrics.jsonl", "dynamics.jsonl"):
             expected, actual = held_out_rows(one, file, 0), held_out_rows(two, file, 0)
             assert actual.keys() == expected.keys() and expected

@@ -1,5 +1,6 @@
 """Probe set and probe evaluation: log-probs match a direct computation, response types are built right,
 the set is deterministic, and the real model finds random tokens far less likely than the chosen answer."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,11 +20,15 @@ from tests.conftest import SMOLLM2_GGUF
 
 
 def make_pair(tokenizer, index: int, a: int, b: int) -> TokenizedPair:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False, add_generation_prompt=True
+    )
     chosen, rejected = f"{a} + {b} = {a + b}", f"{a} + {b} = {a + b + 1}"
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     eos = [tokenizer.eos_token_id]
-    return TokenizedPair(ids(prompt), ids(chosen) + eos, ids(rejected) + eos, prompt, chosen, rejected, str(a + b), index)
+    return TokenizedPair(
+        ids(prompt), ids(chosen) + eos, ids(rejected) + eos, prompt, chosen, rejected, str(a + b), index
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,16 @@ def tokenizer(byte_tokenizer):
 def tiny_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
@@ -103,7 +116,10 @@ def test_probe_set_is_deterministic_for_a_seed(data, tokenizer, probes):
 
 def test_probe_log_probs_match_a_direct_computation(tiny_model, probes):
     # batch_size 2 over 3 probes of different lengths: padded rows and a partial batch; chunk_size 5 splits positions
-    expected = {name: [direct_stats(tiny_model, p, r) for p, r in zip(probes.prompt_ids, probes.responses[name])] for name in RESPONSE_TYPES}
+    expected = {
+        name: [direct_stats(tiny_model, p, r) for p, r in zip(probes.prompt_ids, probes.responses[name])]
+        for name in RESPONSE_TYPES
+    }
     for name in RESPONSE_TYPES:
         stats = sequence_stats(tiny_model, probes.prompt_ids, probes.responses[name], 5, "cpu", 2, with_stats=True)
         assert stats["logp"].tolist() == pytest.approx([row["logp"] for row in expected[name]], abs=1e-5)
@@ -113,15 +129,21 @@ def test_probe_log_probs_match_a_direct_computation(tiny_model, probes):
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     lengths = [len(r) for r in probes.responses["chosen"]]
     for name in RESPONSE_TYPES:
-        assert metrics[f"dynamics/{name}/logp"] == pytest.approx(mean([row["logp"] for row in expected[name]]), abs=1e-5)
+        assert metrics[f"dynamics/{name}/logp"] == pytest.approx(
+            mean([row["logp"] for row in expected[name]]), abs=1e-5
+        )
         per_token = [row["logp"] / len(r) for row, r in zip(expected[name], probes.responses[name])]
         assert metrics[f"dynamics/{name}/logp_mean"] == pytest.approx(mean(per_token), abs=1e-5)
     chosen = expected["chosen"]
     assert metrics["dynamics/greedy/logp"] == pytest.approx(mean([row["greedy"] for row in chosen]), abs=1e-5)
-    assert metrics["dynamics/greedy/logp_mean"] == pytest.approx(mean([row["greedy"] / n for row, n in zip(chosen, lengths)]), abs=1e-5)
+    assert metrics["dynamics/greedy/logp_mean"] == pytest.approx(
+        mean([row["greedy"] / n for row, n in zip(chosen, lengths)]), abs=1e-5
+    )
     for key in ("peakiness", "entropy", "target_prob"):
         assert metrics[f"dynamics/mass/{key}"] == pytest.approx(mean([row[key] for row in chosen]), abs=1e-5)
-    assert metrics["dynamics/others/logp"] == pytest.approx(mean([metrics[f"dynamics/{name}/logp"] for name in OTHER_TYPES]))
+    assert metrics["dynamics/others/logp"] == pytest.approx(
+        mean([metrics[f"dynamics/{name}/logp"] for name in OTHER_TYPES])
+    )
     assert metrics["dynamics/greedy/logp"] >= metrics["dynamics/chosen/logp"]
 
 
@@ -143,15 +165,21 @@ def test_generate_probes(tiny_model, tokenizer, probes):
 
 
 def test_single_held_out_pair_falls_back_to_training_for_other_test(data, tokenizer):
-    probes = build_probe_set(PreferenceData(train=data.train, eval=data.eval[:1]), 5, 0, len(tokenizer), special_ids(tokenizer))
+    probes = build_probe_set(
+        PreferenceData(train=data.train, eval=data.eval[:1]), 5, 0, len(tokenizer), special_ids(tokenizer)
+    )
     assert len(probes) == 1 and probes.responses["other_test"][0] in [pair.chosen_ids for pair in data.train]
 
 
 def test_dynamics_deltas():
     def point(chosen, rejected, greedy, others):
         row = {f"dynamics/{name}/logp": others[i] for i, name in enumerate(OTHER_TYPES)}
-        return row | {"dynamics/chosen/logp": chosen, "dynamics/rejected/logp": rejected, "dynamics/greedy/logp": greedy,
-                      "dynamics/others/logp": sum(others) / 4}
+        return row | {
+            "dynamics/chosen/logp": chosen,
+            "dynamics/rejected/logp": rejected,
+            "dynamics/greedy/logp": greedy,
+            "dynamics/others/logp": sum(others) / 4,
+        }
 
     deltas = dynamics_deltas(point(-10, -20, -5, [-30, -40, -50, -60]), point(-12, -35, -3, [-31, -44, -50, -63]))
     assert deltas["delta/chosen"] == -2 and deltas["delta/rejected"] == -15 and deltas["delta/greedy"] == 2
@@ -172,7 +200,9 @@ def test_real_model_finds_random_tokens_far_less_likely_than_the_chosen_answer(s
     model = load_model(model_cfg, resolve_model_source(model_cfg), len(tokenizer), seed=0)
     train = [make_pair(tokenizer, i, i + 2, 2 * i + 1) for i in range(4)]
     eval_pairs = [make_pair(tokenizer, 100 + i, 10 + 3 * i, i + 1) for i in range(2)]
-    probes = build_probe_set(PreferenceData(train=train, eval=eval_pairs), 2, 0, len(tokenizer), set(tokenizer.all_special_ids))
+    probes = build_probe_set(
+        PreferenceData(train=train, eval=eval_pairs), 2, 0, len(tokenizer), set(tokenizer.all_special_ids)
+    )
     metrics = evaluate_probes(model, probes, chunk_size=64, device="cpu", batch_size=6)
     assert metrics["dynamics/random/logp_mean"] < metrics["dynamics/chosen/logp_mean"] - 5  # nats per token
     assert metrics["dynamics/random/logp"] < metrics["dynamics/chosen/logp"] - 30

@@ -1,5 +1,6 @@
 """`prefopt eval` (a run dir, a checkpoint, a model dir) and `prefopt export` (model card, --push-to-hub) on a
 tiny trained run: the eval of a run's final checkpoint is the run's own final eval, and every failure is one line."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,19 @@ from prefopt.cli import main
 from prefopt.tracking import read_jsonl
 from tests.helpers import command_fails, run_train
 
-TINY = ["model=tiny_llama", "hardware=cpu", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3",
-        "dataset.arith.num_train=16", "dataset.arith.num_eval=6", "trainer.greedy_eval_examples=4", "trainer.max_new_tokens=4",
-        "dynamics.num_probes=3", "logger.wandb.mode=disabled"]
+TINY = [
+    "model=tiny_llama",
+    "hardware=cpu",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=16",
+    "dataset.arith.num_eval=6",
+    "trainer.greedy_eval_examples=4",
+    "trainer.max_new_tokens=4",
+    "dynamics.num_probes=3",
+    "logger.wandb.mode=disabled",
+]
 STEPS = 3
 QUIET = ["hardware=cpu", "logger.wandb.mode=disabled"]  # the eval command's own groups (not taken from the run)
 TIES = ("eval/rewards/accuracies",)  # at step 0 every reward is 0 up to rounding: which side of 0 is noise
@@ -23,8 +34,15 @@ TIES = ("eval/rewards/accuracies",)  # at step 0 every reward is 0 up to roundin
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """A finished tiny run with checkpoints at step 2 (save_every) and step 3 (final)."""
-    return run_train(tmp_path_factory.mktemp("trained") / "run", *TINY, f"trainer.max_steps={STEPS}", "trainer.save_every=2",
-                     "trainer.eval_every=2", "dynamics.every_n_steps=2", "loss=gate_dpo")
+    return run_train(
+        tmp_path_factory.mktemp("trained") / "run",
+        *TINY,
+        f"trainer.max_steps={STEPS}",
+        "trainer.save_every=2",
+        "trainer.eval_every=2",
+        "dynamics.every_n_steps=2",
+        "loss=gate_dpo",
+    )
 
 
 def run_eval(out_dir: Path, *args: str) -> Path:
@@ -65,11 +83,17 @@ def test_eval_of_a_run_dir_is_the_runs_own_final_eval(trained_run, tmp_path):
     for name in ("config.yaml", "overrides.yaml", "metrics.jsonl", "dynamics.jsonl", "summary.json", "dynamics.png"):
         assert (eval_dir / name).is_file(), name
     frozen = (eval_dir / "config.yaml").read_text()
-    assert f"policy: {trained_run.resolve()}/checkpoints/step-{STEPS:06d}" in frozen  # the newest checkpoint, named exactly
+    assert (
+        f"policy: {trained_run.resolve()}/checkpoints/step-{STEPS:06d}" in frozen
+    )  # the newest checkpoint, named exactly
     assert "name: dpo" in frozen and "kind: seq" in frozen  # the run's loss (gate_dpo), not the default
 
-    assert_same_numbers(eval_row(eval_dir, STEPS), eval_row(trained_run, STEPS), "eval/")  # incl. greedy accuracy, gate spread
-    assert_same_numbers(eval_row(eval_dir, 0), eval_row(trained_run, 0), "eval/", skip=TIES)  # the baseline: the base model
+    assert_same_numbers(
+        eval_row(eval_dir, STEPS), eval_row(trained_run, STEPS), "eval/"
+    )  # incl. greedy accuracy, gate spread
+    assert_same_numbers(
+        eval_row(eval_dir, 0), eval_row(trained_run, 0), "eval/", skip=TIES
+    )  # the baseline: the base model
     ours, theirs = (json.loads((run_dir / "summary.json").read_text()) for run_dir in (eval_dir, trained_run))
     assert_same_numbers(ours, theirs, "eval/")  # final eval, eval/delta/*, greedy accuracy before/after
     assert_same_numbers(ours, theirs, "delta/")  # probe deltas: the same probe set, base model to final
@@ -83,12 +107,17 @@ def test_eval_of_a_run_dir_is_the_runs_own_final_eval(trained_run, tmp_path):
 @pytest.mark.slow  # a whole eval (base model, then the policy) of a trained run
 def test_eval_of_a_checkpoint_uses_its_step_and_command_line_keys_win(trained_run, tmp_path, capsys):
     checkpoint = trained_run / "checkpoints" / "step-000002"
-    eval_dir = run_eval(tmp_path / "eval", f"eval.policy={checkpoint}", "eval.baseline=false", "trainer.greedy_eval_examples=0", *QUIET)
+    eval_dir = run_eval(
+        tmp_path / "eval", f"eval.policy={checkpoint}", "eval.baseline=false", "trainer.greedy_eval_examples=0", *QUIET
+    )
     rows = [row for row in read_jsonl(eval_dir / "metrics.jsonl") if "eval/loss" in row]
     assert [row["step"] for row in rows] == [2]  # no baseline; logged at the checkpoint's own step
     assert "eval/greedy_accuracy" not in rows[0]  # the command line's key replaced the run's
-    assert_same_numbers({k: v for k, v in rows[0].items() if k != "eval/greedy_accuracy"},
-                        {k: v for k, v in eval_row(trained_run, 2).items() if k != "eval/greedy_accuracy"}, "eval/")
+    assert_same_numbers(
+        {k: v for k, v in rows[0].items() if k != "eval/greedy_accuracy"},
+        {k: v for k, v in eval_row(trained_run, 2).items() if k != "eval/greedy_accuracy"},
+        "eval/",
+    )
     assert "eval @ step 2" in capsys.readouterr().out  # the headline on stdout
 
 
@@ -98,16 +127,26 @@ def test_eval_of_an_exported_model_dir_against_its_base(trained_run, tmp_path):
 
     exported = export_policy(trained_run, tmp_path / "exported")
     # a plain model dir: the config is composed (model= names its base), so pass the run's settings
-    eval_dir = run_eval(tmp_path / "eval", str(exported), *TINY, "loss=gate_dpo", f"trainer.max_steps={STEPS}", "dynamics.enabled=false")
+    eval_dir = run_eval(
+        tmp_path / "eval", str(exported), *TINY, "loss=gate_dpo", f"trainer.max_steps={STEPS}", "dynamics.enabled=false"
+    )
     ours = eval_row(eval_dir, STEPS)
     theirs = eval_row(trained_run, STEPS)
-    for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen", "eval/greedy_accuracy"):
+    for key in (
+        "eval/loss",
+        "eval/rewards/accuracies",
+        "eval/rewards/margins",
+        "eval/logps/chosen",
+        "eval/greedy_accuracy",
+    ):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
 
 @pytest.mark.slow  # torchrun, two CPU ranks with DeepSpeed's CPU accelerator
 def test_eval_on_two_ranks_matches_the_runs_final_eval(trained_run, tmp_path):
-    eval_dir = run_eval(tmp_path / "eval", str(trained_run), "hardware=cpu_2proc", "logger.wandb.mode=disabled", "eval.baseline=false")
+    eval_dir = run_eval(
+        tmp_path / "eval", str(trained_run), "hardware=cpu_2proc", "logger.wandb.mode=disabled", "eval.baseline=false"
+    )
     assert_same_numbers(eval_row(eval_dir, STEPS), eval_row(trained_run, STEPS), "eval/")  # each rank scored a shard
 
 
@@ -118,8 +157,20 @@ def test_a_sweep_of_evals_is_a_sweep_report_reads(trained_run, tmp_path):
     checkpoints = ",".join(str(trained_run / "checkpoints" / name) for name in ("step-000002", "step-000003"))
     argv = sys.argv
     try:
-        assert main(["eval", "-m", f"eval.policy={checkpoints}", *QUIET, "dynamics.enabled=true", "trainer.greedy_eval_examples=0",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "-m",
+                    f"eval.policy={checkpoints}",
+                    *QUIET,
+                    "dynamics.enabled=true",
+                    "trainer.greedy_eval_examples=0",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                ]
+            )
+            == 0
+        )
     finally:
         sys.argv = argv
     rows, plot = build_report(tmp_path / "sweep")
@@ -128,10 +179,13 @@ def test_a_sweep_of_evals_is_a_sweep_report_reads(trained_run, tmp_path):
     assert plot is not None and plot.is_file()  # the probe trajectories, base model to each checkpoint
 
 
-@pytest.mark.parametrize("policy, named", [
-    ("/no/such/run", "eval.policy=/no/such/run: does not exist"),
-    ("EMPTY_DIR", "no checkpoint found there"),
-])
+@pytest.mark.parametrize(
+    "policy, named",
+    [
+        ("/no/such/run", "eval.policy=/no/such/run: does not exist"),
+        ("EMPTY_DIR", "no checkpoint found there"),
+    ],
+)
 def test_a_bad_policy_path_is_one_clear_error(tmp_path, capsys, policy, named):
     if policy == "EMPTY_DIR":
         (tmp_path / "empty").mkdir()
@@ -179,7 +233,9 @@ def test_push_to_hub_unreachable_fails_in_one_line(trained_run, tmp_path, capsys
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setattr(
+        huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9"
+    )  # nothing listens: connection refused
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     out = tmp_path / "exported"
     assert main(["export", str(trained_run), "-o", str(out), "--push-to-hub", "someone/tiny-dpo"]) == 2

@@ -1,5 +1,6 @@
 """Training is exact where it must be: gradient accumulation equals one big micro batch (both engines),
 the exported policy is the trained one (full fine-tune, ZeRO-3 gathered, LoRA merged), and LoRA trains."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,17 @@ from prefopt.tracking import read_jsonl
 from prefopt.worker import load_frozen_config
 from tests.helpers import run_train
 
-TINY = ["model=tiny_llama", "trainer.eval_batch_size=4", "dataset.arith.num_train=24", "dataset.arith.num_eval=6",
-        "trainer.greedy_eval_examples=0", "dynamics.enabled=false", "logger.wandb.mode=disabled", "trainer.warmup_steps=0",
-        "trainer.lr=1e-3"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.eval_batch_size=4",
+    "dataset.arith.num_train=24",
+    "dataset.arith.num_eval=6",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.enabled=false",
+    "logger.wandb.mode=disabled",
+    "trainer.warmup_steps=0",
+    "trainer.lr=1e-3",
+]
 
 
 def exported_weights(run_dir):
@@ -27,7 +36,9 @@ def exported_weights(run_dir):
 
 def initial_weights(run_dir):
     cfg = load_frozen_config(run_dir / "config.yaml")
-    return load_model(cfg.model, resolve_model_source(cfg.model), len(load_tokenizer(cfg.model)), cfg.trainer.seed).state_dict()
+    return load_model(
+        cfg.model, resolve_model_source(cfg.model), len(load_tokenizer(cfg.model)), cfg.trainer.seed
+    ).state_dict()
 
 
 ENGINES = [pytest.param("torch", id="torch"), pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.slow)]
@@ -44,8 +55,13 @@ def test_gradient_accumulation_is_exact(tmp_path, engine):
     runs, weights = {}, {}
     for micro_batch, accumulation in ((4, 1), (2, 2), (1, 4)):
         runs[micro_batch] = run_train(
-            tmp_path / f"mb{micro_batch}", *TINY, f"hardware.engine={engine}", "trainer.max_steps=3",
-            f"trainer.micro_batch_size={micro_batch}", f"trainer.grad_accum={accumulation}")
+            tmp_path / f"mb{micro_batch}",
+            *TINY,
+            f"hardware.engine={engine}",
+            "trainer.max_steps=3",
+            f"trainer.micro_batch_size={micro_batch}",
+            f"trainer.grad_accum={accumulation}",
+        )
         weights[micro_batch] = exported_weights(runs[micro_batch])
     initial = initial_weights(runs[4])
     assert any(not torch.equal(weights[4][name], initial[name]) for name in initial)
@@ -99,8 +115,14 @@ def test_full_fine_tune_export_equals_the_trained_model(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_export_gathers_the_trained_model(tmp_path):
-    run_dir = run_train(tmp_path / "run", *TINY, "hardware=cpu_2proc", "hardware.zero_stage=3", "trainer.max_steps=3",
-                        "trainer.micro_batch_size=2")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        "hardware=cpu_2proc",
+        "hardware.zero_stage=3",
+        "trainer.max_steps=3",
+        "trainer.micro_batch_size=2",
+    )
     [checkpoint] = sorted((run_dir / "checkpoints").glob("step-*"))
     assert_export_is_the_trained_model(run_dir, checkpoint / "policy")
 
@@ -108,8 +130,15 @@ def test_zero3_export_gathers_the_trained_model(tmp_path):
 def test_lora_trains_its_adapters_and_the_merged_export_is_the_trained_model(tmp_path):
     from prefopt.export import export_policy
 
-    run_dir = run_train(tmp_path / "run", *TINY, "model.lora.enabled=true", "model.lora.r=4", "trainer.lr=1e-2",
-                        "trainer.max_steps=4", "trainer.micro_batch_size=2")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "trainer.lr=1e-2",
+        "trainer.max_steps=4",
+        "trainer.micro_batch_size=2",
+    )
     [checkpoint] = sorted((run_dir / "checkpoints").glob("step-*"))
     adapters = load_file(checkpoint / "policy" / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in adapters.items() if "lora_B" in name]

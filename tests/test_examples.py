@@ -4,6 +4,7 @@ recipe runs on the local cluster (scripts/slurm/start_local_cluster.sh) and skip
 CI=true, as tests/test_slurm.py does. A fast check keeps every script documented, linked from README.md and
 tested here.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,24 +25,46 @@ from tests.test_slurm import RANK_VARIABLES, Sweep, cluster_state, slurm_client_
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 PREFOPT = f"{sys.executable} -m prefopt.cli"  # the checkout's prefopt (the scripts run from the repository root)
-TINY = ["model=tiny_llama", "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4",
-        "trainer.greedy_eval_examples=0", "trainer.lr=1e-3", "trainer.warmup_steps=0", "dynamics.num_probes=2",
-        "dynamics.batch_size=4", "logger.wandb.mode=disabled", "hardware.num_threads=1"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.max_steps=2",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.greedy_eval_examples=0",
+    "trainer.lr=1e-3",
+    "trainer.warmup_steps=0",
+    "dynamics.num_probes=2",
+    "dynamics.batch_size=4",
+    "logger.wandb.mode=disabled",
+    "hardware.num_threads=1",
+]
 SMALL_ARITH = ["dataset.arith.num_train=16", "dataset.arith.num_eval=4"]
 
 
 def example_env(**extra: str) -> dict:
     """The scripts' environment: the checkout's prefopt, offline, no rank variables left by in-process tests."""
     env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
-    return {**env, "PREFOPT": PREFOPT, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+    return {
+        **env,
+        "PREFOPT": PREFOPT,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def run_example(script: str, *overrides: str, env: dict, log: Path, timeout: float = 600) -> str:
     """`bash examples/SCRIPT OVERRIDES` in its own session, output to LOG; its output. On a timeout it gets Ctrl-C
     first (prefopt then stops its worker processes, which run in a session of their own), then SIGKILL."""
     with log.open("w") as sink:
-        process = subprocess.Popen(["bash", str(EXAMPLES / script), *overrides], env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            ["bash", str(EXAMPLES / script), *overrides],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -74,7 +97,7 @@ def test_every_example_is_documented_linked_and_tested():
         text = script.read_text()
         header = text.split("set -euo pipefail")[0]
         assert "What it shows:" in header and "Expected runtime:" in header, f"{script.name}: its header must say both"
-        assert "\"$@\"" in text, f"{script.name} must pass the caller's overrides on"
+        assert '"$@"' in text, f"{script.name} must pass the caller's overrides on"
         checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert checked.returncode == 0, f"{script.name}: {checked.stderr}"
         assert f"examples/{script.name}" in readme, f"README.md does not link examples/{script.name}"
@@ -88,14 +111,22 @@ def test_the_sample_file_is_ultrafeedback_shaped():
         for side in ("chosen", "rejected"):
             assert [turn["role"] for turn in row[side]] == ["user", "assistant"]
             assert row[side][0]["content"] == row["prompt"]
-        assert row["chosen"][1]["content"] != row["rejected"][1]["content"] and row["score_chosen"] > row["score_rejected"]
+        assert (
+            row["chosen"][1]["content"] != row["rejected"][1]["content"] and row["score_chosen"] > row["score_rejected"]
+        )
 
 
 @pytest.mark.slow
 def test_gate_dpo_on_the_local_ultrafeedback_sample(tmp_path):
     run_dir = tmp_path / "run"
-    output = run_example("gate_dpo_local.sh", *TINY, "dynamics.enabled=false", "trainer.save_final=false",
-                         env=example_env(RUN_DIR=str(run_dir)), log=tmp_path / "example.log")
+    output = run_example(
+        "gate_dpo_local.sh",
+        *TINY,
+        "dynamics.enabled=false",
+        "trainer.save_final=false",
+        env=example_env(RUN_DIR=str(run_dir)),
+        log=tmp_path / "example.log",
+    )
     assert f"run dir: {run_dir}" in output
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.loss.name == "dpo" and config.loss.gate.kind == "seq" and config.dataset.name == "ultrafeedback"
@@ -110,11 +141,22 @@ def test_gate_dpo_on_the_local_ultrafeedback_sample(tmp_path):
 @pytest.mark.slow
 def test_lpo_vs_dpo_sweep_and_its_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    output = run_example("lpo_vs_dpo.sh", *TINY, *SMALL_ARITH, "trainer.seed=0,1",
-                         env=example_env(SWEEP_DIR=str(sweep_dir)), log=tmp_path / "example.log")
+    output = run_example(
+        "lpo_vs_dpo.sh",
+        *TINY,
+        *SMALL_ARITH,
+        "trainer.seed=0,1",
+        env=example_env(SWEEP_DIR=str(sweep_dir)),
+        log=tmp_path / "example.log",
+    )
     jobs = sorted((path for path in sweep_dir.iterdir() if path.name.isdigit()), key=lambda path: int(path.name))
     configs = [OmegaConf.load(job / "config.yaml") for job in jobs]
-    assert sorted((config.loss.name, config.trainer.seed) for config in configs) == [("dpo", 0), ("dpo", 1), ("lpo", 0), ("lpo", 1)]
+    assert sorted((config.loss.name, config.trainer.seed) for config in configs) == [
+        ("dpo", 0),
+        ("dpo", 1),
+        ("lpo", 0),
+        ("lpo", 1),
+    ]
     assert all(config.dataset.arith.rejected_style == "offpolicy" for config in configs)
     rows, _ = build_report(sweep_dir)
     assert [row["status"] for row in rows] == ["ok"] * 4
@@ -126,10 +168,22 @@ def test_lpo_vs_dpo_sweep_and_its_report(tmp_path):
 @pytest.mark.slow
 def test_lora_zero2_at_tiny_scale_on_two_cpu_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    run_example("lora_zero2.sh", *TINY, *SMALL_ARITH, "hardware.device=cpu", "hardware.gpus_per_node=2",
-                env=example_env(RUN_DIR=str(run_dir)), log=tmp_path / "example.log")
+    run_example(
+        "lora_zero2.sh",
+        *TINY,
+        *SMALL_ARITH,
+        "hardware.device=cpu",
+        "hardware.gpus_per_node=2",
+        env=example_env(RUN_DIR=str(run_dir)),
+        log=tmp_path / "example.log",
+    )
     config = OmegaConf.load(run_dir / "config.yaml")
-    assert (config.hardware.name, config.hardware.engine, config.hardware.zero_stage, config.hardware.gpus_per_node) == ("zero2", "deepspeed", 2, 2)
+    assert (
+        config.hardware.name,
+        config.hardware.engine,
+        config.hardware.zero_stage,
+        config.hardware.gpus_per_node,
+    ) == ("zero2", "deepspeed", 2, 2)
     assert config.model.lora.enabled and config.model.lora.r == 16
     assert train_steps(run_dir) == [1, 2]
     assert list(run_dir.glob("checkpoints/step-*2/policy/adapter_config.json")), "the checkpoint holds the adapters"
@@ -146,14 +200,29 @@ class ExampleSweep(Sweep):
     def __init__(self, env: dict, sweep_dir: Path, script: str, *overrides: str):
         self.env, self.dir = env, sweep_dir
         self.log = sweep_dir.parent / f"{sweep_dir.name}.log"
-        self.process = subprocess.Popen(["bash", str(EXAMPLES / script), *overrides], env={**env, "PREFOPT": PREFOPT, "SWEEP_DIR": str(sweep_dir)},
-                                        stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            ["bash", str(EXAMPLES / script), *overrides],
+            env={**env, "PREFOPT": PREFOPT, "SWEEP_DIR": str(sweep_dir)},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @pytest.mark.slow
 def test_slurm_sweep_example_on_the_local_cluster(slurm_env, tmp_path):
-    sweep = ExampleSweep(slurm_env, tmp_path / "sweep", "slurm_sweep.sh", "hydra/launcher=slurm_local", "hardware=cpu",
-                         "hydra.launcher.timeout_min=5", "loss=dpo,gate_dpo", "trainer.seed=0", *TINY, *SMALL_ARITH)
+    sweep = ExampleSweep(
+        slurm_env,
+        tmp_path / "sweep",
+        "slurm_sweep.sh",
+        "hydra/launcher=slurm_local",
+        "hardware=cpu",
+        "hydra.launcher.timeout_min=5",
+        "loss=dpo,gate_dpo",
+        "trainer.seed=0",
+        *TINY,
+        *SMALL_ARITH,
+    )
     try:
         returncode, output = sweep.wait(timeout=300)
         assert returncode == 0, output[-4000:]
@@ -171,8 +240,14 @@ def test_eval_of_a_trained_runs_checkpoint(tmp_path):
 
     run_dir = run_train(tmp_path / "run", *TINY, *SMALL_ARITH, "loss=gate_dpo")
     eval_dir = tmp_path / "eval"
-    output = run_example("eval_checkpoint.sh", str(run_dir), "logger.wandb.mode=disabled", "hardware=cpu",
-                         env=example_env(EVAL_DIR=str(eval_dir)), log=tmp_path / "example.log")
+    output = run_example(
+        "eval_checkpoint.sh",
+        str(run_dir),
+        "logger.wandb.mode=disabled",
+        "hardware=cpu",
+        env=example_env(EVAL_DIR=str(eval_dir)),
+        log=tmp_path / "example.log",
+    )
     trained = json.loads((run_dir / "summary.json").read_text())
     evaluated = json.loads((eval_dir / "summary.json").read_text())
     for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "eval/logps/rejected"):

@@ -1,6 +1,7 @@
 """Fault injection: kills at random steps (both engines, 2 ranks), damaged and planted checkpoints, torn
 metrics, concurrent and reused run dirs, NaN losses, a poisoned reference cache. Each case records its
 outcome; the table is printed at the end of the test session (tests/conftest.py)."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,20 @@ from prefopt.tracking import read_jsonl
 from tests.helpers import run_train, wandb_history_all_segments
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny_llama", "trainer.eval_batch_size=4", "trainer.lr=1e-3", "dataset.arith.num_train=32", "dataset.arith.num_eval=4",
-        "trainer.greedy_eval_examples=0", "dynamics.num_probes=2", "dynamics.every_n_steps=4", "trainer.warmup_steps=0",
-        "trainer.micro_batch_size=2", "trainer.eval_every=4", "hardware=cpu"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=32",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.num_probes=2",
+    "dynamics.every_n_steps=4",
+    "trainer.warmup_steps=0",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_every=4",
+    "hardware=cpu",
+]
 FAULT_OUTCOMES: list[tuple[str, str]] = []  # (case, outcome), printed by conftest's terminal summary
 
 
@@ -37,7 +49,9 @@ def prefopt(*args: str, wait: bool = True, timeout: float = 300):
     command = [sys.executable, "-m", "prefopt.cli", "train", *args]
     if wait:
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    return subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def train_rows(run_dir: Path) -> list[dict]:
@@ -53,14 +67,18 @@ def assert_same_metrics(first: Path, second: Path) -> None:
             if isinstance(row_a[key], float):
                 assert row_b[key] == pytest.approx(row_a[key], rel=1e-5, abs=1e-6), (row_a["step"], key)
     assert json.loads((first / "summary.json").read_text())["eval/loss"] == pytest.approx(
-        json.loads((second / "summary.json").read_text())["eval/loss"], rel=1e-5)
+        json.loads((second / "summary.json").read_text())["eval/loss"], rel=1e-5
+    )
 
 
 def run_processes(run_dir: Path) -> list[str]:
     """'pid: command line' of every live process (not a zombie) whose command line names run_dir (its parent,
     torchrun, its ranks)."""
-    return [f"{pid}: {proctree.cmdline(pid)[:200]}" for pid in proctree.processes()
-            if pid != os.getpid() and str(run_dir) in proctree.cmdline(pid) and proctree.running(pid)]
+    return [
+        f"{pid}: {proctree.cmdline(pid)[:200]}"
+        for pid in proctree.processes()
+        if pid != os.getpid() and str(run_dir) in proctree.cmdline(pid) and proctree.running(pid)
+    ]
 
 
 def assert_nothing_survives(run_dir: Path, within_s: float = 10.0) -> None:
@@ -83,7 +101,9 @@ def kill_at_step(run_dir: Path, args: list[str], step: int) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert_nothing_survives(run_dir)
-    assert not (run_dir / "summary.json").exists(), "the ranks ran on after their parent was killed and finished the run"
+    assert not (run_dir / "summary.json").exists(), (
+        "the ranks ran on after their parent was killed and finished the run"
+    )
 
 
 KILL_CASES = [
@@ -107,17 +127,32 @@ def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pat
     # W&B: the killed segment kept what it flushed; the resumed one replayed the rest: every train step once
     train_steps = [row["step"] for row in wandb_history_all_segments(killed) if "train/loss" in row]
     assert sorted(train_steps) == list(range(1, 11)), train_steps
-    record(f"kill -9 of the process group at step {kill_step} ({name}), resume",
-           "nothing of the run survives; metrics, summary and W&B history equal an uninterrupted run")
+    record(
+        f"kill -9 of the process group at step {kill_step} ({name}), resume",
+        "nothing of the run survives; metrics, summary and W&B history equal an uninterrupted run",
+    )
 
 
 def test_a_partial_checkpoint_from_a_kill_mid_save_is_ignored(tmp_path):
-    run_dir = run_train(tmp_path / "run", *TINY, "trainer.max_steps=4", "trainer.save_every=2", "trainer.stop_after=2",
-                        "logger.wandb.mode=disabled")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.stop_after=2",
+        "logger.wandb.mode=disabled",
+    )
     partial = run_dir / "checkpoints" / ".step-000004.partial"
     partial.mkdir()
     (partial / "trainer_state.pt").write_bytes(b"half")  # what a kill during the write leaves
-    run_train(run_dir, *TINY, "trainer.max_steps=4", "trainer.save_every=2", "trainer.resume=true", "logger.wandb.mode=disabled")
+    run_train(
+        run_dir,
+        *TINY,
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.resume=true",
+        "logger.wandb.mode=disabled",
+    )
     assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3, 4]
     assert not partial.exists() and (run_dir / "checkpoints" / "step-000004" / "manifest.json").is_file()
     record("kill during a checkpoint write (partial staging dir)", "ignored on resume, replaced by the next save")
@@ -140,7 +175,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
         weights.write_bytes(bytes(data))
     else:
         weights.write_bytes(bytes(data[: len(data) // 3]))
-    run_train(stopped, *TINY, "trainer.max_steps=6", "trainer.save_every=2", "logger.wandb.mode=disabled", "trainer.resume=true")
+    run_train(
+        stopped,
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.save_every=2",
+        "logger.wandb.mode=disabled",
+        "trainer.resume=true",
+    )
     output = capfd.readouterr().out
     assert "step-000004 is not usable" in output and ("checksum" in output or "truncated" in output)
     assert_same_metrics(straight, stopped)
@@ -151,7 +193,9 @@ def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
     _, stopped = two_checkpoint_run(tmp_path)
     for checkpoint in (stopped / "checkpoints").glob("step-*"):
         (checkpoint / "manifest.json").unlink()
-    result = prefopt(*TINY, "trainer.max_steps=6", "logger.wandb.mode=disabled", f"hydra.run.dir={stopped}", "trainer.resume=true")
+    result = prefopt(
+        *TINY, "trainer.max_steps=6", "logger.wandb.mode=disabled", f"hydra.run.dir={stopped}", "trainer.resume=true"
+    )
     assert result.returncode == 2 and "no valid checkpoint" in result.stderr and "Traceback" not in result.stderr
     record("every checkpoint invalid", "exit 2: 'no valid checkpoint' listing each")
 
@@ -160,7 +204,14 @@ def test_a_torn_last_metrics_line_is_trimmed_on_resume(tmp_path):
     straight, stopped = two_checkpoint_run(tmp_path)
     with open(stopped / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 5, "train/lo')  # a power cut mid-write
-    run_train(stopped, *TINY, "trainer.max_steps=6", "trainer.save_every=2", "logger.wandb.mode=disabled", "trainer.resume=true")
+    run_train(
+        stopped,
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.save_every=2",
+        "logger.wandb.mode=disabled",
+        "trainer.resume=true",
+    )
     assert_same_metrics(straight, stopped)
     record("torn last line of metrics.jsonl", "dropped with a warning; resume continues")
 
@@ -182,7 +233,13 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     with open(checkpoint / "trainer_state.pt", "wb") as handle:
         pickle.dump({"step": Payload(str(marker))}, handle)
     write_manifest(checkpoint)  # the attacker fixes the manifest too: only safe loading stands in the way
-    result = prefopt(*TINY, "trainer.max_steps=6", "logger.wandb.mode=disabled", f"hydra.run.dir={stopped}", f"trainer.resume={checkpoint}")
+    result = prefopt(
+        *TINY,
+        "trainer.max_steps=6",
+        "logger.wandb.mode=disabled",
+        f"hydra.run.dir={stopped}",
+        f"trainer.resume={checkpoint}",
+    )
     assert result.returncode != 0 and "refusing to load" in result.stderr
     assert not marker.exists()
     record("planted pickle payload (manifest rewritten)", "refused by weights_only loading; the payload never ran")
@@ -190,39 +247,71 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
 
 def test_two_runs_in_one_dir_the_second_fails_at_once(tmp_path):
     run_dir = tmp_path / "run"
-    first = prefopt(*TINY, "trainer.max_steps=400", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}", wait=False)
+    first = prefopt(
+        *TINY, "trainer.max_steps=400", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}", wait=False
+    )
     try:
         deadline = time.time() + 120
         while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.1)
         started = time.time()
-        second = prefopt(*TINY, "trainer.max_steps=4", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}", "trainer.resume=true")
-        assert second.returncode == 2 and "in use by another prefopt run" in second.stderr and f"pid {first.pid}" in second.stderr
+        second = prefopt(
+            *TINY,
+            "trainer.max_steps=4",
+            "logger.wandb.mode=disabled",
+            f"hydra.run.dir={run_dir}",
+            "trainer.resume=true",
+        )
+        assert (
+            second.returncode == 2
+            and "in use by another prefopt run" in second.stderr
+            and f"pid {first.pid}" in second.stderr
+        )
         assert time.time() - started < 60
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # the holder died: its lock went with it, so the next run takes the dir at once (no stale lock). It was killed
     # before its first checkpoint, so resuming it is refused (after the lock is taken) with what to do instead
-    third = prefopt(*TINY, "trainer.max_steps=2", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}", "trainer.resume=true")
+    third = prefopt(
+        *TINY, "trainer.max_steps=2", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}", "trainer.resume=true"
+    )
     assert third.returncode == 2 and "in use" not in third.stderr, third.stderr[-2000:]
     assert "no checkpoint to continue (the run there stopped before its first checkpoint" in third.stderr
-    record("two concurrent runs in one dir", "the second exits 2 at once naming the holder's pid; a dead holder's lock is free")
+    record(
+        "two concurrent runs in one dir",
+        "the second exits 2 at once naming the holder's pid; a dead holder's lock is free",
+    )
 
 
 def test_a_fresh_run_in_a_dir_that_holds_a_run_is_refused_and_deletes_nothing(tmp_path):
     run_dir = run_train(tmp_path / "run", *TINY, "trainer.max_steps=2", "logger.wandb.mode=disabled")
-    before = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if ".hydra" not in path.parts and path.name != "cli.log")
+    before = sorted(
+        str(path.relative_to(run_dir))
+        for path in run_dir.rglob("*")
+        if ".hydra" not in path.parts and path.name != "cli.log"
+    )
     result = prefopt(*TINY, "trainer.max_steps=3", "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}")
     assert result.returncode == 2 and "already holds a run" in result.stderr and "trainer.resume=true" in result.stderr
-    after = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if ".hydra" not in path.parts and path.name != "cli.log")
+    after = sorted(
+        str(path.relative_to(run_dir))
+        for path in run_dir.rglob("*")
+        if ".hydra" not in path.parts and path.name != "cli.log"
+    )
     assert after == before
     record("fresh run in a reused dir", "exit 2: says how to resume or start fresh; nothing deleted")
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     _, stopped = two_checkpoint_run(tmp_path)
-    result = prefopt(*TINY, "trainer.max_steps=6", "loss.beta=0.5", "logger.wandb.mode=disabled", f"hydra.run.dir={stopped}", "trainer.resume=true")
+    result = prefopt(
+        *TINY,
+        "trainer.max_steps=6",
+        "loss.beta=0.5",
+        "logger.wandb.mode=disabled",
+        f"hydra.run.dir={stopped}",
+        "trainer.resume=true",
+    )
     assert result.returncode == 2 and "another config" in result.stderr and "loss.beta" in result.stderr
     record("resume with another config", "exit 2 naming the differing keys (loss.beta)")
 
@@ -256,7 +345,9 @@ def test_a_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path, monkeypatch)
 
     exported = load_file(run_dir / "checkpoints" / "step-000008" / "policy" / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in exported.values())
-    record("NaN loss at step 3", "step skipped (not applied), logged as null + flag, train/skipped_steps=1, run completes")
+    record(
+        "NaN loss at step 3", "step skipped (not applied), logged as null + flag, train/skipped_steps=1, run completes"
+    )
 
 
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
@@ -264,8 +355,14 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_pat
 
     nan_loss_at(monkeypatch, {5, 6, 7, 8})
     with pytest.raises((NonFiniteTrainingError, SystemExit)):
-        run_train(tmp_path / "run", *TINY, "trainer.max_steps=8", "trainer.save_every=2", "trainer.max_skipped_steps=3",
-                  "logger.wandb.mode=disabled")
+        run_train(
+            tmp_path / "run",
+            *TINY,
+            "trainer.max_steps=8",
+            "trainer.save_every=2",
+            "trainer.max_skipped_steps=3",
+            "logger.wandb.mode=disabled",
+        )
     run_dir = tmp_path / "run"
     assert "consecutive" in (run_dir / "error.txt").read_text()
     from safetensors.torch import load_file
@@ -277,8 +374,14 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_pat
 
 
 def test_a_poisoned_reference_cache_is_detected_and_rebuilt(tmp_path, capfd):
-    args = [*TINY, "trainer.max_steps=1", "logger.wandb.mode=disabled", "reference.precompute=true",
-            f"reference.cache_dir={tmp_path / 'cache'}", "trainer.save_final=false"]
+    args = [
+        *TINY,
+        "trainer.max_steps=1",
+        "logger.wandb.mode=disabled",
+        "reference.precompute=true",
+        f"reference.cache_dir={tmp_path / 'cache'}",
+        "trainer.save_final=false",
+    ]
     run_train(tmp_path / "first", *args)
     [cache] = list((tmp_path / "cache").glob("*.pt"))
     from prefopt.reference import values_digest
@@ -313,4 +416,7 @@ def test_ctrl_c_checkpoints_the_last_whole_step_and_resume_equals_an_uninterrupt
     resumed = prefopt(*args, f"hydra.run.dir={interrupted}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_metrics(straight, interrupted)
-    record("Ctrl-C mid-run (no periodic checkpoints)", "exit 130, one line with the resume command; checkpoint of the last whole step; resume equals")
+    record(
+        "Ctrl-C mid-run (no periodic checkpoints)",
+        "exit 130, one line with the resume command; checkpoint of the last whole step; resume equals",
+    )

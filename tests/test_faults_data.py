@@ -3,6 +3,7 @@
 Unit-level through build_preference_data / load_raw_splits with the byte tokenizer (fast); one `prefopt train`.
 Each case is recorded in the fault table (tests/test_faults.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,14 +51,19 @@ def test_dataset_path_with_the_default_arith_preset_is_refused_naming_dataset_lo
 
     argv = sys.argv
     try:
-        code = main(["train", "model=tiny_llama", "hardware=cpu", f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}"])
+        code = main(
+            ["train", "model=tiny_llama", "hardware=cpu", f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}"]
+        )
     except SystemExit as exit:
         code = exit.code
     finally:
         sys.argv = argv
     assert code == 2
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    record("dataset.path=FILE with the arith preset", "refused before training: 'choose local data: dataset=local dataset.path=FILE'")
+    record(
+        "dataset.path=FILE with the arith preset",
+        "refused before training: 'choose local data: dataset=local dataset.path=FILE'",
+    )
 
 
 # ---------------------------------------------------------------- globs
@@ -91,7 +97,9 @@ def test_a_directory_with_train_and_test_files_uses_the_test_file_as_eval(tmp_pa
     with caplog.at_level(logging.INFO, logger="prefopt.data"):
         data = build_preference_data(local_cfg(tmp_path / "d"), byte_tokenizer, seed=0)
     assert texts(data.train) == texts_of(ROWS[:8]) and texts(data.eval) == texts_of(ROWS[8:])
-    data_line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("dataset local"))
+    data_line = next(
+        record.getMessage() for record in caplog.records if record.getMessage().startswith("dataset local")
+    )
     assert "split test (its own held-out split" in data_line
     record("directory with train and test files", "test file is the eval split (said in the data line), train not cut")
 
@@ -124,7 +132,9 @@ def test_deeply_nested_json_is_a_bad_row(tmp_path, byte_tokenizer, suffix):
     assert data.stats["train/skipped_bad_rows"] + data.stats["eval/skipped_bad_rows"] == 1
     with pytest.raises(DataError, match="line 4: nested too deeply"):
         build_preference_data(local_cfg(path, eval_fraction=0.2), byte_tokenizer, seed=0)
-    record(f"deeply nested JSON row ({suffix})", "skipped with on_bad_row=skip; one-line error naming line 4 with error")
+    record(
+        f"deeply nested JSON row ({suffix})", "skipped with on_bad_row=skip; one-line error naming line 4 with error"
+    )
 
 
 # ---------------------------------------------------------------- train/eval overlap
@@ -133,13 +143,20 @@ def test_deeply_nested_json_is_a_bad_row(tmp_path, byte_tokenizer, suffix):
 def test_duplicate_pairs_in_train_and_eval_are_counted_and_warned(tmp_path, byte_tokenizer, caplog):
     rows = ROWS[:6] + ROWS[:6]  # every pair twice: holding out 4 of 12 puts copies on both sides
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
-        data = build_preference_data(local_cfg(write_jsonl(tmp_path / "pairs.jsonl", rows), eval_fraction=0.34), byte_tokenizer, seed=0)
+        data = build_preference_data(
+            local_cfg(write_jsonl(tmp_path / "pairs.jsonl", rows), eval_fraction=0.34), byte_tokenizer, seed=0
+        )
     train = {(pair.prompt, pair.chosen, pair.rejected) for pair in data.train}
     expected = sum((pair.prompt, pair.chosen, pair.rejected) in train for pair in data.eval)
     assert expected > 0
     assert data.stats["eval/overlap_with_train"] == expected
-    assert any(f"{expected} of {len(data.eval)} eval pairs are also train pairs" in record.getMessage() for record in caplog.records)
-    clean = build_preference_data(local_cfg(write_jsonl(tmp_path / "clean.jsonl", ROWS), eval_fraction=0.3), byte_tokenizer, seed=0)
+    assert any(
+        f"{expected} of {len(data.eval)} eval pairs are also train pairs" in record.getMessage()
+        for record in caplog.records
+    )
+    clean = build_preference_data(
+        local_cfg(write_jsonl(tmp_path / "clean.jsonl", ROWS), eval_fraction=0.3), byte_tokenizer, seed=0
+    )
     assert clean.stats["eval/overlap_with_train"] == 0
     record("exact-duplicate pairs in train and eval", f"counted (eval/overlap_with_train={expected}) and warned")
 
@@ -168,7 +185,9 @@ def test_an_unwritable_cache_dir_names_dataset_cache_dir(tmp_path, byte_tokenize
     path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")  # a file where the cache directory should be: unwritable even for root
-    with pytest.raises(DataError, match=f"dataset.cache_dir={blocker}/tokenized: cannot write the tokenized-pairs cache"):
+    with pytest.raises(
+        DataError, match=f"dataset.cache_dir={blocker}/tokenized: cannot write the tokenized-pairs cache"
+    ):
         build_preference_data(local_cfg(path, cache_dir=str(blocker / "tokenized")), byte_tokenizer, seed=0)
     record("unwritable dataset.cache_dir", "one-line error naming dataset.cache_dir (not hydra.run.dir)")
 
@@ -189,7 +208,8 @@ def test_a_read_only_cache_dir_names_dataset_cache_dir(tmp_path, byte_tokenizer)
 # ---------------------------------------------------------------- LLaMA-Factory rows and unread prompt columns
 
 ALPACA_ROWS = [
-    {"instruction": f"Translate word {i}", "input": f"hello {i}", "chosen": f"Bonjour {i}", "rejected": f"Hola {i}"} for i in range(4)
+    {"instruction": f"Translate word {i}", "input": f"hello {i}", "chosen": f"Bonjour {i}", "rejected": f"Hola {i}"}
+    for i in range(4)
 ] + [{"instruction": "Say hi", "input": "", "chosen": "Hi there", "rejected": "Go away"}]
 
 
@@ -208,7 +228,10 @@ def test_llama_factory_alpaca_rows_use_instruction_and_input_as_the_prompt(tmp_p
     assert "<|im_start|>user\nSay hi<|im_end|>" in prompts["Hi there"]  # an empty input adds nothing
     raw = build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
     assert prompts_by_chosen(raw)["Bonjour 2"] == "Translate word 2\nhello 2"
-    record("LLaMA-Factory alpaca ranking rows", "alpaca layout: instruction + '\\n' + input is the prompt (was: the chosen/rejected common prefix)")
+    record(
+        "LLaMA-Factory alpaca ranking rows",
+        "alpaca layout: instruction + '\\n' + input is the prompt (was: the chosen/rejected common prefix)",
+    )
 
 
 def test_alpaca_system_and_history_become_chat_turns_or_are_refused_without_a_template(tmp_path, byte_tokenizer):
@@ -230,7 +253,10 @@ def test_alpaca_system_and_history_become_chat_turns_or_are_refused_without_a_te
     assert prompts_by_chosen(data)["Bonjour 1"] == expected
     with pytest.raises(DataError, match="history turns and a system prompt, which only a chat template can render"):
         build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
-    record("alpaca rows with system and history", "system turn + history turns before the instruction; refused without a template")
+    record(
+        "alpaca rows with system and history",
+        "system turn + history turns before the instruction; refused without a template",
+    )
 
 
 def test_llama_factory_sharegpt_ranking_rows_keep_their_system_column(tmp_path, byte_tokenizer):
@@ -243,10 +269,14 @@ def test_llama_factory_sharegpt_ranking_rows_keep_their_system_column(tmp_path, 
         }
         for i in range(5)
     ]
-    data = build_preference_data(local_cfg(write_jsonl(tmp_path / "sharegpt.jsonl", rows), eval_fraction=0.2), byte_tokenizer, seed=0)
+    data = build_preference_data(
+        local_cfg(write_jsonl(tmp_path / "sharegpt.jsonl", rows), eval_fraction=0.2), byte_tokenizer, seed=0
+    )
     assert data.row_format == "messages"
     assert prompts_by_chosen(data)["Good 3"] == byte_tokenizer.apply_chat_template(
-        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Question 3?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Question 3?"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     record("LLaMA-Factory sharegpt ranking rows with system", "conversations is the prompt, system its system turn")
 
@@ -262,8 +292,13 @@ def test_a_prompt_like_column_left_unread_is_a_warning(tmp_path, byte_tokenizer,
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         build_preference_data(local_cfg(path, eval_fraction=0.2, chat_template="never"), byte_tokenizer, seed=0)
-    assert any("column(s) system, context look like part of the prompt" in record.getMessage() for record in caplog.records)
-    record("a system / context column the layout does not read", "system is the system turn under a template; else a warning naming it")
+    assert any(
+        "column(s) system, context look like part of the prompt" in record.getMessage() for record in caplog.records
+    )
+    record(
+        "a system / context column the layout does not read",
+        "system is the system turn under a template; else a warning naming it",
+    )
 
 
 def test_an_unwritable_reference_cache_names_reference_cache_dir_and_the_run_goes_on(tmp_path, capfd):
@@ -272,12 +307,21 @@ def test_an_unwritable_reference_cache_names_reference_cache_dir_and_the_run_goe
 
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
-    run = run_train(tmp_path / "run", *TINY, "trainer.max_steps=2", "reference.precompute=true", f"reference.cache_dir={blocker}/ref",
-                    "logger.wandb.mode=disabled")
+    run = run_train(
+        tmp_path / "run",
+        *TINY,
+        "trainer.max_steps=2",
+        "reference.precompute=true",
+        f"reference.cache_dir={blocker}/ref",
+        "logger.wandb.mode=disabled",
+    )
     assert (run / "summary.json").is_file()
     output = capfd.readouterr()
     assert f"reference.cache_dir={blocker}/ref cannot be written" in output.out + output.err
-    record("unwritable reference.cache_dir", "the run goes on uncached; the warning names reference.cache_dir (not hydra.run.dir)")
+    record(
+        "unwritable reference.cache_dir",
+        "the run goes on uncached; the warning names reference.cache_dir (not hydra.run.dir)",
+    )
 
 
 def test_an_unwritable_model_cache_names_model_cache_dir(tmp_path):

@@ -3,6 +3,7 @@
 like Ctrl-C (checkpoint of the last whole step, one line, exit 143) on every engine; a rank's user error is one
 line and exit 2; what a rank reports to its parent is read by that launch only. Outcomes go to the fault table of
 tests/test_faults.py."""
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,34 @@ from prefopt import launch, proctree, rundir
 from prefopt.checkpoint import checkpoint_candidates
 from prefopt.errors import ConfigError, DataError
 from prefopt.worker import EXIT_REPORT
-from tests.test_faults import (REPO, TINY, assert_nothing_survives, assert_same_metrics, prefopt, record, run_processes,
-                               train_rows)
+from tests.test_faults import (
+    REPO,
+    TINY,
+    assert_nothing_survives,
+    assert_same_metrics,
+    prefopt,
+    record,
+    run_processes,
+    train_rows,
+)
 
 STEPS = 40  # 40 short steps: a signal sent at step 2 or 3 lands while the loop runs
-TWO_RANKS = [*TINY, "hardware=cpu_2proc", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.eval_every=20",
-             "dynamics.every_n_steps=20", "logger.wandb.mode=disabled"]
-ONE_PROCESS = [*TINY, f"trainer.max_steps={STEPS}", "trainer.eval_every=20", "dynamics.every_n_steps=20", "logger.wandb.mode=disabled"]
+TWO_RANKS = [
+    *TINY,
+    "hardware=cpu_2proc",
+    f"trainer.max_steps={STEPS}",
+    "trainer.save_every=2",
+    "trainer.eval_every=20",
+    "dynamics.every_n_steps=20",
+    "logger.wandb.mode=disabled",
+]
+ONE_PROCESS = [
+    *TINY,
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_every=20",
+    "dynamics.every_n_steps=20",
+    "logger.wandb.mode=disabled",
+]
 
 
 @pytest.fixture
@@ -37,7 +59,9 @@ def start():
     def launch_run(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
         command = [sys.executable, "-m", "prefopt.cli", "train", *args, f"hydra.run.dir={run_dir}"]
         with open(log, "w") as stderr:
-            started.append(subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr))
+            started.append(
+                subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+            )
         return started[-1]
 
     yield launch_run
@@ -74,7 +98,9 @@ KILLS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how, kill", KILLS)
-def test_killing_the_parent_of_two_ranks_ends_them_all_then_resume_is_exact(tmp_path, start, straight_two_ranks, how, kill):
+def test_killing_the_parent_of_two_ranks_ends_them_all_then_resume_is_exact(
+    tmp_path, start, straight_two_ranks, how, kill
+):
     run_dir = tmp_path / "run"
     process = start(run_dir, TWO_RANKS, tmp_path / "stderr.txt")
     wait_for_step(process, run_dir, 3)
@@ -86,7 +112,10 @@ def test_killing_the_parent_of_two_ranks_ends_them_all_then_resume_is_exact(tmp_
     resumed = prefopt(*TWO_RANKS, f"hydra.run.dir={run_dir}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_metrics(straight_two_ranks, run_dir)
-    record(f"{how} of a 2-rank run's parent", "torchrun and both ranks gone within seconds; resume equals an uninterrupted run")
+    record(
+        f"{how} of a 2-rank run's parent",
+        "torchrun and both ranks gone within seconds; resume equals an uninterrupted run",
+    )
 
 
 @pytest.mark.slow
@@ -102,13 +131,18 @@ def test_sigterm_stops_two_ranks_at_a_checkpoint_of_the_last_whole_step(tmp_path
     [line] = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
     assert line.startswith("prefopt: terminated; resume with: prefopt train") and "trainer.resume=" in line
     [checkpoint] = checkpoint_candidates(run_dir)
-    assert checkpoint.name == f"step-{train_rows(run_dir)[-1]['step']:06d}"  # the last whole step, written by both ranks
+    assert (
+        checkpoint.name == f"step-{train_rows(run_dir)[-1]['step']:06d}"
+    )  # the last whole step, written by both ranks
     assert not (run_dir / "error.txt").exists() and not list(run_dir.glob(".rank*.exit.json"))
     assert_nothing_survives(run_dir)
     resumed = prefopt(*args, f"hydra.run.dir={run_dir}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_metrics(straight_two_ranks, run_dir)
-    record("SIGTERM to a 2-rank run's parent", "ranks checkpoint the same last whole step; exit 143, one line; resume equals")
+    record(
+        "SIGTERM to a 2-rank run's parent",
+        "ranks checkpoint the same last whole step; exit 143, one line; resume equals",
+    )
 
 
 @pytest.mark.slow
@@ -116,7 +150,9 @@ def test_sigterm_while_two_ranks_start_ends_them_quietly(tmp_path, start):
     run_dir = tmp_path / "run"
     process = start(run_dir, TWO_RANKS, tmp_path / "stderr.txt")
     deadline = time.time() + 120
-    while not [line for line in run_processes(run_dir) if "prefopt.worker" in line and "torch.distributed.run" not in line]:
+    while not [
+        line for line in run_processes(run_dir) if "prefopt.worker" in line and "torch.distributed.run" not in line
+    ]:
         assert time.time() < deadline and process.poll() is None, "the ranks never started"
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)  # the ranks are importing: nothing to checkpoint yet
@@ -125,7 +161,10 @@ def test_sigterm_while_two_ranks_start_ends_them_quietly(tmp_path, start):
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == f"prefopt: terminated; run dir {run_dir} has no checkpoint to resume from"
     assert_nothing_survives(run_dir)
-    record("SIGTERM while 2 ranks start up", "ended at once without torchrun's traceback; exit 143, one line (no checkpoint)")
+    record(
+        "SIGTERM while 2 ranks start up",
+        "ended at once without torchrun's traceback; exit 143, one line (no checkpoint)",
+    )
 
 
 @pytest.mark.slow
@@ -133,17 +172,24 @@ def test_a_user_error_only_a_rank_sees_is_one_line_and_exit_2(tmp_path):
     """A bad data row: only the ranks read the data (the parent loads none), so the error reaches the parent as a
     rank's exit report, and the other rank, waiting in a collective, is ended with it."""
     bad = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [
+        {"prompt": "q", "chosen": "same", "rejected": "same"}
+    ]
     bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
     run_dir = tmp_path / "run"
     result = prefopt(*TWO_RANKS, "dataset=local", f"dataset.path={bad}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
-    [line] = [line for line in result.stderr.splitlines() if line.startswith("prefopt:")]  # the rank's one line, said once
+    [line] = [
+        line for line in result.stderr.splitlines() if line.startswith("prefopt:")
+    ]  # the rank's one line, said once
     assert line.startswith("prefopt: error:") and "line 9" in line and "pairs.jsonl" in line
     assert not list(run_dir.glob("error*.txt")) and not list(run_dir.glob(".rank*.exit.json"))
     assert_nothing_survives(run_dir)
-    record("a bad data row on 2 ranks (only the ranks read it)", "exit 2, one line naming the row (no tracebacks, no error.txt); ranks gone")
+    record(
+        "a bad data row on 2 ranks (only the ranks read it)",
+        "exit 2, one line naming the row (no tracebacks, no error.txt); ranks gone",
+    )
 
 
 @pytest.mark.slow
@@ -165,7 +211,9 @@ def test_a_rank_stopped_alone_before_the_loop_stops_the_launch(tmp_path, start):
     assert line.startswith("prefopt: interrupted")
     assert not list(run_dir.glob(".rank*.exit.json"))
     assert_nothing_survives(run_dir)
-    record("Ctrl-C to one of 2 ranks while it starts", "the parent ends the launch: exit 130, one line; nothing survives")
+    record(
+        "Ctrl-C to one of 2 ranks while it starts", "the parent ends the launch: exit 130, one line; nothing survives"
+    )
 
 
 def read_ranks(run_dir: Path) -> list[dict]:
@@ -177,11 +225,27 @@ def read_ranks(run_dir: Path) -> list[dict]:
 
 def test_sigterm_stops_a_sweep_in_one_line(tmp_path):
     """`prefopt train -m`: SIGTERM during a job is a stop (exit 143, one line), not the default death."""
-    job = ("import os, signal, sys, time\nimport prefopt.sweep\n"
-           "prefopt.sweep.run_job = lambda *args, **kwargs: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60))\n"
-           "from prefopt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    result = subprocess.run([sys.executable, "-c", job, "train", "-m", "model=tiny_llama", "loss=dpo,ipo",
-                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    job = (
+        "import os, signal, sys, time\nimport prefopt.sweep\n"
+        "prefopt.sweep.run_job = lambda *args, **kwargs: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60))\n"
+        "from prefopt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            job,
+            "train",
+            "-m",
+            "model=tiny_llama",
+            "loss=dpo,ipo",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 143, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1] == "prefopt: terminated"
     record("SIGTERM to a sweep (train -m)", "exit 143, one line")
@@ -202,22 +266,36 @@ def test_sigterm_on_one_process_checkpoints_the_last_whole_step(tmp_path, start,
     assert line.startswith("prefopt: terminated; resume with: prefopt train")
     [checkpoint] = checkpoint_candidates(run_dir)
     assert checkpoint.name == f"step-{train_rows(run_dir)[-1]['step']:06d}"
-    if engine == "torch":  # resume is exact (the deepspeed engine's resume is the same code path, tested above on 2 ranks)
+    if (
+        engine == "torch"
+    ):  # resume is exact (the deepspeed engine's resume is the same code path, tested above on 2 ranks)
         straight = tmp_path / "straight"
         assert prefopt(*args, f"hydra.run.dir={straight}").returncode == 0
         resumed = prefopt(*args, f"hydra.run.dir={run_dir}", "trainer.resume=true")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert_same_metrics(straight, run_dir)
-    record(f"SIGTERM mid-run (one process, {engine})", "checkpoint of the last whole step; exit 143, one line with the resume command")
+    record(
+        f"SIGTERM mid-run (one process, {engine})",
+        "checkpoint of the last whole step; exit 143, one line with the resume command",
+    )
 
 
 def test_a_new_owner_waits_for_the_ranks_of_the_last_launch_then_refuses(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "ranks.json").write_text(json.dumps({"launch": "x", "ranks": [{"rank": 1, "pid": 4242, "host": "h"}]}))
-    ghost = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from prefopt import rundir; "
-                              "rundir.hold_for_rank(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(run_dir)],
-                             cwd=REPO, stdout=subprocess.PIPE, text=True)
+    ghost = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from prefopt import rundir; "
+            "rundir.hold_for_rank(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert ghost.stdout.readline().strip() == "held"
         monkeypatch.setattr(rundir, "RANKS_GONE_WAIT_S", 0.5)
@@ -251,20 +329,31 @@ else:
 """
 
 
-@pytest.mark.parametrize("case, rank_starts_s, torchrun_lives", [
-    ("a rank whose torchrun lives", 0.0, "wait"),
-    ("a rank whose torchrun dies after it started", 0.0, "0.8"),
-    ("a rank that starts after its torchrun died", 0.5, "0"),
-])
+@pytest.mark.parametrize(
+    "case, rank_starts_s, torchrun_lives",
+    [
+        ("a rank whose torchrun lives", 0.0, "wait"),
+        ("a rank whose torchrun dies after it started", 0.0, "0.8"),
+        ("a rank that starts after its torchrun died", 0.5, "0"),
+    ],
+)
 def test_a_rank_lives_only_as_long_as_its_launch(tmp_path, case, rank_starts_s, torchrun_lives):
     """This test process plays `prefopt train`, a child plays torchrun, its child a rank (proctree.follow_launcher)."""
     marker = tmp_path / "marker"
     env = {**os.environ, "PREFOPT_LAUNCHER_PID": str(os.getpid())}
-    torchrun = subprocess.run([sys.executable, "-c", TORCHRUN, RANK, str(marker), str(rank_starts_s), torchrun_lives],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    torchrun = subprocess.run(
+        [sys.executable, "-c", TORCHRUN, RANK, str(marker), str(rank_starts_s), torchrun_lives],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proctree.wait_gone([int(torchrun.stdout.split()[0])], 10.0) == []  # the rank
     assert marker.exists() == (torchrun_lives == "wait"), case
-    record(case, "ran to its end" if marker.exists() else "ended with its launch (parent-death signal / launcher check)")
+    record(
+        case, "ran to its end" if marker.exists() else "ended with its launch (parent-death signal / launcher check)"
+    )
 
 
 def test_a_junk_launcher_pid_is_not_a_launch(monkeypatch):
@@ -284,7 +373,9 @@ def test_ending_a_reaped_launcher_signals_nothing(monkeypatch):
 
 
 def report(run_dir: Path, launch_id: str, rank: int, **outcome) -> None:
-    (run_dir / EXIT_REPORT.format(rank=rank)).write_text(json.dumps({"launch": launch_id, "rank": rank, "host": "h", **outcome}))
+    (run_dir / EXIT_REPORT.format(rank=rank)).write_text(
+        json.dumps({"launch": launch_id, "rank": rank, "host": "h", **outcome})
+    )
 
 
 def test_a_launch_acts_on_its_own_ranks_reports_only(tmp_path):
@@ -300,7 +391,10 @@ def test_a_launch_acts_on_its_own_ranks_reports_only(tmp_path):
     assert launch.wait_for_ranks(hanging, tmp_path, "this") == -signal.SIGKILL
     with pytest.raises(DataError, match="line 9"):
         launch.raise_user_error(launch.take_exit_reports(tmp_path, "this"))
-    assert sorted(path.name for path in tmp_path.iterdir()) == [".rank0.exit.json", ".rank2.exit.json"]  # the earlier ones
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".rank0.exit.json",
+        ".rank2.exit.json",
+    ]  # the earlier ones
     launch.remove_exit_reports(tmp_path)  # what a launch does when it takes the run dir
     assert list(tmp_path.iterdir()) == []
 

@@ -8,6 +8,7 @@ prefix, then runs `prefopt train hydra/launcher=slurm --cfg hydra` in an isolate
 checkout, no PYTHONPATH, no current dir on sys.path) whose sys.path is that prefix plus this venv's
 site-packages seen through a copy of links that leaves out the venv's own prefopt. Nothing is submitted.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,11 +74,26 @@ def dependencies_without_prefopt(destination: Path) -> Path:
 def pip_install(source: Path, prefix: Path, editable: bool) -> Path:
     """`pip install [-e] SOURCE --prefix PREFIX` offline, dependencies and build backend from this venv; returns
     the prefix's site-packages."""
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-               "--disable-pip-version-check", "--prefix", str(prefix), *(["-e"] if editable else []), str(source)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "--prefix",
+        str(prefix),
+        *(["-e"] if editable else []),
+        str(source),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_NO_INPUT": "1"})
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return Path(sysconfig.get_path("purelib", scheme="posix_prefix", vars={"base": str(prefix), "platbase": str(prefix)}))
+    return Path(
+        sysconfig.get_path("purelib", scheme="posix_prefix", vars={"base": str(prefix), "platbase": str(prefix)})
+    )
 
 
 @pytest.mark.slow
@@ -87,12 +103,22 @@ def test_slurm_launcher_plugin_loads_from_an_install(tmp_path, editable):
     install_site = pip_install(source, tmp_path / "prefix", editable)
     dependency_site = dependencies_without_prefopt(tmp_path / "dependencies")
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", PROBE, str(install_site), str(dependency_site)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", PROBE, str(install_site), str(dependency_site)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0 and LAUNCHER_TARGET in done.stdout, output[-4000:]
     paths = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith(("prefopt: ", "plugin: ")))
     provider = source if editable else install_site  # an editable install runs the source in place
     for name in ("prefopt", "plugin"):
-        assert Path(paths[name]).resolve().is_relative_to(provider.resolve()), f"{name} came from {paths[name]}, not {provider}"
-    assert not (install_site / "hydra_plugins" / "__init__.py").exists()  # the namespace stays shared with other plugins
+        assert Path(paths[name]).resolve().is_relative_to(provider.resolve()), (
+            f"{name} came from {paths[name]}, not {provider}"
+        )
+    assert not (
+        install_site / "hydra_plugins" / "__init__.py"
+    ).exists()  # the namespace stays shared with other plugins

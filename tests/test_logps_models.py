@@ -1,18 +1,32 @@
 """The log-probs are the model's own: response_token_logps == log_softmax(model(...).logits) at the
 labelled positions, in value and in gradient, for architectures that post-process their logits
 (Gemma-2 soft-capping, Cohere logit_scale, Granite logits_scaling) and for plain ones."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from prefopt.data import IGNORE_INDEX
-from prefopt.logps import (LogitsPathError, check_logits_path, kept_logps_bytes, labelled_rows_batch, response_token_logps,
-                           sequence_logps)
+from prefopt.logps import (
+    LogitsPathError,
+    check_logits_path,
+    kept_logps_bytes,
+    labelled_rows_batch,
+    response_token_logps,
+    sequence_logps,
+)
 
 VOCAB = 97
-SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, max_position_embeddings=128)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
 
 
 def tiny_model(kind: str):
@@ -70,7 +84,9 @@ ARCHITECTURES = ["llama", "qwen2", "gemma2", "cohere", "granite"]
 def test_logps_equal_the_models_own_logits_in_value_and_gradient(kind, keep_logps_mb):
     model = tiny_model(kind)
     input_ids, attention_mask, labels = batch()
-    ours = response_token_logps(model, input_ids, attention_mask, labels, chunk_size=4, keep_logps_mb=keep_logps_mb).summed
+    ours = response_token_logps(
+        model, input_ids, attention_mask, labels, chunk_size=4, keep_logps_mb=keep_logps_mb
+    ).summed
     our_grads = torch.autograd.grad(ours.sum(), list(model.parameters()), allow_unused=True)
     expected = direct_logps(model, input_ids, attention_mask, labels)
     expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()), allow_unused=True)
@@ -99,7 +115,9 @@ def test_the_head_runs_only_on_scored_positions():
     model = tiny_model("llama")
     input_ids, attention_mask, labels = batch()
     seen_rows = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: seen_rows.append(args[0].shape))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen_rows.append(args[0].shape)
+    )
     try:
         response_token_logps(model, input_ids, attention_mask, labels, chunk_size=1000)
     finally:
@@ -112,10 +130,17 @@ def test_the_head_runs_only_on_scored_positions():
 def head_projections_in_a_training_pass(model, keep_logps_mb: float, chunk_size: int, min_scored_tokens: int = 0):
     """(projections the head ran, forward and backward together; the parameters' gradients)."""
     calls = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(args[0].dim()))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: calls.append(args[0].dim())
+    )
     try:
-        summed = sequence_logps(model, labelled_rows_batch(*batch()), chunk_size, keep_logps_mb=keep_logps_mb,
-                                min_scored_tokens=min_scored_tokens).summed
+        summed = sequence_logps(
+            model,
+            labelled_rows_batch(*batch()),
+            chunk_size,
+            keep_logps_mb=keep_logps_mb,
+            min_scored_tokens=min_scored_tokens,
+        ).summed
         grads = torch.autograd.grad(summed.sum(), [p for p in model.parameters()], allow_unused=True)
     finally:
         handle.remove()
@@ -129,7 +154,9 @@ def test_the_head_runs_once_per_chunk_when_the_log_probs_fit_the_budget_and_twic
     chunks = -(-scored // 4)
     needed_mb = kept_logps_bytes(scored, VOCAB, postprocessed=True) / 2**20
     kept_calls, kept_grads = head_projections_in_a_training_pass(model, keep_logps_mb=needed_mb, chunk_size=4)
-    recomputed_calls, recomputed_grads = head_projections_in_a_training_pass(model, keep_logps_mb=needed_mb * 0.99, chunk_size=4)
+    recomputed_calls, recomputed_grads = head_projections_in_a_training_pass(
+        model, keep_logps_mb=needed_mb * 0.99, chunk_size=4
+    )
     assert (kept_calls, recomputed_calls) == (chunks, 2 * chunks)
     for kept, recomputed in zip(kept_grads, recomputed_grads):
         if kept is not None:
@@ -143,7 +170,9 @@ def test_ranks_take_the_same_recompute_decision_from_the_peer_token_count():
     scored = int((batch()[2][:, 1:] != IGNORE_INDEX).sum())
     budget_mb = kept_logps_bytes(scored, VOCAB, postprocessed=False) / 2**20
     alone, _ = head_projections_in_a_training_pass(model, budget_mb, chunk_size=scored)
-    beside_a_larger_peer, _ = head_projections_in_a_training_pass(model, budget_mb, chunk_size=scored, min_scored_tokens=scored + 1)
+    beside_a_larger_peer, _ = head_projections_in_a_training_pass(
+        model, budget_mb, chunk_size=scored, min_scored_tokens=scored + 1
+    )
     assert alone == 1  # fits: one chunk, kept
     assert beside_a_larger_peer == 2 * 2  # the peer is over budget: recompute, and pad to its two chunks
 

@@ -4,6 +4,7 @@ the gate's exact gradient scaling, edge cases, config validation and the conf/lo
 Everything is float64 on CPU; the reference implementations below use `math`, one example at a time,
 and never the package's helpers.
 """
+
 import dataclasses
 import math
 import zlib
@@ -182,8 +183,17 @@ def test_value_matches_formula(name, hp):
     out, _ = run_loss(name, batch, progress=0.3, **hp)
     pc, pr = batch["chosen_tokens"].sum(1), batch["rejected_tokens"].sum(1)
     expected = [
-        reference_loss(name, hp, pc[i], pr[i], batch["reference_chosen"][i], batch["reference_rejected"][i],
-                       batch["chosen_lengths"][i], batch["rejected_lengths"][i], 0.3)
+        reference_loss(
+            name,
+            hp,
+            pc[i],
+            pr[i],
+            batch["reference_chosen"][i],
+            batch["reference_rejected"][i],
+            batch["chosen_lengths"][i],
+            batch["rejected_lengths"][i],
+            0.3,
+        )
         for i in range(len(pc))
     ]
     np.testing.assert_allclose(out.losses.detach().numpy(), expected, rtol=1e-6, atol=1e-9)
@@ -196,9 +206,14 @@ def at_reference(name, **hp):
     policy_chosen = torch.tensor([-7.0], dtype=torch.float64)
     policy_rejected = torch.tensor([-9.0], dtype=torch.float64)
     return preference_loss(
-        name, policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected,
-        reference_chosen_logps=policy_chosen.clone(), reference_rejected_logps=policy_rejected.clone(),
-        chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([4]), **hp,
+        name,
+        policy_chosen_logps=policy_chosen,
+        policy_rejected_logps=policy_rejected,
+        reference_chosen_logps=policy_chosen.clone(),
+        reference_rejected_logps=policy_rejected.clone(),
+        chosen_lengths=torch.tensor([3]),
+        rejected_lengths=torch.tensor([4]),
+        **hp,
     ).loss.item()
 
 
@@ -356,10 +371,13 @@ def test_gate_ignores_padding(kind):
 def test_gate_on_seq_and_log_needs_no_tokens_and_accepts_dictconfig():
     summed = torch.tensor([-20.0, -2.0], dtype=torch.float64, requires_grad=True)
     out = preference_loss(
-        "dpo", policy_chosen_logps=torch.tensor([-3.0, -3.0], dtype=torch.float64), policy_rejected_logps=summed,
+        "dpo",
+        policy_chosen_logps=torch.tensor([-3.0, -3.0], dtype=torch.float64),
+        policy_rejected_logps=summed,
         reference_chosen_logps=torch.tensor([-3.0, -3.0], dtype=torch.float64),
         reference_rejected_logps=torch.tensor([-3.0, -3.0], dtype=torch.float64),
-        chosen_lengths=torch.tensor([4, 4]), rejected_lengths=torch.tensor([4, 4]),
+        chosen_lengths=torch.tensor([4, 4]),
+        rejected_lengths=torch.tensor([4, 4]),
         gate=OmegaConf.create({"kind": "seq", "alpha": 50.0, "tau": 0.05}),
     )
     (grad,) = torch.autograd.grad(out.losses.sum(), summed)
@@ -372,9 +390,14 @@ def test_gate_on_seq_and_log_needs_no_tokens_and_accepts_dictconfig():
 def test_token_gates_need_token_logps():
     with pytest.raises(ValueError, match="rejected_token_logps"):
         preference_loss(
-            "dpo", policy_chosen_logps=torch.zeros(2), policy_rejected_logps=torch.zeros(2),
-            reference_chosen_logps=torch.zeros(2), reference_rejected_logps=torch.zeros(2),
-            chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2), gate={"kind": "q10"},
+            "dpo",
+            policy_chosen_logps=torch.zeros(2),
+            policy_rejected_logps=torch.zeros(2),
+            reference_chosen_logps=torch.zeros(2),
+            reference_rejected_logps=torch.zeros(2),
+            chosen_lengths=torch.ones(2),
+            rejected_lengths=torch.ones(2),
+            gate={"kind": "q10"},
         )
 
 
@@ -390,11 +413,17 @@ def test_extreme_inputs_stay_finite(name, policy, reference):
         rejected = torch.tensor([[policy]], dtype=torch.float64, requires_grad=True)
         mask = torch.ones(1, 1, dtype=torch.float64)
         out = preference_loss(
-            name, policy_chosen_logps=chosen.sum(-1), policy_rejected_logps=rejected.sum(-1),
+            name,
+            policy_chosen_logps=chosen.sum(-1),
+            policy_rejected_logps=rejected.sum(-1),
             reference_chosen_logps=torch.tensor([reference], dtype=torch.float64),
             reference_rejected_logps=torch.tensor([reference - 1], dtype=torch.float64),
-            chosen_lengths=torch.tensor([1]), rejected_lengths=torch.tensor([1]),
-            chosen_token_logps=chosen, chosen_mask=mask, rejected_token_logps=rejected, rejected_mask=mask,
+            chosen_lengths=torch.tensor([1]),
+            rejected_lengths=torch.tensor([1]),
+            chosen_token_logps=chosen,
+            chosen_mask=mask,
+            rejected_token_logps=rejected,
+            rejected_mask=mask,
             gate=gate,
         )
         out.loss.backward()
@@ -405,15 +434,25 @@ def test_extreme_inputs_stay_finite(name, policy, reference):
 
 def test_missing_reference_is_an_error():
     with pytest.raises(ValueError, match="reference"):
-        preference_loss("dpo", policy_chosen_logps=torch.zeros(2), policy_rejected_logps=torch.zeros(2),
-                        chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2))
+        preference_loss(
+            "dpo",
+            policy_chosen_logps=torch.zeros(2),
+            policy_rejected_logps=torch.zeros(2),
+            chosen_lengths=torch.ones(2),
+            rejected_lengths=torch.ones(2),
+        )
 
 
 def test_reference_free_losses_need_no_reference():
     for name in LOSSES:
         if not get_loss(name).needs_reference:
-            out = preference_loss(name, policy_chosen_logps=-torch.ones(2), policy_rejected_logps=-torch.ones(2) * 3,
-                                  chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2))
+            out = preference_loss(
+                name,
+                policy_chosen_logps=-torch.ones(2),
+                policy_rejected_logps=-torch.ones(2) * 3,
+                chosen_lengths=torch.ones(2),
+                rejected_lengths=torch.ones(2),
+            )
             assert torch.isfinite(out.loss)
     assert {n for n in LOSSES if not get_loss(n).needs_reference} == {"simpo", "orpo", "sft", "sft_extend"}
 

@@ -1,5 +1,6 @@
 """TRL-compatible metric names and definitions (prefopt/metrics.py), what reaches W&B (names, one
 generations table per kind, system metrics, console, config, summary) and readable plots."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,16 @@ from tests.helpers import read_wandb_run, run_train
 from tests.test_config import compose_config
 from tests.test_logps_models import VOCAB, tiny_model
 
-TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+TRL_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
 
 
 def random_ids(generator: torch.Generator, length: int) -> list[int]:
@@ -35,9 +44,14 @@ def random_ids(generator: torch.Generator, length: int) -> list[int]:
 def two_pairs():
     """(prompt, chosen, rejected) x 2 with different lengths, and the layout groups: chosen rows 0..1, rejected 2..3."""
     generator = torch.Generator().manual_seed(3)
-    pairs = [(random_ids(generator, 5), random_ids(generator, 4), random_ids(generator, 7)),
-             (random_ids(generator, 3), random_ids(generator, 6), random_ids(generator, 2))]
-    groups = [(prompt, [(index, chosen), (index + len(pairs), rejected)]) for index, (prompt, chosen, rejected) in enumerate(pairs)]
+    pairs = [
+        (random_ids(generator, 5), random_ids(generator, 4), random_ids(generator, 7)),
+        (random_ids(generator, 3), random_ids(generator, 6), random_ids(generator, 2)),
+    ]
+    groups = [
+        (prompt, [(index, chosen), (index + len(pairs), rejected)])
+        for index, (prompt, chosen, rejected) in enumerate(pairs)
+    ]
     return pairs, groups
 
 
@@ -67,8 +81,12 @@ def test_logits_metrics_equal_a_hand_computation(kind, batching):
         sums, tokens = zip(*(hand_mean_logit(model, pair[0], pair[response_index]) for pair in pairs))
         assert metrics[f"eval/logits/{side}"] == pytest.approx(sum(sums) / sum(tokens), rel=1e-5, abs=1e-6)
         assert metrics[f"eval/lengths/{side}"] == pytest.approx(sum(tokens) / len(pairs))
-    assert metrics["eval/rewards/accuracies"] == 0.5 and metrics["eval/rewards/margins"] == pytest.approx((0.2 - 0.6) / 2)
-    assert metrics["eval/rewards/chosen"] == pytest.approx(0.05) and metrics["eval/rewards/rejected"] == pytest.approx(0.25)
+    assert metrics["eval/rewards/accuracies"] == 0.5 and metrics["eval/rewards/margins"] == pytest.approx(
+        (0.2 - 0.6) / 2
+    )
+    assert metrics["eval/rewards/chosen"] == pytest.approx(0.05) and metrics["eval/rewards/rejected"] == pytest.approx(
+        0.25
+    )
     assert metrics["eval/logps/chosen"] == pytest.approx(float(policy.summed[:2].mean()))
     assert not any("logit_sums" in key for key in metrics)  # the helper column is never logged
     assert set(f"eval/{name}" for name in TRL_NAMES) <= set(metrics)
@@ -77,12 +95,19 @@ def test_logits_metrics_equal_a_hand_computation(kind, batching):
 def test_logits_are_token_weighted_over_the_whole_step():
     """A step split into micro batches of different lengths gives the number one pooled batch gives:
     total logit over total tokens, not the mean of the micro batches' means."""
+
     def part(logit_sums, lengths):
         size = len(lengths)
-        return {"logit_sums/chosen": torch.tensor(logit_sums), "lengths/chosen": torch.tensor(lengths),
-                "logit_sums/rejected": torch.zeros(size), "lengths/rejected": torch.zeros(size)}
+        return {
+            "logit_sums/chosen": torch.tensor(logit_sums),
+            "lengths/chosen": torch.tensor(lengths),
+            "logit_sums/rejected": torch.zeros(size),
+            "lengths/rejected": torch.zeros(size),
+        }
 
-    metrics = finish_token_means(mean_metrics([part([10.0], [2.0]), part([3.0, 3.0], [3.0, 3.0])], "train", DistInfo()), "train")
+    metrics = finish_token_means(
+        mean_metrics([part([10.0], [2.0]), part([3.0, 3.0], [3.0, 3.0])], "train", DistInfo()), "train"
+    )
     assert metrics["train/logits/chosen"] == pytest.approx(16.0 / 8.0)  # not (5 + 1) / 2
     assert metrics["train/logits/rejected"] == 0.0  # no tokens: 0.0, as TRL
     assert "train/logit_sums/chosen" not in metrics
@@ -124,7 +149,10 @@ def wandb_record_types(run_dir: Path) -> list[str]:
 
 def latest_table(run_dir: Path, key: str) -> dict:
     """The last version W&B wrote of table `key` (files/media/table/<key>_<step>_<hash>.table.json)."""
-    *_, last = sorted(run_dir.glob(f"wandb/offline-run-*/files/media/table/{key}_*.table.json"), key=lambda path: path.stat().st_mtime_ns)
+    *_, last = sorted(
+        run_dir.glob(f"wandb/offline-run-*/files/media/table/{key}_*.table.json"),
+        key=lambda path: path.stat().st_mtime_ns,
+    )
     return json.loads(last.read_text())
 
 
@@ -160,15 +188,25 @@ finally:
 def test_wandb_gets_system_metrics_console_one_table_per_kind_and_the_summary(tmp_path):
     (tmp_path / "overrides.yaml").write_text(OmegaConf.to_yaml(["loss=gate_dpo"]))
     (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": {"runtime": {"choices": {"loss": "gate_dpo", "hydra/launcher": "basic"}}}}))
+    (tmp_path / ".hydra" / "hydra.yaml").write_text(
+        OmegaConf.to_yaml({"hydra": {"runtime": {"choices": {"loss": "gate_dpo", "hydra/launcher": "basic"}}}})
+    )
     (tmp_path / "git_revision").write_text("abc123\n")
-    subprocess.run([sys.executable, "-c", TRACKER_SCRIPT, str(tmp_path)], check=True, timeout=300, cwd=Path(__file__).parent.parent)
+    subprocess.run(
+        [sys.executable, "-c", TRACKER_SCRIPT, str(tmp_path)], check=True, timeout=300, cwd=Path(__file__).parent.parent
+    )
     columns = ["prompt", "generation", "answer", "correct"]
     summary, history = read_wandb_run(tmp_path)
     assert summary["summary"]["eval/rewards/accuracies"] == 1.0 and summary["summary"]["steps"] == 4
-    assert summary["config"]["run"] == {"overrides": ["loss=gate_dpo"], "choices": {"loss": "gate_dpo"}, "git_revision": "abc123"}
+    assert summary["config"]["run"] == {
+        "overrides": ["loss=gate_dpo"],
+        "choices": {"loss": "gate_dpo"},
+        "git_revision": "abc123",
+    }
     assert summary["config"]["logger"]["wandb"]["console"] == "auto"
-    logged = {key.split(".")[0] for item in history for key in item}  # a table is logged as `key._type`, `key.artifact_path`, ...
+    logged = {
+        key.split(".")[0] for item in history for key in item
+    }  # a table is logged as `key._type`, `key.artifact_path`, ...
     assert "eval/generations" in logged and not any("generations_step" in key for key in logged)  # one key per kind
     table = latest_table(tmp_path, "eval/generations")
     assert table["columns"] == ["step", *columns]
@@ -180,7 +218,9 @@ def test_wandb_gets_system_metrics_console_one_table_per_kind_and_the_summary(tm
 
 
 def test_wandb_system_metrics_and_console_can_be_turned_off(tmp_path):
-    tracker = Tracker(tracker_config(mode="offline", system_metrics=False, console="off", system_sample_seconds=0.1), tmp_path)
+    tracker = Tracker(
+        tracker_config(mode="offline", system_metrics=False, console="off", system_sample_seconds=0.1), tmp_path
+    )
     try:
         print("not captured", flush=True)
         tracker.log(1, {"train/loss": 0.5})
@@ -207,9 +247,19 @@ def test_a_resumed_run_keeps_the_tables_rows_up_to_its_checkpoint(tmp_path):
 
 
 def test_a_tiny_run_logs_trl_names_to_metrics_jsonl_and_wandb(tmp_path):
-    run_dir = run_train(tmp_path / "run", "model=tiny_llama", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4",
-                        "dataset.arith.num_train=8", "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=2",
-                        "trainer.max_new_tokens=2", "trainer.max_steps=2", "dynamics.enabled=false", "trainer.save_final=false")
+    run_dir = run_train(
+        tmp_path / "run",
+        "model=tiny_llama",
+        "trainer.micro_batch_size=2",
+        "trainer.eval_batch_size=4",
+        "dataset.arith.num_train=8",
+        "dataset.arith.num_eval=4",
+        "trainer.greedy_eval_examples=2",
+        "trainer.max_new_tokens=2",
+        "trainer.max_steps=2",
+        "dynamics.enabled=false",
+        "trainer.save_final=false",
+    )
     rows = read_jsonl(run_dir / METRICS_FILE)
     train = [row for row in rows if "train/loss" in row]
     evals = [row for row in rows if "eval/loss" in row]
@@ -222,9 +272,16 @@ def test_a_tiny_run_logs_trl_names_to_metrics_jsonl_and_wandb(tmp_path):
     wandb_summary, history = read_wandb_run(run_dir)
     logged = {key for item in history for key in item}
     assert {f"train/{name}" for name in TRL_NAMES} | {f"eval/{name}" for name in TRL_NAMES} <= logged
-    assert wandb_summary["summary"]["eval/logits/chosen"] == pytest.approx(summary["eval/logits/chosen"])  # final eval in the summary
+    assert wandb_summary["summary"]["eval/logits/chosen"] == pytest.approx(
+        summary["eval/logits/chosen"]
+    )  # final eval in the summary
     assert wandb_summary["config"]["run"]["overrides"][0] == "model=tiny_llama"
-    assert [row["step"] for row in read_jsonl(run_dir / GENERATIONS_FILE)] == [0, 0, 2, 2]  # greedy answers at both evals
+    assert [row["step"] for row in read_jsonl(run_dir / GENERATIONS_FILE)] == [
+        0,
+        0,
+        2,
+        2,
+    ]  # greedy answers at both evals
 
 
 def test_dynamics_plot_ticks_read_as_values_with_units_and_one_legend(tmp_path):
@@ -232,8 +289,13 @@ def test_dynamics_plot_ticks_read_as_values_with_units_and_one_legend(tmp_path):
     '-1.123e2' above ticks 0.0002, 0.0004; steps are whole numbers; every panel says its unit."""
     from prefopt.plots import PANELS, RunTrace, overlay_figure, save_png
 
-    rows = [{"step": step, **{key: -112.3 - 1e-6 * step if key.endswith("/logp") else 0.5 + 1e-7 * step for _, key, _ in PANELS}}
-            for step in (0, 500, 1000)]
+    rows = [
+        {
+            "step": step,
+            **{key: -112.3 - 1e-6 * step if key.endswith("/logp") else 0.5 + 1e-7 * step for _, key, _ in PANELS},
+        }
+        for step in (0, 500, 1000)
+    ]
     figure = overlay_figure([RunTrace("loss=dpo", rows), RunTrace("loss=gate_dpo", rows[::-1])])
     figure.canvas.draw()
     panels = [axis for axis in figure.axes if axis.get_title()]
@@ -242,7 +304,10 @@ def test_dynamics_plot_ticks_read_as_values_with_units_and_one_legend(tmp_path):
         for side in (axis.xaxis, axis.yaxis):
             assert side.get_offset_text().get_text() == "", axis.get_title()
             labels = [label.get_text() for label in side.get_ticklabels() if label.get_text()]
-            assert labels and not any("e" in label.lower() or "+" in label for label in labels), (axis.get_title(), labels)
+            assert labels and not any("e" in label.lower() or "+" in label for label in labels), (
+                axis.get_title(),
+                labels,
+            )
         assert axis.get_xlabel() == "training step" and "(" in axis.get_ylabel()  # a unit: (nats), (0-1)
     [legend] = [axis.get_legend() for axis in figure.axes if axis.get_legend() is not None] + list(figure.legends)
     assert [text.get_text() for text in legend.get_texts()] == ["loss=dpo", "loss=gate_dpo"]

@@ -1,6 +1,7 @@
 """Prefix sharing and packing give the padded path's numbers: the layout is a data/ decision, invisible to
 the trainer. Checked on the masks themselves, on five model families, and end to end through training
 (first 5 steps' losses and log-probs to 1e-4 relative) for dpo, gate_dpo (token gate), lpo, simpo and orpo."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,16 +65,34 @@ def test_packed_equals_padded_for_each_model_family_in_value_and_gradient(kind):
     assert check_packed_path(model, VOCAB, "cpu") < 1e-4
 
 
-TINY = ["model=tiny_llama", "trainer.eval_batch_size=4", "trainer.lr=1e-3", "dataset.arith.num_train=32", "dataset.arith.num_eval=4",
-        "trainer.greedy_eval_examples=0", "dynamics.num_probes=3", "trainer.warmup_steps=0", "trainer.max_steps=5",
-        "trainer.micro_batch_size=4", "logger.wandb.mode=disabled", "trainer.save_final=false", "trainer.packed_row_tokens=96"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=32",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.num_probes=3",
+    "trainer.warmup_steps=0",
+    "trainer.max_steps=5",
+    "trainer.micro_batch_size=4",
+    "logger.wandb.mode=disabled",
+    "trainer.save_final=false",
+    "trainer.packed_row_tokens=96",
+]
 LOSSES = [["loss=dpo"], ["loss=gate_dpo", "loss.gate.kind=token"], ["loss=lpo"], ["loss=simpo"], ["loss=orpo"]]
 KEYS = ("train/loss", "train/logps/chosen", "train/logps/rejected")
 
 
 def assert_layouts_agree(tmp_path, *overrides):
-    runs = {layout: run_train(tmp_path / layout, *TINY, *overrides, f"trainer.batching={layout}") for layout in ("padded", "packed")}
-    rows = {layout: [row for row in read_jsonl(run / "metrics.jsonl") if "train/loss" in row] for layout, run in runs.items()}
+    runs = {
+        layout: run_train(tmp_path / layout, *TINY, *overrides, f"trainer.batching={layout}")
+        for layout in ("padded", "packed")
+    }
+    rows = {
+        layout: [row for row in read_jsonl(run / "metrics.jsonl") if "train/loss" in row]
+        for layout, run in runs.items()
+    }
     assert len(rows["packed"]) == len(rows["padded"]) == 5
     for packed, padded in zip(rows["packed"], rows["padded"]):
         for key in KEYS:
@@ -95,4 +114,6 @@ def test_packed_training_matches_padded_two_ranks(tmp_path, loss):
 
 
 def test_packed_training_matches_padded_with_lora(tmp_path):
-    assert_layouts_agree(tmp_path, "loss=dpo", "hardware=cpu", "model.lora.enabled=true", "model.lora.r=4", "trainer.lr=1e-2")
+    assert_layouts_agree(
+        tmp_path, "loss=dpo", "hardware=cpu", "model.lora.enabled=true", "model.lora.r=4", "trainer.lr=1e-2"
+    )

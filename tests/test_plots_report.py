@@ -1,4 +1,5 @@
 """`prefopt plot` and `prefopt report` on run dirs and a sweep dir made by hand."""
+
 from __future__ import annotations
 
 import csv
@@ -22,12 +23,16 @@ def dynamics_row(step: int, drift: float) -> dict:
     return row
 
 
-def make_run(run_dir: Path, overrides: list[str] | None, drift: float = 1.0, summary: dict | None = None, dynamics: bool = True) -> Path:
+def make_run(
+    run_dir: Path, overrides: list[str] | None, drift: float = 1.0, summary: dict | None = None, dynamics: bool = True
+) -> Path:
     run_dir.mkdir(parents=True)
     if overrides is not None:
         (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
     if dynamics:
-        (run_dir / "dynamics.jsonl").write_text("".join(json.dumps(dynamics_row(step, drift)) + "\n" for step in (0, 5, 10)))
+        (run_dir / "dynamics.jsonl").write_text(
+            "".join(json.dumps(dynamics_row(step, drift)) + "\n" for step in (0, 5, 10))
+        )
     if summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
@@ -81,7 +86,13 @@ def test_plot_cli_names_a_dir_without_dynamics(tmp_path, capsys):
 def sweep(tmp_path) -> Path:
     sweep_dir = tmp_path / "multirun"
     summary = lambda chosen, accuracy, name="eval/rewards/accuracies": {  # noqa: E731
-        "delta/chosen": chosen, "delta/rejected": -8.0, "delta/others": -1.5, "delta/greedy": 0.75, name: accuracy, "steps": 10}
+        "delta/chosen": chosen,
+        "delta/rejected": -8.0,
+        "delta/others": -1.5,
+        "delta/greedy": 0.75,
+        name: accuracy,
+        "steps": 10,
+    }
     # job 0 ran before prefopt took TRL's metric names: the report reads its old name as the new one
     make_run(sweep_dir / "0", ["loss=dpo", "loss.beta=0.1"], summary=summary(-2.0, 0.75, name="eval/rewards/accuracy"))
     make_run(sweep_dir / "1", ["loss=gate_dpo", "loss.beta=0.1"], drift=0.3, summary=summary(-0.25, 0.5))
@@ -95,7 +106,12 @@ def sweep(tmp_path) -> Path:
 def test_report_has_one_row_per_job_and_marks_failures(sweep):
     rows, plot = build_report(sweep)
     assert [row["job"] for row in rows] == [0, 1, 2, 3]
-    assert [row["overrides"] for row in rows] == ["loss=dpo loss.beta=0.1", "loss=gate_dpo loss.beta=0.1", "loss=lpo loss.beta=0.1", "loss=ipo loss.beta=0.1"]
+    assert [row["overrides"] for row in rows] == [
+        "loss=dpo loss.beta=0.1",
+        "loss=gate_dpo loss.beta=0.1",
+        "loss=lpo loss.beta=0.1",
+        "loss=ipo loss.beta=0.1",
+    ]
     assert [row["status"] for row in rows] == ["ok", "ok", "failed", "failed"]
     assert rows[1]["dChosen"] == -0.25 and rows[0]["eval_accuracy"] == 0.75 and rows[0]["steps"] == 10
     assert rows[3]["dChosen"] is None
@@ -150,13 +166,23 @@ def test_band_plot_is_readable_with_and_without_an_interval(tmp_path):
     from prefopt.plots import BAND_PANELS, BAND_Y_LABEL, Band, GroupBands, band_figure, plot_bands
 
     nan = float("nan")
-    seeds3 = GroupBands("loss=dpo (n=3)", {key: Band([0, 10], [-112.5, -113.0], [-113.0, -114.0], [-112.0, -112.0]) for _, key in BAND_PANELS})
-    seed1 = GroupBands("loss=ipo (n=1)", {key: Band([0, 10], [-112.5, -112.6], [nan, nan], [nan, nan]) for _, key in BAND_PANELS})
+    seeds3 = GroupBands(
+        "loss=dpo (n=3)",
+        {key: Band([0, 10], [-112.5, -113.0], [-113.0, -114.0], [-112.0, -112.0]) for _, key in BAND_PANELS},
+    )
+    seed1 = GroupBands(
+        "loss=ipo (n=1)", {key: Band([0, 10], [-112.5, -112.6], [nan, nan], [nan, nan]) for _, key in BAND_PANELS}
+    )
     figure = band_figure([seeds3, seed1])
     panels = [axis for axis in figure.axes if axis.get_title()]
     assert [axis.get_title() for axis in panels] == [title for title, _ in BAND_PANELS]
-    assert all(axis.get_ylabel() == BAND_Y_LABEL == "summed log-prob (nats)" and axis.get_xlabel() == "training step" for axis in panels)
-    assert not any(axis.yaxis.get_major_formatter().get_useOffset() for axis in panels)  # -112.5 reads as -112.5, not an offset
+    assert all(
+        axis.get_ylabel() == BAND_Y_LABEL == "summed log-prob (nats)" and axis.get_xlabel() == "training step"
+        for axis in panels
+    )
+    assert not any(
+        axis.yaxis.get_major_formatter().get_useOffset() for axis in panels
+    )  # -112.5 reads as -112.5, not an offset
     [legend] = figure.legends  # one legend for the figure, not one per panel
     assert [text.get_text() for text in legend.get_texts()] == ["loss=dpo (n=3)", "loss=ipo (n=1)"]
     assert_png(plot_bands([seeds3, seed1], tmp_path / "bands.png"))
@@ -170,13 +196,22 @@ def test_band_plot_draws_one_row_per_facet_with_one_color_per_series(tmp_path):
     from prefopt.plots import BAND_PANELS, Band, GroupBands, band_figure
 
     def group(loss, regime, offset):
-        bands = {key: Band([0, 10], [offset, offset - 1.0], [offset - 0.5, offset - 1.5], [offset + 0.5, offset - 0.5]) for _, key in BAND_PANELS}
-        return GroupBands(f"loss={loss} style={regime} (n=3)", bands, facet=f"style={regime}", series=f"loss={loss} (n=3)")
+        bands = {
+            key: Band([0, 10], [offset, offset - 1.0], [offset - 0.5, offset - 1.5], [offset + 0.5, offset - 0.5])
+            for _, key in BAND_PANELS
+        }
+        return GroupBands(
+            f"loss={loss} style={regime} (n=3)", bands, facet=f"style={regime}", series=f"loss={loss} (n=3)"
+        )
 
     losses = [f"loss{index}" for index in range(12)]  # more than tab10 holds: the colors must still differ
-    figure = band_figure([group(loss, regime, -10.0 - index) for regime in ("near", "off") for index, loss in enumerate(losses)])
+    figure = band_figure(
+        [group(loss, regime, -10.0 - index) for regime in ("near", "off") for index, loss in enumerate(losses)]
+    )
     panels = [axis for axis in figure.axes if axis.get_title()]
-    assert [axis.get_title() for axis in panels] == [f"{title}\nstyle={regime}" for regime in ("near", "off") for title, _ in BAND_PANELS]
+    assert [axis.get_title() for axis in panels] == [
+        f"{title}\nstyle={regime}" for regime in ("near", "off") for title, _ in BAND_PANELS
+    ]
     assert all(len(axis.get_lines()) == len(losses) for axis in panels)  # each row holds its own facet's groups only
     [legend] = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == [f"loss={loss} (n=3)" for loss in losses]

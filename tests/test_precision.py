@@ -1,9 +1,8 @@
 """Mixed precision that trains: model.dtype=bf16 keeps fp32 master weights on both engines, so an
 update of lr=3e-6 lands in every weight tensor (pure bf16 would round most of it away), and bf16
 losses track fp32 losses. Dropout is off by default."""
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import pytest
 import torch
@@ -15,14 +14,24 @@ from prefopt.tracking import read_jsonl
 from prefopt.worker import load_frozen_config
 from tests.helpers import run_train
 
-TINY = ["model=tiny_llama", "trainer.eval_batch_size=4", "dataset.arith.num_train=16", "dataset.arith.num_eval=4",
-        "trainer.greedy_eval_examples=0", "dynamics.enabled=false", "logger.wandb.mode=disabled", "trainer.warmup_steps=0"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.eval_batch_size=4",
+    "dataset.arith.num_train=16",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.enabled=false",
+    "logger.wandb.mode=disabled",
+    "trainer.warmup_steps=0",
+]
 
 
 def initial_and_trained(run_dir):
     """(initial weights, exported weights after training) of a tiny run, both fp32."""
     cfg = load_frozen_config(run_dir / "config.yaml")
-    initial = load_model(cfg.model, resolve_model_source(cfg.model), len(load_tokenizer(cfg.model)), cfg.trainer.seed).state_dict()
+    initial = load_model(
+        cfg.model, resolve_model_source(cfg.model), len(load_tokenizer(cfg.model)), cfg.trainer.seed
+    ).state_dict()
     [checkpoint] = sorted((run_dir / "checkpoints").glob("step-*"))
     trained = load_file(checkpoint / "policy" / "model.safetensors")
     return initial, trained
@@ -46,8 +55,15 @@ def test_one_bf16_step_at_lr_3e_6_changes_every_weight_tensor_torch_engine(tmp_p
 
 @pytest.mark.slow
 def test_one_bf16_step_at_lr_3e_6_changes_every_weight_tensor_deepspeed_two_ranks(tmp_path):
-    run_dir = run_train(tmp_path / "run", *TINY, "hardware=cpu_2proc", "model.dtype=bf16", "trainer.lr=3e-6",
-                        "trainer.max_steps=1", "trainer.micro_batch_size=2")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        "hardware=cpu_2proc",
+        "model.dtype=bf16",
+        "trainer.lr=3e-6",
+        "trainer.max_steps=1",
+        "trainer.micro_batch_size=2",
+    )
     assert_one_small_step_changes_every_tensor(run_dir)
 
 
@@ -97,8 +113,17 @@ def test_dpo_shift_eval_uses_training_progress():
     from prefopt.trainer import PreferenceStep, evaluate
     from tests.test_config import compose_config
 
-    cfg = compose_config(["model=tiny_llama", "loss=dpo_shift", "loss.shift_schedule=increase", "trainer.max_steps=10",
-                          "dataset.arith.num_train=4", "dataset.arith.num_eval=4", "hardware=cpu"])
+    cfg = compose_config(
+        [
+            "model=tiny_llama",
+            "loss=dpo_shift",
+            "loss.shift_schedule=increase",
+            "trainer.max_steps=10",
+            "dataset.arith.num_train=4",
+            "dataset.arith.num_eval=4",
+            "hardware=cpu",
+        ]
+    )
     tokenizer = load_tokenizer(cfg.model)
     data = build_preference_data(cfg.dataset, tokenizer, 0)
     policy = load_model(cfg.model, resolve_model_source(cfg.model), len(tokenizer), seed=0)

@@ -1,4 +1,5 @@
 """The reference model three ways: frozen copy, LoRA adapters off, and the precomputed cache."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,19 @@ from prefopt.reference import cache_key, weights_fingerprint
 from prefopt.tracking import read_jsonl
 from tests.helpers import run_train
 
-TINY = ["model=tiny_llama", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3", "trainer.max_steps=3",
-        "dataset.arith.num_train=16", "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=0", "dynamics.num_probes=2",
-        "logger.wandb.mode=disabled", "trainer.save_final=false"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "trainer.max_steps=3",
+    "dataset.arith.num_train=16",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.num_probes=2",
+    "logger.wandb.mode=disabled",
+    "trainer.save_final=false",
+]
 
 
 def train_losses(run_dir):
@@ -76,7 +87,9 @@ def test_a_full_cache_disk_is_a_warning_naming_the_key_and_leaves_no_temp(tmp_pa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(reference, "atomic_write_bytes", full, raising=False)  # raising=False: red on the old torch.save-to-file code too
+    monkeypatch.setattr(
+        reference, "atomic_write_bytes", full, raising=False
+    )  # raising=False: red on the old torch.save-to-file code too
     cache_dir = tmp_path / "cache"
     run_dir = run_train(tmp_path / "run", *TINY, "reference.precompute=true", f"reference.cache_dir={cache_dir}")
     assert f"reference.cache_dir={cache_dir} cannot be written (No space left on device" in run_log(run_dir)
@@ -85,12 +98,20 @@ def test_a_full_cache_disk_is_a_warning_naming_the_key_and_leaves_no_temp(tmp_pa
 
 
 def test_cache_key_changes_with_data_and_reference():
-    from prefopt.data import TokenizedPair
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefopt.data import TokenizedPair
 
     pair = TokenizedPair([1, 2], [3, 4], [5, 6], "p", "c", "r", None, 0)
     other = TokenizedPair([1, 2], [3, 4], [5, 7], "p", "c", "r", None, 0)
-    config = LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=8)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=8,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     fingerprint = weights_fingerprint(model)
@@ -119,8 +140,9 @@ def test_lora_trains_adapters_with_no_second_model(tmp_path, monkeypatch):
     policy_dir = run_dir / "checkpoints" / "step-000003" / "policy"
     assert (policy_dir / "adapter_model.safetensors").is_file() and not (policy_dir / "model.safetensors").exists()
 
-    from prefopt.export import export_policy
     from transformers import AutoModelForCausalLM
+
+    from prefopt.export import export_policy
 
     merged = AutoModelForCausalLM.from_pretrained(export_policy(run_dir, tmp_path / "merged"))
     assert not any("lora" in name for name, _ in merged.named_parameters())
@@ -135,9 +157,14 @@ def test_auto_precomputes_exactly_the_visited_pairs(tmp_path, monkeypatch):
 
     scored = []
     original = reference.compute_reference_logps
-    monkeypatch.setattr(reference, "compute_reference_logps",
-                        lambda model, pairs, *args: scored.append(len(pairs)) or original(model, pairs, *args))
-    run_dir = run_train(tmp_path / "run", *TINY, "dataset.arith.num_train=64", f"reference.cache_dir={tmp_path / 'cache'}")
+    monkeypatch.setattr(
+        reference,
+        "compute_reference_logps",
+        lambda model, pairs, *args: scored.append(len(pairs)) or original(model, pairs, *args),
+    )
+    run_dir = run_train(
+        tmp_path / "run", *TINY, "dataset.arith.num_train=64", f"reference.cache_dir={tmp_path / 'cache'}"
+    )
     # 3 steps x 2 pairs = 6 draws from 64 pairs, plus 4 eval pairs (the first call is the 2-pair spot check of a hit, absent here)
     assert scored == [6 + 4]
     assert "reference cache miss" in run_log(run_dir)

@@ -8,6 +8,7 @@ Measured on this machine (2 CPU cores, 23.5 GB RAM, 2026-11-25), peak RSS vs est
   smollm2_135m, default batch (4), 2 steps:     3.59-3.61 measured, 4.51 estimated (1.25-1.26x: arith pairs
                                                 are ~53 tokens, the estimate pads them to dataset.max_length=128)
 """
+
 from __future__ import annotations
 
 import os
@@ -21,15 +22,29 @@ from omegaconf import OmegaConf
 
 from prefopt.config import ConfigError
 from prefopt.resources import (
-    GB, Machine, estimate_memory, limits_from, llama_parameters, model_arch, plan_hardware, preset_values, run_shape,
+    GB,
+    Machine,
+    estimate_memory,
+    limits_from,
+    llama_parameters,
+    model_arch,
+    plan_hardware,
+    preset_values,
+    run_shape,
     settle_hardware,
 )
 from tests.test_config import compose_config, run_prefopt
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = Machine(ram_bytes=int(23.5 * GB), cpu_cores=2)  # this machine
-SHORT_RUN = ["trainer.max_steps=1", "dynamics.enabled=false", "trainer.greedy_eval_examples=0", "dataset.arith.num_eval=4",
-             "logger.wandb.mode=disabled", "trainer.save_final=false"]
+SHORT_RUN = [
+    "trainer.max_steps=1",
+    "dynamics.enabled=false",
+    "trainer.greedy_eval_examples=0",
+    "dataset.arith.num_eval=4",
+    "logger.wandb.mode=disabled",
+    "trainer.save_final=false",
+]
 ESTIMATE_WITHIN = (0.6, 1.6)  # estimate / measured peak RSS
 
 
@@ -53,10 +68,18 @@ def run_measured(args: list[str], timeout: float = 600) -> tuple[int, float, str
 
     Started from a small wrapper process, so the measured child never begins as a copy of this (large,
     long-lived) pytest process: a forked child's peak RSS counts the parent's pages it starts with."""
-    wrapper = ("import os, subprocess, sys; process = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(process.pid, 0); "
-               "print(usage.ru_maxrss, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(status))")
-    result = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "prefopt.cli", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    wrapper = (
+        "import os, subprocess, sys; process = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(process.pid, 0); "
+        "print(usage.ru_maxrss, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(status))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, sys.executable, "-m", "prefopt.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
     *lines, peak_kb = result.stderr.rstrip().splitlines()
     return result.returncode, int(peak_kb) * 1024 / GB, "\n".join(lines)
 
@@ -68,17 +91,37 @@ def estimated_gb(overrides: list[str]) -> float:
 
 # ---- the refusal, end to end --------------------------------------------------------------------------
 
+
 def test_llama3_8b_without_gpus_refuses_in_seconds(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "prefopt.cli", "train", "loss=gate_dpo", "model=llama3_8b",
-                             f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.cli",
+            "train",
+            "loss=gate_dpo",
+            "model=llama3_8b",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
     elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stderr
     message = result.stderr
     assert "Traceback" not in message
     assert "hardware=auto: nothing on this machine" in message and "llama3_8b" in message
-    for alternative in ("hardware=zero", "hardware.gpus_per_node=", "hardware=zero3_offload", "model.lora.enabled=true"):
+    for alternative in (
+        "hardware=zero",
+        "hardware.gpus_per_node=",
+        "hardware=zero3_offload",
+        "model.lora.enabled=true",
+    ):
         assert alternative in message, alternative
     assert message.count(" GB per GPU") >= 3  # an estimate for each alternative
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run dir was frozen
@@ -86,6 +129,7 @@ def test_llama3_8b_without_gpus_refuses_in_seconds(tmp_path):
 
 
 # ---- the choice ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", ["tiny_llama", "smollm2_135m"])
 def test_small_models_run_on_the_cpu(model):
@@ -106,9 +150,18 @@ def test_8b_on_one_80gb_gpu_refuses_but_lora_fits():
 
 def test_8b_on_eight_gpus_takes_the_smallest_zero_stage_that_fits():
     roomy = plan(["model=llama3_8b"], gpus(8, 80)).values
-    assert (roomy["name"], roomy["engine"], roomy["launcher"], roomy["gpus_per_node"]) == ("zero1", "deepspeed", "torchrun", 8)
-    assert plan(["model=llama3_8b", "reference.precompute=false"], gpus(8, 40)).values["name"] == "zero3"  # less memory: a higher stage
-    assert "model.lora.enabled=true: fits here" in refusal(["model=llama3_8b", "reference.precompute=false"], gpus(8, 24))
+    assert (roomy["name"], roomy["engine"], roomy["launcher"], roomy["gpus_per_node"]) == (
+        "zero1",
+        "deepspeed",
+        "torchrun",
+        8,
+    )
+    assert (
+        plan(["model=llama3_8b", "reference.precompute=false"], gpus(8, 40)).values["name"] == "zero3"
+    )  # less memory: a higher stage
+    assert "model.lora.enabled=true: fits here" in refusal(
+        ["model=llama3_8b", "reference.precompute=false"], gpus(8, 24)
+    )
 
 
 def test_no_cpu_time_sends_small_models_to_the_gpus():
@@ -154,8 +207,9 @@ def test_cfg_job_shows_the_chosen_preset():
 
 def test_a_sweep_chooses_per_job(tmp_path):
     """Job 0 (tiny) trains on the CPU; job 1 (8B, no GPU) is refused in its own run dir; the sweep goes on."""
-    result = run_prefopt("train", "-m", "model=tiny_llama,llama3_8b", *SHORT_RUN, f"hydra.sweep.dir={tmp_path}",
-                         timeout=300)
+    result = run_prefopt(
+        "train", "-m", "model=tiny_llama,llama3_8b", *SHORT_RUN, f"hydra.sweep.dir={tmp_path}", timeout=300
+    )
     assert result.returncode != 0  # a failed job fails the sweep at its end
     tiny = OmegaConf.load(tmp_path / "0" / "config.yaml").hardware
     assert tiny.name == "cpu" and tiny.chosen_by.startswith("auto: ~")
@@ -164,11 +218,19 @@ def test_a_sweep_chooses_per_job(tmp_path):
 
 # ---- the figures ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model", ["llama3_8b", "llama3_2_1b", "smollm2_135m"])
 def test_preset_parameter_counts_match_their_figures(model):
     arch = model_arch(compose_config([f"model={model}"]).model)
-    assert arch.num_parameters == llama_parameters(arch.hidden_size, arch.num_layers, arch.vocab_size, arch.num_heads,
-                                                   arch.num_kv_heads, arch.intermediate_size, arch.tie_word_embeddings)
+    assert arch.num_parameters == llama_parameters(
+        arch.hidden_size,
+        arch.num_layers,
+        arch.vocab_size,
+        arch.num_heads,
+        arch.num_kv_heads,
+        arch.intermediate_size,
+        arch.tie_word_embeddings,
+    )
 
 
 def test_tiny_and_local_figures_match_the_built_model(tmp_path):
@@ -180,17 +242,24 @@ def test_tiny_and_local_figures_match_the_built_model(tmp_path):
     model.save_pretrained(tmp_path / "saved")  # a local model.path: config.json and the safetensors headers, no weights
     local = compose_config(["model=llama3_8b", f"model.path={tmp_path}/saved"]).model
     arch = model_arch(local)
-    assert (arch.num_parameters, arch.hidden_size, arch.num_layers) == (sum(p.numel() for p in model.parameters()), 64, 2)
+    assert (arch.num_parameters, arch.hidden_size, arch.num_layers) == (
+        sum(p.numel() for p in model.parameters()),
+        64,
+        2,
+    )
 
 
 def test_a_model_without_figures_cannot_be_sized():
     cfg = compose_config(["model=llama3_8b", "model.path=someone/unknown-model", "model.arch.hidden_size=null"])
     with pytest.raises(ConfigError, match=r"model\.arch\.hidden_size"):
         settle_hardware(cfg, NO_GPU)
-    assert compose_config(["model=llama3_8b", "model.arch.hidden_size=null"]).hardware.name == "auto"  # --cfg job still shows it
+    assert (
+        compose_config(["model=llama3_8b", "model.arch.hidden_size=null"]).hardware.name == "auto"
+    )  # --cfg job still shows it
 
 
 # ---- estimate vs measured ------------------------------------------------------------------------------
+
 
 def assert_estimate_close(overrides: list[str], tmp_path: Path) -> None:
     returncode, measured, stderr = run_measured(["train", *overrides, f"hydra.run.dir={tmp_path}/run"])

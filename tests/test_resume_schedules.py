@@ -1,6 +1,7 @@
 """Resume that cannot surprise (true without a checkpoint is an error listing what can be resumed; latest
 continues the newest run with this config in its own dir), transformers' LR schedules step by step,
 checkpoints kept (trainer.save_total_limit), and trainer.num_epochs -> steps."""
+
 from __future__ import annotations
 
 import inspect
@@ -22,11 +23,26 @@ from prefopt.tracking import read_jsonl
 from tests.helpers import run_train
 from tests.test_config import compose_config
 
-TINY = ["model=tiny_llama", "hardware=cpu", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3",
-        "dataset.arith.num_train=16", "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=0", "dynamics.enabled=false",
-        "trainer.eval_every=0", "reference.precompute=false"]
+TINY = [
+    "model=tiny_llama",
+    "hardware=cpu",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=16",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "dynamics.enabled=false",
+    "trainer.eval_every=0",
+    "reference.precompute=false",
+]
 # a schedule with a warmup ratio and a floor: resume must restore it exactly
-SCHEDULE = ["trainer.warmup_steps=null", "trainer.warmup_ratio=0.34", "trainer.lr_schedule=cosine_with_min_lr", "trainer.min_lr_ratio=0.1"]
+SCHEDULE = [
+    "trainer.warmup_steps=null",
+    "trainer.warmup_ratio=0.34",
+    "trainer.lr_schedule=cosine_with_min_lr",
+    "trainer.min_lr_ratio=0.1",
+]
 
 
 def run_main(*args: str) -> int:
@@ -48,7 +64,9 @@ def transformers_lrs(name: str, lr: float, steps: int, warmup: int, **kwargs) ->
     from transformers import get_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps, scheduler_specific_kwargs=kwargs)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=steps, scheduler_specific_kwargs=kwargs
+    )
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -77,20 +95,50 @@ def test_the_schedule_table_is_transformers_own():
 SCHEDULE_CASES = [
     ({"lr_schedule": "linear", "warmup_steps": 3}, "linear", 3, {}),
     ({"lr_schedule": "cosine", "warmup_ratio": 0.25}, "cosine", 3, {}),  # ceil(0.25 x 10)
-    ({"lr_schedule": "cosine_with_restarts", "warmup_steps": 1, "lr_scheduler_kwargs": {"num_cycles": 2}}, "cosine_with_restarts", 1, {"num_cycles": 2}),
-    ({"lr_schedule": "cosine_with_min_lr", "warmup_ratio": 0.2, "min_lr_ratio": 0.1}, "cosine_with_min_lr", 2, {"min_lr_rate": 0.1}),
-    ({"lr_schedule": "cosine_warmup_with_min_lr", "warmup_steps": 2, "min_lr_ratio": 0.05}, "cosine_warmup_with_min_lr", 2, {"min_lr_rate": 0.05}),
+    (
+        {"lr_schedule": "cosine_with_restarts", "warmup_steps": 1, "lr_scheduler_kwargs": {"num_cycles": 2}},
+        "cosine_with_restarts",
+        1,
+        {"num_cycles": 2},
+    ),
+    (
+        {"lr_schedule": "cosine_with_min_lr", "warmup_ratio": 0.2, "min_lr_ratio": 0.1},
+        "cosine_with_min_lr",
+        2,
+        {"min_lr_rate": 0.1},
+    ),
+    (
+        {"lr_schedule": "cosine_warmup_with_min_lr", "warmup_steps": 2, "min_lr_ratio": 0.05},
+        "cosine_warmup_with_min_lr",
+        2,
+        {"min_lr_rate": 0.05},
+    ),
     ({"lr_schedule": "constant_with_warmup", "warmup_steps": 4}, "constant_with_warmup", 4, {}),
     ({"lr_schedule": "constant"}, "constant", 0, {}),
-    ({"lr_schedule": "polynomial", "warmup_steps": 2, "min_lr_ratio": 0.1, "lr_scheduler_kwargs": {"power": 2.0}}, "polynomial", 2,
-     {"lr_end": 0.001, "power": 2.0}),
+    (
+        {"lr_schedule": "polynomial", "warmup_steps": 2, "min_lr_ratio": 0.1, "lr_scheduler_kwargs": {"power": 2.0}},
+        "polynomial",
+        2,
+        {"lr_end": 0.001, "power": 2.0},
+    ),
     ({"lr_schedule": "inverse_sqrt", "warmup_steps": 3}, "inverse_sqrt", 3, {}),
-    ({"lr_schedule": "warmup_stable_decay", "warmup_ratio": 0.2, "min_lr_ratio": 0.1, "lr_scheduler_kwargs": {"num_decay_steps": 4}},
-     "warmup_stable_decay", 2, {"num_decay_steps": 4, "min_lr_ratio": 0.1}),
+    (
+        {
+            "lr_schedule": "warmup_stable_decay",
+            "warmup_ratio": 0.2,
+            "min_lr_ratio": 0.1,
+            "lr_scheduler_kwargs": {"num_decay_steps": 4},
+        },
+        "warmup_stable_decay",
+        2,
+        {"num_decay_steps": 4, "min_lr_ratio": 0.1},
+    ),
 ]
 
 
-@pytest.mark.parametrize("overrides, name, warmup, kwargs", SCHEDULE_CASES, ids=[case[0]["lr_schedule"] for case in SCHEDULE_CASES])
+@pytest.mark.parametrize(
+    "overrides, name, warmup, kwargs", SCHEDULE_CASES, ids=[case[0]["lr_schedule"] for case in SCHEDULE_CASES]
+)
 def test_the_engine_steps_transformers_schedule_exactly(overrides, name, warmup, kwargs):
     from prefopt.engine import TorchEngine
     from prefopt.schedules import check_schedule_config
@@ -109,19 +157,25 @@ def test_the_engine_steps_transformers_schedule_exactly(overrides, name, warmup,
     assert len(set(seen)) > 1 or name == "constant"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["trainer.warmup_ratio=0.1"], "trainer.warmup_steps=4 and trainer.warmup_ratio=0.1 are both set"),
-    (["trainer.num_epochs=2"], "trainer.max_steps=30 and trainer.num_epochs=2"),
-    (["trainer.max_steps=null"], "trainer.max_steps and trainer.num_epochs are both null"),
-    (["trainer.lr_schedule=constant"], "use trainer.lr_schedule=constant_with_warmup"),
-    (["trainer.lr_schedule=cosine_with_min_lr"], "set trainer.min_lr_ratio"),
-    (["trainer.min_lr_ratio=0.1"], "trainer.min_lr_ratio=0.1 is not used by trainer.lr_schedule=cosine"),
-    (["trainer.lr_schedule=reduce_lr_on_plateau"], "steps on a metric"),
-    (["trainer.lr_schedule=cosine_annealing"], "trainer.lr_schedule='cosine_annealing' is not a valid choice"),
-    (["+trainer.lr_scheduler_kwargs.power=2"], "trainer.lr_scheduler_kwargs.power is not an argument of the cosine schedule"),
-    (["trainer.lr_schedule=warmup_stable_decay"], "needs trainer.lr_scheduler_kwargs.num_decay_steps"),
-    (["trainer.save_total_limit=0"], "trainer.save_total_limit=0 is impossible"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.warmup_ratio=0.1"], "trainer.warmup_steps=4 and trainer.warmup_ratio=0.1 are both set"),
+        (["trainer.num_epochs=2"], "trainer.max_steps=30 and trainer.num_epochs=2"),
+        (["trainer.max_steps=null"], "trainer.max_steps and trainer.num_epochs are both null"),
+        (["trainer.lr_schedule=constant"], "use trainer.lr_schedule=constant_with_warmup"),
+        (["trainer.lr_schedule=cosine_with_min_lr"], "set trainer.min_lr_ratio"),
+        (["trainer.min_lr_ratio=0.1"], "trainer.min_lr_ratio=0.1 is not used by trainer.lr_schedule=cosine"),
+        (["trainer.lr_schedule=reduce_lr_on_plateau"], "steps on a metric"),
+        (["trainer.lr_schedule=cosine_annealing"], "trainer.lr_schedule='cosine_annealing' is not a valid choice"),
+        (
+            ["+trainer.lr_scheduler_kwargs.power=2"],
+            "trainer.lr_scheduler_kwargs.power is not an argument of the cosine schedule",
+        ),
+        (["trainer.lr_schedule=warmup_stable_decay"], "needs trainer.lr_scheduler_kwargs.num_decay_steps"),
+        (["trainer.save_total_limit=0"], "trainer.save_total_limit=0 is impossible"),
+    ],
+)
 def test_schedule_and_length_mistakes_name_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         validate_config(compose_config(["model=tiny_llama", "hardware=cpu", *overrides]))
@@ -141,8 +195,16 @@ def test_epoch_steps_arithmetic():
 
 def test_num_epochs_gives_the_expected_steps_and_records_them(tmp_path):
     # 16 generated pairs, 2 per micro batch x 2 accumulation x 1 rank = 4 pairs per step: 1.5 epochs = 6 steps
-    run_dir = run_train(tmp_path / "run", *TINY, "trainer.max_steps=null", "trainer.num_epochs=1.5", "trainer.grad_accum=2",
-                        "logger.wandb.mode=disabled", "trainer.save_every=2", "trainer.save_total_limit=2")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        "trainer.max_steps=null",
+        "trainer.num_epochs=1.5",
+        "trainer.grad_accum=2",
+        "logger.wandb.mode=disabled",
+        "trainer.save_every=2",
+        "trainer.save_total_limit=2",
+    )
     [data] = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "data/train/pairs" in row]
     assert data["data/train/pairs"] == 16 and math.ceil(1.5 * 16 / 4) == 6
     assert [row["step"] for row in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
@@ -166,9 +228,14 @@ def test_pruning_spares_the_new_checkpoint_and_the_one_resumed_from(tmp_path):
     (root / ".step-000010.partial").mkdir()
     names = lambda paths: [path.name for path in paths]  # noqa: E731
     assert names(checkpoints_beyond_limit(root, 2, root / "step-000008")) == ["step-000004", "step-000002"]
-    assert names(checkpoints_beyond_limit(root, 2, root / "step-000008", protect=root / "step-000002")) == ["step-000004"]
+    assert names(checkpoints_beyond_limit(root, 2, root / "step-000008", protect=root / "step-000002")) == [
+        "step-000004"
+    ]
     # resumed from step 2, a new step 4 written while a stale step 6 and 8 exist: neither 4 nor 2 goes
-    assert names(checkpoints_beyond_limit(root, 1, root / "step-000004", protect=root / "step-000002")) == ["step-000008", "step-000006"]
+    assert names(checkpoints_beyond_limit(root, 1, root / "step-000004", protect=root / "step-000002")) == [
+        "step-000008",
+        "step-000006",
+    ]
     assert checkpoints_beyond_limit(root, None, root / "step-000008") == []
 
 
@@ -260,10 +327,14 @@ def test_latest_picks_the_newest_unfinished_run_with_this_config(tmp_path):
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_resume_latest_continues_the_same_dir_and_matches_an_uninterrupted_run(tmp_path, engine):
     common = [*TINY, *SCHEDULE, f"hardware.engine={engine}", "trainer.max_steps=6", "trainer.save_every=3"]
-    straight = run_train(tmp_path / "elsewhere" / "straight", *common, "logger.wandb.mode=disabled")  # logger: a key resume ignores
+    straight = run_train(
+        tmp_path / "elsewhere" / "straight", *common, "logger.wandb.mode=disabled"
+    )  # logger: a key resume ignores
     outputs = tmp_path / "outputs"
     stopped = run_train(outputs / "stopped", *common, "trainer.stop_after=3", "logger.wandb.mode=offline")
-    other = run_train(outputs / "other", *common, "trainer.stop_after=3", "trainer.seed=1", "logger.wandb.mode=disabled")  # newer, another config
+    other = run_train(
+        outputs / "other", *common, "trainer.stop_after=3", "trainer.seed=1", "logger.wandb.mode=disabled"
+    )  # newer, another config
     wandb_id = (stopped / "wandb_run_id").read_text()
     other_rows = read_jsonl(other / "metrics.jsonl")
 
@@ -277,7 +348,8 @@ def test_resume_latest_continues_the_same_dir_and_matches_an_uninterrupted_run(t
         for key in row_a.keys() - ignore:
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-6, abs=1e-7), (row_a["step"], key)
     assert [row["train/lr"] for row in train_rows(stopped)] == pytest.approx(
-        transformers_lrs("cosine_with_min_lr", 1e-3, 6, warmup=3, min_lr_rate=0.1), rel=1e-9)
+        transformers_lrs("cosine_with_min_lr", 1e-3, 6, warmup=3, min_lr_rate=0.1), rel=1e-9
+    )
     assert (stopped / "summary.json").is_file()
     assert (stopped / "wandb_run_id").read_text() == wandb_id  # the same W&B run, resumed
     assert len(list((stopped / "wandb").glob(f"offline-run-*-{wandb_id.strip()}"))) == 2
@@ -292,9 +364,17 @@ def test_the_torch_engine_steps_fused_adamw_and_it_is_the_adamw_formula():
     AdamW's formula: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, w -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd w)."""
     from prefopt.engine import TorchEngine
 
-    trainer_cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"max_steps": 10, "lr": 0.01, "warmup_steps": 0,
-                                                                      "lr_schedule": "constant", "weight_decay": 0.1,
-                                                                      "max_grad_norm": 1e9})
+    trainer_cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainerConfig),
+        {
+            "max_steps": 10,
+            "lr": 0.01,
+            "warmup_steps": 0,
+            "lr_schedule": "constant",
+            "weight_decay": 0.1,
+            "max_grad_norm": 1e9,
+        },
+    )
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1, bias=False)
     engine = TorchEngine(model, trainer_cfg)

@@ -3,6 +3,7 @@ disjoint shards, every item once, one gather, every rank ends with the one-rank 
 runs the same forwards and calls the output head equally often (what ZeRO-3's collective parameter
 gathering needs), padding batches included. Two real gloo ranks here; DeepSpeed ZeRO-3 end to end in
 tests/test_distributed.py."""
+
 from __future__ import annotations
 
 import copy
@@ -25,11 +26,15 @@ ITEMS = 5
 def test_shard_plan_covers_every_item_once_with_equal_batch_counts(count, batch_size, world_size):
     plan = shard_plan(count, batch_size, world_size)
     assert len({len(batches) for batches in plan.batches}) == 1  # the same number of forwards on every rank
-    owned = [index for rank, batches in enumerate(plan.batches) for batch in batches[: plan.owned[rank]] for index in batch]
+    owned = [
+        index for rank, batches in enumerate(plan.batches) for batch in batches[: plan.owned[rank]] for index in batch
+    ]
     assert sorted(owned) == list(range(count))
     for rank, batches in enumerate(plan.batches):
         assert all(index % world_size == rank for batch in batches[: plan.owned[rank]] for index in batch)
-        assert all(batch and all(0 <= index < count for index in batch) for batch in batches)  # padding scores real items
+        assert all(
+            batch and all(0 <= index < count for index in batch) for batch in batches
+        )  # padding scores real items
 
 
 def test_shard_plan_refuses_nonsense():
@@ -57,12 +62,17 @@ def make_pairs(tokenizer):
 
     pairs = []
     for index in range(ITEMS):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"q{index} " + "x" * (3 * index)}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"q{index} " + "x" * (3 * index)}], tokenize=False, add_generation_prompt=True
+        )
         chosen, rejected = f"{index}" + "a" * (4 + 5 * index), "b" * (2 + 7 * (ITEMS - index))
         ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         eos = [tokenizer.eos_token_id]
-        pairs.append(TokenizedPair(ids(prompt), ids(chosen) + eos, ids(rejected) + eos, prompt, chosen, rejected, str(index), index))
+        pairs.append(
+            TokenizedPair(
+                ids(prompt), ids(chosen) + eos, ids(rejected) + eos, prompt, chosen, rejected, str(index), index
+            )
+        )
     return pairs
 
 
@@ -75,6 +85,8 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 def held_out_results(dist: DistInfo) -> dict:
     """Eval metrics, probe metrics, greedy texts and reference log-probs, plus how often this rank ran each
     model's forward and head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from prefopt.data import PreferenceData
     from prefopt.dynamics import build_probe_set, evaluate_probes, greedy_generate
     from prefopt.evaluation import evaluate, greedy_accuracy
@@ -82,29 +94,51 @@ def held_out_results(dist: DistInfo) -> dict:
     from prefopt.reference import ModelReference, compute_reference_logps
     from prefopt.trainer import PreferenceStep
     from tests.test_config import compose_config
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_byte_tokenizer()
     pairs = make_pairs(tokenizer)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=64, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     policy = LlamaForCausalLM(config)
     reference = copy.deepcopy(policy)
     with torch.no_grad():  # a reference unlike the policy, so rewards are not all zero
         for parameter in reference.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    counters = {"policy_forwards": count_calls(policy), "policy_head": count_calls(policy.get_output_embeddings()),
-                "reference_forwards": count_calls(reference), "reference_head": count_calls(reference.get_output_embeddings())}
-    cfg = compose_config(["model=tiny_llama", "loss=gate_dpo", "hardware=cpu", f"trainer.logp_chunk_size={CHUNK}",
-                          "trainer.packed_row_tokens=64", "trainer.eval_batch_size=2"])
+    counters = {
+        "policy_forwards": count_calls(policy),
+        "policy_head": count_calls(policy.get_output_embeddings()),
+        "reference_forwards": count_calls(reference),
+        "reference_head": count_calls(reference.get_output_embeddings()),
+    }
+    cfg = compose_config(
+        [
+            "model=tiny_llama",
+            "loss=gate_dpo",
+            "hardware=cpu",
+            f"trainer.logp_chunk_size={CHUNK}",
+            "trainer.packed_row_tokens=64",
+            "trainer.eval_batch_size=2",
+        ]
+    )
     step_fn = PreferenceStep(cfg, policy, ModelReference(reference, CHUNK), torch.device("cpu"), tokenizer.pad_token_id)
-    probes = build_probe_set(PreferenceData(train=pairs, eval=pairs), ITEMS, 3, len(tokenizer), set(tokenizer.all_special_ids))
+    probes = build_probe_set(
+        PreferenceData(train=pairs, eval=pairs), ITEMS, 3, len(tokenizer), set(tokenizer.all_special_ids)
+    )
     results = {
         "eval": evaluate(step_fn, pairs, BATCH, None, 0, dist),
         "eval_one_pair": evaluate(step_fn, pairs[:1], BATCH, None, 0, dist),  # rank 1's shard is empty: padding only
         "probes": evaluate_probes(policy, probes, CHUNK, "cpu", BATCH, "packed", 64, dist),
-        "greedy": greedy_generate(policy, tokenizer, [pair.prompt_ids for pair in pairs], 5, "cpu", batch_size=BATCH, dist=dist),
+        "greedy": greedy_generate(
+            policy, tokenizer, [pair.prompt_ids for pair in pairs], 5, "cpu", batch_size=BATCH, dist=dist
+        ),
         "greedy_accuracy": greedy_accuracy(policy, tokenizer, pairs, 5, "cpu", dist)[0],
         "reference": compute_reference_logps(reference, pairs, cfg, dist, "cpu", tokenizer.pad_token_id).tolist(),
     }
@@ -136,8 +170,10 @@ def test_the_pairs_make_ranks_need_different_head_calls():
 
     pairs = make_pairs(build_byte_tokenizer())
     plan = shard_plan(ITEMS, BATCH, 2)
-    natural = [[-(-sum(len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in batch) // CHUNK) for batch in batches]
-               for batches in plan.batches]
+    natural = [
+        [-(-sum(len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in batch) // CHUNK) for batch in batches]
+        for batches in plan.batches
+    ]
     assert natural[0] != natural[1]
     assert plan.owned == [2, 1]  # rank 1 runs a padding batch
 
@@ -154,7 +190,9 @@ def test_two_ranks_match_one_rank_and_run_the_same_forwards(tmp_path):
         assert_close_metrics(result["eval_one_pair"], single["eval_one_pair"])
         assert_close_metrics(result["probes"], single["probes"])
         assert result["greedy"] == single["greedy"] and result["greedy_accuracy"] == single["greedy_accuracy"]
-        torch.testing.assert_close(torch.tensor(result["reference"]), torch.tensor(single["reference"]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(result["reference"]), torch.tensor(single["reference"]), rtol=1e-5, atol=1e-5
+        )
     assert "eval/gate/p50" in single["eval"] and len(single["greedy"]) == ITEMS
     for counter in ("policy_forwards", "policy_head", "reference_forwards", "reference_head"):
         assert ranks[0][counter] == ranks[1][counter], counter  # ZeRO-3: the same collective gathers on every rank

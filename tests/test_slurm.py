@@ -4,6 +4,7 @@ requeue + exact resume, a failing job, a cancelled job, and the sbatch script.
 
 The cluster tests skip when no SLURM is up, except with CI=true, where they fail. Every wait is bounded.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,26 @@ from tests.helpers import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM_CONF = REPO / ".cache" / "slurm" / "etc" / "slurm.conf"  # where start_local_cluster.sh writes it
-TINY = ["model=tiny_llama", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3", "trainer.warmup_steps=0",
-        "dataset.arith.num_train=32", "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=0", "trainer.save_final=false",
-        "dynamics.enabled=false", "logger.wandb.mode=disabled", "hardware.num_threads=1"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "trainer.warmup_steps=0",
+    "dataset.arith.num_train=32",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "trainer.save_final=false",
+    "dynamics.enabled=false",
+    "logger.wandb.mode=disabled",
+    "hardware.num_threads=1",
+]
 SLURM = ["hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5"]
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # --- without a cluster ---------------------------------------------------------------------------------
+
 
 def test_first_host_of_a_slurm_node_list():
     assert first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
@@ -45,8 +58,16 @@ def test_first_host_of_a_slurm_node_list():
 
 
 def test_slurm_task_variables_become_torch_ranks(monkeypatch):
-    for key, value in {"SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
-                       "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242", "RANK": "0", "MASTER_PORT": "1"}.items():
+    for key, value in {
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NTASKS": "16",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+        "RANK": "0",
+        "MASTER_PORT": "1",
+    }.items():
         monkeypatch.setenv(key, value)  # RANK/MASTER_PORT: stale values from the submitting shell must not win
     for key in RANK_VARIABLES:
         monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
@@ -117,15 +138,26 @@ def test_preemption_signals_are_flags_once_the_trainer_polls(monkeypatch):
 def test_a_requeued_worker_resumes_its_run_dir(tmp_path, monkeypatch):
     from prefopt.worker import run_worker
 
-    common = ["model=tiny_llama", "trainer.micro_batch_size=2", "dataset.arith.num_train=16", "dataset.arith.num_eval=4",
-              "trainer.greedy_eval_examples=0", "logger.wandb.mode=disabled", "dynamics.enabled=false",
-              "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=0"]
+    common = [
+        "model=tiny_llama",
+        "trainer.micro_batch_size=2",
+        "dataset.arith.num_train=16",
+        "dataset.arith.num_eval=4",
+        "trainer.greedy_eval_examples=0",
+        "logger.wandb.mode=disabled",
+        "dynamics.enabled=false",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.eval_every=0",
+    ]
     run_dir = run_train(tmp_path / "run", *common, "trainer.stop_after=2")  # as if killed after step 2
     frozen = OmegaConf.load(run_dir / "config.yaml")
     frozen.trainer.stop_after = None
     OmegaConf.save(frozen, run_dir / "config.yaml")
     assert frozen.trainer.resume is False
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what a requeued job sees; the frozen config still says resume: false
+    monkeypatch.setenv(
+        "SLURM_RESTART_COUNT", "1"
+    )  # what a requeued job sees; the frozen config still says resume: false
     summary = run_worker(run_dir / "config.yaml")
     assert summary["steps"] == 4
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row] == [1, 2, 3, 4]
@@ -135,16 +167,28 @@ def test_slurm_presets_compose():
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
-        for hardware, nodes, tasks in (("slurm_1gpu", 1, 1), ("slurm_8gpu", 1, 8), ("slurm_2x8gpu", 2, 8), ("slurm_cpu_2proc", 1, 2)):
-            cfg = compose("config", overrides=["hydra/launcher=slurm", f"hardware={hardware}"], return_hydra_config=True)
+        for hardware, nodes, tasks in (
+            ("slurm_1gpu", 1, 1),
+            ("slurm_8gpu", 1, 8),
+            ("slurm_2x8gpu", 2, 8),
+            ("slurm_cpu_2proc", 1, 2),
+        ):
+            cfg = compose(
+                "config", overrides=["hydra/launcher=slurm", f"hardware={hardware}"], return_hydra_config=True
+            )
             launcher = cfg.hydra.launcher
             assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (nodes, tasks, tasks), hardware
-            assert cfg.hardware.launcher == "slurm" and launcher._target_.endswith("prefopt_slurm_launcher.launcher.SlurmLauncher")
-        local = compose("config", overrides=["hydra/launcher=slurm_local", "hardware=slurm_cpu_2proc"], return_hydra_config=True)
+            assert cfg.hardware.launcher == "slurm" and launcher._target_.endswith(
+                "prefopt_slurm_launcher.launcher.SlurmLauncher"
+            )
+        local = compose(
+            "config", overrides=["hydra/launcher=slurm_local", "hardware=slurm_cpu_2proc"], return_hydra_config=True
+        )
         assert (local.hydra.launcher.tasks_per_node, local.hydra.launcher.gpus_per_node) == (2, None)
 
 
 # --- a real cluster ------------------------------------------------------------------------------------
+
 
 def cluster_state(conf: str | None = None) -> tuple[str | None, str]:
     """(SLURM_CONF of a cluster that answers, "") or (None, why not); by default the one-node cluster's."""
@@ -154,7 +198,13 @@ def cluster_state(conf: str | None = None) -> tuple[str | None, str]:
     if conf is None:
         return None, "no SLURM_CONF and no local cluster config"
     try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, "SLURM_CONF": conf}, capture_output=True, text=True, timeout=15)
+        states = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"],
+            env={**os.environ, "SLURM_CONF": conf},
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
     except subprocess.TimeoutExpired:
         return None, "sinfo did not answer within 15 s"
     if states.returncode != 0 or not {"idle", "mixed", "allocated"} & set(states.stdout.split()):
@@ -170,9 +220,18 @@ def slurm_client_env(conf: str | None, reason: str, start: str = "bash scripts/s
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true needs a running SLURM: " + message)
         pytest.skip(message)
-    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}  # none from earlier in-process runs
-    return {**env, "SLURM_CONF": conf, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        key: value for key, value in os.environ.items() if key not in RANK_VARIABLES
+    }  # none from earlier in-process runs
+    return {
+        **env,
+        "SLURM_CONF": conf,
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +245,14 @@ class Sweep:
     def __init__(self, env: dict, sweep_dir: Path, *overrides: str):
         self.env, self.dir = env, sweep_dir
         self.log = sweep_dir.parent / f"{sweep_dir.name}.log"
-        self.process = subprocess.Popen([sys.executable, "-m", "prefopt.cli", "train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                                        cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefopt.cli", "train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+            cwd=REPO,
+            env=env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float) -> tuple[int, str]:
         try:
@@ -210,13 +275,22 @@ class Sweep:
 
     def final_states(self, timeout: float = 60) -> dict[str, str]:
         """The jobs' states once SLURM has finished them (the sweep returns as soon as results are written)."""
-        wait_for(lambda: not {"RUNNING", "PENDING", "COMPLETING", "REQUEUED", ""} & set(self.states().values()), timeout, "the jobs' end in sacct")
+        wait_for(
+            lambda: not {"RUNNING", "PENDING", "COMPLETING", "REQUEUED", ""} & set(self.states().values()),
+            timeout,
+            "the jobs' end in sacct",
+        )
         return self.states()
 
     def states(self) -> dict[str, str]:
         ids = self.job_ids()
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", *[f"-j{job.split('_')[0]}" for job in ids]],
-                             env=self.env, capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", *[f"-j{job.split('_')[0]}" for job in ids]],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         rows = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
         return {job: rows.get(job, "").split()[0] if rows.get(job) else "" for job in ids}
 
@@ -265,7 +339,9 @@ def local_two_rank_losses(tmp_path_factory, slurm_env):
 
 @pytest.mark.slow
 def test_a_two_job_sweep_completes_on_slurm(sweeps, tmp_path):
-    sweep = sweeps(tmp_path / "sweep", *SLURM, "loss=dpo,ipo", *TINY, "trainer.max_steps=2", "logger.wandb.mode=offline")
+    sweep = sweeps(
+        tmp_path / "sweep", *SLURM, "loss=dpo,ipo", *TINY, "trainer.max_steps=2", "logger.wandb.mode=offline"
+    )
     returncode, output = sweep.wait(timeout=240)
     assert returncode == 0, output[-3000:]
     assert len(sweep.job_ids()) == 2
@@ -284,7 +360,10 @@ def test_a_two_task_job_agrees_with_the_local_two_rank_run(sweeps, tmp_path, loc
     assert returncode == 0, output[-3000:]
     [job] = sweep.job_ids()
     assert sweep.final_states() == {job: "COMPLETED"}
-    assert sorted(path.name for path in (sweep.dir / ".submitit" / job).glob("*_log.out")) == [f"{job}_0_log.out", f"{job}_1_log.out"]
+    assert sorted(path.name for path in (sweep.dir / ".submitit" / job).glob("*_log.out")) == [
+        f"{job}_0_log.out",
+        f"{job}_1_log.out",
+    ]
     losses = train_losses(sweep.dir / "0")
     assert sorted(losses) == [1, 2, 3]  # written once, by rank 0
     for step, expected in local_two_rank_losses.items():
@@ -307,7 +386,11 @@ def test_a_requeued_job_resumes_from_its_checkpoint(sweeps, tmp_path, uninterrup
     common, expected = uninterrupted
     sweep = sweeps(tmp_path / "sweep", *SLURM, *common)
     job_dir = sweep.dir / "0"
-    wait_for(lambda: (job_dir / "checkpoints" / "latest").is_file() or sweep.process.poll() is not None, 180, "a first checkpoint")
+    wait_for(
+        lambda: (job_dir / "checkpoints" / "latest").is_file() or sweep.process.poll() is not None,
+        180,
+        "a first checkpoint",
+    )
     [job] = sweep.job_ids()
     if interrupt == "scontrol requeue":
         sweep.slurm("scontrol", "requeue", job)
@@ -327,7 +410,9 @@ def test_a_requeued_job_resumes_from_its_checkpoint(sweeps, tmp_path, uninterrup
 
 
 def bad_data_file(tmp_path: Path) -> Path:
-    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [
+        {"prompt": "q", "chosen": "same", "rejected": "same"}
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -335,23 +420,42 @@ def bad_data_file(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_failing_job_fails_the_sweep_with_its_error(sweeps, tmp_path):
-    sweep = sweeps(tmp_path / "sweep", *SLURM, *TINY, "trainer.max_steps=2", "dataset=local", f"dataset.path={bad_data_file(tmp_path)}",
-                   "dataset.on_bad_row=error,skip")
+    sweep = sweeps(
+        tmp_path / "sweep",
+        *SLURM,
+        *TINY,
+        "trainer.max_steps=2",
+        "dataset=local",
+        f"dataset.path={bad_data_file(tmp_path)}",
+        "dataset.on_bad_row=error,skip",
+    )
     returncode, output = sweep.wait(timeout=240)
     assert returncode == 1
-    assert "line 9" in output and "pairs.jsonl" in output and "Traceback" in output and "job log:" in output, output[-3000:]
+    assert "line 9" in output and "pairs.jsonl" in output and "Traceback" in output and "job log:" in output, output[
+        -3000:
+    ]
     failed, ok = sweep.job_ids()
     assert sweep.final_states() == {failed: "FAILED", ok: "COMPLETED"}
     assert "line 9" in (sweep.dir / "0" / "error.txt").read_text()
-    assert "line 9" in "".join(path.read_text() for path in (sweep.dir / ".submitit" / failed).glob("*_0_log.*"))  # the job's own log
+    assert "line 9" in "".join(
+        path.read_text() for path in (sweep.dir / ".submitit" / failed).glob("*_0_log.*")
+    )  # the job's own log
     rows, _ = build_report(sweep.dir)
     assert [row["status"] for row in rows] == ["failed", "ok"]
 
 
 @pytest.mark.slow
 def test_the_first_failure_cancels_the_rest_when_asked(sweeps, tmp_path):
-    sweep = sweeps(tmp_path / "sweep", *SLURM, *TINY, "trainer.max_steps=100000", "dataset=local", f"dataset.path={bad_data_file(tmp_path)}",
-                   "dataset.on_bad_row=error,skip", "sweep.continue_on_failure=false")
+    sweep = sweeps(
+        tmp_path / "sweep",
+        *SLURM,
+        *TINY,
+        "trainer.max_steps=100000",
+        "dataset=local",
+        f"dataset.path={bad_data_file(tmp_path)}",
+        "dataset.on_bad_row=error,skip",
+        "sweep.continue_on_failure=false",
+    )
     returncode, output = sweep.wait(timeout=240)
     assert returncode == 1 and "line 9" in output and "cancelled the 1 jobs" in output, output[-3000:]
     failed, running = sweep.job_ids()
@@ -362,7 +466,11 @@ def test_the_first_failure_cancels_the_rest_when_asked(sweeps, tmp_path):
 @pytest.mark.slow
 def test_a_cancelled_job_is_reported_not_waited_on(sweeps, tmp_path):
     sweep = sweeps(tmp_path / "sweep", *SLURM, *TINY, "trainer.max_steps=100000")
-    wait_for(lambda: train_losses(sweep.dir / "0") if (sweep.dir / "0" / "metrics.jsonl").is_file() else False, 180, "training")
+    wait_for(
+        lambda: train_losses(sweep.dir / "0") if (sweep.dir / "0" / "metrics.jsonl").is_file() else False,
+        180,
+        "training",
+    )
     [job] = sweep.job_ids()
     sweep.slurm("scancel", job)
     returncode, output = sweep.wait(timeout=90)
@@ -375,21 +483,61 @@ def test_a_cancelled_job_is_reported_not_waited_on(sweeps, tmp_path):
 @pytest.mark.slow
 def test_the_sbatch_script_trains_a_frozen_run_dir_on_two_tasks(slurm_env, tmp_path, local_two_rank_losses):
     run_dir = tmp_path / "run"
-    freeze = subprocess.run([sys.executable, "-m", "prefopt.cli", "train", *TINY, "hardware=slurm_cpu_2proc", "trainer.max_steps=3",
-                             f"hydra.run.dir={run_dir}"], cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
+    freeze = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.cli",
+            "train",
+            *TINY,
+            "hardware=slurm_cpu_2proc",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert freeze.returncode == 0 and "nothing was trained" in freeze.stderr + freeze.stdout
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.jsonl").exists()
-    submit = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=5", f"--output={tmp_path}/slurm-%j.out",
-                             str(REPO / "scripts" / "slurm" / "train.sbatch"), str(run_dir)],
-                            cwd=tmp_path, env={**slurm_env, "PREFOPT_PYTHON": sys.executable},  # the venv's Python, as a user would set it
-                            capture_output=True, text=True, timeout=30, check=True)
+    submit = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            "--time=5",
+            f"--output={tmp_path}/slurm-%j.out",
+            str(REPO / "scripts" / "slurm" / "train.sbatch"),
+            str(run_dir),
+        ],
+        cwd=tmp_path,
+        env={**slurm_env, "PREFOPT_PYTHON": sys.executable},  # the venv's Python, as a user would set it
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     job = submit.stdout.strip().split(";")[0]
     try:
+
         def state() -> str:
-            out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", f"-j{job}"], env=slurm_env, capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                ["sacct", "-n", "-X", "-P", "-o", "State", f"-j{job}"],
+                env=slurm_env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             return out.stdout.strip().split("\n")[0]
 
-        wait_for(lambda: state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"), 240, f"the end of job {job}")
+        wait_for(
+            lambda: state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"),
+            240,
+            f"the end of job {job}",
+        )
         assert state() == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
     finally:
         subprocess.run(["scancel", job], env=slurm_env, timeout=30, capture_output=True)

@@ -1,6 +1,7 @@
 """Statistics over seeds (prefopt/stats.py) and `prefopt report --group-by/--baseline` on sweep dirs made by hand.
 
 Expected numbers are worked out by hand in the comments; t quantiles are the printed tables' values."""
+
 from __future__ import annotations
 
 import csv
@@ -12,10 +13,18 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.errors import ConfigError
-from prefopt.report import Group, band_facet_key, find_baselines, group_bands, group_jobs, job_dirs, read_job, split_keys
+from prefopt.report import (
+    Group,
+    band_facet_key,
+    find_baselines,
+    group_bands,
+    group_jobs,
+    job_dirs,
+    read_job,
+    split_keys,
+)
 from prefopt.stats import estimate, mean, paired_difference, sample_std, t_cdf, t_quantile
 from tests.test_plots_report import assert_png, cli, make_run
-
 
 # ---- statistics -------------------------------------------------------------------------------------
 
@@ -36,8 +45,19 @@ def test_t_interval_of_a_small_sample():
     assert (value.ci_low, value.ci_high) == pytest.approx((2.5 - 2.054260, 2.5 + 2.054260), abs=1e-6)
 
 
-@pytest.mark.parametrize("df, expected", [(1, 12.706205), (2, 4.302653), (3, 3.182446), (4, 2.776445), (9, 2.262157),
-                                          (29, 2.045230), (100, 1.983972), (1000, 1.962339)])
+@pytest.mark.parametrize(
+    "df, expected",
+    [
+        (1, 12.706205),
+        (2, 4.302653),
+        (3, 3.182446),
+        (4, 2.776445),
+        (9, 2.262157),
+        (29, 2.045230),
+        (100, 1.983972),
+        (1000, 1.962339),
+    ],
+)
 def test_t_quantile_matches_the_tables(df, expected):
     assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
     assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-6)  # symmetric
@@ -73,21 +93,49 @@ def test_paired_difference_matches_seeds_and_counts_the_dropped():
 # ---- sweep dirs made by hand ------------------------------------------------------------------------
 
 
-def make_job(sweep_dir: Path, number: int, loss: str, seed: int, chosen: float, extra: list[str] = (), beta: float = 0.1,
-             failed: bool = False, gate: list[float] = (), write_overrides_for: tuple[str, ...] = ("loss", "trainer.seed")) -> Path:
+def make_job(
+    sweep_dir: Path,
+    number: int,
+    loss: str,
+    seed: int,
+    chosen: float,
+    extra: list[str] = (),
+    beta: float = 0.1,
+    failed: bool = False,
+    gate: list[float] = (),
+    write_overrides_for: tuple[str, ...] = ("loss", "trainer.seed"),
+) -> Path:
     """A job dir as `prefopt train -m` leaves it: overrides.yaml, config.yaml (the defaults), summary.json,
     dynamics.jsonl (chosen log-prob -10 - (1 + seed) * step), metrics.jsonl with the gate when given;
     a failed job has error.txt and no summary."""
-    overrides = [f"loss={loss}"] * ("loss" in write_overrides_for) + [f"trainer.seed={seed}"] * ("trainer.seed" in write_overrides_for)
-    summary = None if failed else {"delta/chosen": chosen, "delta/rejected": -2 * chosen, "eval/rewards/accuracies": 0.5 + 0.1 * seed,
-                                   "eval/delta/logps/chosen": chosen / 2, "steps": 10, "train_seconds": 3.0, "data/pairs": 16}
+    overrides = [f"loss={loss}"] * ("loss" in write_overrides_for) + [f"trainer.seed={seed}"] * (
+        "trainer.seed" in write_overrides_for
+    )
+    summary = (
+        None
+        if failed
+        else {
+            "delta/chosen": chosen,
+            "delta/rejected": -2 * chosen,
+            "eval/rewards/accuracies": 0.5 + 0.1 * seed,
+            "eval/delta/logps/chosen": chosen / 2,
+            "steps": 10,
+            "train_seconds": 3.0,
+            "data/pairs": 16,
+        }
+    )
     job_dir = make_run(sweep_dir / str(number), [*overrides, *extra], drift=1.0 + seed, summary=summary)
-    config = {"trainer": {"seed": seed, "lr": 3e-6}, "loss": {"name": "dpo", "beta": beta, "gate": {"kind": "none"}},
-              "run_dir": str(job_dir), "logger": {"wandb": {"name": " ".join(overrides)}}}
+    config = {
+        "trainer": {"seed": seed, "lr": 3e-6},
+        "loss": {"name": "dpo", "beta": beta, "gate": {"kind": "none"}},
+        "run_dir": str(job_dir),
+        "logger": {"wandb": {"name": " ".join(overrides)}},
+    }
     (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
     if gate:
-        (job_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": step + 1, "train/gate/mean": value}) + "\n"
-                                                       for step, value in enumerate(gate)))
+        (job_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": step + 1, "train/gate/mean": value}) + "\n" for step, value in enumerate(gate))
+        )
     if failed:
         (job_dir / "error.txt").write_text("Traceback ...\nRuntimeError: boom\n")
     return job_dir
@@ -98,8 +146,16 @@ def seeded_sweep(tmp_path) -> Path:
     """2 losses x 3 seeds and one failed job (gate_dpo, seed 3).
     delta/chosen: dpo 1, 2, 3 (mean 2, std 1); gate_dpo 2, 4, 9 (mean 5, std sqrt(13)); paired 1, 2, 6 (mean 3, std sqrt(7))."""
     sweep_dir = tmp_path / "multirun"
-    for number, (loss, seed, chosen) in enumerate([("dpo", 0, 1.0), ("dpo", 1, 2.0), ("dpo", 2, 3.0),
-                                                   ("gate_dpo", 0, 2.0), ("gate_dpo", 1, 4.0), ("gate_dpo", 2, 9.0)]):
+    for number, (loss, seed, chosen) in enumerate(
+        [
+            ("dpo", 0, 1.0),
+            ("dpo", 1, 2.0),
+            ("dpo", 2, 3.0),
+            ("gate_dpo", 0, 2.0),
+            ("gate_dpo", 1, 4.0),
+            ("gate_dpo", 2, 9.0),
+        ]
+    ):
         gate = [0.1 * (seed + 1), 0.1 * (seed + 3)] if loss == "gate_dpo" else []  # run averages 0.2, 0.3, 0.4
         make_job(sweep_dir, number, loss, seed, chosen, gate=gate)
     make_job(sweep_dir, 6, "gate_dpo", 3, 0.0, failed=True)
@@ -127,21 +183,34 @@ def test_report_groups_seeds_with_intervals_and_paired_differences(seeded_sweep,
     # gate mean over seeds 0.2, 0.3, 0.4 -> 0.3 ± 0.248414; dpo ran without a gate (empty cell)
     # others and greedy come from dynamics.jsonl (the summary lacks them): -10 * (1 + seed) -> -20 ± 24.841377
     markdown = (seeded_sweep / "report_groups.md").read_text()
-    assert "| group | n | delta/chosen | delta/rejected | delta/others | delta/greedy | eval/rewards/accuracies | train/gate/mean | failed |" in markdown
-    assert "| loss=dpo | 3 | 2.000 ± 2.484 | -4.000 ± 4.968 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 |  | 0 |" in markdown
-    assert ("| loss=gate_dpo | 3 | 5.000 ± 8.957 | -10.000 ± 17.913 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 "
-            "| 0.300 ± 0.248 | 1 |") in markdown
+    assert (
+        "| group | n | delta/chosen | delta/rejected | delta/others | delta/greedy | eval/rewards/accuracies | train/gate/mean | failed |"
+        in markdown
+    )
+    assert (
+        "| loss=dpo | 3 | 2.000 ± 2.484 | -4.000 ± 4.968 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 |  | 0 |"
+        in markdown
+    )
+    assert (
+        "| loss=gate_dpo | 3 | 5.000 ± 8.957 | -10.000 ± 17.913 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 "
+        "| 0.300 ± 0.248 | 1 |"
+    ) in markdown
     # paired: chosen differences 1, 2, 6 -> 3 ± 4.302653 * sqrt(7) / sqrt(3) = 6.572411 (rejected: twice that);
     # accuracy, others and greedy are the same per seed: differences 0 ± 0; no gate in the baseline: empty
     assert "## Paired differences vs loss=dpo" in markdown
-    assert "| loss=gate_dpo | loss=dpo | 3 | 0 | 3.000 ± 6.572 | -6.000 ± 13.145 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 |  |" in markdown
+    assert (
+        "| loss=gate_dpo | loss=dpo | 3 | 0 | 3.000 ± 6.572 | -6.000 ± 13.145 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 |  |"
+        in markdown
+    )
     assert markdown in out  # printed too
 
     rows = read_csv(seeded_sweep / "report_groups.csv")
     dpo_chosen = rows[("loss=dpo", "", "delta/chosen")]
     assert dpo_chosen["loss"] == "dpo" and dpo_chosen["n"] == "3"
     assert float(dpo_chosen["mean"]) == pytest.approx(2.0) and float(dpo_chosen["std"]) == pytest.approx(1.0)
-    assert (float(dpo_chosen["ci_low"]), float(dpo_chosen["ci_high"])) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+    assert (float(dpo_chosen["ci_low"]), float(dpo_chosen["ci_high"])) == pytest.approx(
+        (2 - 2.484138, 2 + 2.484138), abs=1e-6
+    )
     gate_chosen = rows[("loss=gate_dpo", "", "delta/chosen")]
     assert float(gate_chosen["std"]) == pytest.approx(math.sqrt(13))
     paired = rows[("loss=gate_dpo", "loss=dpo", "delta/chosen")]
@@ -190,11 +259,15 @@ def test_a_single_seed_group_has_n_1_and_no_interval(tmp_path, capsys):
 def test_grouping_refuses_jobs_that_differ_in_another_key(tmp_path, capsys):
     make_job(tmp_path, 0, "dpo", 0, 1.0, extra=["loss.beta=0.1"])
     make_job(tmp_path, 1, "dpo", 1, 2.0, extra=["loss.beta=0.05"], beta=0.05)
-    with pytest.raises(ConfigError, match=r"jobs 0 and 1 \(group loss=dpo\) differ in loss.beta \(loss.beta=0.1 vs loss.beta=0.05\)"):
+    with pytest.raises(
+        ConfigError, match=r"jobs 0 and 1 \(group loss=dpo\) differ in loss.beta \(loss.beta=0.1 vs loss.beta=0.05\)"
+    ):
         groups_of(tmp_path, ["loss"])
     assert cli("report", str(tmp_path), "--group-by", "loss") == 2
     assert "prefopt: error: jobs 0 and 1" in capsys.readouterr().err
-    assert not (tmp_path / "report_groups.md").exists() and not (tmp_path / "report.md").exists()  # refused before writing
+    assert (
+        not (tmp_path / "report_groups.md").exists() and not (tmp_path / "report.md").exists()
+    )  # refused before writing
     groups = groups_of(tmp_path, ["loss", "loss.beta"])  # grouping by the key too is fine: two groups of n=1
     assert [group.label for group in groups] == ["loss=dpo loss.beta=0.1", "loss=dpo loss.beta=0.05"]
 
@@ -204,7 +277,9 @@ def test_a_key_a_job_does_not_override_counts_as_its_default(tmp_path):
     make_job(tmp_path, 0, "dpo", 0, 1.0, extra=["loss.beta=1e-1"])
     job = make_job(tmp_path, 1, "dpo", 1, 2.0, write_overrides_for=("trainer.seed",))
     (job / ".hydra").mkdir()
-    (job / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": {"runtime": {"choices": {"loss": "dpo", "loss/gate": "default"}}}}))
+    (job / ".hydra" / "hydra.yaml").write_text(
+        OmegaConf.to_yaml({"hydra": {"runtime": {"choices": {"loss": "dpo", "loss/gate": "default"}}}})
+    )
     [group] = groups_of(tmp_path, ["loss"])
     assert group.label == "loss=dpo" and [job.number for job in group.jobs] == [0, 1]
     # a differing default is still a difference
@@ -216,7 +291,9 @@ def test_a_key_a_job_does_not_override_counts_as_its_default(tmp_path):
 def test_a_repeated_seed_is_refused(tmp_path):
     make_job(tmp_path, 0, "dpo", 0, 1.0)
     make_job(tmp_path, 1, "dpo", 0, 1.0)
-    with pytest.raises(ConfigError, match=r"jobs 0 and 1 \(group loss=dpo\) are the same setting with the same trainer.seed=0"):
+    with pytest.raises(
+        ConfigError, match=r"jobs 0 and 1 \(group loss=dpo\) are the same setting with the same trainer.seed=0"
+    ):
         groups_of(tmp_path, ["loss"])
 
 
@@ -224,7 +301,10 @@ def test_group_by_and_baseline_mistakes_are_one_line_errors(seeded_sweep, capsys
     assert cli("report", str(seeded_sweep), "--group-by", "los") == 2
     assert "--group-by los: no job sets it" in capsys.readouterr().err
     assert cli("report", str(seeded_sweep), "--group-by", "loss", "--baseline", "loss=ipo") == 2
-    assert "--baseline loss=ipo: no group has these values; the groups are: loss=dpo; loss=gate_dpo" in capsys.readouterr().err
+    assert (
+        "--baseline loss=ipo: no group has these values; the groups are: loss=dpo; loss=gate_dpo"
+        in capsys.readouterr().err
+    )
     assert cli("report", str(seeded_sweep), "--group-by", "loss", "--baseline", "loss.beta=0.1") == 2
     assert "KEY one of the --group-by keys (loss)" in capsys.readouterr().err
     assert cli("report", str(seeded_sweep), "--baseline", "loss=dpo") == 2
@@ -252,13 +332,18 @@ def test_baseline_naming_some_keys_compares_within_each_stratum(tmp_path):
     groups = groups_of(sweep_dir, group_by)
     baselines = find_baselines(groups, ["loss=dpo"], group_by)
     assert {label: baseline.label for label, baseline in baselines.items()} == {
-        group.label: f"loss=dpo dataset.arith.rejected_style={group.label.rsplit('=', 1)[1]}" for group in groups}
-    assert cli("report", str(sweep_dir), "--group-by", "loss,dataset.arith.rejected_style", "--baseline", "loss=dpo") == 0
+        group.label: f"loss=dpo dataset.arith.rejected_style={group.label.rsplit('=', 1)[1]}" for group in groups
+    }
+    assert (
+        cli("report", str(sweep_dir), "--group-by", "loss,dataset.arith.rejected_style", "--baseline", "loss=dpo") == 0
+    )
     markdown = (sweep_dir / "report_groups.md").read_text()
     # paired within a regime: 3-1, 5-2 -> 2.5 ± 12.706205 * sqrt(0.5) / sqrt(2) = 6.353; across regimes it would be ~100
     for regime in ("near", "offpolicy"):
-        assert (f"| loss=gate_dpo dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
-                "| 2 | 0 | 2.500 ± 6.353 |") in markdown
+        assert (
+            f"| loss=gate_dpo dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
+            "| 2 | 0 | 2.500 ± 6.353 |"
+        ) in markdown
     # the band plot: one row of panels per regime, each group named by its loss within the row
     assert band_facet_key(groups, group_by) == "dataset.arith.rejected_style"
     assert band_facet_key(groups, ["loss"]) is None

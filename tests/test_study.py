@@ -1,6 +1,7 @@
 """The Gate-DPO study preset (+experiment=gate_vs_field, issue 13): every job of the 48 composes and validates,
 and the whole pipeline (sweep over losses x regimes x seeds, the gate's distribution at step 0, the report with
 per-regime baselines) runs at tiny scale."""
+
 from __future__ import annotations
 
 import itertools
@@ -27,7 +28,11 @@ def study_params() -> dict[str, list[str]]:
 def test_the_study_sweeps_8_losses_2_regimes_3_seeds_and_every_job_validates():
     register_schema()
     params = study_params()
-    assert params == {"loss": STUDY_LOSSES, "dataset.arith.rejected_style": ["near", "offpolicy"], "trainer.seed": ["0", "1", "2"]}
+    assert params == {
+        "loss": STUDY_LOSSES,
+        "dataset.arith.rejected_style": ["near", "offpolicy"],
+        "trainer.seed": ["0", "1", "2"],
+    }
     gate_kinds = {}
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
         for values in itertools.product(*params.values()):
@@ -38,17 +43,35 @@ def test_the_study_sweeps_8_losses_2_regimes_3_seeds_and_every_job_validates():
             assert cfg.dynamics.num_probes <= cfg.dataset.arith.num_eval  # the probes are drawn from the held-out split
             gate_kinds[cfg.loss.name, values[0]] = cfg.loss.gate.kind
     assert {loss: kind for (_, loss), kind in gate_kinds.items()} == {
-        "dpo": "none", "gate_dpo": "seq", "gate_dpo_q10": "q10", "ipo": "none", "gate_ipo": "seq", "cal_dpo": "none",
-        "lpo": "none", "dpo_shift": "none"}
+        "dpo": "none",
+        "gate_dpo": "seq",
+        "gate_dpo_q10": "q10",
+        "ipo": "none",
+        "gate_ipo": "seq",
+        "cal_dpo": "none",
+        "lpo": "none",
+        "dpo_shift": "none",
+    }
 
 
 @pytest.mark.slow
 def test_the_study_runs_at_tiny_scale_and_reports_each_regime_against_its_own_dpo(tmp_path, capsys):
     sweep_dir = tmp_path / "study"
-    jobs = run_sweep(sweep_dir, "+experiment=gate_vs_field", "loss=dpo,gate_dpo_q10", "dataset.arith.rejected_style=near,offpolicy",
-                     "trainer.seed=0,1", "model=tiny_llama", "trainer.max_steps=2", "trainer.micro_batch_size=2",
-                     "dataset.arith.num_train=16", "dataset.arith.num_eval=8", "dynamics.num_probes=4",
-                     "dynamics.every_n_steps=1", "logger.wandb.mode=disabled")
+    jobs = run_sweep(
+        sweep_dir,
+        "+experiment=gate_vs_field",
+        "loss=dpo,gate_dpo_q10",
+        "dataset.arith.rejected_style=near,offpolicy",
+        "trainer.seed=0,1",
+        "model=tiny_llama",
+        "trainer.max_steps=2",
+        "trainer.micro_batch_size=2",
+        "dataset.arith.num_train=16",
+        "dataset.arith.num_eval=8",
+        "dynamics.num_probes=4",
+        "dynamics.every_n_steps=1",
+        "logger.wandb.mode=disabled",
+    )
     assert len(jobs) == 8
     for job in jobs:
         config = OmegaConf.load(job / "config.yaml")
@@ -59,10 +82,15 @@ def test_the_study_runs_at_tiny_scale_and_reports_each_regime_against_its_own_dp
         else:
             assert not any(key.startswith("eval/gate/") for key in step0)
     capsys.readouterr()
-    assert main(["report", str(sweep_dir), "--group-by", "loss,dataset.arith.rejected_style", "--baseline", "loss=dpo"]) == 0
+    assert (
+        main(["report", str(sweep_dir), "--group-by", "loss,dataset.arith.rejected_style", "--baseline", "loss=dpo"])
+        == 0
+    )
     markdown = (sweep_dir / "report_groups.md").read_text()
     for regime in ("near", "offpolicy"):
-        assert (f"| loss=gate_dpo_q10 dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
-                "| 2 | 0 |") in markdown
+        assert (
+            f"| loss=gate_dpo_q10 dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
+            "| 2 | 0 |"
+        ) in markdown
     assert (sweep_dir / "report_bands.png").stat().st_size > 0
     assert json.loads((jobs[0] / "summary.json").read_text())["steps"] == 2

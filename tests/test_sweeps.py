@@ -1,5 +1,6 @@
 """Multirun in one process (Hydra's basic launcher, the Optuna sweeper): a run dir and a W&B run per job in
 one W&B group, the objective `prefopt train` returns, failing jobs, and no state leaking between jobs."""
+
 from __future__ import annotations
 
 import gc
@@ -16,9 +17,18 @@ from prefopt.report import build_report
 from prefopt.tracking import read_jsonl
 from tests.helpers import read_wandb_run, run_sweep, run_train
 
-TINY = ["model=tiny_llama", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3",
-        "dataset.arith.num_train=16", "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=0", "trainer.max_steps=2",
-        "trainer.save_final=false", "dynamics.num_probes=2"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=16",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=0",
+    "trainer.max_steps=2",
+    "trainer.save_final=false",
+    "dynamics.num_probes=2",
+]
 
 
 def wandb_run_record(run_dir: Path):
@@ -75,7 +85,11 @@ def test_sweep_over_two_losses_and_two_betas(tmp_path):
     rows, _ = build_report(sweep_dir)
     assert [row["status"] for row in rows] == ["ok"] * 4
     assert [row["overrides"].split()[:2] for row in rows] == [
-        ["loss=dpo", "loss.beta=0.05"], ["loss=dpo", "loss.beta=0.1"], ["loss=ipo", "loss.beta=0.05"], ["loss=ipo", "loss.beta=0.1"]]
+        ["loss=dpo", "loss.beta=0.05"],
+        ["loss=dpo", "loss.beta=0.1"],
+        ["loss=ipo", "loss.beta=0.05"],
+        ["loss=ipo", "loss.beta=0.1"],
+    ]
     assert main(["report", str(sweep_dir)]) == 0
 
     # nothing leaks from one job to the next: the last job trains exactly like the same run on its own,
@@ -89,7 +103,9 @@ def test_sweep_over_two_losses_and_two_betas(tmp_path):
 
 
 def test_a_user_group_and_name_are_kept(tmp_path):
-    [job] = run_sweep(tmp_path / "sweep", *TINY, "trainer.max_steps=1", "logger.wandb.group=mine", "logger.wandb.name=first")
+    [job] = run_sweep(
+        tmp_path / "sweep", *TINY, "trainer.max_steps=1", "logger.wandb.group=mine", "logger.wandb.name=first"
+    )
     record = wandb_run_record(job)
     assert (record.run_group, record.display_name) == ("mine", "first")
 
@@ -98,8 +114,16 @@ def test_train_returns_the_objective(tmp_path, monkeypatch):
     import prefopt.sweep as sweep
 
     real, returned = sweep.objective_value, []
-    monkeypatch.setattr(sweep, "objective_value", lambda *args, **kwargs: returned.append(real(*args, **kwargs)) or returned[-1])
-    run_train(tmp_path / "run", *TINY, "logger.wandb.mode=disabled", "trainer.objective=eval/loss", "trainer.objective_direction=minimize")
+    monkeypatch.setattr(
+        sweep, "objective_value", lambda *args, **kwargs: returned.append(real(*args, **kwargs)) or returned[-1]
+    )
+    run_train(
+        tmp_path / "run",
+        *TINY,
+        "logger.wandb.mode=disabled",
+        "trainer.objective=eval/loss",
+        "trainer.objective_direction=minimize",
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert returned == [pytest.approx(summary["eval/loss"])]
 
@@ -116,8 +140,15 @@ def test_an_objective_missing_from_the_summary_names_the_keys():
 
 def test_optuna_sweep_returns_the_best_job(tmp_path):
     sweep_dir = tmp_path / "optuna"
-    jobs = run_sweep(sweep_dir, "+experiment=optuna_gate", "hydra.sweeper.n_trials=4", *TINY,
-                     "trainer.objective=eval/loss", "trainer.objective_direction=minimize", "logger.wandb.mode=disabled")
+    jobs = run_sweep(
+        sweep_dir,
+        "+experiment=optuna_gate",
+        "hydra.sweeper.n_trials=4",
+        *TINY,
+        "trainer.objective=eval/loss",
+        "trainer.objective_direction=minimize",
+        "logger.wandb.mode=disabled",
+    )
     assert len(jobs) == 4
     objectives = [json.loads((job / "summary.json").read_text())["eval/loss"] for job in jobs]
     assert len(set(objectives)) == 4  # four different trials
@@ -131,7 +162,9 @@ def test_optuna_sweep_returns_the_best_job(tmp_path):
 
 
 def bad_data_file(tmp_path: Path) -> Path:
-    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)] + [
+        {"prompt": "q", "chosen": "same", "rejected": "same"}
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -150,7 +183,13 @@ def sweep_exit_code(sweep_dir: Path, *overrides: str) -> int:
 
 def test_a_failing_job_is_recorded_and_the_sweep_continues(tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
-    common = [*TINY, "dataset=local", f"dataset.path={bad_data_file(tmp_path)}", "logger.wandb.mode=disabled", "dynamics.enabled=false"]
+    common = [
+        *TINY,
+        "dataset=local",
+        f"dataset.path={bad_data_file(tmp_path)}",
+        "logger.wandb.mode=disabled",
+        "dynamics.enabled=false",
+    ]
     assert sweep_exit_code(sweep_dir, "dataset.on_bad_row=error,skip", *common) == 1
     failed, ok = sweep_dir / "0", sweep_dir / "1"
     assert "line 9" in (failed / "error.txt").read_text() and "Traceback" in (failed / "error.txt").read_text()
@@ -163,7 +202,13 @@ def test_a_failing_job_is_recorded_and_the_sweep_continues(tmp_path, capsys):
 
 def test_a_failing_job_stops_the_sweep_when_asked(tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
-    common = [*TINY, "dataset=local", f"dataset.path={bad_data_file(tmp_path)}", "logger.wandb.mode=disabled", "dynamics.enabled=false"]
+    common = [
+        *TINY,
+        "dataset=local",
+        f"dataset.path={bad_data_file(tmp_path)}",
+        "logger.wandb.mode=disabled",
+        "dynamics.enabled=false",
+    ]
     assert sweep_exit_code(sweep_dir, "dataset.on_bad_row=error,skip", "sweep.continue_on_failure=false", *common) == 1
     assert (sweep_dir / "0" / "error.txt").is_file()
     assert not (sweep_dir / "1").exists()  # the second job never started
@@ -172,5 +217,7 @@ def test_a_failing_job_stops_the_sweep_when_asked(tmp_path, capsys):
 
 
 def test_slurm_hardware_in_a_local_sweep_is_a_clear_error(tmp_path, capsys):
-    assert sweep_exit_code(tmp_path / "sweep", *TINY, "hardware=slurm_cpu_2proc", "sweep.continue_on_failure=false") == 1
+    assert (
+        sweep_exit_code(tmp_path / "sweep", *TINY, "hardware=slurm_cpu_2proc", "sweep.continue_on_failure=false") == 1
+    )
     assert "hydra/launcher=slurm" in capsys.readouterr().err

@@ -6,6 +6,7 @@ Every tokenizer here is built in code (no download) to carry one trap: a base-mo
 the template's turn end, a BOS written by the template and added by the tokenizer, a SentencePiece
 dummy prefix, a BPE merge across the prompt/response boundary.
 """
+
 from __future__ import annotations
 
 import string
@@ -19,9 +20,9 @@ from prefopt.config import ArithConfig, DatasetConfig
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.tokenize import end_of_turn_ids, template_turns
-from tests.test_data import MESSAGE_ROWS, STRING_ROWS
 from prefopt.dynamics import greedy_generate
 from prefopt.models import CHATML_TEMPLATE
+from tests.test_data import MESSAGE_ROWS, STRING_ROWS
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -48,7 +49,9 @@ def byte_level_tokenizer(specials, template, eos, bos=None, add_bos=False, merge
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
     if add_bos:
-        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos)
     tokenizer.chat_template = template
     return tokenizer
@@ -61,12 +64,16 @@ def sentencepiece_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     pieces = ["<unk>", "<s>", "</s>", "▁"] + sorted(set(string.printable) - {" "})
-    backend = Tokenizer(models.BPE(vocab={piece: index for index, piece in enumerate(pieces)}, merges=[], unk_token="<unk>"))
+    backend = Tokenizer(
+        models.BPE(vocab={piece: index for index, piece in enumerate(pieces)}, merges=[], unk_token="<unk>")
+    )
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     backend.add_special_tokens(["<unk>", "<s>", "</s>"])
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     tokenizer.chat_template = INST_TEMPLATE
     return tokenizer
 
@@ -121,7 +128,9 @@ def test_chatml_on_base_eos_ends_responses_with_im_end(preference_file, chatml_b
 
 def test_llama3_style_one_bos_and_eot_ending(preference_file, llama3_tokenizer):
     tokenizer = llama3_tokenizer
-    assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id  # the tokenizer adds a BOS, and the template writes one
+    assert (
+        tokenizer("a").input_ids[0] == tokenizer.bos_token_id
+    )  # the tokenizer adds a BOS, and the template writes one
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     data = build_preference_data(local_cfg(preference_file(STRING_ROWS), eval_fraction=0.25), tokenizer, seed=0)
     for pair in all_pairs(data):
@@ -133,7 +142,11 @@ def test_llama3_style_one_bos_and_eot_ending(preference_file, llama3_tokenizer):
 
 def test_template_turns_are_read_from_the_template(chatml_base_tokenizer, llama3_tokenizer, byte_tokenizer):
     chatml = template_turns(chatml_base_tokenizer)
-    assert (chatml.user_markers, chatml.after_response, chatml.end_of_turn) == (("<|im_start|>",), "<|im_end|>\n", "<|im_end|>")
+    assert (chatml.user_markers, chatml.after_response, chatml.end_of_turn) == (
+        ("<|im_start|>",),
+        "<|im_end|>\n",
+        "<|im_end|>",
+    )
     llama3 = template_turns(llama3_tokenizer)
     assert (llama3.user_markers, llama3.end_of_turn) == (("<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>")
     assert template_turns(sentencepiece_tokenizer()).user_markers == ("[INST]",)  # plain-text markers, BOS left out
@@ -163,7 +176,9 @@ def test_sentencepiece_response_has_no_dummy_prefix(preference_file):
     data = build_preference_data(local_cfg(preference_file(STRING_ROWS), eval_fraction=0.25), tokenizer, seed=0)
     for pair in all_pairs(data):
         assert pair.prompt_ids.count(tokenizer.bos_token_id) == 1 and pair.prompt_ids[0] == tokenizer.bos_token_id
-        rendered = rendered_conversation(tokenizer, pair, pair.chosen)  # "<s>[INST] Question 0? [/INST]Good answer 0.</s>"
+        rendered = rendered_conversation(
+            tokenizer, pair, pair.chosen
+        )  # "<s>[INST] Question 0? [/INST]Good answer 0.</s>"
         assert pair.prompt_ids + pair.chosen_ids == ids(tokenizer, rendered)
         assert pair.chosen_ids[0] != dummy_prefix and pair.chosen_ids[-1] == tokenizer.eos_token_id
         # the old way, the response tokenized alone, starts with a "▁" the model never sees after "[/INST]"
@@ -175,7 +190,9 @@ def test_sentencepiece_without_template_has_no_dummy_prefix(preference_file):
     tokenizer = sentencepiece_tokenizer()
     dummy_prefix = tokenizer.convert_tokens_to_ids("▁")
     rows = [dict(row, prompt=row["prompt"] + "\n") for row in STRING_ROWS]  # the response starts a new line, no space
-    data = build_preference_data(local_cfg(preference_file(rows), chat_template="never", eval_fraction=0.25), tokenizer, seed=0)
+    data = build_preference_data(
+        local_cfg(preference_file(rows), chat_template="never", eval_fraction=0.25), tokenizer, seed=0
+    )
     for pair in all_pairs(data):
         assert pair.prompt == rows[pair.source_index]["prompt"]
         assert pair.prompt_ids == [tokenizer.bos_token_id] + ids(tokenizer, pair.prompt)
@@ -188,7 +205,10 @@ def test_sentencepiece_without_template_has_no_dummy_prefix(preference_file):
 def test_boundary_merge_moves_the_boundary_and_is_counted(preference_file):
     # BPE merges "a"+"b", so "...say a" + "b then" tokenizes "ab" across the boundary
     tokenizer = byte_level_tokenizer(["<|endoftext|>"], None, eos="<|endoftext|>", merges=[("a", "b")])
-    rows = [{"prompt": "say a", "chosen": "b then", "rejected": "no"}, {"prompt": "say x", "chosen": "b", "rejected": "no"}]
+    rows = [
+        {"prompt": "say a", "chosen": "b then", "rejected": "no"},
+        {"prompt": "say x", "chosen": "b", "rejected": "no"},
+    ]
     data = build_preference_data(local_cfg(preference_file(rows), eval_fraction=0.5), tokenizer, seed=0)
     assert data.stats["train/boundary_merges"] + data.stats["eval/boundary_merges"] == 1
     for pair in all_pairs(data):
@@ -196,7 +216,9 @@ def test_boundary_merge_moves_the_boundary_and_is_counted(preference_file):
             assert pair.prompt_ids + response_ids == ids(tokenizer, pair.prompt + response + "<|endoftext|>")
         if pair.source_index == 0:  # the prompt gives its "a" to both responses: prompt_ids stay shared
             assert pair.prompt_ids == ids(tokenizer, "say ")
-            assert tokenizer.convert_ids_to_tokens(pair.chosen_ids[:1]) == ["ab"] and pair.rejected_ids[:2] == ids(tokenizer, "an")
+            assert tokenizer.convert_ids_to_tokens(pair.chosen_ids[:1]) == ["ab"] and pair.rejected_ids[:2] == ids(
+                tokenizer, "an"
+            )
 
 
 # ---------------------------------------------------------------- string prompts already templated
@@ -204,7 +226,9 @@ def test_boundary_merge_moves_the_boundary_and_is_counted(preference_file):
 
 def test_templated_string_prompt_is_not_wrapped_twice(preference_file, chatml_base_tokenizer):
     tokenizer = chatml_base_tokenizer
-    templated = [dict(row, prompt=f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n") for row in STRING_ROWS]
+    templated = [
+        dict(row, prompt=f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n") for row in STRING_ROWS
+    ]
     plain = build_preference_data(local_cfg(preference_file(STRING_ROWS, name="plain")), tokenizer, seed=0)
     already = build_preference_data(local_cfg(preference_file(templated, name="templated")), tokenizer, seed=0)
     by_index = {pair.source_index: pair for pair in all_pairs(plain)}
@@ -213,13 +237,19 @@ def test_templated_string_prompt_is_not_wrapped_twice(preference_file, chatml_ba
         assert pair.prompt == templated[pair.source_index]["prompt"] and pair.prompt.count("<|im_start|>") == 2
         same = by_index[pair.source_index]  # the plain prompt, wrapped once by the template, gives the same pair
         assert fields(pair) == fields(same)
-        assert pair.chosen_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # ended the template's way, not with eos
+        assert pair.chosen_ids[-1] == tokenizer.convert_tokens_to_ids(
+            "<|im_end|>"
+        )  # ended the template's way, not with eos
 
 
 def test_templated_string_prompt_in_messages_rows(preference_file, chatml_base_tokenizer):
     prompt = "<|im_start|>user\nQuestion?<|im_end|>\n<|im_start|>assistant\n"
     rows = [
-        {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Yes."}], "rejected": [{"role": "assistant", "content": f"No {i}"}]}
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": "Yes."}],
+            "rejected": [{"role": "assistant", "content": f"No {i}"}],
+        }
         for i in range(2)
     ]
     data = build_preference_data(local_cfg(preference_file(rows), eval_fraction=0.5), chatml_base_tokenizer, seed=0)
@@ -247,7 +277,9 @@ def test_greedy_generate_stops_at_the_templates_turn_end(chatml_base_tokenizer):
     tokenizer = chatml_base_tokenizer
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model = RecordingGenerator(token=ids(tokenizer, "7")[0])
-    assert greedy_generate(model, tokenizer, [ids(tokenizer, "<|im_start|>assistant\n")], max_new_tokens=4, device="cpu") == ["7"]
+    assert greedy_generate(
+        model, tokenizer, [ids(tokenizer, "<|im_start|>assistant\n")], max_new_tokens=4, device="cpu"
+    ) == ["7"]
     assert im_end in model.stop_ids and tokenizer.eos_token_id in model.stop_ids
 
 
@@ -259,7 +291,9 @@ def test_smollm2_arith_ids_unchanged(smollm2_tokenizer, experiment):
     """The main job's pairs (conf/dataset/arith.yaml) and the squeeze demo's tokenize as they did when
     prompt and response were tokenized apart and EOS (<|im_end|> for SmolLM2) appended."""
     tokenizer = smollm2_tokenizer
-    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig(arith=ArithConfig())), OmegaConf.load(CONF_DIR / "dataset" / "arith.yaml"))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DatasetConfig(arith=ArithConfig())), OmegaConf.load(CONF_DIR / "dataset" / "arith.yaml")
+    )
     if experiment == "squeeze_demo":
         cfg.arith.merge_with(OmegaConf.load(CONF_DIR / "experiment" / "squeeze_demo.yaml").dataset.arith)
     data = build_preference_data(cfg, tokenizer, seed=0)
@@ -275,4 +309,7 @@ def test_smollm2_arith_ids_unchanged(smollm2_tokenizer, experiment):
             assert pair.prompt_ids == ids(tokenizer, prompt)
             assert pair.chosen_ids == ids(tokenizer, row["chosen"]) + [im_end]
             assert pair.rejected_ids == ids(tokenizer, row["rejected"]) + [im_end]
-    assert sum(data.stats[f"{split}/{key}"] for split in ("train", "eval") for key in ("truncated", "boundary_merges")) == 0
+    assert (
+        sum(data.stats[f"{split}/{key}"] for split in ("train", "eval") for key in ("truncated", "boundary_merges"))
+        == 0
+    )

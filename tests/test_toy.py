@@ -1,4 +1,5 @@
 """The softmax toy: squeezing on a valley target, spreading on the peak, the gate's attenuation, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ def test_gate_attenuates_the_valley_update_by_g(problem):
 
 def test_several_steps_recompute_the_gate(problem):
     result = run("negative_valley_gated", problem, steps=3)
-    assert len(result.gates) == 3 and result.gates[0] > result.gates[1] > result.gates[2]  # p falls, the gate closes further
+    assert (
+        len(result.gates) == 3 and result.gates[0] > result.gates[1] > result.gates[2]
+    )  # p falls, the gate closes further
 
 
 def test_cli_writes_plots_and_numbers(tmp_path, capsys):

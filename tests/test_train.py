@@ -1,4 +1,5 @@
 """End to end through `prefopt train` with the tiny random model: run dir, metrics, checkpoint, W&B, resume."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,16 @@ from prefopt.losses import LOSSES
 from prefopt.tracking import read_jsonl
 from tests.helpers import read_wandb_run, run_train
 
-TINY = ["model=tiny_llama", "trainer.micro_batch_size=2", "trainer.eval_batch_size=4", "trainer.lr=1e-3",
-        "dataset.arith.num_train=16", "dataset.arith.num_eval=4", "trainer.greedy_eval_examples=4", "trainer.max_new_tokens=4"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_batch_size=4",
+    "trainer.lr=1e-3",
+    "dataset.arith.num_train=16",
+    "dataset.arith.num_eval=4",
+    "trainer.greedy_eval_examples=4",
+    "trainer.max_new_tokens=4",
+]
 
 
 def train_rows(run_dir):
@@ -24,16 +33,36 @@ ENGINES = [pytest.param("torch", id="torch"), pytest.param("deepspeed", id="deep
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_tiny_run_writes_the_whole_run_dir(tmp_path, engine):
-    run_dir = run_train(tmp_path / "run", *TINY, f"hardware.engine={engine}", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.save_every=2",
-                        "dynamics.every_n_steps=2", "dynamics.num_probes=3", "loss=gate_dpo")
+    run_dir = run_train(
+        tmp_path / "run",
+        *TINY,
+        f"hardware.engine={engine}",
+        "trainer.max_steps=4",
+        "trainer.eval_every=2",
+        "trainer.save_every=2",
+        "dynamics.every_n_steps=2",
+        "dynamics.num_probes=3",
+        "loss=gate_dpo",
+    )
     for name in ("config.yaml", "overrides.yaml", "git_revision", "metrics.jsonl", "summary.json", "wandb_run_id"):
         assert (run_dir / name).is_file(), name
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = train_rows(run_dir)
     assert [row["step"] for row in train] == [1, 2, 3, 4]
-    for key in ("train/loss", "train/logps/chosen", "train/logps/rejected", "train/rewards/chosen", "train/rewards/rejected",
-                "train/rewards/margins", "train/rewards/accuracies", "train/logits/chosen", "train/logits/rejected",
-                "train/grad_norm", "train/lr", "train/tokens_per_s"):
+    for key in (
+        "train/loss",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/logits/chosen",
+        "train/logits/rejected",
+        "train/grad_norm",
+        "train/lr",
+        "train/tokens_per_s",
+    ):
         assert all(math.isfinite(row[key]) for row in train), key
     evals = [row for row in rows if "eval/loss" in row]
     assert [row["step"] for row in evals] == [0, 2, 4]
@@ -41,8 +70,14 @@ def test_tiny_run_writes_the_whole_run_dir(tmp_path, engine):
     assert any("data/train/pairs" in row for row in rows)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("steps", "eval/loss", "eval/delta/logps/chosen", "eval/delta/logps/rejected",
-                "eval/greedy_accuracy_before", "eval/greedy_accuracy_after"):
+    for key in (
+        "steps",
+        "eval/loss",
+        "eval/delta/logps/chosen",
+        "eval/delta/logps/rejected",
+        "eval/greedy_accuracy_before",
+        "eval/greedy_accuracy_after",
+    ):
         assert key in summary, key
 
     from transformers import AutoModelForCausalLM
@@ -81,7 +116,14 @@ def test_step_zero_dpo_loss_is_ln2(tmp_path):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, engine):
-    common = [*TINY, f"hardware.engine={engine}", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "logger.wandb.mode=disabled"]
+    common = [
+        *TINY,
+        f"hardware.engine={engine}",
+        "trainer.max_steps=6",
+        "trainer.eval_every=3",
+        "trainer.save_every=3",
+        "logger.wandb.mode=disabled",
+    ]
     straight = run_train(tmp_path / "straight", *common)
     stopped = run_train(tmp_path / "stopped", *common, "trainer.stop_after=3")
     assert not (stopped / "summary.json").exists()
@@ -114,8 +156,15 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 def test_every_registered_loss_trains(tmp_path):
     from tests.helpers import run_sweep
 
-    job_dirs = run_sweep(tmp_path / "sweep", f"loss={','.join(sorted(LOSSES))}", *TINY, "trainer.max_steps=2",
-                         "logger.wandb.mode=disabled", "trainer.save_final=false", "trainer.greedy_eval_examples=0")
+    job_dirs = run_sweep(
+        tmp_path / "sweep",
+        f"loss={','.join(sorted(LOSSES))}",
+        *TINY,
+        "trainer.max_steps=2",
+        "logger.wandb.mode=disabled",
+        "trainer.save_final=false",
+        "trainer.greedy_eval_examples=0",
+    )
     assert len(job_dirs) == len(LOSSES)
     for job_dir in job_dirs:
         summary = json.loads((job_dir / "summary.json").read_text())
@@ -127,9 +176,19 @@ def test_every_registered_loss_trains(tmp_path):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision, packed rows, on a real model's activations
 def test_two_dpo_steps_on_smollm2(tmp_path, dtype):
     run_dir = run_train(
-        tmp_path / "run", "model=smollm2_135m", f"model.dtype={dtype}", "trainer.max_steps=2", "trainer.micro_batch_size=2",
-        "dataset.arith.num_train=8", "dataset.arith.num_eval=4", "dataset.max_length=64", "dataset.max_prompt_length=48",
-        "trainer.greedy_eval_examples=4", "trainer.eval_batch_size=4", "trainer.lr=1e-5", "trainer.save_final=false",
+        tmp_path / "run",
+        "model=smollm2_135m",
+        f"model.dtype={dtype}",
+        "trainer.max_steps=2",
+        "trainer.micro_batch_size=2",
+        "dataset.arith.num_train=8",
+        "dataset.arith.num_eval=4",
+        "dataset.max_length=64",
+        "dataset.max_prompt_length=48",
+        "trainer.greedy_eval_examples=4",
+        "trainer.eval_batch_size=4",
+        "trainer.lr=1e-5",
+        "trainer.save_final=false",
     )
     train = train_rows(run_dir)
     assert train[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5 if dtype == "fp32" else 2e-2)

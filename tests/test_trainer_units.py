@@ -1,5 +1,6 @@
 """Small trainer pieces found wrong in review: gate/min is a global minimum, FLOPs count frozen
 (LoRA) parameters right, and every RNG a step draws from is saved and restored."""
+
 from __future__ import annotations
 
 import random
@@ -23,7 +24,9 @@ def test_flops_count_weight_gradients_only_for_trainable_parameters():
     full = step_model_flops(num_params=1000, trainable_params=1000, policy_tokens=10, reference_forward=True)
     assert full == 8 * 1000 * 10  # 6N + 2N reference forward
     lora = step_model_flops(num_params=1000, trainable_params=10, policy_tokens=10, reference_forward=True)
-    assert lora == (2 + 2 + 2) * 1000 * 10 + 2 * 10 * 10  # forward, activation backward, reference; weight grads of adapters only
+    assert (
+        lora == (2 + 2 + 2) * 1000 * 10 + 2 * 10 * 10
+    )  # forward, activation backward, reference; weight grads of adapters only
 
 
 def test_rng_states_round_trip_torch_numpy_and_python():

@@ -1,6 +1,7 @@
 """Every user error is one clear message: it names the file / line / key / path, says how to fix it,
 exits non-zero, and prints no traceback. Cases that need the exit code run `prefopt train` as a
 subprocess; the rest run in-process."""
+
 from __future__ import annotations
 
 import errno
@@ -24,7 +25,11 @@ from tests.test_config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "model=tiny_llama", "hardware=cpu", "logger.wandb.mode=disabled", "trainer.max_steps=2", "dynamics.num_probes=2",
+    "model=tiny_llama",
+    "hardware=cpu",
+    "logger.wandb.mode=disabled",
+    "trainer.max_steps=2",
+    "dynamics.num_probes=2",
     "trainer.greedy_eval_examples=0",
 ]
 ROWS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
@@ -32,7 +37,11 @@ ROWS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i
 
 def prefopt_train(*overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "prefopt.cli", "train", *overrides], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "prefopt.cli", "train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 
@@ -66,7 +75,9 @@ def local_cfg(path: Path, **overrides):
 def test_non_utf8_line_names_file_line_offset_and_fix(tmp_path):
     path = jsonl_with_line(tmp_path, 5, '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'.encode("latin-1"))
     result = prefopt_train(*TINY, "dataset=local", f"dataset.path={path}", f"hydra.run.dir={tmp_path}/run")
-    message = assert_one_clear_error(result, str(path), "line 5:", "not UTF-8", "byte offset", "re-encode the file as UTF-8")
+    message = assert_one_clear_error(
+        result, str(path), "line 5:", "not UTF-8", "byte offset", "re-encode the file as UTF-8"
+    )
     offset = path.read_bytes().index(b"\xe9")
     assert f"byte offset {offset} " in message
 
@@ -80,7 +91,9 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("bad_line", [1, 4])  # a bad first line must not decide the format
 def test_skip_mode_skips_unreadable_lines_and_counts_them(tmp_path, byte_tokenizer, caplog, bad_line):
     path = jsonl_with_line(tmp_path, bad_line, b"not json at all")
-    path.write_bytes(path.read_bytes().replace(json.dumps(ROWS[6]).encode(), b'{"prompt": "\xff"}'))  # and a latin-1 line 7
+    path.write_bytes(
+        path.read_bytes().replace(json.dumps(ROWS[6]).encode(), b'{"prompt": "\xff"}')
+    )  # and a latin-1 line 7
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         data = build_preference_data(local_cfg(path, on_bad_row="skip", eval_fraction=0.2), byte_tokenizer, seed=0)
     assert data.row_format == "strings"
@@ -114,11 +127,19 @@ def test_identical_prompts_probe_without_other_prompt_responses(tmp_path, byte_t
     data: PreferenceData = build_preference_data(local_cfg(path, eval_fraction=0.2), byte_tokenizer, seed=0)
     with caplog.at_level(logging.WARNING, logger="prefopt"):
         probes = build_probe_set(data, 2, 0, len(byte_tokenizer), set(byte_tokenizer.all_special_ids))
-    assert not set(OTHER_PROMPT_TYPES) & set(probes.responses) and "leaving out other_train and other_test" in caplog.text
-    model = load_model(compose_config(["model=tiny_llama"]).model, ModelSource("tiny", "", "tiny"), len(byte_tokenizer), seed=0)
+    assert (
+        not set(OTHER_PROMPT_TYPES) & set(probes.responses) and "leaving out other_train and other_test" in caplog.text
+    )
+    model = load_model(
+        compose_config(["model=tiny_llama"]).model, ModelSource("tiny", "", "tiny"), len(byte_tokenizer), seed=0
+    )
     metrics = evaluate_probes(model, probes, chunk_size=64, device="cpu", batch_size=4)
-    assert metrics["dynamics/others/logp"] == pytest.approx((metrics["dynamics/permuted/logp"] + metrics["dynamics/random/logp"]) / 2)
-    assert "delta/others" in dynamics_deltas(metrics, metrics) and "delta/other_train" not in dynamics_deltas(metrics, metrics)
+    assert metrics["dynamics/others/logp"] == pytest.approx(
+        (metrics["dynamics/permuted/logp"] + metrics["dynamics/random/logp"]) / 2
+    )
+    assert "delta/others" in dynamics_deltas(metrics, metrics) and "delta/other_train" not in dynamics_deltas(
+        metrics, metrics
+    )
 
 
 # ---------------------------------------------------------------- config keys
@@ -163,7 +184,11 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask):
             handle.write("x")
     finally:
         os.umask(previous)
-    assert (tmp_path / "written.txt").stat().st_mode & 0o777 == (tmp_path / "opened.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (
+        (tmp_path / "written.txt").stat().st_mode & 0o777
+        == (tmp_path / "opened.txt").stat().st_mode & 0o777
+        == 0o666 & ~umask
+    )
 
 
 def test_run_dir_that_cannot_be_created_is_one_message(tmp_path):
@@ -209,7 +234,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "prefopt.cli", "train", *TINY, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 90

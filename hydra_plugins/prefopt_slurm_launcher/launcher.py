@@ -29,10 +29,10 @@ from typing import Any, Sequence
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from prefopt.fileutil import atomic_write_text
 from prefopt.worker import ERROR_FILE
 
@@ -50,7 +50,9 @@ class PrefoptSlurmQueueConf(SlurmQueueConf):
 
 
 # `defaults: [prefopt_submitit_slurm]` in conf/hydra/launcher/slurm.yaml refers to this node
-ConfigStore.instance().store(group="hydra/launcher", name="prefopt_submitit_slurm", node=PrefoptSlurmQueueConf, provider="prefopt")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="prefopt_submitit_slurm", node=PrefoptSlurmQueueConf, provider="prefopt"
+)
 
 
 class SlurmLauncher(SubmititSlurmLauncher):
@@ -64,11 +66,20 @@ class SlurmLauncher(SubmititSlurmLauncher):
 
         assert self.config is not None
         init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+        executor = submitit.AutoExecutor(
+            cluster=self._EXECUTOR,
+            folder=self.params["submitit_folder"],
+            slurm_max_num_timeout=self.params["max_num_timeout"],
+        )
         base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
-        params = {key if key in base_keys else f"{self._EXECUTOR}_{key}": value for key, value in self.params.items() if key not in init_keys}
-        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # a rank that fails ends the job, not a hang in a collective
+        params = {
+            key if key in base_keys else f"{self._EXECUTOR}_{key}": value
+            for key, value in self.params.items()
+            if key not in init_keys
+        }
+        params["slurm_srun_args"] = [
+            "--kill-on-bad-exit=1"
+        ]  # a rank that fails ends the job, not a hang in a collective
         executor.update_parameters(**params)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +108,10 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 if returns[position].status == JobStatus.FAILED and not continue_on_failure:
                     for other in pending:
                         jobs[other].cancel(check=False)
-                    raise JobFailed(f"{returns[position]._return_value}\n(sweep.continue_on_failure=false: cancelled the "
-                                    f"{len(pending)} jobs still queued or running)")
+                    raise JobFailed(
+                        f"{returns[position]._return_value}\n(sweep.continue_on_failure=false: cancelled the "
+                        f"{len(pending)} jobs still queued or running)"
+                    )
             if pending:
                 time.sleep(self.poll_interval_s)
         return returns
@@ -127,8 +140,14 @@ class SlurmLauncher(SubmititSlurmLauncher):
             details = "\n".join(path.read_text() for path in errors)
         else:
             details = str(error)
-            atomic_write_text(job_dir / ERROR_FILE, f"SLURM job {job.job_id} ended {state} without a result\n{details}\n")
-        message = (f"job {job_num} ({' '.join(filter_overrides(overrides))}): SLURM job {job.job_id} ended {state}\n"
-                   f"{details.rstrip()}\njob log: {job.paths.stdout} (and .err)")
+            atomic_write_text(
+                job_dir / ERROR_FILE, f"SLURM job {job.job_id} ended {state} without a result\n{details}\n"
+            )
+        message = (
+            f"job {job_num} ({' '.join(filter_overrides(overrides))}): SLURM job {job.job_id} ended {state}\n"
+            f"{details.rstrip()}\njob log: {job.paths.stdout} (and .err)"
+        )
         log.error(message)
-        return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=JobFailed(message), working_dir=str(job_dir))
+        return JobReturn(
+            overrides=overrides, status=JobStatus.FAILED, _return_value=JobFailed(message), working_dir=str(job_dir)
+        )

@@ -8,6 +8,7 @@ responses with low probability, where the squeezing effect shows.
 Subtraction is restricted to a >= b so every answer is a non-negative integer: small models handle
 that, and a "near" wrong answer never needs a sign.
 """
+
 from __future__ import annotations
 
 import operator

@@ -17,6 +17,7 @@ Entries are written atomically, under a lock, so parallel jobs of a sweep wait f
 tokenizing the same data side by side. An entry carries a digest of its contents; one that cannot be
 read, or whose key or digest does not match, is rebuilt with a warning, never trusted.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,7 +49,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
         str(getattr(tokenizer, "name_or_path", "")),
         json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True),
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
-        json.dumps([(index, str(token), getattr(token, "special", None)) for index, token in sorted(tokenizer.added_tokens_decoder.items())]),
+        json.dumps(
+            [
+                (index, str(token), getattr(token, "special", None))
+                for index, token in sorted(tokenizer.added_tokens_decoder.items())
+            ]
+        ),
         str([getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token")]),
     ):
         digest.update(part.encode() + b"\0")
@@ -120,8 +126,13 @@ def check_writable(cache_dir: Path) -> None:
 def packed(pairs: list[TokenizedPair]) -> dict:
     """A split as a few tensors (all token ids in one) and its texts: fast to save and load."""
     return {
-        "ids": torch.tensor([token for pair in pairs for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) for token in ids], dtype=torch.int32),
-        "lengths": torch.tensor([[len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)] for pair in pairs], dtype=torch.int64).view(-1, 3),
+        "ids": torch.tensor(
+            [token for pair in pairs for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) for token in ids],
+            dtype=torch.int32,
+        ),
+        "lengths": torch.tensor(
+            [[len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)] for pair in pairs], dtype=torch.int64
+        ).view(-1, 3),
         "source_index": torch.tensor([pair.source_index for pair in pairs], dtype=torch.int64),
         "texts": [[pair.prompt, pair.chosen, pair.rejected, pair.answer] for pair in pairs],
     }
@@ -129,7 +140,9 @@ def packed(pairs: list[TokenizedPair]) -> dict:
 
 def unpacked(split: dict) -> list[TokenizedPair]:
     ids, lengths = split["ids"].tolist(), split["lengths"].tolist()
-    if sum(sum(row) for row in lengths) != len(ids) or not (len(lengths) == len(split["texts"]) == len(split["source_index"])):
+    if sum(sum(row) for row in lengths) != len(ids) or not (
+        len(lengths) == len(split["texts"]) == len(split["source_index"])
+    ):
         raise ValueError("its token counts do not add up")
     pairs, start = [], 0
     for (prompt_length, chosen_length, rejected_length), (prompt, chosen, rejected, answer), source_index in zip(
@@ -139,7 +152,16 @@ def unpacked(split: dict) -> list[TokenizedPair]:
         rejected_start = chosen_start + chosen_length
         end = rejected_start + rejected_length
         pairs.append(
-            TokenizedPair(ids[start:chosen_start], ids[chosen_start:rejected_start], ids[rejected_start:end], prompt, chosen, rejected, answer, source_index)
+            TokenizedPair(
+                ids[start:chosen_start],
+                ids[chosen_start:rejected_start],
+                ids[rejected_start:end],
+                prompt,
+                chosen,
+                rejected,
+                answer,
+                source_index,
+            )
         )
         start = end
     return pairs

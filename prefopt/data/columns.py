@@ -12,6 +12,7 @@ How other tools' settings map (a column left null keeps its own name):
                      -> nothing to map: a row without a prompt column takes `conversations` as its prompt
                         (formats.py reads {from, value} messages)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,14 +18,15 @@ and the dataset.columns keys, and does not suggest dataset.on_bad_row=skip, whic
 Columns that look like part of the prompt (system, instruction, input, history, ...) but that the layout
 does not read are a warning (unread_prompt_columns), never dropped without a word.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 from prefopt.data.columns import ColumnMap
 from prefopt.data.errors import BadRow, DataError
-from prefopt.data.formats import HH_ASSISTANT_MARKER, normalize_row
 from prefopt.data.files import UnreadableRow
+from prefopt.data.formats import HH_ASSISTANT_MARKER, normalize_row
 from prefopt.data.sources import RawSplit
 
 FORMAT_COLUMNS = {
@@ -46,7 +47,15 @@ FORMAT_DESCRIPTIONS = {
     "alpaca": "instruction, optional input, system and history, chosen, rejected (strings; LLaMA-Factory's alpaca ranking rows)",
 }
 PROMPT_LIKE_COLUMNS = (  # read by some layout, or other tools' names for part of the prompt ("messages" is not:
-    "prompt", "system", "instruction", "input", "query", "question", "history", "conversations", "context"
+    "prompt",
+    "system",
+    "instruction",
+    "input",
+    "query",
+    "question",
+    "history",
+    "conversations",
+    "context",
 )  # UltraFeedback's holds the whole chosen conversation, which its prompt and chosen already give)
 PROBE_ROWS = 16  # rows a layout is tried on before it is judged wrong for the data
 COLUMNS_HINT = (
@@ -76,7 +85,9 @@ def resolve_format(configured: str, split: RawSplit, columns: ColumnMap = Column
     if first_object is None:
         first_index, first_row = next(iter(split))
         problem = first_row.problem if isinstance(first_row, UnreadableRow) else f"got {type(first_row).__name__}"
-        raise DataError(f"{split.origin}: no row is an object with named fields (the first, {split.position(first_index)}: {problem})")
+        raise DataError(
+            f"{split.origin}: no row is an object with named fields (the first, {split.position(first_index)}: {problem})"
+        )
     raise layout_error(configured, split.origin, set(first_object))
 
 
@@ -131,7 +142,9 @@ def check_layout_fits(split: RawSplit, row_format: str, configured: str, columns
         f"{positions[0]}{f' and {len(positions) - 1} more' if len(positions) > 1 else ''}: {problem}"
         for problem, positions in list(problems.items())[:3]
     )
-    raise layout_error(configured, split.origin, seen, f"With {how}, none of the first {tried} rows makes a pair ({examples}). ")
+    raise layout_error(
+        configured, split.origin, seen, f"With {how}, none of the first {tried} rows makes a pair ({examples}). "
+    )
 
 
 def layout_error(configured: str, origin: str, columns: set, finding: str = "") -> DataError:
@@ -169,7 +182,9 @@ def unread_prompt_columns(split: RawSplit, row_format: str, templated: bool, col
     if not unread:
         return None
     names = ", ".join(unread)
-    system_hint = " (a system column is read only where the chat template renders the prompt)" if "system" in unread else ""
+    system_hint = (
+        " (a system column is read only where the chat template renders the prompt)" if "system" in unread else ""
+    )
     return (
         f"{split.origin}: column(s) {names} look like part of the prompt, but dataset.format={row_format} does not read "
         f"them{system_hint}; map them with dataset.columns.prompt=[...] (columns joined by newlines), set dataset.format, "

@@ -1,4 +1,5 @@
 """The error types of the data pipeline: DataError (shown to the user) and BadRow (one malformed row)."""
+
 from __future__ import annotations
 
 from prefopt.errors import DataError  # the one error type of the data pipeline, defined with the others

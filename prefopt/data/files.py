@@ -12,6 +12,7 @@ file; "row 3" is the 3rd row of a JSON list, a CSV or a parquet file; with sever
 named too ("b.jsonl, line 8"). Rows read by `datasets` get their positions only when a message needs
 one: the files are scanned then, not on every run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,7 +55,9 @@ def data_files(path: str) -> list[Path]:
     if glob.has_magic(path):
         files = glob_files(path)
         if not files:
-            raise DataError(f"dataset.path={path} matches no file; check the pattern (e.g. dataset.path='/data/train-*.jsonl')")
+            raise DataError(
+                f"dataset.path={path} matches no file; check the pattern (e.g. dataset.path='/data/train-*.jsonl')"
+            )
     elif os.path.isfile(path):
         files = [Path(path)]
     else:
@@ -64,10 +67,14 @@ def data_files(path: str) -> list[Path]:
         )
     unsupported = [str(file) for file in files if file.suffix not in BUILDERS]
     if unsupported:
-        raise DataError(f"dataset.path={path}: unsupported file type ({', '.join(unsupported[:3])}); use {SUPPORTED} files")
+        raise DataError(
+            f"dataset.path={path}: unsupported file type ({', '.join(unsupported[:3])}); use {SUPPORTED} files"
+        )
     kinds = sorted({BUILDERS[file.suffix] for file in files})
     if len(kinds) > 1:
-        raise DataError(f"dataset.path={path} matches files of different types ({', '.join(kinds)}); give one type per dataset")
+        raise DataError(
+            f"dataset.path={path} matches files of different types ({', '.join(kinds)}); give one type per dataset"
+        )
     return files
 
 
@@ -76,12 +83,19 @@ def glob_files(pattern: str) -> list[Path]:
     directory linked twice) are one file: the match with the fewest directories names it. A `**` pattern is
     walked here, not by glob.glob, which follows a symlink cycle until the path is too long for the system
     (~40 times round, each time matching the same files again) and, with two cycles, far longer."""
-    matches = walk_glob(pattern) if "**" in pattern else [match for match in glob.glob(pattern) if os.path.isfile(match)]
+    matches = (
+        walk_glob(pattern) if "**" in pattern else [match for match in glob.glob(pattern) if os.path.isfile(match)]
+    )
     chosen: dict[str, str] = {}  # real path -> the match that names it
     for match in sorted(matches, key=lambda match: (match.count(os.sep), match)):
         chosen.setdefault(os.path.realpath(match), match)
     if len(chosen) < len(matches):
-        logger.info("dataset.path=%s: %d matches are %d files (symlinks); each file is read once", pattern, len(matches), len(chosen))
+        logger.info(
+            "dataset.path=%s: %d matches are %d files (symlinks); each file is read once",
+            pattern,
+            len(matches),
+            len(chosen),
+        )
     return sorted(Path(match) for match in chosen.values())
 
 
@@ -166,7 +180,9 @@ def csv_text_features(path: Path):
     with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not part of the first name
         header = next(csv.reader(handle), None)
     if not header:
-        raise DataError(f"file {path} has no header line; a CSV file starts with the column names (prompt,chosen,rejected)")
+        raise DataError(
+            f"file {path} has no header line; a CSV file starts with the column names (prompt,chosen,rejected)"
+        )
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 
@@ -182,7 +198,9 @@ class LazyPositions(Sequence[str]):
     def __getitem__(self, index):
         if self.positions is None:
             per_file = [positions_in_file(file) for file in self.files]
-            if sum(len(positions) for positions in per_file) != self.total:  # the scan disagrees with `datasets`: count rows
+            if (
+                sum(len(positions) for positions in per_file) != self.total
+            ):  # the scan disagrees with `datasets`: count rows
                 self.positions = [f"row {number}" for number in range(1, self.total + 1)]
             else:
                 self.positions = labelled_positions(self.files, per_file)
@@ -205,7 +223,9 @@ def positions_in_file(path: Path) -> list[str]:
         with open(path, newline="", encoding="utf-8", errors="replace") as handle:
             return counted(sum(1 for record in csv.reader(handle) if record) - 1)  # less the header
     data = path.read_bytes()
-    if path.suffix == ".jsonl" or not data.decode("utf-8", errors="replace").lstrip(UTF8_BOM + " \t\r\n").startswith("["):
+    if path.suffix == ".jsonl" or not data.decode("utf-8", errors="replace").lstrip(UTF8_BOM + " \t\r\n").startswith(
+        "["
+    ):
         return [f"line {number}" for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
     return counted(len(json.loads(data.decode("utf-8").removeprefix(UTF8_BOM))))
 
@@ -220,7 +240,9 @@ def parse_json_files(files: list[Path]) -> tuple[list, list[str]]:
     for path in files:
         file_rows, line_numbers = parse_json_rows(str(path), path.read_bytes())
         rows.extend(file_rows)
-        per_file.append([f"line {number}" for number in line_numbers] if line_numbers is not None else counted(len(file_rows)))
+        per_file.append(
+            [f"line {number}" for number in line_numbers] if line_numbers is not None else counted(len(file_rows))
+        )
     return rows, labelled_positions(files, per_file)
 
 

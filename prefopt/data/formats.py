@@ -35,6 +35,7 @@ message for the template, unless it already holds the markers the template write
 it is already a rendered conversation and stays raw text, used as is (tokenize.py ends its responses
 the template's way).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -116,7 +117,9 @@ def normalize_row(
         raise BadRow(f"a row must be an object with named fields, got {type(row).__name__}")
     row = columns.apply(row)
     if row_format == "hh":
-        prompt, chosen, rejected = split_hh_transcripts(required_string(row, "chosen"), required_string(row, "rejected"))
+        prompt, chosen, rejected = split_hh_transcripts(
+            required_string(row, "chosen"), required_string(row, "rejected")
+        )
     elif row_format == "implicit":
         prompt, chosen, rejected = split_shared_text(required_string(row, "chosen"), required_string(row, "rejected"))
     elif row_format == "strings":
@@ -140,7 +143,9 @@ def normalize_row(
     return PreferenceRow(source_index, prompt, chosen, rejected, None if answer is None else str(answer))
 
 
-ALPACA_JOINER = "\n"  # between instruction and input: LLaMA-Factory's AlpacaDatasetConverter writes "\n".join([instruction, input])
+ALPACA_JOINER = (
+    "\n"  # between instruction and input: LLaMA-Factory's AlpacaDatasetConverter writes "\n".join([instruction, input])
+)
 
 
 def alpaca_prompt(row: dict, templated: bool) -> Union[str, Messages]:
@@ -157,7 +162,9 @@ def alpaca_prompt(row: dict, templated: bool) -> Union[str, Messages]:
     system = row.get("system")
     if not templated:
         if turns or system:
-            which = " and ".join(name for name, value in (("history turns", turns), ("a system prompt", system)) if value)
+            which = " and ".join(
+                name for name, value in (("history turns", turns), ("a system prompt", system)) if value
+            )
             raise BadRow(
                 f"the row has {which}, which only a chat template can render; use a model whose tokenizer has one "
                 f"(with dataset.chat_template=auto or always), or remove the column"
@@ -258,7 +265,9 @@ def split_message_rows(row: dict, template_markers: tuple[str, ...] = ()) -> tup
     if prompt is None:
         raise BadRow("missing field 'prompt'")
     rendered = isinstance(prompt, str) and holds_template_markers(prompt, template_markers)
-    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else checked_messages(prompt, "prompt")
+    prompt_messages = (
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else checked_messages(prompt, "prompt")
+    )
     contexts, contents = [], []
     for side in ("chosen", "rejected"):
         context, content = response_turns(row.get(side), side)
@@ -330,14 +339,20 @@ def checked_messages(value: Any, name: str) -> Messages:
     """A list of {role: str, content: str}, as plain dicts (parquet may add None-valued keys; {from, value}
     messages are read as ShareGPT writes them)."""
     if not isinstance(value, list):
-        raise BadRow(f"field '{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
+        raise BadRow(
+            f"field '{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
+        )
     messages = []
     for position, message in enumerate(value):
         if isinstance(message, dict) and message.get("role") is None and isinstance(message.get("from"), str):
             message = {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message.get("value")}
         if not (
-            isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
         ):
-            raise BadRow(f"field '{name}', message {position}: must be an object with string 'role' and 'content' (or 'from' and 'value')")
+            raise BadRow(
+                f"field '{name}', message {position}: must be an object with string 'role' and 'content' (or 'from' and 'value')"
+            )
         messages.append({"role": message["role"], "content": message["content"]})
     return messages

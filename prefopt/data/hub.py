@@ -8,6 +8,7 @@
 Offline, a hub id is read only from the local cache and fails in about a second with a message that
 says how to pass a local copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +63,11 @@ def load_named_split(path: str, subset: Optional[str], data_dir: Optional[str], 
             return datasets.load_dataset(path, subset, data_dir=data_dir, split=split)
     except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ... here
         kind = "dataset directory" if local else "hub dataset"
-        label = f"{kind} {path}" + (f" (subset {subset})" if subset else "") + (f" (data_dir {data_dir})" if data_dir else "")
+        label = (
+            f"{kind} {path}"
+            + (f" (subset {subset})" if subset else "")
+            + (f" (data_dir {data_dir})" if data_dir else "")
+        )
         if local or not offline:
             reason = f"{type(error).__name__}: {error}"
         else:

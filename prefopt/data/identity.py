@@ -5,6 +5,7 @@ The identity of tokenized data is the SHA-256 of its pairs' token ids, train and
 held-out split moves, or the tokenization changes; it does not change when a file is only renamed or
 re-serialized. The origin and the file names ride along only to name the data in a message.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,9 @@ log = logging.getLogger("prefopt")
 
 DATA_FILE = "data.json"  # in the run dir: the identity of the data the run trains on
 IDENTITY_VERSION = 1
-ALLOW_CHANGED = "allow"  # trainer.resume_data_changed=allow: resume on data that differs from the checkpoint's (config.CHOICES)
+ALLOW_CHANGED = (
+    "allow"  # trainer.resume_data_changed=allow: resume on data that differs from the checkpoint's (config.CHOICES)
+)
 OVERRIDE_KEY = "trainer.resume_data_changed"
 
 
@@ -51,25 +54,41 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     """What differs between the checkpoint's data and today's, in words; [] when they are the same."""
     differences = []
     if saved.get("train") != current["train"]:
-        differences.append(f"the training pairs differ ({saved.get('train_pairs')} at the checkpoint, {current['train_pairs']} now"
-                           + (", same count: contents or labels changed)" if saved.get("train_pairs") == current["train_pairs"] else ")"))
+        differences.append(
+            f"the training pairs differ ({saved.get('train_pairs')} at the checkpoint, {current['train_pairs']} now"
+            + (
+                ", same count: contents or labels changed)"
+                if saved.get("train_pairs") == current["train_pairs"]
+                else ")"
+            )
+        )
     if saved.get("eval") != current["eval"]:
-        differences.append(f"the eval split differs ({saved.get('eval_pairs')} held-out pairs at the checkpoint, "
-                           f"{current['eval_pairs']} now): before/after evals would compare different pairs")
+        differences.append(
+            f"the eval split differs ({saved.get('eval_pairs')} held-out pairs at the checkpoint, "
+            f"{current['eval_pairs']} now): before/after evals would compare different pairs"
+        )
     return differences
 
 
-def check_resume_data(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Any, setting: str) -> list[str]:
+def check_resume_data(
+    saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Any, setting: str
+) -> list[str]:
     """Refuse (DataError) a resume whose data differs from what the checkpoint trained on, unless setting is
     ALLOW_CHANGED; returns what differs (the caller records an allowed change). A checkpoint from before prefopt
     recorded its data, or recorded it with another IDENTITY_VERSION, has nothing to compare: [] (a warning for the
     latter: refusing would block every resume across an upgrade that changes the digest, for no change of data)."""
     if not saved:
         return []
-    if saved.get("version") != current["version"]:  # digests of another prefopt's scheme: equal data would read as changed
-        log.warning("checkpoint %s recorded its data with identity version %s, this prefopt computes version %s: the data "
-                    "cannot be compared, so a change would go unnoticed; resuming", checkpoint, saved.get("version"),
-                    current["version"])
+    if (
+        saved.get("version") != current["version"]
+    ):  # digests of another prefopt's scheme: equal data would read as changed
+        log.warning(
+            "checkpoint %s recorded its data with identity version %s, this prefopt computes version %s: the data "
+            "cannot be compared, so a change would go unnoticed; resuming",
+            checkpoint,
+            saved.get("version"),
+            current["version"],
+        )
         return []
     differences = identity_differences(saved, current)
     if not differences or setting == ALLOW_CHANGED:

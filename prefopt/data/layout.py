@@ -16,6 +16,7 @@ Both layouts give the same log-probs up to float rounding (tests/test_packing.py
 of a packed batch is 4-D (rows, 1, L, L): boolean (True = attend) for SDPA, additive (0 / dtype min)
 for eager attention, which adds it to the scores.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class SequenceBatch:
     real_tokens: int  # non-padding positions, for throughput
 
     def to(self, device) -> "SequenceBatch":
-        moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()}
+        moved = {
+            name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()
+        }
         return SequenceBatch(**moved)
 
 
@@ -51,7 +54,10 @@ Group = tuple[Sequence[int], list[tuple[int, Sequence[int]]]]  # (prompt ids, [(
 def pair_groups(pairs) -> list[Group]:
     """Preference pairs as groups: chosen responses are sequences 0..B-1, rejected ones B..2B-1 (split_pairs)."""
     count = len(pairs)
-    return [(pair.prompt_ids, [(index, pair.chosen_ids), (count + index, pair.rejected_ids)]) for index, pair in enumerate(pairs)]
+    return [
+        (pair.prompt_ids, [(index, pair.chosen_ids), (count + index, pair.rejected_ids)])
+        for index, pair in enumerate(pairs)
+    ]
 
 
 def build_batch(groups: list[Group], pad_token_id: int, layout: str, max_row_tokens: int = 0) -> SequenceBatch:
@@ -103,7 +109,9 @@ def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int) ->
             prompt_end = start + len(prompt)
             input_ids[row, start:prompt_end] = torch.tensor(list(prompt), dtype=torch.long)
             position_ids[row, start:prompt_end] = torch.arange(len(prompt))
-            attend[row, start:prompt_end, start:prompt_end] = torch.ones(len(prompt), len(prompt), dtype=torch.bool).tril()
+            attend[row, start:prompt_end, start:prompt_end] = torch.ones(
+                len(prompt), len(prompt), dtype=torch.bool
+            ).tril()
             cursor = prompt_end
             for index, response in responses:
                 end = cursor + len(response)
@@ -117,7 +125,9 @@ def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int) ->
             start = cursor
         padding = torch.arange(start, width)
         attend[row, padding, padding] = True  # padding attends to itself only (a fully masked row would be NaN)
-    return scored.batch(input_ids, attend.unsqueeze(1), position_ids, sum(len(responses) for _, responses in groups), sum(row_lengths))
+    return scored.batch(
+        input_ids, attend.unsqueeze(1), position_ids, sum(len(responses) for _, responses in groups), sum(row_lengths)
+    )
 
 
 class ScoredTokens:
@@ -136,8 +146,15 @@ class ScoredTokens:
     def batch(self, input_ids, attention_mask, position_ids, num_sequences: int, real_tokens: int) -> SequenceBatch:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         return SequenceBatch(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            predictor_rows=as_tensor(self.rows), predictor_cols=as_tensor(self.cols), targets=as_tensor(self.targets),
-            sequence_index=as_tensor(self.sequences), token_index=as_tensor(self.tokens), num_sequences=num_sequences,
-            max_response_length=max(self.tokens, default=-1) + 1, real_tokens=real_tokens,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            predictor_rows=as_tensor(self.rows),
+            predictor_cols=as_tensor(self.cols),
+            targets=as_tensor(self.targets),
+            sequence_index=as_tensor(self.sequences),
+            token_index=as_tensor(self.tokens),
+            num_sequences=num_sequences,
+            max_response_length=max(self.tokens, default=-1) + 1,
+            real_tokens=real_tokens,
         )

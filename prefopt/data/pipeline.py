@@ -6,6 +6,7 @@
 Each split is read lazily up to its cap (max_train_examples / max_eval_examples), so the cap means
 "the first N usable pairs" and a huge split is not tokenized for a short run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,15 +17,15 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.errors import ConfigError
 from prefopt.data.cache import Splits, cache_key, cached_pairs, indices_digest, tokenizer_fingerprint
 from prefopt.data.columns import ColumnMap
 from prefopt.data.detect import resolve_format, unread_prompt_columns
 from prefopt.data.errors import DataError
 from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
 from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
-from prefopt.fileutil import file_digests
 from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
+from prefopt.errors import ConfigError
+from prefopt.fileutil import file_digests
 
 logger = logging.getLogger("prefopt.data")
 
@@ -33,10 +34,16 @@ logger = logging.getLogger("prefopt.data")
 class PreferenceData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
-    stats: dict[str, int] = field(default_factory=dict)  # "train/pairs", "train/truncated", "train/boundary_merges", ... and eval/
-    row_format: str = "strings"  # the layout the rows had (formats.py: strings | implicit | hh | messages | implicit_messages)
+    stats: dict[str, int] = field(
+        default_factory=dict
+    )  # "train/pairs", "train/truncated", "train/boundary_merges", ... and eval/
+    row_format: str = (
+        "strings"  # the layout the rows had (formats.py: strings | implicit | hh | messages | implicit_messages)
+    )
     cache: str = "off"  # hit | miss (tokenized now, then cached) | off (dataset.cache_dir=null, or generated data)
-    origin: str = ""  # where the training pairs came from ("file /x/pairs.jsonl (train part)"): names the data in messages
+    origin: str = (
+        ""  # where the training pairs came from ("file /x/pairs.jsonl (train part)"): names the data in messages
+    )
     eval_origin: str = ""  # where the eval pairs came from (a held-out part, or a split of its own)
     files: Optional[list[str]] = None  # the local files read (None: hub or generated data)
 
@@ -62,11 +69,22 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
         )
     logger.info(
         "dataset %s (%s rows; train: %s; eval: %s): %s",
-        dataset_cfg.name, meta["row_format"], source.train.origin, source.eval.origin, stats,
+        dataset_cfg.name,
+        meta["row_format"],
+        source.train.origin,
+        source.eval.origin,
+        stats,
     )
-    return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats, row_format=meta["row_format"], cache=cache,
-                          origin=source.train.origin, eval_origin=source.eval.origin,
-                          files=[str(path) for path in source.files] if source.files is not None else None)
+    return PreferenceData(
+        train=splits["train"],
+        eval=splits["eval"],
+        stats=stats,
+        row_format=meta["row_format"],
+        cache=cache,
+        origin=source.train.origin,
+        eval_origin=source.eval.origin,
+        files=[str(path) for path in source.files] if source.files is not None else None,
+    )
 
 
 def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Optional[tuple[Path, str]]:
@@ -75,13 +93,18 @@ def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Option
     if not cache_dir or (source.files is None and source.fingerprint is None):
         return None
     cache_dir = Path(os.path.expanduser(cache_dir))
-    content = file_digests(source.files, cache_dir / "data_digests.json") if source.files is not None else source.fingerprint
+    content = (
+        file_digests(source.files, cache_dir / "data_digests.json") if source.files is not None else source.fingerprint
+    )
     settings = OmegaConf.to_container(dataset_cfg, resolve=True)
     settings.pop("cache_dir", None)
     key = cache_key(
         {
             "data": content,
-            "splits": {name: [split.origin, indices_digest(split.indices)] for name, split in (("train", source.train), ("eval", source.eval))},
+            "splits": {
+                name: [split.origin, indices_digest(split.indices)]
+                for name, split in (("train", source.train), ("eval", source.eval))
+            },
             "dataset": settings,
             "tokenizer": tokenizer_fingerprint(tokenizer),
         }
@@ -99,12 +122,17 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
         resolve_format(row_format, source.eval, columns)  # a split of its own must have the same layout
     string_prompt_as_user_message = string_prompts_use_chat_template(dataset_cfg.chat_template, row_format, tokenizer)
     warnings: list[str] = []
-    unread = None if generated else unread_prompt_columns(source.train, row_format, string_prompt_as_user_message, columns)
+    unread = (
+        None if generated else unread_prompt_columns(source.train, row_format, string_prompt_as_user_message, columns)
+    )
     if unread:
         warnings.append(unread)
     # the template is read only where it renders prompts: never for raw text (hh, implicit) or dataset.chat_template=never
     encoder = PairEncoder(
-        tokenizer, dataset_cfg.max_length, dataset_cfg.max_prompt_length, use_chat_template=string_prompt_as_user_message
+        tokenizer,
+        dataset_cfg.max_length,
+        dataset_cfg.max_prompt_length,
+        use_chat_template=string_prompt_as_user_message,
     )
     stats: dict[str, int] = {}
     splits = {}
@@ -113,7 +141,16 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
         ("eval", source.eval, dataset_cfg.max_eval_examples),
     ):
         splits[name] = prepare_split(
-            name, split, row_format, string_prompt_as_user_message, dataset_cfg.on_bad_row, encoder, limit, stats, warnings, columns
+            name,
+            split,
+            row_format,
+            string_prompt_as_user_message,
+            dataset_cfg.on_bad_row,
+            encoder,
+            limit,
+            stats,
+            warnings,
+            columns,
         )
     count_overlap(splits, source.eval.origin, stats, warnings)
     return splits, {"row_format": row_format, "stats": stats, "warnings": warnings}
@@ -146,7 +183,9 @@ def prepare_split(
 ) -> list[TokenizedPair]:
     skipped = SkippedRows(split.origin)
     counts = EncodingCounts()
-    rows = normalize_rows(split, row_format, string_prompt_as_user_message, on_bad_row, skipped, encoder.user_markers, columns)
+    rows = normalize_rows(
+        split, row_format, string_prompt_as_user_message, on_bad_row, skipped, encoder.user_markers, columns
+    )
     pairs = encoder.encode(rows, limit, split.where, counts)
     if skipped.warning():
         warnings.append(skipped.warning())

@@ -12,6 +12,7 @@ trainer draws one global micro batch (micro_batch_size x ranks) per call across 
 each epoch's groups are aligned to where its micro batches start: only the one micro batch that spans
 an epoch boundary mixes lengths.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -28,7 +29,11 @@ def length_grouped(order: list[int], lengths: Sequence[int], group_size: int, ge
     for start in range(0, len(order), mega):
         block = sorted(order[start : start + mega], key=lambda index: (-lengths[index], index))
         groups = [block[first : first + group_size] for first in range(0, len(block), group_size)]
-        grouped += [index for position in torch.randperm(len(groups), generator=generator).tolist() for index in groups[position]]
+        grouped += [
+            index
+            for position in torch.randperm(len(groups), generator=generator).tolist()
+            for index in groups[position]
+        ]
     return grouped
 
 
@@ -37,10 +42,19 @@ class PairSampler:
 
     lengths (one per pair) and group_size (pairs per global micro batch) switch on length grouping."""
 
-    def __init__(self, num_pairs: int, seed: int, epoch: int = 0, offset: int = 0,
-                 lengths: Optional[Sequence[int]] = None, group_size: int = 0):
+    def __init__(
+        self,
+        num_pairs: int,
+        seed: int,
+        epoch: int = 0,
+        offset: int = 0,
+        lengths: Optional[Sequence[int]] = None,
+        group_size: int = 0,
+    ):
         if lengths is not None and (len(lengths) != num_pairs or group_size < 1):
-            raise ValueError(f"length grouping needs one length per pair ({len(lengths)} for {num_pairs}) and group_size >= 1 (got {group_size})")
+            raise ValueError(
+                f"length grouping needs one length per pair ({len(lengths)} for {num_pairs}) and group_size >= 1 (got {group_size})"
+            )
         self.num_pairs, self.seed, self.epoch, self.offset = num_pairs, seed, epoch, offset
         self.lengths, self.group_size = lengths, group_size
 
@@ -80,5 +94,8 @@ def training_sampler(pairs: list, trainer_cfg, world_size: int, state: Optional[
     """The run's sampler from its config (trainer.seed, trainer.group_by_length) and, on resume, its saved state."""
     grouping = {}
     if trainer_cfg.group_by_length:
-        grouping = {"lengths": [pair_length(pair) for pair in pairs], "group_size": trainer_cfg.micro_batch_size * world_size}
+        grouping = {
+            "lengths": [pair_length(pair) for pair in pairs],
+            "group_size": trainer_cfg.micro_batch_size * world_size,
+        }
     return PairSampler(len(pairs), trainer_cfg.seed, **(state or {}), **grouping)

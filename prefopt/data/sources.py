@@ -16,6 +16,7 @@ A source with a single split (a local file, or eval_split=null) holds out eval_f
 chosen by the seed. The `RawSource` also says what identifies the data's content (its files, or the
 `datasets` fingerprint), which keys the tokenized-pairs cache (cache.py).
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,11 +28,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from prefopt.errors import ConfigError
-from prefopt.data.errors import DataError
 from prefopt.data.arith import generate_arith_rows
+from prefopt.data.errors import DataError
 from prefopt.data.files import BUILDERS, SUPPORTED, data_files, read_data_files
 from prefopt.data.hub import is_saved_dataset, load_named_split, load_saved, saved_split
+from prefopt.errors import ConfigError
 
 
 @dataclass
@@ -117,7 +118,9 @@ def load_directory(dataset_cfg: DictConfig, directory: Path, seed: int) -> RawSo
     """A save_to_disk directory, or a dataset repository on disk (a clone of a hub dataset, or data files
     laid out the way load_dataset reads them). Its files' bytes identify it (hidden files left out)."""
     files = sorted(
-        path for path in directory.rglob("*") if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
     )
     if is_saved_dataset(directory):
         import datasets
@@ -127,7 +130,9 @@ def load_directory(dataset_cfg: DictConfig, directory: Path, seed: int) -> RawSo
         if not isinstance(saved, datasets.DatasetDict):  # a Dataset: one split
             train, held_out = hold_out(origin, saved, dataset_cfg.eval_fraction, seed)
             return RawSource(train, held_out, files=files)
-        train, held_out = named_splits(origin, lambda split: saved_split(saved, split, origin), dataset_cfg, seed, list(saved))
+        train, held_out = named_splits(
+            origin, lambda split: saved_split(saved, split, origin), dataset_cfg, seed, list(saved)
+        )
         return RawSource(train, held_out, files=files)
     origin = f"dataset directory {directory}" + (f" ({dataset_cfg.subset})" if dataset_cfg.subset else "")
 
@@ -185,8 +190,11 @@ def check_directory_read_whole(
         kinds = sorted({file.suffix for file in files if file.suffix in BUILDERS})
         named = ", ".join(str(file.relative_to(directory)) for file in left_out[:3])
         named += f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
-        why = (f"it holds files of several formats ({', '.join(kinds)}) and `datasets` reads one format per directory"
-               if len(kinds) > 1 else "their names name no split (train*, test*, validation*) while other files' do")
+        why = (
+            f"it holds files of several formats ({', '.join(kinds)}) and `datasets` reads one format per directory"
+            if len(kinds) > 1
+            else "their names name no split (train*, test*, validation*) while other files' do"
+        )
         raise DataError(
             f"dataset directory {directory}: {named} would not be read: {why}. Give dataset.path one file or a glob of "
             f"files of one format, convert the files to one format, or move the files that are not data out of the directory"
@@ -208,7 +216,10 @@ def load_hub_source(dataset_cfg: DictConfig, seed: int) -> RawSource:
     return RawSource(train, held_out, fingerprint="/".join(fingerprints) if all(fingerprints) else None)
 
 
-EVAL_SPLIT_NAMES = ("validation", "test")  # a source's own held-out split, used when dataset.eval_split=null, in this order
+EVAL_SPLIT_NAMES = (
+    "validation",
+    "test",
+)  # a source's own held-out split, used when dataset.eval_split=null, in this order
 
 
 def named_splits(
@@ -220,7 +231,9 @@ def named_splits(
     train_rows = load(dataset_cfg.train_split)
     eval_split = dataset_cfg.eval_split
     if eval_split is None:
-        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in available and name != dataset_cfg.train_split), None)
+        eval_split = next(
+            (name for name in EVAL_SPLIT_NAMES if name in available and name != dataset_cfg.train_split), None
+        )
         if eval_split is None:
             return hold_out(f"{origin} split {dataset_cfg.train_split}", train_rows, dataset_cfg.eval_fraction, seed)
         origin_of_eval = f"{origin} split {eval_split} (its own held-out split, as dataset.eval_split=null found it)"

@@ -32,6 +32,7 @@ tokenizer tokenizes that whole text:
   prompt does not already start with it (chat templates often write the BOS as text): never two.
   A response that already ends with its ending (or eos_token) text does not get a second one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,7 +94,9 @@ def template_turns(tokenizer) -> Optional[TemplateTurns]:
     try:
         rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception as error:  # jinja raises its own types
-        raise template_error(f"cannot render a user turn followed by an assistant turn ({type(error).__name__}: {error})") from None
+        raise template_error(
+            f"cannot render a user turn followed by an assistant turn ({type(error).__name__}: {error})"
+        ) from None
     if USER_SENTINEL not in rendered or ASSISTANT_SENTINEL not in rendered:
         raise template_error("does not write message contents verbatim, so prefopt cannot tell a turn's ending apart")
     specials = special_token_texts(tokenizer)
@@ -102,7 +105,9 @@ def template_turns(tokenizer) -> Optional[TemplateTurns]:
     end_of_turn = after_response[: max(special_ends.values())] if special_ends else (tokenizer.eos_token or "")
     end_tokens = tuple(sorted((text for text in specials if text in end_of_turn), key=end_of_turn.index))
     opening = rendered[: rendered.index(USER_SENTINEL)]
-    return TemplateTurns(user_turn_markers(opening, specials, tokenizer.bos_token), after_response, end_of_turn, end_tokens)
+    return TemplateTurns(
+        user_turn_markers(opening, specials, tokenizer.bos_token), after_response, end_of_turn, end_tokens
+    )
 
 
 def user_turn_markers(text_before_user: str, specials: set[str], bos_text: Optional[str]) -> tuple[str, ...]:
@@ -123,7 +128,9 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         turns = template_turns(tokenizer)
     except DataError:  # a template that cannot render a turn ends none: EOS still stops
         turns = None
-    candidates = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(text) for text in (turns.end_tokens if turns else ())]
+    candidates = [tokenizer.eos_token_id] + [
+        tokenizer.convert_tokens_to_ids(text) for text in (turns.end_tokens if turns else ())
+    ]
     return list(dict.fromkeys(token for token in candidates if token is not None))
 
 
@@ -232,13 +239,17 @@ class PairEncoder:
             pairs.extend(self.encode_chunk(chunk, where, counts))
         return pairs
 
-    def encode_chunk(self, chunk: list[PreferenceRow], where: Callable[[int], str], counts: EncodingCounts) -> Iterator[TokenizedPair]:
+    def encode_chunk(
+        self, chunk: list[PreferenceRow], where: Callable[[int], str], counts: EncodingCounts
+    ) -> Iterator[TokenizedPair]:
         """The chunk's usable pairs; counts truncated, dropped and boundary-merged ones."""
         texts = [self.pair_text(row, where(row.source_index)) for row in chunk]
         prompt_ids = self.token_ids([text.prompt for text in texts])
         chosen_full = self.token_ids([text.prompt + text.chosen_turn for text in texts])
         rejected_full = self.token_ids([text.prompt + text.rejected_turn for text in texts])
-        for row, text, prompt_tokens, chosen_tokens, rejected_tokens in zip(chunk, texts, prompt_ids, chosen_full, rejected_full):
+        for row, text, prompt_tokens, chosen_tokens, rejected_tokens in zip(
+            chunk, texts, prompt_ids, chosen_full, rejected_full
+        ):
             boundary = shared_prefix_length(prompt_tokens, chosen_tokens, rejected_tokens)
             merged = boundary < len(prompt_tokens)
             prompt_tokens = prompt_tokens[:boundary]
@@ -279,12 +290,16 @@ class PairEncoder:
         if self.turns is None:
             raise DataError(f"{where}: the prompt is a list of messages, but no chat template is in use to render it")
         prompt = self.render(row.prompt, where, add_generation_prompt=True)
-        chosen_turn, rejected_turn = (self.templated_turn(row.prompt, prompt, response, where) for response in (chosen, rejected))
+        chosen_turn, rejected_turn = (
+            self.templated_turn(row.prompt, prompt, response, where) for response in (chosen, rejected)
+        )
         return PairText(prompt, chosen, rejected, chosen_turn, rejected_turn)
 
     def templated_turn(self, messages: Messages, prompt: str, response: str, where: str) -> str:
         """The text the template writes after `prompt` for the assistant turn `response`, up to the turn's ending."""
-        conversation = self.render(messages + [{"role": "assistant", "content": response}], where, add_generation_prompt=False)
+        conversation = self.render(
+            messages + [{"role": "assistant", "content": response}], where, add_generation_prompt=False
+        )
         if not conversation.startswith(prompt):
             raise DataError(
                 f"{where}: the tokenizer's chat template is at fault: the prompt it renders with add_generation_prompt=True "
@@ -304,7 +319,9 @@ class PairEncoder:
 
     def render(self, messages: Messages, where: str, add_generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as error:  # jinja raises its own types, e.g. for a role the template rejects
             raise DataError(
                 f"{where}: the tokenizer's chat template cannot render the prompt "
@@ -330,11 +347,15 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
     return collate_sequences(prompts, responses, pad_token_id)
 
 
-def collate_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_sequences(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response rows. Labels hold the response tokens and IGNORE_INDEX on prompt
     and padding positions; prompt_lengths / response_lengths say where each part is."""
     if not prompt_ids or len(prompt_ids) != len(response_ids):
-        raise ValueError(f"collate_sequences needs as many prompts as responses, at least one ({len(prompt_ids)} vs {len(response_ids)})")
+        raise ValueError(
+            f"collate_sequences needs as many prompts as responses, at least one ({len(prompt_ids)} vs {len(response_ids)})"
+        )
     if pad_token_id is None:
         raise ValueError("collate needs a pad_token_id (the tokenizer's pad_token_id)")
     width = max(len(prompt) + len(response) for prompt, response in zip(prompt_ids, response_ids))

@@ -6,6 +6,7 @@ Each loss is one function in one module of this package, registered under its co
 registry.py); `conf/loss/<name>.yaml` holds its defaults. The caller always passes summed log-probs
 and lengths; a loss that reads mean token log-probs says so at registration and is given them.
 """
+
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -13,8 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import ConfigError
+
 # importing a loss module registers its losses; this order is the order of LOSSES and of the docs
-from prefopt.losses import dpo, dpo_variants, ipo, cal_dpo, simpo, orpo, lpo, sft  # noqa: F401, I001
+from prefopt.losses import cal_dpo, dpo, dpo_variants, ipo, lpo, orpo, sft, simpo  # noqa: F401, I001
 from prefopt.losses.gate import GateParams, apply_gate, gate_metrics, parse_gate
 from prefopt.losses.registry import LossInputs, LossSpec, LossTerms, get_loss, registered_names
 
@@ -112,7 +114,9 @@ def preference_loss(
     )
 
 
-def per_example_gates(gate_params: GateParams, gates: torch.Tensor, rejected_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def per_example_gates(
+    gate_params: GateParams, gates: torch.Tensor, rejected_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
     """(B,) gate values: kind token returns one gate per response token (flattened), averaged here per example."""
     if gate_params.kind != "token":
         return gates.detach()

@@ -1,4 +1,5 @@
 """Cal-DPO: DPO's contrastive term plus a calibration of the implicit rewards to a fixed scale."""
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -26,6 +27,4 @@ def cal_dpo_loss(inputs: LossInputs, params: CalDPOParams) -> LossTerms:
     target = 1 / (2 * params.beta)
     calibration = 0.5 * ((chosen - target) ** 2 + (rejected + target) ** 2)
     losses = -F.logsigmoid(chosen - rejected) + calibration
-    return LossTerms(
-        losses, *implicit_rewards(inputs, params.beta), metrics={"cal_dpo/calibration": calibration}
-    )
+    return LossTerms(losses, *implicit_rewards(inputs, params.beta), metrics={"cal_dpo/calibration": calibration})

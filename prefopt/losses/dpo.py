@@ -3,6 +3,7 @@
 h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), on summed log-probs.
 Rewards: beta * log(pi / pi_ref) of chosen and rejected.
 """
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F

@@ -1,6 +1,7 @@
 """DPO with a term that protects the chosen response (RPO, DPOP) or down-weights the rejected one
 (DPO-Shift). Summed log-probs; rewards beta * log(pi / pi_ref).
 """
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -35,9 +36,7 @@ class DPOShiftParams(Hyperparameters):
 
     def check_combination(self, key_prefix: str) -> None:
         if self.f_min > self.f_max:
-            raise ConfigError(
-                f"{key_prefix}f_min={show(self.f_min)} must be <= {key_prefix}f_max={show(self.f_max)}"
-            )
+            raise ConfigError(f"{key_prefix}f_min={show(self.f_min)} must be <= {key_prefix}f_max={show(self.f_max)}")
 
     def shift(self, progress: float) -> float:
         """The factor f on the rejected log-ratio at training progress in [0, 1]."""
@@ -88,6 +87,4 @@ def dpo_shift_loss(inputs: LossInputs, params: DPOShiftParams) -> LossTerms:
     """
     f = params.shift(inputs.progress)
     losses = -F.logsigmoid(params.beta * (inputs.chosen_logratios - f * inputs.rejected_logratios))
-    return LossTerms(
-        losses, *implicit_rewards(inputs, params.beta), metrics={"dpo_shift/f": losses.new_tensor(f)}
-    )
+    return LossTerms(losses, *implicit_rewards(inputs, params.beta), metrics={"dpo_shift/f": losses.new_tensor(f)})

@@ -17,6 +17,7 @@ Estimators of p (`kind`):
     log    g = sigmoid(kappa * (log p - log tau)) with p the seq estimate (scale-free in p)
     token  a gate per token, g_t = sigmoid(alpha * (p_t - tau)) on each token's log-prob, re-summed
 """
+
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -125,7 +126,11 @@ def gate_distribution(example_gates: torch.Tensor) -> Dict[str, float]:
     gates = example_gates.detach().to(torch.float64)
     quantiles = torch.quantile(gates, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     return {
-        "gate/mean": float(gates.mean()), "gate/min": float(gates.min()), "gate/max": float(gates.max()),
-        "gate/p10": quantiles[0], "gate/p50": quantiles[1], "gate/p90": quantiles[2],
+        "gate/mean": float(gates.mean()),
+        "gate/min": float(gates.min()),
+        "gate/max": float(gates.max()),
+        "gate/p10": quantiles[0],
+        "gate/p50": quantiles[1],
+        "gate/p90": quantiles[2],
         "gate/frac_below_half": float((gates < 0.5).to(torch.float64).mean()),
     }

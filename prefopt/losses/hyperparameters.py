@@ -4,6 +4,7 @@ Each loss declares its hyperparameters as a frozen dataclass whose fields carry 
 parser turns a config node (or keyword arguments) into typed values and rejects impossible ones with
 a message that names the key. The trainer and `validate_loss_config` go through the same parser.
 """
+
 import dataclasses
 import math
 import typing

@@ -1,4 +1,5 @@
 """IPO: a squared loss that regresses the DPO logit onto a finite target."""
+
 from dataclasses import dataclass
 
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter

@@ -1,6 +1,7 @@
 """LPO: a linear (absolute-value) preference loss whose chosen and rejected gradients are set
 separately with a straight-through split, plus a penalty on the chosen log-prob falling below the
 reference's."""
+
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,13 @@ def lpo_loss(inputs: LossInputs, params: LPOParams) -> LossTerms:
         else:
             chosen_weight = 2 * params.r1 / (params.r1 + params.r2)
             rejected_weight = 2 * params.r2 / (params.r1 + params.r2)
-        linear = 2 * params.beta * (
-            chosen_weight * (chosen - rejected.detach() - offset).abs()
-            + rejected_weight * (chosen.detach() - rejected - offset).abs()
+        linear = (
+            2
+            * params.beta
+            * (
+                chosen_weight * (chosen - rejected.detach() - offset).abs()
+                + rejected_weight * (chosen.detach() - rejected - offset).abs()
+            )
         )
     positive_reg = params.gamma * F.relu(-chosen)
     return LossTerms(

@@ -1,4 +1,5 @@
 """ORPO: SFT on the chosen response plus an odds-ratio preference term, reference-free."""
+
 import math
 from dataclasses import dataclass
 
@@ -20,9 +21,7 @@ class ORPOParams(Hyperparameters):
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
     """log(p / (1 - p)) for p = exp(mean_logps), with log(1 - p) computed without cancellation."""
     a = mean_logps.clamp(max=_MAX_MEAN_LOGP)
-    log_one_minus_p = torch.where(
-        a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a))
-    )
+    log_one_minus_p = torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
     return a - log_one_minus_p
 
 

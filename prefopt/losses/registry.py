@@ -5,6 +5,7 @@ name with `@register(...)`. The registration says whether the loss needs a refer
 it has a rejected term (so the gate applies), and whether it reads length-averaged log-probs; the
 caller (`preference_loss`) does the averaging, so a loss declares it once and never repeats it.
 """
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple, Type, Union

@@ -1,5 +1,6 @@
 """Supervised fine-tuning as a loss: the mean token NLL of the chosen response (sft), or of both
 responses (sft_extend). Reference-free, no hyperparameters. Rewards: mean token log-probs."""
+
 from dataclasses import dataclass
 
 from prefopt.losses.hyperparameters import Hyperparameters
@@ -15,7 +16,7 @@ class NoHyperparameters(Hyperparameters):
 def sft_loss(inputs: LossInputs, params: NoHyperparameters) -> LossTerms:
     """SFT on the chosen response:
 
-        loss = -log pi(y_w)/|y_w|
+    loss = -log pi(y_w)/|y_w|
     """
     return LossTerms(-inputs.policy_chosen, inputs.policy_chosen.detach(), inputs.policy_rejected.detach())
 

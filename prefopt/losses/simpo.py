@@ -1,4 +1,5 @@
 """SimPO: a reference-free margin loss on mean token log-probs."""
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F
