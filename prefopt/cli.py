@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from prefopt.config import ConfigError, register_schema
+from prefopt.run.config import ConfigError, register_schema
 
 log = logging.getLogger("prefopt")
 
@@ -57,7 +57,7 @@ commands:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: shown as one clear message, without a traceback."""
-    from prefopt.errors import USER_ERRORS
+    from prefopt.core.errors import USER_ERRORS
 
     return USER_ERRORS
 
@@ -92,8 +92,8 @@ class CreateOutputDir(Callback):
     the dir first and fail in one line instead."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from prefopt.launch import defer_hydra_record
-        from prefopt.rundir import refuse_outside_links
+        from prefopt.core.rundir import refuse_outside_links
+        from prefopt.run.launch import defer_hydra_record
 
         try:
             refuse_outside_links(Path(config.hydra.run.dir))  # before Hydra opens its log file there
@@ -105,7 +105,7 @@ class CreateOutputDir(Callback):
             defer_hydra_record(config)  # a dir that holds a run keeps its .hydra/ until this launch is accepted
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from prefopt.launch import defer_sweep_hydra_records
+        from prefopt.run.launch import defer_sweep_hydra_records
 
         if running_app == "train":
             defer_sweep_hydra_records(config)  # resumed or reused jobs keep their .hydra/ until each is accepted
@@ -125,7 +125,7 @@ def create_output_dir(path: str, key: str) -> None:
 def interrupted_message(run_dir: Optional[Path], overrides: list[str], how: str = "interrupted") -> str:
     """One line for Ctrl-C (how="terminated": SIGTERM); with the command that continues the run when it left a
     checkpoint."""
-    from prefopt.checkpoint import checkpoint_candidates
+    from prefopt.train.checkpoint import checkpoint_candidates
 
     if run_dir is None:
         return f"prefopt: {how}"
@@ -137,7 +137,7 @@ def interrupted_message(run_dir: Optional[Path], overrides: list[str], how: str 
 
 def stopped_exit(stop: KeyboardInterrupt, run_dir: Optional[Path], overrides: list[str]) -> SystemExit:
     """Ctrl-C or SIGTERM said in one line (with how to resume), as its exit: 130 or 143."""
-    from prefopt.errors import Terminated
+    from prefopt.core.errors import Terminated
 
     terminated = isinstance(stop, Terminated)
     print(interrupted_message(run_dir, overrides, "terminated" if terminated else "interrupted"), file=sys.stderr)
@@ -148,9 +148,9 @@ def stopped_exit(stop: KeyboardInterrupt, run_dir: Optional[Path], overrides: li
 def sigterm_stops() -> Iterator[None]:
     """SIGTERM (kill, `timeout`, systemd, container runtimes) raises errors.Terminated, a KeyboardInterrupt: the run
     stops as on Ctrl-C (the trainer checkpoints the last whole step; torchrun's ranks are stopped the same way).
-    Inside a SLURM task SIGTERM stays SLURM's (prefopt/slurm.py)."""
-    from prefopt.errors import stop_exception
-    from prefopt.slurm import in_slurm_task
+    Inside a SLURM task SIGTERM stays SLURM's (prefopt/core/slurm.py)."""
+    from prefopt.core.errors import stop_exception
+    from prefopt.core.slurm import in_slurm_task
 
     if in_slurm_task() or threading.current_thread() is not threading.main_thread():
         yield
@@ -169,8 +169,8 @@ def sigterm_stops() -> Iterator[None]:
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def train_app(cfg: DictConfig) -> Optional[float]:
     """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
-    from prefopt.launch import dispatch, prepare_run
-    from prefopt.sweep import objective_value, run_job
+    from prefopt.run.launch import dispatch, prepare_run
+    from prefopt.run.sweep import objective_value, run_job
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -189,11 +189,11 @@ def train_app(cfg: DictConfig) -> Optional[float]:
 
 @hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
 def eval_app(cfg: DictConfig) -> Optional[float]:
-    """Evaluate one policy (prefopt/evalrun.py) into a run dir of its own; returns its objective for sweepers."""
-    from prefopt.console import eval_headline
-    from prefopt.evalrun import prepare_eval
-    from prefopt.launch import dispatch
-    from prefopt.sweep import objective_value, run_job
+    """Evaluate one policy (prefopt/run/eval_run.py) into a run dir of its own; returns its objective for sweepers."""
+    from prefopt.observe.console import eval_headline
+    from prefopt.run.eval_run import prepare_eval
+    from prefopt.run.launch import dispatch
+    from prefopt.run.sweep import objective_value, run_job
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -218,8 +218,8 @@ def failure_exit(error: Exception, path: Any) -> SystemExit:
     """A failure of `prefopt train` / `prefopt eval` said in one line on stderr, as the exit it causes: 2 for the
     user's input (config, data, model, an unwritable run dir), 1 for a failed run. Anything else is a bug: re-raised
     with its traceback (call this inside the `except` that caught it)."""
-    from prefopt.errors import NonFiniteTrainingError
-    from prefopt.launch import WorkerError
+    from prefopt.core.errors import NonFiniteTrainingError
+    from prefopt.run.launch import WorkerError
 
     if isinstance(error, user_errors()):
         message, code = str(error), 2
@@ -291,29 +291,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command == "train":
         return run_hydra_app(train_app, "train", resolve_shown_config(rest))
     if command == "eval":
-        from prefopt.evalrun import policy_argument
+        from prefopt.run.eval_run import policy_argument
 
         return run_hydra_app(eval_app, "eval", resolve_shown_config(policy_argument(rest)))
     if command == "worker":
         return worker_command(rest)
     if command == "data":
-        from prefopt.datacmd import data_command
+        from prefopt.run.data_preview import data_command
 
         return data_command(rest)
     if command == "plot":
-        from prefopt.plots import plot_command
+        from prefopt.observe.plots import plot_command
 
         return plot_command(rest)
     if command == "report":
-        from prefopt.report import report_command
+        from prefopt.observe.report import report_command
 
         return report_command(rest)
     if command == "export":
-        from prefopt.export import export_command
+        from prefopt.run.export import export_command
 
         return export_command(rest)
     if command == "toy":
-        from prefopt.toy import toy_app
+        from prefopt.run.toy import toy_app
 
         return run_hydra_app(toy_app, "toy", rest)
     print(f"prefopt: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Wall time of the held-out passes (eval pairs, probes, greedy answers) on one rank vs split over two
-gloo ranks (prefopt/sharding.py), one thread per rank, the same model and data in both.
+gloo ranks (prefopt/train/sharding.py), one thread per rank, the same model and data in both.
 
     .venv/bin/python scripts/bench_eval_split.py                          # tiny_llama, 64 eval pairs, 32 probes
     .venv/bin/python scripts/bench_eval_split.py --model smollm2_135m --eval 16 --probes 8
@@ -27,13 +27,13 @@ def timed_passes(rank: int, world_size: int, args: argparse.Namespace, init_file
     import torch.distributed
     from hydra import compose, initialize_config_module
 
-    from prefopt.config import register_schema
+    from prefopt.run.config import register_schema
     from prefopt.data import build_preference_data
-    from prefopt.distributed import DistInfo
-    from prefopt.dynamics import build_probe_set, evaluate_probes
-    from prefopt.evaluation import evaluate, greedy_accuracy
-    from prefopt.models import load_model, load_tokenizer, resolve_model_source
-    from prefopt.trainer import PreferenceStep
+    from prefopt.core.distributed import DistInfo
+    from prefopt.train.dynamics import build_probe_set, evaluate_probes
+    from prefopt.train.evaluation import evaluate, greedy_accuracy
+    from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
+    from prefopt.recipes.train import PreferenceStep
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

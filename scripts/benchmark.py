@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prefopt.tracking import read_jsonl  # noqa: E402
+from prefopt.observe.tracking import read_jsonl  # noqa: E402
 
 SUITES = {
     # the same 20 steps (same pairs, same order) in fp32 and in bf16 mixed precision
@@ -181,10 +181,10 @@ def plan_batches(overrides: list[str], steps: int) -> dict:
     end-of-sequence tokens included, each counted once)."""
     from hydra import compose, initialize_config_module
 
-    from prefopt.config import register_schema
+    from prefopt.run.config import register_schema
     from prefopt.data import build_preference_data
-    from prefopt.models import converted_gguf_dir, load_tokenizer
-    from prefopt.trainer import PairSampler
+    from prefopt.model.loading import converted_gguf_dir, load_tokenizer
+    from prefopt.recipes.train import PairSampler
 
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
@@ -216,8 +216,8 @@ def smollm2_dir() -> Path:
     """The converted SmolLM2 directory (tokenizer + weights), converted from the GGUF here on a fresh machine."""
     from hydra import compose, initialize_config_module
 
-    from prefopt.config import register_schema
-    from prefopt.models import converted_gguf_dir
+    from prefopt.run.config import register_schema
+    from prefopt.model.loading import converted_gguf_dir
 
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
@@ -413,7 +413,7 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     default_label = (
         f"prefopt default (batching={plan['default_batching']}, reference.precompute={plan['default_precompute']})"
     )
-    # prefopt.reference.precompute_enabled's rule: auto and true precompute, false keeps a reference model
+    # prefopt.train.reference.precompute_enabled's rule: auto and true precompute, false keeps a reference model
     reference_forward = {
         "trl": True,
         "trl-repeat": True,

@@ -15,7 +15,7 @@ SMOLLM2_GGUF = dict(
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     """Byte-level tokenizer, no BOS, ChatML template (the tiny models' tokenizer)."""
-    from prefopt.models import build_byte_tokenizer
+    from prefopt.model.loading import build_byte_tokenizer
 
     return build_byte_tokenizer(add_bos=False)
 
@@ -23,7 +23,7 @@ def byte_tokenizer():
 @pytest.fixture(scope="session")
 def bos_byte_tokenizer():
     """Byte-level tokenizer that prepends <|bos|> and whose chat template writes it too (the double-BOS trap)."""
-    from prefopt.models import build_byte_tokenizer
+    from prefopt.model.loading import build_byte_tokenizer
 
     return build_byte_tokenizer(add_bos=True)
 
@@ -33,8 +33,8 @@ def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (ChatML, no BOS added), from the installed GGUF package."""
     from omegaconf import OmegaConf
 
-    from prefopt.config import ModelConfig
-    from prefopt.models import ModelNotFoundError, load_tokenizer
+    from prefopt.run.config import ModelConfig
+    from prefopt.model.loading import ModelNotFoundError, load_tokenizer
 
     try:
         return load_tokenizer(OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF)))

@@ -64,7 +64,7 @@ def wandb_history_all_segments(run_dir: Path) -> list[dict]:
     as far as each is intact: a resumed run has one segment per start; synced together they are the run."""
     from wandb.proto import wandb_internal_pb2
 
-    from prefopt.tracking import wandb_records
+    from prefopt.observe.tracking import wandb_records
 
     rows = []
     for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from prefopt.config import ConfigError, register_schema, validate_config
+from prefopt.run.config import ConfigError, register_schema, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "prefopt" / "conf"
 GROUPS = ("loss", "model", "dataset", "hardware")

@@ -1,4 +1,4 @@
-"""The console of a run (prefopt/console.py): progress with ETA, eval headlines, the closing summary,
+"""The console of a run (prefopt/observe/console.py): progress with ETA, eval headlines, the closing summary,
 plain vs fancy mode, and the noise it keeps out. One tiny `prefopt train` in a subprocess (its whole
 stdout + stderr, as a user or a SLURM log sees it); the rest are unit tests with a fake clock."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from prefopt import console as console_module
-from prefopt.config import ConfigError, validate_config
-from prefopt.console import SHOW_AFTER_SECONDS, Console, report_progress, resolve_mode
-from prefopt.console_lines import METRIC_NAMES, eval_headline, format_duration, summary_lines
+from prefopt.observe import console as console_module
+from prefopt.run.config import ConfigError, validate_config
+from prefopt.observe.console import SHOW_AFTER_SECONDS, Console, report_progress, resolve_mode
+from prefopt.observe.console_lines import METRIC_NAMES, eval_headline, format_duration, summary_lines
 from tests.test_config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from prefopt.cli import main
-from prefopt.models import build_byte_tokenizer
+from prefopt.model.loading import build_byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in range(10)]
@@ -95,7 +95,7 @@ def test_an_unwritable_cache_and_ctrl_c_are_one_line(tmp_path, monkeypatch, caps
     import errno
     import os
 
-    import prefopt.datacmd as datacmd
+    import prefopt.run.data_preview as datacmd
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))

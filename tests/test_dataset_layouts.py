@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.config import ArithConfig, ConfigError, DatasetConfig
+from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.columns import ColumnMap
 from prefopt.data.tokenize import PairEncoder
@@ -310,7 +310,7 @@ def test_hub_subset_goes_to_load_dataset_as_the_config_name(tmp_path, byte_token
         return datasets.Dataset.from_list(rows_like(LAYOUT_CASES["strings"][0], 4))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr("prefopt.models.hub_reachable", lambda: False)
+    monkeypatch.setattr("prefopt.data.hub.hub_reachable", lambda: False)
     cfg = dataset_cfg("org/prefs", tmp_path, name="ultrafeedback", subset="default", data_dir="v2", eval_split="test")
     build_preference_data(cfg, byte_tokenizer, 0)
     assert calls == [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefopt.cli import main
-from prefopt.tracking import read_jsonl
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import command_fails, run_train
 
 TINY = [
@@ -123,7 +123,7 @@ def test_eval_of_a_checkpoint_uses_its_step_and_command_line_keys_win(trained_ru
 
 @pytest.mark.slow  # a whole eval (base model, then the policy) of a trained run
 def test_eval_of_an_exported_model_dir_against_its_base(trained_run, tmp_path):
-    from prefopt.export import export_policy
+    from prefopt.run.export import export_policy
 
     exported = export_policy(trained_run, tmp_path / "exported")
     # a plain model dir: the config is composed (model= names its base), so pass the run's settings
@@ -152,7 +152,7 @@ def test_eval_on_two_ranks_matches_the_runs_final_eval(trained_run, tmp_path):
 
 @pytest.mark.slow  # two evals
 def test_a_sweep_of_evals_is_a_sweep_report_reads(trained_run, tmp_path):
-    from prefopt.report import build_report
+    from prefopt.observe.report import build_report
 
     checkpoints = ",".join(str(trained_run / "checkpoints" / name) for name in ("step-000002", "step-000003"))
     argv = sys.argv

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from prefopt.data import build_preference_data, collate_pairs
-from prefopt.logps import response_token_logps, split_pairs
-from prefopt.models import load_model, load_tokenizer, resolve_model_source
-from prefopt.tracking import read_jsonl
-from prefopt.worker import load_frozen_config
+from prefopt.model.logps import response_token_logps, split_pairs
+from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
+from prefopt.observe.tracking import read_jsonl
+from prefopt.run.worker import load_frozen_config
 from tests.helpers import run_train
 
 TINY = [
@@ -128,7 +128,7 @@ def test_zero3_export_gathers_the_trained_model(tmp_path):
 
 
 def test_lora_trains_its_adapters_and_the_merged_export_is_the_trained_model(tmp_path):
-    from prefopt.export import export_policy
+    from prefopt.run.export import export_policy
 
     run_dir = run_train(
         tmp_path / "run",

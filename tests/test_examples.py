@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.report import build_report
-from prefopt.tracking import read_jsonl
+from prefopt.observe.report import build_report
+from prefopt.observe.tracking import read_jsonl
 from tests.test_slurm import RANK_VARIABLES, Sweep, cluster_state, slurm_client_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefopt import proctree
-from prefopt.checkpoint import write_manifest
-from prefopt.tracking import read_jsonl
+from prefopt.core import proctree
+from prefopt.train.checkpoint import write_manifest
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train, wandb_history_all_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 
 def nan_loss_at(monkeypatch, steps: set[int]):
     """Make the loss NaN at the given (1-based) training steps: a loss hook, as a fault would."""
-    import prefopt.trainer as trainer
+    import prefopt.recipes.train as trainer
 
     original = trainer.preference_loss
 
@@ -351,7 +351,7 @@ def test_a_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path, monkeypatch)
 
 
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
-    from prefopt.guards import NonFiniteTrainingError
+    from prefopt.train.guards import NonFiniteTrainingError
 
     nan_loss_at(monkeypatch, {5, 6, 7, 8})
     with pytest.raises((NonFiniteTrainingError, SystemExit)):
@@ -384,7 +384,7 @@ def test_a_poisoned_reference_cache_is_detected_and_rebuilt(tmp_path, capfd):
     ]
     run_train(tmp_path / "first", *args)
     [cache] = list((tmp_path / "cache").glob("*.pt"))
-    from prefopt.reference import values_digest
+    from prefopt.train.reference import values_digest
 
     stored = torch.load(cache, weights_only=True)
     stored["values"] = stored["values"] + 3.0  # right key, wrong values, digest recomputed to match

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.checkpoint import load_trainer_state
+from prefopt.train.checkpoint import load_trainer_state
 from prefopt.cli import main
 from prefopt.data.identity import DATA_FILE
-from prefopt.report import build_report
-from prefopt.rundir import LOCK_FILE
+from prefopt.observe.report import build_report
+from prefopt.core.rundir import LOCK_FILE
 from tests.helpers import run_train
 from tests.test_faults import TINY, prefopt, record
 
@@ -120,7 +120,7 @@ def test_appended_rows_refuse_the_resume_as_a_moved_eval_split(stopped_run):
 def test_the_worker_refuses_too_when_the_parent_did_not_check(stopped_run, monkeypatch, capsys):
     """Belt and braces (sbatch jobs and requeues start workers without `prefopt train`'s parent)."""
     run_dir, data = stopped_run
-    monkeypatch.setattr("prefopt.resume.refuse_changed_data", lambda cfg, checkpoint, data=None: None)
+    monkeypatch.setattr("prefopt.run.resume.refuse_changed_data", lambda cfg, checkpoint, data=None: None)
     copy = run_dir.parent / "worker_copy"
     shutil.copytree(run_dir, copy)
     argv = sys.argv
@@ -202,7 +202,7 @@ def test_an_interrupted_sweeps_report_lists_every_planned_job(tmp_path, capsys):
     (sweep_dir / "2").mkdir()
     holder = os.open(sweep_dir / "2" / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX)  # what a live job's prefopt train holds (prefopt/rundir.py)
+        fcntl.flock(holder, fcntl.LOCK_EX)  # what a live job's prefopt train holds (prefopt/core/rundir.py)
         assert main(["report", str(sweep_dir)]) == 0
     finally:
         os.close(holder)
@@ -240,8 +240,8 @@ def test_an_unknown_architecture_is_one_line_exit_2(tmp_path):
 def test_an_architecture_with_its_own_code_needs_trust_remote_code(tmp_path):
     from omegaconf import OmegaConf
 
-    from prefopt.errors import ModelNotFoundError
-    from prefopt.models import resolve_model_source
+    from prefopt.core.errors import ModelNotFoundError
+    from prefopt.model.loading import resolve_model_source
 
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "prefopt_mystery", "auto_map": {"AutoModel": "x.Y"}})
@@ -278,7 +278,7 @@ def test_a_record_of_another_identity_version_is_not_compared(caplog):
 
 
 def test_resume_data_changed_choices_include_the_value_the_data_layer_acts_on():
-    from prefopt.config import CHOICES
+    from prefopt.run.config import CHOICES
     from prefopt.data.identity import ALLOW_CHANGED
 
     assert ALLOW_CHANGED in CHOICES["trainer.resume_data_changed"]

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from prefopt import launch, proctree, rundir
-from prefopt.checkpoint import checkpoint_candidates
-from prefopt.errors import ConfigError, DataError
-from prefopt.worker import EXIT_REPORT
+from prefopt.run import launch
+
+from prefopt.core import proctree, rundir
+from prefopt.train.checkpoint import checkpoint_candidates
+from prefopt.core.errors import ConfigError, DataError
+from prefopt.core.runfiles import EXIT_REPORT
 from tests.test_faults import (
     REPO,
     TINY,
@@ -226,8 +228,8 @@ def read_ranks(run_dir: Path) -> list[dict]:
 def test_sigterm_stops_a_sweep_in_one_line(tmp_path):
     """`prefopt train -m`: SIGTERM during a job is a stop (exit 143, one line), not the default death."""
     job = (
-        "import os, signal, sys, time\nimport prefopt.sweep\n"
-        "prefopt.sweep.run_job = lambda *args, **kwargs: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60))\n"
+        "import os, signal, sys, time\nimport prefopt.run.sweep\n"
+        "prefopt.run.sweep.run_job = lambda *args, **kwargs: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60))\n"
         "from prefopt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     result = subprocess.run(
@@ -314,7 +316,7 @@ def test_a_new_owner_waits_for_the_ranks_of_the_last_launch_then_refuses(tmp_pat
 
 RANK = """import sys, time
 time.sleep(float(sys.argv[2]))
-from prefopt import proctree
+from prefopt.core import proctree
 proctree.follow_launcher()
 time.sleep(1.0)
 open(sys.argv[1], "w").write("ran on")
@@ -400,7 +402,7 @@ def test_a_launch_acts_on_its_own_ranks_reports_only(tmp_path):
 
 
 def test_a_reported_error_name_is_one_of_the_user_errors(tmp_path):
-    with pytest.raises(ConfigError, match="odd") as raised:  # Terminated is in prefopt.errors too, but no user error
+    with pytest.raises(ConfigError, match="odd") as raised:  # Terminated is in prefopt.core.errors too, but no user error
         launch.raise_user_error([{"rank": 0, "user_error": "Terminated", "message": "odd"}])
     assert type(raised.value) is ConfigError
 

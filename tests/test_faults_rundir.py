@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.tracking import read_jsonl
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import command_fails, run_train, wandb_history_all_segments
 from tests.test_faults import REPO, TINY, record, train_rows
 
@@ -66,7 +66,7 @@ def test_a_refused_resume_leaves_the_record_and_an_allowed_change_resumes(tmp_pa
         "config.yaml, overrides.yaml, .hydra/ byte-identical, no error.txt",
     )
     # what does not change training may change: cadences of evals, probes, logging, saving; killed writes' temps go
-    from prefopt.fileutil import HOST
+    from prefopt.core.fileutil import HOST
 
     stale = run_dir / f".config.yaml.{HOST}-4242.k1ll3d00.tmp"  # atomic_write's name for a killed write's temp
     stale.write_bytes(b"x" * 1000)
@@ -250,7 +250,7 @@ def test_only_a_failed_write_is_taken_for_a_full_disk(tmp_path, monkeypatch):
     nearly full disk; a free-space probe that fails itself never hides the original error."""
     import shutil
 
-    from prefopt.checkpoint import disk_full
+    from prefopt.train.checkpoint import disk_full
 
     nearly_full = shutil._ntuple_diskusage(100 << 30, (100 << 30) - (1 << 20), 1 << 20)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: nearly_full)
@@ -288,7 +288,7 @@ def test_an_escaped_interpolation_stays_literal_in_the_worker(tmp_path, monkeypa
         r"logger.wandb.name=\${oc.env:PREFOPT_TEST_SECRET}",
     )
     assert names == ["${oc.env:PREFOPT_TEST_SECRET}"]
-    from prefopt.worker import load_frozen_config
+    from prefopt.run.worker import load_frozen_config
 
     assert load_frozen_config(run_dir / "config.yaml").logger.wandb.name == "${oc.env:PREFOPT_TEST_SECRET}"
     texts = [path.read_text() for path in [run_dir / "config.yaml", *run_dir.glob("checkpoints/step-*/config.yaml")]]
@@ -319,7 +319,7 @@ def test_a_killed_writes_temp_file_is_removed_by_the_next_write_of_that_file(tmp
     written: a kill leaves that temp (full size) unlocked; the next write of NAME removes it, never a temp whose lock
     is held (a live writer, whatever its host or pid namespace: the name's host and pid are not trusted), nor a
     file that is not atomic_write's."""
-    from prefopt.fileutil import HOST, atomic_write_bytes
+    from prefopt.core.fileutil import HOST, atomic_write_bytes
 
     killed = tmp_path / f".pairs-abc.pt.{HOST}-{os.getpid()}.k1ll3d00.tmp"  # a pid that lives: only the lock counts
     killed.write_bytes(b"\0" * 4096)
@@ -362,7 +362,7 @@ def test_an_atomic_writes_temp_is_locked_while_it_is_written(tmp_path, monkeypat
     """A second process's cleaner must not take a temp being written for a killed write's."""
     import fcntl
 
-    from prefopt import fileutil
+    from prefopt.core import fileutil
 
     seen = []
 
@@ -414,7 +414,7 @@ def test_a_refused_resume_of_a_finished_sweep_job_leaves_it_finished(tmp_path, c
 def test_a_link_planted_at_the_reference_cache_entry_is_not_written_through(tmp_path):
     """The cache is written by atomic_write_bytes: a temp file of a random name (created O_EXCL, so never a planted
     link) renamed over the entry, which replaces a link there instead of writing through it."""
-    from prefopt.fileutil import HOST
+    from prefopt.core.fileutil import HOST
 
     args = [
         *TINY,
@@ -443,7 +443,7 @@ def test_a_report_probing_the_lock_never_makes_a_launch_fail(tmp_path):
     import fcntl
     import threading
 
-    from prefopt import rundir
+    from prefopt.core import rundir
 
     run_dir = tmp_path / "job"
     run_dir.mkdir()
@@ -467,7 +467,7 @@ def test_a_report_probing_the_lock_never_makes_a_launch_fail(tmp_path):
 def test_a_link_loop_above_a_written_file_is_one_line(tmp_path):
     """ELOOP also comes from a looping link among the parent dirs, where readlink of the path itself fails: still the
     one-line LinkRefused, never that OSError."""
-    from prefopt.fileutil import LinkRefused, open_no_follow
+    from prefopt.core.fileutil import LinkRefused, open_no_follow
 
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(LinkRefused, match="link loop in its parent dirs"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefopt.data import IGNORE_INDEX
-from prefopt.logps import (
+from prefopt.model.logps import (
     LogitsPathError,
     check_logits_path,
     kept_logps_bytes,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.config import ConfigError
+from prefopt.run.config import ConfigError
 from prefopt.losses import LOSSES, GateParams, get_loss, preference_loss, validate_loss_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -567,7 +567,7 @@ def test_command_line_overrides_compose():
 def test_root_config_composes_with_loss_overrides():
     from hydra import compose, initialize_config_dir
 
-    from prefopt.config import register_schema
+    from prefopt.run.config import register_schema
 
     register_schema()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

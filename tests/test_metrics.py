@@ -1,4 +1,4 @@
-"""TRL-compatible metric names and definitions (prefopt/metrics.py), what reaches W&B (names, one
+"""TRL-compatible metric names and definitions (prefopt/train/metrics.py), what reaches W&B (names, one
 generations table per kind, system metrics, console, config, summary) and readable plots."""
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.config import Config, ConfigError, validate_config
+from prefopt.run.config import Config, ConfigError, validate_config
 from prefopt.data.layout import build_batch
-from prefopt.distributed import DistInfo
-from prefopt.logps import sequence_logps
-from prefopt.metrics import finish_token_means, pair_metrics, renamed_metric, with_current_names
-from prefopt.tracking import GENERATIONS_FILE, METRICS_FILE, Tracker, read_jsonl, wandb_records
-from prefopt.trainer import mean_metrics
+from prefopt.core.distributed import DistInfo
+from prefopt.model.logps import sequence_logps
+from prefopt.observe.metric_names import renamed_metric, with_current_names
+from prefopt.train.metrics import finish_token_means, pair_metrics
+from prefopt.observe.tracking import GENERATIONS_FILE, METRICS_FILE, Tracker, read_jsonl, wandb_records
+from prefopt.recipes.train import mean_metrics
 from tests.helpers import read_wandb_run, run_train
 from tests.test_config import compose_config
 from tests.test_logps_models import VOCAB, tiny_model
@@ -167,7 +168,7 @@ def tracker_config(**wandb_settings) -> OmegaConf:
 TRACKER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from prefopt.tracking import Tracker
+from prefopt.observe.tracking import Tracker
 from tests.test_metrics import tracker_config
 run_dir = Path(sys.argv[1])
 tracker = Tracker(tracker_config(mode="offline", system_sample_seconds=0.1), run_dir)
@@ -287,7 +288,7 @@ def test_a_tiny_run_logs_trl_names_to_metrics_jsonl_and_wandb(tmp_path):
 def test_dynamics_plot_ticks_read_as_values_with_units_and_one_legend(tmp_path):
     """Log-probs that move in the fourth decimal around -112.3 must read as -112.3004, not as an offset
     '-1.123e2' above ticks 0.0002, 0.0004; steps are whole numbers; every panel says its unit."""
-    from prefopt.plots import PANELS, RunTrace, overlay_figure, save_png
+    from prefopt.observe.plots import PANELS, RunTrace, overlay_figure, save_png
 
     rows = [
         {

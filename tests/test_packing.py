@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from prefopt.data.layout import build_batch
-from prefopt.logps import check_packed_path, sequence_logps
-from prefopt.tracking import read_jsonl
+from prefopt.model.logps import check_packed_path, sequence_logps
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
 from tests.test_logps_models import ARCHITECTURES, VOCAB, tiny_model
 

@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.plots import PANELS, load_run, plot_runs, run_label
-from prefopt.report import build_report, job_dirs, plot_labels
+from prefopt.observe.plots import PANELS, load_run, plot_runs, run_label
+from prefopt.observe.report import build_report, job_dirs, plot_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -163,7 +163,7 @@ def test_report_without_dynamics_writes_the_table_and_no_plot(tmp_path):
 
 
 def test_band_plot_is_readable_with_and_without_an_interval(tmp_path):
-    from prefopt.plots import BAND_PANELS, BAND_Y_LABEL, Band, GroupBands, band_figure, plot_bands
+    from prefopt.observe.plots import BAND_PANELS, BAND_Y_LABEL, Band, GroupBands, band_figure, plot_bands
 
     nan = float("nan")
     seeds3 = GroupBands(
@@ -193,7 +193,7 @@ def test_band_plot_draws_one_row_per_facet_with_one_color_per_series(tmp_path):
     legend names each loss once (16 groups in one set of panels repeated colors and clipped the legend)."""
     from matplotlib.colors import to_rgba
 
-    from prefopt.plots import BAND_PANELS, Band, GroupBands, band_figure
+    from prefopt.observe.plots import BAND_PANELS, Band, GroupBands, band_figure
 
     def group(loss, regime, offset):
         bands = {

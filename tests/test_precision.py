@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from prefopt.models import disable_dropout, load_model, load_tokenizer, resolve_model_source
-from prefopt.tracking import read_jsonl
-from prefopt.worker import load_frozen_config
+from prefopt.model.loading import disable_dropout, load_model, load_tokenizer, resolve_model_source
+from prefopt.observe.tracking import read_jsonl
+from prefopt.run.worker import load_frozen_config
 from tests.helpers import run_train
 
 TINY = [
@@ -87,7 +87,7 @@ def test_bf16_mixed_precision_losses_track_fp32(tmp_path):
 
 
 def test_dropout_is_off_by_default_and_on_when_asked():
-    from prefopt.config import ModelConfig
+    from prefopt.run.config import ModelConfig
 
     cfg = OmegaConf.structured(ModelConfig(name="tiny_llama", source="tiny"))
     model = load_model(cfg, resolve_model_source(cfg), len(load_tokenizer(cfg)), seed=0)
@@ -108,9 +108,9 @@ def test_dpo_shift_eval_uses_training_progress():
     import copy
 
     from prefopt.data import build_preference_data
-    from prefopt.models import load_tokenizer
-    from prefopt.reference import ModelReference
-    from prefopt.trainer import PreferenceStep, evaluate
+    from prefopt.model.loading import load_tokenizer
+    from prefopt.train.reference import ModelReference
+    from prefopt.recipes.train import PreferenceStep, evaluate
     from tests.test_config import compose_config
 
     cfg = compose_config(

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from prefopt.reference import cache_key, weights_fingerprint
-from prefopt.tracking import read_jsonl
+from prefopt.train.reference import cache_key, weights_fingerprint
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
 
 TINY = [
@@ -47,7 +47,7 @@ def test_precomputed_reference_equals_on_the_fly_and_is_reused(tmp_path):
 
 
 def test_reference_free_loss_loads_no_reference(tmp_path, monkeypatch):
-    import prefopt.reference as reference
+    import prefopt.train.reference as reference
 
     frozen = []
     monkeypatch.setattr(reference, "freeze", lambda model: frozen.append(model) or model)
@@ -74,7 +74,7 @@ def test_a_full_cache_disk_is_a_warning_naming_the_key_and_leaves_no_temp(tmp_pa
     import errno
     import os
 
-    import prefopt.reference as reference
+    import prefopt.train.reference as reference
 
     real_save = torch.save
 
@@ -125,12 +125,12 @@ def test_cache_key_changes_with_data_and_reference():
 
 
 def test_lora_trains_adapters_with_no_second_model(tmp_path, monkeypatch):
-    import prefopt.models as models
-    import prefopt.reference as reference
+    import prefopt.model.loading as models
+    import prefopt.train.reference as reference
 
     loads, frozen = [], []
     real_load = models.load_model
-    monkeypatch.setattr("prefopt.trainer.load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr("prefopt.recipes.train.load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     monkeypatch.setattr(reference, "freeze", lambda model: frozen.append(model) or model)
     run_dir = run_train(tmp_path / "lora", *TINY, "model.lora.enabled=true", "model.lora.r=4", "trainer.save_every=3")
     assert loads == [1] and frozen == []  # one model in memory: the reference is the base, adapters off
@@ -142,7 +142,7 @@ def test_lora_trains_adapters_with_no_second_model(tmp_path, monkeypatch):
 
     from transformers import AutoModelForCausalLM
 
-    from prefopt.export import export_policy
+    from prefopt.run.export import export_policy
 
     merged = AutoModelForCausalLM.from_pretrained(export_policy(run_dir, tmp_path / "merged"))
     assert not any("lora" in name for name, _ in merged.named_parameters())
@@ -153,7 +153,7 @@ def test_lora_trains_adapters_with_no_second_model(tmp_path, monkeypatch):
 def test_auto_precomputes_exactly_the_visited_pairs(tmp_path, monkeypatch):
     """The default (reference.precompute=auto) scores only the training pairs the seeded sampler draws plus
     the eval pairs: never more reference work than computing it on the fly."""
-    import prefopt.reference as reference
+    import prefopt.train.reference as reference
 
     scored = []
     original = reference.compute_reference_logps

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.config import ConfigError
-from prefopt.resources import (
+from prefopt.run.config import ConfigError
+from prefopt.run.resources import (
     GB,
     Machine,
     estimate_memory,
@@ -234,7 +234,7 @@ def test_preset_parameter_counts_match_their_figures(model):
 
 
 def test_tiny_and_local_figures_match_the_built_model(tmp_path):
-    from prefopt.models import build_byte_tokenizer, load_model, resolve_model_source
+    from prefopt.model.loading import build_byte_tokenizer, load_model, resolve_model_source
 
     model_cfg = compose_config(["model=tiny_llama"]).model
     model = load_model(model_cfg, resolve_model_source(model_cfg), len(build_byte_tokenizer()), seed=0)

@@ -17,9 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.config import ConfigError, TrainerConfig, validate_config
-from prefopt.schedules import METRIC_SCHEDULES, SCHEDULES, epoch_steps
-from prefopt.tracking import read_jsonl
+from prefopt.run.config import ConfigError, TrainerConfig, validate_config
+from prefopt.train.schedules import METRIC_SCHEDULES, SCHEDULES, epoch_steps
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
 from tests.test_config import compose_config
 
@@ -140,8 +140,8 @@ SCHEDULE_CASES = [
     "overrides, name, warmup, kwargs", SCHEDULE_CASES, ids=[case[0]["lr_schedule"] for case in SCHEDULE_CASES]
 )
 def test_the_engine_steps_transformers_schedule_exactly(overrides, name, warmup, kwargs):
-    from prefopt.engine import TorchEngine
-    from prefopt.schedules import check_schedule_config
+    from prefopt.train.engine import TorchEngine
+    from prefopt.train.schedules import check_schedule_config
 
     trainer_cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"max_steps": 10, "lr": 0.01, **overrides})
     check_schedule_config(trainer_cfg)
@@ -220,7 +220,7 @@ def test_num_epochs_gives_the_expected_steps_and_records_them(tmp_path):
 
 
 def test_pruning_spares_the_new_checkpoint_and_the_one_resumed_from(tmp_path):
-    from prefopt.checkpoint import checkpoints_beyond_limit
+    from prefopt.train.checkpoint import checkpoints_beyond_limit
 
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
@@ -296,7 +296,7 @@ def test_resume_true_without_a_checkpoint_lists_the_runs_that_have_one(tmp_path,
 
 
 def test_latest_picks_the_newest_unfinished_run_with_this_config(tmp_path):
-    from prefopt.resume import find_latest_run
+    from prefopt.run.resume import find_latest_run
 
     cfg = compose_config(["model=tiny_llama", "hardware=cpu"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -362,7 +362,7 @@ def test_resume_latest_continues_the_same_dir_and_matches_an_uninterrupted_run(t
 def test_the_torch_engine_steps_fused_adamw_and_it_is_the_adamw_formula():
     """The plain engine uses torch's fused AdamW (4.5x faster per step on the CPU); its update is still
     AdamW's formula: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, w -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd w)."""
-    from prefopt.engine import TorchEngine
+    from prefopt.train.engine import TorchEngine
 
     trainer_cfg = OmegaConf.merge(
         OmegaConf.structured(TrainerConfig),

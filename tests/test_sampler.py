@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prefopt.data.sampler import MEGA_BATCH_GROUPS, PairSampler
-from prefopt.tracking import read_jsonl
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
 
 NUM_PAIRS, GROUP = 203, 4  # not a multiple of the group: micro batches straddle epoch boundaries

@@ -1,4 +1,4 @@
-"""Eval, probes, greedy generation and the reference precompute split across ranks (prefopt/sharding.py):
+"""Eval, probes, greedy generation and the reference precompute split across ranks (prefopt/train/sharding.py):
 disjoint shards, every item once, one gather, every rank ends with the one-rank numbers; and every rank
 runs the same forwards and calls the output head equally often (what ZeRO-3's collective parameter
 gathering needs), padding batches included. Two real gloo ranks here; DeepSpeed ZeRO-3 end to end in
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefopt.distributed import DistInfo
-from prefopt.sharding import shard_plan, sharded_objects, sharded_pass
+from prefopt.core.distributed import DistInfo
+from prefopt.train.sharding import shard_plan, sharded_objects, sharded_pass
 
 CHUNK = 7  # log-prob chunk: small, so ranks' batches need different numbers of head calls
 BATCH = 2  # 5 items on 2 ranks: rank 0 scores 2 batches, rank 1 one batch and one padding batch
@@ -88,11 +88,11 @@ def held_out_results(dist: DistInfo) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prefopt.data import PreferenceData
-    from prefopt.dynamics import build_probe_set, evaluate_probes, greedy_generate
-    from prefopt.evaluation import evaluate, greedy_accuracy
-    from prefopt.models import build_byte_tokenizer
-    from prefopt.reference import ModelReference, compute_reference_logps
-    from prefopt.trainer import PreferenceStep
+    from prefopt.train.dynamics import build_probe_set, evaluate_probes, greedy_generate
+    from prefopt.train.evaluation import evaluate, greedy_accuracy
+    from prefopt.model.loading import build_byte_tokenizer
+    from prefopt.train.reference import ModelReference, compute_reference_logps
+    from prefopt.recipes.train import PreferenceStep
     from tests.test_config import compose_config
 
     tokenizer = build_byte_tokenizer()
@@ -166,7 +166,7 @@ def assert_close_metrics(actual: dict, expected: dict):
 
 def test_the_pairs_make_ranks_need_different_head_calls():
     """Guard for the next test: without min_scored_tokens the two ranks would call the head unequally."""
-    from prefopt.models import build_byte_tokenizer
+    from prefopt.model.loading import build_byte_tokenizer
 
     pairs = make_pairs(build_byte_tokenizer())
     plan = shard_plan(ITEMS, BATCH, 2)

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.distributed import DistInfo, export_slurm_ranks, first_slurm_host
-from prefopt.report import build_report
-from prefopt.slurm import PREPARED_FILE, Preemption, prepare_once
-from prefopt.tracking import read_jsonl
+from prefopt.core.distributed import DistInfo, export_slurm_ranks, first_slurm_host
+from prefopt.observe.report import build_report
+from prefopt.core.slurm import PREPARED_FILE, Preemption, prepare_once
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_preemption_signals_are_flags_once_the_trainer_polls(monkeypatch):
 
 
 def test_a_requeued_worker_resumes_its_run_dir(tmp_path, monkeypatch):
-    from prefopt.worker import run_worker
+    from prefopt.run.worker import run_worker
 
     common = [
         "model=tiny_llama",
@@ -561,13 +561,13 @@ class CountingDist(DistInfo):
 
 @pytest.mark.parametrize("in_slurm", [False, True])
 def test_a_step_agrees_on_preemption_and_stop_signals_in_one_collective(monkeypatch, in_slurm):
-    from prefopt import slurm
-    from prefopt.trainer import DeferredInterrupt
+    from prefopt.core import slurm
+    from prefopt.recipes.train import DeferredInterrupt
 
     for name in ("SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.setenv(name, "0") if in_slurm else monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(slurm, "preemption", Preemption())
-    monkeypatch.setattr("prefopt.trainer.preemption", slurm.preemption)
+    monkeypatch.setattr("prefopt.recipes.train.preemption", slurm.preemption)
     dist, interrupt = CountingDist(), DeferredInterrupt(enabled=False)
     try:
         assert interrupt.requested(dist) == (False, 0)

@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.checkpoint import checkpoint_candidates, manifest_problem
-from prefopt.config import ConfigError
-from prefopt.distributed import (
+from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
+from prefopt.run.config import ConfigError
+from prefopt.core.distributed import (
     RANKS_FILE,
     bind_gloo_to_master_route,
     record_rank,
     torchrun_node_args,
     wait_for_frozen_config,
 )
-from prefopt.report import build_report
+from prefopt.observe.report import build_report
 from tests.helpers import run_train
 from tests.test_config import compose_config
 from tests.test_slurm import RANK_VARIABLES, REPO, TINY, cluster_state, slurm_client_env, sweeps, train_losses, wait_for  # noqa: F401 (sweeps: a fixture)
@@ -70,7 +70,7 @@ def test_multi_node_presets_compose():
 
 
 def test_torchrun_across_hosts_is_validated():
-    from prefopt.config import validate_config
+    from prefopt.run.config import validate_config
 
     torchrun = ["model=tiny_llama", "hardware=cpu_2proc", "hardware.gpus_per_node=1", "hardware.nodes=2"]
     with pytest.raises(ConfigError, match="hardware.rdzv_endpoint=HOST:PORT"):
@@ -235,7 +235,7 @@ import importlib.abc, importlib.util, socket, sys
 
 class FailOnNode2(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "prefopt.slurm":
+        if name != "prefopt.core.slurm":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -1,4 +1,4 @@
-"""Statistics over seeds (prefopt/stats.py) and `prefopt report --group-by/--baseline` on sweep dirs made by hand.
+"""Statistics over seeds (prefopt/observe/stats.py) and `prefopt report --group-by/--baseline` on sweep dirs made by hand.
 
 Expected numbers are worked out by hand in the comments; t quantiles are the printed tables' values."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.errors import ConfigError
-from prefopt.report import (
+from prefopt.core.errors import ConfigError
+from prefopt.observe.report import (
     Group,
     band_facet_key,
     find_baselines,
@@ -23,7 +23,7 @@ from prefopt.report import (
     read_job,
     split_keys,
 )
-from prefopt.stats import estimate, mean, paired_difference, sample_std, t_cdf, t_quantile
+from prefopt.observe.stats import estimate, mean, paired_difference, sample_std, t_cdf, t_quantile
 from tests.test_plots_report import assert_png, cli, make_run
 
 # ---- statistics -------------------------------------------------------------------------------------

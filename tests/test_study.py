@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.config import register_schema, validate_config
-from prefopt.tracking import read_jsonl
+from prefopt.run.config import register_schema, validate_config
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_sweep
 
 STUDY_LOSSES = ["dpo", "gate_dpo", "gate_dpo_q10", "ipo", "gate_ipo", "cal_dpo", "lpo", "dpo_shift"]

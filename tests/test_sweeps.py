@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.report import build_report
-from prefopt.tracking import read_jsonl
+from prefopt.observe.report import build_report
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import read_wandb_run, run_sweep, run_train
 
 TINY = [
@@ -111,7 +111,7 @@ def test_a_user_group_and_name_are_kept(tmp_path):
 
 
 def test_train_returns_the_objective(tmp_path, monkeypatch):
-    import prefopt.sweep as sweep
+    import prefopt.run.sweep as sweep
 
     real, returned = sweep.objective_value, []
     monkeypatch.setattr(
@@ -129,8 +129,8 @@ def test_train_returns_the_objective(tmp_path, monkeypatch):
 
 
 def test_an_objective_missing_from_the_summary_names_the_keys():
-    from prefopt.config import ConfigError
-    from prefopt.sweep import objective_value
+    from prefopt.run.config import ConfigError
+    from prefopt.run.sweep import objective_value
 
     cfg = OmegaConf.create({"trainer": {"objective": "eval/acc"}})
     assert objective_value(cfg, {"eval/loss": 0.5}, required=False) is None

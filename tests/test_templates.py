@@ -16,12 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.config import ArithConfig, DatasetConfig
+from prefopt.run.config import ArithConfig, DatasetConfig
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.tokenize import end_of_turn_ids, template_turns
-from prefopt.dynamics import greedy_generate
-from prefopt.models import CHATML_TEMPLATE
+from prefopt.train.dynamics import greedy_generate
+from prefopt.model.loading import CHATML_TEMPLATE
 from tests.test_data import MESSAGE_ROWS, STRING_ROWS
 
 LLAMA3_TEMPLATE = (

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.toy import CASES, gate_value, run_toy_case, toy_problem
+from prefopt.run.toy import CASES, gate_value, run_toy_case, toy_problem
 
 SETTINGS = dict(lr=2.0, steps=1, valley_rank=15, gate_alpha=50.0, gate_tau=0.05)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prefopt.losses import LOSSES
-from prefopt.tracking import read_jsonl
+from prefopt.observe.tracking import read_jsonl
 from tests.helpers import read_wandb_run, run_train
 
 TINY = [

@@ -9,8 +9,8 @@ import numpy
 import pytest
 import torch
 
-from prefopt.distributed import DistInfo
-from prefopt.trainer import reduce_loss_metrics, restore_rng_states, rng_states, step_model_flops
+from prefopt.core.distributed import DistInfo
+from prefopt.recipes.train import reduce_loss_metrics, restore_rng_states, rng_states, step_model_flops
 
 
 def test_gate_min_is_the_minimum_over_the_whole_batch_not_a_mean_of_minimums():
@@ -39,7 +39,7 @@ def test_rng_states_round_trip_torch_numpy_and_python():
 
 
 def test_step_guard_counts_skips_stops_after_too_many_and_warns_once_on_a_zero_gradient_norm(caplog):
-    from prefopt.guards import NonFiniteTrainingError, StepGuard
+    from prefopt.train.guards import NonFiniteTrainingError, StepGuard
 
     guard = StepGuard(max_consecutive_skips=3)
     guard.after_step(1, applied=False, grad_norm=float("nan"))

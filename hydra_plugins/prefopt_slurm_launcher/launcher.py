@@ -5,7 +5,7 @@ package because Hydra instantiates launchers from there only.)
     prefopt train -m hydra/launcher=slurm hardware=slurm_8gpu loss=dpo,lpo hydra.launcher.partition=gpu
 
 Each sweep job is one element of a SLURM array job, with tasks_per_node = ranks per node; inside it
-prefopt.sweep.run_job runs in every task. What this class adds to the plugin's launcher:
+prefopt.run.sweep.run_job runs in every task. What this class adds to the plugin's launcher:
 
 - it waits on all jobs with one `sacct` call per poll (poll_interval_s), so a job that ends without a
   result (cancelled, killed, out of memory, over its time limit) is reported as soon as SLURM says so;
@@ -33,8 +33,8 @@ from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
-from prefopt.fileutil import atomic_write_text
-from prefopt.worker import ERROR_FILE
+from prefopt.core.fileutil import atomic_write_text
+from prefopt.core.runfiles import ERROR_FILE, ERROR_GLOB
 
 log = logging.getLogger("prefopt")
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from prefopt.errors import ConfigError
+from prefopt.core.errors import ConfigError
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 NEAR_OFFSETS = (-3, -2, -1, 1, 2, 3)

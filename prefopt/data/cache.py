@@ -31,9 +31,9 @@ from typing import Callable, Optional
 
 import torch
 
+from prefopt.core.fileutil import atomic_write_bytes, exclusive_lock
 from prefopt.data.errors import DataError
 from prefopt.data.tokenize import TokenizedPair
-from prefopt.fileutil import atomic_write_bytes, exclusive_lock
 
 logger = logging.getLogger("prefopt.data")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from prefopt.core.errors import ConfigError
 from prefopt.data.errors import BadRow
-from prefopt.errors import ConfigError
 
 SHAREGPT_PROMPT = "conversations"  # LLaMA-Factory's sharegpt rows keep the prompt messages there
 PROMPT_JOINER = "\n"  # between the columns of a several-column prompt (LLaMA-Factory's instruction + input)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefopt.errors import DataError  # the one error type of the data pipeline, defined with the others
+from prefopt.core.errors import DataError  # the one error type of the data pipeline, defined with the others
 
 BAD_ROW_HINT = "fix or remove the row, or set dataset.on_bad_row=skip to skip malformed rows"
 

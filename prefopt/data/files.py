@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from prefopt.core.fileutil import file_identity
 from prefopt.data.errors import DataError
-from prefopt.fileutil import file_identity
+from prefopt.data.hub import hub_offline_mode
 
 logger = logging.getLogger("prefopt.data")
 
@@ -156,8 +157,6 @@ def read_data_files(files: list[Path], label: str) -> FileRows:
 
 def load_with_datasets(builder: str, files: list[Path]):
     import datasets
-
-    from prefopt.data.hub import hub_offline_mode
 
     options = {}
     if builder == "csv":  # every column stays text ("007" is not 7, "NA" is not null); only empty cells are null

@@ -15,6 +15,7 @@ import contextlib
 from pathlib import Path
 from typing import Optional
 
+from prefopt.core.hub import hub_reachable
 from prefopt.data.errors import DataError
 
 LOCAL_COPY_HINT = (
@@ -54,8 +55,6 @@ def saved_split(saved, split: str, label: str):
 def load_named_split(path: str, subset: Optional[str], data_dir: Optional[str], split: str, local: bool):
     """One split through load_dataset; a hub id offline is read from the local cache only (module docstring)."""
     import datasets
-
-    from prefopt.models import hub_reachable
 
     offline = local or datasets.config.HF_HUB_OFFLINE or not hub_reachable()
     try:

@@ -14,9 +14,9 @@ from array import array
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from prefopt.core.fileutil import atomic_write_json
 from prefopt.data.errors import DataError
 from prefopt.data.tokenize import TokenizedPair
-from prefopt.fileutil import atomic_write_json
 
 log = logging.getLogger("prefopt")
 

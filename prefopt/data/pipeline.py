@@ -17,6 +17,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.core.errors import ConfigError
+from prefopt.core.fileutil import file_digests
 from prefopt.data.cache import Splits, cache_key, cached_pairs, indices_digest, tokenizer_fingerprint
 from prefopt.data.columns import ColumnMap
 from prefopt.data.detect import resolve_format, unread_prompt_columns
@@ -24,8 +26,6 @@ from prefopt.data.errors import DataError
 from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
 from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
 from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
-from prefopt.errors import ConfigError
-from prefopt.fileutil import file_digests
 
 logger = logging.getLogger("prefopt.data")
 

@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from prefopt.core.errors import ConfigError
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.errors import DataError
 from prefopt.data.files import BUILDERS, SUPPORTED, data_files, read_data_files
-from prefopt.data.hub import is_saved_dataset, load_named_split, load_saved, saved_split
-from prefopt.errors import ConfigError
+from prefopt.data.hub import hub_offline_mode, is_saved_dataset, load_named_split, load_saved, saved_split
 
 
 @dataclass
@@ -151,8 +151,6 @@ def directory_split_files(directory: Path, dataset_cfg: DictConfig) -> Optional[
     from file names: train*, test*, validation* / valid* / dev*); None where it cannot say (a loading script,
     a repository that names its own configs): then load_dataset reports what is wrong."""
     import datasets
-
-    from prefopt.data.hub import hub_offline_mode
 
     try:
         with hub_offline_mode(True):

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.errors import ConfigError
+from prefopt.core.errors import ConfigError
 
 # importing a loss module registers its losses; this order is the order of LOSSES and of the docs
 from prefopt.losses import cal_dpo, dpo, dpo_variants, ipo, lpo, orpo, sft, simpo  # noqa: F401, I001

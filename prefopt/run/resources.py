@@ -1,0 +1,694 @@
+"""What a training run needs (peak memory per rank, seconds per step), estimated from the model's
+architecture figures before any weight loads, and the hardware that fits it (`hardware=auto`).
+
+Why: an 8B model on the default one-process CPU preset used to load for minutes and then die (or
+swap); the parent can tell in milliseconds that it cannot work, and what would.
+
+The estimate (GB = 2^30 bytes; P = parameters, T = trained parameters: P, or the LoRA adapters' with
+`model.lora.enabled`; N = ranks; s = ZeRO stage; h, I, L, V, kv = hidden size, MLP width, layers,
+vocabulary, key/value width = kv heads x head size):
+
+    bytes per parameter   weights w   grads g   optimizer o (Adam m+v, plus the fp32 master)
+    torch engine          4           4         8    fp32 weights, also for model.dtype=bf16 (autocast compute)
+    DeepSpeed fp32        4           4         8
+    DeepSpeed bf16        2           2         12   bf16 params and grads + fp32 master + Adam
+
+    weights     = w*P / (N if s=3)  [+ w*(2 layers + V*h) gathered at a time under ZeRO-3]
+    gradients   = g*T / (N if s>=2)            -> CPU memory too with hardware.offload_optimizer
+    optimizer   = o*T / (N if s>=1)            -> CPU memory with hardware.offload_optimizer
+    buckets     = 2 * min(5e8, T) * g          DeepSpeed's reduce/all-gather buckets (s>=1, N>1)
+    reference   = 4*P (torch engine) or w*P (DeepSpeed; / N when the reference is ZeRO-3);
+                  none with reference.precompute, a reference-free loss, or LoRA (the base is the reference)
+    activations = tokens * (L+1) * a, tokens = 2 x trainer.micro_batch_size sequences x dataset.max_length,
+                  a = 32h + 16I + 8kv bytes (fp32) or 30h + 8I + 4kv (bf16), measured with saved-tensor
+                  hooks on Llama blocks; bf16 autocast also keeps 2 B/param bf16 copies of the weights;
+                  model.gradient_checkpointing: tokens * (4h*L + a), each layer's input plus one layer recomputed
+    logp buffers = 4 x min(trainer.logp_chunk_size, tokens) x V x 4 B   (chunked fp32 log-softmax)
+                   + min(trainer.logp_keep_mb, tokens x V x 4 B)   (log-probs kept for backward)
+    overhead    = 0.5 GB per CPU process (Python + torch + transformers + DeepSpeed: the tiny_llama run's
+                  peak RSS) or 1.5 GB per GPU (CUDA context, cuBLAS workspace, allocator slack)
+
+    seconds per step = (6 + 2 [reference forward] + 2 [gradient checkpointing]) x P x tokens x grad_accum
+                       / (hardware.cpu_tflops_per_core x cores x 1e12)
+
+Sequences are counted at dataset.max_length (a batch is padded to its longest pair): an upper bound
+for short data such as `arith`. Loading transients are not modelled.
+
+`hardware=auto` (conf/hardware/auto.yaml) picks, per job: the `cpu` preset when the run fits in
+hardware.usable_memory_fraction of this machine's RAM and a step takes at most
+hardware.max_cpu_step_seconds; otherwise every visible GPU with the smallest preset that fits (one
+GPU: `gpu`; several: `zero1`, `zero2`, `zero3` with gpus_per_node = their number); otherwise it
+refuses (ConfigError) and lists what would fit, with the estimates. Its keys are `${auto_hardware:KEY}`
+interpolations, so each job of a sweep resolves its own choice; `prepare_run` replaces them by the
+chosen preset's values before the run dir is frozen, so a worker never sees `auto`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.core.errors import ConfigError
+from prefopt.losses import get_loss
+
+log = logging.getLogger("prefopt")
+
+GB = 2**30  # as nvidia-smi and `free -g` count: an "80 GB" GPU has 80 of these
+AUTO_RESOLVER = "auto_hardware"  # conf/hardware/auto.yaml: `name: ${auto_hardware:name}` ...
+HARDWARE_DIR = Path(__file__).resolve().parent / "conf" / "hardware"
+CPU_PROCESS_BYTES = GB // 2  # peak RSS of a 2-step tiny_llama run (0.49 GB), i.e. the libraries alone
+GPU_CONTEXT_BYTES = 3 * GB // 2  # CUDA context + cuBLAS workspace + caching-allocator slack
+LOGP_BUFFERS = 4  # chunk logits, their log-softmax, and the backward's recomputed copy and gradient
+DEEPSPEED_BUCKET = 500_000_000  # elements in DeepSpeed's default reduce / all-gather buckets
+ASSUMED_GPU_BYTES = 80 * GB  # the GPU a refusal sizes its suggestions for when none is visible
+SUGGESTED_GPU_COUNTS = (1, 2, 4, 8)  # one node's worth
+WARN_MARGIN = 1.25  # an explicit preset warns when the estimate exceeds the memory by this factor
+BYTE_TOKENIZER_VOCAB = 260  # 256 bytes + 4 specials: prefopt.model.loading.build_byte_tokenizer (tiny models)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The figures of a decoder-only transformer that memory and FLOPs depend on."""
+
+    num_parameters: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * (self.hidden_size // self.num_heads)
+
+    @property
+    def embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def layer_parameters(self) -> int:
+        return max(0, self.num_parameters - self.embedding_parameters) // self.num_layers
+
+
+def llama_parameters(
+    hidden: int, layers: int, vocab: int, heads: int, kv_heads: int, intermediate: int, tied: bool
+) -> int:
+    """Parameters of a Llama-style decoder (q/k/v/o, gated MLP, RMSNorms), for figures without a count."""
+    kv_width = kv_heads * (hidden // heads)
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * intermediate + 2 * hidden
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the estimate reads from a config: the model, the batch, and which copies are held."""
+
+    name: str  # model preset, for messages
+    arch: Arch
+    dtype: str  # fp32 | bf16
+    lora: bool  # model.lora.enabled: only the adapters train
+    adapter_parameters: int  # what model.lora's settings add (counted whether enabled or not, for suggestions)
+    reference_forward: bool  # a reference forward runs every step
+    holds_reference: bool  # a second, frozen copy of the model is in memory
+    reference_offload: bool  # reference.offload
+    sequences: int  # per micro batch: 2 x pairs
+    sequence_length: int  # dataset.max_length
+    grad_accum: int
+    gradient_checkpointing: bool
+    logp_chunk_size: int
+    logp_keep_bytes: float  # trainer.logp_keep_mb: log-probs a step keeps for backward instead of recomputing the head
+
+    @property
+    def trained_parameters(self) -> int:
+        return self.adapter_parameters if self.lora else self.arch.num_parameters
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.sequence_length
+
+
+@dataclass(frozen=True)
+class Limits:
+    """hardware.max_cpu_step_seconds, cpu_tflops_per_core, usable_memory_fraction."""
+
+    max_cpu_step_seconds: float
+    cpu_tflops_per_core: float
+    usable_memory_fraction: float
+
+
+@dataclass(frozen=True)
+class Machine:
+    ram_bytes: int
+    cpu_cores: int
+    gpu_bytes: tuple[int, ...] = ()  # total memory of each visible GPU
+
+    def describe(self) -> str:
+        if not self.gpu_bytes:
+            gpus = "no GPU"
+        else:
+            gpus = f"{len(self.gpu_bytes)} GPU{'s' if len(self.gpu_bytes) > 1 else ''} of {min(self.gpu_bytes) / GB:.0f} GB"
+        return f"{self.ram_bytes / GB:.1f} GB RAM, {self.cpu_cores} CPU cores, {gpus}"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes per rank on its device, by part; `host` is what offloading puts in CPU memory per rank."""
+
+    device: str  # cpu | cuda
+    ranks_per_node: int
+    weights: float
+    gradients: float
+    optimizer: float
+    buckets: float
+    reference: float
+    activations: float
+    logp_buffers: float
+    overhead: float
+    host: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.buckets
+            + self.reference
+            + self.activations
+            + self.logp_buffers
+            + self.overhead
+        )
+
+    @property
+    def host_per_node(self) -> float:
+        """CPU memory of one node: every rank's process (its whole estimate when it runs on the CPU) plus offloads."""
+        per_rank = self.total if self.device == "cpu" else CPU_PROCESS_BYTES
+        return self.ranks_per_node * (per_rank + self.host)
+
+    def breakdown(self) -> str:
+        parts = ("weights", "gradients", "optimizer", "buckets", "reference", "activations", "logp_buffers", "overhead")
+        shown = [
+            f"{part.replace('_', ' ')} {getattr(self, part) / GB:.1f}"
+            for part in parts
+            if getattr(self, part) >= 0.05 * GB
+        ]
+        return ", ".join(shown)
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    values: dict  # the hardware group's values (a preset's, plus chosen_by)
+    estimate: Optional[MemoryEstimate]
+    step_seconds: Optional[float]  # on the CPU only
+
+
+# ---- architecture figures ---------------------------------------------------------------------------
+
+ARCH_FIGURES = ("hidden_size", "num_layers", "vocab_size", "num_heads", "intermediate_size")
+
+
+def arch_from_figures(figures: Mapping[str, Any]) -> Arch:
+    """An Arch from `model.arch`-style figures; num_parameters is counted Llama-style when absent."""
+    heads = figures["num_heads"]
+    kv_heads = figures.get("num_kv_heads") or heads
+    tied = bool(figures.get("tie_word_embeddings"))
+    count = figures.get("num_parameters") or llama_parameters(
+        figures["hidden_size"],
+        figures["num_layers"],
+        figures["vocab_size"],
+        heads,
+        kv_heads,
+        figures["intermediate_size"],
+        tied,
+    )
+    return Arch(
+        int(count),
+        figures["hidden_size"],
+        figures["num_layers"],
+        figures["vocab_size"],
+        heads,
+        kv_heads,
+        figures["intermediate_size"],
+        tied,
+    )
+
+
+def first_present(config: Mapping[str, Any], *keys: str) -> Any:
+    return next((config[key] for key in keys if config.get(key) is not None), None)
+
+
+@functools.lru_cache(maxsize=16)
+def directory_figures(directory: str) -> tuple:
+    """Figures from a saved HF model's config.json (no weights read), the count from its safetensors headers."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    config = config.get("text_config") or config  # multimodal wrappers keep the decoder's figures there
+    hidden = first_present(config, "hidden_size", "n_embd", "d_model")
+    figures = {
+        "num_parameters": safetensors_parameters(Path(directory)),
+        "hidden_size": hidden,
+        "num_layers": first_present(config, "num_hidden_layers", "n_layer", "num_layers"),
+        "vocab_size": config.get("vocab_size"),
+        "num_heads": first_present(config, "num_attention_heads", "n_head"),
+        "num_kv_heads": 1 if config.get("multi_query") else first_present(config, "num_key_value_heads"),
+        "intermediate_size": first_present(config, "intermediate_size", "n_inner", "ffn_dim")
+        or (4 * hidden if hidden else None),
+        "tie_word_embeddings": config.get("tie_word_embeddings", True),  # transformers' default
+    }
+    return tuple(figures.items())
+
+
+def safetensors_parameters(directory: Path) -> Optional[int]:
+    """Sum of the tensor sizes in the safetensors headers (8-byte length + JSON): exact for any architecture."""
+    total = 0
+    files = sorted(directory.glob("*.safetensors"))
+    for path in files:
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(math.prod(tensor["shape"]) for key, tensor in header.items() if key != "__metadata__")
+    return total or None
+
+
+def model_arch(model_cfg: DictConfig) -> Arch:
+    """The model's figures: model.tiny (random models), else a local model.path's config.json and the preset's model.arch."""
+    if model_cfg.source == "tiny":
+        tiny = model_cfg.tiny
+        return arch_from_figures(
+            {
+                "hidden_size": tiny.hidden_size,
+                "num_layers": tiny.num_layers,
+                "vocab_size": tiny.vocab_size or BYTE_TOKENIZER_VOCAB,
+                "num_heads": tiny.num_heads,
+                "intermediate_size": tiny.intermediate_size,
+                "tie_word_embeddings": True,
+            }
+        )
+    figures = OmegaConf.to_container(model_cfg.arch)
+    path = os.path.expanduser(model_cfg.path) if model_cfg.path else None
+    if path and os.path.isfile(
+        os.path.join(path, "config.json")
+    ):  # the model itself: its figures win, model.arch fills gaps
+        local = {key: value for key, value in directory_figures(os.path.abspath(path)) if value is not None}
+        figures = {**figures, "num_parameters": None, **local}  # the preset's count is another model's
+    missing = [key for key in ARCH_FIGURES if not figures.get(key)]
+    if missing:
+        raise ConfigError(
+            f"hardware=auto cannot estimate the memory of model {model_cfg.name} ({model_cfg.path}): model.arch.{missing[0]} is not set. "
+            f"Give the figures from the model's config.json (model.arch.hidden_size=... num_layers, vocab_size, num_heads, "
+            f"num_kv_heads, intermediate_size, num_parameters), point model.path at a local directory with config.json, "
+            f"or choose the hardware yourself (hardware=cpu | gpu | zero1 | zero2 | zero3 | zero3_offload)"
+        )
+    return arch_from_figures(figures)
+
+
+LORA_SHAPES = {  # module name -> (in, out) in units of (h, I, kv, 3h); unknown names count as h x h
+    "q_proj": ("h", "h"),
+    "k_proj": ("h", "kv"),
+    "v_proj": ("h", "kv"),
+    "o_proj": ("h", "h"),
+    "gate_proj": ("h", "I"),
+    "up_proj": ("h", "I"),
+    "down_proj": ("I", "h"),
+    "query_key_value": ("h", "3h"),
+    "dense": ("h", "h"),
+    "dense_h_to_4h": ("h", "I"),
+    "dense_4h_to_h": ("I", "h"),
+}
+
+
+def lora_parameters(arch: Arch, rank: int, target_modules: list[str]) -> int:
+    """r x (in + out) per adapted module per layer."""
+    width = {"h": arch.hidden_size, "I": arch.intermediate_size, "kv": arch.kv_width, "3h": 3 * arch.hidden_size}
+    per_layer = sum(rank * sum(width[side] for side in LORA_SHAPES.get(name, ("h", "h"))) for name in target_modules)
+    return arch.num_layers * per_layer
+
+
+def run_shape(cfg: DictConfig) -> Run:
+    """The estimate's inputs from a composed config (model, batch, reference, loss)."""
+
+    model = cfg.model
+    arch = model_arch(model)
+    reference_forward = get_loss(cfg.loss.name).needs_reference and str(cfg.reference.precompute).lower() not in (
+        "auto",
+        "true",
+    )
+    return Run(
+        name=model.name,
+        arch=arch,
+        dtype=model.dtype,
+        lora=model.lora.enabled,
+        adapter_parameters=lora_parameters(arch, model.lora.r, list(model.lora.target_modules)),
+        reference_forward=reference_forward,
+        holds_reference=reference_forward and not model.lora.enabled,
+        reference_offload=cfg.reference.offload,
+        sequences=2 * cfg.trainer.micro_batch_size,
+        sequence_length=cfg.dataset.max_length,
+        grad_accum=cfg.trainer.grad_accum,
+        gradient_checkpointing=model.gradient_checkpointing,
+        logp_chunk_size=cfg.trainer.logp_chunk_size,
+        logp_keep_bytes=cfg.trainer.logp_keep_mb * 2**20,
+    )
+
+
+def limits_from(hardware: DictConfig) -> Limits:
+    return Limits(hardware.max_cpu_step_seconds, hardware.cpu_tflops_per_core, hardware.usable_memory_fraction)
+
+
+# ---- the estimate -----------------------------------------------------------------------------------
+
+
+def activation_bytes(run: Run, autocast: bool) -> float:
+    """Tensors saved for backward (Llama blocks, SDPA: no seq^2 term), measured per token and layer."""
+    arch = run.arch
+    h, width, kv = arch.hidden_size, arch.intermediate_size, arch.kv_width
+    per_token_layer = (30 * h + 8 * width + 4 * kv) if run.dtype == "bf16" else (32 * h + 16 * width + 8 * kv)
+    one_layer = run.tokens * per_token_layer
+    if run.gradient_checkpointing:
+        saved = run.tokens * 4 * h * arch.num_layers + one_layer  # every layer's input, and one layer recomputed
+        weight_copies = arch.layer_parameters
+    else:
+        saved = (arch.num_layers + 1) * one_layer  # + one layer's worth of backward transients
+        weight_copies = arch.num_parameters - arch.embedding_parameters
+    return saved + (2 * weight_copies if autocast else 0)  # autocast keeps bf16 copies of the weights for backward
+
+
+def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
+    """Peak memory per rank of `run` on `hardware` (a hardware group's values): see the module docstring."""
+    arch = run.arch
+    params, trained = arch.num_parameters, run.trained_parameters
+    ranks = hardware["gpus_per_node"] * hardware["nodes"]
+    deepspeed = hardware["engine"] == "deepspeed"
+    stage = hardware["zero_stage"] if deepspeed else 0
+    weight_bytes, grad_bytes, optimizer_bytes = (2, 2, 12) if deepspeed and run.dtype == "bf16" else (4, 4, 8)
+
+    def shard(size: float, partitioned: bool) -> float:
+        return size / ranks if partitioned else size
+
+    weights = shard(weight_bytes * (params + (run.adapter_parameters if run.lora else 0)), stage == 3)
+    gradients = shard(grad_bytes * trained, stage >= 2)
+    optimizer = shard(optimizer_bytes * trained, stage >= 1)
+    host = 0.0
+    if stage >= 2 and hardware["offload_optimizer"]:  # the CPU optimizer steps on gradient partitions in CPU memory too
+        host, optimizer, gradients = host + optimizer + gradients, 0.0, 0.0
+    if stage == 3 and hardware["offload_params"]:
+        host, weights = host + weights, 0.0
+    if stage == 3:  # layers are gathered whole while they run (and prefetched), the embedding too
+        weights += weight_bytes * (2 * arch.layer_parameters + arch.vocab_size * arch.hidden_size)
+    buckets = 2 * min(DEEPSPEED_BUCKET, trained) * grad_bytes if deepspeed and stage >= 1 and ranks > 1 else 0.0
+    reference = 0.0
+    if (
+        run.holds_reference
+    ):  # engine.py: an inference engine, ZeRO-3 when the policy is, unless reference_zero_stage says
+        reference_stage = hardware.get("reference_zero_stage") if deepspeed else 0
+        if reference_stage is None:
+            reference_stage = 3 if stage == 3 else 0
+        reference = shard((weight_bytes if deepspeed else 4) * params, reference_stage == 3)
+        if reference_stage == 3 and (run.reference_offload or hardware["offload_params"]):
+            host, reference = host + reference, 0.0
+    on_gpu = hardware["device"] == "cuda"
+    return MemoryEstimate(
+        device=hardware["device"],
+        ranks_per_node=hardware["gpus_per_node"],
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        buckets=buckets,
+        reference=reference,
+        activations=activation_bytes(run, autocast=run.dtype == "bf16" and not deepspeed),
+        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.tokens) * arch.vocab_size * 4
+        + min(run.logp_keep_bytes, run.tokens * arch.vocab_size * 4),
+        overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES,
+        host=host,
+    )
+
+
+def step_seconds(run: Run, tflops: float) -> float:
+    """~2 FLOPs per parameter and token forward, 4 backward; a reference forward and a recompute add 2 each."""
+    flops_per_token = (6 + 2 * run.reference_forward + 2 * run.gradient_checkpointing) * run.arch.num_parameters
+    return flops_per_token * run.tokens * run.grad_accum / (tflops * 1e12)
+
+
+def cpu_tflops(machine: Machine, limits: Limits) -> float:
+    return limits.cpu_tflops_per_core * machine.cpu_cores
+
+
+def fits(estimate: MemoryEstimate, machine: Machine, limits: Limits) -> bool:
+    """Within usable_memory_fraction of the RAM (every rank of the node) and of the smallest GPU."""
+    usable = limits.usable_memory_fraction
+    if estimate.host_per_node > usable * machine.ram_bytes:
+        return False
+    if estimate.device == "cpu":
+        return True
+    return len(machine.gpu_bytes) >= estimate.ranks_per_node and estimate.total <= usable * min(machine.gpu_bytes)
+
+
+# ---- the machine ------------------------------------------------------------------------------------
+
+
+def memory_limit_bytes() -> int:
+    """Physical RAM, or the container's cgroup limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def visible_gpu_bytes() -> tuple[int, ...]:
+    """Each visible GPU's memory (CUDA_VISIBLE_DEVICES applies): no CUDA work beyond reading the device properties."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count()))
+
+
+@functools.lru_cache(maxsize=1)
+def this_machine() -> Machine:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return Machine(ram_bytes=memory_limit_bytes(), cpu_cores=cores, gpu_bytes=visible_gpu_bytes())
+
+
+# ---- presets and the plan ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _preset(name: str) -> tuple:
+    return tuple(OmegaConf.to_container(OmegaConf.load(HARDWARE_DIR / f"{name}.yaml")).items())
+
+
+def preset_values(name: str, gpus: int = 1) -> dict:
+    """conf/hardware/NAME.yaml's values (the one place they are written); multi-GPU presets get gpus_per_node."""
+    values = dict(_preset(name))
+    if values["launcher"] == "torchrun" and values["device"] == "cuda":
+        values["gpus_per_node"] = gpus
+    values.setdefault("peak_tflops", None)
+    values["chosen_by"] = None
+    return values
+
+
+def preset_overrides(values: Mapping[str, Any]) -> str:
+    """The command-line overrides that select these values."""
+    text = f"hardware={values['name']}"
+    return text + (f" hardware.gpus_per_node={values['gpus_per_node']}" if values["gpus_per_node"] > 1 else "")
+
+
+def gpu_presets(count: int, offload: bool = False) -> list[dict]:
+    """One GPU: the plain `gpu` preset (ZeRO partitions nothing over one rank); several: ZeRO-1, 2, 3, smallest first."""
+    if offload:
+        return [preset_values("zero3_offload", gpus=count)]
+    if count == 1:
+        return [preset_values("gpu")]
+    return [preset_values(f"zero{stage}", gpus=count) for stage in (1, 2, 3)]
+
+
+def auto_candidates(machine: Machine) -> list[dict]:
+    """The CPU first (reproducible, no GPU needed), then all visible GPUs."""
+    return [preset_values("cpu"), *(gpu_presets(len(machine.gpu_bytes)) if machine.gpu_bytes else [])]
+
+
+def first_fit(run: Run, machine: Machine, limits: Limits) -> Optional[HardwarePlan]:
+    for values in auto_candidates(machine):
+        estimate = estimate_memory(run, values)
+        seconds = step_seconds(run, cpu_tflops(machine, limits)) if values["device"] == "cpu" else None
+        if fits(estimate, machine, limits) and (seconds is None or seconds <= limits.max_cpu_step_seconds):
+            return HardwarePlan(
+                dict(values, chosen_by="auto: " + describe_fit(estimate, machine, seconds)), estimate, seconds
+            )
+    return None
+
+
+def describe_fit(estimate: MemoryEstimate, machine: Machine, seconds: Optional[float]) -> str:
+    if estimate.device == "cpu":
+        return f"~{estimate.total / GB:.1f} GB estimated peak on the CPU ({machine.ram_bytes / GB:.1f} GB RAM), ~{seconds:.0f} s per step"
+    return f"~{estimate.total / GB:.1f} GB estimated peak per GPU ({estimate.ranks_per_node} x {min(machine.gpu_bytes) / GB:.0f} GB)"
+
+
+def plan_hardware(run: Run, machine: Machine, limits: Limits) -> HardwarePlan:
+    """The preset hardware=auto runs `run` on; ConfigError naming what would fit when nothing here does."""
+    plan = first_fit(run, machine, limits)
+    if plan is None:
+        raise ConfigError(refusal(run, machine, limits))
+    return plan
+
+
+def gpu_fit(run: Run, gpu_bytes: int, limits: Limits, offload: bool) -> tuple[Optional[dict], MemoryEstimate]:
+    """The fewest GPUs of gpu_bytes (then the smallest stage) that hold `run`; else (None, the largest try's estimate)."""
+    for count in SUGGESTED_GPU_COUNTS:
+        node = Machine(
+            ram_bytes=2**62, cpu_cores=1, gpu_bytes=(gpu_bytes,) * count
+        )  # a node's RAM is unknown: shown, not checked
+        for values in gpu_presets(count, offload):
+            estimate = estimate_memory(run, values)
+            if fits(estimate, node, limits):
+                return values, estimate
+    return None, estimate
+
+
+def suggestion(overrides: str, run: Run, machine: Machine, limits: Limits, offload: bool = False) -> str:
+    """One line of a refusal: the overrides, the estimate per rank, and where that fits."""
+    here = None if offload else first_fit(run, machine, limits)
+    if here is not None:
+        return f"  {overrides}: fits here ({preset_overrides(here.values)}), {here.values['chosen_by'].removeprefix('auto: ')}"
+    gpu_bytes = min(machine.gpu_bytes) if machine.gpu_bytes else ASSUMED_GPU_BYTES
+    values, estimate = gpu_fit(run, gpu_bytes, limits, offload)
+    host = f" + {estimate.host_per_node / GB:.0f} GB CPU RAM" if estimate.host else ""
+    if values is None:
+        largest = preset_overrides(gpu_presets(SUGGESTED_GPU_COUNTS[-1], offload)[-1])
+        return (
+            f"  {' '.join(filter(None, [overrides, largest]))}: {estimate.total / GB:.1f} GB per GPU{host}, "
+            f"more than {SUGGESTED_GPU_COUNTS[-1]} GPUs of {gpu_bytes / GB:.0f} GB hold"
+        )
+    count = values["gpus_per_node"]
+    where = (
+        "fits here"
+        if count <= len(machine.gpu_bytes) and fits(estimate, machine, limits)
+        else f"on {count} GPU{'s' if count > 1 else ''} of {gpu_bytes / GB:.0f} GB"
+    )
+    return f"  {' '.join(filter(None, [overrides, preset_overrides(values)]))}: {estimate.total / GB:.1f} GB per GPU{host}, {where}"
+
+
+def refusal(run: Run, machine: Machine, limits: Limits) -> str:
+    """Why nothing here fits, and the alternatives with their estimates."""
+    cpu = estimate_memory(run, preset_values("cpu"))
+    seconds = step_seconds(run, cpu_tflops(machine, limits))
+    lines = [
+        f"hardware=auto: nothing on this machine ({machine.describe()}) fits model {run.name} "
+        f"({run.arch.num_parameters / 1e9:.2f}e9 parameters, {run.dtype}). On the CPU it needs ~{cpu.total / GB:.1f} GB "
+        f"({cpu.breakdown()}) of {limits.usable_memory_fraction * machine.ram_bytes / GB:.1f} GB usable "
+        f"(hardware.usable_memory_fraction={limits.usable_memory_fraction:g}) and ~{seconds:.0f} s per step "
+        f"(hardware.max_cpu_step_seconds={limits.max_cpu_step_seconds:g}).",
+    ]
+    if machine.gpu_bytes:
+        largest = auto_candidates(machine)[-1]
+        estimate = estimate_memory(run, largest)
+        lines.append(
+            f"On the visible GPUs, {preset_overrides(largest)} needs ~{estimate.total / GB:.1f} GB per GPU "
+            f"({estimate.breakdown()})."
+        )
+    lines.append("What would fit (estimated peak memory per rank; GB = 2^30 bytes):")
+    lines.append(suggestion("", run, machine, limits))
+    lines.append(suggestion("", run, machine, limits, offload=True))
+    if not run.lora:
+        lines.append(
+            suggestion(
+                "model.lora.enabled=true", dataclasses.replace(run, lora=True, holds_reference=False), machine, limits
+            )
+        )
+    if run.reference_forward:
+        precomputed = dataclasses.replace(run, reference_forward=False, holds_reference=False)
+        lines.append(suggestion("reference.precompute=true", precomputed, machine, limits))
+    lines.append(
+        "Run it where that fits, or name a preset yourself (hardware=cpu | gpu | zero1 | zero2 | zero3 | "
+        "zero3_offload): an explicit preset runs, with a warning when it looks too small."
+    )
+    return "\n".join(lines)
+
+
+# ---- the config side: the resolver, and settling the choice before the run dir is frozen -------------
+
+
+def placeholder_plan(reason: str) -> HardwarePlan:
+    """What `--cfg job` shows when auto has no choice: the cpu values under the name auto; `prefopt train` refuses."""
+    return HardwarePlan(dict(preset_values("cpu"), name="auto", chosen_by=f"auto: {reason}"), None, None)
+
+
+@functools.lru_cache(maxsize=64)
+def lenient_plan(run: Run, limits: Limits, machine: Machine) -> HardwarePlan:
+    plan = first_fit(run, machine, limits)
+    if plan is None:
+        needed = estimate_memory(run, preset_values("cpu")).total / GB
+        return placeholder_plan(
+            f"nothing here fits (~{needed:.1f} GB on the CPU); `prefopt train` refuses and lists what would"
+        )
+    return plan
+
+
+def auto_hardware_value(key: str, _root_: DictConfig) -> Any:
+    """`${auto_hardware:KEY}`: KEY of the preset hardware=auto chooses for this config (never raises: see settle_hardware)."""
+    try:
+        plan = lenient_plan(run_shape(_root_), limits_from(_root_.hardware), this_machine())
+    except ConfigError as error:
+        plan = placeholder_plan(f"{str(error).split(':')[0]}; `prefopt train` refuses and says why")
+    return plan.values[key]
+
+
+def uses_auto(hardware: DictConfig) -> list[str]:
+    """The hardware keys still set by hardware=auto (the user's own overrides replace theirs)."""
+    raw = OmegaConf.to_container(hardware, resolve=False)
+    return [
+        key for key, value in raw.items() if isinstance(value, str) and value.startswith("${" + AUTO_RESOLVER + ":")
+    ]
+
+
+def settle_hardware(cfg: DictConfig, machine: Optional[Machine] = None) -> Optional[HardwarePlan]:
+    """Before the run dir is frozen: hardware=auto becomes the preset it chooses (ConfigError when nothing fits);
+    an explicit preset that clearly cannot hold the run gets a warning, and runs."""
+    machine = machine or this_machine()
+    auto_keys = uses_auto(cfg.hardware)
+    if not auto_keys:
+        warn_if_too_small(cfg, machine)
+        return None
+    plan = plan_hardware(run_shape(cfg), machine, limits_from(cfg.hardware))
+    for key in auto_keys:
+        cfg.hardware[key] = plan.values[key]
+    log.info("hardware=auto chose %s: %s", preset_overrides(plan.values), plan.values["chosen_by"])
+    return plan
+
+
+def warn_if_too_small(cfg: DictConfig, machine: Machine) -> None:
+    hardware = cfg.hardware
+    if hardware.launcher == "slurm":  # its memory is on the cluster's nodes, not here
+        return
+    try:
+        estimate = estimate_memory(run_shape(cfg), hardware)
+    except ConfigError:  # figures unknown: nothing to compare
+        return
+    if estimate.device == "cuda" and machine.gpu_bytes:
+        need, have, where = estimate.total, min(machine.gpu_bytes), "per GPU"
+    else:
+        need, have, where = estimate.host_per_node, machine.ram_bytes, "of CPU memory"
+    if need > WARN_MARGIN * have:
+        log.warning(
+            "hardware=%s: this run needs ~%.1f GB %s by estimate (%s) and this machine has %.1f GB: it will likely "
+            "run out of memory. hardware=auto picks what fits, or lists it.",
+            hardware.name,
+            need / GB,
+            where,
+            estimate.breakdown(),
+            have / GB,
+        )

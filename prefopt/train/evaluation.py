@@ -1,0 +1,180 @@
+"""Held-out evaluation: the loss's metrics on the eval pairs and greedy-answer accuracy, split across ranks.
+
+Each rank scores a disjoint shard of the pairs (prompts) and one collective gives every rank the metrics
+one rank alone would compute (sharding.py: strided shards, padding batches under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from prefopt.core.distributed import DistInfo
+from prefopt.data import TokenizedPair, answer_is_correct
+from prefopt.losses.gate import gate_distribution
+from prefopt.observe.tracking import DYNAMICS_FILE
+from prefopt.train.dynamics import ProbeSet, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
+from prefopt.train.metrics import finish_token_means
+from prefopt.train.sharding import pair_scored_tokens, sharded_pass
+
+GATE_COLUMN = "gate"  # the per-example gate travels as one more column of the gathered rows
+
+
+@torch.no_grad()
+def evaluate(
+    step_fn,
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    max_batches: Optional[int],
+    step: int,
+    dist: Optional[DistInfo] = None,
+) -> dict[str, float]:
+    """Means over the eval pairs (the first max_batches x batch_size, or all) of step_fn's per-example
+    metrics at training step `step` (losses with a schedule, dpo_shift, use that step's progress), and the
+    gate's spread when gated. step_fn is the trainer's PreferenceStep."""
+    if max_batches is not None:
+        pairs = pairs[: max_batches * batch_size]
+    if not pairs:
+        return {}
+    keys: list[str] = []
+
+    def score(indices: list[int], peer_scored_tokens: int) -> torch.Tensor:
+        out, per_example, _ = step_fn([pairs[index] for index in indices], step, min_scored_tokens=peer_scored_tokens)
+        columns = dict(per_example) | ({GATE_COLUMN: out.gates} if out.gates is not None else {})
+        keys[:] = list(columns)
+        return torch.stack([value.detach().float().cpu() for value in columns.values()], dim=1)
+
+    step_fn.policy.eval()
+    try:
+        values = sharded_pass(
+            len(pairs), batch_size, dist or DistInfo(), score, lambda index: pair_scored_tokens(pairs[index])
+        )
+    finally:
+        step_fn.policy.train()
+    columns = dict(zip(keys, values.unbind(dim=1)))
+    gates = columns.pop(GATE_COLUMN, None)
+    metrics = finish_token_means({f"eval/{key}": float(column.mean()) for key, column in columns.items()}, "eval")
+    if (
+        gates is not None
+    ):  # the gate's spread over held-out pairs: a gate shut (or open) on every example does not discriminate
+        metrics.update({f"eval/{key}": value for key, value in gate_distribution(gates).items()})
+    return metrics
+
+
+def greedy_accuracy(
+    model, tokenizer, pairs: list[TokenizedPair], max_new_tokens: int, device, dist: Optional[DistInfo] = None
+):
+    """Greedy answers to held-out prompts that carry a reference answer; returns (accuracy, examples)."""
+    pairs = [pair for pair in pairs if pair.answer is not None]
+    if not pairs:
+        return None, []
+    generations = greedy_generate(
+        model, tokenizer, [list(pair.prompt_ids) for pair in pairs], max_new_tokens, device, dist=dist
+    )
+    examples = [
+        [pair.prompt, text, pair.answer, answer_is_correct(text, pair.answer)] for pair, text in zip(pairs, generations)
+    ]
+    return sum(example[3] for example in examples) / len(examples), examples
+
+
+class RunEvaluator:
+    """A run's evaluations at a step, logged to its tracker and console; training and `prefopt eval` both use
+    it, so an eval of a checkpoint is the eval its run logged. step_fn: the trainer's PreferenceStep (its policy
+    is the one evaluated); tracker: tracking.Tracker; console: console.Console."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        step_fn,
+        tokenizer,
+        data,
+        probes: Optional[ProbeSet],
+        device: torch.device,
+        dist: DistInfo,
+        tracker,
+        console,
+    ):
+        self.cfg, self.step_fn, self.tokenizer, self.data, self.probes = cfg, step_fn, tokenizer, data, probes
+        self.device, self.dist, self.tracker, self.console = device, dist, tracker, console
+
+    def held_out(self, step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
+        """The loss's metrics on the eval pairs at `step` and, when `generate`, greedy-answer accuracy: (metrics, accuracy or None)."""
+        trainer_cfg, policy = self.cfg.trainer, self.step_fn.policy
+        with self.console.phase(f"eval @ step {step}"):
+            metrics = evaluate(
+                self.step_fn, self.data.eval, trainer_cfg.eval_batch_size, trainer_cfg.max_eval_batches, step, self.dist
+            )
+        accuracy = None
+        if generate and trainer_cfg.greedy_eval_examples:
+            with self.console.phase(f"greedy answers @ step {step}"):
+                accuracy, examples = greedy_accuracy(
+                    policy,
+                    self.tokenizer,
+                    self.data.eval[: trainer_cfg.greedy_eval_examples],
+                    trainer_cfg.max_new_tokens,
+                    self.device,
+                    self.dist,
+                )
+            if accuracy is not None:
+                metrics["eval/greedy_accuracy"] = accuracy
+                self.tracker.log_table(
+                    "eval/generations", step, ["prompt", "generation", "answer", "correct"], examples
+                )
+        self.tracker.log(step, metrics)
+        self.console.eval_result(step, metrics)
+        return metrics, accuracy
+
+    def probe_set(self, step: int) -> dict[str, float]:
+        """The probe set's log-probs at `step` (dynamics.jsonl), and a few probe generations when dynamics.generate."""
+        if self.probes is None:
+            return {}
+        trainer_cfg, dynamics_cfg, policy = self.cfg.trainer, self.cfg.dynamics, self.step_fn.policy
+        with self.console.phase(f"probes @ step {step}"):
+            metrics = evaluate_probes(
+                policy,
+                self.probes,
+                trainer_cfg.logp_chunk_size,
+                self.device,
+                dynamics_cfg.batch_size,
+                trainer_cfg.batching,
+                trainer_cfg.packed_row_tokens,
+                self.dist,
+            )
+        self.tracker.log(step, metrics, file=DYNAMICS_FILE)
+        if dynamics_cfg.generate and dynamics_cfg.num_generate:
+            with self.console.phase(f"probe generations @ step {step}"):
+                rows = generate_probes(
+                    policy,
+                    self.tokenizer,
+                    self.probes,
+                    dynamics_cfg.num_generate,
+                    dynamics_cfg.max_new_tokens,
+                    self.device,
+                    self.dist,
+                )
+            self.tracker.log_table("dynamics/generations", step, ["prompt", "generation"], rows)
+        return metrics
+
+
+def eval_changes(
+    first_eval: dict[str, float],
+    final_eval: dict[str, float],
+    first_greedy: Optional[float],
+    final_greedy: Optional[float],
+    first_dynamics: dict[str, float],
+    final_dynamics: dict[str, float],
+) -> dict[str, float]:
+    """The summary's changes from the first evaluation (the base model) to the last: eval/delta/*, greedy accuracy
+    before/after, and the probe deltas (delta/*). Empty parts (no first eval, no probes) add nothing."""
+    changes = {}
+    for key in ("logps/chosen", "logps/rejected", "rewards/margins"):
+        if f"eval/{key}" in first_eval and f"eval/{key}" in final_eval:
+            changes[f"eval/delta/{key}"] = final_eval[f"eval/{key}"] - first_eval[f"eval/{key}"]
+    if first_greedy is not None:
+        changes["eval/greedy_accuracy_before"] = first_greedy
+        changes["eval/greedy_accuracy_after"] = final_greedy
+    if first_dynamics and final_dynamics:
+        changes |= dynamics_deltas(first_dynamics, final_dynamics)
+    return changes

@@ -1,0 +1,70 @@
+"""The preference metrics of a batch, named and defined as TRL's DPOTrainer (trl 1.16) logs them, so W&B
+dashboards, comparison scripts and habits built on TRL runs read prefopt runs unchanged.
+
+Over the logged batch (a train step: every pair of every micro batch on every rank; an eval: every eval
+pair), under the `train/` or `eval/` prefix:
+
+    rewards/chosen, rewards/rejected   mean implicit reward of the loss (DPO: beta * (log pi - log pi_ref),
+                                       summed over the response's tokens)
+    rewards/accuracies                 fraction of pairs whose chosen reward exceeds the rejected one
+    rewards/margins                    mean of chosen reward - rejected reward
+    logps/chosen, logps/rejected       mean summed log-prob of the response under the policy (nats)
+    logits/chosen, logits/rejected     mean over every response token of the batch of the policy's mean
+                                       logit over the vocabulary at that position (token-weighted)
+
+prefopt's extras keep their own names: loss, lengths/chosen|rejected (mean response tokens), gate/*, ...
+One difference from TRL, on purpose: TRL averages each micro batch's value over gradient accumulation
+and over eval batches; prefopt pools the whole step (or eval set) first, so a short last micro batch
+weighs by its pairs and tokens, not as a whole batch. With one micro batch per step they are equal.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from prefopt.model.logps import TokenLogps, split_pairs
+
+# logits/* are token-weighted: each example carries its summed mean-logit in this column, and the pooled
+# mean divides by the pooled response length (finish_token_means); the column itself is never logged
+LOGIT_SUMS = {
+    "logits/chosen": ("logit_sums/chosen", "lengths/chosen"),
+    "logits/rejected": ("logit_sums/rejected", "lengths/rejected"),
+}
+
+
+def pair_metrics(
+    policy: TokenLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-pair (B,) columns of one batch whose means over the logged batch are the metrics above
+    (finish_token_means turns the logit sums into logits/*). policy: the policy's log-probs of the
+    batch, chosen rows first (split_pairs); rewards: the loss's (B,) implicit rewards."""
+    chosen_logps, rejected_logps = split_pairs(policy.summed.detach())
+    chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
+    chosen_logits, rejected_logits = split_pairs(policy.mean_logits.sum(-1))  # zeros past each response's end
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps,
+        "logps/rejected": rejected_logps,
+        "lengths/chosen": chosen_lengths,
+        "lengths/rejected": rejected_lengths,
+        "logit_sums/chosen": chosen_logits,
+        "logit_sums/rejected": rejected_logits,
+    }
+
+
+def finish_token_means(means: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """Pooled means of pair_metrics' columns (keys `{prefix}/...`) with the logit sums replaced by
+    logits/* = mean logit sum / mean length, i.e. total over tokens / tokens (0.0 without tokens, as TRL)."""
+    finished = dict(means)
+    for name, (sums, lengths) in LOGIT_SUMS.items():
+        total = finished.pop(f"{prefix}/{sums}", None)
+        if total is not None:
+            tokens = finished[f"{prefix}/{lengths}"]
+            finished[f"{prefix}/{name}"] = total / tokens if tokens > 0 else 0.0
+    return finished
