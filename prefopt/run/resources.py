@@ -57,6 +57,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.conf import CONF_DIR
 from prefopt.core.errors import ConfigError
 from prefopt.losses import get_loss
 
@@ -64,7 +65,7 @@ log = logging.getLogger("prefopt")
 
 GB = 2**30  # as nvidia-smi and `free -g` count: an "80 GB" GPU has 80 of these
 AUTO_RESOLVER = "auto_hardware"  # conf/hardware/auto.yaml: `name: ${auto_hardware:name}` ...
-HARDWARE_DIR = Path(__file__).resolve().parent / "conf" / "hardware"
+HARDWARE_DIR = CONF_DIR / "hardware"
 CPU_PROCESS_BYTES = GB // 2  # peak RSS of a 2-step tiny_llama run (0.49 GB), i.e. the libraries alone
 GPU_CONTEXT_BYTES = 3 * GB // 2  # CUDA context + cuBLAS workspace + caching-allocator slack
 LOGP_BUFFERS = 4  # chunk logits, their log-softmax, and the backward's recomputed copy and gradient
