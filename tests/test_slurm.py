@@ -108,25 +108,25 @@ def test_rank_zero_prepares_the_run_dir_once_and_the_others_wait(tmp_path, monke
 def test_preemption_signals_are_flags_once_the_trainer_polls(monkeypatch):
     monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     preemption = Preemption()
-    assert not preemption.requested(DistInfo())  # outside SLURM: no signal handler is touched
+    assert preemption.local_flags() == [0.0, 0.0]  # outside SLURM: no signal handler is touched
     assert preemption.previous_handlers == {}
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "5")
     requeued = []
     try:
-        assert not preemption.requested(DistInfo())  # arms: USR2 and SIGTERM set flags from now on
+        assert preemption.local_flags() == [0.0, 0.0]  # arms: USR2 and SIGTERM set flags from now on
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert preemption.requested(DistInfo())
+        assert preemption.local_flags() == [1.0, 0.0]
         preemption.previous_handlers[signal.SIGUSR2] = lambda signum, frame: requeued.append(signum) or sys.exit(-1)
         with pytest.raises(SystemExit):
             preemption.requeue(DistInfo())  # rank 0 hands over to submitit's handler: re-pickle, requeue, exit
         assert requeued == [signal.SIGUSR2]
 
         terminated = Preemption()
-        terminated.requested(DistInfo())
+        terminated.local_flags()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert terminated.requested(DistInfo())
+        assert terminated.local_flags() == [0.0, 1.0]
         with pytest.raises(SystemExit) as leaving:
             terminated.requeue(DistInfo())  # SLURM is ending or requeueing the job itself: only leave
         assert leaving.value.code == 143

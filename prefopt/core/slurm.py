@@ -135,12 +135,6 @@ class Preemption:
             )
             self.requeue_job()
 
-    def requested(self, dist) -> bool:
-        if not self.deferred and not in_slurm_task():
-            return False
-        warned, terminated = self._flags(dist)
-        return warned or terminated
-
     def local_flags(self) -> list[float]:
         """This rank's [got the warning signal, got SIGTERM], for an all-reduce that makes every rank agree (the
         trainer's per-step one carries its stop flag too: trainer.DeferredInterrupt.requested). Inside a SLURM task
