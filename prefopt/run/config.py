@@ -21,7 +21,7 @@ from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
 from prefopt.losses import validate_loss_config
 from prefopt.observe.metric_names import renamed_metric
-from prefopt.run.resources import AUTO_RESOLVER, auto_hardware_value
+from prefopt.run.hardware_plan import AUTO_RESOLVER, auto_hardware_value
 from prefopt.train.schedules import check_length_config, check_schedule_config
 
 

@@ -26,7 +26,7 @@ from prefopt.core.runfiles import ERROR_GLOB, EXIT_REPORT
 from prefopt.core.slurm import in_slurm_task, restart_count
 from prefopt.model.loading import resolve_model_source
 from prefopt.run.config import ConfigError, require_values, validate_config
-from prefopt.run.resources import settle_hardware
+from prefopt.run.hardware_plan import settle_hardware
 from prefopt.run.resume import accept_resume, find_latest_run, no_checkpoint_error, search_roots
 from prefopt.run.worker import run_worker
 from prefopt.train.checkpoint import CHECKPOINTS, checkpoint_candidates, frozen_yaml, restore_retired, resume_mode
