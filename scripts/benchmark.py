@@ -184,7 +184,7 @@ def plan_batches(overrides: list[str], steps: int) -> dict:
     from prefopt.run.config import register_schema
     from prefopt.data import build_preference_data
     from prefopt.model.loading import converted_gguf_dir, load_tokenizer
-    from prefopt.recipes.train import PairSampler
+    from prefopt.data.sampler import PairSampler
 
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):

@@ -21,13 +21,14 @@ from prefopt.model.loading import ModelSource, load_tokenizer, names_local_path,
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
 from prefopt.observe.tracking import Tracker
-from prefopt.recipes.train import PreferenceStep, build_policy
+from prefopt.train.build import build_policy
 from prefopt.train.checkpoint import checkpoint_candidates, find_checkpoint, load_trainer_state
 from prefopt.train.dynamics import build_probe_set
 from prefopt.train.engine import is_adapter_dir, load_policy_weights
 from prefopt.train.evaluation import RunEvaluator, eval_changes
 from prefopt.train.reference import build_reference
 from prefopt.train.schedules import settle_max_steps
+from prefopt.train.step import PreferenceStep
 
 POLICY_KINDS = "a run dir, a checkpoint dir (RUN_DIR/checkpoints/step-N), an HF model dir or a hub id"
 

@@ -3,264 +3,40 @@
 from __future__ import annotations
 
 import logging
-import random
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from prefopt.core.distributed import DistInfo, device_for, init_distributed, leave_distributed
+from prefopt.core.distributed import device_for, init_distributed, leave_distributed
 from prefopt.core.errors import CheckpointError, stop_exception
-from prefopt.core.slurm import in_slurm_task, preemption, restart_count
-from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
+from prefopt.core.slurm import preemption, restart_count
+from prefopt.data import PreferenceData, build_preference_data
 from prefopt.data.identity import DATA_FILE, OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
-from prefopt.data.layout import build_batch, pair_groups
-from prefopt.data.sampler import PairSampler, training_sampler  # noqa: F401 (PairSampler: scripts import it from here)
-from prefopt.losses import get_loss, preference_loss
-from prefopt.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_source
-from prefopt.model.logps import check_logits_path, check_packed_path, sequence_logps, split_pairs
-from prefopt.model.precision import set_compute_dtype
+from prefopt.data.sampler import training_sampler
+from prefopt.losses import get_loss
+from prefopt.model.loading import load_tokenizer, resolve_model_source
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
 from prefopt.observe.tracking import Tracker
+from prefopt.train.build import build_policy
 from prefopt.train.checkpoint import CHECKPOINTS, find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
 from prefopt.train.dynamics import build_probe_set
 from prefopt.train.engine import build_engine
-from prefopt.train.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
+from prefopt.train.evaluation import RunEvaluator, eval_changes
+from prefopt.train.flops import count_parameters, peak_tflops, step_model_flops
 from prefopt.train.guards import NonFiniteTrainingError, StepGuard
-from prefopt.train.metrics import finish_token_means, pair_metrics
-from prefopt.train.reference import CachedReference, ModelReference, build_reference
+from prefopt.train.interrupt import DeferredInterrupt
+from prefopt.train.metrics import finish_token_means, mean_metrics, reduce_loss_metrics
+from prefopt.train.reference import ModelReference, build_reference, training_reference_pairs
+from prefopt.train.rng import restore_rng_states, rng_states
 from prefopt.train.schedules import settle_max_steps
 from prefopt.train.sharding import largest_batch_tokens, pair_scored_tokens
+from prefopt.train.step import PreferenceStep
 
 log = logging.getLogger("prefopt")
-
-
-def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
-    return {
-        key: value
-        for key, value in OmegaConf.to_container(loss_cfg, resolve=True).items()
-        if key not in ("name", "gate")
-    }
-
-
-class PreferenceStep:
-    """Log-probs for a batch of pairs (one concatenated forward) and the configured loss on them."""
-
-    def __init__(
-        self,
-        cfg: DictConfig,
-        policy,
-        reference: Optional[ModelReference | CachedReference],
-        device: torch.device,
-        pad_token_id: int,
-    ):
-        self.loss_name = cfg.loss.name
-        self.gate = OmegaConf.to_container(cfg.loss.gate, resolve=True) if "gate" in cfg.loss else None
-        self.hyperparameters = loss_hyperparameters(cfg.loss)
-        self.policy, self.reference = policy, reference
-        self.device, self.pad_token_id = device, pad_token_id
-        self.chunk_size, self.keep_logps_mb = cfg.trainer.logp_chunk_size, cfg.trainer.logp_keep_mb
-        self.max_steps = cfg.trainer.max_steps
-        self.batching, self.row_tokens = cfg.trainer.batching, cfg.trainer.packed_row_tokens
-
-    def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0):
-        """min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
-        batch = build_batch(pair_groups(pairs), self.pad_token_id, self.batching, self.row_tokens).to(self.device)
-        policy = sequence_logps(
-            self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb
-        )
-        reference_chosen = reference_rejected = None
-        if self.reference is not None:
-            reference_chosen, reference_rejected = self.reference.logps(pairs, batch, min_scored_tokens)
-        chosen_logps, rejected_logps = split_pairs(policy.summed)
-        chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
-        chosen_tokens, rejected_tokens = split_pairs(policy.logps)
-        chosen_mask, rejected_mask = split_pairs(policy.mask)
-        out = preference_loss(
-            self.loss_name,
-            policy_chosen_logps=chosen_logps,
-            policy_rejected_logps=rejected_logps,
-            reference_chosen_logps=reference_chosen,
-            reference_rejected_logps=reference_rejected,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            chosen_token_logps=chosen_tokens,
-            chosen_mask=chosen_mask,
-            rejected_token_logps=rejected_tokens,
-            rejected_mask=rejected_mask,
-            gate=self.gate,
-            progress=min(step / self.max_steps, 1.0),
-            **self.hyperparameters,
-        )
-        per_example = {
-            "loss": out.losses.detach(),
-            **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards),
-        }  # TRL's names
-        tokens = sum(
-            len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs
-        )  # useful work, any layout
-        return out, per_example, tokens
-
-
-# bf16 dense peak TFLOP/s per device, for MFU (nanoGPT-style: achieved model FLOPs / peak)
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-
-
-def peak_tflops(hardware_cfg: DictConfig, device: torch.device) -> Optional[float]:
-    if hardware_cfg.peak_tflops:
-        return hardware_cfg.peak_tflops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
-    return None
-
-
-def step_model_flops(num_params: int, trainable_params: int, policy_tokens: int, reference_forward: bool) -> float:
-    """Per token: 2 N for the policy's forward, 2 N for the backward through the activations (every
-    layer, frozen or not), 2 N_trainable for the weight gradients (6 N for a full fine-tune, ~4 N under
-    LoRA), and 2 N more for a reference forward."""
-    return (4 * num_params + 2 * trainable_params + (2 * num_params if reference_forward else 0)) * policy_tokens
-
-
-def reduce_loss_metrics(parts: list[dict[str, float]], dist: DistInfo) -> dict[str, float]:
-    """A loss's batch metrics over micro batches and ranks: `*/min` is the global minimum (gate/min),
-    everything else the mean of the micro-batch values."""
-    reduced = {}
-    for key in parts[0]:
-        values = [float(part[key]) for part in parts]
-        if key.endswith("/min"):
-            reduced[f"train/{key}"] = dist.minimum(min(values))
-        else:
-            reduced[f"train/{key}"] = dist.sum(sum(values) / len(values)) / dist.world_size
-    return reduced
-
-
-def count_parameters(model, hardware_cfg: DictConfig) -> tuple[int, int]:
-    """(all, trainable) parameter counts; under ZeRO-3 from the partitioned parameters' full sizes."""
-
-    def size(parameter) -> int:
-        return (
-            parameter.ds_numel
-            if hardware_cfg.engine == "deepspeed" and hardware_cfg.zero_stage == 3
-            else parameter.numel()
-        )
-
-    parameters = list(model.parameters())
-    return sum(size(p) for p in parameters), sum(size(p) for p in parameters if p.requires_grad)
-
-
-def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
-    """Means over every example of every rank (the global batch)."""
-    keys = list(per_example_parts[0])
-    local = torch.stack([torch.cat([part[key].float().cpu() for part in per_example_parts]) for key in keys])  # (K, N)
-    global_values = dist.gather_cat(local.flatten()).view(dist.world_size, len(keys), -1)
-    means = global_values.transpose(0, 1).reshape(len(keys), -1).mean(dim=1)  # one collective for every key
-    return {f"{prefix}/{key}": float(mean) for key, mean in zip(keys, means)}
-
-
-def reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> list[TokenizedPair]:
-    """Exactly the pairs the run scores against the reference: the training pairs its seeded sampler will
-    draw (so a precomputed reference never does more work than computing it on the fly) and the eval
-    pairs its evals score."""
-    trainer_cfg = cfg.trainer
-    draws = trainer_cfg.max_steps * trainer_cfg.grad_accum * trainer_cfg.micro_batch_size * world_size
-    visited = sorted(set(training_sampler(data.train, trainer_cfg, world_size).next_indices(draws)))
-    eval_count = (
-        len(data.eval)
-        if trainer_cfg.max_eval_batches is None
-        else trainer_cfg.max_eval_batches * trainer_cfg.eval_batch_size
-    )
-    return [data.train[index] for index in visited] + data.eval[:eval_count]
-
-
-def build_policy(cfg: DictConfig, source, tokenizer, device: torch.device):
-    """The policy as a run starts it (training, and `prefopt eval` before it loads the trained weights): the base
-    model with fp32 master weights, its compute dtype, its log-prob paths checked, LoRA adapters when enabled."""
-    policy = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed).to(device)
-    set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
-    check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
-    if cfg.trainer.batching == "packed":
-        check_packed_path(policy, len(tokenizer), device)  # its attention takes prefix-shared, packed masks
-    if cfg.model.lora.enabled:
-        policy = apply_lora(policy, cfg.model.lora)
-    return policy
-
-
-class DeferredInterrupt:
-    """Ctrl-C or SIGTERM during training (trainer.save_on_interrupt): the first one only sets a flag, which the loop
-    reads at the end of a step; every rank takes it at that same step (one all-reduce: any rank's signal stops all),
-    checkpoints that step and stops, so no update is ever cut in half (an interrupt inside the optimizer's step
-    would leave half-updated weights). A second signal stops at once. Inside a SLURM task SIGTERM belongs to
-    preemption (prefopt/core/slurm.py), which checkpoints and requeues."""
-
-    def __init__(self, enabled: bool):
-        self.received = 0  # the first stop signal's number
-        self.previous: dict[int, Any] = {}
-        if enabled and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, *(() if in_slurm_task() else (signal.SIGTERM,))):
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received:
-            raise stop_exception(signum)
-        self.received = signum
-        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        log.warning("%s: stopping after this step with a checkpoint (again to stop at once)", name)
-
-    def requested(self, dist: DistInfo) -> tuple[bool, int]:
-        """(SLURM's time-limit warning or SIGTERM reached some rank: checkpoint and requeue, prefopt/core/slurm.py; the stop
-        signal some rank received, 0 for none). Every rank calls this at every step: one all-reduce carries both, so
-        a multi-rank run pays one small collective per step for them, and a single rank none."""
-        flags = torch.tensor([*preemption.local_flags(), float(self.received)], dtype=torch.float64)
-        warned, terminated, stop = dist.all_reduce(flags, torch.distributed.ReduceOp.MAX).tolist()
-        return bool(warned or terminated), int(stop)
-
-    def restore(self) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-        self.previous = {}
-
-
-def rng_states() -> dict[str, Any]:
-    """Every generator a step can draw from: torch CPU, every CUDA device, numpy, Python's random."""
-    kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
-    # plain tensors and containers only, so the checkpoint loads with torch.load(weights_only=True)
-    numpy_state = {
-        "kind": kind,
-        "keys": torch.from_numpy(keys.astype(numpy.int64)),
-        "position": int(position),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached_gaussian),
-    }
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": numpy_state,
-        "python": random.getstate(),
-    }
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    saved = states["numpy"]
-    numpy.random.set_state(
-        (
-            saved["kind"],
-            saved["keys"].numpy().astype(numpy.uint32),
-            saved["position"],
-            saved["has_gauss"],
-            saved["cached_gaussian"],
-        )
-    )
-    random.setstate(states["python"])
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -292,7 +68,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             cfg,
             policy,
             source,
-            reference_pairs(data, cfg, dist.world_size),
+            training_reference_pairs(data, cfg, dist.world_size),
             needs_reference,
             dist,
             device,
@@ -424,15 +200,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     peer_tokens = largest_batch_tokens(
                         rank_batches, lambda index: pair_scored_tokens(data.train[index])
                     )
-                    out, per_example, batch_tokens = step_fn(pairs, step - 1, min_scored_tokens=peer_tokens)
-                    if dist.minimum(float(torch.isfinite(out.loss.detach()).item())) == 1.0:  # every rank agrees
-                        engine.backward(out.loss / trainer_cfg.grad_accum)
+                    result = step_fn(pairs, step - 1, min_scored_tokens=peer_tokens)
+                    if dist.minimum(float(torch.isfinite(result.loss.detach()).item())) == 1.0:  # every rank agrees
+                        engine.backward(result.loss / trainer_cfg.grad_accum)
                     else:
                         engine.skip_micro_step()
                         poisoned = True
-                    parts.append(per_example)
-                    tokens += batch_tokens
-                    loss_metric_parts.append(out.metrics)
+                    parts.append(result.per_example)
+                    tokens += result.tokens
+                    loss_metric_parts.append(result.loss_metrics)
                 lr = engine.lr
                 grad_norm, applied = engine.step(poisoned)
                 completed = {"sampler": sampler.state(), "rng": rng_states()}
