@@ -109,8 +109,8 @@ def test_dpo_shift_eval_uses_training_progress():
 
     from prefopt.data import build_preference_data
     from prefopt.model.loading import load_tokenizer
-    from prefopt.train.reference import ModelReference
     from prefopt.train.evaluation import evaluate
+    from prefopt.train.reference import ModelReference
     from prefopt.train.step import PreferenceStep
     from tests.test_config import compose_config
 
