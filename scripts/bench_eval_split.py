@@ -27,13 +27,13 @@ def timed_passes(rank: int, world_size: int, args: argparse.Namespace, init_file
     import torch.distributed
     from hydra import compose, initialize_config_module
 
-    from prefopt.run.config import register_schema
-    from prefopt.data import build_preference_data
     from prefopt.core.distributed import DistInfo
+    from prefopt.data import build_preference_data
+    from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
+    from prefopt.run.config import register_schema
     from prefopt.train.dynamics import build_probe_set, evaluate_probes
     from prefopt.train.evaluation import evaluate, greedy_accuracy
-    from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
-    from prefopt.recipes.train import PreferenceStep
+    from prefopt.train.step import PreferenceStep
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

@@ -181,10 +181,10 @@ def plan_batches(overrides: list[str], steps: int) -> dict:
     end-of-sequence tokens included, each counted once)."""
     from hydra import compose, initialize_config_module
 
-    from prefopt.run.config import register_schema
     from prefopt.data import build_preference_data
+    from prefopt.data.sampler import PairSampler
     from prefopt.model.loading import converted_gguf_dir, load_tokenizer
-    from prefopt.recipes.train import PairSampler
+    from prefopt.run.config import register_schema
 
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):

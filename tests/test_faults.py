@@ -318,9 +318,9 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 
 def nan_loss_at(monkeypatch, steps: set[int]):
     """Make the loss NaN at the given (1-based) training steps: a loss hook, as a fault would."""
-    import prefopt.recipes.train as trainer
+    import prefopt.train.step as step_module
 
-    original = trainer.preference_loss
+    original = step_module.preference_loss
 
     def poisoned(*args, progress, **kwargs):
         out = original(*args, progress=progress, **kwargs)
@@ -329,7 +329,7 @@ def nan_loss_at(monkeypatch, steps: set[int]):
             out.losses = out.losses * float("nan")
         return out
 
-    monkeypatch.setattr(trainer, "preference_loss", poisoned)
+    monkeypatch.setattr(step_module, "preference_loss", poisoned)
 
 
 def test_a_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path, monkeypatch):

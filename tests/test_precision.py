@@ -109,8 +109,9 @@ def test_dpo_shift_eval_uses_training_progress():
 
     from prefopt.data import build_preference_data
     from prefopt.model.loading import load_tokenizer
+    from prefopt.train.evaluation import evaluate
     from prefopt.train.reference import ModelReference
-    from prefopt.recipes.train import PreferenceStep, evaluate
+    from prefopt.train.step import PreferenceStep
     from tests.test_config import compose_config
 
     cfg = compose_config(
@@ -135,5 +136,5 @@ def test_dpo_shift_eval_uses_training_progress():
     at_start = evaluate(step_fn, data.eval, 4, None, step=0)["eval/loss"]
     at_end = evaluate(step_fn, data.eval, 4, None, step=10)["eval/loss"]
     assert at_start != pytest.approx(at_end, abs=1e-6)
-    _, per_example_at_end, _ = step_fn(data.eval, step=10)
+    per_example_at_end = step_fn(data.eval, step=10).per_example
     assert at_end == pytest.approx(float(per_example_at_end["loss"].mean()), rel=1e-6)

@@ -79,7 +79,7 @@ def test_a_sampler_rebuilt_from_its_state_draws_the_same_remaining_batches(stop_
 
 
 def test_the_order_does_not_depend_on_how_draws_are_split():
-    """reference_pairs draws a whole run's pairs in one call; training draws them one micro batch at a time."""
+    """training_reference_pairs draws a whole run's pairs in one call; training draws them one micro batch at a time."""
     lengths = lengths_for(NUM_PAIRS)
     one_call = PairSampler(NUM_PAIRS, seed=4, lengths=lengths, group_size=GROUP).next_indices(GROUP * 120)
     assert one_call == [

@@ -88,11 +88,11 @@ def held_out_results(dist: DistInfo) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prefopt.data import PreferenceData
+    from prefopt.model.loading import build_byte_tokenizer
     from prefopt.train.dynamics import build_probe_set, evaluate_probes, greedy_generate
     from prefopt.train.evaluation import evaluate, greedy_accuracy
-    from prefopt.model.loading import build_byte_tokenizer
     from prefopt.train.reference import ModelReference, compute_reference_logps
-    from prefopt.recipes.train import PreferenceStep
+    from prefopt.train.step import PreferenceStep
     from tests.test_config import compose_config
 
     tokenizer = build_byte_tokenizer()

@@ -562,12 +562,12 @@ class CountingDist(DistInfo):
 @pytest.mark.parametrize("in_slurm", [False, True])
 def test_a_step_agrees_on_preemption_and_stop_signals_in_one_collective(monkeypatch, in_slurm):
     from prefopt.core import slurm
-    from prefopt.recipes.train import DeferredInterrupt
+    from prefopt.train.interrupt import DeferredInterrupt
 
     for name in ("SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.setenv(name, "0") if in_slurm else monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(slurm, "preemption", Preemption())
-    monkeypatch.setattr("prefopt.recipes.train.preemption", slurm.preemption)
+    monkeypatch.setattr("prefopt.train.interrupt.preemption", slurm.preemption)
     dist, interrupt = CountingDist(), DeferredInterrupt(enabled=False)
     try:
         assert interrupt.requested(dist) == (False, 0)

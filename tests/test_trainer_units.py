@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from prefopt.core.distributed import DistInfo
-from prefopt.recipes.train import reduce_loss_metrics, restore_rng_states, rng_states, step_model_flops
+from prefopt.train.flops import step_model_flops
+from prefopt.train.metrics import reduce_loss_metrics
+from prefopt.train.rng import restore_rng_states, rng_states
 
 
 def test_gate_min_is_the_minimum_over_the_whole_batch_not_a_mean_of_minimums():

@@ -137,8 +137,8 @@ class Preemption:
 
     def local_flags(self) -> list[float]:
         """This rank's [got the warning signal, got SIGTERM], for an all-reduce that makes every rank agree (the
-        trainer's per-step one carries its stop flag too: trainer.DeferredInterrupt.requested). Inside a SLURM task
-        the first call arms the deferred handlers; elsewhere both stay 0."""
+        trainer's per-step one carries its stop flag too: train/interrupt.py DeferredInterrupt.requested). Inside a
+        SLURM task the first call arms the deferred handlers; elsewhere both stay 0."""
         if not self.deferred and in_slurm_task():
             self.install(deferred=True)
         return [float(self.warning_signal() in self.received), float(signal.SIGTERM in self.received)]

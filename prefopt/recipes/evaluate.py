@@ -10,24 +10,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from omegaconf import DictConfig
 
-from prefopt.core.distributed import device_for, init_distributed
 from prefopt.core.errors import ConfigError, ModelNotFoundError
-from prefopt.data import build_preference_data
-from prefopt.losses import get_loss
-from prefopt.model.loading import ModelSource, load_tokenizer, names_local_path, resolve_model_source
-from prefopt.observe.console import Console, quiet_known_noise
-from prefopt.observe.plots import plot_runs
-from prefopt.observe.tracking import Tracker
-from prefopt.recipes.train import PreferenceStep, build_policy
+from prefopt.model.loading import ModelSource, names_local_path, resolve_model_source
+from prefopt.train.build import build_run
 from prefopt.train.checkpoint import checkpoint_candidates, find_checkpoint, load_trainer_state
-from prefopt.train.dynamics import build_probe_set
 from prefopt.train.engine import is_adapter_dir, load_policy_weights
-from prefopt.train.evaluation import RunEvaluator, eval_changes
-from prefopt.train.reference import build_reference
-from prefopt.train.schedules import settle_max_steps
+from prefopt.train.evaluation import eval_changes
+from prefopt.train.reference import eval_reference_pairs
 
 POLICY_KINDS = "a run dir, a checkpoint dir (RUN_DIR/checkpoints/step-N), an HF model dir or a hub id"
 
@@ -95,39 +86,18 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Worker side: build as training does, evaluate the base model (eval.baseline) and then the policy with the
     trainer's own eval and probe functions, and write metrics.jsonl, dynamics.jsonl and summary.json."""
     started = time.time()
-    dist = init_distributed(cfg.hardware)
-    device = device_for(cfg.hardware, dist)
-    quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
-    torch.manual_seed(cfg.trainer.seed)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    source = resolve_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, source)
-    data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
-    settle_max_steps(cfg, len(data.train), dist.world_size, None)  # a model dir's eval with trainer.num_epochs composed
-    policy = build_policy(cfg, source, tokenizer, device)
     # the reference is the base model, built (copied, or precomputed for the eval pairs) before the trained weights load
-    reference = build_reference(
-        cfg, policy, source, data.eval, get_loss(cfg.loss.name).needs_reference, dist, device, tokenizer.pad_token_id
-    )
-    step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
-    probes = (
-        build_probe_set(data, cfg.dynamics.num_probes, cfg.trainer.seed, len(tokenizer), set(tokenizer.all_special_ids))
-        if cfg.dynamics.enabled
-        else None
-    )
-    step = policy_step(cfg)
-    tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
-    console = Console(cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main)
-    evaluator = RunEvaluator(cfg, step_fn, tokenizer, data, probes, device, dist, tracker, console)
+    run = build_run(cfg, run_dir, eval_reference_pairs, with_engine=False, record_max_steps=False)
     try:
-        tracker.log(0, {f"data/{key}": value for key, value in data.stats.items()})
+        step = policy_step(cfg)
+        evaluator = run.open_tracker()
+        run.tracker.log(0, run.data_metrics())
         first_eval, first_greedy, first_dynamics = {}, None, {}
         if cfg.eval.baseline or not cfg.eval.policy:
             first_eval, first_greedy = evaluator.held_out(0, generate=True)
             first_dynamics = evaluator.probe_set(0)
         if cfg.eval.policy:
-            load_evaluated_weights(cfg, policy)
+            load_evaluated_weights(cfg, run.policy)
             final_eval, final_greedy = evaluator.held_out(step, generate=True)
             final_dynamics = evaluator.probe_set(step)
         else:  # the base model alone: its one evaluation is the final one
@@ -136,15 +106,12 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary = {
             "steps": step,
             "eval_seconds": time.time() - started,
-            "policy": cfg.eval.policy or f"base: {source.identity}",
+            "policy": cfg.eval.policy or f"base: {run.source.identity}",
             **final_eval,
-            **{f"data/{key}": value for key, value in data.stats.items()},
+            **run.data_metrics(),
         }
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
-        if probes is not None and dist.is_main:
-            plot_runs([run_dir], run_dir / "dynamics.png")
-        tracker.finish(summary)
+        run.finish(summary, closing_summary=False)
         return summary
     finally:
-        console.close()
-        tracker.close()
+        run.close()

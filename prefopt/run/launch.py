@@ -332,7 +332,7 @@ def raise_user_error(reports: list[dict]) -> None:
 
 
 def stop_ranks(process: subprocess.Popen, signum: int) -> None:
-    """Ranks in the training loop (they catch SIGTERM there, trainer.DeferredInterrupt) get the stop signal: they
+    """Ranks in the training loop (they catch SIGTERM there, train/interrupt.py) get the stop signal: they
     agree on a step, checkpoint it and exit 0, and torchrun exits too; a second Ctrl-C or SIGTERM while they do ends
     them at once, and so does STOP_WAIT_S passing. Ranks outside the loop (starting up: nothing to checkpoint yet)
     are ended at once, quietly: a default SIGTERM would make torchrun print a traceback of its own."""

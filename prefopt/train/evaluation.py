@@ -33,7 +33,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Means over the eval pairs (the first max_batches x batch_size, or all) of step_fn's per-example
     metrics at training step `step` (losses with a schedule, dpo_shift, use that step's progress), and the
-    gate's spread when gated. step_fn is the trainer's PreferenceStep."""
+    gate's spread when gated. step_fn is the trainer's PreferenceStep (step.py)."""
     if max_batches is not None:
         pairs = pairs[: max_batches * batch_size]
     if not pairs:
@@ -41,8 +41,8 @@ def evaluate(
     keys: list[str] = []
 
     def score(indices: list[int], peer_scored_tokens: int) -> torch.Tensor:
-        out, per_example, _ = step_fn([pairs[index] for index in indices], step, min_scored_tokens=peer_scored_tokens)
-        columns = dict(per_example) | ({GATE_COLUMN: out.gates} if out.gates is not None else {})
+        result = step_fn([pairs[index] for index in indices], step, min_scored_tokens=peer_scored_tokens)
+        columns = dict(result.per_example) | ({GATE_COLUMN: result.gates} if result.gates is not None else {})
         keys[:] = list(columns)
         return torch.stack([value.detach().float().cpu() for value in columns.values()], dim=1)
 
@@ -81,7 +81,7 @@ def greedy_accuracy(
 
 class RunEvaluator:
     """A run's evaluations at a step, logged to its tracker and console; training and `prefopt eval` both use
-    it, so an eval of a checkpoint is the eval its run logged. step_fn: the trainer's PreferenceStep (its policy
+    it, so an eval of a checkpoint is the eval its run logged. step_fn: step.PreferenceStep (its policy
     is the one evaluated); tracker: tracking.Tracker; console: console.Console."""
 
     def __init__(
@@ -100,7 +100,8 @@ class RunEvaluator:
         self.device, self.dist, self.tracker, self.console = device, dist, tracker, console
 
     def held_out(self, step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
-        """The loss's metrics on the eval pairs at `step` and, when `generate`, greedy-answer accuracy: (metrics, accuracy or None)."""
+        """The loss's metrics on the eval pairs at `step` and, when `generate`, greedy-answer accuracy:
+        (metrics, accuracy or None)."""
         trainer_cfg, policy = self.cfg.trainer, self.step_fn.policy
         with self.console.phase(f"eval @ step {step}"):
             metrics = evaluate(

@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch
 
+from prefopt.core.distributed import DistInfo
 from prefopt.model.logps import TokenLogps, split_pairs
 
 # logits/* are token-weighted: each example carries its summed mean-logit in this column, and the pooled
@@ -68,3 +69,25 @@ def finish_token_means(means: Mapping[str, float], prefix: str) -> dict[str, flo
             tokens = finished[f"{prefix}/{lengths}"]
             finished[f"{prefix}/{name}"] = total / tokens if tokens > 0 else 0.0
     return finished
+
+
+def mean_metrics(per_example_parts: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
+    """Means over every example of every rank (the global batch)."""
+    keys = list(per_example_parts[0])
+    local = torch.stack([torch.cat([part[key].float().cpu() for part in per_example_parts]) for key in keys])  # (K, N)
+    global_values = dist.gather_cat(local.flatten()).view(dist.world_size, len(keys), -1)
+    means = global_values.transpose(0, 1).reshape(len(keys), -1).mean(dim=1)  # one collective for every key
+    return {f"{prefix}/{key}": float(mean) for key, mean in zip(keys, means)}
+
+
+def reduce_loss_metrics(parts: list[dict[str, float]], dist: DistInfo) -> dict[str, float]:
+    """A loss's batch metrics over micro batches and ranks: `*/min` is the global minimum (gate/min),
+    everything else the mean of the micro-batch values."""
+    reduced = {}
+    for key in parts[0]:
+        values = [float(part[key]) for part in parts]
+        if key.endswith("/min"):
+            reduced[f"train/{key}"] = dist.minimum(min(values))
+        else:
+            reduced[f"train/{key}"] = dist.sum(sum(values) / len(values)) / dist.world_size
+    return reduced

@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 
 from prefopt.core.distributed import DistInfo
 from prefopt.core.fileutil import atomic_write_bytes, exclusive_lock, file_digests
-from prefopt.data import TokenizedPair
+from prefopt.data import PreferenceData, TokenizedPair
 from prefopt.data.layout import SequenceBatch, build_batch, pair_groups
+from prefopt.data.sampler import training_sampler
 from prefopt.model.loading import freeze, weight_files
 from prefopt.model.logps import sequence_logps, split_pairs
 from prefopt.train.engine import wrap_reference
@@ -113,7 +114,8 @@ def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str)
 def compute_reference_logps(
     model, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int
 ) -> torch.Tensor:
-    """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather (sharding.py)."""
+    """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather
+    (sharding.py)."""
     reference = ModelReference(model, cfg.trainer.logp_chunk_size)
 
     def score(indices: list[int], peer_scored_tokens: int) -> torch.Tensor:
@@ -138,7 +140,8 @@ def values_digest(values: torch.Tensor) -> str:
 
 
 def load_cache(path: Path, key: str, num_pairs: int) -> Optional[torch.Tensor]:
-    """The cached values, or None when absent, unreadable, altered or not the one this run needs (then it is rebuilt)."""
+    """The cached values, or None when absent, unreadable, altered or not the one this run needs (then it is
+    rebuilt)."""
     if not path.exists():
         return None
     try:
@@ -248,3 +251,23 @@ def build_reference(
         return ModelReference(policy, cfg.trainer.logp_chunk_size, adapters_off=True)
     frozen = wrap_reference(freeze(copy.deepcopy(policy)), cfg, dist.world_size)
     return ModelReference(frozen, cfg.trainer.logp_chunk_size)
+
+
+def training_reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> list[TokenizedPair]:
+    """Exactly the pairs a training run scores against the reference: the training pairs its seeded sampler will
+    draw (so a precomputed reference never does more work than computing it on the fly) and the eval
+    pairs its evals score."""
+    trainer_cfg = cfg.trainer
+    draws = trainer_cfg.max_steps * trainer_cfg.grad_accum * trainer_cfg.micro_batch_size * world_size
+    visited = sorted(set(training_sampler(data.train, trainer_cfg, world_size).next_indices(draws)))
+    eval_count = (
+        len(data.eval)
+        if trainer_cfg.max_eval_batches is None
+        else trainer_cfg.max_eval_batches * trainer_cfg.eval_batch_size
+    )
+    return [data.train[index] for index in visited] + data.eval[:eval_count]
+
+
+def eval_reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> list[TokenizedPair]:
+    """The pairs `prefopt eval` scores against the reference: every eval pair (it trains on none)."""
+    return data.eval

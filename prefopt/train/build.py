@@ -1,0 +1,169 @@
+"""The build step of a worker job, written once for training (recipes/train.py) and `prefopt eval`
+(recipes/evaluate.py): distributed init, seed and threads, console, tokenizer, data, the run's length, the policy,
+the frozen reference, the engine (training only), the step, the probe set; then the tracker and the evaluator
+(training opens them after its resume), and the shared tail (plot, summary, close).
+
+What differs between the two jobs is a parameter of build_run, never a second copy: which pairs the reference
+scores, whether an engine (optimizer, schedule) wraps the policy, whether the settled trainer.max_steps is
+recorded in the run dir's config.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from prefopt.core.distributed import DistInfo, device_for, init_distributed
+from prefopt.core.runfiles import CONFIG_FILE, DYNAMICS_PLOT
+from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
+from prefopt.losses import get_loss
+from prefopt.model.loading import ModelSource, apply_lora, load_model, load_tokenizer, resolve_model_source
+from prefopt.model.logps import check_logits_path, check_packed_path
+from prefopt.model.precision import set_compute_dtype
+from prefopt.observe.console import Console, quiet_known_noise
+from prefopt.observe.plots import plot_runs
+from prefopt.observe.tracking import Tracker
+from prefopt.train.dynamics import ProbeSet, build_probe_set
+from prefopt.train.engine import build_engine
+from prefopt.train.evaluation import RunEvaluator
+from prefopt.train.reference import CachedReference, ModelReference, build_reference
+from prefopt.train.schedules import settle_max_steps
+from prefopt.train.step import PreferenceStep
+
+# which pairs the reference scores: (data, cfg, world size) -> pairs (reference.py: training's, eval's)
+ReferencePairs = Callable[[PreferenceData, DictConfig, int], list[TokenizedPair]]
+
+
+def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.device):
+    """The policy as a run starts it (training, and `prefopt eval` before it loads the trained weights): the base
+    model with fp32 master weights, its compute dtype, its log-prob paths checked, LoRA adapters when enabled."""
+    policy = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed).to(device)
+    set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
+    check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
+    if cfg.trainer.batching == "packed":
+        check_packed_path(policy, len(tokenizer), device)  # its attention takes prefix-shared, packed masks
+    if cfg.model.lora.enabled:
+        policy = apply_lora(policy, cfg.model.lora)
+    return policy
+
+
+@dataclass
+class BuiltRun:
+    """The built parts of a worker job. policy is what the step runs (under training, the engine's model)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    console: Console
+    source: ModelSource
+    tokenizer: Any
+    data: PreferenceData
+    policy: Any
+    reference: Optional[ModelReference | CachedReference]
+    step_fn: PreferenceStep
+    probes: Optional[ProbeSet]
+    engine: Any = None  # engine.py's TorchEngine or DeepSpeedEngine (training only)
+    tracker: Optional[Tracker] = None  # open_tracker
+    evaluator: Optional[RunEvaluator] = None  # open_tracker
+
+    def open_tracker(self, resume_step: int = 0, resume_rows: Optional[Mapping[str, int]] = None) -> RunEvaluator:
+        """The tracker (metrics files, W&B) and the evaluator that logs to it; a resumed run's tracker cuts its files
+        back to the checkpoint (resume_step, resume_rows: see Tracker)."""
+        self.tracker = Tracker(
+            self.cfg, self.run_dir, resume_step=resume_step, enabled=self.dist.is_main, resume_rows=resume_rows
+        )
+        self.evaluator = RunEvaluator(
+            self.cfg,
+            self.step_fn,
+            self.tokenizer,
+            self.data,
+            self.probes,
+            self.device,
+            self.dist,
+            self.tracker,
+            self.console,
+        )
+        return self.evaluator
+
+    def data_metrics(self) -> dict[str, Any]:
+        """The data's statistics as logged at step 0 and in the summary: data/*."""
+        return {f"data/{key}": value for key, value in self.data.stats.items()}
+
+    def finish(self, summary: Mapping[str, Any], closing_summary: bool) -> None:
+        """The tail of a finished job: the dynamics plot, summary.json (and W&B's summary), and with closing_summary
+        the console's closing lines (training's; `prefopt eval`'s parent says where its results are)."""
+        if self.probes is not None and self.dist.is_main:
+            plot_runs([self.run_dir], self.run_dir / DYNAMICS_PLOT)
+        self.tracker.finish(summary)
+        if closing_summary:
+            self.console.finish(summary)
+
+    def close(self) -> None:
+        """However the job ends: the console stops drawing, the tracker closes its files and W&B."""
+        self.console.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def build_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    reference_pairs: ReferencePairs,
+    with_engine: bool,
+    record_max_steps: bool,
+) -> BuiltRun:
+    """Everything a job needs before its first evaluation or step, built in this order (the order of the random draws
+    and of what is printed). reference_pairs: the pairs the reference scores (reference.training_reference_pairs or
+    eval_reference_pairs); with_engine: wrap the policy in the training engine (optimizer, schedule), after the
+    reference copied it; record_max_steps: rank 0 writes trainer.max_steps derived from trainer.num_epochs into the
+    run dir's config.yaml."""
+    dist = init_distributed(cfg.hardware)
+    device = device_for(cfg.hardware, dist)
+    quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
+    console = Console(cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main)  # progress, evals
+    try:
+        torch.manual_seed(cfg.trainer.seed)
+        if cfg.hardware.num_threads:
+            torch.set_num_threads(cfg.hardware.num_threads)
+        source = resolve_model_source(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, source)
+        data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
+        settle_max_steps(
+            cfg, len(data.train), dist.world_size, run_dir / CONFIG_FILE if record_max_steps and dist.is_main else None
+        )  # trainer.num_epochs
+        policy = build_policy(cfg, source, tokenizer, device)
+        policy.train()
+        # the reference is the initial policy: built (copied, or precomputed) before an engine wraps it or `prefopt
+        # eval` loads the trained weights into it
+        with console.phase("reference log-probs"):
+            reference = build_reference(
+                cfg,
+                policy,
+                source,
+                reference_pairs(data, cfg, dist.world_size),
+                get_loss(cfg.loss.name).needs_reference,
+                dist,
+                device,
+                tokenizer.pad_token_id,
+            )
+        engine = build_engine(policy, cfg, dist.world_size) if with_engine else None
+        if engine is not None:
+            policy = engine.model
+        step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
+        probes = (
+            build_probe_set(
+                data, cfg.dynamics.num_probes, cfg.trainer.seed, len(tokenizer), set(tokenizer.all_special_ids)
+            )
+            if cfg.dynamics.enabled
+            else None
+        )
+    except BaseException:
+        console.close()
+        raise
+    return BuiltRun(
+        cfg, run_dir, dist, device, console, source, tokenizer, data, policy, reference, step_fn, probes, engine
+    )
