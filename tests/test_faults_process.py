@@ -290,7 +290,7 @@ def test_a_new_owner_waits_for_the_ranks_of_the_last_launch_then_refuses(tmp_pat
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from prefopt import rundir; "
+            "import sys, time; from pathlib import Path; from prefopt.core import rundir; "
             "rundir.hold_for_rank(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
             str(run_dir),
         ],

@@ -20,7 +20,8 @@ from prefopt.core.distributed import DistInfo
 from prefopt.model.logps import sequence_logps
 from prefopt.observe.metric_names import renamed_metric, with_current_names
 from prefopt.train.metrics import finish_token_means, pair_metrics
-from prefopt.observe.tracking import GENERATIONS_FILE, METRICS_FILE, Tracker, read_jsonl, wandb_records
+from prefopt.core.runfiles import GENERATIONS_FILE, METRICS_FILE
+from prefopt.observe.tracking import Tracker, read_jsonl, wandb_records
 from prefopt.recipes.train import mean_metrics
 from tests.helpers import read_wandb_run, run_train
 from tests.test_config import compose_config

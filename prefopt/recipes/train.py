@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.distributed import DistInfo, device_for, init_distributed, leave_distributed
 from prefopt.core.errors import CheckpointError, stop_exception
+from prefopt.core.runfiles import CHECKPOINTS, CONFIG_FILE, DATA_FILE, DYNAMICS_PLOT
 from prefopt.core.slurm import in_slurm_task, preemption, restart_count
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
-from prefopt.data.identity import DATA_FILE, OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
+from prefopt.data.identity import OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
 from prefopt.data.layout import build_batch, pair_groups
 from prefopt.data.sampler import PairSampler, training_sampler  # noqa: F401 (PairSampler: scripts import it from here)
 from prefopt.losses import get_loss, preference_loss
@@ -28,7 +29,7 @@ from prefopt.model.precision import set_compute_dtype
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
 from prefopt.observe.tracking import Tracker
-from prefopt.train.checkpoint import CHECKPOINTS, find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
+from prefopt.train.checkpoint import find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
 from prefopt.train.dynamics import build_probe_set
 from prefopt.train.engine import build_engine
 from prefopt.train.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
@@ -281,7 +282,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
     data_record = {**data_identity(data), "changed_at_steps": []}  # what the run trains on: every checkpoint keeps it
     settle_max_steps(
-        cfg, len(data.train), dist.world_size, run_dir / "config.yaml" if dist.is_main else None
+        cfg, len(data.train), dist.world_size, run_dir / CONFIG_FILE if dist.is_main else None
     )  # trainer.num_epochs
     policy = build_policy(cfg, source, tokenizer, device)
     policy.train()
@@ -502,7 +503,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             summary["data/changed_at_step"] = data_record["changed_at_steps"][-1]
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
         if probes is not None and dist.is_main:
-            plot_runs([run_dir], run_dir / "dynamics.png")
+            plot_runs([run_dir], run_dir / DYNAMICS_PLOT)
         tracker.finish(summary)
         console.finish(summary)
         return summary
