@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prefopt.core.runfiles import METRICS_FILE, SUMMARY_FILE  # noqa: E402
 from prefopt.observe.tracking import read_jsonl  # noqa: E402
 
 SUITES = {
@@ -71,7 +72,7 @@ def run_case(name: str, overrides: str, out_dir: Path) -> dict:
             "case": name,
             "status": f"failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})",
         }
-    all_steps = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/tokens_per_s" in row]
+    all_steps = [row for row in read_jsonl(run_dir / METRICS_FILE) if "train/tokens_per_s" in row]
     steps = all_steps[1:]
     median = lambda key: statistics.median(row[key] for row in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
     return {
@@ -85,7 +86,7 @@ def run_case(name: str, overrides: str, out_dir: Path) -> dict:
         "loss_first": all_steps[0]["train/loss"],
         "loss_mid": all_steps[len(all_steps) // 2 - 1]["train/loss"],
         "loss_last": all_steps[-1]["train/loss"],
-        "eval_loss": json.loads((run_dir / "summary.json").read_text()).get("eval/loss", float("nan")),
+        "eval_loss": json.loads((run_dir / SUMMARY_FILE).read_text()).get("eval/loss", float("nan")),
     }
 
 
@@ -325,7 +326,7 @@ def run_logged(name: str, command: list[str], out_dir: Path) -> dict:
 
 def prefopt_result(name: str, run_dir: Path, cache_dir: Path, log_path: Path, plan: dict) -> dict:
     rows = sorted(
-        (row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/tokens_per_s" in row),
+        (row for row in read_jsonl(run_dir / METRICS_FILE) if "train/tokens_per_s" in row),
         key=lambda row: row["step"],
     )
     # prefopt's own per-step timing (time.time() around data -> forward/backward -> optimizer step):

@@ -15,9 +15,8 @@ import pytest
 
 from prefopt.train.checkpoint import load_trainer_state
 from prefopt.cli import main
-from prefopt.data.identity import DATA_FILE
 from prefopt.observe.report import build_report
-from prefopt.core.rundir import LOCK_FILE
+from prefopt.core.runfiles import DATA_FILE, LOCK_FILE
 from tests.helpers import run_train
 from tests.test_faults import TINY, prefopt, record
 

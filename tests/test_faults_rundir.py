@@ -444,11 +444,12 @@ def test_a_report_probing_the_lock_never_makes_a_launch_fail(tmp_path):
     import threading
 
     from prefopt.core import rundir
+    from prefopt.core.runfiles import LOCK_FILE
 
     run_dir = tmp_path / "job"
     run_dir.mkdir()
-    (run_dir / rundir.LOCK_FILE).touch()
-    probe = os.open(run_dir / rundir.LOCK_FILE, os.O_RDONLY)
+    (run_dir / LOCK_FILE).touch()
+    probe = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
     fcntl.flock(probe, fcntl.LOCK_SH)  # a probe caught mid-way (held longer than any real one)
     try:
         assert not rundir.lock_is_held(run_dir)  # another probe: not an owner

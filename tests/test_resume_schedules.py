@@ -239,6 +239,30 @@ def test_pruning_spares_the_new_checkpoint_and_the_one_resumed_from(tmp_path):
     assert checkpoints_beyond_limit(root, None, root / "step-000008") == []
 
 
+def test_checkpoints_are_listed_one_way_newest_step_first(tmp_path):
+    """runfiles.checkpoint_dirs: what resume, pruning and the reuse check all list. A save in progress is never a
+    checkpoint; a retired copy is one only where its step-N is missing (and only when asked for)."""
+    from prefopt.core.runfiles import checkpoint_dir_name, checkpoint_dirs
+    from prefopt.train.checkpoint import checkpoint_candidates
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 10, 1_000_000):  # past six digits the names no longer sort as the steps do
+        (root / checkpoint_dir_name(step)).mkdir(parents=True)
+    (root / ".step-000012.partial").mkdir()
+    (root / ".step-000010.retired").mkdir()  # its step-000010 is back: a leftover, not a checkpoint
+    (root / ".step-000004.retired").mkdir()  # a save of step 4 cut off mid-replace: it is step 4
+    names = lambda paths: [path.name for path in paths]  # noqa: E731
+    assert names(checkpoint_dirs(root)) == ["step-1000000", "step-000010", "step-000002"]
+    assert names(checkpoint_dirs(root, retired=True)) == [
+        "step-1000000",
+        "step-000010",
+        ".step-000004.retired",
+        "step-000002",
+    ]
+    assert checkpoint_candidates(tmp_path) == checkpoint_dirs(root, retired=True)
+    assert checkpoint_dirs(tmp_path / "none") == []
+
+
 @pytest.mark.slow  # two runs, 7 checkpoints (~25 s of CPU); the quick checks: test_pruning_spares_..., and the epochs run below
 def test_save_total_limit_keeps_n_and_never_the_checkpoint_resumed_from(tmp_path):
     common = [*TINY, "trainer.max_steps=4", "trainer.save_every=1", "logger.wandb.mode=disabled"]

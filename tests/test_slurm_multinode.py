@@ -26,12 +26,12 @@ from omegaconf import OmegaConf
 from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
 from prefopt.run.config import ConfigError
 from prefopt.core.distributed import (
-    RANKS_FILE,
     bind_gloo_to_master_route,
     record_rank,
     torchrun_node_args,
     wait_for_frozen_config,
 )
+from prefopt.core.runfiles import RANKS_FILE
 from prefopt.observe.report import build_report
 from tests.helpers import run_train
 from tests.test_config import compose_config

@@ -134,7 +134,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         except (FailedJobError, UncompletedJobError) as caught:
             error = caught
         job_dir = self.job_dir(overrides, job_num)
-        errors = sorted(job_dir.glob(ERROR_FILE.replace(".txt", "*.txt")))
+        errors = sorted(job_dir.glob(ERROR_GLOB))
         state = job.state
         if errors:
             details = "\n".join(path.read_text() for path in errors)

@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 
 from prefopt.core.fileutil import atomic_write_json, exclusive_lock
 from prefopt.core.proctree import host_name
+from prefopt.core.runfiles import CONFIG_FILE, RANKS_FILE, RANKS_FILE_LOCK
 from prefopt.core.slurm import job_attempt
 
-RANKS_FILE = "ranks.json"  # in the run dir: which host ran which rank, written by every rank at start
 FOLLOWER_WAIT_S = 900.0  # how long a torchrun host with node_rank > 0 waits for node_rank 0 to freeze the run dir
 
 
@@ -205,7 +205,7 @@ def record_rank(run_dir: Path, hardware_cfg: DictConfig) -> dict:
     }
     launch = launch_id()
     run_dir = Path(run_dir)
-    with exclusive_lock(run_dir / f".{RANKS_FILE}.lock"):  # every rank rewrites the one file
+    with exclusive_lock(run_dir / RANKS_FILE_LOCK):  # every rank rewrites the one file
         try:
             recorded = json.loads((run_dir / RANKS_FILE).read_text())
         except (FileNotFoundError, ValueError):
@@ -231,7 +231,7 @@ def wait_for_frozen_config(run_dir: Path, timeout_s: float = FOLLOWER_WAIT_S) ->
     config.yaml, then starts its ranks. They read config.yaml only once every host has met at the rendezvous,
     so they read this launch's file even where an earlier one was there (trainer.resume)."""
     deadline = time.monotonic() + timeout_s
-    while not (Path(run_dir) / "config.yaml").is_file():
+    while not (Path(run_dir) / CONFIG_FILE).is_file():
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"node_rank 0 did not freeze {run_dir}/config.yaml within {timeout_s:.0f} s: start "

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 from prefopt.core.fileutil import process_alive
 
 LAUNCHER_ENV = "PREFOPT_LAUNCHER_PID"  # set for torchrun's ranks: the `prefopt train` process they belong to
-LAUNCH_ID_ENV = "PREFOPT_LAUNCH_ID"  # set for torchrun's ranks: a nonce naming this launch (worker.EXIT_REPORT)
+LAUNCH_ID_ENV = "PREFOPT_LAUNCH_ID"  # set for torchrun's ranks: a nonce naming this launch (runfiles.EXIT_REPORT)
 PR_SET_PDEATHSIG = 1
 
 

@@ -25,13 +25,20 @@ from typing import Optional
 from prefopt.core import proctree
 from prefopt.core.errors import ConfigError
 from prefopt.core.fileutil import open_no_follow
+from prefopt.core.runfiles import (
+    CHECKPOINTS,
+    HYDRA_DIR,
+    LOCK_FILE,
+    RANKS_FILE,
+    RANKS_LOCK_FILE,
+    RUN_FILES,
+    WANDB_DIR,
+    checkpoint_dirs,
+)
 
-LOCK_FILE = ".prefopt.lock"
-RANKS_LOCK_FILE = ".prefopt.ranks.lock"  # shared by every live rank of the run dir's launch
 RANKS_GONE_WAIT_S = 10.0  # how long a new owner waits for the ranks of an ended launch to be gone
 PROBE_GRACE_S = 1.0  # how long acquire retries a lock held for an instant by a probe (lock_is_held), not an owner
 LOCK_ENV = "PREFOPT_RUN_DIR_LOCK"  # set for child processes: this run dir's lock is held by a parent
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # any of these (or a checkpoint) means the dir holds a run
 
 _held: dict[Path, int] = {}  # run dir -> open lock file descriptor (this process's)
 _rank_locks: dict[Path, int] = {}  # run dir -> this rank's shared lock on its ranks lock file, held until exit
@@ -136,7 +143,7 @@ def hold_for_rank(run_dir: Path) -> None:
 def describe_ranks(run_dir: Path) -> str:
     """The ranks of the dir's last launch, from its ranks.json (prefopt/core/distributed.py records them)."""
     try:
-        ranks = json.loads((run_dir / "ranks.json").read_text()).get("ranks", [])
+        ranks = json.loads((run_dir / RANKS_FILE).read_text()).get("ranks", [])
         return (
             ", ".join(f"rank {rank['rank']}: pid {rank['pid']} on {rank['host']}" for rank in ranks) or "pids unknown"
         )
@@ -152,7 +159,7 @@ def describe(holder: str) -> str:
         return "holder unknown"
 
 
-LINK_CHECKED_DIRS = ("checkpoints", "wandb", ".hydra")  # subdirs whose entries are checked too (one level)
+LINK_CHECKED_DIRS = (CHECKPOINTS, WANDB_DIR, HYDRA_DIR)  # subdirs whose entries are checked too (one level)
 
 
 def outside_links(run_dir: Path) -> list[tuple[Path, str]]:
@@ -195,7 +202,7 @@ def refuse_outside_links(run_dir: Path) -> None:
 def existing_run(run_dir: Path) -> Optional[str]:
     """What in run_dir shows a run already lives there, or None."""
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    checkpoints = [p for p in (run_dir / "checkpoints").glob("step-*")] if (run_dir / "checkpoints").is_dir() else []
+    checkpoints = checkpoint_dirs(run_dir / CHECKPOINTS)
     if checkpoints:
         found.append(f"{len(checkpoints)} checkpoint(s)")
     return ", ".join(found) or None

@@ -21,10 +21,9 @@ from typing import Callable
 
 from prefopt.core.errors import ConfigError
 from prefopt.core.fileutil import atomic_write_text
+from prefopt.core.runfiles import PREPARED_FILE
 
 log = logging.getLogger("prefopt")
-
-PREPARED_FILE = ".prepared"  # in the job dir: rank 0's verdict on the run dir, for the job's other tasks
 
 
 def in_slurm_task() -> bool:

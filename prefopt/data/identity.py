@@ -20,7 +20,6 @@ from prefopt.data.tokenize import TokenizedPair
 
 log = logging.getLogger("prefopt")
 
-DATA_FILE = "data.json"  # in the run dir: the identity of the data the run trains on
 IDENTITY_VERSION = 1
 ALLOW_CHANGED = (
     "allow"  # trainer.resume_data_changed=allow: resume on data that differs from the checkpoint's (config.CHOICES)

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from prefopt.observe.report import SUMMARY_COLUMNS
-from prefopt.core.runfiles import CHECKPOINTS
+from prefopt.core.runfiles import (
+    CHECKPOINTS,
+    DYNAMICS_FILE,
+    DYNAMICS_PLOT,
+    LATEST_FILE,
+    MULTIRUN_FILE,
+    WANDB_DIR,
+    WANDB_ID_FILE,
+)
 
 # The metric names the console reads (without their train/ or eval/ prefix), in one place: when the
 # logged names change, this mapping is the only thing here to change.
@@ -80,7 +88,7 @@ def squeeze_deltas(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
-    latest = run_dir / CHECKPOINTS / "latest"
+    latest = run_dir / CHECKPOINTS / LATEST_FILE
     if not latest.is_file():
         return None
     path = run_dir / CHECKPOINTS / latest.read_text().strip()
@@ -91,20 +99,20 @@ def wandb_line(run_dir: Path, mode: str) -> Optional[str]:
     """Where this run's W&B data is, and for an offline run the exact command that uploads it."""
     if mode == "disabled":
         return None
-    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    segments = sorted((run_dir / WANDB_DIR).glob("offline-run-*"))
     if mode == "offline" and segments:
         target = (
-            str(segments[0]) if len(segments) == 1 else str(run_dir / "wandb" / "offline-run-*")
+            str(segments[0]) if len(segments) == 1 else str(run_dir / WANDB_DIR / "offline-run-*")
         )  # a resumed run: every segment
         return f"offline; upload with: wandb sync {target}"
-    id_path = run_dir / "wandb_run_id"
+    id_path = run_dir / WANDB_ID_FILE
     run_id = id_path.read_text().strip() if id_path.is_file() else "?"
     return f"{mode}, run id {run_id}"
 
 
 def sweep_dir_of(run_dir: Path) -> Optional[Path]:
     """The multirun dir when this run is one job of a sweep (Hydra writes multirun.yaml there)."""
-    return run_dir.parent if run_dir.name.isdigit() and (run_dir.parent / "multirun.yaml").is_file() else None
+    return run_dir.parent if run_dir.name.isdigit() and (run_dir.parent / MULTIRUN_FILE).is_file() else None
 
 
 def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) -> list[str]:
@@ -128,7 +136,7 @@ def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) ->
             + " | ".join(f"{name} {value:+.3f}" for name, value in deltas)
         )
     lines.append(f"  run dir      {run_dir}")
-    plot = run_dir / "dynamics.png"
+    plot = run_dir / DYNAMICS_PLOT
     if plot.is_file():
         lines.append(f"  plot         {plot}")
     checkpoint = latest_checkpoint(run_dir)
@@ -139,7 +147,7 @@ def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) ->
     if wandb:
         lines.append(f"  W&B          {wandb}")
     commands = []
-    if (run_dir / "dynamics.jsonl").is_file():
+    if (run_dir / DYNAMICS_FILE).is_file():
         commands.append(f"prefopt plot {run_dir}")
     sweep_dir = sweep_dir_of(run_dir)
     if sweep_dir is not None:

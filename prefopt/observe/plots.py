@@ -23,10 +23,9 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from prefopt.core.fileutil import atomic_write_bytes
-from prefopt.observe.tracking import DYNAMICS_FILE, read_jsonl
+from prefopt.core.runfiles import DYNAMICS_FILE, DYNAMICS_PLOT, OVERRIDES_FILE
+from prefopt.observe.tracking import read_jsonl
 
-OVERRIDES_FILE = "overrides.yaml"
-DEFAULT_PLOT = "dynamics.png"
 # (panel title, metric key, y-axis label): the squeezing story reads left to right, top to bottom
 LOGP_LABEL = "summed log-prob (nats)"
 STEP_LABEL = "training step"
@@ -248,9 +247,9 @@ def plot_command(argv: list[str]) -> int:
         description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
-    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_PLOT})")
+    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DYNAMICS_PLOT})")
     args = parser.parse_args(argv)
-    output = args.output or Path(args.run_dirs[0]) / DEFAULT_PLOT
+    output = args.output or Path(args.run_dirs[0]) / DYNAMICS_PLOT
     try:
         path = plot_runs(args.run_dirs, output)
     except RunDirError as error:

@@ -31,6 +31,18 @@ from hydra.errors import HydraException
 
 from prefopt.core.errors import ConfigError
 from prefopt.core.fileutil import atomic_write_text
+from prefopt.core.runfiles import (
+    CONFIG_FILE,
+    DYNAMICS_FILE,
+    HYDRA_RECORD,
+    METRICS_FILE,
+    REPORT_BANDS_PLOT,
+    REPORT_CSV,
+    REPORT_GROUPS_CSV,
+    REPORT_GROUPS_MD,
+    REPORT_MD,
+    REPORT_PLOT,
+)
 from prefopt.observe.plots import BAND_PANELS, Band, GroupBands, RunDirError, plot_bands, plot_runs, run_overrides
 from prefopt.observe.stats import Estimate, PairedDifference, estimate, paired_difference, sorted_seeds
 from prefopt.observe.sweep_status import (
@@ -43,7 +55,7 @@ from prefopt.observe.sweep_status import (
     read_summary,  # noqa: F401
     sweep_rows,
 )  # job_dirs: re-exported for tests
-from prefopt.observe.tracking import DYNAMICS_FILE, METRICS_FILE, read_jsonl
+from prefopt.observe.tracking import read_jsonl
 
 COLUMNS = ("job", "overrides", *SUMMARY_COLUMNS, "status")
 
@@ -86,14 +98,14 @@ def build_report(sweep_dir: Path) -> tuple[list[dict[str, Any]], Optional[Path]]
     """(rows, path of report.png or None when no job recorded dynamics); writes report.md/.csv/.png."""
     sweep_dir = Path(sweep_dir)
     rows, jobs = sweep_rows(sweep_dir)
-    atomic_write_text(sweep_dir / "report.md", f"# Sweep report: {sweep_dir}\n\n" + markdown_table(rows))
-    atomic_write_text(sweep_dir / "report.csv", csv_text(rows))
+    atomic_write_text(sweep_dir / REPORT_MD, f"# Sweep report: {sweep_dir}\n\n" + markdown_table(rows))
+    atomic_write_text(sweep_dir / REPORT_CSV, csv_text(rows))
     with_dynamics = [job for job in jobs if read_jsonl(job / DYNAMICS_FILE)]
     plot = None
     if with_dynamics:
         plot = plot_runs(
             with_dynamics,
-            sweep_dir / "report.png",
+            sweep_dir / REPORT_PLOT,
             f"Learning dynamics: sweep {sweep_dir.name}",
             plot_labels(with_dynamics),
         )
@@ -103,8 +115,6 @@ def build_report(sweep_dir: Path) -> tuple[list[dict[str, Any]], Optional[Path]]
 # ---- groups over seeds (--group-by, --baseline) ----------------------------------------------------
 
 SEED_KEY = "trainer.seed"
-CONFIG_FILE = "config.yaml"
-HYDRA_FILE = Path(".hydra") / "hydra.yaml"  # Hydra's record of the job, with the config-group choices
 GATE_MEAN_KEY = "train/gate/mean"
 # the markdown table's columns; report_groups.csv has every metric
 HEADLINE_METRICS = (
@@ -233,7 +243,7 @@ def job_seed(job: Job) -> Any:
 def read_job(job_dir: Path) -> Job:
     """Everything grouping needs from one job dir; a damaged file is a RunDirError naming it."""
     summary = read_summary(job_dir)
-    hydra_record = load_yaml(job_dir / HYDRA_FILE)
+    hydra_record = load_yaml(job_dir / HYDRA_RECORD)
     choices = select(hydra_record, "hydra.runtime.choices")
     # a job that failed validation never wrote overrides.yaml; Hydra recorded its overrides before it ran
     hydra_overrides = select(hydra_record, "hydra.overrides.task")
@@ -565,13 +575,13 @@ def build_group_report(sweep_dir: Path, group_by: list[str], baseline: Optional[
     groups = group_jobs(jobs, group_by)
     baselines = find_baselines(groups, baseline, group_by)
     markdown = groups_markdown(sweep_dir, groups, group_by, baselines)
-    atomic_write_text(sweep_dir / "report_groups.md", markdown)
-    atomic_write_text(sweep_dir / "report_groups.csv", groups_csv(groups, group_by, baselines))
+    atomic_write_text(sweep_dir / REPORT_GROUPS_MD, markdown)
+    atomic_write_text(sweep_dir / REPORT_GROUPS_CSV, groups_csv(groups, group_by, baselines))
     with_dynamics = [group for group in groups if any(job.dynamics for job in group.jobs)]
     plot = None
     if with_dynamics:
         facet_key = band_facet_key(with_dynamics, group_by)
-        plot = plot_bands([group_bands(group, facet_key) for group in with_dynamics], sweep_dir / "report_bands.png")
+        plot = plot_bands([group_bands(group, facet_key) for group in with_dynamics], sweep_dir / REPORT_BANDS_PLOT)
     return GroupReport(groups, baselines, markdown, plot)
 
 
@@ -613,10 +623,10 @@ def report_command(argv: list[str]) -> int:
         print(f"prefopt: error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
-    written = ["report.md", "report.csv"] + (["report.png"] if plot else [])
+    written = [REPORT_MD, REPORT_CSV] + ([REPORT_PLOT] if plot else [])
     if groups is not None:
         print(groups.markdown)
-        written += ["report_groups.md", "report_groups.csv"] + (["report_bands.png"] if groups.plot else [])
+        written += [REPORT_GROUPS_MD, REPORT_GROUPS_CSV] + ([REPORT_BANDS_PLOT] if groups.plot else [])
     failed = sum(row["status"] == "failed" for row in rows)
     unfinished = [
         f"{sum(row['status'] == status for row in rows)} {status}"

@@ -17,10 +17,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from prefopt.core.rundir import lock_is_held
-from prefopt.core.runfiles import ERROR_FILE
+from prefopt.core.runfiles import ERROR_FILE, MULTIRUN_FILE, SUMMARY_FILE
 from prefopt.observe.metric_names import with_current_names
 from prefopt.observe.plots import RunDirError, run_label, run_overrides
-from prefopt.observe.tracking import SUMMARY_FILE
 
 # column -> summary.json key
 SUMMARY_COLUMNS = {
@@ -32,7 +31,6 @@ SUMMARY_COLUMNS = {
     "steps": "steps",
 }
 
-MULTIRUN_FILE = "multirun.yaml"  # Hydra's record of a sweep, written before its first job: the overrides it sweeps
 NEVER_RAN, RUNNING = "never ran", "running"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # multirun.yaml's hydra.sweeper._target_
 

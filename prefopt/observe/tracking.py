@@ -31,16 +31,21 @@ from typing import Any, Iterator, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.fileutil import atomic_write_json, atomic_write_text, open_no_follow
+from prefopt.core.runfiles import (
+    DYNAMICS_FILE,
+    GENERATIONS_FILE,
+    GIT_REVISION_FILE,
+    HYDRA_RECORD,
+    METRICS_FILE,
+    OVERRIDES_FILE,
+    SUMMARY_FILE,
+    WANDB_DIR,
+    WANDB_ID_FILE,
+)
 
 log = logging.getLogger("prefopt")
 
-METRICS_FILE = "metrics.jsonl"
-DYNAMICS_FILE = "dynamics.jsonl"
-GENERATIONS_FILE = "generations.jsonl"
 TABLE_KEY = "table"  # the generations.jsonl field naming a row's table (its W&B key)
-HYDRA_RECORD = Path(".hydra") / "hydra.yaml"  # Hydra's record of the job: the config-group choices
-SUMMARY_FILE = "summary.json"
-WANDB_ID_FILE = "wandb_run_id"
 WANDB_BLOCK = 32 * 1024  # block size of W&B's record log
 
 
@@ -120,7 +125,7 @@ def wandb_logged_steps(run_dir: Path, run_id: str) -> set[int]:
     from wandb.proto import wandb_internal_pb2
 
     steps: set[int] = set()
-    for path in sorted((run_dir / "wandb").glob(f"*run-*-{run_id}/run-{run_id}.wandb")):
+    for path in sorted((run_dir / WANDB_DIR).glob(f"*run-*-{run_id}/run-{run_id}.wandb")):
         for data in wandb_records(path):
             record = wandb_internal_pb2.Record()
             try:
@@ -282,8 +287,8 @@ def run_provenance(run_dir: Path) -> dict[str, Any]:
     overrides (overrides.yaml), Hydra's config-group choices (`loss: gate_dpo`, where the config only has
     loss.name=dpo) and the git revision; each left out when its file is absent."""
     provenance: dict[str, Any] = {}
-    if (run_dir / "overrides.yaml").is_file():
-        provenance["overrides"] = [str(item) for item in OmegaConf.load(run_dir / "overrides.yaml")]
+    if (run_dir / OVERRIDES_FILE).is_file():
+        provenance["overrides"] = [str(item) for item in OmegaConf.load(run_dir / OVERRIDES_FILE)]
     if (run_dir / HYDRA_RECORD).is_file():
         choices = OmegaConf.select(OmegaConf.load(run_dir / HYDRA_RECORD), "hydra.runtime.choices")
         if choices is not None:
@@ -292,6 +297,6 @@ def run_provenance(run_dir: Path) -> dict[str, Any]:
                 for key, value in OmegaConf.to_container(choices).items()
                 if not str(key).startswith("hydra/")
             }
-    if (run_dir / "git_revision").is_file():
-        provenance["git_revision"] = (run_dir / "git_revision").read_text().strip()
+    if (run_dir / GIT_REVISION_FILE).is_file():
+        provenance["git_revision"] = (run_dir / GIT_REVISION_FILE).read_text().strip()
     return provenance

@@ -13,8 +13,19 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from prefopt.core.errors import ConfigError, ModelNotFoundError
+<<<<<<< HEAD
 from prefopt.model.loading import ModelSource, names_local_path, resolve_model_source
 from prefopt.train.build import build_run
+=======
+from prefopt.core.runfiles import DYNAMICS_PLOT, POLICY_DIR
+from prefopt.data import build_preference_data
+from prefopt.losses import get_loss
+from prefopt.model.loading import ModelSource, load_tokenizer, names_local_path, resolve_model_source
+from prefopt.observe.console import Console, quiet_known_noise
+from prefopt.observe.plots import plot_runs
+from prefopt.observe.tracking import Tracker
+from prefopt.recipes.train import PreferenceStep, build_policy
+>>>>>>> runfiles
 from prefopt.train.checkpoint import checkpoint_candidates, find_checkpoint, load_trainer_state
 from prefopt.train.engine import is_adapter_dir, load_policy_weights
 from prefopt.train.evaluation import eval_changes
@@ -27,7 +38,7 @@ def checkpoint_of(policy: str) -> Optional[Path]:
     """The checkpoint a policy path names (a checkpoint, its policy/ dir, or a run dir's newest valid one),
     or None when it is a model (an HF dir or a hub id). A path that is none of these is an error."""
     path = Path(policy).expanduser()
-    if path.name == "policy" and checkpoint_candidates(path.parent) == [path.parent]:
+    if path.name == POLICY_DIR and checkpoint_candidates(path.parent) == [path.parent]:
         path = path.parent  # RUN_DIR/checkpoints/step-N/policy: the checkpoint itself, with its config
     if path.is_dir() and ((path / "config.json").is_file() or is_adapter_dir(path)):
         return None
@@ -72,7 +83,7 @@ def policy_step(cfg: DictConfig) -> int:
 def load_evaluated_weights(cfg: DictConfig, policy) -> None:
     """The evaluated weights into the policy, in place (it was the base model until now)."""
     source = policy_source(cfg)
-    location = source.location if source is not None else str(Path(cfg.eval.policy) / "policy")
+    location = source.location if source is not None else str(Path(cfg.eval.policy) / POLICY_DIR)
     try:
         load_policy_weights(policy, location, local_files_only=source is None or source.kind != "hub")
     except (RuntimeError, ValueError, KeyError) as error:
@@ -111,7 +122,13 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             **run.data_metrics(),
         }
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
+<<<<<<< HEAD
         run.finish(summary, closing_summary=False)
+=======
+        if probes is not None and dist.is_main:
+            plot_runs([run_dir], run_dir / DYNAMICS_PLOT)
+        tracker.finish(summary)
+>>>>>>> runfiles
         return summary
     finally:
         run.close()

@@ -26,10 +26,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError
+from prefopt.core.runfiles import CONFIG_FILE
 from prefopt.recipes.evaluate import checkpoint_of, policy_source
 from prefopt.run.launch import prepare_run
 from prefopt.run.worker import load_frozen_config
-from prefopt.train.checkpoint import CHECKPOINT_CONFIG
 from prefopt.train.engine import is_adapter_dir
 
 # the groups an eval of a run takes from the run's checkpoint: what was trained and how it was evaluated
@@ -52,7 +52,7 @@ def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> 
     """In place: cfg's RUN_GROUPS become the checkpoint's, then every key or group named in `overrides`
     gets its command-line value back (Hydra composed it into cfg already)."""
     composed = copy.deepcopy(cfg)
-    saved = load_frozen_config(checkpoint / CHECKPOINT_CONFIG)
+    saved = load_frozen_config(checkpoint / CONFIG_FILE)
     for group in RUN_GROUPS:
         cfg[group] = saved[group]
     for override in OverridesParser.create().parse_overrides(overrides):

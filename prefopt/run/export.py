@@ -20,11 +20,11 @@ from typing import Optional
 from prefopt.core.errors import USER_ERRORS, HubError
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.hub import hub_offline
+from prefopt.core.runfiles import CONFIG_FILE, POLICY_DIR, SUMMARY_FILE
 from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
-from prefopt.observe.tracking import SUMMARY_FILE
 from prefopt.run.modelcard import model_card
 from prefopt.run.worker import load_frozen_config
-from prefopt.train.checkpoint import CHECKPOINT_CONFIG, find_checkpoint, load_trainer_state
+from prefopt.train.checkpoint import find_checkpoint, load_trainer_state
 from prefopt.train.engine import is_adapter_dir
 
 CARD_FILE = "README.md"  # the Hub shows it as the model's page
@@ -42,8 +42,8 @@ def export_policy(run_dir: Path, output_dir: Path, title: Optional[str] = None) 
     """Export the run's newest valid checkpoint's policy (LoRA merged) with its model card into output_dir."""
 
     checkpoint = find_checkpoint(str(run_dir), run_dir, key="RUN_DIR")
-    policy_dir = checkpoint / "policy"
-    cfg = load_frozen_config(checkpoint / CHECKPOINT_CONFIG)
+    policy_dir = checkpoint / POLICY_DIR
+    cfg = load_frozen_config(checkpoint / CONFIG_FILE)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:

@@ -22,14 +22,27 @@ from prefopt.core import proctree, rundir
 from prefopt.core.distributed import is_follower_host, torchrun_node_args, wait_for_frozen_config
 from prefopt.core.errors import USER_ERRORS, Terminated, stop_exception
 from prefopt.core.fileutil import atomic_write_text, clean_stale_temps
-from prefopt.core.runfiles import ERROR_GLOB, EXIT_REPORT
+from prefopt.core.runfiles import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    ERROR_GLOB,
+    EXIT_REPORT,
+    GIT_REVISION_FILE,
+    HYDRA_CONFIG,
+    HYDRA_DIR,
+    HYDRA_OVERRIDES,
+    HYDRA_RECORD,
+    OVERRIDES_FILE,
+    SUMMARY_FILE,
+    TRAIN_LOG,
+)
 from prefopt.core.slurm import in_slurm_task, restart_count
 from prefopt.model.loading import resolve_model_source
 from prefopt.run.config import ConfigError, require_values, validate_config
 from prefopt.run.hardware_plan import settle_hardware
 from prefopt.run.resume import accept_resume, find_latest_run, no_checkpoint_error, search_roots
 from prefopt.run.worker import run_worker
-from prefopt.train.checkpoint import CHECKPOINTS, checkpoint_candidates, frozen_yaml, restore_retired, resume_mode
+from prefopt.train.checkpoint import checkpoint_candidates, frozen_yaml, restore_retired, resume_mode
 
 log = logging.getLogger("prefopt")
 
@@ -112,9 +125,9 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
             stale.unlink()  # an earlier attempt's failure, in a resumed or requeued run dir
         frozen = OmegaConf.to_container(cfg, resolve=True)
         frozen["run_dir"] = str(run_dir.resolve())
-        atomic_write_text(run_dir / "config.yaml", frozen_yaml(frozen))
-        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
-        atomic_write_text(run_dir / "git_revision", git_revision() + "\n")
+        atomic_write_text(run_dir / CONFIG_FILE, frozen_yaml(frozen))
+        atomic_write_text(run_dir / OVERRIDES_FILE, OmegaConf.to_yaml(list(overrides)))
+        atomic_write_text(run_dir / GIT_REVISION_FILE, git_revision() + "\n")
         if deferred_record is not None:
             write_hydra_record(deferred_record, hydra_dir, overrides)
     except BaseException:
@@ -124,7 +137,6 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     return run_dir
 
 
-HYDRA_SUBDIR = ".hydra"
 DEFER_OVERRIDE = (
     "++hydra.output_subdir=null"  # how prefopt defers Hydra's record (a user would write hydra.output_subdir=null)
 )
@@ -134,7 +146,7 @@ def defer_hydra_record(config: DictConfig) -> None:
     """Called by cli.CreateOutputDir before Hydra writes its job record (.hydra/) into a run dir that already has one
     (a resume, or a refused reuse): Hydra skips it (output_subdir=null) and prepare_run writes it once the run is
     accepted, so a refused launch leaves the earlier record intact."""
-    if (Path(str(config.hydra.run.dir)) / HYDRA_SUBDIR).is_dir() and config.hydra.output_subdir == HYDRA_SUBDIR:
+    if (Path(str(config.hydra.run.dir)) / HYDRA_DIR).is_dir() and config.hydra.output_subdir == HYDRA_DIR:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None
             config.hydra.overrides.hydra.append(
@@ -148,7 +160,7 @@ def defer_sweep_hydra_records(config: DictConfig) -> None:
     sweep dir is created."""
     sweep_dir = Path(str(config.hydra.sweep.dir))
     reused = sweep_dir.is_dir() and any(sweep_dir.iterdir())
-    if (reused or resume_mode(config.trainer.resume) != "off") and config.hydra.output_subdir == HYDRA_SUBDIR:
+    if (reused or resume_mode(config.trainer.resume) != "off") and config.hydra.output_subdir == HYDRA_DIR:
         with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
             config.hydra.overrides.hydra.append(DEFER_OVERRIDE)
 
@@ -168,11 +180,11 @@ def write_hydra_record(task_yaml: str, hydra_dir: Path, overrides: list[str]) ->
     from hydra.core.hydra_config import HydraConfig
 
     hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get(), resolve=False)})
-    hydra_node.hydra.output_subdir = HYDRA_SUBDIR
+    hydra_node.hydra.output_subdir = HYDRA_DIR
     hydra_node.hydra.overrides.hydra = [item for item in hydra_node.hydra.overrides.hydra if item != DEFER_OVERRIDE]
-    atomic_write_text(hydra_dir / HYDRA_SUBDIR / "config.yaml", task_yaml)
-    atomic_write_text(hydra_dir / HYDRA_SUBDIR / "hydra.yaml", OmegaConf.to_yaml(hydra_node))
-    atomic_write_text(hydra_dir / HYDRA_SUBDIR / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+    atomic_write_text(hydra_dir / HYDRA_CONFIG, task_yaml)
+    atomic_write_text(hydra_dir / HYDRA_RECORD, OmegaConf.to_yaml(hydra_node))
+    atomic_write_text(hydra_dir / HYDRA_OVERRIDES, OmegaConf.to_yaml(list(overrides)))
 
 
 _followed_logs: dict[Path, logging.Handler] = {}  # run dir -> the handler that appends this launch's log to it
@@ -186,7 +198,7 @@ def follow_log(run_dir: Path, hydra_dir: Path) -> None:
         for handler in logging.getLogger().handlers
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == hydra_dir.resolve()
     ]
-    name = Path(hydra_files[0].baseFilename).name if hydra_files else "train.log"
+    name = Path(hydra_files[0].baseFilename).name if hydra_files else TRAIN_LOG
     log.info("continuing the run in %s; this launch logs to %s", run_dir, run_dir / name)
     handler = logging.FileHandler(run_dir / name, mode="a")
     if hydra_files:
@@ -227,16 +239,14 @@ def _dispatch(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
                 run_dir,
             )
             return {}
-        return run_worker(
-            run_dir / "config.yaml", command
-        )  # ranks from SLURM's environment, no launcher inside the job
+        return run_worker(run_dir / CONFIG_FILE, command)  # ranks from SLURM's environment, no launcher inside the job
     if in_slurm_task() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         raise ConfigError(
             f"this SLURM job has {os.environ['SLURM_NTASKS']} tasks but hardware.launcher={cfg.hardware.launcher} "
             "would start every rank in each of them; use a slurm_* hardware preset (launcher: slurm)"
         )
     if cfg.hardware.launcher == "inline":
-        return run_worker(run_dir / "config.yaml", command)
+        return run_worker(run_dir / CONFIG_FILE, command)
     return run_torchrun(cfg, run_dir, command)
 
 
@@ -258,7 +268,7 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
         *torchrun_node_args(cfg.hardware),
         "-m",
         "prefopt.worker",
-        str(run_dir / "config.yaml"),
+        str(run_dir / CONFIG_FILE),
         *(["--command", command_name] if command_name != "train" else []),
     ]
     launch = secrets.token_hex(8)  # the ranks stamp their exit reports with it: another launch's are never read here
@@ -294,7 +304,7 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
         errors = sorted(run_dir.glob(ERROR_GLOB))
         details = "\n".join(path.read_text() for path in errors) or "(no traceback was written; see the output above)"
         raise WorkerError(f"a worker failed (torchrun exit code {returncode}); run dir {run_dir}\n{details}")
-    return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    return json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).exists() else {}
 
 
 def wait_for_ranks(process: subprocess.Popen, run_dir: Path, launch: str, poll_s: float = 0.2) -> int:

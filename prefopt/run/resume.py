@@ -31,17 +31,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import CheckpointError
 from prefopt.core.rundir import existing_run
+from prefopt.core.runfiles import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    MANIFEST,
+    POLICY_DIR,
+    SUMMARY_FILE,
+    WANDB_DIR,
+    checkpoint_step,
+)
 from prefopt.data import PreferenceData, build_preference_data
 from prefopt.data.identity import ALLOW_CHANGED, check_resume_data, data_identity
 from prefopt.model.loading import load_tokenizer
-from prefopt.observe.tracking import SUMMARY_FILE
 from prefopt.train.checkpoint import (
-    CHECKPOINT_CONFIG,
-    CHECKPOINTS,
-    MANIFEST,
     RESUME_KEYS,
     checkpoint_candidates,
-    checkpoint_step,
     config_differences,
     length_change,
     load_trainer_state,
@@ -55,7 +59,7 @@ log = logging.getLogger("prefopt")
 MAX_DEPTH = 4  # levels below a root searched for run dirs (multirun/DATE/TIME/JOB is 3)
 MAX_DIRS_VISITED = 20_000  # bounds the search in a huge tree (a root that is someone's home)
 MAX_LISTED = 5  # runs listed in an error
-SKIPPED_DIRS = ("checkpoints", "wandb", "policy", "__pycache__", "node_modules")  # never hold run dirs
+SKIPPED_DIRS = (CHECKPOINTS, WANDB_DIR, POLICY_DIR, "__pycache__", "node_modules")  # never hold run dirs
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ def runs_with_checkpoints(roots: list[Path], exclude: Optional[Path] = None) -> 
 def saved_config(run_dir: Path) -> Optional[dict]:
     """The resolved config a run dir recorded (config.yaml), or None when it has none or it is unreadable."""
     try:
-        return OmegaConf.to_container(OmegaConf.load(run_dir / CHECKPOINT_CONFIG), resolve=True)
+        return OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
     except Exception:  # missing, or not YAML: such a run cannot match
         return None
 

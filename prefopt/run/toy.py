@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from prefopt.core.errors import ConfigError
 from prefopt.core.fileutil import atomic_write_json
+from prefopt.core.runfiles import TOY_PLOT, TOY_RESULTS
 from prefopt.losses.gate import scale_gradient
 from prefopt.observe.plots import readable_axes, save_png
 
@@ -238,7 +239,7 @@ def toy_app(cfg: DictConfig) -> None:
         print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    plot = save_png(toy_figure(results), output_dir / "toy_probabilities.png")
-    atomic_write_json(output_dir / "toy_results.json", [result.numbers() for result in results])
+    plot = save_png(toy_figure(results), output_dir / TOY_PLOT)
+    atomic_write_json(output_dir / TOY_RESULTS, [result.numbers() for result in results])
     print(toy_table(results))
-    print(f"\nwrote {plot} and {output_dir / 'toy_results.json'}")
+    print(f"\nwrote {plot} and {output_dir / TOY_RESULTS}")

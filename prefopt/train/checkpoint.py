@@ -32,13 +32,24 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.core.distributed import DistInfo
 from prefopt.core.errors import CheckpointError
 from prefopt.core.fileutil import atomic_write_json, atomic_write_text, file_digest
+from prefopt.core.runfiles import (
+    CHECKPOINT_GLOB,
+    CHECKPOINTS,
+    CONFIG_FILE,
+    LATEST_FILE,
+    MANIFEST,
+    TRAINER_STATE,
+    checkpoint_dir_name,
+    checkpoint_dirs,
+    checkpoint_step,
+    retired_copies,
+    retired_dir,
+    retired_target,
+    staging_dir,
+)
 
 log = logging.getLogger("prefopt")
 
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.pt"
-MANIFEST = "manifest.json"
-CHECKPOINT_CONFIG = "config.yaml"
 # keys that say how to run, log or resume, not what is trained: they may differ between a checkpoint and its resume.
 # Cadences only (which rows metrics.jsonl gets, when a checkpoint is written): what an eval or probe measures
 # (batches, probes, generation length) stays fixed, so a run's first and last evals compare like with like
@@ -136,8 +147,8 @@ def save_checkpoint(
     """Every rank writes its part into one staging dir (ZeRO shards); rank 0 renames it into place, then
     prunes to `keep` checkpoints (trainer.save_total_limit; None = keep all), never `protect`."""
     root = run_dir / CHECKPOINTS
-    target = root / f"step-{step:06d}"
-    staging = root / f".{target.name}.partial"  # the same path on every rank
+    target = root / checkpoint_dir_name(step)
+    staging = staging_dir(target)  # the same path on every rank
     if dist.is_main:
         restore_retired(root)  # a kill between the two renames below: the complete old one goes back in place
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-save
@@ -148,7 +159,7 @@ def save_checkpoint(
         dist.barrier()
         if dist.is_main:
             torch.save(trainer_state, staging / TRAINER_STATE)
-            atomic_write_text(staging / CHECKPOINT_CONFIG, frozen_yaml(cfg))
+            atomic_write_text(staging / CONFIG_FILE, frozen_yaml(cfg))
             write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
     except (
         Exception
@@ -163,7 +174,7 @@ def save_checkpoint(
         ) from None
     if dist.is_main:
         replace_checkpoint(staging, target)
-        atomic_write_text(root / "latest", target.name + "\n")
+        atomic_write_text(root / LATEST_FILE, target.name + "\n")
         log.info("saved checkpoint %s", target)
         for old in checkpoints_beyond_limit(root, keep, target, protect):
             shutil.rmtree(old, ignore_errors=True)
@@ -172,14 +183,11 @@ def save_checkpoint(
     return target
 
 
-RETIRED_SUFFIX = ".retired"  # checkpoints/.step-N.retired: the complete step-N while a new save of step N replaces it
-
-
 def replace_checkpoint(staging: Path, target: Path) -> None:
     """Move a complete staging dir into place. A checkpoint of the same step (a finished run resumed saves its last
     step again) is first renamed aside, and deleted only once the new one is in place: a kill at any instant leaves
     a complete step-N, or its retired copy, which restore_retired (the next save, the next resume) puts back."""
-    retired = target.parent / f".{target.name}{RETIRED_SUFFIX}"
+    retired = retired_dir(target)
     if target.exists():
         shutil.rmtree(retired, ignore_errors=True)  # a stale copy: target itself is complete
         os.replace(target, retired)
@@ -191,8 +199,8 @@ def restore_retired(root: Path) -> list[Path]:
     """Put back a checkpoint renamed aside by a save killed before its replacement was in place; drop those
     whose replacement made it (a kill before the delete)."""
     restored = []
-    for retired in root.glob(f".step-*{RETIRED_SUFFIX}"):
-        target = root / retired.name[1 : -len(RETIRED_SUFFIX)]
+    for retired in retired_copies(root):
+        target = retired_target(retired)
         if target.exists():
             shutil.rmtree(retired, ignore_errors=True)
         else:
@@ -251,10 +259,7 @@ def checkpoints_beyond_limit(
     if keep is None:
         return []
     spared = {newest.resolve()} | ({Path(protect).resolve()} if protect is not None else set())
-    others = sorted(
-        (path for path in root.glob("step-*") if path.resolve() not in spared and not path.name.endswith(".partial")),
-        reverse=True,
-    )  # newest first (zero-padded step numbers)
+    others = [path for path in checkpoint_dirs(root) if path.resolve() not in spared]  # newest first
     return others[max(0, keep - 1) :]
 
 
@@ -283,20 +288,13 @@ def resume_differences(
 def config_mismatch(directory: Path, cfg: DictConfig) -> Optional[str]:
     """None when the checkpoint may continue as this config (the worker's cfg: under trainer.num_epochs its
     trainer.max_steps is already derived from the data), else the differing keys."""
-    saved = OmegaConf.to_container(OmegaConf.load(directory / CHECKPOINT_CONFIG), resolve=True)
+    saved = OmegaConf.to_container(OmegaConf.load(directory / CONFIG_FILE), resolve=True)
     derived = cfg.trainer.max_steps if cfg.trainer.get("num_epochs") is not None else None
     differing = resume_differences(cfg, saved, checkpoint_step(directory), derived)
     if not differing:
         return None
     shown = ", ".join(f"{key}: checkpoint {theirs!r} vs now {ours!r}" for key, theirs, ours in differing[:5])
     return f"it belongs to another config ({shown}{', ...' if len(differing) > 5 else ''})"
-
-
-def checkpoint_step(directory: Path) -> int:
-    """The step a checkpoint dir's name says (step-000010 and its retired copy .step-000010.retired -> 10; -1 when
-    it says none)."""
-    match = re.fullmatch(rf"\.?step-(\d+)(?:{re.escape(RETIRED_SUFFIX)})?", directory.name)
-    return int(match[1]) if match else -1
 
 
 def length_differences(
@@ -339,17 +337,12 @@ def resume_mode(resume: Any) -> str:
 
 
 def checkpoint_candidates(path: Path) -> list[Path]:
-    """A checkpoint dir itself, or a run dir's checkpoints, newest first. A retired copy (.step-N.retired) whose step-N
-    is missing is that checkpoint (a save of step N was cut off mid-replace): listed, to be read where it is, so the
-    parent can accept a resume before restore_retired moves anything."""
+    """A checkpoint dir itself, or a run dir's checkpoints, newest first (runfiles.checkpoint_dirs). A retired copy
+    (.step-N.retired) whose step-N is missing is that checkpoint (a save of step N was cut off mid-replace): listed,
+    to be read where it is, so the parent can accept a resume before restore_retired moves anything."""
     if (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file():
         return [path]
-    root = path / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if not p.name.endswith(".partial")]
-    found += [
-        p for p in root.glob(f".step-*{RETIRED_SUFFIX}") if not (root / p.name[1 : -len(RETIRED_SUFFIX)]).exists()
-    ]
-    return sorted(found, key=checkpoint_step, reverse=True)
+    return checkpoint_dirs(path / CHECKPOINTS, retired=True)
 
 
 def find_checkpoint(
@@ -383,7 +376,9 @@ def find_checkpoint(
             + ". Start a fresh run in a new dir, or point trainer.resume at a valid checkpoint"
         )
     if explicit or not missing_ok:
-        raise CheckpointError(f"{key}={resume}: no checkpoint found there (looked for {path / CHECKPOINTS}/step-*)")
+        raise CheckpointError(
+            f"{key}={resume}: no checkpoint found there (looked for {path / CHECKPOINTS}/{CHECKPOINT_GLOB})"
+        )
     log.warning("requeued, but %s has no checkpoint yet: starting from step 0", run_dir)
     return None
 

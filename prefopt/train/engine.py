@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
+from prefopt.core.runfiles import DEEPSPEED_TAG, ENGINE_STATE, POLICY_DIR
 from prefopt.train.checkpoint import check_trusted, safe_load
 from prefopt.train.schedules import build_scheduler
 
@@ -39,8 +40,6 @@ def load_policy_weights(model: torch.nn.Module, location: str, local_files_only:
 
 
 class TorchEngine:
-    ENGINE_STATE = "engine_state.pt"
-
     def __init__(
         self, model: torch.nn.Module, trainer_cfg: DictConfig, cpu_adam: bool = False, under_deepspeed: bool = False
     ):
@@ -91,16 +90,16 @@ class TorchEngine:
 
     def save(self, directory: Path, tokenizer) -> None:
         """The policy in HF format (loadable with from_pretrained) plus optimizer and schedule state."""
-        self.model.save_pretrained(directory / "policy", safe_serialization=True)
-        tokenizer.save_pretrained(directory / "policy")
+        self.model.save_pretrained(directory / POLICY_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(directory / POLICY_DIR)
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            directory / self.ENGINE_STATE,
+            directory / ENGINE_STATE,
         )  # plain tensors and containers: loads with weights_only
 
     def load(self, directory: Path) -> None:
-        load_policy_weights(self.model, str(directory / "policy"))
-        state = safe_load(directory / self.ENGINE_STATE)
+        load_policy_weights(self.model, str(directory / POLICY_DIR))
+        state = safe_load(directory / ENGINE_STATE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -142,8 +141,6 @@ def deepspeed_config(cfg: DictConfig, world_size: int, for_reference: bool = Fal
 
 class DeepSpeedEngine:
     """ZeRO 0-3 (and offload) through deepspeed.initialize; the same five methods as TorchEngine."""
-
-    TAG = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, cfg: DictConfig, world_size: int):
         import deepspeed
@@ -206,11 +203,11 @@ class DeepSpeedEngine:
         """Every rank writes its ZeRO shards; rank 0 also exports the whole policy in HF format."""
         import torch.distributed as dist
 
-        self.ds.save_checkpoint(str(directory), tag=self.TAG)
+        self.ds.save_checkpoint(str(directory), tag=DEEPSPEED_TAG)
         state_dict = self.export_state_dict()  # collective under ZeRO-3: every rank takes part
         if dist.get_rank() == 0:
-            self.model.save_pretrained(directory / "policy", state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(directory / "policy")
+            self.model.save_pretrained(directory / POLICY_DIR, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(directory / POLICY_DIR)
 
     def export_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """What the HF export holds. Under bf16 the fp32 master weights: they are the trained weights
@@ -246,8 +243,10 @@ class DeepSpeedEngine:
         return state
 
     def load(self, directory: Path) -> None:
-        check_trusted(directory / self.TAG)  # DeepSpeed's loader unpickles
-        self.ds.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        check_trusted(directory / DEEPSPEED_TAG)  # DeepSpeed's loader unpickles
+        self.ds.load_checkpoint(
+            str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
 
 
 def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int):

@@ -12,9 +12,9 @@ import torch
 from omegaconf import DictConfig
 
 from prefopt.core.distributed import DistInfo
+from prefopt.core.runfiles import DYNAMICS_FILE
 from prefopt.data import TokenizedPair, answer_is_correct
 from prefopt.losses.gate import gate_distribution
-from prefopt.observe.tracking import DYNAMICS_FILE
 from prefopt.train.dynamics import ProbeSet, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.train.metrics import finish_token_means
 from prefopt.train.sharding import pair_scored_tokens, sharded_pass
