@@ -13,19 +13,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from prefopt.core.errors import ConfigError, ModelNotFoundError
-<<<<<<< HEAD
+from prefopt.core.runfiles import POLICY_DIR
 from prefopt.model.loading import ModelSource, names_local_path, resolve_model_source
 from prefopt.train.build import build_run
-=======
-from prefopt.core.runfiles import DYNAMICS_PLOT, POLICY_DIR
-from prefopt.data import build_preference_data
-from prefopt.losses import get_loss
-from prefopt.model.loading import ModelSource, load_tokenizer, names_local_path, resolve_model_source
-from prefopt.observe.console import Console, quiet_known_noise
-from prefopt.observe.plots import plot_runs
-from prefopt.observe.tracking import Tracker
-from prefopt.recipes.train import PreferenceStep, build_policy
->>>>>>> runfiles
 from prefopt.train.checkpoint import checkpoint_candidates, find_checkpoint, load_trainer_state
 from prefopt.train.engine import is_adapter_dir, load_policy_weights
 from prefopt.train.evaluation import eval_changes
@@ -122,13 +112,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             **run.data_metrics(),
         }
         summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
-<<<<<<< HEAD
         run.finish(summary, closing_summary=False)
-=======
-        if probes is not None and dist.is_main:
-            plot_runs([run_dir], run_dir / DYNAMICS_PLOT)
-        tracker.finish(summary)
->>>>>>> runfiles
         return summary
     finally:
         run.close()

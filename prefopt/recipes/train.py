@@ -12,7 +12,6 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
-<<<<<<< HEAD
 from prefopt.core.distributed import leave_distributed
 from prefopt.core.errors import stop_exception
 from prefopt.core.slurm import preemption
@@ -23,31 +22,6 @@ from prefopt.train.guards import StepGuard
 from prefopt.train.interrupt import DeferredInterrupt
 from prefopt.train.metrics import finish_token_means, mean_metrics, reduce_loss_metrics
 from prefopt.train.reference import ModelReference, training_reference_pairs
-=======
-from prefopt.core.distributed import DistInfo, device_for, init_distributed, leave_distributed
-from prefopt.core.errors import CheckpointError, stop_exception
-from prefopt.core.runfiles import CHECKPOINTS, CONFIG_FILE, DATA_FILE, DYNAMICS_PLOT
-from prefopt.core.slurm import in_slurm_task, preemption, restart_count
-from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
-from prefopt.data.identity import OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
-from prefopt.data.layout import build_batch, pair_groups
-from prefopt.data.sampler import PairSampler, training_sampler  # noqa: F401 (PairSampler: scripts import it from here)
-from prefopt.losses import get_loss, preference_loss
-from prefopt.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_source
-from prefopt.model.logps import check_logits_path, check_packed_path, sequence_logps, split_pairs
-from prefopt.model.precision import set_compute_dtype
-from prefopt.observe.console import Console, quiet_known_noise
-from prefopt.observe.plots import plot_runs
-from prefopt.observe.tracking import Tracker
-from prefopt.train.checkpoint import find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
-from prefopt.train.dynamics import build_probe_set
-from prefopt.train.engine import build_engine
-from prefopt.train.evaluation import RunEvaluator, eval_changes, evaluate  # noqa: F401 (evaluate: tests import it from here)
-from prefopt.train.guards import NonFiniteTrainingError, StepGuard
-from prefopt.train.metrics import finish_token_means, pair_metrics
-from prefopt.train.reference import CachedReference, ModelReference, build_reference
-from prefopt.train.schedules import settle_max_steps
->>>>>>> runfiles
 from prefopt.train.sharding import largest_batch_tokens, pair_scored_tokens
 from prefopt.train.state import TrainState, resume_training, save_training
 from prefopt.train.step import StepResult
@@ -57,104 +31,7 @@ log = logging.getLogger("prefopt")
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
-<<<<<<< HEAD
     run = build_run(cfg, run_dir, training_reference_pairs, with_engine=True, record_max_steps=True)
-=======
-    dist = init_distributed(cfg.hardware)
-    device = device_for(cfg.hardware, dist)
-    quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
-    console = Console(
-        cfg.logger.console, run_dir, cfg.logger.wandb.mode, enabled=dist.is_main
-    )  # progress, eval lines, summary
-    torch.manual_seed(trainer_cfg.seed)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-
-    # --- build: tokenizer, data, policy, frozen reference (only when the loss needs one)
-    source = resolve_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, source)
-    data: PreferenceData = build_preference_data(cfg.dataset, tokenizer, trainer_cfg.seed)
-    data_record = {**data_identity(data), "changed_at_steps": []}  # what the run trains on: every checkpoint keeps it
-    settle_max_steps(
-        cfg, len(data.train), dist.world_size, run_dir / CONFIG_FILE if dist.is_main else None
-    )  # trainer.num_epochs
-    policy = build_policy(cfg, source, tokenizer, device)
-    policy.train()
-    # the reference is the initial policy: built (copied, or precomputed) before DeepSpeed wraps it
-    needs_reference = get_loss(cfg.loss.name).needs_reference
-    with console.phase("reference log-probs"):
-        reference = build_reference(
-            cfg,
-            policy,
-            source,
-            reference_pairs(data, cfg, dist.world_size),
-            needs_reference,
-            dist,
-            device,
-            tokenizer.pad_token_id,
-        )
-    engine = build_engine(policy, cfg, dist.world_size)
-    policy = engine.model
-    sampler = training_sampler(data.train, trainer_cfg, dist.world_size)
-    num_params, trainable_params = count_parameters(policy, cfg.hardware)
-    peak = peak_tflops(cfg.hardware, device)
-    step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
-    probes = (
-        build_probe_set(data, cfg.dynamics.num_probes, trainer_cfg.seed, len(tokenizer), set(tokenizer.all_special_ids))
-        if cfg.dynamics.enabled
-        else None
-    )
-
-    # --- resume: weights, optimizer, schedule, data position, RNG
-    start_step, first_eval, first_greedy, first_dynamics = 0, {}, None, {}
-    if dist.is_main:
-        restore_retired(
-            run_dir / CHECKPOINTS
-        )  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
-    dist.barrier()
-    checkpoint = find_checkpoint(
-        trainer_cfg.resume, run_dir, cfg, missing_ok=restart_count() > 0
-    )  # requeued before its first save: step 0
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        if (
-            state["step"] > trainer_cfg.max_steps
-        ):  # before the weights load: trainer.num_epochs fewer than it has trained
-            raise CheckpointError(
-                f"trainer.resume: checkpoint {checkpoint} is at step {state['step']}, past this run's "
-                f"trainer.max_steps={trainer_cfg.max_steps}; resume with a length that includes it"
-            )
-        engine.load(checkpoint)
-        start_step, first_eval, first_greedy, first_dynamics = (
-            state["step"],
-            state["first_eval"],
-            state["first_greedy_accuracy"],
-            state["first_dynamics"],
-        )
-        sampler = training_sampler(data.train, trainer_cfg, dist.world_size, state["sampler"])
-        restore_rng_states(state["rng"])
-        log.info("resumed from %s at step %d", checkpoint, start_step)
-        # other data than the checkpoint trained on: refused (the parent checked too), or allowed and recorded
-        changed = check_resume_data(state.get("data"), data_record, checkpoint, trainer_cfg.resume_data_changed)
-        data_record["changed_at_steps"] = [
-            *(state.get("data") or {}).get("changed_at_steps", []),
-            *([start_step] if changed else []),
-        ]
-        if changed:
-            log.warning(
-                "resumed at step %d on changed data (%s=allow): %s", start_step, OVERRIDE_KEY, "; ".join(changed)
-            )
-
-    if dist.is_main:
-        write_data_record(run_dir / DATA_FILE, data_record)
-    tracker = Tracker(
-        cfg,
-        run_dir,
-        resume_step=start_step,
-        enabled=dist.is_main,
-        resume_rows=state.get("tracker_rows") if checkpoint is not None else None,
-    )
->>>>>>> runfiles
     try:
         state = resume_training(run)  # step 0, or a checkpoint's step with its weights, data position and RNG
         evaluator = run.open_tracker(resume_step=state.step, resume_rows=state.tracker_rows)
@@ -173,7 +50,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         final_dynamics = evaluator.probe_set(max_steps)
         already_saved = trainer_cfg.save_every and max_steps % trainer_cfg.save_every == 0
         if trainer_cfg.save_final and not already_saved:
-<<<<<<< HEAD
             save_training(run, state, max_steps)
         summary = {"steps": max_steps, "train_seconds": time.time() - started, **final_eval, **run.data_metrics()}
         if state.data_record["changed_at_steps"]:  # resumed on other data (allowed): the numbers mix two datasets
@@ -182,20 +58,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             state.first_eval, final_eval, state.first_greedy, final_greedy, state.first_dynamics, final_dynamics
         )
         run.finish(summary, closing_summary=True)
-=======
-            save(trainer_cfg.max_steps)
-        summary = {"steps": trainer_cfg.max_steps, "train_seconds": time.time() - started, **final_eval}
-        summary |= {f"data/{key}": value for key, value in data.stats.items()}
-        if data_record[
-            "changed_at_steps"
-        ]:  # resumed on other data (resume_data_changed=allow): the numbers mix two datasets
-            summary["data/changed_at_step"] = data_record["changed_at_steps"][-1]
-        summary |= eval_changes(first_eval, final_eval, first_greedy, final_greedy, first_dynamics, final_dynamics)
-        if probes is not None and dist.is_main:
-            plot_runs([run_dir], run_dir / DYNAMICS_PLOT)
-        tracker.finish(summary)
-        console.finish(summary)
->>>>>>> runfiles
         return summary
     finally:
         run.close()
