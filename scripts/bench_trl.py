@@ -3,7 +3,8 @@
 Runs in its own venv (.venv-bench: torch 2.13.0 CPU, trl==1.16.0, datasets, accelerate), which
 benchmark.py creates; prefopt is not imported here and TRL is not imported by prefopt.
 
-    .venv-bench/bin/python scripts/bench_trl.py --model DIR --pairs ordered.jsonl --steps 12 --out trl.json [--precompute]
+    .venv-bench/bin/python scripts/bench_trl.py --model DIR --pairs ordered.jsonl --steps 12 --out trl.json \
+        [--precompute]
 
 The pairs are {prompt, chosen, rejected} plain strings (TRL's standard, non-conversational format: no
 chat template; TRL appends eos_token to each response). They are fed in file order

@@ -5,7 +5,7 @@ TFLOP/s (and MFU where the device's peak is known), peak resident memory of the 
     .venv/bin/python scripts/benchmark.py --case "tiny=model=tiny_llama trainer.max_steps=20" \
         --case "tiny-ds2=model=tiny_llama hardware=cpu_2proc trainer.max_steps=20"
     .venv/bin/python scripts/benchmark.py --suite precision             # SmolLM2: fp32 vs bf16 mixed, same 20 steps
-    .venv/bin/python scripts/benchmark.py --vs-trl --steps 12           # prefopt vs TRL 1.16 DPOTrainer (see --vs-trl below)
+    .venv/bin/python scripts/benchmark.py --vs-trl --steps 12           # prefopt vs TRL 1.16 DPOTrainer (see below)
 
 Each case is NAME=OVERRIDES and runs in a fresh process (W&B disabled, run dirs under --out). Throughput
 is the median over logged steps after the first (warm-up). Nothing is asserted: numbers go in notes/README.
@@ -68,10 +68,8 @@ def run_case(name: str, overrides: str, out_dir: Path) -> dict:
     wall = time.time() - started
     peak_kb = int(peak_file.read_text()) if peak_file.exists() else 0
     if result.returncode != 0:
-        return {
-            "case": name,
-            "status": f"failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})",
-        }
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode
+        return {"case": name, "status": f"failed ({reason})"}
     all_steps = [row for row in read_jsonl(run_dir / METRICS_FILE) if "train/tokens_per_s" in row]
     steps = all_steps[1:]
     median = lambda key: statistics.median(row[key] for row in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
@@ -217,8 +215,8 @@ def smollm2_dir() -> Path:
     """The converted SmolLM2 directory (tokenizer + weights), converted from the GGUF here on a fresh machine."""
     from hydra import compose, initialize_config_module
 
-    from prefopt.run.config import register_schema
     from prefopt.model.loading import converted_gguf_dir
+    from prefopt.run.config import register_schema
 
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
@@ -405,8 +403,9 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     peaks = (json.loads(peaks_file.read_text()) if resume and peaks_file.exists() else []) + [matmul_peak_gflops()]
     peaks_file.write_text(json.dumps(peaks))
     print(
-        f"pairs: {pairs_path} ({num_pairs}: {len(plan['pairs'])} train in one pass, {EVAL_PAIRS} held out); real tokens per "
-        f"step {plan['step_tokens']}; model {plan['model_dir']} ({num_params:,} parameters); fp32 matmul {peaks[0]:.1f} GFLOP/s",
+        f"pairs: {pairs_path} ({num_pairs}: {len(plan['pairs'])} train in one pass, {EVAL_PAIRS} held out); real "
+        f"tokens per step {plan['step_tokens']}; model {plan['model_dir']} ({num_params:,} parameters); fp32 matmul "
+        f"{peaks[0]:.1f} GFLOP/s",
         file=sys.stderr,
         flush=True,
     )
@@ -520,10 +519,11 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     base = results.get("trl", {}).get("tokens_per_s")
     base_cpu = results.get("trl", {}).get("tokens_per_cpu_s")
     lines = [
-        f"prefopt vs TRL {results.get('trl', results.get('trl-precompute', {})).get('versions', {}).get('trl', '1.16.0')} DPO, "
-        f"SmolLM2-135M fp32 on the CPU, {PAIRS_PER_STEP} pairs per step, {steps} steps (step 1 not timed), the same pairs in the "
-        f"same order in every case; real tokens per timed step: {timed_tokens / (steps - 1):.0f} (prompt + chosen + rejected, "
-        f"eos included, no padding)",
+        "prefopt vs TRL "
+        f"{results.get('trl', results.get('trl-precompute', {})).get('versions', {}).get('trl', '1.16.0')} DPO, "
+        f"SmolLM2-135M fp32 on the CPU, {PAIRS_PER_STEP} pairs per step, {steps} steps (step 1 not timed), the same "
+        f"pairs in the same order in every case; real tokens per timed step: {timed_tokens / (steps - 1):.0f} "
+        "(prompt + chosen + rejected, eos included, no padding)",
         "",
         "| case | real tokens/s | s/step (median) | one-off reference pass s | tokens/s vs TRL default | peak RSS GB | "
         "useful-work MFU | CPU s/step (mean) | tokens per CPU s vs TRL default |",
@@ -539,20 +539,21 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
         cpu_cell = f"{row['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in row else "n/a"
         cpu_ratio = f"{row['tokens_per_cpu_s'] / base_cpu:.2f}x" if base_cpu and "tokens_per_cpu_s" in row else "n/a"
         lines.append(
-            f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | {row['median_step_s']:.1f} | {ref_cell} | {ratio} | "
-            f"{row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% | {cpu_cell} | {cpu_ratio} |"
+            f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | "
+            f"{row['median_step_s']:.1f} | {ref_cell} | {ratio} | {row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% "
+            f"| {cpu_cell} | {cpu_ratio} |"
         )
     lines += [
         "",
-        f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the cases "
-        f"{peaks[0]:.1f}, after {peaks[-1]:.1f}; all: {', '.join(f'{p:.1f}' for p in peaks)}); MFU = (6N, + 2N with a reference forward per step) x real tokens/s / peak, "
-        f"N = {num_params:,}",
+        f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the "
+        f"cases {peaks[0]:.1f}, after {peaks[-1]:.1f}; all: {', '.join(f'{p:.1f}' for p in peaks)}); MFU = (6N, + 2N "
+        f"with a reference forward per step) x real tokens/s / peak, N = {num_params:,}",
         "tokens/s = real tokens of steps 2..N / their summed wall time; s/step = median of steps 2..N; peak RSS = "
-        "getrusage(RUSAGE_CHILDREN).ru_maxrss of each case's own wrapper process; CPU s = user + system seconds of the "
-        "case's process (all threads) over steps 2..N (TRL: time.process_time() at on_step_end; prefopt: /proc/PID/stat "
-        "sampled within ~1 s of each step's log line)",
-        f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 shared cores: absolute numbers drift, "
-        f"compare within this table)",
+        "getrusage(RUSAGE_CHILDREN).ru_maxrss of each case's own wrapper process; CPU s = user + system seconds of "
+        "the case's process (all threads) over steps 2..N (TRL: time.process_time() at on_step_end; prefopt: "
+        "/proc/PID/stat sampled within ~1 s of each step's log line)",
+        f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 shared cores: absolute numbers "
+        "drift, compare within this table)",
         "",
         "| case | started | loss step 1 | loss step N | step seconds (1..N) | wall s (whole process) |",
         "|---|---|---|---|---|---|",
@@ -631,7 +632,8 @@ def main() -> None:
         "eval_loss",
     )
     print(
-        "| case | status | wall s | tokens/s | TFLOP/s | MFU | peak RSS GB* | train loss step 1 | mid | last | final eval loss |"
+        "| case | status | wall s | tokens/s | TFLOP/s | MFU | peak RSS GB* | train loss step 1 | mid | last | final "
+        "eval loss |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -23,12 +23,12 @@ def census(overrides: list[str], num_pairs: int) -> dict[str, torch.Tensor]:
     """Per-pair estimates under the initial policy: seq and q10 of chosen and rejected responses."""
     from hydra import compose, initialize_config_module
 
-    from prefopt.run.config import register_schema
     from prefopt.data import build_preference_data
     from prefopt.data.layout import build_batch, pair_groups
-    from prefopt.model.logps import sequence_logps, split_pairs
     from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
+    from prefopt.model.logps import sequence_logps, split_pairs
     from prefopt.model.precision import set_compute_dtype
+    from prefopt.run.config import register_schema
 
     register_schema()
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):

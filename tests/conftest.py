@@ -33,8 +33,8 @@ def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (ChatML, no BOS added), from the installed GGUF package."""
     from omegaconf import OmegaConf
 
-    from prefopt.run.config import ModelConfig
     from prefopt.model.loading import ModelNotFoundError, load_tokenizer
+    from prefopt.run.config import ModelConfig
 
     try:
         return load_tokenizer(OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF)))

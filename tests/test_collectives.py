@@ -1,6 +1,7 @@
 """DistInfo's collectives: every tensor one hands to torch.distributed sits where the backend takes it
 (NCCL: this rank's GPU; gloo: the CPU), the values come back on the caller's device, and the results
-are right over two real gloo ranks, which then leave their group in order. No module but prefopt/core/distributed.py calls a tensor collective."""
+are right over two real gloo ranks, which then leave their group in order. No module but
+prefopt/core/distributed.py calls a tensor collective."""
 
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def test_no_module_outside_distributed_py_calls_a_tensor_collective():
             for number, line in enumerate(text.splitlines(), 1)
             if collective.search(line)
         ]
-    assert not offenders, f"route these through DistInfo (prefopt/core/distributed.py) so NCCL gets GPU tensors: {offenders}"
+    assert not offenders, (
+        f"route these through DistInfo (prefopt/core/distributed.py) so NCCL gets GPU tensors: {offenders}"
+    )
 
 
 def _two_rank_collectives(rank: int, port: int, results) -> None:

@@ -154,7 +154,8 @@ def test_cli_bad_value_fails_before_loading(tmp_path):
 
 
 def test_cli_hub_model_offline_fails_clearly(tmp_path):
-    # an explicit preset: hardware=auto would refuse first (tests/test_resources.py); cpu only warns, then the lookup fails
+    # an explicit preset: hardware=auto would refuse first (tests/test_resources.py); cpu only warns, then the lookup
+    # fails
     result = run_prefopt("train", "model=llama3_8b", "hardware=cpu", f"hydra.run.dir={tmp_path}/run", timeout=60)
     assert result.returncode == 2
     assert "model.path=" in result.stderr and "Meta-Llama-3-8B-Instruct" in result.stderr

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from prefopt.observe import console as console_module
-from prefopt.run.config import ConfigError, validate_config
 from prefopt.observe.console import SHOW_AFTER_SECONDS, Console, report_progress, resolve_mode
 from prefopt.observe.console_lines import METRIC_NAMES, eval_headline, format_duration, summary_lines
+from prefopt.run.config import ConfigError, validate_config
 from tests.test_config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,8 +309,8 @@ def test_summary_of_a_sweep_job_points_at_the_sweep_report(tmp_path):
     lines = summary_lines(summary, run_dir, "disabled")
     assert lines[0] == "run finished: 10 steps in 1:05 (6.50 s/step incl. evals)"
     assert (
-        "  squeeze      probe log-probs, first -> last probe: dChosen -1.500 | dRejected -3.000 | dOthers -0.500 | dGreedy +0.250"
-        in lines
+        "  squeeze      probe log-probs, first -> last probe: dChosen -1.500 | dRejected -3.000 | dOthers -0.500 | "
+        "dGreedy +0.250" in lines
     )
     assert f"  next         prefopt plot {run_dir}" in lines
     assert f"               prefopt report {sweep_dir}   (once the sweep is done)" in lines

@@ -9,10 +9,10 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
 from prefopt.data import DataError, answer_is_correct, build_preference_data, collate_pairs, collate_sequences
 from prefopt.data.formats import BadRow, split_hh_transcripts
 from prefopt.data.tokenize import IGNORE_INDEX, truncate_pair
+from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
 
 HH_TRANSCRIPTS = [
     ("\n\nHuman: Hi\n\nAssistant: Hello!", "\n\nHuman: Hi\n\nAssistant: Go away."),

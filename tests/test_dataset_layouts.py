@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.columns import ColumnMap
 from prefopt.data.tokenize import PairEncoder
+from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
 
 USER = [{"role": "user", "content": "Name a color."}]
 SYSTEM_AND_TURNS = [

@@ -147,8 +147,8 @@ def held_out_rows(run_dir: Path, file: str, step: int) -> dict:
 
 
 def test_eval_probes_and_greedy_split_over_two_ranks_match_one_rank(tmp_path):
-    """Each rank scores a shard of the eval pairs, probes and greedy prompts (prefopt/train/sharding.py). 5 eval pairs in
-    batches of 2 and 3 probes one per batch: rank 1 runs a padding batch in every pass. Under ZeRO-3 with
+    """Each rank scores a shard of the eval pairs, probes and greedy prompts (prefopt/train/sharding.py). 5 eval pairs
+    in batches of 2 and 3 probes one per batch: rank 1 runs a padding batch in every pass. Under ZeRO-3 with
     every parameter partitioned (persistence threshold 0, so each module call gathers collectively) and small
     log-prob chunks (ranks score different token counts), unequal forwards or head calls would hang or fail."""
     gather_everything = tmp_path / "gather_everything.yaml"

@@ -192,8 +192,8 @@ def test_dynamics_deltas():
 def test_real_model_finds_random_tokens_far_less_likely_than_the_chosen_answer(smollm2_tokenizer):
     from omegaconf import OmegaConf
 
-    from prefopt.run.config import ModelConfig
     from prefopt.model.loading import load_model, resolve_model_source
+    from prefopt.run.config import ModelConfig
 
     model_cfg = OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF))
     tokenizer = smollm2_tokenizer

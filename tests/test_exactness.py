@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from prefopt.data import build_preference_data, collate_pairs
-from prefopt.model.logps import response_token_logps, split_pairs
 from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
+from prefopt.model.logps import response_token_logps, split_pairs
 from prefopt.observe.tracking import read_jsonl
 from prefopt.run.worker import load_frozen_config
 from tests.helpers import run_train
@@ -79,7 +79,8 @@ def train_rows(run_dir):
 
 
 def eval_logps_of(model, run_dir):
-    """Mean summed chosen / rejected log-probs of the run's eval pairs under `model` (as the trainer's eval computes them)."""
+    """Mean summed chosen / rejected log-probs of the run's eval pairs under `model` (as the trainer's eval computes
+    them)."""
     cfg = load_frozen_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)

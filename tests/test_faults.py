@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from prefopt.core import proctree
-from prefopt.train.checkpoint import write_manifest
 from prefopt.observe.tracking import read_jsonl
+from prefopt.train.checkpoint import write_manifest
 from tests.helpers import run_train, wandb_history_all_segments
 
 REPO = Path(__file__).resolve().parents[1]

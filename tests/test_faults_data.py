@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.run.config import DatasetConfig
+from prefopt.core.errors import ConfigError
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.sources import load_raw_splits
-from prefopt.core.errors import ConfigError
+from prefopt.run.config import DatasetConfig
 from tests.test_faults import record
 
 ROWS = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}"} for i in range(10)]
@@ -325,12 +325,13 @@ def test_an_unwritable_reference_cache_names_reference_cache_dir_and_the_run_goe
 
 
 def test_an_unwritable_model_cache_names_model_cache_dir(tmp_path):
-    """The GGUF's conversion is kept in model.cache_dir: a cache that cannot be written names that key, not hydra.run.dir."""
+    """The GGUF's conversion is kept in model.cache_dir: a cache that cannot be written names that key, not
+    hydra.run.dir."""
     from omegaconf import OmegaConf
 
-    from prefopt.run.config import ModelConfig
     from prefopt.core.errors import ConfigError, ModelNotFoundError
     from prefopt.model.loading import converted_gguf_dir
+    from prefopt.run.config import ModelConfig
     from tests.conftest import SMOLLM2_GGUF
 
     blocker = tmp_path / "not-a-dir"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.train.checkpoint import load_trainer_state
 from prefopt.cli import main
-from prefopt.observe.report import build_report
 from prefopt.core.runfiles import DATA_FILE, LOCK_FILE
+from prefopt.observe.report import build_report
+from prefopt.train.checkpoint import load_trainer_state
 from tests.helpers import run_train
 from tests.test_faults import TINY, prefopt, record
 
@@ -277,7 +277,7 @@ def test_a_record_of_another_identity_version_is_not_compared(caplog):
 
 
 def test_resume_data_changed_choices_include_the_value_the_data_layer_acts_on():
-    from prefopt.run.config import CHOICES
     from prefopt.data.identity import ALLOW_CHANGED
+    from prefopt.run.config import CHOICES
 
     assert ALLOW_CHANGED in CHOICES["trainer.resume_data_changed"]

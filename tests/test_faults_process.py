@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.run import launch
-
 from prefopt.core import proctree, rundir
-from prefopt.train.checkpoint import checkpoint_candidates
 from prefopt.core.errors import ConfigError, DataError
 from prefopt.core.runfiles import EXIT_REPORT
+from prefopt.run import launch
+from prefopt.train.checkpoint import checkpoint_candidates
 from tests.test_faults import (
     REPO,
     TINY,
@@ -402,7 +401,8 @@ def test_a_launch_acts_on_its_own_ranks_reports_only(tmp_path):
 
 
 def test_a_reported_error_name_is_one_of_the_user_errors(tmp_path):
-    with pytest.raises(ConfigError, match="odd") as raised:  # Terminated is in prefopt.core.errors too, but no user error
+    # Terminated is in prefopt.core.errors too, but no user error
+    with pytest.raises(ConfigError, match="odd") as raised:
         launch.raise_user_error([{"rank": 0, "user_error": "Terminated", "message": "odd"}])
     assert type(raised.value) is ConfigError
 
@@ -417,8 +417,8 @@ def test_a_rank_that_stopped_alone_ends_the_launch(tmp_path, monkeypatch):
 
 
 STUBBORN_TORCHRUN = """import subprocess, sys
-rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, lambda *args: None); "
-                         "time.sleep(60)", "prefopt.worker"])
+ignore_sigterm = "import signal, time; signal.signal(signal.SIGTERM, lambda *args: None); time.sleep(60)"
+rank = subprocess.Popen([sys.executable, "-c", ignore_sigterm, "prefopt.worker"])
 rank.wait()
 """
 

@@ -119,8 +119,8 @@ def test_fewer_epochs_than_the_checkpoint_trained_are_refused_before_anything_is
 
 
 def test_a_retired_checkpoint_is_restored_only_once_the_resume_is_accepted(tmp_path, capsys):
-    """A save of step N killed between its two renames leaves only .step-N.retired: a resume sees it as step N; a refused
-    one leaves it where it is (nothing moved), an accepted one puts it back and continues from it."""
+    """A save of step N killed between its two renames leaves only .step-N.retired: a resume sees it as step N; a
+    refused one leaves it where it is (nothing moved), an accepted one puts it back and continues from it."""
     args = [*TINY, *QUIET, "trainer.max_steps=2", "trainer.save_every=2"]
     run_dir = run_train(tmp_path / "run", *args)
     checkpoints = run_dir / "checkpoints"
@@ -170,7 +170,8 @@ KILL_IN_REPLACE = """
 import os, signal, sys
 real_replace = os.replace
 def replace(source, target):
-    if str(source).endswith(".partial"):  # the new checkpoint is complete, the old one of the same step moved aside or gone
+    # the new checkpoint is complete, the old one of the same step moved aside or gone
+    if str(source).endswith(".partial"):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(source, target)
 os.replace = replace

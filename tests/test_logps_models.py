@@ -123,7 +123,8 @@ def test_the_head_runs_only_on_scored_positions():
     finally:
         handle.remove()
     scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    # the intercepted call inside the model's forward returns a placeholder; the real projection sees scored positions only
+    # the intercepted call inside the model's forward returns a placeholder; the real projection sees scored positions
+    # only
     assert [shape[0] for shape in seen_rows if len(shape) == 2] == [scored]
 
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from prefopt.train.reference import cache_key, weights_fingerprint
 from prefopt.observe.tracking import read_jsonl
+from prefopt.train.reference import cache_key, weights_fingerprint
 from tests.helpers import run_train
 
 TINY = [
@@ -165,6 +165,7 @@ def test_auto_precomputes_exactly_the_visited_pairs(tmp_path, monkeypatch):
     run_dir = run_train(
         tmp_path / "run", *TINY, "dataset.arith.num_train=64", f"reference.cache_dir={tmp_path / 'cache'}"
     )
-    # 3 steps x 2 pairs = 6 draws from 64 pairs, plus 4 eval pairs (the first call is the 2-pair spot check of a hit, absent here)
+    # 3 steps x 2 pairs = 6 draws from 64 pairs, plus 4 eval pairs (the first call is the 2-pair spot check of a hit,
+    # absent here)
     assert scored == [6 + 4]
     assert "reference cache miss" in run_log(run_dir)

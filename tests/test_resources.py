@@ -59,8 +59,9 @@ def run_measured(args: list[str], timeout: float = 600) -> tuple[int, float, str
     Started from a small wrapper process, so the measured child never begins as a copy of this (large,
     long-lived) pytest process: a forked child's peak RSS counts the parent's pages it starts with."""
     wrapper = (
-        "import os, subprocess, sys; process = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(process.pid, 0); "
-        "print(usage.ru_maxrss, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(status))"
+        "import os, subprocess, sys; process = subprocess.Popen(sys.argv[1:]); _, status, usage = "
+        "os.wait4(process.pid, 0); print(usage.ru_maxrss, file=sys.stderr); "
+        "sys.exit(os.waitstatus_to_exitcode(status))"
     )
     result = subprocess.run(
         [sys.executable, "-c", wrapper, sys.executable, "-m", "prefopt.cli", *args],

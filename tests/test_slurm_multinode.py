@@ -23,8 +23,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
-from prefopt.run.config import ConfigError
 from prefopt.core.distributed import (
     bind_gloo_to_master_route,
     record_rank,
@@ -33,6 +31,8 @@ from prefopt.core.distributed import (
 )
 from prefopt.core.runfiles import RANKS_FILE
 from prefopt.observe.report import build_report
+from prefopt.run.config import ConfigError
+from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
 from tests.helpers import run_train
 from tests.test_config import compose_config
 from tests.test_slurm import RANK_VARIABLES, REPO, TINY, cluster_state, slurm_client_env, sweeps, train_losses, wait_for  # noqa: F401 (sweeps: a fixture)

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.run.config import register_schema, validate_config
 from prefopt.observe.tracking import read_jsonl
+from prefopt.run.config import register_schema, validate_config
 from tests.helpers import run_sweep
 
 STUDY_LOSSES = ["dpo", "gate_dpo", "gate_dpo_q10", "ipo", "gate_ipo", "cal_dpo", "lpo", "dpo_shift"]
@@ -89,8 +89,8 @@ def test_the_study_runs_at_tiny_scale_and_reports_each_regime_against_its_own_dp
     markdown = (sweep_dir / "report_groups.md").read_text()
     for regime in ("near", "offpolicy"):
         assert (
-            f"| loss=gate_dpo_q10 dataset.arith.rejected_style={regime} | loss=dpo dataset.arith.rejected_style={regime} "
-            "| 2 | 0 |"
+            f"| loss=gate_dpo_q10 dataset.arith.rejected_style={regime} | loss=dpo "
+            f"dataset.arith.rejected_style={regime} | 2 | 0 |"
         ) in markdown
     assert (sweep_dir / "report_bands.png").stat().st_size > 0
     assert json.loads((jobs[0] / "summary.json").read_text())["steps"] == 2

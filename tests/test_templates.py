@@ -16,12 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.run.config import ArithConfig, DatasetConfig
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.tokenize import end_of_turn_ids, template_turns
-from prefopt.train.dynamics import greedy_generate
 from prefopt.model.loading import CHATML_TEMPLATE
+from prefopt.run.config import ArithConfig, DatasetConfig
+from prefopt.train.dynamics import greedy_generate
 from tests.test_data import MESSAGE_ROWS, STRING_ROWS
 
 LLAMA3_TEMPLATE = (
@@ -31,8 +31,9 @@ LLAMA3_TEMPLATE = (
 )
 # Mistral-7B-Instruct-v0.1's template: the assistant content follows "[/INST]" with no space
 INST_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+    "message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor "
+    "%}"
 )
 CONF_DIR = Path(__file__).resolve().parents[1] / "prefopt" / "conf"
 
@@ -58,8 +59,8 @@ def byte_level_tokenizer(specials, template, eos, bos=None, add_bos=False, merge
 
 
 def sentencepiece_tokenizer():
-    """Llama-2 / Mistral style: Metaspace with the dummy prefix ("▁" before each text section not starting with a space),
-    BOS added by the tokenizer and written by the [INST] template. Characters only, no merges."""
+    """Llama-2 / Mistral style: Metaspace with the dummy prefix ("▁" before each text section not starting with a
+    space), BOS added by the tokenizer and written by the [INST] template. Characters only, no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

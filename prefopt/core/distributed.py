@@ -106,7 +106,8 @@ def free_port() -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07" (what `scontrol show hostnames` prints first)."""
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07" (what `scontrol show hostnames` prints
+    first)."""
     first = nodelist.split(",")[0]
     if "[" not in first:
         return first

@@ -47,7 +47,8 @@ def job_attempt() -> str:
 
 
 def check_job_shape(hardware_cfg) -> None:
-    """A job's tasks must be the config's ranks (hardware.nodes x hardware.gpus_per_node), or the batch split is wrong."""
+    """A job's tasks must be the config's ranks (hardware.nodes x hardware.gpus_per_node), or the batch split is
+    wrong."""
     if not in_slurm_task() or hardware_cfg.launcher != "slurm":
         return
     tasks, ranks = int(os.environ.get("SLURM_NTASKS", "1")), hardware_cfg.nodes * hardware_cfg.gpus_per_node
@@ -150,7 +151,8 @@ class Preemption:
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def requeue_job(self) -> None:
-        """Rank 0: requeue this job (submitit's handler when submitit runs it: it re-pickles the job first), then leave."""
+        """Rank 0: requeue this job (submitit's handler when submitit runs it: it re-pickles the job first), then
+        leave."""
         warning = self.warning_signal()
         submitit_handler = self.previous_handlers.get(warning)
         if callable(submitit_handler):

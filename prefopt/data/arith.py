@@ -33,7 +33,8 @@ def question_space(max_operand: int, operations: list[str]) -> list[tuple[int, s
     unknown = [op for op in operations if op not in OPERATIONS]
     if unknown or not operations:
         raise ConfigError(
-            f"dataset.arith.operations={list(operations)} is not valid; use a non-empty list of: {', '.join(OPERATIONS)}"
+            f"dataset.arith.operations={list(operations)} is not valid; use a non-empty list of: "
+            f"{', '.join(OPERATIONS)}"
         )
     questions = []
     for op in dict.fromkeys(operations):  # a repeated operator would repeat questions
@@ -61,9 +62,9 @@ def generate_arith_rows(arith_cfg: DictConfig, seed: int) -> tuple[list[dict], l
     needed = arith_cfg.num_train + arith_cfg.num_eval
     if needed > len(questions):
         raise ConfigError(
-            f"dataset.arith.max_operand={arith_cfg.max_operand} with operations {list(arith_cfg.operations)} gives only "
-            f"{len(questions)} distinct questions, fewer than num_train + num_eval = {needed}; raise "
-            f"dataset.arith.max_operand or lower dataset.arith.num_train / num_eval"
+            f"dataset.arith.max_operand={arith_cfg.max_operand} with operations {list(arith_cfg.operations)} gives "
+            f"only {len(questions)} distinct questions, fewer than num_train + num_eval = {needed}; raise "
+            "dataset.arith.max_operand or lower dataset.arith.num_train / num_eval"
         )
     rng = random.Random(seed)
     rng.shuffle(questions)

@@ -187,7 +187,8 @@ def save_entry(path: Path, key: str, splits: Splits, meta: dict) -> None:
 
 
 def load_entry(path: Path, key: str, quiet: bool = False) -> Optional[tuple[Splits, dict]]:
-    """The entry's pairs and meta, or None when it is absent, unreadable, altered or another key's (then it is rebuilt)."""
+    """The entry's pairs and meta, or None when it is absent, unreadable, altered or another key's (then it is
+    rebuilt)."""
     if not path.exists():
         return None
     try:

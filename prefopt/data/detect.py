@@ -41,10 +41,12 @@ FORMAT_DESCRIPTIONS = {
     "strings": "prompt, chosen, rejected (strings)",
     "implicit": "chosen, rejected (strings: whole texts that start with the same prompt)",
     "hh": "chosen, rejected (full '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts)",
-    "messages": "prompt (string or list of {role, content}), chosen, rejected (lists of {role, content} ending with the assistant turn)",
+    "messages": "prompt (string or list of {role, content}), chosen, rejected (lists of {role, content} ending with "
+    "the assistant turn)",
     "implicit_messages": "chosen, rejected (whole conversations: lists of {role, content} sharing the prompt turns, "
     "each ending with its own assistant turn)",
-    "alpaca": "instruction, optional input, system and history, chosen, rejected (strings; LLaMA-Factory's alpaca ranking rows)",
+    "alpaca": "instruction, optional input, system and history, chosen, rejected (strings; LLaMA-Factory's alpaca "
+    "ranking rows)",
 }
 PROMPT_LIKE_COLUMNS = (  # read by some layout, or other tools' names for part of the prompt ("messages" is not:
     "prompt",
@@ -86,7 +88,8 @@ def resolve_format(configured: str, split: RawSplit, columns: ColumnMap = Column
         first_index, first_row = next(iter(split))
         problem = first_row.problem if isinstance(first_row, UnreadableRow) else f"got {type(first_row).__name__}"
         raise DataError(
-            f"{split.origin}: no row is an object with named fields (the first, {split.position(first_index)}: {problem})"
+            f"{split.origin}: no row is an object with named fields (the first, {split.position(first_index)}: "
+            f"{problem})"
         )
     raise layout_error(configured, split.origin, set(first_object))
 
@@ -129,7 +132,8 @@ def check_layout_fits(split: RawSplit, row_format: str, configured: str, columns
         if not isinstance(row, dict):
             continue
         try:
-            # as templated: whether the rows' system / history turns can be rendered is the tokenizer's question, asked later
+            # as templated: whether the rows' system / history turns can be rendered is the tokenizer's question, asked
+            # later
             normalize_row(index, row, row_format, string_prompt_as_user_message=True, columns=columns)
             return
         except BadRow as bad:
@@ -151,10 +155,9 @@ def layout_error(configured: str, origin: str, columns: set, finding: str = "") 
     expected = "; ".join(f"{name}: {FORMAT_DESCRIPTIONS[name]}" for name in FORMAT_COLUMNS)
     wanted = f"dataset.format={configured} expects {FORMAT_DESCRIPTIONS[configured]}. " if configured != "auto" else ""
     return DataError(
-        f"{origin}: the rows do not fit a preference layout. {finding}Found: {', '.join(sorted(columns)) or '(no columns)'} "
-        f"(the data's columns). "
-        f"Expected, per format (dataset.format): {expected}. {wanted}Rename the columns, {COLUMNS_HINT}, or set "
-        f"dataset.format to the layout the data has"
+        f"{origin}: the rows do not fit a preference layout. {finding}Found: "
+        f"{', '.join(sorted(columns)) or '(no columns)'} (the data's columns). Expected, per format (dataset.format): "
+        f"{expected}. {wanted}Rename the columns, {COLUMNS_HINT}, or set dataset.format to the layout the data has"
     )
 
 
@@ -186,7 +189,7 @@ def unread_prompt_columns(split: RawSplit, row_format: str, templated: bool, col
         " (a system column is read only where the chat template renders the prompt)" if "system" in unread else ""
     )
     return (
-        f"{split.origin}: column(s) {names} look like part of the prompt, but dataset.format={row_format} does not read "
-        f"them{system_hint}; map them with dataset.columns.prompt=[...] (columns joined by newlines), set dataset.format, "
-        f"or remove them from the data"
+        f"{split.origin}: column(s) {names} look like part of the prompt, but dataset.format={row_format} does not "
+        f"read them{system_hint}; map them with dataset.columns.prompt=[...] (columns joined by newlines), set "
+        "dataset.format, or remove them from the data"
     )

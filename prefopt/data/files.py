@@ -63,8 +63,8 @@ def data_files(path: str) -> list[Path]:
         files = [Path(path)]
     else:
         raise DataError(
-            f"dataset.path={path} does not exist (or is not a file); give an existing {SUPPORTED} file, a glob of them, "
-            f"or a directory (a save_to_disk dataset or a dataset repository)"
+            f"dataset.path={path} does not exist (or is not a file); give an existing {SUPPORTED} file, a glob of "
+            "them, or a directory (a save_to_disk dataset or a dataset repository)"
         )
     unsupported = [str(file) for file in files if file.suffix not in BUILDERS]
     if unsupported:

@@ -8,8 +8,8 @@ The layouts (`dataset.format`, or detected under `auto` by detect.py), TRL's fou
                       tokenize a word mid-text.
   hh                : {chosen: str, rejected: str}, "\n\nHuman: ...\n\nAssistant: ..." transcripts (HH-RLHF, an implicit
                       layout with a rule of its own): the prompt is everything up to and including the last
-                      "\n\nAssistant:" of the chosen transcript, so it ends on the marker exactly as HH's own prompts do,
-                      and the space after it stays with the response.
+                      "\n\nAssistant:" of the chosen transcript, so it ends on the marker exactly as HH's own
+                      prompts do, and the space after it stays with the response.
   messages          : {prompt: str | [{role, content}], chosen / rejected: [{role, content}] ending with the
                       assistant turn} (TRL: conversational, explicit prompt). Lists that repeat the prompt turns
                       (UltraFeedback's do) are stripped of them.
@@ -75,7 +75,8 @@ class SkippedRows:
             self.examples.append(f"{position}: {problem}")
 
     def warning(self) -> Optional[str]:
-        """What the log says about the skipped rows (kept with cached pairs, so every run says it); None: none skipped."""
+        """What the log says about the skipped rows (kept with cached pairs, so every run says it); None: none
+        skipped."""
         if not self.count:
             return None
         return f"{self.origin}: skipped {self.count} bad rows, e.g. {'; '.join(self.examples)}"
@@ -352,7 +353,8 @@ def checked_messages(value: Any, name: str) -> Messages:
             and isinstance(message.get("content"), str)
         ):
             raise BadRow(
-                f"field '{name}', message {position}: must be an object with string 'role' and 'content' (or 'from' and 'value')"
+                f"field '{name}', message {position}: must be an object with string 'role' and 'content' (or 'from' "
+                "and 'value')"
             )
         messages.append({"role": message["role"], "content": message["content"]})
     return messages

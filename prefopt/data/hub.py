@@ -37,8 +37,8 @@ def load_saved(directory: Path):
         return datasets.load_from_disk(str(directory))
     except Exception as error:  # a damaged or partial save raises several types
         raise DataError(
-            f"directory {directory} holds a save_to_disk dataset that cannot be loaded ({type(error).__name__}: {error}); "
-            f"save it again"
+            f"directory {directory} holds a save_to_disk dataset that cannot be loaded ({type(error).__name__}: "
+            f"{error}); save it again"
         ) from None
 
 
@@ -46,8 +46,9 @@ def saved_split(saved, split: str, label: str):
     """One split of a loaded DatasetDict, or a clear error naming the splits it has."""
     if split not in saved:
         raise DataError(
-            f"{label} has no split '{split}' (it has: {', '.join(saved)}); set dataset.train_split / dataset.eval_split to "
-            f"one of them, or dataset.eval_split=null to hold out dataset.eval_fraction of the train split"
+            f"{label} has no split '{split}' (it has: {', '.join(saved)}); set dataset.train_split / "
+            "dataset.eval_split to one of them, or dataset.eval_split=null to hold out dataset.eval_fraction of the "
+            "train split"
         )
     return saved[split]
 
@@ -72,7 +73,8 @@ def load_named_split(path: str, subset: Optional[str], data_dir: Optional[str], 
         else:
             reason = "the hub cannot be reached (offline?) and it is not in the local cache"
         raise DataError(
-            f"{label} split {split} could not be loaded: {reason}. Check dataset.subset (a config name), dataset.data_dir "
+            f"{label} split {split} could not be loaded: {reason}. Check dataset.subset (a config name), "
+            "dataset.data_dir "
             f"and the split names. {'' if local else LOCAL_COPY_HINT}".rstrip()
         ) from error
 

@@ -37,7 +37,8 @@ def pairs_digest(pairs: Iterable[TokenizedPair]) -> str:
 
 
 def data_identity(data) -> dict[str, Any]:
-    """data: a PreferenceData. A plain dict (it goes into trainer_state.pt, loaded with weights_only=True, and data.json)."""
+    """data: a PreferenceData. A plain dict (it goes into trainer_state.pt, loaded with weights_only=True, and
+    data.json)."""
     return {
         "version": IDENTITY_VERSION,
         "train": pairs_digest(data.train),
@@ -96,8 +97,9 @@ def check_resume_data(
     if saved.get("origin") and saved["origin"] != current["origin"]:
         named += f" (the checkpoint trained on {saved['origin']})"
     raise DataError(
-        f"{named}: the data changed since checkpoint {checkpoint}: {'; '.join(differences)}. Resume on the data the run "
-        f"trained on, start a fresh run, or set {OVERRIDE_KEY}={ALLOW_CHANGED} to continue on the new data (recorded in the run)"
+        f"{named}: the data changed since checkpoint {checkpoint}: {'; '.join(differences)}. Resume on the data the "
+        f"run trained on, start a fresh run, or set {OVERRIDE_KEY}={ALLOW_CHANGED} to continue on the new data "
+        "(recorded in the run)"
     )
 
 

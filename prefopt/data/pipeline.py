@@ -64,8 +64,8 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
     if not splits["train"]:
         raise DataError(
             f"{source.train.origin}: no usable training pairs ({stats['train/skipped_bad_rows']} bad rows skipped, "
-            f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, dataset.max_train_examples "
-            f"and dataset.max_length / dataset.max_prompt_length"
+            f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, "
+            "dataset.max_train_examples and dataset.max_length / dataset.max_prompt_length"
         )
     logger.info(
         "dataset %s (%s rows; train: %s; eval: %s): %s",
@@ -127,7 +127,8 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
     )
     if unread:
         warnings.append(unread)
-    # the template is read only where it renders prompts: never for raw text (hh, implicit) or dataset.chat_template=never
+    # the template is read only where it renders prompts: never for raw text (hh, implicit) or
+    # dataset.chat_template=never
     encoder = PairEncoder(
         tokenizer,
         dataset_cfg.max_length,
@@ -164,8 +165,9 @@ def count_overlap(splits: Splits, eval_origin: str, stats: dict[str, int], warni
     stats["eval/overlap_with_train"] = overlap
     if overlap:
         warnings.append(
-            f"{eval_origin}: {overlap} of {len(splits['eval'])} eval pairs are also train pairs (the same prompt, chosen and "
-            f"rejected text), so eval metrics partly measure memorized pairs; remove the duplicates from the data"
+            f"{eval_origin}: {overlap} of {len(splits['eval'])} eval pairs are also train pairs (the same prompt, "
+            "chosen and rejected text), so eval metrics partly measure memorized pairs; remove the duplicates from "
+            "the data"
         )
 
 

@@ -53,7 +53,8 @@ class PairSampler:
     ):
         if lengths is not None and (len(lengths) != num_pairs or group_size < 1):
             raise ValueError(
-                f"length grouping needs one length per pair ({len(lengths)} for {num_pairs}) and group_size >= 1 (got {group_size})"
+                f"length grouping needs one length per pair ({len(lengths)} for {num_pairs}) and group_size >= 1 (got "
+                f"{group_size})"
             )
         self.num_pairs, self.seed, self.epoch, self.offset = num_pairs, seed, epoch, offset
         self.lengths, self.group_size = lengths, group_size

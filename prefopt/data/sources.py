@@ -94,8 +94,8 @@ def load_raw_splits(dataset_cfg: DictConfig, seed: int) -> RawSource:
         )
     if not dataset_cfg.path:
         raise ConfigError(
-            f"dataset.path is empty for dataset.name={dataset_cfg.name}: give a local file (dataset.path=/path/to/file.jsonl; "
-            f"{SUPPORTED}), a glob, a directory or a hub id"
+            f"dataset.path is empty for dataset.name={dataset_cfg.name}: give a local file "
+            f"(dataset.path=/path/to/file.jsonl; {SUPPORTED}), a glob, a directory or a hub id"
         )
     path = os.path.expanduser(dataset_cfg.path)
     if os.path.isdir(path):
@@ -194,8 +194,9 @@ def check_directory_read_whole(
             else "their names name no split (train*, test*, validation*) while other files' do"
         )
         raise DataError(
-            f"dataset directory {directory}: {named} would not be read: {why}. Give dataset.path one file or a glob of "
-            f"files of one format, convert the files to one format, or move the files that are not data out of the directory"
+            f"dataset directory {directory}: {named} would not be read: {why}. Give dataset.path one file or a glob "
+            "of files of one format, convert the files to one format, or move the files that are not data out of the "
+            "directory"
         )
 
 

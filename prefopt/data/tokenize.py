@@ -302,18 +302,19 @@ class PairEncoder:
         )
         if not conversation.startswith(prompt):
             raise DataError(
-                f"{where}: the tokenizer's chat template is at fault: the prompt it renders with add_generation_prompt=True "
-                f"is not the start of the conversation it renders with the response as the assistant turn, so the "
-                f"response cannot be told apart from the prompt. Prompt: {prompt[-200:]!r}; conversation: "
-                f"{conversation[-300:]!r}. Fix tokenizer.chat_template so that a prompt's rendering is a prefix of the "
-                f"rendering with the response added"
+                f"{where}: the tokenizer's chat template is at fault: the prompt it renders with "
+                "add_generation_prompt=True is not the start of the conversation it renders with the response as the "
+                f"assistant turn, so the response cannot be told apart from the prompt. Prompt: {prompt[-200:]!r}; "
+                f"conversation: {conversation[-300:]!r}. Fix tokenizer.chat_template so that a prompt's rendering is "
+                "a prefix of the rendering with the response added"
             )
         turn = conversation[len(prompt) :]
         after_response = self.turns.after_response
         if not turn.endswith(after_response):
             raise DataError(
-                f"{where}: the tokenizer's chat template is at fault: it ends this assistant turn ({turn[-100:]!r}) with other "
-                f"text than it ends an assistant turn in general ({after_response!r}); fix tokenizer.chat_template"
+                f"{where}: the tokenizer's chat template is at fault: it ends this assistant turn ({turn[-100:]!r}) "
+                f"with other text than it ends an assistant turn in general ({after_response!r}); fix "
+                "tokenizer.chat_template"
             )
         return turn[: len(turn) - len(after_response)] + self.turns.end_of_turn
 
@@ -354,7 +355,8 @@ def collate_sequences(
     and padding positions; prompt_lengths / response_lengths say where each part is."""
     if not prompt_ids or len(prompt_ids) != len(response_ids):
         raise ValueError(
-            f"collate_sequences needs as many prompts as responses, at least one ({len(prompt_ids)} vs {len(response_ids)})"
+            f"collate_sequences needs as many prompts as responses, at least one ({len(prompt_ids)} vs "
+            f"{len(response_ids)})"
         )
     if pad_token_id is None:
         raise ValueError("collate needs a pad_token_id (the tokenizer's pad_token_id)")

@@ -167,7 +167,8 @@ def converted_gguf_dir(model_cfg: DictConfig) -> Path:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """The GGUF as a plain HF directory at `target`, converted once (under a lock: a sweep's jobs wait for the first)."""
+    """The GGUF as a plain HF directory at `target`, converted once (under a lock: a sweep's jobs wait for the
+    first)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.parent / f"{target.name}.lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited

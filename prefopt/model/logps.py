@@ -278,9 +278,9 @@ def check_logits_path(model, vocab_size: int, device, tolerance: float = 1e-4) -
     limit = tolerance if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not difference <= limit:
         raise LogitsPathError(
-            f"{type(model).__name__}: log-probs from the output head differ from log_softmax(model(...).logits) by {difference:.3g} "
-            f"(limit {limit:g}). Its forward post-processes logits in a way prefopt does not know (see prefopt/model/logps.py "
-            f"logit_postprocessor); add it there before training this architecture"
+            f"{type(model).__name__}: log-probs from the output head differ from log_softmax(model(...).logits) by "
+            f"{difference:.3g} (limit {limit:g}). Its forward post-processes logits in a way prefopt does not know "
+            "(see prefopt/model/logps.py logit_postprocessor); add it there before training this architecture"
         )
     return difference
 
@@ -304,9 +304,9 @@ def check_packed_path(model, vocab_size: int, device) -> float:
     limit = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not difference <= limit:
         raise ConfigError(
-            f"{type(model).__name__} with attn_implementation={getattr(model.config, '_attn_implementation', '?')} does not "
-            f"take prefix-shared, packed attention masks (packed and padded log-probs differ by {difference:.3g}); "
-            f"run it with trainer.batching=padded"
+            f"{type(model).__name__} with attn_implementation={getattr(model.config, '_attn_implementation', '?')} "
+            "does not take prefix-shared, packed attention masks (packed and padded log-probs differ by "
+            f"{difference:.3g}); run it with trainer.batching=padded"
         )
     return difference
 

@@ -298,7 +298,8 @@ class Console:
             log.info("%s", "\n".join(summary_lines(summary, self.run_dir, self.wandb_mode)))
 
     def close(self) -> None:
-        """However the run ends: stop ticking, wipe the status line (an error message starts on a clean line), unhook."""
+        """However the run ends: stop ticking, wipe the status line (an error message starts on a clean line),
+        unhook."""
         global _active
         if not self.enabled:
             return

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from prefopt.observe.report import SUMMARY_COLUMNS
 from prefopt.core.runfiles import (
     CHECKPOINTS,
     DYNAMICS_FILE,
@@ -16,6 +15,7 @@ from prefopt.core.runfiles import (
     WANDB_DIR,
     WANDB_ID_FILE,
 )
+from prefopt.observe.report import SUMMARY_COLUMNS
 
 # The metric names the console reads (without their train/ or eval/ prefix), in one place: when the
 # logged names change, this mapping is the only thing here to change.
@@ -48,10 +48,10 @@ def number(value: Optional[float], spec: str) -> str:
 def eval_headline(step: int, metrics: Mapping[str, Any]) -> str:
     """One line per eval: what moved (accuracy, margin), where the log-probs went, and the loss."""
     text = (
-        f"eval @ step {step} | acc {number(metric(metrics, 'eval', 'accuracy'), '.3f')} "
-        f"| margin {number(metric(metrics, 'eval', 'margin'), '+.4f')} "
-        f"| logp chosen {number(metric(metrics, 'eval', 'chosen'), '.2f')} rejected {number(metric(metrics, 'eval', 'rejected'), '.2f')} "
-        f"| loss {number(metric(metrics, 'eval', 'loss'), '.4f')}"
+        f"eval @ step {step} | acc {number(metric(metrics, 'eval', 'accuracy'), '.3f')} | margin "
+        f"{number(metric(metrics, 'eval', 'margin'), '+.4f')} | logp chosen "
+        f"{number(metric(metrics, 'eval', 'chosen'), '.2f')} rejected "
+        f"{number(metric(metrics, 'eval', 'rejected'), '.2f')} | loss {number(metric(metrics, 'eval', 'loss'), '.4f')}"
     )
     if isinstance(metrics.get("eval/greedy_accuracy"), (int, float)):
         text += f" | greedy acc {metrics['eval/greedy_accuracy']:.3f}"
@@ -69,10 +69,11 @@ def step_line(
     """The training line written every trainer.log_every steps (both modes)."""
     mfu = f" | MFU {100 * metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else ""
     return (
-        f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} "
-        f"| margin {number(metric(metrics, 'train', 'margin'), '.3f')} | acc {number(metric(metrics, 'train', 'accuracy'), '.2f')} "
-        f"| lr {metrics.get('train/lr', 0.0):.2e} | {metrics.get('train/tokens_per_s', 0.0):.0f} tok/s "
-        f"| {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | {seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}"
+        f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} | margin "
+        f"{number(metric(metrics, 'train', 'margin'), '.3f')} | acc "
+        f"{number(metric(metrics, 'train', 'accuracy'), '.2f')} | lr {metrics.get('train/lr', 0.0):.2e} | "
+        f"{metrics.get('train/tokens_per_s', 0.0):.0f} tok/s | {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | "
+        f"{seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}"
     )
 
 
@@ -141,7 +142,8 @@ def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) ->
         lines.append(f"  plot         {plot}")
     checkpoint = latest_checkpoint(run_dir)
     lines.append(
-        f"  checkpoint   {checkpoint if checkpoint else 'none written (trainer.save_final=false, trainer.save_every=0)'}"
+        "  checkpoint   "
+        f"{checkpoint if checkpoint else 'none written (trainer.save_final=false, trainer.save_every=0)'}"
     )
     wandb = wandb_line(run_dir, wandb_mode)
     if wandb:

@@ -86,7 +86,8 @@ def job_failed(job_dir: Path, summary: Optional[dict[str, Any]]) -> bool:
 
 
 def job_row(job_dir: Path, planned: Optional[list[str]] = None) -> dict[str, Any]:
-    """planned: the job's overrides as the sweep planned them, shown for a job that failed before it recorded its own."""
+    """planned: the job's overrides as the sweep planned them, shown for a job that failed before it recorded its
+    own."""
     summary = read_summary(job_dir)
     failed = job_failed(job_dir, summary)
     label = " ".join(planned) if planned and not run_overrides(job_dir) else run_label(job_dir)

@@ -3,9 +3,9 @@
 W&B runs offline by default (no account), with system metrics (CPU, GPU, memory) and the console
 output captured as W&B users expect (logger.wandb.system_metrics, logger.wandb.console). Its config is the
 resolved run config plus the run's overrides, config-group choices and git revision. Its run id is kept
-in the run dir so a resumed run continues the same W&B run (resume="allow"). On resume, metric lines after the checkpoint's step are
-dropped, so the file reads as if the run had never stopped, and the steps that no earlier W&B segment
-holds (a segment killed with SIGKILL keeps nothing it had buffered) are replayed from metrics.jsonl
+in the run dir so a resumed run continues the same W&B run (resume="allow"). On resume, metric lines after the
+checkpoint's step are dropped, so the file reads as if the run had never stopped, and the steps that no earlier
+W&B segment holds (a segment killed with SIGKILL keeps nothing it had buffered) are replayed from metrics.jsonl
 into the new segment: synced together, the segments hold every step once.
 
 Everything written is strict JSON: a non-finite value is written as null and its key listed under

@@ -70,7 +70,8 @@ def preset_overrides(values: Mapping[str, Any]) -> str:
 
 
 def gpu_presets(count: int, offload: bool = False) -> list[dict]:
-    """One GPU: the plain `gpu` preset (ZeRO partitions nothing over one rank); several: ZeRO-1, 2, 3, smallest first."""
+    """One GPU: the plain `gpu` preset (ZeRO partitions nothing over one rank); several: ZeRO-1, 2, 3, smallest
+    first."""
     if offload:
         return [preset_values("zero3_offload", gpus=count)]
     if count == 1:
@@ -96,8 +97,10 @@ def first_fit(run: Run, machine: Machine, limits: Limits) -> Optional[HardwarePl
 
 def describe_fit(estimate: MemoryEstimate, machine: Machine, seconds: Optional[float]) -> str:
     if estimate.device == "cpu":
-        return f"~{estimate.total / GB:.1f} GB estimated peak on the CPU ({machine.ram_bytes / GB:.1f} GB RAM), ~{seconds:.0f} s per step"
-    return f"~{estimate.total / GB:.1f} GB estimated peak per GPU ({estimate.ranks_per_node} x {min(machine.gpu_bytes) / GB:.0f} GB)"
+        ram = machine.ram_bytes / GB
+        return f"~{estimate.total / GB:.1f} GB estimated peak on the CPU ({ram:.1f} GB RAM), ~{seconds:.0f} s per step"
+    gpu = min(machine.gpu_bytes) / GB
+    return f"~{estimate.total / GB:.1f} GB estimated peak per GPU ({estimate.ranks_per_node} x {gpu:.0f} GB)"
 
 
 def plan_hardware(run: Run, machine: Machine, limits: Limits) -> HardwarePlan:
@@ -109,7 +112,8 @@ def plan_hardware(run: Run, machine: Machine, limits: Limits) -> HardwarePlan:
 
 
 def gpu_fit(run: Run, gpu_bytes: int, limits: Limits, offload: bool) -> tuple[Optional[dict], MemoryEstimate]:
-    """The fewest GPUs of gpu_bytes (then the smallest stage) that hold `run`; else (None, the largest try's estimate)."""
+    """The fewest GPUs of gpu_bytes (then the smallest stage) that hold `run`; else (None, the largest try's
+    estimate)."""
     for count in SUGGESTED_GPU_COUNTS:
         node = Machine(
             ram_bytes=2**62, cpu_cores=1, gpu_bytes=(gpu_bytes,) * count
@@ -125,7 +129,8 @@ def suggestion(overrides: str, run: Run, machine: Machine, limits: Limits, offlo
     """One line of a refusal: the overrides, the estimate per rank, and where that fits."""
     here = None if offload else first_fit(run, machine, limits)
     if here is not None:
-        return f"  {overrides}: fits here ({preset_overrides(here.values)}), {here.values['chosen_by'].removeprefix('auto: ')}"
+        chosen_by = here.values["chosen_by"].removeprefix("auto: ")
+        return f"  {overrides}: fits here ({preset_overrides(here.values)}), {chosen_by}"
     gpu_bytes = min(machine.gpu_bytes) if machine.gpu_bytes else ASSUMED_GPU_BYTES
     values, estimate = gpu_fit(run, gpu_bytes, limits, offload)
     host = f" + {estimate.host_per_node / GB:.0f} GB CPU RAM" if estimate.host else ""
@@ -141,7 +146,8 @@ def suggestion(overrides: str, run: Run, machine: Machine, limits: Limits, offlo
         if count <= len(machine.gpu_bytes) and fits(estimate, machine, limits)
         else f"on {count} GPU{'s' if count > 1 else ''} of {gpu_bytes / GB:.0f} GB"
     )
-    return f"  {' '.join(filter(None, [overrides, preset_overrides(values)]))}: {estimate.total / GB:.1f} GB per GPU{host}, {where}"
+    settings = " ".join(filter(None, [overrides, preset_overrides(values)]))
+    return f"  {settings}: {estimate.total / GB:.1f} GB per GPU{host}, {where}"
 
 
 def refusal(run: Run, machine: Machine, limits: Limits) -> str:
@@ -150,8 +156,8 @@ def refusal(run: Run, machine: Machine, limits: Limits) -> str:
     seconds = step_seconds(run, cpu_tflops(machine, limits))
     lines = [
         f"hardware=auto: nothing on this machine ({machine.describe()}) fits model {run.name} "
-        f"({run.arch.num_parameters / 1e9:.2f}e9 parameters, {run.dtype}). On the CPU it needs ~{cpu.total / GB:.1f} GB "
-        f"({cpu.breakdown()}) of {limits.usable_memory_fraction * machine.ram_bytes / GB:.1f} GB usable "
+        f"({run.arch.num_parameters / 1e9:.2f}e9 parameters, {run.dtype}). On the CPU it needs ~{cpu.total / GB:.1f} "
+        f"GB ({cpu.breakdown()}) of {limits.usable_memory_fraction * machine.ram_bytes / GB:.1f} GB usable "
         f"(hardware.usable_memory_fraction={limits.usable_memory_fraction:g}) and ~{seconds:.0f} s per step "
         f"(hardware.max_cpu_step_seconds={limits.max_cpu_step_seconds:g}).",
     ]
@@ -201,7 +207,8 @@ def lenient_plan(run: Run, limits: Limits, machine: Machine) -> HardwarePlan:
 
 
 def auto_hardware_value(key: str, _root_: DictConfig) -> Any:
-    """`${auto_hardware:KEY}`: KEY of the preset hardware=auto chooses for this config (never raises: see settle_hardware)."""
+    """`${auto_hardware:KEY}`: KEY of the preset hardware=auto chooses for this config (never raises: see
+    settle_hardware)."""
     try:
         plan = lenient_plan(run_shape(_root_), limits_from(_root_.hardware), this_machine())
     except ConfigError as error:

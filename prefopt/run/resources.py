@@ -151,7 +151,8 @@ class Machine:
         if not self.gpu_bytes:
             gpus = "no GPU"
         else:
-            gpus = f"{len(self.gpu_bytes)} GPU{'s' if len(self.gpu_bytes) > 1 else ''} of {min(self.gpu_bytes) / GB:.0f} GB"
+            plural = "s" if len(self.gpu_bytes) > 1 else ""
+            gpus = f"{len(self.gpu_bytes)} GPU{plural} of {min(self.gpu_bytes) / GB:.0f} GB"
         return f"{self.ram_bytes / GB:.1f} GB RAM, {self.cpu_cores} CPU cores, {gpus}"
 
 
@@ -267,7 +268,8 @@ def safetensors_parameters(directory: Path) -> Optional[int]:
 
 
 def model_arch(model_cfg: DictConfig) -> Arch:
-    """The model's figures: model.tiny (random models), else a local model.path's config.json and the preset's model.arch."""
+    """The model's figures: model.tiny (random models), else a local model.path's config.json and the preset's
+    model.arch."""
     if model_cfg.source == "tiny":
         tiny = model_cfg.tiny
         return arch_from_figures(
@@ -290,10 +292,11 @@ def model_arch(model_cfg: DictConfig) -> Arch:
     missing = [key for key in ARCH_FIGURES if not figures.get(key)]
     if missing:
         raise ConfigError(
-            f"hardware=auto cannot estimate the memory of model {model_cfg.name} ({model_cfg.path}): model.arch.{missing[0]} is not set. "
-            f"Give the figures from the model's config.json (model.arch.hidden_size=... num_layers, vocab_size, num_heads, "
-            f"num_kv_heads, intermediate_size, num_parameters), point model.path at a local directory with config.json, "
-            f"or choose the hardware yourself (hardware=cpu | gpu | zero1 | zero2 | zero3 | zero3_offload)"
+            f"hardware=auto cannot estimate the memory of model {model_cfg.name} ({model_cfg.path}): "
+            f"model.arch.{missing[0]} is not set. Give the figures from the model's config.json "
+            "(model.arch.hidden_size=... num_layers, vocab_size, num_heads, num_kv_heads, intermediate_size, "
+            "num_parameters), point model.path at a local directory with config.json, or choose the hardware "
+            "yourself (hardware=cpu | gpu | zero1 | zero2 | zero3 | zero3_offload)"
         )
     return arch_from_figures(figures)
 

@@ -340,17 +340,18 @@ def check_resume(cfg: DictConfig, run_dir: Path, derived_steps: Optional[int] = 
         if change is not None:
             key, theirs, ours = change
             note = (
-                f"{key}: {theirs} -> {ours}: continuing {candidate.name} with the new length; the LR schedule is rebuilt "
-                f"for it and its step count continues from step {step}, as a Hugging Face Trainer resumed with a larger "
-                f"max_steps does (the next step keeps the LR already set, the following ones follow the new schedule)"
+                f"{key}: {theirs} -> {ours}: continuing {candidate.name} with the new length; the LR schedule is "
+                f"rebuilt for it and its step count continues from step {step}, as a Hugging Face Trainer resumed "
+                "with a larger max_steps does (the next step keeps the LR already set, the following ones follow the "
+                "new schedule)"
             )
         return AcceptedResume(candidate, step, note)
     if refusals:
         raise refusal_error(resume, run_dir, *refusals[0])
     if unusable:
         raise CheckpointError(
-            f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {'; '.join(unusable)}. Start a fresh run in a new dir, or point "
-            f"trainer.resume at a valid checkpoint; nothing in {run_dir} was changed"
+            f"trainer.resume={yaml_value(resume)}: no valid checkpoint. {'; '.join(unusable)}. Start a fresh run in a "
+            f"new dir, or point trainer.resume at a valid checkpoint; nothing in {run_dir} was changed"
         )
     return None
 
@@ -366,9 +367,8 @@ def refusal_error(
         if key not in ("run_dir", "trainer.resume", "hardware.chosen_by")
     )
     return CheckpointError(
-        f"trainer.resume={yaml_value(resume)}: checkpoint {checkpoint} belongs to another config ({shown}). Resume with its "
-        f"values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
-        f"trainer.max_steps or trainer.num_epochs (not to fewer steps than the checkpoint's {checkpoint_step(checkpoint)}). "
-        f"Nothing in {run_dir} "
-        f"was changed"
+        f"trainer.resume={yaml_value(resume)}: checkpoint {checkpoint} belongs to another config ({shown}). Resume "
+        f"with its values ({fix}), or start a fresh run in a new dir; a resume may change only {may_change}, and "
+        "trainer.max_steps or trainer.num_epochs (not to fewer steps than the checkpoint's "
+        f"{checkpoint_step(checkpoint)}). Nothing in {run_dir} was changed"
     )

@@ -123,7 +123,8 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
             raise SystemExit(1) from None
         if not cfg.sweep.continue_on_failure:
             print(
-                f"prefopt: error: job {hydra_cfg.job.num} failed and sweep.continue_on_failure=false stops the sweep: {error}",
+                f"prefopt: error: job {hydra_cfg.job.num} failed and sweep.continue_on_failure=false stops the "
+                f"sweep: {error}",
                 file=sys.stderr,
             )
             raise SystemExit(1) from None

@@ -52,14 +52,16 @@ def launched_by_prefopt() -> bool:
 
 
 def write_exit_report(run_dir: Path, rank: int, **outcome: Any) -> None:
-    """This rank's EXIT_REPORT for the `prefopt train` that launched it: outcome is user_error= and message=, or stopped=."""
+    """This rank's EXIT_REPORT for the `prefopt train` that launched it: outcome is user_error= and message=, or
+    stopped=."""
     report = {"launch": os.environ[proctree.LAUNCH_ID_ENV], "rank": rank, "host": proctree.host_name(), **outcome}
     atomic_write_text(run_dir / EXIT_REPORT.format(rank=rank), json.dumps(report))
 
 
 def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = False) -> dict[str, Any]:
     """Run the recipe (RECIPES: recipes/train.py; recipes/evaluate.py for `prefopt eval`); on failure leave this
-    rank's traceback in the run dir (the launcher and `prefopt report` read it), except for a user error that the parent prints instead.
+    rank's traceback in the run dir (the launcher and `prefopt report` read it), except for a user error that the
+    parent prints instead.
     as_rank: a process of its own (torchrun, srun): it holds the run dir's ranks lock until it exits."""
     body = RECIPES[command]
     cfg = load_frozen_config(config_path)

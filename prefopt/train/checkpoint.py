@@ -389,8 +389,9 @@ def safe_load(path: Path) -> Any:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain prefopt state file ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            f"It may have been written by someone else; resume only from run dirs you trust"
+            f"refusing to load {path}: it is not a plain prefopt state file ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]}). It may have been written by someone else; resume only from run dirs you "
+            "trust"
         ) from None
 
 
@@ -401,8 +402,9 @@ def check_trusted(directory: Path) -> None:
         info = path.lstat()
         if info.st_uid != uid or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or stat.S_ISLNK(info.st_mode):
             raise CheckpointError(
-                f"refusing to load the DeepSpeed checkpoint {directory}: {path} is owned by uid {info.st_uid} or writable "
-                f"by others (DeepSpeed loads it with pickle, which can run code). Resume only from run dirs you own"
+                f"refusing to load the DeepSpeed checkpoint {directory}: {path} is owned by uid {info.st_uid} or "
+                "writable by others (DeepSpeed loads it with pickle, which can run code). Resume only from run dirs "
+                "you own"
             )
 
 

@@ -92,8 +92,8 @@ def build_probe_set(
     probes = data.eval[:num_probes]
     if not probes:
         raise DataError(
-            "the probe set (dynamics.enabled=true) needs held-out pairs, and the eval split has none; give held-out data "
-            "(dataset.eval_fraction, dataset.max_eval_examples) or set dynamics.enabled=false"
+            "the probe set (dynamics.enabled=true) needs held-out pairs, and the eval split has none; give held-out "
+            "data (dataset.eval_fraction, dataset.max_eval_examples) or set dynamics.enabled=false"
         )
     allowed_ids = [token for token in range(vocab_size) if token not in special_ids]
     responses: dict[str, list] = {name: [] for name in RESPONSE_TYPES}

@@ -179,7 +179,8 @@ def check_length_config(trainer_cfg: DictConfig) -> None:
         )
     if trainer_cfg.max_steps is None and trainer_cfg.num_epochs is None:
         raise ConfigError(
-            "trainer.max_steps and trainer.num_epochs are both null: set one (trainer.max_steps=N or trainer.num_epochs=E)"
+            "trainer.max_steps and trainer.num_epochs are both null: set one (trainer.max_steps=N or "
+            "trainer.num_epochs=E)"
         )
     if trainer_cfg.num_epochs is not None and not trainer_cfg.num_epochs > 0:
         raise ConfigError(f"trainer.num_epochs={trainer_cfg.num_epochs} is impossible: it must be > 0")
@@ -196,8 +197,9 @@ def epoch_steps(num_epochs: float, num_pairs: int, micro_batch_size: int, grad_a
 def describe_epochs(trainer_cfg: DictConfig, num_pairs: int, world_size: int) -> str:
     """One log line: how trainer.num_epochs became trainer.max_steps (once it has)."""
     return (
-        f"trainer.num_epochs={trainer_cfg.num_epochs:g}: {num_pairs} training pairs / ({trainer_cfg.micro_batch_size} micro batch x "
-        f"{trainer_cfg.grad_accum} accumulation x {world_size} ranks) -> trainer.max_steps={trainer_cfg.max_steps}"
+        f"trainer.num_epochs={trainer_cfg.num_epochs:g}: {num_pairs} training pairs / ({trainer_cfg.micro_batch_size} "
+        f"micro batch x {trainer_cfg.grad_accum} accumulation x {world_size} ranks) -> "
+        f"trainer.max_steps={trainer_cfg.max_steps}"
     )
 
 
