@@ -23,8 +23,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
-from prefopt.run.config import ConfigError
 from prefopt.core.distributed import (
     RANKS_FILE,
     bind_gloo_to_master_route,
@@ -33,6 +31,8 @@ from prefopt.core.distributed import (
     wait_for_frozen_config,
 )
 from prefopt.observe.report import build_report
+from prefopt.run.config import ConfigError
+from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
 from tests.helpers import run_train
 from tests.test_config import compose_config
 from tests.test_slurm import RANK_VARIABLES, REPO, TINY, cluster_state, slurm_client_env, sweeps, train_losses, wait_for  # noqa: F401 (sweeps: a fixture)
@@ -54,6 +54,10 @@ TWO_NODE = ["hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", "hardw
 
 def test_multi_node_presets_compose():
     from hydra import compose, initialize_config_module
+
+    from prefopt.run.config import register_schema
+
+    register_schema()  # conf/config.yaml's prefopt_schema
 
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
         for hardware, tasks in (("slurm_cpu_2node", 1), ("slurm_cpu_2node_2task", 2)):

@@ -210,7 +210,7 @@ def test_read_only_run_dir_is_one_message(tmp_path, monkeypatch, capsys):
     def read_only(*args, **kwargs):  # root writes through chmod 0555, so simulate a read-only mount
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run"))
 
-    monkeypatch.setattr("prefopt.cli.tempfile.TemporaryFile", read_only)
+    monkeypatch.setattr("prefopt.run.app.tempfile.TemporaryFile", read_only)
     assert run_main(*TINY, f"hydra.run.dir={tmp_path}/run") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"hydra.run.dir={tmp_path}/run" in err and "Read-only file system" in err
