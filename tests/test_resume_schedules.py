@@ -17,10 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.run.config import ConfigError, TrainerConfig, validate_config
-from prefopt.train.schedules import METRIC_SCHEDULES, SCHEDULES, epoch_steps
 from prefopt.observe.tracking import read_jsonl
-from tests.helpers import run_train
+from prefopt.run.config import ConfigError, validate_config
+from prefopt.train.schedules import METRIC_SCHEDULES, SCHEDULES, epoch_steps
+from tests.helpers import run_train, trainer_node
 from tests.test_config import compose_config
 
 TINY = [
@@ -143,7 +143,7 @@ def test_the_engine_steps_transformers_schedule_exactly(overrides, name, warmup,
     from prefopt.train.engine import TorchEngine
     from prefopt.train.schedules import check_schedule_config
 
-    trainer_cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"max_steps": 10, "lr": 0.01, **overrides})
+    trainer_cfg = trainer_node(**{"max_steps": 10, "lr": 0.01, "warmup_steps": None, **overrides})
     check_schedule_config(trainer_cfg)
     model = torch.nn.Linear(3, 1)
     engine = TorchEngine(model, trainer_cfg)
@@ -239,7 +239,8 @@ def test_pruning_spares_the_new_checkpoint_and_the_one_resumed_from(tmp_path):
     assert checkpoints_beyond_limit(root, None, root / "step-000008") == []
 
 
-@pytest.mark.slow  # two runs, 7 checkpoints (~25 s of CPU); the quick checks: test_pruning_spares_..., and the epochs run below
+# two runs, 7 checkpoints (~25 s of CPU); the quick checks: test_pruning_spares_..., and the epochs run below
+@pytest.mark.slow
 def test_save_total_limit_keeps_n_and_never_the_checkpoint_resumed_from(tmp_path):
     common = [*TINY, "trainer.max_steps=4", "trainer.save_every=1", "logger.wandb.mode=disabled"]
     run_dir = run_train(tmp_path / "run", *common, "trainer.stop_after=3", "trainer.save_total_limit=2")
@@ -323,7 +324,8 @@ def test_latest_picks_the_newest_unfinished_run_with_this_config(tmp_path):
     assert found.run_dir == older.resolve() and found.step == 3
 
 
-@pytest.mark.slow  # four tiny runs (~40 s of CPU); test_latest_picks_the_newest_unfinished_run_with_this_config is the quick one
+# four tiny runs (~40 s of CPU); test_latest_picks_the_newest_unfinished_run_with_this_config is the quick one
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_resume_latest_continues_the_same_dir_and_matches_an_uninterrupted_run(tmp_path, engine):
     common = [*TINY, *SCHEDULE, f"hardware.engine={engine}", "trainer.max_steps=6", "trainer.save_every=3"]
@@ -361,19 +363,12 @@ def test_resume_latest_continues_the_same_dir_and_matches_an_uninterrupted_run(t
 
 def test_the_torch_engine_steps_fused_adamw_and_it_is_the_adamw_formula():
     """The plain engine uses torch's fused AdamW (4.5x faster per step on the CPU); its update is still
-    AdamW's formula: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, w -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd w)."""
+    AdamW's formula: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
+    w -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd w)."""
     from prefopt.train.engine import TorchEngine
 
-    trainer_cfg = OmegaConf.merge(
-        OmegaConf.structured(TrainerConfig),
-        {
-            "max_steps": 10,
-            "lr": 0.01,
-            "warmup_steps": 0,
-            "lr_schedule": "constant",
-            "weight_decay": 0.1,
-            "max_grad_norm": 1e9,
-        },
+    trainer_cfg = trainer_node(
+        max_steps=10, lr=0.01, warmup_steps=0, lr_schedule="constant", weight_decay=0.1, max_grad_norm=1e9
     )
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1, bias=False)

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.run.config import ConfigError, DatasetConfig, validate_config
-from prefopt.data import DataError, PreferenceData, build_preference_data
 from prefopt.core.fileutil import atomic_write_text
+from prefopt.data import DataError, PreferenceData, build_preference_data
+from prefopt.run.config import ConfigError, validate_config
+from tests.helpers import dataset_node
 from tests.test_config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def jsonl_with_line(tmp_path: Path, line_number: int, raw_line: bytes, name: str
 
 
 def local_cfg(path: Path, **overrides):
-    return OmegaConf.structured(DatasetConfig(name="local", path=str(path), **overrides))
+    return dataset_node(name="local", path=str(path), **overrides)
 
 
 # ---------------------------------------------------------------- data files
@@ -119,8 +119,8 @@ def test_positions_count_from_one_like_an_editor(tmp_path, byte_tokenizer):
 
 
 def test_identical_prompts_probe_without_other_prompt_responses(tmp_path, byte_tokenizer, caplog):
-    from prefopt.train.dynamics import OTHER_PROMPT_TYPES, build_probe_set, dynamics_deltas, evaluate_probes
     from prefopt.model.loading import ModelSource, load_model
+    from prefopt.train.dynamics import OTHER_PROMPT_TYPES, build_probe_set, dynamics_deltas, evaluate_probes
 
     path = tmp_path / "same.jsonl"
     path.write_text("".join(json.dumps(dict(row, prompt="the same question")) + "\n" for row in ROWS))

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from prefopt.core import proctree, rundir
 from prefopt.core.distributed import export_ranks, leave_distributed, record_rank
-from prefopt.core.errors import USER_ERRORS
+from prefopt.core.errors import USER_ERRORS, ConfigError
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.runfiles import EXIT_REPORT, rank_error_file
 from prefopt.core.slurm import check_job_shape, restart_count
@@ -38,8 +38,16 @@ RECIPES = {
 
 
 def load_frozen_config(config_path: str | Path):
-    """The resolved config.yaml of a run dir, typed again by the schema."""
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
+    """The resolved config.yaml of a run dir, typed again by the schema. A frozen config holds every key, so the
+    keys whose defaults live in conf/ (MISSING in the schema) all have values; one it lacks is named, not guessed."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{config_path} has no value for {missing[0]} (a config frozen by another prefopt version?); "
+            f"add {missing[0]}: VALUE to it, or start the run again"
+        )
+    return cfg
 
 
 def current_rank() -> int:
@@ -52,14 +60,16 @@ def launched_by_prefopt() -> bool:
 
 
 def write_exit_report(run_dir: Path, rank: int, **outcome: Any) -> None:
-    """This rank's EXIT_REPORT for the `prefopt train` that launched it: outcome is user_error= and message=, or stopped=."""
+    """This rank's EXIT_REPORT for the `prefopt train` that launched it: outcome is user_error= and message=, or
+    stopped=."""
     report = {"launch": os.environ[proctree.LAUNCH_ID_ENV], "rank": rank, "host": proctree.host_name(), **outcome}
     atomic_write_text(run_dir / EXIT_REPORT.format(rank=rank), json.dumps(report))
 
 
 def run_worker(config_path: str | Path, command: str = "train", as_rank: bool = False) -> dict[str, Any]:
     """Run the recipe (RECIPES: recipes/train.py; recipes/evaluate.py for `prefopt eval`); on failure leave this
-    rank's traceback in the run dir (the launcher and `prefopt report` read it), except for a user error that the parent prints instead.
+    rank's traceback in the run dir (the launcher and `prefopt report` read it), except for a user error that the
+    parent prints instead.
     as_rank: a process of its own (torchrun, srun): it holds the run dir's ranks lock until it exits."""
     body = RECIPES[command]
     cfg = load_frozen_config(config_path)
