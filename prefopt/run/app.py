@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 from prefopt.core.errors import USER_ERRORS, NonFiniteTrainingError, Terminated, stop_exception
 from prefopt.core.slurm import in_slurm_task
 from prefopt.observe.console import eval_headline
+from prefopt.run import sweep  # looked up when called: tests patch sweep.objective_value
 from prefopt.run.eval_run import prepare_eval
 from prefopt.run.launch import WorkerError, dispatch, prepare_run
-from prefopt.run.sweep import objective_value, run_job
 from prefopt.train.checkpoint import checkpoint_candidates
 
 log = logging.getLogger("prefopt")
@@ -120,7 +120,7 @@ def train_run(cfg: DictConfig) -> Optional[float]:
     """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return run_job(cfg, hydra_cfg)
+        return sweep.run_job(cfg, hydra_cfg)
     run_dir = None
     try:
         run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
@@ -130,14 +130,14 @@ def train_run(cfg: DictConfig) -> Optional[float]:
         raise stopped_exit(stop, run_dir, list(hydra_cfg.overrides.task)) from None
     except Exception as error:
         raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
-    return objective_value(cfg, summary, required=False)
+    return sweep.objective_value(cfg, summary, required=False)
 
 
 def eval_run(cfg: DictConfig) -> Optional[float]:
     """Evaluate one policy (prefopt/run/eval_run.py) into a run dir of its own; returns its objective for sweepers."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return run_job(cfg, hydra_cfg, command="eval")
+        return sweep.run_job(cfg, hydra_cfg, command="eval")
     run_dir = None
     try:
         run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
@@ -151,4 +151,4 @@ def eval_run(cfg: DictConfig) -> Optional[float]:
         f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, "
         f"summary.json); `prefopt plot {run_dir}` draws its probes"
     )
-    return objective_value(cfg, summary, required=False)
+    return sweep.objective_value(cfg, summary, required=False)
