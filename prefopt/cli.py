@@ -1,98 +1,45 @@
-"""`prefopt` command line: subcommands dispatch to Hydra apps or plain argparse tools.
+"""`prefopt` command line: COMMANDS, the table of subcommands (name -> handler; a handler's docstring is its help in
+`prefopt --help`), and each command's argument parsing; the library below takes plain arguments.
 
 prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
 prefopt train --help | --cfg job (resolved: shows the hardware auto chose) | -m ... | --shell-completion install=bash
+
+Start-up: importing this module loads two small core modules (errors, runfiles) and no heavy library (Hydra, torch,
+matplotlib); a handler imports what its command needs once its arguments are parsed, so `prefopt --help`, `prefopt
+report --help` and `prefopt plot --help` answer at once. The Hydra apps (train, eval, toy) are built by their
+handlers around the tasks below.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import argparse
+import inspect
 import logging
 import os
-import shlex
-import signal
 import sys
-import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from prefopt.core.errors import ConfigError
+from prefopt.core.runfiles import DYNAMICS_PLOT
 
-from prefopt.run.config import ConfigError, register_schema
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("prefopt")
-
-register_schema()
-
-USAGE = """usage: prefopt <command> [args]
-
-commands:
-  train     compose a run from the config groups (loss, model, dataset, hardware) and train it.
-            Hydra app: `prefopt train --help` lists the groups and options; `--cfg job` prints the
-            composed config; `-m` sweeps; e.g. `prefopt train loss=dpo model=tiny_llama trainer.max_steps=10`
-  eval      evaluate a run's policy as training does (reward accuracy and margins against the base model, greedy
-            accuracy, probes) into a run dir of its own: `prefopt eval RUN_DIR` (newest checkpoint, the run's config),
-            `prefopt eval CHECKPOINT_DIR`, `prefopt eval MODEL_DIR model=... dataset=... loss=...`; Hydra app, `-m` sweeps
-  data      show what a run would train on, without training: the source and layout found, train/eval counts, skipped
-            and truncated rows, the eval split's origin and the first pairs decoded from their token ids (what the model
-            reads): `prefopt data [--pairs N] dataset=local dataset.path=pairs.jsonl model=...` (train's overrides)
-  worker    train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`
-  plot      overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`
-  report    tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
-            `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there;
-            `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences
-  export    the latest policy of a run as a plain HF model (LoRA adapters merged) with a model card (README.md):
-            `prefopt export RUN_DIR [-o DIR] [--push-to-hub REPO_ID]`
-  toy       the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`
-
-`prefopt <command> --help` for a command's options.
-"""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: shown as one clear message, without a traceback."""
-    from prefopt.core.errors import USER_ERRORS
-
-    return USER_ERRORS
-
-
-# errno -> how to fix it: a full or read-only disk is reported as one line, not a traceback
-UNWRITABLE_HINTS = {
-    errno.ENOSPC: "the disk is full: free space, or point hydra.run.dir at another disk",
-    errno.EDQUOT: "the disk quota is used up: free space, or point hydra.run.dir at another disk",
-    errno.EROFS: "the file system is read-only: point hydra.run.dir at a writable directory",
-    errno.EACCES: "no permission: fix the permissions, or use another path (hydra.run.dir for the run's outputs)",
-}
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
-TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM
-
-
-def unwritable_hint(error: OSError) -> str:
-    return UNWRITABLE_HINTS.get(error.errno, "point hydra.run.dir at a writable directory")
-
-
-def unwritable_message(error: OSError, path: Any) -> str:
-    """'cannot write PATH: No space left on device; the disk is full: ...'. The error's own file name wins."""
-    action = "access" if error.errno == errno.EACCES else "write"  # a permission error may come from a read
-    return f"cannot {action} {error.filename or path}: {error.strerror}; {unwritable_hint(error)}"
-
 
 running_app = ""  # the Hydra app run_hydra_app is running ("train", "eval", "toy")
 
 
-class CreateOutputDir(Callback):
+class CreateOutputDir:
     """Hydra creates the run (or sweep) dir, saves .hydra/ and opens its log file there before any prefopt
     code runs, and reports a failure as a traceback; conf/config.yaml registers this callback to create
-    the dir first and fail in one line instead."""
+    the dir first and fail in one line instead. Hydra (1.3) calls each callback hook by name: the two it
+    needs act, the others do nothing (no base class: importing Hydra's would slow every command's start)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from prefopt.core.rundir import refuse_outside_links
+        from prefopt.run.app import create_output_dir
         from prefopt.run.launch import defer_hydra_record
 
         try:
@@ -105,132 +52,80 @@ class CreateOutputDir(Callback):
             defer_hydra_record(config)  # a dir that holds a run keeps its .hydra/ until this launch is accepted
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from prefopt.run.app import create_output_dir
         from prefopt.run.launch import defer_sweep_hydra_records
 
         if running_app == "train":
             defer_sweep_hydra_records(config)  # resumed or reused jobs keep their .hydra/ until each is accepted
         create_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
 
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None: ...
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None: ...
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None: ...
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None: ...
 
-def create_output_dir(path: str, key: str) -> None:
+
+# ---- Hydra apps: train, eval, toy -------------------------------------------------------------------------------
+
+
+def train_task(cfg: DictConfig) -> Optional[float]:
+    """`prefopt train`'s Hydra task: one run, or one job of a sweep (prefopt/run/app.py); returns its objective."""
+    from prefopt.run.app import train_run
+    from prefopt.run.config import register_schema
+
+    register_schema()  # a SLURM job unpickles this task in a fresh process: the resolvers must be known there too
+    return train_run(cfg)
+
+
+def eval_task(cfg: DictConfig) -> Optional[float]:
+    """`prefopt eval`'s Hydra task: one policy evaluated into a run dir of its own (prefopt/run/app.py)."""
+    from prefopt.run.app import eval_run
+    from prefopt.run.config import register_schema
+
+    register_schema()
+    return eval_run(cfg)
+
+
+def toy_task(cfg: DictConfig) -> None:
+    """The softmax toy (prefopt/run/toy.py, conf/toy.yaml): plots and numbers into the output dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from prefopt.run.toy import run_toy, write_toy
+
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()  # a read-only or full disk fails here, not inside Hydra
-    except OSError as error:
-        problem = f"cannot create or write this directory: {error.strerror}; {unwritable_hint(error)}"
-        print(f"prefopt: error: {key}={path}: {problem}", file=sys.stderr)
+        results = run_toy(cfg)
+    except ConfigError as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    print(write_toy(results, Path(HydraConfig.get().runtime.output_dir)))
 
 
-def interrupted_message(run_dir: Optional[Path], overrides: list[str], how: str = "interrupted") -> str:
-    """One line for Ctrl-C (how="terminated": SIGTERM); with the command that continues the run when it left a
-    checkpoint."""
-    from prefopt.train.checkpoint import checkpoint_candidates
-
-    if run_dir is None:
-        return f"prefopt: {how}"
-    if not checkpoint_candidates(run_dir):
-        return f"prefopt: {how}; run dir {run_dir} has no checkpoint to resume from"
-    kept = [override for override in overrides if not override.lstrip("+").startswith("trainer.resume=")]
-    return f"prefopt: {how}; resume with: prefopt train {shlex.join([*kept, f'trainer.resume={run_dir}'])}"
+HYDRA_APPS = {"train": (train_task, "config"), "eval": (eval_task, "config"), "toy": (toy_task, "toy")}
 
 
-def stopped_exit(stop: KeyboardInterrupt, run_dir: Optional[Path], overrides: list[str]) -> SystemExit:
-    """Ctrl-C or SIGTERM said in one line (with how to resume), as its exit: 130 or 143."""
-    from prefopt.core.errors import Terminated
+def run_hydra_app(name: str, argv: list[str]) -> int:
+    """Run Hydra app `name` (HYDRA_APPS: its task and config) on argv. Hydra reads sys.argv itself. Its help shows
+    "prefopt <name>"; its completion script must register plain "prefopt" (a completion function is bound to one
+    word), which then calls `prefopt -sc ...`."""
+    import hydra
 
-    terminated = isinstance(stop, Terminated)
-    print(interrupted_message(run_dir, overrides, "terminated" if terminated else "interrupted"), file=sys.stderr)
-    return SystemExit(TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE)
+    from prefopt.run.app import sigterm_stops, stopped_exit
+    from prefopt.run.config import register_schema
 
-
-@contextlib.contextmanager
-def sigterm_stops() -> Iterator[None]:
-    """SIGTERM (kill, `timeout`, systemd, container runtimes) raises errors.Terminated, a KeyboardInterrupt: the run
-    stops as on Ctrl-C (the trainer checkpoints the last whole step; torchrun's ranks are stopped the same way).
-    Inside a SLURM task SIGTERM stays SLURM's (prefopt/core/slurm.py)."""
-    from prefopt.core.errors import stop_exception
-    from prefopt.core.slurm import in_slurm_task
-
-    if in_slurm_task() or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_stop(signum: int, frame) -> None:
-        raise stop_exception(signum)
-
-    previous = signal.signal(signal.SIGTERM, raise_stop)
+    global running_app
+    running_app = name
+    task, config_name = HYDRA_APPS[name]
+    if config_name == "config":
+        register_schema()  # conf/config.yaml's prefopt_schema and hardware=auto's resolver
+    app = hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name=config_name)(task)
+    completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
+    sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
-def train_app(cfg: DictConfig) -> Optional[float]:
-    """Train one run; returns its objective (trainer.objective of the summary) for sweepers."""
-    from prefopt.run.launch import dispatch, prepare_run
-    from prefopt.run.sweep import objective_value, run_job
-
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return run_job(cfg, hydra_cfg)
-    run_dir = None
-    try:
-        run_dir = prepare_run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("run dir: %s", run_dir)
-        summary = dispatch(cfg, run_dir)
-    except KeyboardInterrupt as stop:
-        raise stopped_exit(stop, run_dir, list(hydra_cfg.overrides.task)) from None
-    except Exception as error:
-        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
-    return objective_value(cfg, summary, required=False)
-
-
-@hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="config")
-def eval_app(cfg: DictConfig) -> Optional[float]:
-    """Evaluate one policy (prefopt/run/eval_run.py) into a run dir of its own; returns its objective for sweepers."""
-    from prefopt.observe.console import eval_headline
-    from prefopt.run.eval_run import prepare_eval
-    from prefopt.run.launch import dispatch
-    from prefopt.run.sweep import objective_value, run_job
-
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return run_job(cfg, hydra_cfg, command="eval")
-    run_dir = None
-    try:
-        run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("eval run dir: %s", run_dir)
-        summary = dispatch(cfg, run_dir, command="eval")
-    except KeyboardInterrupt as stop:
-        raise stopped_exit(stop, None, []) from None
-    except Exception as error:
-        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
-    print(
-        f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, summary.json); "
-        f"`prefopt plot {run_dir}` draws its probes"
-    )
-    return objective_value(cfg, summary, required=False)
-
-
-def failure_exit(error: Exception, path: Any) -> SystemExit:
-    """A failure of `prefopt train` / `prefopt eval` said in one line on stderr, as the exit it causes: 2 for the
-    user's input (config, data, model, an unwritable run dir), 1 for a failed run. Anything else is a bug: re-raised
-    with its traceback (call this inside the `except` that caught it)."""
-    from prefopt.core.errors import NonFiniteTrainingError
-    from prefopt.run.launch import WorkerError
-
-    if isinstance(error, user_errors()):
-        message, code = str(error), 2
-    elif isinstance(error, (WorkerError, NonFiniteTrainingError)):
-        message, code = str(error), 1
-    elif isinstance(error, OSError) and error.errno in UNWRITABLE_HINTS:
-        message, code = unwritable_message(error, path), 2
-    else:
-        raise error
-    print(f"prefopt: error: {message}", file=sys.stderr)
-    return SystemExit(code)
+        with sigterm_stops():  # the whole app: one run, every job of a sweep (-m), and Hydra composing around them
+            app()
+    except KeyboardInterrupt as stop:  # outside the task's handler: while Hydra composes, in a sweep, in another app
+        return stopped_exit(stop, None, []).code
+    return 0
 
 
 def resolve_shown_config(argv: list[str]) -> list[str]:
@@ -243,81 +138,242 @@ def resolve_shown_config(argv: list[str]) -> list[str]:
     return argv
 
 
+def policy_argument(argv: list[str]) -> list[str]:
+    """`prefopt eval X ...` -> `prefopt eval eval.policy=X ...`: a first argument that is neither an
+    override nor an option names the policy (quoted for Hydra when it holds characters its grammar uses)."""
+    if not argv or "=" in argv[0] or argv[0].startswith("-"):
+        return argv
+    value = argv[0]
+    if any(not (char.isalnum() or char in "_-./~+:@") for char in value):
+        value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [f"eval.policy={value}", *argv[1:]]
+
+
+def train_command(argv: list[str]) -> int:
+    """compose a run from the config groups (loss, model, dataset, hardware) and train it.
+    Hydra app: `prefopt train --help` lists the groups and options; `--cfg job` prints the
+    composed config; `-m` sweeps; e.g. `prefopt train loss=dpo model=tiny_llama trainer.max_steps=10`"""
+    return run_hydra_app("train", resolve_shown_config(argv))
+
+
+def eval_command(argv: list[str]) -> int:
+    """evaluate a run's policy as training does (reward accuracy and margins against the base model, greedy
+    accuracy, probes) into a run dir of its own: `prefopt eval RUN_DIR` (newest checkpoint, the run's config),
+    `prefopt eval CHECKPOINT_DIR`, `prefopt eval MODEL_DIR model=... dataset=... loss=...`; Hydra app, `-m` sweeps"""
+    return run_hydra_app("eval", resolve_shown_config(policy_argument(argv)))
+
+
+def toy_command(argv: list[str]) -> int:
+    """the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`"""
+    return run_hydra_app("toy", argv)
+
+
 def worker_command(argv: list[str]) -> int:
+    """train from a frozen run dir config (what launchers run): `prefopt worker RUN_DIR/config.yaml`"""
     from prefopt.worker import main as worker_main
 
     worker_main(argv)
     return 0
 
 
-def run_hydra_app(app: Callable, name: str, argv: list[str]) -> int:
-    # Hydra reads sys.argv itself. Its help shows "prefopt <name>"; its completion script must register
-    # plain "prefopt" (a completion function is bound to one word), which then calls `prefopt -sc ...`
-    global running_app
-    running_app = name
-    completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
-    sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
+# ---- argparse commands: data, plot, report, export --------------------------------------------------------------
+
+
+def data_command(argv: list[str]) -> int:
+    """show what a run would train on, without training: the source and layout found, train/eval counts, skipped
+    and truncated rows, the eval split's origin and the first pairs decoded from their token ids (what the model
+    reads): `prefopt data [--pairs N] dataset=local dataset.path=pairs.jsonl model=...` (train's overrides)"""
+    parser = argparse.ArgumentParser(
+        prog="prefopt data",
+        description="Show the preference data a run would train on: the source and layout found, train/eval counts, "
+        "skipped and truncated rows, the eval split's origin, and the first pairs as the model sees them (decoded from "
+        "their token ids, special tokens visible). Takes the same Hydra overrides as `prefopt train`, e.g. "
+        "`prefopt data dataset=local dataset.path=pairs.jsonl model=qwen2_5_0_5b`. Loads the tokenizer only.",
+    )
+    parser.add_argument("--pairs", "-n", type=int, default=3, help="training pairs to show (default 3)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `prefopt train`")
+    args = parser.parse_args(argv)
+    from prefopt.run import data_preview
+    from prefopt.run.app import failure_exit, stopped_exit
+
+    data_preview.log_warnings_in_one_line()  # warnings as `prefopt train` says them
     try:
-        with (
-            sigterm_stops()
-        ):  # for the whole app: one run, every job of a sweep (-m), and Hydra's composing around them
-            app()
-    except KeyboardInterrupt as stop:  # outside train_app's handler: while Hydra composes, in a sweep, in another app
+        cfg, tokenizer, data = data_preview.load_run_data(args.overrides)
+    except KeyboardInterrupt as stop:  # Ctrl-C while it tokenizes: one line, exit 130
         return stopped_exit(stop, None, []).code
+    except Exception as error:  # a user error or a full/read-only disk: one line, exit 2; anything else: a bug, raised
+        return failure_exit(error, "the tokenized-pairs cache (dataset.cache_dir)").code
+    print(data_preview.describe_data(cfg, data, tokenizer, max(0, args.pairs)))
     return 0
+
+
+def plot_command(argv: list[str]) -> int:
+    """overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`"""
+    parser = argparse.ArgumentParser(
+        prog="prefopt plot",
+        description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
+    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DYNAMICS_PLOT})")
+    args = parser.parse_args(argv)
+    from prefopt.observe.plots import RunDirError, plot_runs
+
+    try:
+        path = plot_runs(args.run_dirs, args.output or Path(args.run_dirs[0]) / DYNAMICS_PLOT)
+    except RunDirError as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def split_keys(values: Optional[list[str]]) -> list[str]:
+    """`--group-by loss,loss.gate.kind --group-by loss.beta` -> [loss, loss.gate.kind, loss.beta]."""
+    keys: list[str] = []
+    for value in values or []:
+        for key in (part.strip() for part in value.split(",")):
+            if key and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def report_command(argv: list[str]) -> int:
+    """tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
+    `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there;
+    `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences"""
+    parser = argparse.ArgumentParser(
+        prog="prefopt report",
+        description="Tabulate a sweep (prefopt train -m): per job the probe log-prob changes, eval accuracy and "
+        "status; writes report.md, report.csv and report.png into the sweep dir. With --group-by: statistics over "
+        "seeds per group (n, mean, std, 95% Student-t interval) in report_groups.md, report_groups.csv and "
+        "report_bands.png.",
+    )
+    parser.add_argument(
+        "sweep_dir", metavar="SWEEP_DIR", type=Path, help="the multirun dir holding job dirs 0, 1, 2, ..."
+    )
+    parser.add_argument(
+        "--group-by",
+        action="append",
+        metavar="KEYS",
+        help="config keys whose values define a group, comma-separated or repeated (e.g. loss,loss.gate.kind); "
+        "the jobs of a group must differ only in trainer.seed",
+    )
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the group the others are compared with, seed by seed (e.g. loss=dpo); needs --group-by. Keys it does "
+        "not name stratify: each group is compared with the baseline that shares their values",
+    )
+    args = parser.parse_args(argv)
+    group_by = split_keys(args.group_by)
+    if args.baseline and not group_by:
+        print("prefopt: error: --baseline needs --group-by (e.g. --group-by loss --baseline loss=dpo)", file=sys.stderr)
+        return 2
+    from prefopt.observe.plots import RunDirError
+    from prefopt.observe.report import report_sweep
+
+    try:
+        text = report_sweep(args.sweep_dir, group_by, args.baseline)
+    except (RunDirError, ConfigError) as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def export_command(argv: list[str]) -> int:
+    """the latest policy of a run as a plain HF model (LoRA adapters merged) with a model card (README.md):
+    `prefopt export RUN_DIR [-o DIR] [--push-to-hub REPO_ID]`"""
+    parser = argparse.ArgumentParser(
+        prog="prefopt export",
+        description=EXPORT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, help="a run dir with checkpoints/")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="output dir (default RUN_DIR/exported)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        default=None,
+        help="also upload the exported dir to this Hugging Face Hub repo (user/name; created if missing)",
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    args = parser.parse_args(argv)
+    from prefopt.core.errors import USER_ERRORS
+    from prefopt.run.export import CARD_FILE, export_policy, push_to_hub
+
+    try:
+        output = export_policy(args.run_dir, args.output or args.run_dir / "exported", title=args.push_to_hub)
+        print(f"exported {output} (model card: {output / CARD_FILE})")
+        if args.push_to_hub:
+            print(f"pushed to the hub: {push_to_hub(output, args.push_to_hub, args.private)}")
+    except USER_ERRORS as error:  # HubError among them: the export is complete, only the push failed
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+EXPORT_DESCRIPTION = """\
+`prefopt export RUN_DIR [-o OUT_DIR] [--push-to-hub REPO_ID]`: the run's latest policy as one plain HF model
+directory, with a model card (README.md, prefopt/run/modelcard.py), optionally uploaded to the Hugging Face Hub.
+
+A LoRA run's checkpoints hold adapters only; export loads the base model named in the run's frozen
+config, applies the adapters and merges them into the weights. A full fine-tune is copied as is.
+The directory is built beside its target and renamed into place, so it is always whole; the upload comes
+after, so a failed push (offline, not logged in) leaves a complete export to push later.
+"""
+
+
+# ---- the command table ------------------------------------------------------------------------------------------
+
+
+# name -> handler (the arguments after the name -> exit code); `prefopt --help` shows each handler's docstring
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_command,
+    "eval": eval_command,
+    "data": data_command,
+    "worker": worker_command,
+    "plot": plot_command,
+    "report": report_command,
+    "export": export_command,
+    "toy": toy_command,
+}
+
+
+def usage() -> str:
+    lines = ["usage: prefopt <command> [args]", "", "commands:"]
+    for name, handler in COMMANDS.items():
+        first, *rest = inspect.cleandoc(handler.__doc__).splitlines()
+        lines += [f"  {name:<9} {first}", *(f"{'':12}{line}" for line in rest)]
+    return "\n".join([*lines, "", "`prefopt <command> --help` for a command's options.", ""])
 
 
 def completion_query(argv: list[str]) -> int:
     """Bash/zsh completion calls `prefopt -sc query=bash` with the whole line in COMP_LINE: drop the
     subcommand word from it so Hydra completes that subcommand's overrides."""
     words = os.environ.get("COMP_LINE", "").split(" ", 2)
-    apps = {"train": train_app, "eval": eval_app}
+    apps = ("train", "eval")
     if len(words) < 2 or words[1] not in apps:
         print(" ".join(apps))  # completing the subcommand itself
         return 0
     os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
     os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", "0")) - len(words[1]) - 1))
-    return run_hydra_app(apps[words[1]], words[1], argv)
+    return run_hydra_app(words[1], argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     if argv[0] in ("-sc", "--shell-completion"):
         return completion_query(argv)
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        return run_hydra_app(train_app, "train", resolve_shown_config(rest))
-    if command == "eval":
-        from prefopt.run.eval_run import policy_argument
-
-        return run_hydra_app(eval_app, "eval", resolve_shown_config(policy_argument(rest)))
-    if command == "worker":
-        return worker_command(rest)
-    if command == "data":
-        from prefopt.run.data_preview import data_command
-
-        return data_command(rest)
-    if command == "plot":
-        from prefopt.observe.plots import plot_command
-
-        return plot_command(rest)
-    if command == "report":
-        from prefopt.observe.report import report_command
-
-        return report_command(rest)
-    if command == "export":
-        from prefopt.run.export import export_command
-
-        return export_command(rest)
-    if command == "toy":
-        from prefopt.run.toy import toy_app
-
-        return run_hydra_app(toy_app, "toy", rest)
-    print(f"prefopt: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
-    return 2
+    handler = COMMANDS.get(argv[0])
+    if handler is None:
+        print(f"prefopt: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    return handler(argv[1:])
 
 
 if __name__ == "__main__":

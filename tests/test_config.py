@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from prefopt.run.config import ConfigError, register_schema, validate_config
+from prefopt.run.config import Config, ConfigError, register_schema, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "prefopt" / "conf"
 GROUPS = ("loss", "model", "dataset", "hardware")
@@ -51,6 +53,118 @@ def test_every_group_option_composes_and_validates(group):
             continue
         validate_config(cfg)
         assert cfg[group].name in (option, cfg[group].name)
+        assert not OmegaConf.missing_keys(cfg), f"{group}={option} leaves keys without a value"
+
+
+# ---- one home per default (prefopt/run/config.py's docstring) ---------------------------------------------------
+
+TYPED_GROUPS = ("model", "dataset", "hardware")  # the groups the schema types (loss: per loss, in the registry)
+
+
+def schema_defaults(schema: type) -> dict[str, Any]:
+    """Every leaf key of the schema (nested dataclasses walked) -> the value it states, or MISSING."""
+    node = OmegaConf.structured(schema)
+    found: dict[str, Any] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key in node:
+            child = node._get_node(key)
+            if OmegaConf.is_dict(child) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                walk(child, f"{prefix}{key}.")
+            elif OmegaConf.is_missing(node, key):
+                found[f"{prefix}{key}"] = MISSING
+            elif OmegaConf.is_config(child):  # a list or dict value (trainer.adam_betas, loss)
+                found[f"{prefix}{key}"] = OmegaConf.to_container(child)
+            else:
+                found[f"{prefix}{key}"] = child._value()
+
+    walk(node, "")
+    return {key: value for key, value in found.items() if not key.startswith("loss")}
+
+
+def stated(values: Any, key: str) -> tuple[bool, Any]:
+    """(whether the YAML's dict states `key`, its value)."""
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False, None
+        values = values[part]
+    return True, values
+
+
+def default_problems(conf: Path, schema: dict[str, Any], groups: tuple[str, ...] = TYPED_GROUPS) -> list[str]:
+    """Each default in one place: a key the YAML always supplies (the root config.yaml's own keys; a group key every
+    option states) is MISSING in the schema, not stated there too; a key MISSING in the schema is supplied by the
+    YAML whatever the group choices."""
+    load = lambda path: OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # noqa: E731
+    root = {key: value for key, value in load(conf / "config.yaml").items() if key not in ("defaults", "hydra")}
+    options = {group: {path.stem: load(path) for path in sorted((conf / group).glob("*.yaml"))} for group in groups}
+    problems = []
+    for key, value in schema.items():
+        group = key.split(".")[0]
+        in_root, root_value = stated(root, key)
+        rest = key.partition(".")[2]
+        stating = [name for name, values in options.get(group, {}).items() if stated(values, rest)[0]]
+        every_option = group in options and len(stating) == len(options[group])
+        if value is not MISSING and in_root:
+            same = "the same value" if root_value == value else f"{root_value!r}"
+            problems.append(
+                f"{key}: conf/config.yaml states {same} and the schema states {value!r}: keep the YAML's value and "
+                "make the schema field MISSING"
+            )
+        elif value is not MISSING and every_option:
+            problems.append(
+                f"{key}: every conf/{group}/ option states it and the schema states {value!r}, a value no choice "
+                "reaches: make the schema field MISSING"
+            )
+        elif value is MISSING and not in_root and not every_option:
+            lacking = sorted(set(options.get(group, {})) - set(stating))
+            where = f" ({group}={', '.join(lacking)} lacks it)" if lacking else ""
+            problems.append(f"{key}: MISSING in the schema but conf/ does not always supply it{where}")
+    return problems
+
+
+def test_each_default_lives_in_one_place():
+    problems = default_problems(CONF, schema_defaults(Config))
+    assert not problems, "\n".join(problems)
+
+
+@dataclasses.dataclass
+class PlantedModel:
+    name: str = MISSING  # preset name
+    dtype: str = MISSING  # fp32 | bf16
+    cache_dir: str = "/cache"  # no option states it: the schema's
+
+
+@dataclasses.dataclass
+class PlantedTrainer:
+    lr: float = MISSING  # peak learning rate
+    seed: int = MISSING  # seeds everything
+
+
+@dataclasses.dataclass
+class PlantedConfig:
+    model: PlantedModel = dataclasses.field(default_factory=PlantedModel)
+    trainer: PlantedTrainer = dataclasses.field(default_factory=PlantedTrainer)
+
+
+@pytest.mark.parametrize(
+    "planted, expected",
+    [
+        ({"trainer.lr": 5e-6}, "trainer.lr: conf/config.yaml states 3e-06 and the schema states 5e-06"),
+        ({"trainer.seed": 0}, "trainer.seed: conf/config.yaml states the same value"),
+        ({"model.dtype": "fp32"}, "model.dtype: every conf/model/ option states it"),
+        ({"model.cache_dir": MISSING}, "model.cache_dir: MISSING in the schema but conf/ does not always supply it"),
+    ],
+)
+def test_a_default_stated_twice_or_nowhere_is_seen(tmp_path, planted, expected):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text("defaults: [schema, {model: a}]\ntrainer: {lr: 3.0e-6, seed: 0}\n")
+    (tmp_path / "model" / "a.yaml").write_text("name: a\ndtype: fp32\n")
+    (tmp_path / "model" / "b.yaml").write_text("name: b\ndtype: bf16\n")
+    clean = schema_defaults(PlantedConfig)
+    assert default_problems(tmp_path, clean, ("model",)) == []
+    problems = default_problems(tmp_path, {**clean, **planted}, ("model",))
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
 
 
 def test_default_is_the_embedded_main_job():

@@ -7,12 +7,12 @@ import logging
 import time
 
 import pytest
-from omegaconf import OmegaConf
 
 from prefopt.data import DataError, answer_is_correct, build_preference_data, collate_pairs, collate_sequences
 from prefopt.data.formats import BadRow, split_hh_transcripts
 from prefopt.data.tokenize import IGNORE_INDEX, truncate_pair
-from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
+from prefopt.run.config import ConfigError
+from tests.helpers import dataset_node
 
 HH_TRANSCRIPTS = [
     ("\n\nHuman: Hi\n\nAssistant: Hello!", "\n\nHuman: Hi\n\nAssistant: Go away."),
@@ -38,7 +38,7 @@ ROWS_BY_FORMAT = {"strings": STRING_ROWS, "messages": MESSAGE_ROWS, "hh": HH_ROW
 
 def dataset_cfg(**overrides):
     arith = overrides.pop("arith", {})
-    return OmegaConf.structured(DatasetConfig(arith=ArithConfig(**arith), **overrides))
+    return dataset_node(arith=arith, **overrides)
 
 
 def local_cfg(path, **overrides):

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.columns import ColumnMap
 from prefopt.data.tokenize import PairEncoder
-from prefopt.run.config import ArithConfig, ConfigError, DatasetConfig
+from prefopt.run.config import ConfigError
+from tests.helpers import dataset_node
 
 USER = [{"role": "user", "content": "Name a color."}]
 SYSTEM_AND_TURNS = [
@@ -69,9 +70,7 @@ def dataset_cfg(path, tmp_path, **overrides):
     """A dataset node for `path`, with the tokenized cache in tmp_path (or as overridden)."""
     overrides.setdefault("cache_dir", str(tmp_path / "tokenized"))
     columns = overrides.pop("columns", {})
-    node = OmegaConf.structured(
-        DatasetConfig(name=overrides.pop("name", "local"), path=str(path), arith=ArithConfig(), **overrides)
-    )
+    node = dataset_node(name=overrides.pop("name", "local"), path=str(path), **overrides)
     node.columns = OmegaConf.merge(node.columns, columns)
     return node
 
@@ -439,7 +438,5 @@ def test_a_hit_repeats_the_skipped_rows_warning(tmp_path, preference_file, byte_
 def test_cache_off_and_generated_data_are_not_cached(tmp_path, preference_file, byte_tokenizer):
     path = preference_file(rows_like(LAYOUT_CASES["strings"][0]))
     assert build_preference_data(dataset_cfg(path, tmp_path, cache_dir=None), byte_tokenizer, 0).cache == "off"
-    arith = OmegaConf.structured(
-        DatasetConfig(arith=ArithConfig(num_train=4, num_eval=2), cache_dir=str(tmp_path / "tokenized"))
-    )
+    arith = dataset_node(arith={"num_train": 4, "num_eval": 2}, cache_dir=str(tmp_path / "tokenized"))
     assert build_preference_data(arith, byte_tokenizer, 0).cache == "off" and not cache_files(tmp_path)

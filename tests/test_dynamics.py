@@ -16,7 +16,7 @@ from prefopt.train.dynamics import (
     generate_probes,
     sequence_stats,
 )
-from tests.conftest import SMOLLM2_GGUF
+from tests.helpers import preset
 
 
 def make_pair(tokenizer, index: int, a: int, b: int) -> TokenizedPair:
@@ -190,12 +190,10 @@ def test_dynamics_deltas():
 
 @pytest.mark.slow
 def test_real_model_finds_random_tokens_far_less_likely_than_the_chosen_answer(smollm2_tokenizer):
-    from omegaconf import OmegaConf
 
     from prefopt.model.loading import load_model, resolve_model_source
-    from prefopt.run.config import ModelConfig
 
-    model_cfg = OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF))
+    model_cfg = preset("model", "smollm2_135m")
     tokenizer = smollm2_tokenizer
     model = load_model(model_cfg, resolve_model_source(model_cfg), len(tokenizer), seed=0)
     train = [make_pair(tokenizer, i, i + 2, 2 * i + 1) for i in range(4)]

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.sources import load_raw_splits
-from prefopt.run.config import DatasetConfig
+from tests.helpers import dataset_node, preset
 from tests.test_faults import record
 
 ROWS = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}"} for i in range(10)]
@@ -27,7 +26,7 @@ ROWS = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": 
 def local_cfg(path, **overrides):
     overrides.setdefault("cache_dir", None)
     overrides.setdefault("eval_split", None)  # as conf/dataset/local.yaml
-    return OmegaConf.structured(DatasetConfig(name="local", path=str(path), **overrides))
+    return dataset_node(name="local", path=str(path), **overrides)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -46,7 +45,7 @@ def texts(pairs) -> list[str]:
 def test_dataset_path_with_the_default_arith_preset_is_refused_naming_dataset_local(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     with pytest.raises(ConfigError, match="dataset=local dataset.path="):
-        load_raw_splits(OmegaConf.structured(DatasetConfig(path=str(data))), seed=0)
+        load_raw_splits(dataset_node(path=str(data)), seed=0)
     from prefopt.cli import main
 
     argv = sys.argv
@@ -327,16 +326,13 @@ def test_an_unwritable_reference_cache_names_reference_cache_dir_and_the_run_goe
 def test_an_unwritable_model_cache_names_model_cache_dir(tmp_path):
     """The GGUF's conversion is kept in model.cache_dir: a cache that cannot be written names that key, not
     hydra.run.dir."""
-    from omegaconf import OmegaConf
 
     from prefopt.core.errors import ConfigError, ModelNotFoundError
     from prefopt.model.loading import converted_gguf_dir
-    from prefopt.run.config import ModelConfig
-    from tests.conftest import SMOLLM2_GGUF
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")  # a file where the cache directory should be: unwritable even for root
-    model_cfg = OmegaConf.structured(ModelConfig(**SMOLLM2_GGUF, cache_dir=str(blocker / "cache")))
+    model_cfg = preset("model", "smollm2_135m", cache_dir=str(blocker / "cache"))
     try:
         with pytest.raises(ConfigError, match=f"model.cache_dir={blocker}/cache: cannot keep the converted model"):
             converted_gguf_dir(model_cfg)

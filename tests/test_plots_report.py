@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from prefopt.cli import main
 from prefopt.observe.plots import PANELS, load_run, plot_runs, run_label
-from prefopt.observe.report import build_report, job_dirs, plot_labels
+from prefopt.observe.report import build_report, plot_labels
+from prefopt.observe.sweep_status import job_dirs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

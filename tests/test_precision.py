@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from prefopt.model.loading import disable_dropout, load_model, load_tokenizer, resolve_model_source
 from prefopt.observe.tracking import read_jsonl
 from prefopt.run.worker import load_frozen_config
-from tests.helpers import run_train
+from tests.helpers import preset, run_train
 
 TINY = [
     "model=tiny_llama",
@@ -72,8 +71,7 @@ def losses(run_dir):
 
 
 # measured (tiny Llama, lr 1e-3, 10 steps, CPU autocast): largest |bf16 - fp32| loss difference 1.8e-4 while training
-# moves
-# the loss by 0.057; the tolerance leaves 10x headroom
+# moves the loss by 0.057; the tolerance leaves 10x headroom
 BF16_LOSS_TOLERANCE = 2e-3
 
 
@@ -88,9 +86,7 @@ def test_bf16_mixed_precision_losses_track_fp32(tmp_path):
 
 
 def test_dropout_is_off_by_default_and_on_when_asked():
-    from prefopt.run.config import ModelConfig
-
-    cfg = OmegaConf.structured(ModelConfig(name="tiny_llama", source="tiny"))
+    cfg = preset("model", "tiny_llama")
     model = load_model(cfg, resolve_model_source(cfg), len(load_tokenizer(cfg)), seed=0)
     model.config.attention_dropout = 0.5
     for layer in model.model.layers:
@@ -110,6 +106,7 @@ def test_dpo_shift_eval_uses_training_progress():
 
     from prefopt.data import build_preference_data
     from prefopt.model.loading import load_tokenizer
+    from prefopt.recipes.train import PreferenceStep, evaluate
     from prefopt.train.evaluation import evaluate
     from prefopt.train.reference import ModelReference
     from prefopt.train.step import PreferenceStep

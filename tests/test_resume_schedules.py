@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 
 from prefopt.cli import main
 from prefopt.observe.tracking import read_jsonl
-from prefopt.run.config import ConfigError, TrainerConfig, validate_config
+from prefopt.run.config import ConfigError, validate_config
 from prefopt.train.schedules import METRIC_SCHEDULES, SCHEDULES, epoch_steps
-from tests.helpers import run_train
+from tests.helpers import run_train, trainer_node
 from tests.test_config import compose_config
 
 TINY = [
@@ -143,7 +143,7 @@ def test_the_engine_steps_transformers_schedule_exactly(overrides, name, warmup,
     from prefopt.train.engine import TorchEngine
     from prefopt.train.schedules import check_schedule_config
 
-    trainer_cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"max_steps": 10, "lr": 0.01, **overrides})
+    trainer_cfg = trainer_node(**{"max_steps": 10, "lr": 0.01, "warmup_steps": None, **overrides})
     check_schedule_config(trainer_cfg)
     model = torch.nn.Linear(3, 1)
     engine = TorchEngine(model, trainer_cfg)
@@ -391,16 +391,8 @@ def test_the_torch_engine_steps_fused_adamw_and_it_is_the_adamw_formula():
     w -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd w)."""
     from prefopt.train.engine import TorchEngine
 
-    trainer_cfg = OmegaConf.merge(
-        OmegaConf.structured(TrainerConfig),
-        {
-            "max_steps": 10,
-            "lr": 0.01,
-            "warmup_steps": 0,
-            "lr_schedule": "constant",
-            "weight_decay": 0.1,
-            "max_grad_norm": 1e9,
-        },
+    trainer_cfg = trainer_node(
+        max_steps=10, lr=0.01, warmup_steps=0, lr_schedule="constant", weight_decay=0.1, max_grad_norm=1e9
     )
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1, bias=False)

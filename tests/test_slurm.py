@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from prefopt.core.distributed import DistInfo, export_slurm_ranks, first_slurm_host
 from prefopt.core.runfiles import PREPARED_FILE
-from prefopt.core.slurm import Preemption, prepare_once
+from prefopt.core.slurm import PREPARED_FILE, Preemption, prepare_once
 from prefopt.observe.report import build_report
 from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
@@ -166,6 +166,10 @@ def test_a_requeued_worker_resumes_its_run_dir(tmp_path, monkeypatch):
 
 def test_slurm_presets_compose():
     from hydra import compose, initialize_config_module
+
+    from prefopt.run.config import register_schema
+
+    register_schema()  # conf/config.yaml's prefopt_schema
 
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
         for hardware, nodes, tasks in (

@@ -55,6 +55,10 @@ TWO_NODE = ["hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", "hardw
 def test_multi_node_presets_compose():
     from hydra import compose, initialize_config_module
 
+    from prefopt.run.config import register_schema
+
+    register_schema()  # conf/config.yaml's prefopt_schema
+
     with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
         for hardware, tasks in (("slurm_cpu_2node", 1), ("slurm_cpu_2node_2task", 2)):
             cfg = compose(

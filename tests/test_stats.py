@@ -13,18 +13,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from prefopt.cli import split_keys
 from prefopt.core.errors import ConfigError
-from prefopt.observe.report import (
-    Group,
-    band_facet_key,
-    find_baselines,
-    group_bands,
-    group_jobs,
-    job_dirs,
-    read_job,
-    split_keys,
-)
+from prefopt.observe.group_report import band_facet_key, group_bands
+from prefopt.observe.seed_groups import Group, find_baselines, group_jobs, read_job
 from prefopt.observe.stats import estimate, mean, paired_difference, sample_std, t_cdf, t_quantile
+from prefopt.observe.sweep_status import job_dirs
 from tests.test_plots_report import assert_png, cli, make_run
 
 # ---- statistics -------------------------------------------------------------------------------------
@@ -145,8 +139,8 @@ def make_job(
 @pytest.fixture
 def seeded_sweep(tmp_path) -> Path:
     """2 losses x 3 seeds and one failed job (gate_dpo, seed 3).
-    delta/chosen: dpo 1, 2, 3 (mean 2, std 1); gate_dpo 2, 4, 9 (mean 5, std sqrt(13));
-    paired 1, 2, 6 (mean 3, std sqrt(7))."""
+    delta/chosen: dpo 1, 2, 3 (mean 2, std 1); gate_dpo 2, 4, 9 (mean 5, std sqrt(13)); paired 1, 2, 6 (mean 3,
+    std sqrt(7))."""
     sweep_dir = tmp_path / "multirun"
     for number, (loss, seed, chosen) in enumerate(
         [
@@ -186,8 +180,8 @@ def test_report_groups_seeds_with_intervals_and_paired_differences(seeded_sweep,
     # others and greedy come from dynamics.jsonl (the summary lacks them): -10 * (1 + seed) -> -20 ± 24.841377
     markdown = (seeded_sweep / "report_groups.md").read_text()
     assert (
-        "| group | n | delta/chosen | delta/rejected | delta/others | delta/greedy | eval/rewards/accuracies | "
-        "train/gate/mean | failed |" in markdown
+        "| group | n | delta/chosen | delta/rejected | delta/others | delta/greedy | eval/rewards/accuracies "
+        "| train/gate/mean | failed |" in markdown
     )
     assert (
         "| loss=dpo | 3 | 2.000 ± 2.484 | -4.000 ± 4.968 | -20.000 ± 24.841 | -20.000 ± 24.841 | 0.600 ± 0.248 |  | 0 |"
@@ -201,8 +195,8 @@ def test_report_groups_seeds_with_intervals_and_paired_differences(seeded_sweep,
     # accuracy, others and greedy are the same per seed: differences 0 ± 0; no gate in the baseline: empty
     assert "## Paired differences vs loss=dpo" in markdown
     assert (
-        "| loss=gate_dpo | loss=dpo | 3 | 0 | 3.000 ± 6.572 | -6.000 ± 13.145 | 0.000 ± 0.000 | 0.000 ± 0.000 | "
-        "0.000 ± 0.000 |  |" in markdown
+        "| loss=gate_dpo | loss=dpo | 3 | 0 | 3.000 ± 6.572 | -6.000 ± 13.145 | 0.000 ± 0.000 | 0.000 ± 0.000 "
+        "| 0.000 ± 0.000 |  |" in markdown
     )
     assert markdown in out  # printed too
 

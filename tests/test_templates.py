@@ -20,8 +20,8 @@ from prefopt.data import DataError, build_preference_data
 from prefopt.data.arith import generate_arith_rows
 from prefopt.data.tokenize import end_of_turn_ids, template_turns
 from prefopt.model.loading import CHATML_TEMPLATE
-from prefopt.run.config import ArithConfig, DatasetConfig
 from prefopt.train.dynamics import greedy_generate
+from tests.helpers import DATA_TEST_SETTINGS, dataset_node, preset
 from tests.test_data import MESSAGE_ROWS, STRING_ROWS
 
 LLAMA3_TEMPLATE = (
@@ -31,9 +31,9 @@ LLAMA3_TEMPLATE = (
 )
 # Mistral-7B-Instruct-v0.1's template: the assistant content follows "[/INST]" with no space
 INST_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
-    "message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor "
-    "%}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
 )
 CONF_DIR = Path(__file__).resolve().parents[1] / "prefopt" / "conf"
 
@@ -92,7 +92,7 @@ def llama3_tokenizer():
 
 
 def local_cfg(path, **overrides):
-    return OmegaConf.structured(DatasetConfig(name="local", path=str(path), **overrides))
+    return dataset_node(name="local", path=str(path), **overrides)
 
 
 def all_pairs(data):
@@ -292,9 +292,8 @@ def test_smollm2_arith_ids_unchanged(smollm2_tokenizer, experiment):
     """The main job's pairs (conf/dataset/arith.yaml) and the squeeze demo's tokenize as they did when
     prompt and response were tokenized apart and EOS (<|im_end|> for SmolLM2) appended."""
     tokenizer = smollm2_tokenizer
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(DatasetConfig(arith=ArithConfig())), OmegaConf.load(CONF_DIR / "dataset" / "arith.yaml")
-    )
+    # conf/dataset/arith.yaml; the cache dir is where config.yaml's ${model.cache_dir}/tokenized leads by default
+    cfg = preset("dataset", "arith", cache_dir=DATA_TEST_SETTINGS["cache_dir"])
     if experiment == "squeeze_demo":
         cfg.arith.merge_with(OmegaConf.load(CONF_DIR / "experiment" / "squeeze_demo.yaml").dataset.arith)
     data = build_preference_data(cfg, tokenizer, seed=0)

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from prefopt.cli import main
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.data import DataError, PreferenceData, build_preference_data
-from prefopt.run.config import ConfigError, DatasetConfig, validate_config
+from prefopt.run.config import ConfigError, validate_config
+from tests.helpers import dataset_node
 from tests.test_config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def jsonl_with_line(tmp_path: Path, line_number: int, raw_line: bytes, name: str
 
 
 def local_cfg(path: Path, **overrides):
-    return OmegaConf.structured(DatasetConfig(name="local", path=str(path), **overrides))
+    return dataset_node(name="local", path=str(path), **overrides)
 
 
 # ---------------------------------------------------------------- data files
@@ -210,7 +210,7 @@ def test_read_only_run_dir_is_one_message(tmp_path, monkeypatch, capsys):
     def read_only(*args, **kwargs):  # root writes through chmod 0555, so simulate a read-only mount
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run"))
 
-    monkeypatch.setattr("prefopt.cli.tempfile.TemporaryFile", read_only)
+    monkeypatch.setattr("prefopt.run.app.tempfile.TemporaryFile", read_only)
     assert run_main(*TINY, f"hydra.run.dir={tmp_path}/run") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"hydra.run.dir={tmp_path}/run" in err and "Read-only file system" in err

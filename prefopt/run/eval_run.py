@@ -37,17 +37,6 @@ RUN_GROUPS = ("loss", "model", "dataset", "trainer", "reference", "dynamics")
 THIS_COMMAND_GROUPS = ("hardware", "logger", "sweep", "eval", "hydra")  # where and how this eval runs: never the run's
 
 
-def policy_argument(argv: list[str]) -> list[str]:
-    """`prefopt eval X ...` -> `prefopt eval eval.policy=X ...`: a first argument that is neither an
-    override nor an option names the policy (quoted for Hydra when it holds characters its grammar uses)."""
-    if not argv or "=" in argv[0] or argv[0].startswith("-"):
-        return argv
-    value = argv[0]
-    if any(not (char.isalnum() or char in "_-./~+:@") for char in value):
-        value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return [f"eval.policy={value}", *argv[1:]]
-
-
 def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> None:
     """In place: cfg's RUN_GROUPS become the checkpoint's, then every key or group named in `overrides`
     gets its command-line value back (Hydra composed it into cfg already)."""

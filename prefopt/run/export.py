@@ -1,23 +1,20 @@
-"""`prefopt export RUN_DIR [-o OUT_DIR] [--push-to-hub REPO_ID]`: the run's latest policy as one plain HF model
-directory, with a model card (README.md, prefopt/run/modelcard.py), optionally uploaded to the Hugging Face Hub.
+"""`prefopt export` (its options and help: prefopt/cli.py): the run's newest valid checkpoint's policy as one plain HF
+model directory with a model card (prefopt/run/modelcard.py), and its upload to the Hugging Face Hub.
 
-A LoRA run's checkpoints hold adapters only; export loads the base model named in the run's frozen
-config, applies the adapters and merges them into the weights. A full fine-tune is copied as is.
-The directory is built beside its target and renamed into place, so it is always whole; the upload comes
-after, so a failed push (offline, not logged in) leaves a complete export to push later.
+LoRA adapters are merged into the base model named in the run's frozen config; a full fine-tune is copied as is.
+The directory is built beside its target and renamed into place, so it is always whole; the upload comes after,
+so a failed push (offline, not logged in) leaves a complete export to push later.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-from prefopt.core.errors import USER_ERRORS, HubError
+from prefopt.core.errors import HubError
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.hub import hub_offline
 from prefopt.core.runfiles import CONFIG_FILE, POLICY_DIR, SUMMARY_FILE
@@ -75,7 +72,8 @@ def export_policy(run_dir: Path, output_dir: Path, title: Optional[str] = None) 
 
 
 def unreachable(error: BaseException) -> bool:
-    """No connection to the hub: offline mode (a ConnectionError), a socket error, or the HTTP client's transport errors."""
+    """No connection to the hub: offline mode (a ConnectionError), a socket error, or the HTTP client's transport
+    errors."""
     return isinstance(error, OSError) or any(kind.__name__ == "TransportError" for kind in type(error).__mro__)
 
 
@@ -114,28 +112,3 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
             f"cannot push to the hub: it cannot be reached ({str(error).strip().splitlines()[0]}); {later}"
         ) from None
     return str(getattr(commit, "commit_url", None) or commit)
-
-
-def export_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="prefopt export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run_dir", type=Path, help="a run dir with checkpoints/")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="output dir (default RUN_DIR/exported)")
-    parser.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        default=None,
-        help="also upload the exported dir to this Hugging Face Hub repo (user/name; created if missing)",
-    )
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    args = parser.parse_args(argv)
-    try:
-        output = export_policy(args.run_dir, args.output or args.run_dir / "exported", title=args.push_to_hub)
-        print(f"exported {output} (model card: {output / CARD_FILE})")
-        if args.push_to_hub:
-            print(f"pushed to the hub: {push_to_hub(output, args.push_to_hub, args.private)}")
-    except USER_ERRORS as error:  # HubError among them: the export is complete, only the push failed
-        print(f"prefopt: error: {error}", file=sys.stderr)
-        return 2
-    return 0

@@ -13,20 +13,17 @@ log p(y) moves the logits by exactly lr * (e_y - p) (the gradient of log p_y in 
                            g = sigmoid(alpha * (p_y - tau)), p_y taken without gradient: a valley
                            target (p_y << tau) gets g near 0, so the squeeze is attenuated by g
 
-Every case starts from the same W. `run_toy_case` is pure and returns the numbers; the Hydra app
-(conf/toy.yaml) plots them and prints the table.
+Every case starts from the same W. `run_toy_case` is pure and returns the numbers; `prefopt toy` (a Hydra app
+on conf/toy.yaml, built in prefopt/cli.py) plots them (`write_toy`) and prints the table.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -178,12 +175,16 @@ def run_toy(cfg: DictConfig) -> list[ToyResult]:
 
 
 def toy_table(results: list[ToyResult]) -> str:
-    header = "| case | target (rank) | p(target) before -> after | p(argmax) before -> after | others: mean change | others lost | g |"
+    header = (
+        "| case | target (rank) | p(target) before -> after | p(argmax) before -> after | others: mean change "
+        "| others lost | g |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for result in results:
         n = result.numbers()
         lines.append(
-            f"| {n['case']} | {n['target']} ({n['target_rank']}) | {n['p_target_before']:.4f} -> {n['p_target_after']:.4f} "
+            f"| {n['case']} | {n['target']} ({n['target_rank']}) "
+            f"| {n['p_target_before']:.4f} -> {n['p_target_after']:.4f} "
             f"| {n['p_argmax_before']:.4f} -> {n['p_argmax_after']:.4f} | {n['others_mean_change']:+.5f} "
             f"| {n['others_lost_fraction']:.0%} | {', '.join(f'{g:.3f}' for g in n['gate'])} |"
         )
@@ -226,20 +227,15 @@ def toy_figure(results: list[ToyResult]) -> Figure:
     )  # one legend for every panel
     steps = len(results[0].gates)
     figure.suptitle(
-        f"Softmax toy: {steps} SGD step(s) on log p(target) per case; a negative step on a valley class squeezes mass onto the argmax"
+        f"Softmax toy: {steps} SGD step(s) on log p(target) per case; a negative step on a valley class squeezes "
+        "mass onto the argmax"
     )
     return figure
 
 
-@hydra.main(version_base="1.3", config_path="pkg://prefopt.conf", config_name="toy")
-def toy_app(cfg: DictConfig) -> None:
-    try:
-        results = run_toy(cfg)
-    except ConfigError as error:
-        print(f"prefopt: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+def write_toy(results: list[ToyResult], output_dir: Path) -> str:
+    """The plots (TOY_PLOT) and the numbers (TOY_RESULTS) into output_dir; returns what `prefopt
+    toy` prints: the table and what it wrote."""
     plot = save_png(toy_figure(results), output_dir / TOY_PLOT)
     atomic_write_json(output_dir / TOY_RESULTS, [result.numbers() for result in results])
-    print(toy_table(results))
-    print(f"\nwrote {plot} and {output_dir / TOY_RESULTS}")
+    return f"{toy_table(results)}\n\nwrote {plot} and {output_dir / TOY_RESULTS}"

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from prefopt.core import proctree, rundir
 from prefopt.core.distributed import export_ranks, leave_distributed, record_rank
-from prefopt.core.errors import USER_ERRORS
+from prefopt.core.errors import USER_ERRORS, ConfigError
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.runfiles import EXIT_REPORT, rank_error_file
 from prefopt.core.slurm import check_job_shape, restart_count
@@ -38,8 +38,16 @@ RECIPES = {
 
 
 def load_frozen_config(config_path: str | Path):
-    """The resolved config.yaml of a run dir, typed again by the schema."""
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
+    """The resolved config.yaml of a run dir, typed again by the schema. A frozen config holds every key, so the
+    keys whose defaults live in conf/ (MISSING in the schema) all have values; one it lacks is named, not guessed."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{config_path} has no value for {missing[0]} (a config frozen by another prefopt version?); "
+            f"add {missing[0]}: VALUE to it, or start the run again"
+        )
+    return cfg
 
 
 def current_rank() -> int:
