@@ -377,4 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m prefopt.cli`: run the module Hydra looks the callback up in (prefopt.cli.CreateOutputDir reads
+    # running_app), not this second copy named __main__
+    from prefopt.cli import main as package_main
+
+    sys.exit(package_main())
