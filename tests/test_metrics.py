@@ -19,8 +19,7 @@ from prefopt.core.runfiles import GENERATIONS_FILE, METRICS_FILE
 from prefopt.data.layout import build_batch
 from prefopt.model.logps import sequence_logps
 from prefopt.observe.metric_names import renamed_metric, with_current_names
-from prefopt.observe.tracking import GENERATIONS_FILE, METRICS_FILE, Tracker, read_jsonl, wandb_records
-from prefopt.recipes.train import mean_metrics
+from prefopt.observe.tracking import Tracker, read_jsonl, wandb_records
 from prefopt.run.config import ConfigError, validate_config
 from prefopt.train.metrics import finish_token_means, mean_metrics, pair_metrics
 from tests.helpers import read_wandb_run, run_train

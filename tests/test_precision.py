@@ -106,7 +106,6 @@ def test_dpo_shift_eval_uses_training_progress():
 
     from prefopt.data import build_preference_data
     from prefopt.model.loading import load_tokenizer
-    from prefopt.recipes.train import PreferenceStep, evaluate
     from prefopt.train.evaluation import evaluate
     from prefopt.train.reference import ModelReference
     from prefopt.train.step import PreferenceStep

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from prefopt.core.distributed import DistInfo, export_slurm_ranks, first_slurm_host
 from prefopt.core.runfiles import PREPARED_FILE
-from prefopt.core.slurm import PREPARED_FILE, Preemption, prepare_once
+from prefopt.core.slurm import Preemption, prepare_once
 from prefopt.observe.report import build_report
 from prefopt.observe.tracking import read_jsonl
 from tests.helpers import run_train
