@@ -28,7 +28,8 @@ def bos_byte_tokenizer():
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (ChatML, no BOS added), from the installed GGUF package."""
 
-    from prefopt.model.loading import ModelNotFoundError, load_tokenizer
+    from prefopt.core.errors import ModelNotFoundError
+    from prefopt.model.loading import load_tokenizer
     from tests.helpers import preset
 
     try:

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import MISSING, OmegaConf
 
-from prefopt.run.config import Config, ConfigError, register_schema, validate_config
+from prefopt.core.errors import ConfigError
+from prefopt.run.config import Config, register_schema, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "prefopt" / "conf"
 GROUPS = ("loss", "model", "dataset", "hardware")

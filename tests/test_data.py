@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from prefopt.core.errors import ConfigError
 from prefopt.data import DataError, answer_is_correct, build_preference_data, collate_pairs, collate_sequences
 from prefopt.data.formats import BadRow, split_hh_transcripts
 from prefopt.data.tokenize import IGNORE_INDEX, truncate_pair
-from prefopt.run.config import ConfigError
 from tests.helpers import dataset_node
 
 HH_TRANSCRIPTS = [

@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from prefopt.core.errors import ConfigError
 from prefopt.data import DataError, build_preference_data
 from prefopt.data.columns import ColumnMap
 from prefopt.data.tokenize import PairEncoder
-from prefopt.run.config import ConfigError
 from tests.helpers import dataset_node
 
 USER = [{"role": "user", "content": "Name a color."}]

@@ -351,7 +351,7 @@ def test_a_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path, monkeypatch)
 
 
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
-    from prefopt.train.guards import NonFiniteTrainingError
+    from prefopt.core.errors import NonFiniteTrainingError
 
     nan_loss_at(monkeypatch, {5, 6, 7, 8})
     with pytest.raises((NonFiniteTrainingError, SystemExit)):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from prefopt.core.errors import ConfigError
 from prefopt.losses import LOSSES, GateParams, get_loss, preference_loss, validate_loss_config
-from prefopt.run.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_CONF = REPO / "conf" / "loss"

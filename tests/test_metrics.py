@@ -15,12 +15,13 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt.core.distributed import DistInfo
+from prefopt.core.errors import ConfigError
 from prefopt.core.runfiles import GENERATIONS_FILE, METRICS_FILE
 from prefopt.data.layout import build_batch
 from prefopt.model.logps import sequence_logps
 from prefopt.observe.metric_names import renamed_metric, with_current_names
 from prefopt.observe.tracking import Tracker, read_jsonl, wandb_records
-from prefopt.run.config import ConfigError, validate_config
+from prefopt.run.config import validate_config
 from prefopt.train.metrics import finish_token_means, mean_metrics, pair_metrics
 from tests.helpers import read_wandb_run, run_train
 from tests.test_config import compose_config

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.run.config import ConfigError
+from prefopt.core.errors import ConfigError
 from prefopt.run.hardware_plan import plan_hardware, preset_values, settle_hardware
 from prefopt.run.resources import GB, Machine, estimate_memory, limits_from, llama_parameters, model_arch, run_shape
 from tests.test_config import compose_config, run_prefopt

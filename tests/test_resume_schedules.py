@@ -17,8 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
+from prefopt.core.errors import ConfigError
 from prefopt.observe.tracking import read_jsonl
-from prefopt.run.config import ConfigError, validate_config
+from prefopt.run.config import validate_config
 from prefopt.train.schedules import METRIC_SCHEDULES, SCHEDULES, epoch_steps
 from tests.helpers import run_train, trainer_node
 from tests.test_config import compose_config

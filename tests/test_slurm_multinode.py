@@ -29,9 +29,9 @@ from prefopt.core.distributed import (
     torchrun_node_args,
     wait_for_frozen_config,
 )
+from prefopt.core.errors import ConfigError
 from prefopt.core.runfiles import RANKS_FILE
 from prefopt.observe.report import build_report
-from prefopt.run.config import ConfigError
 from prefopt.train.checkpoint import checkpoint_candidates, manifest_problem
 from tests.helpers import run_train
 from tests.test_config import compose_config

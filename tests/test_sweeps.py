@@ -129,7 +129,7 @@ def test_train_returns_the_objective(tmp_path, monkeypatch):
 
 
 def test_an_objective_missing_from_the_summary_names_the_keys():
-    from prefopt.run.config import ConfigError
+    from prefopt.core.errors import ConfigError
     from prefopt.run.sweep import objective_value
 
     cfg = OmegaConf.create({"trainer": {"objective": "eval/acc"}})

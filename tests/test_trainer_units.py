@@ -41,7 +41,8 @@ def test_rng_states_round_trip_torch_numpy_and_python():
 
 
 def test_step_guard_counts_skips_stops_after_too_many_and_warns_once_on_a_zero_gradient_norm(caplog):
-    from prefopt.train.guards import NonFiniteTrainingError, StepGuard
+    from prefopt.core.errors import NonFiniteTrainingError
+    from prefopt.train.guards import StepGuard
 
     guard = StepGuard(max_consecutive_skips=3)
     guard.after_step(1, applied=False, grad_norm=float("nan"))

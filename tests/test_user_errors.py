@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from prefopt.cli import main
+from prefopt.core.errors import ConfigError
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.data import DataError, PreferenceData, build_preference_data
-from prefopt.run.config import ConfigError, validate_config
+from prefopt.run.config import validate_config
 from tests.helpers import dataset_node
 from tests.test_config import compose_config
 

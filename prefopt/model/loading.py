@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from prefopt.core.errors import ConfigError, ModelNotFoundError  # noqa: F401  (ModelNotFoundError: re-exported)
+from prefopt.core.errors import ConfigError, ModelNotFoundError
 from prefopt.core.fileutil import exclusive_lock
 from prefopt.core.hub import hub_offline, hub_reachable
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from prefopt.core.errors import USER_ERRORS, NonFiniteTrainingError, Terminated, stop_exception
 from prefopt.core.slurm import in_slurm_task
-from prefopt.observe.console import eval_headline
+from prefopt.observe.console_lines import eval_headline
 from prefopt.run import sweep  # looked up when called: tests patch sweep.objective_value
 from prefopt.run.eval_run import prepare_eval
 from prefopt.run.launch import WorkerError, dispatch, prepare_run

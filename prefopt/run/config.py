@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from prefopt.core.errors import ConfigError  # noqa: F401  (re-exported: prefopt.run.config.ConfigError)
+from prefopt.core.errors import ConfigError
 from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
 from prefopt.losses import validate_loss_config

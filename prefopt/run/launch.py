@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prefopt.core import proctree, rundir
 from prefopt.core.distributed import is_follower_host, torchrun_node_args, wait_for_frozen_config
-from prefopt.core.errors import USER_ERRORS, Terminated, stop_exception
+from prefopt.core.errors import USER_ERRORS, ConfigError, Terminated, stop_exception
 from prefopt.core.fileutil import atomic_write_text, clean_stale_temps
 from prefopt.core.runfiles import (
     CHECKPOINTS,
@@ -38,7 +38,7 @@ from prefopt.core.runfiles import (
 )
 from prefopt.core.slurm import in_slurm_task, restart_count
 from prefopt.model.loading import resolve_model_source
-from prefopt.run.config import ConfigError, require_values, validate_config
+from prefopt.run.config import require_values, validate_config
 from prefopt.run.hardware_plan import settle_hardware
 from prefopt.run.resume import accept_resume, find_latest_run, no_checkpoint_error, search_roots
 from prefopt.run.worker import run_worker
