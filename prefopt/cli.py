@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prefopt.core.errors import ConfigError
-from prefopt.core.runfiles import DYNAMICS_PLOT
+from prefopt.core.runfiles import DYNAMICS_PLOT, EXPORT_DIR
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -291,7 +291,7 @@ def export_command(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run dir with checkpoints/")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="output dir (default RUN_DIR/exported)")
+    parser.add_argument("-o", "--output", type=Path, default=None, help=f"output dir (default RUN_DIR/{EXPORT_DIR})")
     parser.add_argument(
         "--push-to-hub",
         metavar="REPO_ID",
@@ -304,7 +304,7 @@ def export_command(argv: list[str]) -> int:
     from prefopt.run.export import CARD_FILE, export_policy, push_to_hub
 
     try:
-        output = export_policy(args.run_dir, args.output or args.run_dir / "exported", title=args.push_to_hub)
+        output = export_policy(args.run_dir, args.output or args.run_dir / EXPORT_DIR, title=args.push_to_hub)
         print(f"exported {output} (model card: {output / CARD_FILE})")
         if args.push_to_hub:
             print(f"pushed to the hub: {push_to_hub(output, args.push_to_hub, args.private)}")

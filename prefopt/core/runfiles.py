@@ -33,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 DYNAMICS_FILE = "dynamics.jsonl"
 GENERATIONS_FILE = "generations.jsonl"
 SUMMARY_FILE = "summary.json"
+EXPORT_DIR = "exported"  # `prefopt export RUN_DIR` without -o: the plain HF model dir
 DATA_FILE = "data.json"  # what the run trained on (data/identity.py)
 RANKS_FILE = "ranks.json"  # which host runs which rank
 RANKS_FILE_LOCK = f".{RANKS_FILE}.lock"  # taken by each rank while it rewrites RANKS_FILE

@@ -209,27 +209,17 @@ ARCH_FIGURES = ("hidden_size", "num_layers", "vocab_size", "num_heads", "interme
 def arch_from_figures(figures: Mapping[str, Any]) -> Arch:
     """An Arch from `model.arch`-style figures; num_parameters is counted Llama-style when absent."""
     heads = figures["num_heads"]
-    kv_heads = figures.get("num_kv_heads") or heads
-    tied = bool(figures.get("tie_word_embeddings"))
-    count = figures.get("num_parameters") or llama_parameters(
+    # Arch's fields after num_parameters, in order; llama_parameters takes the same
+    shape = (
         figures["hidden_size"],
         figures["num_layers"],
         figures["vocab_size"],
         heads,
-        kv_heads,
+        figures.get("num_kv_heads") or heads,
         figures["intermediate_size"],
-        tied,
+        bool(figures.get("tie_word_embeddings")),
     )
-    return Arch(
-        int(count),
-        figures["hidden_size"],
-        figures["num_layers"],
-        figures["vocab_size"],
-        heads,
-        kv_heads,
-        figures["intermediate_size"],
-        tied,
-    )
+    return Arch(int(figures.get("num_parameters") or llama_parameters(*shape)), *shape)
 
 
 def first_present(config: Mapping[str, Any], *keys: str) -> Any:
