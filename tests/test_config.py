@@ -305,3 +305,19 @@ def test_shell_completion_completes_train_overrides():
     )
     assert query.returncode == 0
     assert {"loss=gate_dpo", "loss=gate_lpo", "loss=gate_ipo"} <= set(query.stdout.split())
+
+
+def test_a_frozen_config_without_a_key_is_named_not_filled_from_the_schema(tmp_path):
+    """A key whose default lives in conf/ is MISSING in the schema: a frozen config.yaml that lacks it (another
+    prefopt version's) is refused naming the key, instead of running on a value nobody chose."""
+    from prefopt.run.worker import load_frozen_config
+
+    frozen = OmegaConf.to_container(compose_config(["model=tiny_llama"]), resolve=True)
+    whole = tmp_path / "whole.yaml"
+    whole.write_text(OmegaConf.to_yaml(frozen))
+    assert load_frozen_config(whole).trainer.lr == frozen["trainer"]["lr"]
+    del frozen["trainer"]["lr"]
+    lacking = tmp_path / "config.yaml"
+    lacking.write_text(OmegaConf.to_yaml(frozen))
+    with pytest.raises(ConfigError, match=r"config.yaml has no value for trainer.lr .*add trainer.lr: VALUE"):
+        load_frozen_config(lacking)

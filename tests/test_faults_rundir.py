@@ -478,3 +478,30 @@ def test_a_link_loop_above_a_written_file_is_one_line(tmp_path):
     (tmp_path / "lock").symlink_to(tmp_path / "outside")
     with pytest.raises(LinkRefused, match=f"lock is a symbolic link to {tmp_path / 'outside'}"):
         open_no_follow(tmp_path / "lock", os.O_RDWR | os.O_CREAT)
+
+
+def test_python_m_prefopt_cli_defers_the_hydra_record_like_the_installed_script(tmp_path):
+    """`python -m prefopt.cli` runs the prefopt.cli module Hydra's callback is looked up in: a refused resume leaves
+    .hydra/ as the run wrote it (a __main__ copy of the module never deferred it, so Hydra rewrote the record)."""
+    args = [*TINY, *QUIET, "trainer.max_steps=2", "trainer.save_every=2"]
+    run_dir = run_train(tmp_path / "run", *args)
+    before = record_files(run_dir)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.cli",
+            "train",
+            *args,
+            "loss.beta=0.5",
+            "trainer.resume=true",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and "loss.beta: 0.1 there vs 0.5 now" in one_error_line(refused.stderr)
+    assert record_files(run_dir) == before
+    record("`python -m prefopt.cli` resume refused", "exit 2; .hydra/ and the record byte-identical (deferred)")
