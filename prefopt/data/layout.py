@@ -19,12 +19,49 @@ for eager attention, which adds it to the scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 LAYOUTS = ("packed", "padded")
+ATTENTIONS = ("pieces", "dense")  # how a packed batch is attended: model/attention.py, or the dense 4-D mask
+
+
+@dataclass
+class AttentionPieces:
+    """The pieces of a packed batch, in row order, covering each row from column 0 without gaps.
+
+    Each is (row, query_start, query_end, prefix_start, prefix_end): queries [query_start, query_end) attend
+    to keys [prefix_start, prefix_end) (the prompt; empty for the prompt piece itself) and causally to
+    their own keys. Columns past a row's last piece are padding; their output is zero."""
+
+    pieces: tuple[tuple[int, int, int, int, int], ...]
+    rows: int
+    width: int
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def masks(self, window: Optional[int], device) -> list[Optional[torch.Tensor]]:
+        """Per piece, the boolean (queries, keys) mask, or None where plain top-left causal is exact (a piece
+        without prefix or window). Built once per forward and window, shared by every layer."""
+        key = (window, str(device))
+        if key not in self._masks:
+            self._masks[key] = [self._mask(piece, window, device) for piece in self.pieces]
+        return self._masks[key]
+
+    @staticmethod
+    def _mask(piece, window: Optional[int], device) -> Optional[torch.Tensor]:
+        _, q_start, q_end, p_start, p_end = piece
+        prefix, queries = p_end - p_start, q_end - q_start
+        if prefix == 0 and not window:
+            return None
+        # positions: the prefix holds 0..prefix-1, the queries (and their own keys) continue from prefix
+        query_pos = torch.arange(prefix, prefix + queries, device=device).unsqueeze(1)
+        key_pos = torch.arange(prefix + queries, device=device).unsqueeze(0)
+        allowed = key_pos <= query_pos
+        if window:
+            allowed &= query_pos - key_pos < window  # transformers' sliding window: keys within the last `window`
+        return allowed
 
 
 @dataclass
@@ -40,6 +77,7 @@ class SequenceBatch:
     num_sequences: int
     max_response_length: int
     real_tokens: int  # non-padding positions, for throughput
+    pieces: Optional[AttentionPieces] = None  # packed with attention=pieces: the plan (attention_mask is None then)
 
     def to(self, device) -> "SequenceBatch":
         moved = {
@@ -60,11 +98,13 @@ def pair_groups(pairs) -> list[Group]:
     ]
 
 
-def build_batch(groups: list[Group], pad_token_id: int, layout: str, max_row_tokens: int = 0) -> SequenceBatch:
+def build_batch(
+    groups: list[Group], pad_token_id: int, layout: str, max_row_tokens: int = 0, attention: str = "dense"
+) -> SequenceBatch:
     if layout == "padded":
         return padded_batch(groups, pad_token_id)
     if layout == "packed":
-        return packed_batch(groups, pad_token_id, max_row_tokens)
+        return packed_batch(groups, pad_token_id, max_row_tokens, attention)
     raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
 
 
@@ -83,9 +123,13 @@ def padded_batch(groups: list[Group], pad_token_id: int) -> SequenceBatch:
     return scored.batch(input_ids, attention_mask, None, len(rows), int(attention_mask.sum()))
 
 
-def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int) -> SequenceBatch:
+def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int, attention: str = "dense") -> SequenceBatch:
+    """max_row_tokens: the row budget (0 = unbounded: one row). attention=pieces records the pieces instead of
+    building the dense (rows, 1, width, width) mask."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; one of {ATTENTIONS}")
     lengths = [len(prompt) + sum(len(response) for _, response in responses) for prompt, responses in groups]
-    budget = max(max_row_tokens, max(lengths))  # a segment longer than the budget gets a row of its own
+    budget = max(max_row_tokens or sum(lengths), max(lengths))  # a segment longer than the budget gets a row of its own
     rows: list[list[int]] = []  # group indices per row, first fit, longest first (deterministic order)
     row_lengths: list[int] = []
     for group in sorted(range(len(groups)), key=lambda g: (-lengths[g], g)):
@@ -100,7 +144,9 @@ def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int) ->
     width = max(row_lengths)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    attend = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    dense = attention == "dense"
+    attend = torch.zeros((len(rows), width, width) if dense else (0, 0, 0), dtype=torch.bool)
+    pieces: list[tuple[int, int, int, int, int]] = []
     scored = ScoredTokens()
     for row, members in enumerate(rows):
         start = 0
@@ -109,25 +155,39 @@ def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int) ->
             prompt_end = start + len(prompt)
             input_ids[row, start:prompt_end] = torch.tensor(list(prompt), dtype=torch.long)
             position_ids[row, start:prompt_end] = torch.arange(len(prompt))
-            attend[row, start:prompt_end, start:prompt_end] = torch.ones(
-                len(prompt), len(prompt), dtype=torch.bool
-            ).tril()
+            pieces.append((row, start, prompt_end, start, start))
+            if dense:
+                attend[row, start:prompt_end, start:prompt_end] = torch.ones(
+                    len(prompt), len(prompt), dtype=torch.bool
+                ).tril()
             cursor = prompt_end
             for index, response in responses:
                 end = cursor + len(response)
                 input_ids[row, cursor:end] = torch.tensor(list(response), dtype=torch.long)
                 position_ids[row, cursor:end] = torch.arange(len(prompt), len(prompt) + len(response))
-                attend[row, cursor:end, start:prompt_end] = True  # the whole prompt
-                attend[row, cursor:end, cursor:end] = torch.ones(len(response), len(response), dtype=torch.bool).tril()
+                pieces.append((row, cursor, end, start, prompt_end))
+                if dense:
+                    attend[row, cursor:end, start:prompt_end] = True  # the whole prompt
+                    attend[row, cursor:end, cursor:end] = torch.ones(
+                        len(response), len(response), dtype=torch.bool
+                    ).tril()
                 for k, token in enumerate(response):
                     scored.add(row, prompt_end - 1 if k == 0 else cursor + k - 1, token, index, k)
                 cursor = end
             start = cursor
-        padding = torch.arange(start, width)
-        attend[row, padding, padding] = True  # padding attends to itself only (a fully masked row would be NaN)
-    return scored.batch(
-        input_ids, attend.unsqueeze(1), position_ids, sum(len(responses) for _, responses in groups), sum(row_lengths)
+        if dense:
+            padding = torch.arange(start, width)
+            attend[row, padding, padding] = True  # padding attends to itself only (a fully masked row would be NaN)
+    batch = scored.batch(
+        input_ids,
+        attend.unsqueeze(1) if dense else None,
+        position_ids,
+        sum(len(responses) for _, responses in groups),
+        sum(row_lengths),
     )
+    if not dense:
+        batch.pieces = AttentionPieces(tuple(pieces), rows=len(rows), width=width)
+    return batch
 
 
 class ScoredTokens:

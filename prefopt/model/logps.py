@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from prefopt.core.errors import ConfigError
 from prefopt.data import IGNORE_INDEX
 from prefopt.data.layout import SequenceBatch, build_batch
+from prefopt.model.attention import pieces_attention
 from prefopt.model.precision import autocast, full_precision
 
 
@@ -157,15 +158,23 @@ def sequence_logps(
         torch.is_grad_enabled()
         and kept_logps_bytes(scored_tokens, vocab_size, postprocess is not None) > keep_logps_mb * 2**20
     )
-    attention_mask = model_attention_mask(model, batch.attention_mask)
     with autocast(model, batch.input_ids.device.type):
         with intercepted_head(head) as captured:
-            model(
-                input_ids=batch.input_ids,
-                attention_mask=attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            )
+            if batch.pieces is not None:  # packed, attended piece by piece (model/attention.py)
+                with pieces_attention(model):
+                    model(
+                        input_ids=batch.input_ids,
+                        position_ids=batch.position_ids,
+                        use_cache=False,
+                        attention_pieces=batch.pieces,
+                    )
+            else:
+                model(
+                    input_ids=batch.input_ids,
+                    attention_mask=model_attention_mask(model, batch.attention_mask),
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                )
         if "hidden" not in captured:
             raise LogitsPathError(
                 f"{type(model).__name__}'s forward never called its output head; prefopt cannot score it"

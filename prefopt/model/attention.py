@@ -1,0 +1,120 @@
+"""Attention that computes only what a packed, prefix-shared mask keeps: one attention call per *piece*.
+
+A packed row (data/layout.py) holds segments [prompt | response 1 | response 2 | ...]. Its dense mask is
+block-diagonal and mostly False: every query of a 1,000-token row would score every key, though a segment
+sees only its own few hundred tokens and a response never sees its sibling. Here each piece is one call:
+
+  prompt     : queries = keys = the prompt, causal (the kernel skips the upper triangle);
+  response k : queries = the response, keys = [prompt | response k], causal aligned to the bottom right
+               (every prompt key, and the response's own keys up to the query).
+
+So the work is sum(prompt^2 / 2 + response * (prompt + response / 2)) instead of rows * width^2, and no
+mask of width^2 is ever built. The model's own code does everything else (projections, rotary, norms,
+q/k-norms, output projection): this is a function registered in transformers' AttentionInterface, chosen
+only for the duration of a forward that carries a piece plan (`pieces_attention`), so generation, the
+logits check and every padded forward run the model's configured attention unchanged.
+
+What a layer asks of its attention is honoured per piece: `scaling` (Granite's attention_multiplier,
+Gemma-2's query_pre_attn_scalar), `sliding_window` (in position-id space, which a piece shares with the
+padded layout), `softcap` (Gemma-2: computed in the eager formula, which SDPA cannot express), GQA and
+dropout. tests/test_attention.py proves values and gradients equal the padded path for Llama, Qwen2,
+Gemma-2, Cohere and Granite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from prefopt.data.layout import AttentionPieces
+
+PIECES_ATTENTION = "prefopt_pieces"
+
+
+def _piece_attention(query, key, value, mask, scaling, dropout, softcap, groups):
+    """softmax(q k^T * scaling [soft-capped] + mask) v for one piece; (1, heads, queries, dim) in and out."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=groups > 1,
+        )
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, value)
+
+
+def pieces_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (rows, heads, width, dim)
+    key: torch.Tensor,  # (rows, kv_heads, width, dim)
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    attention_pieces: Optional[AttentionPieces] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature; returns (rows, width, heads, dim) like its other functions."""
+    if attention_pieces is None:
+        raise RuntimeError(
+            f"{PIECES_ATTENTION} attention was called without a piece plan: a forward under pieces_attention() "
+            "must pass attention_pieces=..."
+        )
+    plan = attention_pieces
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    masks = plan.masks(sliding_window, query.device)
+    rows_out: list[list[torch.Tensor]] = [[] for _ in range(plan.rows)]
+    covered = [0] * plan.rows
+    for piece, mask in zip(plan.pieces, masks):
+        row, q_start, q_end, p_start, p_end = piece
+        q = query[row : row + 1, :, q_start:q_end]
+        k, v = key[row : row + 1, :, q_start:q_end], value[row : row + 1, :, q_start:q_end]
+        if p_end > p_start:
+            k = torch.cat((key[row : row + 1, :, p_start:p_end], k), dim=2)
+            v = torch.cat((value[row : row + 1, :, p_start:p_end], v), dim=2)
+        rows_out[row].append(_piece_attention(q, k, v, mask, scaling, dropout, softcap, groups))
+        covered[row] = q_end
+    out = []
+    for row, parts in enumerate(rows_out):
+        if covered[row] < plan.width:  # padding: attends to nothing, never scored
+            parts.append(query.new_zeros(1, query.shape[1], plan.width - covered[row], value.shape[-1]))
+        out.append(torch.cat(parts, dim=2))
+    return torch.cat(out, dim=0).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PIECES_ATTENTION, pieces_attention_forward)
+
+
+@contextlib.contextmanager
+def pieces_attention(model):
+    """Inside, the model's layers call pieces_attention_forward; its configured attention is restored after.
+
+    The name is not one of transformers' mask functions, so the model builds no dense mask either."""
+    config = model.config
+    configured = config._attn_implementation
+    config._attn_implementation = PIECES_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = configured
