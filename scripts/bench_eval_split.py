@@ -29,6 +29,7 @@ def timed_passes(rank: int, world_size: int, args: argparse.Namespace, init_file
 
     from prefopt.core.distributed import DistInfo
     from prefopt.data import build_preference_data
+    from prefopt.data.layout import BatchLayout
     from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
     from prefopt.run.config import register_schema
     from prefopt.train.dynamics import build_probe_set, evaluate_probes
@@ -65,8 +66,7 @@ def timed_passes(rank: int, world_size: int, args: argparse.Namespace, init_file
             trainer.logp_chunk_size,
             "cpu",
             cfg.dynamics.batch_size,
-            trainer.batching,
-            trainer.packed_row_tokens,
+            BatchLayout.from_trainer(trainer),
             dist,
         ),
         "greedy": lambda: greedy_accuracy(

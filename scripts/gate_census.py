@@ -24,7 +24,7 @@ def census(overrides: list[str], num_pairs: int) -> dict[str, torch.Tensor]:
     from hydra import compose, initialize_config_module
 
     from prefopt.data import build_preference_data
-    from prefopt.data.layout import build_batch, pair_groups
+    from prefopt.data.layout import BatchLayout, pair_groups
     from prefopt.model.loading import load_model, load_tokenizer, resolve_model_source
     from prefopt.model.logps import sequence_logps, split_pairs
     from prefopt.model.precision import set_compute_dtype
@@ -43,9 +43,7 @@ def census(overrides: list[str], num_pairs: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for start in range(0, len(pairs), 8):
             groups = pair_groups(pairs[start : start + 8])
-            batch = build_batch(
-                groups, tokenizer.pad_token_id or 0, cfg.trainer.batching, cfg.trainer.packed_row_tokens
-            )
+            batch = BatchLayout.from_trainer(cfg.trainer).build(groups, tokenizer.pad_token_id or 0)
             logps = sequence_logps(model, batch, cfg.trainer.logp_chunk_size)
             for side, summed, lengths, tokens, mask in zip(
                 ("chosen", "rejected"),

@@ -88,6 +88,7 @@ def held_out_results(dist: DistInfo) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prefopt.data import PreferenceData
+    from prefopt.data.layout import BatchLayout
     from prefopt.model.loading import build_byte_tokenizer
     from prefopt.train.dynamics import build_probe_set, evaluate_probes, greedy_generate
     from prefopt.train.evaluation import evaluate, greedy_accuracy
@@ -135,7 +136,7 @@ def held_out_results(dist: DistInfo) -> dict:
     results = {
         "eval": evaluate(step_fn, pairs, BATCH, None, 0, dist),
         "eval_one_pair": evaluate(step_fn, pairs[:1], BATCH, None, 0, dist),  # rank 1's shard is empty: padding only
-        "probes": evaluate_probes(policy, probes, CHUNK, "cpu", BATCH, "packed", 64, dist),
+        "probes": evaluate_probes(policy, probes, CHUNK, "cpu", BATCH, BatchLayout("packed", 64), dist),
         "greedy": greedy_generate(
             policy, tokenizer, [pair.prompt_ids for pair in pairs], 5, "cpu", batch_size=BATCH, dist=dist
         ),

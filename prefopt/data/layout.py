@@ -98,8 +98,42 @@ def pair_groups(pairs) -> list[Group]:
     ]
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run lays out every batch it scores (training, reference pass, eval, probes): trainer.batching,
+    trainer.packed_row_tokens and trainer.attention."""
+
+    kind: str = "packed"  # packed | padded
+    row_tokens: Optional[int] = None  # packed row budget; None = row_budget() of each batch
+    attention: str = "pieces"  # packed batches: pieces (model/attention.py) | dense (a 4-D mask per row)
+
+    @classmethod
+    def from_trainer(cls, trainer_cfg) -> "BatchLayout":
+        return cls(trainer_cfg.batching, trainer_cfg.packed_row_tokens, trainer_cfg.attention)
+
+    def build(self, groups: list["Group"], pad_token_id: int) -> SequenceBatch:
+        return build_batch(groups, pad_token_id, self.kind, self.row_tokens, self.attention)
+
+
+PADDED = BatchLayout("padded")
+
+
+def row_budget(segment_lengths: Sequence[int], attention: str) -> int:
+    """The token budget of a packed row when trainer.packed_row_tokens is null (0 = one row for the batch).
+
+    pieces: attention never crosses a piece, so a row's width costs nothing and the batch goes in one row
+      (no padding at all).
+    dense: every query of a row scores every key, so attention grows with width^2 while padding shrinks with
+      wider rows. The longest segment is the budget: rows come out nearly full (first fit, longest first)
+      and no row is wider than it must be. scripts/bench_attention.py measured it against fixed budgets on
+      HH-like pairs (README, "Attention and row budget")."""
+    if attention == "pieces":
+        return 0
+    return max(segment_lengths)
+
+
 def build_batch(
-    groups: list[Group], pad_token_id: int, layout: str, max_row_tokens: int = 0, attention: str = "dense"
+    groups: list[Group], pad_token_id: int, layout: str, max_row_tokens: Optional[int] = None, attention: str = "pieces"
 ) -> SequenceBatch:
     if layout == "padded":
         return padded_batch(groups, pad_token_id)
@@ -123,12 +157,16 @@ def padded_batch(groups: list[Group], pad_token_id: int) -> SequenceBatch:
     return scored.batch(input_ids, attention_mask, None, len(rows), int(attention_mask.sum()))
 
 
-def packed_batch(groups: list[Group], pad_token_id: int, max_row_tokens: int, attention: str = "dense") -> SequenceBatch:
-    """max_row_tokens: the row budget (0 = unbounded: one row). attention=pieces records the pieces instead of
-    building the dense (rows, 1, width, width) mask."""
+def packed_batch(
+    groups: list[Group], pad_token_id: int, max_row_tokens: Optional[int], attention: str = "pieces"
+) -> SequenceBatch:
+    """max_row_tokens: the row budget (None = row_budget(), 0 = unbounded: one row). attention=pieces records
+    the pieces instead of building the dense (rows, 1, width, width) mask."""
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; one of {ATTENTIONS}")
     lengths = [len(prompt) + sum(len(response) for _, response in responses) for prompt, responses in groups]
+    if max_row_tokens is None:
+        max_row_tokens = row_budget(lengths, attention)
     budget = max(max_row_tokens or sum(lengths), max(lengths))  # a segment longer than the budget gets a row of its own
     rows: list[list[int]] = []  # group indices per row, first fit, longest first (deterministic order)
     row_lengths: list[int] = []

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from prefopt.core.errors import ConfigError
 from prefopt.data import IGNORE_INDEX
-from prefopt.data.layout import SequenceBatch, build_batch
+from prefopt.data.layout import PADDED, BatchLayout, SequenceBatch
 from prefopt.model.attention import pieces_attention
 from prefopt.model.precision import autocast, full_precision
 
@@ -294,10 +294,31 @@ def check_logits_path(model, vocab_size: int, device, tolerance: float = 1e-4) -
     return difference
 
 
+def sliding_window_layers(config) -> Optional[int]:
+    """The sliding window some of the model's layers attend within, or None when every layer sees it all."""
+    config = _text_config(config)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
 @torch.no_grad()
-def check_packed_path(model, vocab_size: int, device) -> float:
-    """Prove once that this model's attention takes the packed, prefix-shared mask: two prompts with two
-    responses each, packed into one row, must score as in padded rows. Refuses (ConfigError) otherwise."""
+def check_packed_path(model, vocab_size: int, device, layout: BatchLayout) -> float:
+    """Prove once that this model's attention takes the packed, prefix-shared layout as `layout` attends it:
+    two prompts with two responses each, packed into one row, must score as in padded rows. Refuses
+    (ConfigError) otherwise, and refuses dense packed attention for a model with sliding-window layers: one
+    4-D mask serves every layer, so it cannot hold a window that only some layers use."""
+    window = sliding_window_layers(model.config)
+    if layout.attention == "dense" and window:
+        raise ConfigError(
+            f"{type(model).__name__} has sliding-window attention layers (window {window}); "
+            "trainer.attention=dense gives every layer the same packed mask, so those layers would see past "
+            "their window. Use trainer.attention=pieces (which applies the window per layer) or trainer.batching=padded"
+        )
     generator = torch.Generator().manual_seed(1)
     draw = lambda length: torch.randint(0, vocab_size, (length,), generator=generator).tolist()  # noqa: E731
     groups = [(draw(6), [(0, draw(4)), (2, draw(5))]), (draw(3), [(1, draw(2)), (3, draw(6))])]
@@ -305,8 +326,8 @@ def check_packed_path(model, vocab_size: int, device) -> float:
     model.eval()
     try:
         with full_precision(model):  # the mask's meaning does not depend on the dtype; fp32 keeps the check sharp
-            packed = sequence_logps(model, build_batch(groups, 0, "packed", 10**6).to(device), chunk_size=64).summed
-            padded = sequence_logps(model, build_batch(groups, 0, "padded").to(device), chunk_size=64).summed
+            packed = sequence_logps(model, layout.build(groups, 0).to(device), chunk_size=64).summed
+            padded = sequence_logps(model, PADDED.build(groups, 0).to(device), chunk_size=64).summed
     finally:
         model.train(was_training)
     difference = float((packed - padded).abs().max())
@@ -314,8 +335,8 @@ def check_packed_path(model, vocab_size: int, device) -> float:
     if not difference <= limit:
         raise ConfigError(
             f"{type(model).__name__} with attn_implementation={getattr(model.config, '_attn_implementation', '?')} "
-            "does not take prefix-shared, packed attention masks (packed and padded log-probs differ by "
-            f"{difference:.3g}); run it with trainer.batching=padded"
+            f"does not take prefix-shared, packed batches with trainer.attention={layout.attention} (packed and padded "
+            f"log-probs differ by {difference:.3g}); run it with trainer.batching=padded"
         )
     return difference
 

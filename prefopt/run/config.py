@@ -191,7 +191,9 @@ class TrainerConfig:
     logp_keep_mb: float = MISSING
     # packed (prefix sharing: each prompt computed once; pairs packed into rows) | padded (one padded row per response)
     batching: str = MISSING
-    packed_row_tokens: int = MISSING  # token budget of a packed row (a longer pair gets a row of its own)
+    # token budget of a packed row (a longer pair gets a row of its own); null = sized per batch (row_budget)
+    packed_row_tokens: Optional[int] = MISSING
+    attention: str = MISSING  # packed batches: pieces (only what the mask keeps) | dense (a masked row)
     # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
     group_by_length: bool = MISSING
     log_every: int = MISSING  # write train metrics every N steps
@@ -315,6 +317,7 @@ CHOICES = {
     "hardware.engine": ("torch", "deepspeed"),
     "hardware.zero_stage": (0, 1, 2, 3),
     "trainer.batching": ("packed", "padded"),
+    "trainer.attention": ("pieces", "dense"),
     "reference.precompute": ("auto", True, False),
     "trainer.objective_direction": ("maximize", "minimize"),
     # the data layer acts on "allow" (data/identity.ALLOW_CHANGED; data never imports config):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from prefopt.core.distributed import DistInfo, device_for, init_distributed
 from prefopt.core.runfiles import CONFIG_FILE, DYNAMICS_PLOT
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
+from prefopt.data.layout import BatchLayout
 from prefopt.losses import get_loss
 from prefopt.model.loading import ModelSource, apply_lora, load_model, load_tokenizer, resolve_model_source
 from prefopt.model.logps import check_logits_path, check_packed_path
@@ -44,7 +45,9 @@ def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.
     set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
     check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
     if cfg.trainer.batching == "packed":
-        check_packed_path(policy, len(tokenizer), device)  # its attention takes prefix-shared, packed masks
+        check_packed_path(
+            policy, len(tokenizer), device, BatchLayout.from_trainer(cfg.trainer)
+        )  # its attention takes prefix-shared, packed masks
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora)
     return policy

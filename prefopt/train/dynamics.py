@@ -32,7 +32,7 @@ import torch
 
 from prefopt.core.distributed import DistInfo
 from prefopt.data import DataError, PreferenceData, TokenizedPair
-from prefopt.data.layout import build_batch
+from prefopt.data.layout import PADDED, BatchLayout
 from prefopt.data.tokenize import end_of_turn_ids
 from prefopt.model.logps import TokenLogps, sequence_logps
 from prefopt.train.sharding import sharded_objects, sharded_pass
@@ -152,9 +152,7 @@ def sequence_stats(
                 zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])
             )
         ]
-        token = sequence_logps(
-            model, build_batch(groups, PAD_ID, "padded").to(device), chunk_size, with_stats=with_stats
-        )
+        token = sequence_logps(model, PADDED.build(groups, PAD_ID).to(device), chunk_size, with_stats=with_stats)
         for key, value in token_sums(token, with_stats).items():
             parts.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in parts.items()}
@@ -166,8 +164,7 @@ def probe_stats(
     chunk_size: int,
     device,
     batch_size: int,
-    layout: str,
-    row_tokens: int,
+    layout: BatchLayout,
     dist: Optional[DistInfo] = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """token_sums of every response type of every probe: response type -> stat -> (probes,). Each probe's
@@ -185,7 +182,7 @@ def probe_stats(
             )
             for offset, probe in enumerate(probes)
         ]
-        batch = build_batch(groups, PAD_ID, layout, row_tokens).to(device)
+        batch = layout.build(groups, PAD_ID).to(device)
         sums = token_sums(
             sequence_logps(model, batch, chunk_size, with_stats=True, min_scored_tokens=peer_scored_tokens),
             with_stats=True,
@@ -211,8 +208,7 @@ def evaluate_probes(
     chunk_size: int,
     device,
     batch_size: int,
-    layout: str = "packed",
-    row_tokens: int = 1024,
+    layout: BatchLayout = BatchLayout(),
     dist: Optional[DistInfo] = None,
 ) -> dict[str, float]:
     """Mean over probes of each response type's summed (`logp`) and per-token mean (`logp_mean`) log-prob,
@@ -222,7 +218,7 @@ def evaluate_probes(
     was_training = model.training
     model.eval()
     try:
-        all_stats = probe_stats(model, probe_set, chunk_size, device, batch_size, layout, row_tokens, dist)
+        all_stats = probe_stats(model, probe_set, chunk_size, device, batch_size, layout, dist)
     finally:
         model.train(was_training)
     metrics: dict[str, float] = {}

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from prefopt.core.distributed import DistInfo
 from prefopt.core.runfiles import DYNAMICS_FILE
 from prefopt.data import TokenizedPair, answer_is_correct
+from prefopt.data.layout import BatchLayout
 from prefopt.losses.gate import gate_distribution
 from prefopt.train.dynamics import ProbeSet, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.train.metrics import finish_token_means
@@ -139,8 +140,7 @@ class RunEvaluator:
                 trainer_cfg.logp_chunk_size,
                 self.device,
                 dynamics_cfg.batch_size,
-                trainer_cfg.batching,
-                trainer_cfg.packed_row_tokens,
+                BatchLayout.from_trainer(trainer_cfg),
                 self.dist,
             )
         self.tracker.log(step, metrics, file=DYNAMICS_FILE)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from prefopt.core.distributed import DistInfo
 from prefopt.core.fileutil import atomic_write_bytes, exclusive_lock, file_digests
 from prefopt.data import PreferenceData, TokenizedPair
-from prefopt.data.layout import SequenceBatch, build_batch, pair_groups
+from prefopt.data.layout import BatchLayout, SequenceBatch, pair_groups
 from prefopt.data.sampler import training_sampler
 from prefopt.model.loading import freeze, weight_files
 from prefopt.model.logps import sequence_logps, split_pairs
@@ -117,12 +117,11 @@ def compute_reference_logps(
     """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather
     (sharding.py)."""
     reference = ModelReference(model, cfg.trainer.logp_chunk_size)
+    layout = BatchLayout.from_trainer(cfg.trainer)
 
     def score(indices: list[int], peer_scored_tokens: int) -> torch.Tensor:
         chunk = [pairs[index] for index in indices]
-        batch = build_batch(pair_groups(chunk), pad_token_id, cfg.trainer.batching, cfg.trainer.packed_row_tokens).to(
-            device
-        )
+        batch = layout.build(pair_groups(chunk), pad_token_id).to(device)
         return torch.stack(reference.logps(chunk, batch, peer_scored_tokens), dim=1)
 
     was_training = model.training

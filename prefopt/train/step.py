@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.data import TokenizedPair
-from prefopt.data.layout import build_batch, pair_groups
+from prefopt.data.layout import BatchLayout, pair_groups
 from prefopt.losses import preference_loss
 from prefopt.model.logps import sequence_logps, split_pairs
 from prefopt.train.metrics import pair_metrics
@@ -56,11 +56,11 @@ class PreferenceStep:
         self.device, self.pad_token_id = device, pad_token_id
         self.chunk_size, self.keep_logps_mb = cfg.trainer.logp_chunk_size, cfg.trainer.logp_keep_mb
         self.max_steps = cfg.trainer.max_steps
-        self.batching, self.row_tokens = cfg.trainer.batching, cfg.trainer.packed_row_tokens
+        self.layout = BatchLayout.from_trainer(cfg.trainer)
 
     def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0) -> StepResult:
         """min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
-        batch = build_batch(pair_groups(pairs), self.pad_token_id, self.batching, self.row_tokens).to(self.device)
+        batch = self.layout.build(pair_groups(pairs), self.pad_token_id).to(self.device)
         policy = sequence_logps(
             self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb
         )
