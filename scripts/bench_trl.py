@@ -4,13 +4,16 @@ Runs in its own venv (.venv-bench: torch 2.13.0 CPU, trl==1.16.0, datasets, acce
 benchmark.py creates; prefopt is not imported here and TRL is not imported by prefopt.
 
     .venv-bench/bin/python scripts/bench_trl.py --model DIR --pairs ordered.jsonl --steps 12 --out trl.json \
-        [--precompute]
+        [--precompute] [--no-gradient-checkpointing]
 
 The pairs are {prompt, chosen, rejected} plain strings (TRL's standard, non-conversational format: no
 chat template; TRL appends eos_token to each response). They are fed in file order
 (train_sampling_strategy="sequential"), so benchmark.py can give TRL the exact batches prefopt draws.
 Everything else is DPOConfig's default (beta 0.1, sigmoid loss, lr 1e-6, linear schedule, no warmup,
 max_length 1024, AdamW, max_grad_norm 1.0), on the CPU in fp32, 4 pairs per step, no eval, no saving.
+That default includes gradient checkpointing: TRL 1.x's _BaseConfig (trl/trainer/base_config.py, which DPOConfig
+subclasses) sets `gradient_checkpointing: bool = field(default=True, ...)` where TrainingArguments has False;
+--no-gradient-checkpointing passes gradient_checkpointing=False (the activations fit easily at 4 pairs per step).
 
 Step times come from a TrainerCallback: time.perf_counter() at each on_step_begin / on_step_end, and the
 process's CPU time (time.process_time()) at each on_step_end.
@@ -34,6 +37,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (per_device_train_batch_size)")
     parser.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True")
+    parser.add_argument(
+        "--no-gradient-checkpointing",
+        action="store_true",
+        help="gradient_checkpointing=False (DPOConfig's default is True)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="where the JSON result goes")
     args = parser.parse_args()
@@ -103,6 +111,7 @@ def main() -> None:
         train_sampling_strategy="sequential",  # file order: the batches prefopt draws, in its order
         dataloader_num_workers=0,
         precompute_ref_log_probs=args.precompute,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
         bf16=False,
         fp16=False,
         seed=args.seed,
@@ -121,7 +130,8 @@ def main() -> None:
     print(
         f"[bench_trl] trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); {len(train)} pairs, {sum(token_counts)} tokens; "
-        f"reference model in memory: {trainer.ref_model is not None}; init {init_s:.1f} s",
+        f"reference model in memory: {trainer.ref_model is not None}; gradient checkpointing: "
+        f"{config.gradient_checkpointing}; init {init_s:.1f} s",
         flush=True,
     )
     started = time.perf_counter()
@@ -132,6 +142,7 @@ def main() -> None:
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "threads": torch.get_num_threads(),
         "precompute": args.precompute,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "precompute_s": timings.get("precompute_s"),
         "init_s": init_s,
         "train_s": train_s,
@@ -157,6 +168,8 @@ def main() -> None:
                 "optim",
                 "padding_free",
                 "pad_to_multiple_of",
+                "gradient_checkpointing",
+                "gradient_checkpointing_kwargs",
             )
         },
     }
