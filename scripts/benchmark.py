@@ -6,9 +6,13 @@ TFLOP/s (and MFU where the device's peak is known), peak resident memory of the 
         --case "tiny-ds2=model=tiny_llama hardware=cpu_2proc trainer.max_steps=20"
     .venv/bin/python scripts/benchmark.py --suite precision             # SmolLM2: fp32 vs bf16 mixed, same 20 steps
     .venv/bin/python scripts/benchmark.py --vs-trl --steps 12           # prefopt vs TRL 1.16 DPOTrainer (see below)
+    .venv/bin/python scripts/benchmark.py --vs-trl --only trl-precompute,prefopt-packed-precompute   # the extra cases
 
 Each case is NAME=OVERRIDES and runs in a fresh process (W&B disabled, run dirs under --out). Throughput
 is the median over logged steps after the first (warm-up). Nothing is asserted: numbers go in notes/README.
+--vs-trl runs TRL's DPOTrainer with its defaults and at its best here (precomputed reference log-probs, no
+gradient checkpointing) against prefopt padded and default on the same pairs, and reports per-step and end-to-end
+(reference pass included) tokens/s, their ratios to both TRL cases, MFU, and a per-step loss check (vs_trl_table).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ SUITES = {
     # the same 20 steps (same pairs, same order) in fp32 and in bf16 mixed precision
     "precision": ["fp32=trainer.max_steps=20 model.dtype=fp32", "bf16-mixed=trainer.max_steps=20 model.dtype=bf16"],
 }
-VS_TRL_CASES = ("trl", "trl-precompute", "prefopt-padded", "prefopt-default", "prefopt-packed-precompute")
+# every --vs-trl case (--only picks among them) and the ones run without --only, in this order
+VS_TRL_CASES = ("trl", "trl-best", "trl-precompute", "prefopt-padded", "prefopt-default", "prefopt-packed-precompute")
+VS_TRL_DEFAULT = ("trl", "trl-best", "prefopt-padded", "prefopt-default")
 DEFAULT_CASES = [
     "default=",  # the embedded main job: DPO on SmolLM2-135M, arith, CPU
     "default-bf16=model.dtype=bf16",
@@ -91,12 +97,21 @@ def run_case(name: str, overrides: str, out_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # --vs-trl: prefopt vs TRL 1.16's DPOTrainer (issue 11), same pairs / batches / order / model / precision
 #
-# One invocation, cases run one after another, each in a wrapper process (its own peak RSS):
-#   trl                        TRL DPOTrainer, defaults (beta 0.1, sigmoid, reference model forward every step)
-#   trl-precompute             TRL with precompute_ref_log_probs=True (its one-off reference pass in its own column)
-#   prefopt-padded             prefopt trainer.batching=padded, reference forward every step
-#   prefopt-default            prefopt as the default config is (batching / reference.precompute not overridden)
+# One invocation, cases run one after another, each in a wrapper process (its own peak RSS); * = run by default
+# (VS_TRL_DEFAULT), the others only when --only names them:
+# * trl                        TRL DPOTrainer, defaults (beta 0.1, sigmoid, reference model forward every step, and
+#                              gradient checkpointing: TRL 1.x's DPOConfig defaults it to True)
+# * trl-best                   TRL, its best here: precompute_ref_log_probs=True and gradient_checkpointing=False
+#   trl-precompute             TRL with precompute_ref_log_probs=True (gradient checkpointing left on, the default)
+# * prefopt-padded             prefopt trainer.batching=padded, reference forward every step
+# * prefopt-default            prefopt as the default config is (batching / reference.precompute not overridden)
 #   prefopt-packed-precompute  prefopt trainer.batching=packed reference.precompute=true (one-off pass timed)
+# The table (vs_trl_table), per case: real tokens/s over steps 2..N (step 1 is warm-up) and its ratio to TRL's
+# default and to trl-best; median s/step; the one-off reference pass (TRL's precompute inside DPOTrainer.__init__,
+# prefopt's reference pass before step 1); end-to-end tokens/s = real tokens of all N steps / (all N step seconds +
+# the one-off reference pass) and its ratios to the same two TRL cases; peak RSS; useful-work MFU against a dense
+# fp32 matmul peak measured in the same run; CPU seconds per step. Under it: prefopt-default's per-step losses
+# against prefopt-padded's (max abs difference over all N steps, accepted at <= LOSS_TOLERANCE).
 # The pairs: scripts/make_hh_like_pairs.py (real English text, offline, seeded), 4 x steps training pairs plus
 # EVAL_PAIRS held out (prefopt evaluates at step 0 and at the end, outside the timed steps). prefopt draws its
 # batches with its own PairSampler; TRL gets the same pairs written in that order and reads them sequentially,
@@ -111,12 +126,15 @@ PAIRS_PER_STEP = 4
 EVAL_PAIRS = 2
 VS_TRL_LABELS = {
     "trl": "TRL 1.16 DPOTrainer (defaults)",
+    "trl-best": "TRL, its best here (precompute_ref_log_probs=True, gradient_checkpointing=False)",
     "trl-precompute": "TRL precompute_ref_log_probs=True",
     "prefopt-padded": "prefopt batching=padded",
     "prefopt-default": "prefopt default",
     "prefopt-packed-precompute": "prefopt packed + reference.precompute",
     "trl-repeat": "TRL 1.16 DPOTrainer (defaults), again at the end",
 }
+TRL_FLAGS = {"trl-best": ["--precompute", "--no-gradient-checkpointing"], "trl-precompute": ["--precompute"]}
+LOSS_TOLERANCE = 1e-4  # prefopt default vs padded: the same model, pairs and steps; only the batch layout differs
 PROGRESS = re.compile(r"\[bench_trl\]|step \d+/\d+ \||reference cache|Traceback|Error")
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
@@ -353,6 +371,7 @@ def trl_result(json_path: Path, plan: dict) -> dict:
         "loss": [entry["loss"] for entry in data["logs"]],
         "ref_pass_s": data["precompute_s"],
         "ref_pass_pairs": len(data["pair_tokens"]) if data["precompute"] else None,
+        "gradient_checkpointing": data.get("gradient_checkpointing"),
         "versions": data["versions"],
         "cpu_at_step": {step + 1: cpu for step, cpu in enumerate(data["cpu_at_step_end"])},
         "token_mismatches": mismatched,
@@ -361,12 +380,160 @@ def trl_result(json_path: Path, plan: dict) -> dict:
     }
 
 
+def vs_trl_rates(results: dict, plan: dict, steps: int, num_params: int, peak: float) -> None:
+    """Fill each finished row's rates in place (a row without all `steps` step times gets a failed `status`):
+    tokens/s and s/step over steps 2..N, end-to-end tokens/s over all N steps plus the one-off reference pass,
+    CPU seconds, useful-work MFU against `peak` GFLOP/s."""
+    timed_tokens = sum(plan["step_tokens"][1:])
+    for row in results.values():
+        if row["returncode"] != 0 or len(row.get("step_s", [])) != steps:
+            row.setdefault(
+                "status", f"failed ({row['returncode']}, {len(row.get('step_s', []))} steps): see {row['log']}"
+            )
+            continue
+        timed = row["step_s"][1:]  # step 1 is warm-up
+        row["median_step_s"] = statistics.median(timed)
+        row["tokens_per_s"] = timed_tokens / sum(timed)
+        # end to end: every step, step 1 included, and the one-off reference pass where the case has one (none
+        # where a reference model runs every step); a pass that was not timed leaves it undefined
+        ref = row.get("ref_pass_s")
+        ref_s = 0.0 if ref is None and row["reference_forward"] else ref
+        if ref_s is not None and not math.isnan(ref_s):
+            row["e2e_s"] = sum(row["step_s"]) + ref_s
+            row["e2e_tokens_per_s"] = sum(plan["step_tokens"]) / row["e2e_s"]
+        cpu = row.get("cpu_at_step", {})
+        last = max((step for step in cpu if step >= 2), default=None)
+        if 1 in cpu and last:  # CPU seconds of steps 2..last (prefopt: sampled when its step line appears)
+            row["cpu_s_per_step"] = (cpu[last] - cpu[1]) / (last - 1)
+            row["tokens_per_cpu_s"] = sum(plan["step_tokens"][1:last]) / (cpu[last] - cpu[1])
+        flops_per_token = (6 + (2 if row["reference_forward"] else 0)) * num_params
+        row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * 1e9)
+
+
+def vs_trl_loss_check(results: dict, steps: int) -> dict:
+    """prefopt-default's per-step training losses against prefopt-padded's: the max abs difference over all steps
+    (the same model, pairs and order; only the batch layout and the reference's source differ)."""
+    check = {"cases": ["prefopt-default", "prefopt-padded"], "tolerance": LOSS_TOLERANCE}
+    losses = [results.get(name, {}).get("loss") or [] for name in check["cases"]]
+    if any(len(loss) != steps for loss in losses):
+        missing = [f"{name} {len(loss)}/{steps} losses" for name, loss in zip(check["cases"], losses)]
+        return check | {"max_abs_diff": None, "ok": None, "reason": ", ".join(missing)}
+    worst = max(abs(a - b) for a, b in zip(*losses))
+    return check | {"steps": steps, "max_abs_diff": worst, "ok": worst <= LOSS_TOLERANCE}
+
+
+def vs_trl_table(
+    results: dict,
+    plan: dict,
+    steps: int,
+    peaks: list[float],
+    num_params: int,
+    load: Optional[tuple[float, float]] = None,
+) -> list[str]:
+    """The --vs-trl report (markdown lines): the main table, how its columns are made, the step table, the checks.
+    `results` maps case -> row (run_logged's fields + trl_result / prefopt_result's); rates are filled in place.
+    `plan` needs step_tokens and pair_tokens; `peaks` the matmul GFLOP/s measured before and after the cases."""
+    peak = max(peaks)
+    vs_trl_rates(results, plan, steps, num_params, peak)
+    timed_tokens = sum(plan["step_tokens"][1:])
+
+    def ratio(row: dict, key: str, base_case: str) -> str:
+        base = results.get(base_case, {}).get(key)
+        return f"{row[key] / base:.2f}x" if base and key in row else "n/a"
+
+    version = next(
+        (
+            results[name]["versions"]["trl"]
+            for name in ("trl", "trl-best", "trl-precompute")
+            if "versions" in results.get(name, {})
+        ),
+        "1.16.0",
+    )
+    lines = [
+        f"prefopt vs TRL {version} DPO, SmolLM2-135M fp32 on the CPU, {PAIRS_PER_STEP} pairs per step, {steps} steps "
+        f"(step 1 not timed), the same pairs in the same order in every case; real tokens per timed step: "
+        f"{timed_tokens / (steps - 1):.0f} (prompt + chosen + rejected, eos included, no padding)",
+        "",
+        "| case | real tokens/s | s/step (median) | one-off reference pass s | tokens/s vs TRL default | "
+        "tokens/s vs TRL best | end-to-end tokens/s | end-to-end vs TRL default | end-to-end vs TRL best | "
+        "peak RSS GB | useful-work MFU | CPU s/step (mean) | tokens per CPU s vs TRL default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results.values():
+        if "tokens_per_s" not in row:
+            lines.append(f"| {row['label']} | {row['status']} |{' |' * 7} {row['peak_rss_gb']:.2f} |{' |' * 3}")
+            continue
+        ref = row.get("ref_pass_s")
+        if ref is None and row["reference_forward"]:
+            ref_cell = "-"  # a reference model runs every step: no one-off pass
+        elif ref is None or math.isnan(ref):
+            ref_cell = "not timed"
+        else:
+            ref_cell = f"{ref:.1f} ({row.get('ref_pass_pairs')} pairs)"
+        e2e_cell = f"{row['e2e_tokens_per_s']:.1f}" if "e2e_tokens_per_s" in row else "n/a (reference pass not timed)"
+        cpu_cell = f"{row['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in row else "n/a"
+        lines.append(
+            f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | "
+            f"{row['median_step_s']:.1f} | {ref_cell} | {ratio(row, 'tokens_per_s', 'trl')} | "
+            f"{ratio(row, 'tokens_per_s', 'trl-best')} | {e2e_cell} | {ratio(row, 'e2e_tokens_per_s', 'trl')} | "
+            f"{ratio(row, 'e2e_tokens_per_s', 'trl-best')} | {row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% | "
+            f"{cpu_cell} | {ratio(row, 'tokens_per_cpu_s', 'trl')} |"
+        )
+    lines += [
+        "",
+        f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the "
+        f"cases {peaks[0]:.1f}, after {peaks[-1]:.1f}; all: {', '.join(f'{p:.1f}' for p in peaks)}); MFU = (6N, + 2N "
+        f"with a reference forward per step) x real tokens/s / peak, N = {num_params:,} (useful work: TRL's "
+        "gradient-checkpointing recomputation is not counted)",
+        "tokens/s = real tokens of steps 2..N / their summed wall time; s/step = median of steps 2..N; end-to-end "
+        f"tokens/s = real tokens of steps 1..N ({sum(plan['step_tokens'])}) / (wall time of steps 1..N + the one-off "
+        "reference pass: TRL's precompute_ref_log_probs inside DPOTrainer.__init__, prefopt's pass before step 1; "
+        "none where a reference model runs every step); vs TRL default = / the trl row, vs TRL best = / the trl-best "
+        "row (precompute_ref_log_probs=True, gradient_checkpointing=False); peak RSS = "
+        "getrusage(RUSAGE_CHILDREN).ru_maxrss of each case's own wrapper process; CPU s = user + system seconds of "
+        "the case's process (all threads) over steps 2..N (TRL: time.process_time() at on_step_end; prefopt: "
+        "/proc/PID/stat sampled within ~1 s of each step's log line)",
+    ]
+    if load:
+        lines.append(
+            f"load average before {load[0][0]:.2f}, after {load[1][0]:.2f} (2 shared cores: absolute numbers drift, "
+            "compare within this table)"
+        )
+    lines += [
+        "",
+        "| case | started | loss step 1 | loss step N | step seconds (1..N) | wall s (whole process) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results.values():
+        if "loss" in row and row["loss"]:
+            lines.append(
+                f"| {row['label']} | {row.get('started', '?')} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
+                f"{' '.join(f'{value:.1f}' for value in row['step_s'])} | {row['wall_s']:.0f} |"
+            )
+    checks = [
+        f"{name}: TRL tokenized {row['trl_tokens']} tokens, prefopt {sum(plan['pair_tokens'])}; pairs whose count "
+        f"differs: {row['token_mismatches']}"
+        for name, row in results.items()
+        if "token_mismatches" in row
+    ]
+    check = vs_trl_loss_check(results, steps)
+    if check["ok"] is None:
+        checks.append(f"loss check (prefopt default vs padded, per step): not available ({check['reason']})")
+    else:
+        checks.append(
+            f"loss check: prefopt default vs prefopt padded, per-step training loss over all {steps} steps: max abs "
+            f"difference {check['max_abs_diff']:.2e} (acceptance <= {LOSS_TOLERANCE:.0e}: "
+            f"{'ok' if check['ok'] else 'FAILED'})"
+        )
+    return lines + ["", *checks]
+
+
 def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: bool = False) -> None:
     began = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(cases) - set(VS_TRL_CASES) - {"trl-repeat"}
     if unknown:
-        raise SystemExit(f"unknown --only case(s) {sorted(unknown)}; choose from {', '.join(VS_TRL_CASES)}")
+        raise SystemExit(f"unknown --only case(s) {sorted(unknown)}; choose from {','.join(VS_TRL_CASES)}")
     if steps < 2:
         raise SystemExit("--steps must be at least 2 (the first step is warm-up and is not timed)")
     load_before = os.getloadavg()
@@ -417,6 +584,7 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
     reference_forward = {
         "trl": True,
         "trl-repeat": True,
+        "trl-best": False,
         "trl-precompute": False,
         "prefopt-padded": True,
         "prefopt-default": plan["default_precompute"] not in ("auto", "true"),
@@ -459,7 +627,7 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
                 "--out",
                 str(json_path),
             ]
-            command += ["--precompute"] if name == "trl-precompute" else []
+            command += TRL_FLAGS.get(name, [])
         else:
             run_dir, cache_dir = (
                 out_dir / name,
@@ -497,80 +665,8 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
         if row["returncode"] == 0:
             saved.write_text(json.dumps(row, default=str))
     peaks.append(matmul_peak_gflops())
-    peak = max(peaks)
-
-    timed_tokens = sum(plan["step_tokens"][1:])
-    for row in results.values():
-        if row["returncode"] != 0 or len(row.get("step_s", [])) != steps:
-            row.setdefault(
-                "status", f"failed ({row['returncode']}, {len(row.get('step_s', []))} steps): see {row['log']}"
-            )
-            continue
-        timed = row["step_s"][1:]  # step 1 is warm-up
-        row["median_step_s"] = statistics.median(timed)
-        row["tokens_per_s"] = timed_tokens / sum(timed)
-        cpu = row.get("cpu_at_step", {})
-        last = max((step for step in cpu if step >= 2), default=None)
-        if 1 in cpu and last:  # CPU seconds of steps 2..last (prefopt: sampled when its step line appears)
-            row["cpu_s_per_step"] = (cpu[last] - cpu[1]) / (last - 1)
-            row["tokens_per_cpu_s"] = sum(plan["step_tokens"][1:last]) / (cpu[last] - cpu[1])
-        flops_per_token = (6 + (2 if row["reference_forward"] else 0)) * num_params
-        row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * 1e9)
-    base = results.get("trl", {}).get("tokens_per_s")
-    base_cpu = results.get("trl", {}).get("tokens_per_cpu_s")
-    lines = [
-        "prefopt vs TRL "
-        f"{results.get('trl', results.get('trl-precompute', {})).get('versions', {}).get('trl', '1.16.0')} DPO, "
-        f"SmolLM2-135M fp32 on the CPU, {PAIRS_PER_STEP} pairs per step, {steps} steps (step 1 not timed), the same "
-        f"pairs in the same order in every case; real tokens per timed step: {timed_tokens / (steps - 1):.0f} "
-        "(prompt + chosen + rejected, eos included, no padding)",
-        "",
-        "| case | real tokens/s | s/step (median) | one-off reference pass s | tokens/s vs TRL default | peak RSS GB | "
-        "useful-work MFU | CPU s/step (mean) | tokens per CPU s vs TRL default |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results.values():
-        if "tokens_per_s" not in row:
-            lines.append(f"| {row['label']} | {row['status']} | | | | {row['peak_rss_gb']:.2f} | | | |")
-            continue
-        ref = row.get("ref_pass_s")
-        ref_cell = "-" if ref is None else f"{ref:.1f} ({row.get('ref_pass_pairs')} pairs)"
-        ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "n/a"
-        cpu_cell = f"{row['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in row else "n/a"
-        cpu_ratio = f"{row['tokens_per_cpu_s'] / base_cpu:.2f}x" if base_cpu and "tokens_per_cpu_s" in row else "n/a"
-        lines.append(
-            f"| {row['label']}{' (resumed)' if row.get('resumed') else ''} | {row['tokens_per_s']:.1f} | "
-            f"{row['median_step_s']:.1f} | {ref_cell} | {ratio} | {row['peak_rss_gb']:.2f} | {100 * row['mfu']:.1f}% "
-            f"| {cpu_cell} | {cpu_ratio} |"
-        )
-    lines += [
-        "",
-        f"measured dense fp32 peak: {peak:.1f} GFLOP/s (torch.matmul 2048x2048 @ 2048x2048, best of 8; before the "
-        f"cases {peaks[0]:.1f}, after {peaks[-1]:.1f}; all: {', '.join(f'{p:.1f}' for p in peaks)}); MFU = (6N, + 2N "
-        f"with a reference forward per step) x real tokens/s / peak, N = {num_params:,}",
-        "tokens/s = real tokens of steps 2..N / their summed wall time; s/step = median of steps 2..N; peak RSS = "
-        "getrusage(RUSAGE_CHILDREN).ru_maxrss of each case's own wrapper process; CPU s = user + system seconds of "
-        "the case's process (all threads) over steps 2..N (TRL: time.process_time() at on_step_end; prefopt: "
-        "/proc/PID/stat sampled within ~1 s of each step's log line)",
-        f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 shared cores: absolute numbers "
-        "drift, compare within this table)",
-        "",
-        "| case | started | loss step 1 | loss step N | step seconds (1..N) | wall s (whole process) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in results.values():
-        if "loss" in row and row["loss"]:
-            lines.append(
-                f"| {row['label']} | {row.get('started', '?')} | {row['loss'][0]:.4f} | {row['loss'][-1]:.4f} | "
-                f"{' '.join(f'{value:.1f}' for value in row['step_s'])} | {row['wall_s']:.0f} |"
-            )
-    checks = [
-        f"{name}: TRL tokenized {row['trl_tokens']} tokens, prefopt {sum(plan['pair_tokens'])}; pairs whose count "
-        f"differs: {row['token_mismatches']}"
-        for name, row in results.items()
-        if "token_mismatches" in row
-    ]
-    lines += ["", *checks, f"whole benchmark: {time.time() - began:.0f} s; run dirs and logs in {out_dir}"]
+    lines = vs_trl_table(results, plan, steps, peaks, num_params, load=(load_before, os.getloadavg()))
+    lines.append(f"whole benchmark: {time.time() - began:.0f} s; run dirs and logs in {out_dir}")
     print("\n".join(lines))
     (out_dir / "vs_trl.md").write_text("\n".join(lines) + "\n")
     (out_dir / "vs_trl.json").write_text(
@@ -580,6 +676,7 @@ def run_vs_trl(out_dir: Path, steps: int, seed: int, cases: list[str], resume: b
                 "num_params": num_params,
                 "plan_stats": plan["stats"],
                 "step_tokens": plan["step_tokens"],
+                "loss_check": vs_trl_loss_check(results, steps),
                 "cases": results,
             },
             default=str,
@@ -608,11 +705,15 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="--vs-trl: keep the cases an interrupted invocation on --out finished"
     )
-    parser.add_argument("--only", default=None, help=f"--vs-trl: comma-separated subset of {','.join(VS_TRL_CASES)}")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"--vs-trl: comma-separated cases out of {','.join(VS_TRL_CASES)} (default: {','.join(VS_TRL_DEFAULT)})",
+    )
     args = parser.parse_args()
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     if args.vs_trl:
-        cases = args.only.split(",") if args.only else list(VS_TRL_CASES)
+        cases = args.only.split(",") if args.only else list(VS_TRL_DEFAULT)
         run_vs_trl(out_dir, args.steps, args.seed, cases + ["trl-repeat"] * args.repeat_baseline, args.resume)
         return
     rows = []
