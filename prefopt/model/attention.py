@@ -103,7 +103,9 @@ def pieces_attention_forward(
     return torch.cat(out, dim=0).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(PIECES_ATTENTION, pieces_attention_forward)
+# under trainer.compile (model/compile.py) the layers around it are compiled; this stays eager (a graph break), as
+# its Python loop over the batch's pieces would recompile for every new batch
+AttentionInterface.register(PIECES_ATTENTION, torch.compiler.disable(pieces_attention_forward, recursive=True))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from prefopt.core.distributed import leave_distributed
 from prefopt.core.errors import stop_exception
 from prefopt.core.slurm import preemption
+from prefopt.model.compile import compile_seconds
 from prefopt.train.build import BuiltRun, build_run
 from prefopt.train.evaluation import eval_changes
 from prefopt.train.flops import count_parameters, peak_tflops, step_model_flops
@@ -107,6 +108,8 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                     "train/tflops": tflops,
                     "train/skipped_steps": guard.skipped_steps + (not applied),
                 }
+                if trainer_cfg.compile:  # cumulative: the first step's includes compiling the layers
+                    metrics["train/compile_s"] = compile_seconds()
                 if peak:
                     metrics["train/mfu"] = tflops / (peak * dist.world_size)
                 run.tracker.log(step, metrics)

@@ -193,6 +193,7 @@ class TrainerConfig:
     batching: str = MISSING
     # token budget of a packed row (a longer pair gets a row of its own); null = sized per batch (row_budget)
     packed_row_tokens: Optional[int] = MISSING
+    compile: bool = MISSING  # torch.compile the decoder layers (a compile on the first step; pays on long runs)
     attention: str = MISSING  # packed batches: pieces (only what the mask keeps) | dense (a masked row)
     # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
     group_by_length: bool = MISSING

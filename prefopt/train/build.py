@@ -21,6 +21,7 @@ from prefopt.core.runfiles import CONFIG_FILE, DYNAMICS_PLOT
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.layout import BatchLayout
 from prefopt.losses import get_loss
+from prefopt.model.compile import compile_model
 from prefopt.model.loading import ModelSource, apply_lora, load_model, load_tokenizer, resolve_model_source
 from prefopt.model.logps import check_logits_path, check_packed_path
 from prefopt.model.precision import set_compute_dtype
@@ -50,6 +51,8 @@ def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.
         )  # its attention takes prefix-shared, packed masks
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora)
+    if cfg.trainer.compile:  # after the checks: they run eagerly, and compiling stays lazy until the first step
+        compile_model(policy)
     return policy
 
 
