@@ -41,6 +41,15 @@ class AttentionPieces:
     width: int
     _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def row_chunks(self, row: int) -> tuple[list[int], list[Optional[int]]]:
+        """(query lengths of the row's pieces in order, and per piece the index of its prefix's piece or None):
+        the prefix of a response is exactly its prompt piece's range."""
+        pieces = [piece for piece in self.pieces if piece[0] == row]
+        index_at = {q_start: index for index, (_, q_start, _, _, _) in enumerate(pieces)}
+        sizes = [q_end - q_start for _, q_start, q_end, _, _ in pieces]
+        prefixes = [index_at[p_start] if p_end > p_start else None for _, _, _, p_start, p_end in pieces]
+        return sizes, prefixes
+
     def masks(self, window: Optional[int], device) -> list[Optional[torch.Tensor]]:
         """Per piece, the boolean (queries, keys) mask, or None where plain top-left causal is exact (a piece
         without prefix or window). Built once per forward and window, shared by every layer."""

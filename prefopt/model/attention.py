@@ -83,24 +83,35 @@ def pieces_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
-    masks = plan.masks(sliding_window, query.device)
-    rows_out: list[list[torch.Tensor]] = [[] for _ in range(plan.rows)]
-    covered = [0] * plan.rows
-    for piece, mask in zip(plan.pieces, masks):
-        row, q_start, q_end, p_start, p_end = piece
-        q = query[row : row + 1, :, q_start:q_end]
-        k, v = key[row : row + 1, :, q_start:q_end], value[row : row + 1, :, q_start:q_end]
-        if p_end > p_start:
-            k = torch.cat((key[row : row + 1, :, p_start:p_end], k), dim=2)
-            v = torch.cat((value[row : row + 1, :, p_start:p_end], v), dim=2)
-        rows_out[row].append(_piece_attention(q, k, v, mask, scaling, dropout, softcap, groups))
-        covered[row] = q_end
+    masks = iter(plan.masks(sliding_window, query.device))
+    # split, not slice: the backward of a split is one concatenation, where each slice's backward would fill a
+    # zero tensor of the whole row and add into it (per piece, per layer)
     out = []
-    for row, parts in enumerate(rows_out):
-        if covered[row] < plan.width:  # padding: attends to nothing, never scored
-            parts.append(query.new_zeros(1, query.shape[1], plan.width - covered[row], value.shape[-1]))
-        out.append(torch.cat(parts, dim=2))
-    return torch.cat(out, dim=0).transpose(1, 2).contiguous(), None
+    for row, (row_query, row_key, row_value) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
+        sizes, prefixes = plan.row_chunks(row)
+        padding = plan.width - sum(sizes)
+        split = sizes + [padding] * (padding > 0)
+        queries, keys, values = (tensor.split(split, dim=1) for tensor in (row_query, row_key, row_value))
+        parts = []
+        for index, prefix in enumerate(prefixes):
+            k, v = keys[index], values[index]
+            if prefix is not None:
+                k, v = torch.cat((keys[prefix], k), dim=1), torch.cat((values[prefix], v), dim=1)
+            attended = _piece_attention(
+                queries[index].unsqueeze(0),
+                k.unsqueeze(0),
+                v.unsqueeze(0),
+                next(masks),
+                scaling,
+                dropout,
+                softcap,
+                groups,
+            )
+            parts.append(attended.squeeze(0))
+        if padding:  # attends to nothing, never scored
+            parts.append(row_query.new_zeros(row_query.shape[0], padding, row_value.shape[-1]))
+        out.append(torch.cat(parts, dim=1))
+    return torch.stack(out).transpose(1, 2).contiguous(), None
 
 
 # under trainer.compile (model/compile.py) the layers around it are compiled; this stays eager (a graph break), as
