@@ -6,6 +6,7 @@ TFLOP/s (and MFU where the device's peak is known), peak resident memory of the 
         --case "tiny-ds2=model=tiny_llama hardware=cpu_2proc trainer.max_steps=20"
     .venv/bin/python scripts/benchmark.py --suite precision             # SmolLM2: fp32 vs bf16 mixed, same 20 steps
     .venv/bin/python scripts/benchmark.py --vs-trl --steps 12           # prefopt vs TRL 1.16 DPOTrainer (see below)
+    .venv/bin/python scripts/benchmark.py --vs-sft --steps 6            # the DPO step vs an SFT step, time split
     .venv/bin/python scripts/benchmark.py --vs-trl --only trl-precompute,prefopt-packed-precompute   # the extra cases
 
 Each case is NAME=OVERRIDES and runs in a fresh process (W&B disabled, run dirs under --out). Throughput
@@ -694,7 +695,13 @@ def main() -> None:
         "--vs-trl", action="store_true", help="prefopt vs TRL's DPOTrainer on the same HH-like pairs (own venv)"
     )
     parser.add_argument(
-        "--steps", type=int, default=12, help="--vs-trl: optimizer steps per case (4 pairs each, one pass)"
+        "--vs-sft",
+        action="store_true",
+        help="prefopt's DPO step against an SFT step on the same unique tokens, with the time split "
+        "(scripts/bench_step.py, in process; --steps, --seed, --out pass through)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=12, help="--vs-trl / --vs-sft: optimizer steps per case (4 pairs each)"
     )
     parser.add_argument("--seed", type=int, default=0, help="--vs-trl: seed of the pairs and of prefopt's data order")
     parser.add_argument(
@@ -712,6 +719,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
+    if args.vs_sft:  # one implementation of the in-process step comparison: bench_step.py's
+        step_script = Path(__file__).resolve().parent / "bench_step.py"
+        command = [sys.executable, str(step_script), "--steps", str(args.steps), "--pairs-seed", str(args.seed)]
+        sys.exit(subprocess.run([*command, "--out", str(out_dir), "--layouts", "padded,dense-1024,pieces"]).returncode)
     if args.vs_trl:
         cases = args.only.split(",") if args.only else list(VS_TRL_DEFAULT)
         run_vs_trl(out_dir, args.steps, args.seed, cases + ["trl-repeat"] * args.repeat_baseline, args.resume)
