@@ -11,7 +11,7 @@ import transformers
 
 from prefopt.core.errors import ConfigError
 from prefopt.data.layout import PADDED, BatchLayout, build_batch, row_budget
-from prefopt.model.attention import PIECES_ATTENTION, pieces_attention
+from prefopt.model.attention import PIECES_ATTENTION, checkpoint_context, pieces_attention
 from prefopt.model.logps import check_packed_path, sequence_logps, sliding_window_layers
 from tests.test_logps_models import SHAPE, VOCAB
 from tests.test_packing import groups_of
@@ -77,6 +77,22 @@ def test_pieces_equal_padded_in_value_and_gradient(kind, row_tokens):
     for a, b in zip(packed_grads, padded_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert check_packed_path(model, VOCAB, "cpu", BatchLayout("packed", None, "pieces")) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_pieces_under_gradient_checkpointing_recompute_the_same_attention(kind):
+    """Checkpointed layers recompute in backward, after pieces_attention() has exited: they must attend by pieces
+    again (checkpoint_context), as model.gradient_checkpointing=true sets them up (model/loading.py)."""
+    model = windowed_model(kind).train()
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context(model.config)}
+    )
+    groups = groups_of(LENGTHS, seed=4)
+    packed, packed_grads = logps_and_grads(model, BatchLayout("packed", None, "pieces").build(groups, 0))
+    padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
+    torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma2"])

@@ -123,6 +123,11 @@ def test_packed_training_matches_padded_torch_engine(tmp_path, loss):
     assert_layouts_agree(tmp_path, *loss, "hardware=cpu")
 
 
+def test_packed_training_matches_padded_with_gradient_checkpointing(tmp_path):
+    """Checkpointed layers recompute in backward, outside the forward's attention by pieces (checkpoint_context)."""
+    assert_layouts_agree(tmp_path, "loss=dpo", "hardware=cpu", "model.gradient_checkpointing=true")
+
+
 def test_dense_packed_training_matches_padded(tmp_path):
     """The dense masked path stays the reference the pieces are measured against."""
     assert_layouts_agree(tmp_path, "loss=dpo", "hardware=cpu", "trainer.attention=dense")

@@ -120,14 +120,28 @@ AttentionInterface.register(PIECES_ATTENTION, torch.compiler.disable(pieces_atte
 
 
 @contextlib.contextmanager
-def pieces_attention(model):
-    """Inside, the model's layers call pieces_attention_forward; its configured attention is restored after.
-
-    The name is not one of transformers' mask functions, so the model builds no dense mask either."""
-    config = model.config
+def attention_implementation(config, name: str):
+    """Inside, the model of `config` attends with `name`; its configured attention is restored after."""
     configured = config._attn_implementation
-    config._attn_implementation = PIECES_ATTENTION
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = configured
+
+
+def pieces_attention(model):
+    """Inside, the model's layers call pieces_attention_forward. The name is not one of transformers' mask
+    functions, so the model builds no dense mask either."""
+    return attention_implementation(model.config, PIECES_ATTENTION)
+
+
+def checkpoint_context(config):
+    """context_fn for torch.utils.checkpoint (model.gradient_checkpointing): a layer recomputed in backward attends
+    as its forward did. The recomputation runs after pieces_attention() has exited, so without this it would
+    attend the packed row with the configured attention and no mask: other numbers (torch refuses them)."""
+
+    def context_fn():
+        return contextlib.nullcontext(), attention_implementation(config, config._attn_implementation)
+
+    return context_fn

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from prefopt.core.errors import ConfigError, ModelNotFoundError
 from prefopt.core.fileutil import exclusive_lock
 from prefopt.core.hub import hub_offline, hub_reachable
+from prefopt.model.attention import checkpoint_context
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -299,7 +300,9 @@ def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed
             local_files_only=source.kind != "hub",
         )
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context(model.config)}
+        )
         model.config.use_cache = False
     if model_cfg.disable_dropout:
         disable_dropout(model)
