@@ -1,32 +1,32 @@
-"""One DPO training step per batch layout, in process, against an SFT step on the same tokens, and where its time
-goes (attention, matmuls, optimizer, element-wise).
+"""One DPO training step per batch layout, in process, against an SFT step on the same tokens, and where its time goes
+(attention, matmuls, optimizer, element-wise).
 
     .venv/bin/python scripts/bench_step.py                              # SmolLM2-135M, 6 steps, 4 layouts + SFT
     .venv/bin/python scripts/bench_step.py --tiny --steps 2             # the machinery in seconds (tiny Llama)
     .venv/bin/python scripts/bench_step.py --layouts pieces,dense-auto --row-budgets --threads 8 --out DIR
 
-Layouts (--layouts, a comma list): padded (one row per sequence), dense-N (packed rows of at most N tokens, a
-dense 4-D mask per row; dense-auto: the longest segment, data/layout.py row_budget) and pieces (packed in one row,
-attended piece by piece: the default). Every layout starts from the same weights and trains on the same 4 HH-like
-pairs per step in the same order (scripts/make_hh_like_pairs.py, --pairs-seed), fp32. A step: build the batch,
-sequence_logps (trainer.logp_chunk_size / logp_keep_mb of the config: 256, 1024 MB), the sigmoid DPO loss against
-reference log-probs computed once before timing (no grad, same layout), backward, AdamW (lr 3e-6), zero_grad.
-Step 1 is warm-up; the tables show the median of the others, tokens/s of unique tokens (prompt + chosen +
-rejected, eos included), and each layout's largest loss difference from padded (same numbers: ~1e-5 or less).
+Layouts (--layouts, a comma list): padded (one row per sequence), dense-N (packed rows of at most N tokens, a dense
+4-D mask per row; dense-auto: the longest segment, data/layout.py row_budget) and pieces (packed in one row,
+attended piece by piece: the default; pieces-N: rows of at most N tokens). Every layout starts from the same weights
+and trains on the same 4 HH-like pairs per step in the same order (scripts/make_hh_like_pairs.py, --pairs-seed),
+fp32. A step: build the batch, sequence_logps (trainer.logp_chunk_size / logp_keep_mb of the config: 256, 1024 MB),
+the sigmoid DPO loss against reference log-probs computed once before timing (no grad, same layout), backward, AdamW
+(lr 3e-6), zero_grad. Step 1 is warm-up; the tables show the median of the others, tokens/s of unique tokens (prompt
++ chosen + rejected, eos included), and each layout's largest loss difference from padded (same numbers: ~1e-5 or
+less).
 
 SFT (--vs-sft, on by default): the same tokens, one packed row per step holding (prompt + chosen) and (rejected) of
 each pair as separate sequences, position ids restarting at each, attention_mask=None (transformers finds the packed
 sequences from the position ids, masking_utils.find_packed_sequence_indices), HF's causal LM loss over every
-position (the full head, labels -100 at each sequence start), as an SFT trainer runs it. A check on the first
-batch: the packed loss equals the loss of the sequences run one by one (and differs when they may attend across).
+position (the full head, labels -100 at each sequence start), as an SFT trainer runs it. A check on the first batch:
+the packed loss equals the loss of the sequences run one by one (and differs when they may attend across).
 
 Time split: one more step per layout under torch.profiler (CPU), the self CPU time of aten ops by category
 (categorize()); the rest of the profiled wall time is Python, dispatch and profiler overhead. MFU = 6 N tokens/s /
 peak, peak = a 2048^2 fp32 matmul, best of 8 (scripts/benchmark.py): 6 N, not 8 N, since the reference is
-precomputed and the step runs no reference forward. --row-budgets adds dense-256/512/1024/2048/auto (s/step), the
-figures behind the dense default budget. Tables print and go to OUT/bench_step.md, numbers to OUT/bench_step.json.
-Nothing is asserted.
-"""
+precomputed and the step runs no reference forward. --row-budgets adds dense-256/512/1024/2048/auto and
+pieces-512/1024/one row (s/step): the figures behind the default budgets (row_budget). Tables print and go to
+OUT/bench_step.md, numbers to OUT/bench_step.json. Nothing is asserted."""
 
 from __future__ import annotations
 
@@ -53,7 +53,16 @@ from prefopt.model.logps import sequence_logps, split_pairs  # noqa: E402
 PAIRS_PER_STEP = 4
 LR = 3e-6
 DEFAULT_LAYOUTS = "padded,dense-1024,dense-auto,pieces"
-ROW_BUDGETS = ("dense-256", "dense-512", "dense-1024", "dense-2048", "dense-auto")
+ROW_BUDGETS = (
+    "dense-256",
+    "dense-512",
+    "dense-1024",
+    "dense-2048",
+    "dense-auto",
+    "pieces-512",
+    "pieces-1024",
+    "pieces",
+)
 CATEGORIES = ("attention", "matmul", "optimizer", "element-wise")
 # own-name rules, matched on the lower-cased name without underscores (aten ops and autograd nodes alike)
 ATTENTION_NAMES = ("scaleddotproduct", "flashattention", "efficientattention", "cudnnattention")
@@ -66,10 +75,10 @@ def layout_of(name: str) -> BatchLayout:
         return BatchLayout("padded")
     if name == "pieces":
         return BatchLayout("packed", None, "pieces")
-    budget = name.removeprefix("dense-")
-    if name.startswith("dense-") and (budget == "auto" or budget.isdigit()):
-        return BatchLayout("packed", None if budget == "auto" else int(budget), "dense")
-    raise SystemExit(f"unknown layout {name!r}: padded | pieces | dense-auto | dense-N")
+    attention, _, budget = name.partition("-")
+    if attention in ("dense", "pieces") and (budget == "auto" or budget.isdigit()):
+        return BatchLayout("packed", None if budget == "auto" else int(budget), attention)
+    raise SystemExit(f"unknown layout {name!r}: padded | pieces | pieces-N | dense-auto | dense-N")
 
 
 def load(tiny: bool):
@@ -311,7 +320,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (hidden 64, 2 layers, byte tokens)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--vs-sft", action=argparse.BooleanOptionalAction, default=True, help="the SFT row")
-    parser.add_argument("--row-budgets", action="store_true", help="s/step of dense-256/512/1024/2048/auto")
+    parser.add_argument("--row-budgets", action="store_true", help="s/step of each dense and pieces row budget")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
