@@ -16,10 +16,11 @@ the sigmoid DPO loss against reference log-probs computed once before timing (no
 less).
 
 SFT (--vs-sft, on by default): the same tokens, one packed row per step holding (prompt + chosen) and (rejected) of
-each pair as separate sequences, position ids restarting at each, attention_mask=None (transformers finds the packed
-sequences from the position ids, masking_utils.find_packed_sequence_indices), HF's causal LM loss over every
-position (the full head, labels -100 at each sequence start), as an SFT trainer runs it. A check on the first batch:
-the packed loss equals the loss of the sequences run one by one (and differs when they may attend across).
+each pair as separate sequences, position ids restarting at each, each sequence one causal piece of attention by
+pieces (as lean as the DPO step's attention: the limit is the same work, not a handicapped SFT), HF's causal LM loss
+over every position (the full head, labels -100 at each sequence start), as an SFT trainer runs it. A check on the
+first batch: the packed loss equals the loss of the sequences run one by one (and differs when they may attend
+across).
 
 Time split: one more step per layout under torch.profiler (CPU), the self CPU time of aten ops by category
 (categorize()); the rest of the profiled wall time is Python, dispatch and profiler overhead. MFU = 6 N tokens/s /
@@ -46,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import matmul_peak_gflops  # noqa: E402
 from make_hh_like_pairs import make_pairs  # noqa: E402
 
-from prefopt.data.layout import BatchLayout, pair_groups  # noqa: E402
+from prefopt.data.layout import AttentionPieces, BatchLayout, pair_groups  # noqa: E402
 from prefopt.losses import preference_loss  # noqa: E402
+from prefopt.model.attention import pieces_attention  # noqa: E402
 from prefopt.model.logps import sequence_logps, split_pairs  # noqa: E402
 
 PAIRS_PER_STEP = 4
@@ -152,9 +154,23 @@ def sft_row(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return input_ids, position_ids, labels
 
 
+def sft_pieces(position_ids: torch.Tensor) -> AttentionPieces:
+    """Each sequence of the SFT row one causal piece: attention as lean as the DPO step's (model/attention.py)."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+    pieces = tuple((0, start, end, start, start) for start, end in zip(starts, starts[1:]))
+    return AttentionPieces(pieces, rows=1, width=position_ids.shape[1])
+
+
 def sft_step(model, optimizer, pairs):
     input_ids, position_ids, labels = sft_row(pairs)
-    loss = model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+    with pieces_attention(model):
+        loss = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            attention_pieces=sft_pieces(position_ids),
+        ).loss
     loss.backward()
     optimizer_step(optimizer)
     return loss.item(), "x".join(map(str, input_ids.shape)), []
@@ -162,10 +178,18 @@ def sft_step(model, optimizer, pairs):
 
 @torch.no_grad()
 def sft_check(model, pairs) -> dict:
-    """The packed SFT loss vs the mean token loss of its sequences run one by one (equal when nothing attends
-    across sequences), and the packed loss with plain 0..L-1 positions (attending across: must differ)."""
+    """The packed SFT loss as sft_step computes it vs the mean token loss of its sequences run one by one (equal when
+    nothing attends across sequences), and the packed loss with no pieces (attending across: must differ)."""
     input_ids, position_ids, labels = sft_row(pairs)
-    packed = float(model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False).loss)
+    with pieces_attention(model):
+        packed = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            attention_pieces=sft_pieces(position_ids),
+        ).loss
+    packed = float(packed)
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
     total = 0.0
     for start, end in zip(starts, starts[1:]):
