@@ -326,10 +326,11 @@ def tables(results: dict, budgets: dict, params: int, peak: float) -> str:
         "wall time less all aten self time (Python, autograd engine, profiler).",
     ]
     if budgets:
-        lines += ["", "| dense row budget | rows x width per step | s/step | tokens/s |", "|---|---|---|---|"]
+        lines += ["", "| attention, row budget | rows x width per step | s/step | tokens/s |", "|---|---|---|---|"]
         for name, result in budgets.items():
+            label = name if "-" in name else f"{name}, one row"
             lines.append(
-                f"| {name.removeprefix('dense-')} | {', '.join(result['shapes'])} | {result['s_per_step']:.3f} | "
+                f"| {label} | {', '.join(result['shapes'])} | {result['s_per_step']:.3f} | "
                 f"{result['tokens_per_s']:.0f} |"
             )
     return "\n".join(lines)

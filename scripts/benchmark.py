@@ -722,7 +722,11 @@ def main() -> None:
     if args.vs_sft:  # one implementation of the in-process step comparison: bench_step.py's
         step_script = Path(__file__).resolve().parent / "bench_step.py"
         command = [sys.executable, str(step_script), "--steps", str(args.steps), "--pairs-seed", str(args.seed)]
-        sys.exit(subprocess.run([*command, "--out", str(out_dir), "--layouts", "padded,dense-1024,pieces"]).returncode)
+        sys.exit(
+            subprocess.run(
+                [*command, "--out", str(out_dir), "--layouts", "padded,dense-1024,dense-auto,pieces"]
+            ).returncode
+        )
     if args.vs_trl:
         cases = args.only.split(",") if args.only else list(VS_TRL_DEFAULT)
         run_vs_trl(out_dir, args.steps, args.seed, cases + ["trl-repeat"] * args.repeat_baseline, args.resume)

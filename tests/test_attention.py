@@ -10,8 +10,14 @@ import torch
 import transformers
 
 from prefopt.core.errors import ConfigError
-from prefopt.data.layout import PADDED, BatchLayout, build_batch, row_budget
-from prefopt.model.attention import PIECES_ATTENTION, checkpoint_context, pieces_attention
+from prefopt.data.layout import PADDED, AttentionPieces, BatchLayout, build_batch, row_budget
+from prefopt.model.attention import (
+    PIECES_ATTENTION,
+    attention_implementation,
+    checkpoint_context,
+    pieces_attention,
+    pieces_attention_forward,
+)
 from prefopt.model.logps import check_packed_path, sequence_logps, sliding_window_layers
 from tests.test_logps_models import SHAPE, VOCAB
 from tests.test_packing import groups_of
@@ -51,7 +57,7 @@ def windowed_model(kind: str, attn_implementation: str = "sdpa"):
 
 
 KINDS = ["llama", "qwen2", "gemma2", "cohere", "granite"]
-LENGTHS = [(9, [7, 11]), (4, [3, 8]), (6, [1, 5])]  # prompt, responses: pieces of length 1 included
+LENGTHS = [(9, [7, 11]), (4, [3, 8]), (6, [1, 5]), (5, [2, 3])]  # prompt, responses: pieces of length 1 included
 
 
 def logps_and_grads(model, batch):
@@ -62,14 +68,14 @@ def logps_and_grads(model, batch):
     return out, grads
 
 
-@pytest.mark.parametrize("row_tokens", [None, 24], ids=["one-row", "several-rows"])
+@pytest.mark.parametrize("row_tokens", [None, 20], ids=["one-row", "several-padded-rows"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_pieces_equal_padded_in_value_and_gradient(kind, row_tokens):
     model = windowed_model(kind)
     groups = groups_of(LENGTHS, seed=4)
     pieces_batch = BatchLayout("packed", row_tokens, "pieces").build(groups, 0)
     assert pieces_batch.attention_mask is None and pieces_batch.pieces is not None
-    assert pieces_batch.input_ids.shape[0] == (1 if row_tokens is None else 2)  # 27 | 15 + 12 tokens
+    assert pieces_batch.input_ids.shape == ((1, 64) if row_tokens is None else (3, 27))  # 27 | 15+12 | 10: padding
     packed, packed_grads = logps_and_grads(model, pieces_batch)
     padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
     for name in ("logps", "mask", "max_logps", "entropy"):
@@ -173,3 +179,62 @@ def test_a_model_that_ignores_the_attention_interface_is_refused():
         attention.forward = everything_visible
     with pytest.raises(ConfigError, match="does not take prefix-shared"):
         check_packed_path(model, VOCAB, "cpu", BatchLayout("packed", None, "pieces"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_the_cuda_mask_form_gives_the_same_numbers(kind, monkeypatch):
+    """On CUDA a window-less response piece is attended with torch's CausalBias (bottom-right causal, which the
+    flash kernels take) instead of a boolean mask; forced here on the CPU, it gives the same numbers."""
+    masks = AttentionPieces.masks
+    monkeypatch.setattr(
+        AttentionPieces, "masks", lambda self, window, device, lower_right_bias=False: masks(self, window, device, True)
+    )
+    model = windowed_model(kind)
+    groups = groups_of(LENGTHS, seed=4)
+    packed, packed_grads = logps_and_grads(model, BatchLayout("packed", None, "pieces").build(groups, 0))
+    padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
+    torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_window_kept_on_the_module_is_applied():
+    """Qwen2-MoE and PhiMoE keep their window on the attention module and do not pass it to the call."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    plan = build_batch(groups_of([(7, [5])]), 0, "packed", None, "pieces").pieces
+    module = torch.nn.Module()
+    passed, _ = pieces_attention_forward(module, query, key, value, None, sliding_window=3, attention_pieces=plan)
+    module.sliding_window = 3
+    kept, _ = pieces_attention_forward(module, query, key, value, None, attention_pieces=plan)
+    del module.sliding_window
+    unwindowed, _ = pieces_attention_forward(module, query, key, value, None, attention_pieces=plan)
+    torch.testing.assert_close(kept, passed)
+    assert (unwindowed - passed).abs().max() > 1e-3
+    assert plan.windows_seen == {3, None}
+
+
+def test_a_model_whose_window_never_reaches_its_attention_is_refused():
+    model = windowed_model("qwen2")
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None  # as if the layer applied its window only through a dense mask
+    with pytest.raises(ConfigError, match="never pass"):
+        check_packed_path(model, VOCAB, "cpu", BatchLayout("packed", None, "pieces"))
+
+
+def test_a_plan_the_attention_would_misread_is_refused():
+    with pytest.raises(ValueError, match="not contiguous"):
+        AttentionPieces(((0, 0, 3, 0, 0), (0, 4, 6, 0, 3)), rows=1, width=6)  # a gap
+    with pytest.raises(ValueError, match="not contiguous"):
+        AttentionPieces(((0, 0, 3, 0, 0), (0, 3, 6, 0, 2)), rows=1, width=6)  # a prefix that is no prompt piece
+    with pytest.raises(ValueError, match="past the width"):
+        AttentionPieces(((0, 0, 3, 0, 0), (0, 3, 8, 0, 3)), rows=1, width=6)
+
+
+def test_the_sub_configs_keep_their_own_attention():
+    config = transformers.AutoConfig.for_model("llava")  # a text_config and a vision_config
+    config.vision_config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "sdpa"
+    with attention_implementation(config, PIECES_ATTENTION):
+        assert config.text_config._attn_implementation == PIECES_ATTENTION
+    assert (config.vision_config._attn_implementation, config.text_config._attn_implementation) == ("eager", "sdpa")

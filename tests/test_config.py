@@ -221,6 +221,7 @@ def test_every_yaml_key_has_a_comment():
         ("model.dtype=fp8", "model.dtype"),
         ("dataset.max_prompt_length=600", "dataset.max_prompt_length"),
         ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+        ("trainer.attention=sparse", "trainer.attention"),
     ],
 )
 def test_impossible_values_name_the_key(override, key):
@@ -321,3 +322,11 @@ def test_a_frozen_config_without_a_key_is_named_not_filled_from_the_schema(tmp_p
     lacking.write_text(OmegaConf.to_yaml(frozen))
     with pytest.raises(ConfigError, match=r"config.yaml has no value for trainer.lr .*add trainer.lr: VALUE"):
         load_frozen_config(lacking)
+
+
+@pytest.mark.parametrize("other", ["model.gradient_checkpointing=true", "hardware=cpu_2proc"])
+def test_compile_is_refused_where_it_is_untested(other):
+    cfg = compose_config(["trainer.compile=true", other])
+    with pytest.raises(ConfigError, match="trainer.compile=false"):
+        validate_config(cfg)
+    validate_config(compose_config(["trainer.compile=true", "hardware=cpu"]))

@@ -8,13 +8,15 @@ log-probs come back per sequence (rows of TokenLogps), whatever the layout:
   packed : one segment per group, [prompt | response 1 | response 2 | ...]: each response attends to the
            prompt and to itself, never to the other responses, and its position ids continue from the
            end of the prompt, so the prompt is computed once (prefix sharing). Segments are packed into
-           rows of at most `max_row_tokens` tokens (first fit, longest first) with a block-diagonal
-           mask, so almost no position is padding. The first token of each response is scored from the
-           prompt's last position, the rest from the previous response token.
+           rows of at most `max_row_tokens` tokens (first fit, longest first; None = row_budget: one row
+           for pieces, the longest segment for dense), so almost no position is padding. The first token
+           of each response is scored from the prompt's last position, the rest from the previous one.
 
-Both layouts give the same log-probs up to float rounding (tests/test_packing.py). The attention mask
-of a packed batch is 4-D (rows, 1, L, L): boolean (True = attend) for SDPA, additive (0 / dtype min)
-for eager attention, which adds it to the scores.
+A packed batch is attended one of two ways (`attention`): `pieces` records the plan (AttentionPieces: each
+prompt and each response one piece; model/attention.py attends them one by one, no mask is built), `dense`
+builds a 4-D (rows, 1, L, L) mask: boolean (True = attend) for SDPA, additive (0 / dtype min) for eager
+attention, which adds it to the scores. All give the same log-probs up to float rounding
+(tests/test_packing.py, tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 LAYOUTS = ("packed", "padded")
 ATTENTIONS = ("pieces", "dense")  # how a packed batch is attended: model/attention.py, or the dense 4-D mask
@@ -39,23 +42,53 @@ class AttentionPieces:
     pieces: tuple[tuple[int, int, int, int, int], ...]
     rows: int
     width: int
+    windows_seen: set = field(default_factory=set, repr=False, compare=False)  # sliding windows layers asked for
     _masks: dict = field(default_factory=dict, repr=False, compare=False)
+    _chunks: list = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self):
+        """Refuses a plan the attention would read wrongly: rows in order, each covered from column 0 without gaps
+        (padding only at its end), every prefix exactly the range of an earlier prompt piece of its row."""
+        for row in range(self.rows):
+            pieces = [piece for piece in self.pieces if piece[0] == row]
+            prompts = {(q_start, q_end) for _, q_start, q_end, p_start, p_end in pieces if p_start == p_end}
+            cursor = 0
+            for piece in pieces:
+                _, q_start, q_end, p_start, p_end = piece
+                if q_start != cursor or q_end <= q_start or (p_end > p_start and (p_start, p_end) not in prompts):
+                    raise ValueError(
+                        f"attention pieces of row {row} are not contiguous prompt/response pieces: {piece}"
+                    )
+                cursor = q_end
+            if cursor > self.width:
+                raise ValueError(f"attention pieces of row {row} end at {cursor}, past the width {self.width}")
+            index_at = {q_start: index for index, (_, q_start, _, _, _) in enumerate(pieces)}
+            sizes = [q_end - q_start for _, q_start, q_end, _, _ in pieces]
+            prefixes = [index_at[p_start] if p_end > p_start else None for _, _, _, p_start, p_end in pieces]
+            self._chunks.append((sizes, prefixes))
+        if [piece[0] for piece in self.pieces] != sorted(piece[0] for piece in self.pieces) or any(
+            not 0 <= piece[0] < self.rows for piece in self.pieces
+        ):
+            raise ValueError("attention pieces are not in row order within 0..rows-1")
 
     def row_chunks(self, row: int) -> tuple[list[int], list[Optional[int]]]:
         """(query lengths of the row's pieces in order, and per piece the index of its prefix's piece or None):
         the prefix of a response is exactly its prompt piece's range."""
-        pieces = [piece for piece in self.pieces if piece[0] == row]
-        index_at = {q_start: index for index, (_, q_start, _, _, _) in enumerate(pieces)}
-        sizes = [q_end - q_start for _, q_start, q_end, _, _ in pieces]
-        prefixes = [index_at[p_start] if p_end > p_start else None for _, _, _, p_start, p_end in pieces]
-        return sizes, prefixes
+        return self._chunks[row]
 
-    def masks(self, window: Optional[int], device) -> list[Optional[torch.Tensor]]:
+    def masks(self, window: Optional[int], device, lower_right_bias: bool = False) -> list:
         """Per piece, the boolean (queries, keys) mask, or None where plain top-left causal is exact (a piece
-        without prefix or window). Built once per forward and window, shared by every layer."""
-        key = (window, str(device))
+        without prefix or window). lower_right_bias: a window-less response piece gets torch's CausalBias
+        (causal aligned to the bottom right) instead of a tensor, which CUDA's flash kernels take. Built once per
+        forward, window and device, shared by every layer (boolean: the dtype does not matter)."""
+        key = (window, str(device), lower_right_bias)
         if key not in self._masks:
-            self._masks[key] = [self._mask(piece, window, device) for piece in self.pieces]
+            self._masks[key] = [
+                causal_lower_right(piece[2] - piece[1], piece[2] - piece[1] + piece[4] - piece[3])
+                if lower_right_bias and not window and piece[4] > piece[3]
+                else self._mask(piece, window, device)
+                for piece in self.pieces
+            ]
         return self._masks[key]
 
     @staticmethod
@@ -76,7 +109,8 @@ class AttentionPieces:
 @dataclass
 class SequenceBatch:
     input_ids: torch.Tensor  # (R, L)
-    attention_mask: torch.Tensor  # (R, L) padding mask (padded) or (R, 1, L, L) boolean attend-mask (packed)
+    # (R, L) padding mask (padded), (R, 1, L, L) boolean attend-mask (packed, dense), None (packed, pieces)
+    attention_mask: Optional[torch.Tensor]
     position_ids: Optional[torch.Tensor]  # (R, L) for packed rows; None = 0..L-1
     predictor_rows: torch.Tensor  # (S,) row of the position whose hidden state predicts scored token s
     predictor_cols: torch.Tensor  # (S,) its column
@@ -134,8 +168,8 @@ def row_budget(segment_lengths: Sequence[int], attention: str) -> int:
       (no padding at all).
     dense: every query of a row scores every key, so attention grows with width^2 while padding shrinks with
       wider rows. The longest segment is the budget: rows come out nearly full (first fit, longest first)
-      and no row is wider than it must be. scripts/bench_attention.py measured it against fixed budgets on
-      HH-like pairs (README, "Attention and row budget")."""
+      and no row is wider than it must be. `scripts/bench_step.py --row-budgets` measured both rules against
+      fixed budgets on HH-like pairs (README, Benchmarks: "How the row budget was chosen")."""
     if attention == "pieces":
         return 0
     return max(segment_lengths)
@@ -192,7 +226,7 @@ def packed_batch(
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     dense = attention == "dense"
-    attend = torch.zeros((len(rows), width, width) if dense else (0, 0, 0), dtype=torch.bool)
+    attend = torch.zeros((len(rows), width, width), dtype=torch.bool) if dense else None
     pieces: list[tuple[int, int, int, int, int]] = []
     scored = ScoredTokens()
     for row, members in enumerate(rows):

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 from transformers import AttentionInterface
 
 from prefopt.data.layout import AttentionPieces
@@ -38,6 +39,9 @@ PIECES_ATTENTION = "prefopt_pieces"
 def _piece_attention(query, key, value, mask, scaling, dropout, softcap, groups):
     """softmax(q k^T * scaling [soft-capped] + mask) v for one piece; (1, heads, queries, dim) in and out."""
     if softcap is None:
+        if mask is not None and groups > 1 and query.is_cuda:  # CUDA: GQA with a mask falls back to the math kernel
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+            groups = 1
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -54,6 +58,8 @@ def _piece_attention(query, key, value, mask, scaling, dropout, softcap, groups)
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    elif isinstance(mask, CausalBias):
+        mask = mask._materialize(scores.device)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=dropout > 0)
@@ -80,10 +86,16 @@ def pieces_attention_forward(
             "must pass attention_pieces=..."
         )
     plan = attention_pieces
+    if query.shape[0] != plan.rows or query.shape[2] != plan.width:
+        raise RuntimeError(f"attention pieces planned for {plan.rows} x {plan.width}, called on {tuple(query.shape)}")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if sliding_window is None:  # some models (Qwen2-MoE, PhiMoE) keep the window on the module, not in the call
+        sliding_window = getattr(module, "sliding_window", None)
+    plan.windows_seen.add(sliding_window)  # check_packed_path: a model's window must reach its attention
     groups = query.shape[1] // key.shape[1]
-    masks = iter(plan.masks(sliding_window, query.device))
+    # CUDA: a window-less response piece as causal aligned to the bottom right, which flash kernels take
+    masks = iter(plan.masks(sliding_window, query.device, lower_right_bias=query.is_cuda))
     # split, not slice: the backward of a split is one concatenation, where each slice's backward would fill a
     # zero tensor of the whole row and add into it (per piece, per layer)
     out = []
@@ -121,13 +133,16 @@ AttentionInterface.register(PIECES_ATTENTION, torch.compiler.disable(pieces_atte
 
 @contextlib.contextmanager
 def attention_implementation(config, name: str):
-    """Inside, the model of `config` attends with `name`; its configured attention is restored after."""
-    configured = config._attn_implementation
+    """Inside, the model of `config` attends with `name`; its configured attention is restored after, on every
+    sub-config as it was (the setter writes the new name into all of them)."""
+    configs = [config] + [getattr(config, key) for key in config.sub_configs if getattr(config, key, None) is not None]
+    configured = [each._attn_implementation for each in configs]
     config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = configured
+        for each, implementation in zip(configs, configured):
+            each._attn_implementation_internal = implementation
 
 
 def pieces_attention(model):

@@ -8,8 +8,10 @@ stays eager. Attention by pieces runs eagerly inside the layer (a graph break: m
 it disabled for dynamo), as traced, its Python loop over a batch's pieces would recompile for every batch.
 The head (model/logps.py) stays eager. Shapes are dynamic, so a new batch length does not recompile.
 
-It costs compiling on the first forwards (18 s for SmolLM2-135M on 2 CPU cores, README) and pays only when the
-steps it speeds up outweigh that, so it is off by default; the run reports the compile seconds.
+It costs compiling on the first forwards (17.7 s for SmolLM2-135M on 2 CPU cores, plus recompiles for eval and
+generation shapes) and pays only when the steps it speeds up outweigh that: on the CPU it did not (README), so it
+is off by default; the run reports the compile seconds (train/compile_s). Not with DeepSpeed or gradient
+checkpointing (build.py refuses them: untested).
 """
 
 from __future__ import annotations

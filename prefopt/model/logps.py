@@ -1,5 +1,6 @@
 """Per-token and per-sequence log-probs of responses under a causal LM: the model's own logits,
-computed only where something is scored.
+computed only where something is scored. A packed batch with a piece plan runs its forward under attention by
+pieces (model/attention.py); any other batch with its mask, under the model's configured attention.
 
 The model runs its own root forward (`model(input_ids, attention_mask)`), so every architecture's
 hidden-state path is its own and, under ZeRO-3, the root module's hooks (parameter prefetch
@@ -311,8 +312,16 @@ def check_packed_path(model, vocab_size: int, device, layout: BatchLayout) -> fl
     """Prove once that this model's attention takes the packed, prefix-shared layout as `layout` attends it:
     two prompts with two responses each, packed into one row, must score as in padded rows. Refuses
     (ConfigError) otherwise, and refuses dense packed attention for a model with sliding-window layers: one
-    4-D mask serves every layer, so it cannot hold a window that only some layers use."""
+    4-D mask serves every layer, so it cannot hold a window that only some layers use. The probe is shorter
+    than any window, so for pieces it also proves the window reaches the attention call (else it is refused),
+    and chunked attention (Llama-4's attention_chunk_size), which neither path applies, is refused."""
     window = sliding_window_layers(model.config)
+    chunked = getattr(_text_config(model.config), "attention_chunk_size", None)
+    if chunked:
+        raise ConfigError(
+            f"{type(model).__name__} uses chunked attention (attention_chunk_size={chunked}), which packed batches "
+            "do not apply; run it with trainer.batching=padded"
+        )
     if layout.attention == "dense" and window:
         raise ConfigError(
             f"{type(model).__name__} has sliding-window attention layers (window {window}); "
@@ -326,10 +335,16 @@ def check_packed_path(model, vocab_size: int, device, layout: BatchLayout) -> fl
     model.eval()
     try:
         with full_precision(model):  # the mask's meaning does not depend on the dtype; fp32 keeps the check sharp
-            packed = sequence_logps(model, layout.build(groups, 0).to(device), chunk_size=64).summed
+            packed_batch = layout.build(groups, 0).to(device)
+            packed = sequence_logps(model, packed_batch, chunk_size=64).summed
             padded = sequence_logps(model, PADDED.build(groups, 0).to(device), chunk_size=64).summed
     finally:
         model.train(was_training)
+    if packed_batch.pieces is not None and window and window not in packed_batch.pieces.windows_seen:
+        raise ConfigError(
+            f"{type(model).__name__} has sliding-window layers (window {window}) but its attention calls never pass "
+            "the window on, so attention by pieces cannot apply it; run it with trainer.batching=padded"
+        )
     difference = float((packed - padded).abs().max())
     limit = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not difference <= limit:

@@ -193,7 +193,7 @@ class TrainerConfig:
     batching: str = MISSING
     # token budget of a packed row (a longer pair gets a row of its own); null = sized per batch (row_budget)
     packed_row_tokens: Optional[int] = MISSING
-    compile: bool = MISSING  # torch.compile the decoder layers (a compile on the first step; pays on long runs)
+    compile: bool = MISSING  # torch.compile the decoder layers (torch engine; did not pay on the CPU: README)
     attention: str = MISSING  # packed batches: pieces (only what the mask keeps) | dense (a masked row)
     # micro batches of pairs of similar length, within seeded mega-batches (prefopt/data/sampler.py)
     group_by_length: bool = MISSING
@@ -463,6 +463,11 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     ColumnMap.from_config(cfg.dataset.columns)  # a ConfigError naming the dataset.columns key
     if hardware:
         check_hardware(cfg.hardware)
+    if cfg.trainer.compile and (cfg.model.gradient_checkpointing or (hardware and cfg.hardware.engine == "deepspeed")):
+        raise ConfigError(
+            "trainer.compile=true is tested with hardware.engine=torch and model.gradient_checkpointing=false "
+            "only (ZeRO's hooks and checkpointed recomputation would be traced); set trainer.compile=false"
+        )
     resume = cfg.trainer.resume
     if not isinstance(resume, (bool, str)):
         raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
