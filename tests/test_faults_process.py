@@ -61,7 +61,16 @@ def start():
         command = [sys.executable, "-m", "prefopt.cli", "train", *args, f"hydra.run.dir={run_dir}"]
         with open(log, "w") as stderr:
             started.append(
-                subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+                subprocess.Popen(
+                    command,
+                    cwd=REPO,
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    # as a terminal's run has it: a suite started under `nohup` would pass SIGHUP on ignored, and a
+                    # run that ignores hangups (what nohup asks for) rightly runs on after SIGHUP
+                    preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+                )
             )
         return started[-1]
 
