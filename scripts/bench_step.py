@@ -124,13 +124,10 @@ def optimizer_step(optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def dpo_step(model, optimizer, layout: BatchLayout, pairs, reference, pad_id: int, trainer):
-    """One training step as PreferenceStep takes it (build, policy log-probs, DPO loss), backward, AdamW; returns
-    (loss, rows x width, the policy's summed log-probs per sequence)."""
-    batch = layout.build(pair_groups(pairs), pad_id)
-    policy = sequence_logps(model, batch, trainer.logp_chunk_size, keep_logps_mb=trainer.logp_keep_mb)
+def dpo_loss(policy, reference) -> torch.Tensor:
+    """The sigmoid DPO loss of a pair batch's policy TokenLogps against (chosen, rejected) reference log-probs."""
     (chosen, rejected), (chosen_lengths, rejected_lengths) = split_pairs(policy.summed), split_pairs(policy.lengths)
-    loss = preference_loss(
+    return preference_loss(
         "dpo",
         policy_chosen_logps=chosen,
         policy_rejected_logps=rejected,
@@ -139,6 +136,14 @@ def dpo_step(model, optimizer, layout: BatchLayout, pairs, reference, pad_id: in
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
     ).loss
+
+
+def dpo_step(model, optimizer, layout: BatchLayout, pairs, reference, pad_id: int, trainer):
+    """One training step as PreferenceStep takes it (build, policy log-probs, DPO loss), backward, AdamW; returns
+    (loss, rows x width, the policy's summed log-probs per sequence)."""
+    batch = layout.build(pair_groups(pairs), pad_id)
+    policy = sequence_logps(model, batch, trainer.logp_chunk_size, keep_logps_mb=trainer.logp_keep_mb)
+    loss = dpo_loss(policy, reference)
     loss.backward()
     optimizer_step(optimizer)
     return loss.item(), "x".join(map(str, batch.input_ids.shape)), policy.summed.detach().tolist()
@@ -161,16 +166,21 @@ def sft_pieces(position_ids: torch.Tensor) -> AttentionPieces:
     return AttentionPieces(pieces, rows=1, width=position_ids.shape[1])
 
 
-def sft_step(model, optimizer, pairs):
-    input_ids, position_ids, labels = sft_row(pairs)
+def sft_loss(model, input_ids, position_ids, labels) -> torch.Tensor:
+    """HF's causal LM loss of the SFT row, each sequence attended as one piece."""
     with pieces_attention(model):
-        loss = model(
+        return model(
             input_ids=input_ids,
             position_ids=position_ids,
             labels=labels,
             use_cache=False,
             attention_pieces=sft_pieces(position_ids),
         ).loss
+
+
+def sft_step(model, optimizer, pairs):
+    input_ids, position_ids, labels = sft_row(pairs)
+    loss = sft_loss(model, input_ids, position_ids, labels)
     loss.backward()
     optimizer_step(optimizer)
     return loss.item(), "x".join(map(str, input_ids.shape)), []
@@ -181,15 +191,7 @@ def sft_check(model, pairs) -> dict:
     """The packed SFT loss as sft_step computes it vs the mean token loss of its sequences run one by one (equal when
     nothing attends across sequences), and the packed loss with no pieces (attending across: must differ)."""
     input_ids, position_ids, labels = sft_row(pairs)
-    with pieces_attention(model):
-        packed = model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=False,
-            attention_pieces=sft_pieces(position_ids),
-        ).loss
-    packed = float(packed)
+    packed = float(sft_loss(model, input_ids, position_ids, labels))
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
     total = 0.0
     for start, end in zip(starts, starts[1:]):

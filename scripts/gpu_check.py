@@ -13,7 +13,7 @@ and to $OUT/gpu_check.md when $OUT is set (and to --out FILE).
 
 Exactness reuses the tests' own models, batches and tolerances (tests/test_attention.py, tests/test_packing.py,
 tests/test_logps_models.py, tests/test_precision.py) on the chosen device, without changing the tests.
-Throughput reuses BatchLayout, sequence_logps and preference_loss: the trainer's numbers, not new logic.
+Throughput reuses BatchLayout, sequence_logps and bench_step.dpo_loss (preference_loss): the trainer's numbers.
 """
 
 from __future__ import annotations
@@ -388,9 +388,9 @@ def random_pairs(count: int, vocab: int, prompt_range, response_range, seed: int
 def part_throughput(smoke: bool) -> None:
     import torch
     import transformers
+    from bench_step import dpo_loss  # scripts/bench_step.py: the benchmark's own DPO step loss
 
     from prefopt.data.layout import PADDED, BatchLayout
-    from prefopt.losses import preference_loss
     from prefopt.model.logps import sequence_logps, split_pairs
     from prefopt.model.precision import set_compute_dtype
 
@@ -416,18 +416,7 @@ def part_throughput(smoke: bool) -> None:
 
     def one_step(layout, groups, reference) -> int:
         batch = layout.build(groups, 0).to(device)
-        policy = sequence_logps(model, batch, chunk_size=256, keep_logps_mb=1024)
-        chosen, rejected = split_pairs(policy.summed)
-        chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
-        loss = preference_loss(
-            "dpo",
-            policy_chosen_logps=chosen,
-            policy_rejected_logps=rejected,
-            reference_chosen_logps=reference[0],
-            reference_rejected_logps=reference[1],
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-        ).loss
+        loss = dpo_loss(sequence_logps(model, batch, chunk_size=256, keep_logps_mb=1024), reference)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

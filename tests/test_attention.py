@@ -68,6 +68,17 @@ def logps_and_grads(model, batch):
     return out, grads
 
 
+def assert_pieces_equal_padded(model, groups, pieces_batch=None):
+    """Log-probs (and their stats) to 1e-5 and every parameter's gradient to 1e-4, pieces against padded rows."""
+    pieces_batch = pieces_batch or BatchLayout("packed", None, "pieces").build(groups, 0)
+    packed, packed_grads = logps_and_grads(model, pieces_batch)
+    padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
+    for name in ("logps", "mask", "max_logps", "entropy"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("row_tokens", [None, 20], ids=["one-row", "several-padded-rows"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_pieces_equal_padded_in_value_and_gradient(kind, row_tokens):
@@ -76,12 +87,7 @@ def test_pieces_equal_padded_in_value_and_gradient(kind, row_tokens):
     pieces_batch = BatchLayout("packed", row_tokens, "pieces").build(groups, 0)
     assert pieces_batch.attention_mask is None and pieces_batch.pieces is not None
     assert pieces_batch.input_ids.shape == ((1, 64) if row_tokens is None else (3, 27))  # 27 | 15+12 | 10: padding
-    packed, packed_grads = logps_and_grads(model, pieces_batch)
-    padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
-    for name in ("logps", "mask", "max_logps", "entropy"):
-        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=1e-5)
-    for a, b in zip(packed_grads, padded_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_pieces_equal_padded(model, groups, pieces_batch)
     assert check_packed_path(model, VOCAB, "cpu", BatchLayout("packed", None, "pieces")) < 1e-4
 
 
@@ -93,12 +99,7 @@ def test_pieces_under_gradient_checkpointing_recompute_the_same_attention(kind):
     model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context(model.config)}
     )
-    groups = groups_of(LENGTHS, seed=4)
-    packed, packed_grads = logps_and_grads(model, BatchLayout("packed", None, "pieces").build(groups, 0))
-    padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
-    torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-5, atol=1e-5)
-    for a, b in zip(packed_grads, padded_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_pieces_equal_padded(model, groups_of(LENGTHS, seed=4))
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma2"])
@@ -190,12 +191,7 @@ def test_the_cuda_mask_form_gives_the_same_numbers(kind, monkeypatch):
         AttentionPieces, "masks", lambda self, window, device, lower_right_bias=False: masks(self, window, device, True)
     )
     model = windowed_model(kind)
-    groups = groups_of(LENGTHS, seed=4)
-    packed, packed_grads = logps_and_grads(model, BatchLayout("packed", None, "pieces").build(groups, 0))
-    padded, padded_grads = logps_and_grads(model, PADDED.build(groups, 0))
-    torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-5, atol=1e-5)
-    for a, b in zip(packed_grads, padded_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_pieces_equal_padded(model, groups_of(LENGTHS, seed=4))
 
 
 def test_a_window_kept_on_the_module_is_applied():
