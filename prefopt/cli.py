@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prefopt")
 
-running_app = ""  # the Hydra app run_hydra_app is running ("train", "eval", "toy")
+running_app = ""  # the Hydra app run_hydra_app is running ("train", "eval", "inspect", "toy")
 
 
 class CreateOutputDir:
@@ -86,6 +86,15 @@ def eval_task(cfg: DictConfig) -> Optional[float]:
     return eval_run(cfg)
 
 
+def inspect_task(cfg: DictConfig) -> None:
+    """`prefopt inspect`'s Hydra task: the pairs inspected into a run dir of its own (prefopt/run/app.py)."""
+    from prefopt.run.app import inspect_run
+    from prefopt.run.config import register_schema
+
+    register_schema()
+    inspect_run(cfg)
+
+
 def toy_task(cfg: DictConfig) -> None:
     """The softmax toy (prefopt/run/toy.py, conf/toy.yaml): plots and numbers into the output dir."""
     from hydra.core.hydra_config import HydraConfig
@@ -100,7 +109,12 @@ def toy_task(cfg: DictConfig) -> None:
     print(write_toy(results, Path(HydraConfig.get().runtime.output_dir)))
 
 
-HYDRA_APPS = {"train": (train_task, "config"), "eval": (eval_task, "config"), "toy": (toy_task, "toy")}
+HYDRA_APPS = {
+    "train": (train_task, "config"),
+    "eval": (eval_task, "config"),
+    "inspect": (inspect_task, "config"),
+    "toy": (toy_task, "toy"),
+}
 
 
 def run_hydra_app(name: str, argv: list[str]) -> int:
@@ -161,6 +175,15 @@ def eval_command(argv: list[str]) -> int:
     accuracy, probes) into a run dir of its own: `prefopt eval RUN_DIR` (newest checkpoint, the run's config),
     `prefopt eval CHECKPOINT_DIR`, `prefopt eval MODEL_DIR model=... dataset=... loss=...`; Hydra app, `-m` sweeps"""
     return run_hydra_app("eval", resolve_shown_config(policy_argument(argv)))
+
+
+def inspect_command(argv: list[str]) -> int:
+    """per pair, before training: reference log-probs, lengths, token overlap, the step-0 gates and CHES (which pairs
+    will displace the chosen response; Razin et al. 2024): a table (parquet, csv), histograms, a scatter and a summary
+    in a run dir of its own; train's overrides, e.g. `prefopt inspect dataset=local dataset.path=pairs.jsonl`;
+    `inspect.policy=RUN_DIR` adds how far that run moved each pair; then dataset.filter.column=ches_norm trains on the
+    pairs a column keeps"""
+    return run_hydra_app("inspect", resolve_shown_config(argv))
 
 
 def toy_command(argv: list[str]) -> int:
@@ -332,6 +355,7 @@ after, so a failed push (offline, not logged in) leaves a complete export to pus
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
     "eval": eval_command,
+    "inspect": inspect_command,
     "data": data_command,
     "worker": worker_command,
     "plot": plot_command,
@@ -353,7 +377,7 @@ def completion_query(argv: list[str]) -> int:
     """Bash/zsh completion calls `prefopt -sc query=bash` with the whole line in COMP_LINE: drop the
     subcommand word from it so Hydra completes that subcommand's overrides."""
     words = os.environ.get("COMP_LINE", "").split(" ", 2)
-    apps = ("train", "eval")
+    apps = ("train", "eval", "inspect")
     if len(words) < 2 or words[1] not in apps:
         print(" ".join(apps))  # completing the subcommand itself
         return 0

@@ -80,6 +80,11 @@ REPORT_BANDS_PLOT = "report_bands.png"
 PREPARED_FILE = ".prepared"  # rank 0's verdict on the run dir, for the job's other tasks
 
 # ---- `prefopt toy`'s output dir
+INSPECTION_PARQUET = "inspection.parquet"  # `prefopt inspect`: one row per pair (train/inspection.py)
+INSPECTION_CSV = "inspection.csv"  # the same table as CSV
+INSPECTION_HISTOGRAMS = "inspection_histograms.png"
+INSPECTION_SCATTER = "inspection_scatter.png"  # CHES against the gates (and the chosen change, with a policy)
+INSPECTION_SUMMARY = "inspection.md"  # the console summary
 TOY_PLOT = "toy_probabilities.png"
 TOY_RESULTS = "toy_results.json"
 

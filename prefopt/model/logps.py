@@ -47,6 +47,9 @@ class TokenLogps:
     mean_logits: Optional[torch.Tensor] = (
         None  # (N, T) mean over the vocabulary of the (post-processed) logits, no gradient
     )
+    # (N, H) float64, no gradient: the sum over each sequence's scored positions of the hidden state the output head
+    # reads there (the last layer's, after the final norm), for CHES (train/inspection.py)
+    hidden_sums: Optional[torch.Tensor] = None
 
     @property
     def summed(self) -> torch.Tensor:
@@ -141,6 +144,7 @@ def sequence_logps(
     with_stats: bool = False,
     min_scored_tokens: int = 0,
     keep_logps_mb: float = 0.0,
+    with_hidden_sums: bool = False,
 ) -> TokenLogps:
     """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
     result is sequence i, column k its k-th response token; identical numbers for padded and packed.
@@ -150,7 +154,8 @@ def sequence_logps(
     head equally often: under ZeRO-3 each call gathers its weight collectively. The recompute decision
     below reads the same count, so it is the same on every rank too.
     keep_logps_mb: with gradients on, keep the chunks' log-probs for backward when they fit in this many MB
-    (the head runs once); otherwise recompute each chunk's head in backward (0 = always recompute)."""
+    (the head runs once); otherwise recompute each chunk's head in backward (0 = always recompute).
+    with_hidden_sums: also return each sequence's summed head-input hidden states (TokenLogps.hidden_sums)."""
     head = output_head(model)
     postprocess = logit_postprocessor(model.config)
     vocab_size = getattr(head, "out_features", None) or _text_config(model.config).vocab_size
@@ -207,6 +212,10 @@ def sequence_logps(
         where, torch.ones_like(batch.targets, dtype=torch.float32)
     )
     stats = dict(zip(("max_logps", "entropy"), per_token[2:]))
+    if with_hidden_sums:
+        hidden = scored_hidden.detach().to(torch.float64)
+        sums = hidden.new_zeros((batch.num_sequences, hidden.shape[-1]))
+        stats["hidden_sums"] = sums.index_add(0, batch.sequence_index, hidden)
     return TokenLogps(per_token[0], mask, mean_logits=per_token[1], **stats)
 
 

@@ -156,3 +156,67 @@ def beta_continued_fraction(x: float, a: float, b: float, max_terms: int = 500, 
         if abs(d * c - 1) < tolerance:
             break
     return fraction
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """A Spearman rank correlation over n pairs of values with its confidence interval (Fisher z)."""
+
+    n: int
+    rho: float
+    ci_low: float
+    ci_high: float
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda index: values[index])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    mean_x, mean_y = mean(x), mean(y)
+    covariance = math.fsum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
+    spread = math.sqrt(math.fsum((a - mean_x) ** 2 for a in x) * math.fsum((b - mean_y) ** 2 for b in y))
+    return covariance / spread if spread > 0 else float("nan")
+
+
+def fisher_interval(rho: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Fisher's z interval for a Spearman correlation, with the standard error sqrt(1.06 / (n - 3)) (Fieller,
+    Hartley & Pearson 1957): tanh(atanh(rho) +- z * se). Needs n > 3."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    center = math.atanh(max(min(rho, 1 - 1e-12), -1 + 1e-12))
+    half_width = z * math.sqrt(1.06 / (n - 3))
+    return math.tanh(center - half_width), math.tanh(center + half_width)
+
+
+def spearman(x: Sequence[float], y: Sequence[float], confidence: float = CONFIDENCE) -> Correlation:
+    """Spearman's rho (the Pearson correlation of average ranks) with its Fisher-z interval; n must exceed 3."""
+    if len(x) != len(y) or len(x) < 4:
+        raise ValueError(f"spearman needs two equally long samples of at least 4 values (got {len(x)}, {len(y)})")
+    rho = pearson(average_ranks(x), average_ranks(y))
+    low, high = fisher_interval(rho, len(x), confidence)
+    return Correlation(len(x), rho, low, high)
+
+
+def pooled_correlation(correlations: Sequence[Correlation], confidence: float = CONFIDENCE) -> Correlation:
+    """Several independent samples' correlations (one per seed) pooled in Fisher z, weighted by n - 3."""
+    from statistics import NormalDist
+
+    weights = [item.n - 3 for item in correlations]
+    center = math.fsum(w * math.atanh(max(min(c.rho, 1 - 1e-12), -1 + 1e-12)) for w, c in zip(weights, correlations))
+    center /= sum(weights)
+    half_width = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(1.06 / sum(weights))
+    total = sum(item.n for item in correlations)
+    return Correlation(total, math.tanh(center), math.tanh(center - half_width), math.tanh(center + half_width))

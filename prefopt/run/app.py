@@ -21,10 +21,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from prefopt.core.errors import USER_ERRORS, NonFiniteTrainingError, Terminated, stop_exception
+from prefopt.core.runfiles import INSPECTION_SUMMARY
 from prefopt.core.slurm import in_slurm_task
 from prefopt.observe.console_lines import eval_headline
 from prefopt.run import sweep  # looked up when called: tests patch sweep.objective_value
-from prefopt.run.eval_run import prepare_eval
+from prefopt.run.eval_run import prepare_eval, prepare_inspect
 from prefopt.run.launch import WorkerError, dispatch, prepare_run
 from prefopt.train.checkpoint import checkpoint_candidates
 
@@ -152,3 +153,25 @@ def eval_run(cfg: DictConfig) -> Optional[float]:
         f"summary.json); `prefopt plot {run_dir}` draws its probes"
     )
     return sweep.objective_value(cfg, summary, required=False)
+
+
+def inspect_run(cfg: DictConfig) -> None:
+    """Inspect the pairs (prefopt/recipes/inspect.py) into a run dir of its own, and print the summary."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep.run_job(cfg, hydra_cfg, command="inspect")
+        return
+    run_dir = None
+    try:
+        run_dir = prepare_inspect(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        log.info("inspect run dir: %s", run_dir)
+        dispatch(cfg, run_dir, command="inspect")
+    except KeyboardInterrupt as stop:
+        raise stopped_exit(stop, None, []) from None
+    except Exception as error:
+        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
+    print(
+        f"{(run_dir / INSPECTION_SUMMARY).read_text().rstrip()}\nwrote {run_dir} (inspection.parquet, inspection.csv, "
+        "inspection_histograms.png, inspection_scatter.png); filter by a column with dataset.filter.column=ches_norm "
+        "dataset.filter.quantile=0.9"
+    )

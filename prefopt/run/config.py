@@ -29,6 +29,7 @@ from prefopt.data.sources import check_path_is_read
 from prefopt.losses import validate_loss_config
 from prefopt.observe.metric_names import renamed_metric
 from prefopt.run.hardware_plan import AUTO_RESOLVER, auto_hardware_value
+from prefopt.train.inspection import check_inspection_config
 from prefopt.train.schedules import check_length_config, check_schedule_config
 
 
@@ -108,6 +109,17 @@ class DatasetColumnsConfig:
 
 
 @dataclass
+class DataFilterConfig:
+    # an inspected column (`prefopt inspect`, prefopt/train/inspection.py) that selects the training pairs, e.g.
+    # ches_norm; null keeps every pair
+    column: Optional[str] = None
+    drop: str = "above"  # above | below: the side of the cut whose pairs are dropped
+    # the cut as a quantile of the column over the training pairs: 0.9 with drop=above drops the top 10%
+    quantile: Optional[float] = None
+    threshold: Optional[float] = None  # or the cut as a value of the column (give one of quantile, threshold)
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING  # arith | hh_rlhf | ultrafeedback | local
     # hub id, local .json/.jsonl/.csv/.parquet file, glob of them, or directory (save_to_disk or repo)
@@ -131,6 +143,7 @@ class DatasetConfig:
     max_eval_examples: Optional[int] = None  # cap on held-out pairs (null = all)
     on_bad_row: str = MISSING  # error | skip: what a malformed row does
     arith: ArithConfig = field(default_factory=ArithConfig)  # generator settings (name=arith)
+    filter: DataFilterConfig = field(default_factory=DataFilterConfig)  # train on the pairs an inspected column keeps
 
 
 @dataclass
@@ -279,6 +292,17 @@ class EvalConfig:
 
 
 @dataclass
+class InspectConfig:
+    split: str = MISSING  # train | eval | both: the pairs `prefopt inspect` scores
+    # gate kinds whose step-0 value per pair is a column (gate_<kind>), with loss.gate's alpha, tau, quantile, kappa
+    gates: List[str] = MISSING
+    # `prefopt inspect`: also score a trained policy (a run dir or checkpoint dir; its config is the base)
+    policy: Optional[str] = MISSING
+    top_pairs: int = MISSING  # pairs shown as text in the summary (the highest ches_norm)
+    cache_dir: str = MISSING  # inspected values, keyed by the pairs, the model's weights and the gates
+
+
+@dataclass
 class Config:
     loss: Dict[str, Any] = field(default_factory=dict)  # loss name, hyperparameters and gate (see conf/loss/)
     model: ModelConfig = field(default_factory=ModelConfig)  # see conf/model/
@@ -291,6 +315,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)  # multirun (`prefopt train -m`) behaviour
     # `prefopt eval`: which policy to evaluate (unused by `prefopt train`)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)  # `prefopt inspect` and dataset.filter
     run_dir: Optional[str] = None  # where this run writes (set by the launcher)
 
 
@@ -305,6 +330,8 @@ def register_schema() -> None:
 
 
 CHOICES = {
+    "inspect.split": ("train", "eval", "both"),
+    "dataset.filter.drop": ("above", "below"),
     "model.source": ("hub", "gguf_package", "tiny"),
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -370,6 +397,7 @@ LOWER_BOUNDS = {
     "dataset.arith.num_eval": (1, True),
     "dataset.arith.max_operand": (1, True),
     "logger.wandb.system_sample_seconds": (0.1, True),
+    "inspect.top_pairs": (0, True),
 }
 
 
@@ -482,6 +510,7 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
         )
 
     validate_loss_config(cfg.loss)
+    check_inspection_config(cfg)
 
 
 def check_hardware(hardware: DictConfig) -> None:

@@ -34,12 +34,13 @@ from prefopt.train.engine import is_adapter_dir
 
 # the groups an eval of a run takes from the run's checkpoint: what was trained and how it was evaluated
 RUN_GROUPS = ("loss", "model", "dataset", "trainer", "reference", "dynamics")
-THIS_COMMAND_GROUPS = ("hardware", "logger", "sweep", "eval", "hydra")  # where and how this eval runs: never the run's
+# where and how this eval (or inspection) runs: never the run's
+THIS_COMMAND_GROUPS = ("hardware", "logger", "sweep", "eval", "inspect", "hydra")
 
 
-def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> None:
+def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str], policy_key: str = "eval.policy") -> None:
     """In place: cfg's RUN_GROUPS become the checkpoint's, then every key or group named in `overrides`
-    gets its command-line value back (Hydra composed it into cfg already)."""
+    gets its command-line value back (Hydra composed it into cfg already); `policy_key` then names the checkpoint."""
     composed = copy.deepcopy(cfg)
     saved = load_frozen_config(checkpoint / CONFIG_FILE)
     for group in RUN_GROUPS:
@@ -57,7 +58,7 @@ def take_run_config(cfg: DictConfig, checkpoint: Path, overrides: list[str]) -> 
     cfg.trainer.resume, cfg.trainer.stop_after = False, None  # an eval never continues the run
     if cfg.trainer.num_epochs is not None and cfg.trainer.max_steps is not None:
         cfg.trainer.num_epochs = None  # the run derived max_steps from its epochs (with its own world size): keep that
-    cfg.eval.policy = str(checkpoint.resolve())  # the frozen config names the exact checkpoint evaluated
+    OmegaConf.update(cfg, policy_key, str(checkpoint.resolve()))  # the frozen config names the exact checkpoint used
 
 
 def prepare_eval(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
@@ -79,10 +80,29 @@ def prepare_eval(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path
                     f"eval.policy={cfg.eval.policy} holds LoRA adapters: set model.lora.enabled=true (with the "
                     f"adapters' model.lora.* settings) and model= their base model"
                 )
+    return prepare_here(cfg, hydra_dir, overrides, "eval")
+
+
+def prepare_here(cfg: DictConfig, hydra_dir: Path, overrides: list[str], command: str) -> Path:
+    """A job that runs where it is started (eval, inspect): refuse a SLURM preset, never resume, freeze its run dir."""
     if OmegaConf.select(cfg, "hardware.launcher") == "slurm":
         raise ConfigError(
-            f"hardware={cfg.hardware.name} (launcher: slurm): prefopt eval runs where it is started; use a local "
+            f"hardware={cfg.hardware.name} (launcher: slurm): prefopt {command} runs where it is started; use a local "
             f"preset (hardware=cpu, gpu or cpu_2proc), e.g. inside an salloc/srun allocation"
         )
     cfg.trainer.resume = False
     return prepare_run(cfg, hydra_dir, overrides)
+
+
+def prepare_inspect(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> Path:
+    """`prefopt inspect`'s parent side: with inspect.policy, the run's checkpoint and its config (as `prefopt eval`
+    takes them); then freeze the run dir. Returns the run dir."""
+    if cfg.inspect.policy:
+        checkpoint = checkpoint_of(str(cfg.inspect.policy))
+        if checkpoint is None:
+            raise ConfigError(
+                f"inspect.policy={cfg.inspect.policy}: give a run dir or a checkpoint dir (RUN_DIR/checkpoints/"
+                "step-N) of a prefopt run: its policy is scored on the pairs it trained on"
+            )
+        take_run_config(cfg, checkpoint, overrides, policy_key="inspect.policy")
+    return prepare_here(cfg, hydra_dir, overrides, "inspect")

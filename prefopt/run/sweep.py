@@ -26,7 +26,7 @@ from prefopt.core.errors import ConfigError
 from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.rundir import existing_run
 from prefopt.core.runfiles import ERROR_FILE, ERROR_GLOB
-from prefopt.run.eval_run import prepare_eval
+from prefopt.run.eval_run import prepare_eval, prepare_inspect
 from prefopt.run.launch import dispatch, prepare_run
 
 log = logging.getLogger("prefopt")
@@ -86,9 +86,8 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig, command: str = "train") -> O
     import torch
 
     job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
-    prepare = (
-        prepare_eval if command == "eval" else prepare_run
-    )  # both freeze the job's run dir (eval: cfg becomes the run's)
+    # each freezes the job's run dir (eval and inspect with a policy: cfg becomes the run's)
+    prepare = {"train": prepare_run, "eval": prepare_eval, "inspect": prepare_inspect}[command]
     name_wandb_run(cfg, hydra_cfg.sweep.dir, overrides, hydra_cfg.job.num)
     in_slurm_job = slurm.in_submitit_task()
     num_threads = torch.get_num_threads()

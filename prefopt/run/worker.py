@@ -26,6 +26,7 @@ from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.runfiles import EXIT_REPORT, rank_error_file
 from prefopt.core.slurm import check_job_shape, restart_count
 from prefopt.recipes.evaluate import evaluate_run
+from prefopt.recipes.inspect import inspect_run
 from prefopt.recipes.train import train
 from prefopt.run.config import Config
 
@@ -34,7 +35,8 @@ REPORTED_WAIT_S = 60.0  # a rank that reported a user error waits this long for 
 RECIPES = {
     "train": train,
     "eval": evaluate_run,
-}  # what a worker does with the frozen config: train it, or evaluate it (`prefopt eval`)
+    "inspect": inspect_run,
+}  # what a worker does with the frozen config: train it, evaluate it (`prefopt eval`), inspect its pairs
 
 
 def load_frozen_config(config_path: str | Path):

@@ -9,6 +9,7 @@ recorded in the run dir's config.yaml."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from prefopt.core.distributed import DistInfo, device_for, init_distributed
 from prefopt.core.runfiles import CONFIG_FILE, DYNAMICS_PLOT
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
+from prefopt.data.identity import data_identity
 from prefopt.data.layout import BatchLayout
 from prefopt.losses import get_loss
 from prefopt.model.compile import compile_model
@@ -31,9 +33,12 @@ from prefopt.observe.tracking import Tracker
 from prefopt.train.dynamics import ProbeSet, build_probe_set
 from prefopt.train.engine import build_engine
 from prefopt.train.evaluation import RunEvaluator
-from prefopt.train.reference import CachedReference, ModelReference, build_reference
+from prefopt.train.inspection import filter_enabled, filter_training_pairs, inspect_pairs
+from prefopt.train.reference import CachedReference, ModelReference, base_fingerprint, build_reference
 from prefopt.train.schedules import settle_max_steps
 from prefopt.train.step import PreferenceStep
+
+log = logging.getLogger("prefopt")
 
 # which pairs the reference scores: (data, cfg, world size) -> pairs (reference.py: training's, eval's)
 ReferencePairs = Callable[[PreferenceData, DictConfig, int], list[TokenizedPair]]
@@ -72,6 +77,7 @@ class BuiltRun:
     reference: Optional[ModelReference | CachedReference]
     step_fn: PreferenceStep
     probes: Optional[ProbeSet]
+    data_identity: dict[str, Any]  # data/identity.py of the data as built, before dataset.filter (what resume compares)
     engine: Any = None  # engine.py's TorchEngine or DeepSpeedEngine (training only)
     tracker: Optional[Tracker] = None  # open_tracker
     evaluator: Optional[RunEvaluator] = None  # open_tracker
@@ -115,18 +121,20 @@ class BuiltRun:
             self.tracker.close()
 
 
-def build_run(
-    cfg: DictConfig,
-    run_dir: Path,
-    reference_pairs: ReferencePairs,
-    with_engine: bool,
-    record_max_steps: bool,
-) -> BuiltRun:
-    """Everything a job needs before its first evaluation or step, built in this order (the order of the random draws
-    and of what is printed). reference_pairs: the pairs the reference scores (reference.training_reference_pairs or
-    eval_reference_pairs); with_engine: wrap the policy in the training engine (optimizer, schedule), after the
-    reference copied it; record_max_steps: rank 0 writes trainer.max_steps derived from trainer.num_epochs into the
-    run dir's config.yaml."""
+@dataclass
+class JobStart:
+    """The first parts of every worker job (training, `prefopt eval`, `prefopt inspect`), built in this order."""
+
+    dist: DistInfo
+    device: torch.device
+    console: Console
+    source: ModelSource
+    tokenizer: Any
+    data: PreferenceData
+
+
+def start_job(cfg: DictConfig, run_dir: Path) -> JobStart:
+    """Distributed init, device, console, seed and threads, the model's source, its tokenizer and the data."""
     dist = init_distributed(cfg.hardware)
     device = device_for(cfg.hardware, dist)
     quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
@@ -138,11 +146,61 @@ def build_run(
         source = resolve_model_source(cfg.model)
         tokenizer = load_tokenizer(cfg.model, source)
         data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
+    except BaseException:
+        console.close()
+        raise
+    return JobStart(dist, device, console, source, tokenizer, data)
+
+
+def filter_training_data(cfg: DictConfig, job: JobStart, policy) -> None:
+    """dataset.filter: inspect the training pairs with the initial policy (cached) and keep those the filter selects,
+    before the run's length, sampler and reference are derived from them."""
+    with job.console.phase("inspecting the training pairs (dataset.filter)"):
+        inspection = inspect_pairs(
+            policy,
+            job.data.train,
+            cfg,
+            job.source.identity,
+            base_fingerprint(cfg, policy, job.source, job.dist),
+            job.dist,
+            job.device,
+            job.tokenizer.pad_token_id,
+        )
+    line = filter_training_pairs(job.data, cfg.dataset.filter, inspection)
+    if job.dist.is_main:
+        log.info("%s", line)
+
+
+def build_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    reference_pairs: ReferencePairs,
+    with_engine: bool,
+    record_max_steps: bool,
+) -> BuiltRun:
+    """Everything a job needs before its first evaluation or step, built in this order (the order of the random draws
+    and of what is printed). reference_pairs: the pairs the reference scores (reference.training_reference_pairs or
+    eval_reference_pairs); with_engine: training (dataset.filter applies; the policy is wrapped in the training engine,
+    optimizer and schedule, after the reference copied it); record_max_steps: rank 0 writes trainer.max_steps derived
+    from trainer.num_epochs into the run dir's config.yaml."""
+    job = start_job(cfg, run_dir)
+    dist, device, console, source, tokenizer, data = (
+        job.dist,
+        job.device,
+        job.console,
+        job.source,
+        job.tokenizer,
+        job.data,
+    )
+    try:
+        policy = build_policy(cfg, source, tokenizer, device)
+        policy.train()
+        identity = data_identity(data)  # the source's pairs: the parent's resume check builds them without a model
+        if with_engine and filter_enabled(cfg.dataset):
+            filter_training_data(cfg, job, policy)
         settle_max_steps(
             cfg, len(data.train), dist.world_size, run_dir / CONFIG_FILE if record_max_steps and dist.is_main else None
         )  # trainer.num_epochs
-        policy = build_policy(cfg, source, tokenizer, device)
-        policy.train()
         # the reference is the initial policy: built (copied, or precomputed) before an engine wraps it or `prefopt
         # eval` loads the trained weights into it
         with console.phase("reference log-probs"):
@@ -171,5 +229,18 @@ def build_run(
         console.close()
         raise
     return BuiltRun(
-        cfg, run_dir, dist, device, console, source, tokenizer, data, policy, reference, step_fn, probes, engine
+        cfg,
+        run_dir,
+        dist,
+        device,
+        console,
+        source,
+        tokenizer,
+        data,
+        policy,
+        reference,
+        step_fn,
+        probes,
+        identity,
+        engine,
     )

@@ -103,6 +103,11 @@ def reference_fingerprint(
     return fingerprint[0]
 
 
+def base_fingerprint(cfg: DictConfig, model, source, dist: DistInfo) -> str:
+    """reference_fingerprint of the run's base model (the caches keyed by its weights: reference, inspection)."""
+    return reference_fingerprint(model, cfg.model, weight_files(cfg.model, source), cfg.trainer.seed, dist)
+
+
 def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{model_identity}|{fingerprint}".encode())
     for pair in pairs:
@@ -138,22 +143,42 @@ def values_digest(values: torch.Tensor) -> str:
     return hashlib.sha256(values.double().contiguous().numpy().tobytes()).hexdigest()
 
 
-def load_cache(path: Path, key: str, num_pairs: int) -> Optional[torch.Tensor]:
-    """The cached values, or None when absent, unreadable, altered or not the one this run needs (then it is
-    rebuilt)."""
+def load_cache(path: Path, key: str, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """The cached values (a tensor of `shape`), or None when absent, unreadable, altered or not the one this run needs
+    (then it is rebuilt). The reference pass and `prefopt inspect` (inspection.py) keep their values so."""
     if not path.exists():
         return None
     try:
         stored = torch.load(path, weights_only=True)
         values = stored["values"]
-        if stored["key"] != key or values.shape != (num_pairs, 2) or not torch.isfinite(values).all():
+        if stored["key"] != key or tuple(values.shape) != tuple(shape) or not torch.isfinite(values).all():
             raise ValueError(f"key/shape mismatch ({stored['key']}, {tuple(values.shape)})")
         if stored.get("digest") != values_digest(values):
             raise ValueError("its values do not match their stored digest")
         return values
     except Exception as error:  # a truncated or foreign file: never trust it
-        log.warning("reference cache %s is corrupt or mismatched (%s): rebuilding it", path, error)
+        log.warning("cache %s is corrupt or mismatched (%s): rebuilding it", path, error)
         return None
+
+
+def save_cache(path: Path, key: str, values: torch.Tensor, setting: str) -> None:
+    """Write values under key atomically, beside a lock (a sweep's jobs may build the same cache at once); a full or
+    read-only disk is a warning naming `setting` (the cache dir's config key): the values are right, only not kept."""
+    buffer = io.BytesIO()  # serialized in memory: the file is then written like every other (one temp scheme)
+    torch.save({"key": key, "values": values, "digest": values_digest(values)}, buffer)
+    try:
+        with exclusive_lock(path.with_suffix(".lock")):
+            atomic_write_bytes(path, buffer.getvalue())  # a reader sees the old file or the whole new one
+    except OSError as error:
+        log.warning(
+            "%s=%s cannot be written (%s: %s): the values are not cached; point %s at a writable directory with free "
+            "space",
+            setting,
+            path.parent,
+            error.strerror or error,
+            error.filename or path,
+            setting,
+        )
 
 
 SPOT_CHECK_PAIRS = 2
@@ -195,7 +220,7 @@ def precomputed_reference(
 ) -> CachedReference:
     key = cache_key(pairs, model_identity, fingerprint)
     path = Path(cfg.reference.cache_dir).expanduser() / f"{key}.pt"
-    values = load_cache(path, key, len(pairs))
+    values = load_cache(path, key, (len(pairs), 2))
     if values is not None and not matches_the_policy(values, model, pairs, cfg, device, pad_token_id, path):
         values = None
     hit = torch.tensor([values is not None], dtype=torch.float64)
@@ -207,19 +232,7 @@ def precomputed_reference(
             log.info("reference cache miss: computing reference log-probs for %d pairs into %s", len(pairs), path)
         values = compute_reference_logps(model, pairs, cfg, dist, device, pad_token_id)
         if dist.is_main:
-            buffer = io.BytesIO()  # serialized in memory: the file is then written like every other (one temp scheme)
-            torch.save({"key": key, "values": values, "digest": values_digest(values)}, buffer)
-            try:
-                with exclusive_lock(path.with_suffix(".lock")):
-                    atomic_write_bytes(path, buffer.getvalue())  # a reader sees the old file or the whole new one
-            except OSError as error:  # a full or read-only disk: the values are right, only not kept
-                log.warning(
-                    "reference.cache_dir=%s cannot be written (%s: %s): the reference log-probs are not cached; "
-                    "point reference.cache_dir at a writable directory with free space",
-                    path.parent,
-                    error.strerror or error,
-                    error.filename or path,
-                )
+            save_cache(path, key, values, "reference.cache_dir")
         dist.barrier()
     return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
 
@@ -244,7 +257,7 @@ def build_reference(
     if not needs_reference:
         return None
     if precompute_enabled(cfg.reference):
-        fingerprint = reference_fingerprint(policy, cfg.model, weight_files(cfg.model, source), cfg.trainer.seed, dist)
+        fingerprint = base_fingerprint(cfg, policy, source, dist)
         return precomputed_reference(policy, source.identity, fingerprint, pairs, cfg, dist, device, pad_token_id)
     if cfg.model.lora.enabled:
         return ModelReference(policy, cfg.trainer.logp_chunk_size, adapters_off=True)

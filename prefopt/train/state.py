@@ -12,7 +12,7 @@ from typing import Any, Optional
 from prefopt.core.errors import CheckpointError, NonFiniteTrainingError
 from prefopt.core.runfiles import CHECKPOINTS, DATA_FILE
 from prefopt.core.slurm import restart_count
-from prefopt.data.identity import OVERRIDE_KEY, check_resume_data, data_identity, write_data_record
+from prefopt.data.identity import OVERRIDE_KEY, check_resume_data, write_data_record
 from prefopt.data.sampler import PairSampler, training_sampler
 from prefopt.train.build import BuiltRun
 from prefopt.train.checkpoint import find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
@@ -57,7 +57,7 @@ def resume_training(run: BuiltRun) -> TrainState:
     cfg, dist, run_dir, trainer_cfg = run.cfg, run.dist, run.run_dir, run.cfg.trainer
     state = TrainState(
         sampler=training_sampler(run.data.train, trainer_cfg, dist.world_size),
-        data_record={**data_identity(run.data), "changed_at_steps": []},
+        data_record={**run.data_identity, "changed_at_steps": []},
     )
     if dist.is_main:  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
         restore_retired(run_dir / CHECKPOINTS)
