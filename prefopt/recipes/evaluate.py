@@ -24,7 +24,7 @@ from prefopt.train.reference import eval_reference_pairs
 POLICY_KINDS = "a run dir, a checkpoint dir (RUN_DIR/checkpoints/step-N), an HF model dir or a hub id"
 
 
-def checkpoint_of(policy: str) -> Optional[Path]:
+def checkpoint_of(policy: str, key: str = "eval.policy") -> Optional[Path]:
     """The checkpoint a policy path names (a checkpoint, its policy/ dir, or a run dir's newest valid one),
     or None when it is a model (an HF dir or a hub id). A path that is none of these is an error."""
     path = Path(policy).expanduser()
@@ -33,10 +33,10 @@ def checkpoint_of(policy: str) -> Optional[Path]:
     if path.is_dir() and ((path / "config.json").is_file() or is_adapter_dir(path)):
         return None
     if path.is_dir():
-        return find_checkpoint(str(path), path, key="eval.policy")
+        return find_checkpoint(str(path), path, key=key)
     if path.exists() or names_local_path(policy):
         raise ConfigError(
-            f"eval.policy={policy}: {'not a directory' if path.exists() else 'does not exist'}; give {POLICY_KINDS}"
+            f"{key}={policy}: {'not a directory' if path.exists() else 'does not exist'}; give {POLICY_KINDS}"
         )
     return None  # a hub id: resolve_model_source says whether it can be found
 

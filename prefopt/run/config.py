@@ -114,7 +114,8 @@ class DataFilterConfig:
     # ches_norm; null keeps every pair
     column: Optional[str] = None
     drop: str = "above"  # above | below: the side of the cut whose pairs are dropped
-    # the cut as a quantile of the column over the training pairs: 0.9 with drop=above drops the top 10%
+    # the cut as a quantile of the column over the training pairs: 0.9 with drop=above drops the top 10% (1.0 keeps
+    # every pair: a sweep's baseline)
     quantile: Optional[float] = None
     threshold: Optional[float] = None  # or the cut as a value of the column (give one of quantile, threshold)
 

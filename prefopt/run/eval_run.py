@@ -98,7 +98,7 @@ def prepare_inspect(cfg: DictConfig, hydra_dir: Path, overrides: list[str]) -> P
     """`prefopt inspect`'s parent side: with inspect.policy, the run's checkpoint and its config (as `prefopt eval`
     takes them); then freeze the run dir. Returns the run dir."""
     if cfg.inspect.policy:
-        checkpoint = checkpoint_of(str(cfg.inspect.policy))
+        checkpoint = checkpoint_of(str(cfg.inspect.policy), key="inspect.policy")
         if checkpoint is None:
             raise ConfigError(
                 f"inspect.policy={cfg.inspect.policy}: give a run dir or a checkpoint dir (RUN_DIR/checkpoints/"

@@ -274,8 +274,11 @@ def check_inspection_config(cfg: DictConfig) -> None:
             "dataset.filter needs exactly one of dataset.filter.quantile (e.g. 0.9 with drop=above drops the top 10%) "
             "and dataset.filter.threshold"
         )
-    if spec.quantile is not None and not 0.0 < spec.quantile < 1.0:
-        raise ConfigError(f"dataset.filter.quantile={spec.quantile} must be in (0, 1)")
+    if spec.quantile is not None and not 0.0 <= spec.quantile <= 1.0:
+        raise ConfigError(
+            f"dataset.filter.quantile={spec.quantile} must be in [0, 1] (1 with drop=above keeps every pair: the "
+            "baseline of a sweep over the cut)"
+        )
     if cfg.trainer.num_epochs is not None:
         raise ConfigError(
             "dataset.filter with trainer.num_epochs: the number of pairs kept is known only once the model is loaded, "
