@@ -37,7 +37,7 @@ from prefopt.core.errors import ConfigError
 from prefopt.data import PreferenceData, TokenizedPair
 from prefopt.data.layout import BatchLayout, pair_groups
 from prefopt.losses import GateParams, per_example_gates
-from prefopt.losses.gate import apply_gate
+from prefopt.losses.gate import GATE_KINDS, apply_gate
 from prefopt.model.logps import sequence_logps, split_pairs
 from prefopt.train.reference import load_cache, save_cache
 from prefopt.train.sharding import pair_scored_tokens, sharded_pass
@@ -249,8 +249,6 @@ def filter_enabled(dataset_cfg: DictConfig) -> bool:
 
 def check_inspection_config(cfg: DictConfig) -> None:
     """inspect.* and dataset.filter values that cannot work, named (the parent runs this before any model loads)."""
-    from prefopt.losses.gate import GATE_KINDS
-
     for kind in cfg.inspect.gates:
         if kind not in GATE_KINDS or kind == "none":
             kinds = ", ".join(k for k in GATE_KINDS if k != "none")
