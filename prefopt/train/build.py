@@ -180,8 +180,8 @@ def build_run(
 ) -> BuiltRun:
     """Everything a job needs before its first evaluation or step, built in this order (the order of the random draws
     and of what is printed). reference_pairs: the pairs the reference scores (reference.training_reference_pairs or
-    eval_reference_pairs); with_engine: training (dataset.filter applies; the policy is wrapped in the training engine,
-    optimizer and schedule, after the reference copied it); record_max_steps: rank 0 writes trainer.max_steps derived
+    eval_reference_pairs); with_engine: wrap the policy in the training engine (optimizer, schedule), after the
+    reference copied it; record_max_steps: rank 0 writes trainer.max_steps derived
     from trainer.num_epochs into the run dir's config.yaml."""
     job = start_job(cfg, run_dir)
     dist, device, console, source, tokenizer, data = (
@@ -196,7 +196,7 @@ def build_run(
         policy = build_policy(cfg, source, tokenizer, device)
         policy.train()
         identity = data_identity(data)  # the source's pairs: the parent's resume check builds them without a model
-        if with_engine and filter_enabled(cfg.dataset):
+        if filter_enabled(cfg.dataset):  # `prefopt eval` of a filtered run too: its probes draw on the same pairs
             filter_training_data(cfg, job, policy)
         settle_max_steps(
             cfg, len(data.train), dist.world_size, run_dir / CONFIG_FILE if record_max_steps and dist.is_main else None
