@@ -292,6 +292,11 @@ class Console:
         if self.enabled and metrics:
             log.info("%s", eval_headline(step, metrics))
 
+    def alarm(self, text: str) -> None:
+        """A warning about the run's course (the likelihood-displacement alarm), said once, between the step lines."""
+        if self.enabled:
+            log.warning("%s", text)
+
     def finish(self, summary: Mapping[str, Any]) -> None:
         """The closing summary (after summary.json, the plot and the final checkpoint are written)."""
         if self.enabled:

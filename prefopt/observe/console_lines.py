@@ -15,6 +15,7 @@ from prefopt.core.runfiles import (
     WANDB_DIR,
     WANDB_ID_FILE,
 )
+from prefopt.observe.displacement import SUMMARY_STEP, SUMMARY_TEXT
 from prefopt.observe.report import SUMMARY_COLUMNS
 
 # The metric names the console reads (without their train/ or eval/ prefix), in one place: when the
@@ -136,6 +137,9 @@ def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) ->
             "  squeeze      probe log-probs, first -> last probe: "
             + " | ".join(f"{name} {value:+.3f}" for name, value in deltas)
         )
+    alarm = summary.get(SUMMARY_TEXT)
+    if isinstance(alarm, str):
+        lines.append(f"  alarm        step {summary.get(SUMMARY_STEP)}: {alarm}")
     lines.append(f"  run dir      {run_dir}")
     plot = run_dir / DYNAMICS_PLOT
     if plot.is_file():

@@ -264,6 +264,12 @@ class Tracker:
                 }
             )
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (level WARN): e-mail or Slack where the account has alerts on. An offline run keeps it as a
+        record of its run file, with no network call."""
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.alert(title=title, text=text, level="WARN")
+
     def finish(self, summary: Mapping[str, Any]) -> None:
         if not self.enabled:
             return

@@ -14,8 +14,11 @@ from omegaconf import DictConfig
 
 from prefopt.core.distributed import leave_distributed
 from prefopt.core.errors import stop_exception
+from prefopt.core.runfiles import METRICS_FILE
 from prefopt.core.slurm import preemption
 from prefopt.model.compile import compile_seconds
+from prefopt.observe.displacement import ALARM_METRIC
+from prefopt.observe.tracking import read_jsonl
 from prefopt.train.build import BuiltRun, build_run
 from prefopt.train.evaluation import eval_changes
 from prefopt.train.flops import count_parameters, peak_tflops, step_model_flops
@@ -36,6 +39,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         state = resume_training(run)  # step 0, or a checkpoint's step with its weights, data position and RNG
         evaluator = run.open_tracker(resume_step=state.step, resume_rows=state.tracker_rows)
+        if state.step:  # the alarm's window goes on from the rows up to the checkpoint (cut back to them just now)
+            state.displacement.replay(read_jsonl(run.run_dir / METRICS_FILE), up_to_step=state.step)
         if state.step == 0:
             run.tracker.log(0, run.data_metrics())
             state.first_eval, state.first_greedy = evaluator.held_out(0, generate=True)
@@ -58,6 +63,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary |= eval_changes(
             state.first_eval, final_eval, state.first_greedy, final_greedy, state.first_dynamics, final_dynamics
         )
+        summary |= state.displacement.summary()
         run.finish(summary, closing_summary=True)
         return summary
     finally:
@@ -112,8 +118,14 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                     metrics["train/compile_s"] = compile_seconds()
                 if peak:
                     metrics["train/mfu"] = tflops / (peak * dist.world_size)
+                alarm = state.displacement.update(step, metrics)
+                if alarm:
+                    metrics[ALARM_METRIC] = 1.0
                 run.tracker.log(step, metrics)
                 run.console.log_step(step, metrics)
+                if alarm:
+                    run.console.alarm(alarm)
+                    run.tracker.alert("likelihood displacement", alarm)
             if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
                 run.evaluator.held_out(step, generate=False)
             if run.probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:

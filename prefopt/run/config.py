@@ -27,6 +27,7 @@ from prefopt.core.errors import ConfigError
 from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
 from prefopt.losses import validate_loss_config
+from prefopt.observe.displacement import MIN_WINDOW
 from prefopt.observe.metric_names import renamed_metric
 from prefopt.run.hardware_plan import AUTO_RESOLVER, auto_hardware_value
 from prefopt.train.inspection import check_inspection_config
@@ -274,6 +275,9 @@ class LoggerConfig:
     # fancy (a progress line redrawn in place) | plain (no carriage returns: SLURM logs) | auto (fancy when stderr
     # is a terminal)
     console: str = MISSING
+    # logged train steps over which the likelihood-displacement alarm fits its trends (observe/displacement.py);
+    # 0 = off
+    displacement_window: int = MISSING
 
 
 @dataclass
@@ -399,6 +403,7 @@ LOWER_BOUNDS = {
     "dataset.arith.max_operand": (1, True),
     "logger.wandb.system_sample_seconds": (0.1, True),
     "inspect.top_pairs": (0, True),
+    "logger.displacement_window": (0, True),
 }
 
 
@@ -503,6 +508,12 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     check_length_config(cfg.trainer)
     check_schedule_config(cfg.trainer)
 
+    window = cfg.logger.displacement_window
+    if 0 < window < MIN_WINDOW:
+        raise ConfigError(
+            f"logger.displacement_window={window} is too few logged steps to tell a trend from noise; use 0 (off) "
+            f"or >= {MIN_WINDOW}"
+        )
     renamed = renamed_metric(cfg.trainer.objective)
     if renamed:  # caught here, not after training when the summary lacks the old name
         raise ConfigError(

@@ -13,6 +13,14 @@ pair), under the `train/` or `eval/` prefix:
                                        logit over the vocabulary at that position (token-weighted)
 
 prefopt's extras keep their own names: loss, lengths/chosen|rejected (mean response tokens), gate/*, ...
+and, when the run has a reference model (every loss but the reference-free simpo, orpo, sft, sft_extend):
+
+    logratios/chosen                   mean of log pi(y_w) - log pi_ref(y_w), summed over the response (nats):
+                                       how far the chosen responses moved from the reference, on the same pairs
+                                       (logps/chosen also moves with which pairs the batch drew)
+    chosen_displaced                   fraction of pairs whose chosen log-prob fell below the reference's
+                                       (likelihood displacement; read from the log-probs, not from rewards)
+
 One difference from TRL, on purpose: TRL averages each micro batch's value over gradient accumulation
 and over eval batches; prefopt pools the whole step (or eval set) first, so a short last micro batch
 weighs by its pairs and tokens, not as a whole batch. With one micro batch per step they are equal.
@@ -20,7 +28,7 @@ weighs by its pairs and tokens, not as a whole batch. With one micro batch per s
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -35,16 +43,40 @@ LOGIT_SUMS = {
 }
 
 
+# A pair counts as displaced when its chosen log-prob is below the reference's by more than this, per response
+# token (nats). Two forwards of the same weights on differently shaped batches (a precomputed reference, padded rows
+# of other lengths, bf16) differ in the last bits, so an exact `<` counts pairs that have not moved: at a learning
+# rate that has barely moved anything, half of them or more. 1e-3 nats per token (a 0.1% lower probability per
+# token) is above that noise and far below the falls that matter (nats to tens of nats per response).
+DISPLACEMENT_TOLERANCE = 1e-3
+
+
+def displacement_columns(
+    chosen_logps: torch.Tensor, reference_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """(B,) logratios/chosen and chosen_displaced (1.0 or 0.0) from summed policy and reference log-probs."""
+    logratios = chosen_logps.detach().float() - reference_chosen_logps.detach().float()
+    tolerance = DISPLACEMENT_TOLERANCE * chosen_lengths.float().clamp(min=1)
+    return {"logratios/chosen": logratios, "chosen_displaced": (logratios < -tolerance).float()}
+
+
 def pair_metrics(
-    policy: TokenLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+    policy: TokenLogps,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    reference_chosen_logps: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """Per-pair (B,) columns of one batch whose means over the logged batch are the metrics above
     (finish_token_means turns the logit sums into logits/*). policy: the policy's log-probs of the
-    batch, chosen rows first (split_pairs); rewards: the loss's (B,) implicit rewards."""
+    batch, chosen rows first (split_pairs); rewards: the loss's (B,) implicit rewards; reference_chosen_logps:
+    the reference's (B,) summed chosen log-probs, None without a reference (no displacement columns then)."""
     chosen_logps, rejected_logps = split_pairs(policy.summed.detach())
     chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
     chosen_logits, rejected_logits = split_pairs(policy.mean_logits.sum(-1))  # zeros past each response's end
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    displacement = {}
+    if reference_chosen_logps is not None:
+        displacement = displacement_columns(chosen_logps, reference_chosen_logps, chosen_lengths)
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
@@ -56,6 +88,7 @@ def pair_metrics(
         "lengths/rejected": rejected_lengths,
         "logit_sums/chosen": chosen_logits,
         "logit_sums/rejected": rejected_logits,
+        **displacement,
     }
 
 

@@ -14,6 +14,7 @@ from prefopt.core.runfiles import CHECKPOINTS, DATA_FILE
 from prefopt.core.slurm import restart_count
 from prefopt.data.identity import OVERRIDE_KEY, check_resume_data, write_data_record
 from prefopt.data.sampler import PairSampler, training_sampler
+from prefopt.observe.displacement import DisplacementAlarm
 from prefopt.train.build import BuiltRun
 from prefopt.train.checkpoint import find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
 from prefopt.train.rng import restore_rng_states, rng_states
@@ -25,6 +26,7 @@ log = logging.getLogger("prefopt")
 class TrainState:
     sampler: PairSampler
     data_record: dict[str, Any]  # what the run trains on (data/identity.py): every checkpoint keeps it
+    displacement: DisplacementAlarm  # the likelihood-displacement alarm (refilled from metrics.jsonl on resume)
     step: int = 0  # the last whole step: 0 before the first, a checkpoint's step on resume
     first_eval: dict[str, float] = field(default_factory=dict)  # the eval at step 0 (the base model)
     first_greedy: Optional[float] = None
@@ -58,6 +60,7 @@ def resume_training(run: BuiltRun) -> TrainState:
     state = TrainState(
         sampler=training_sampler(run.data.train, trainer_cfg, dist.world_size),
         data_record={**run.data_identity, "changed_at_steps": []},
+        displacement=DisplacementAlarm(cfg.logger.displacement_window),
     )
     if dist.is_main:  # a save of the same step killed mid-replace (the parent did it too, unless sbatch)
         restore_retired(run_dir / CHECKPOINTS)

@@ -89,7 +89,7 @@ class PreferenceStep:
         )
         per_example = {
             "loss": out.losses.detach(),
-            **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards),
+            **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards, reference_chosen),
         }  # TRL's names
         tokens = sum(
             len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs
