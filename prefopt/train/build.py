@@ -31,9 +31,10 @@ from prefopt.observe.tracking import Tracker
 from prefopt.train.dynamics import ProbeSet, build_probe_set
 from prefopt.train.engine import build_engine
 from prefopt.train.evaluation import RunEvaluator
-from prefopt.train.reference import CachedReference, ModelReference, build_reference
+from prefopt.train.reference import CachedReference, ModelReference, build_reference, cover_pairs
 from prefopt.train.schedules import settle_max_steps
 from prefopt.train.step import PreferenceStep
+from prefopt.train.term_grads import TermGradients, term_gradient_pairs
 
 # which pairs the reference scores: (data, cfg, world size) -> pairs (reference.py: training's, eval's)
 ReferencePairs = Callable[[PreferenceData, DictConfig, int], list[TokenizedPair]]
@@ -72,6 +73,7 @@ class BuiltRun:
     reference: Optional[ModelReference | CachedReference]
     step_fn: PreferenceStep
     probes: Optional[ProbeSet]
+    term_grads: Optional[TermGradients]  # dynamics.term_grads: per-term gradient norms at the probe steps
     engine: Any = None  # engine.py's TorchEngine or DeepSpeedEngine (training only)
     tracker: Optional[Tracker] = None  # open_tracker
     evaluator: Optional[RunEvaluator] = None  # open_tracker
@@ -88,6 +90,7 @@ class BuiltRun:
             self.tokenizer,
             self.data,
             self.probes,
+            self.term_grads,
             self.device,
             self.dist,
             self.tracker,
@@ -143,6 +146,11 @@ def build_run(
         )  # trainer.num_epochs
         policy = build_policy(cfg, source, tokenizer, device)
         policy.train()
+        term_grads_pairs = (
+            term_gradient_pairs(data.train, cfg.dynamics.term_grads_pairs, cfg.trainer.seed)
+            if cfg.dynamics.enabled and cfg.dynamics.term_grads
+            else []
+        )
         # the reference is the initial policy: built (copied, or precomputed) before an engine wraps it or `prefopt
         # eval` loads the trained weights into it
         with console.phase("reference log-probs"):
@@ -156,10 +164,13 @@ def build_run(
                 device,
                 tokenizer.pad_token_id,
             )
+            # training pairs the sampler may never draw: a precomputed reference scores them too
+            cover_pairs(reference, cfg, policy, source, term_grads_pairs, dist, device, tokenizer.pad_token_id)
         engine = build_engine(policy, cfg, dist.world_size) if with_engine else None
         if engine is not None:
             policy = engine.model
         step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
+        term_grads = TermGradients(step_fn, term_grads_pairs) if term_grads_pairs else None
         probes = (
             build_probe_set(
                 data, cfg.dynamics.num_probes, cfg.trainer.seed, len(tokenizer), set(tokenizer.all_special_ids)
@@ -171,5 +182,18 @@ def build_run(
         console.close()
         raise
     return BuiltRun(
-        cfg, run_dir, dist, device, console, source, tokenizer, data, policy, reference, step_fn, probes, engine
+        cfg,
+        run_dir,
+        dist,
+        device,
+        console,
+        source,
+        tokenizer,
+        data,
+        policy,
+        reference,
+        step_fn,
+        probes,
+        term_grads,
+        engine,
     )
