@@ -490,13 +490,19 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
 
 
 def check_term_grads(cfg: DictConfig, hardware: bool) -> None:
-    """dynamics.term_grads runs at the probe steps, and needs every gradient whole on a rank (not ZeRO-3's shards)."""
+    """dynamics.term_grads runs at the probe steps, takes several backward passes of one forward (not a compiled one),
+    and needs every gradient whole on a rank (not ZeRO-3's shards)."""
     if not cfg.dynamics.term_grads:
         return
     if not cfg.dynamics.enabled:
         raise ConfigError(
             "dynamics.term_grads=true needs dynamics.enabled=true (it runs at the probe steps); enable the probes "
             "or set dynamics.term_grads=false"
+        )
+    if cfg.trainer.compile:
+        raise ConfigError(
+            "dynamics.term_grads=true cannot run with trainer.compile=true (a compiled backward frees its buffers, so "
+            "it cannot take the several backward passes of one forward); set one of them to false"
         )
     if hardware and cfg.hardware.engine == "deepspeed" and cfg.hardware.zero_stage == 3:
         raise ConfigError(

@@ -35,7 +35,9 @@ log-probs of them (a forward of the reference model, or the precomputed cache), 
 backward passes by torch.autograd.grad on the one graph; memory: that forward's activations and two gradient-sized
 buffers of the trainable parameters at a time. autograd.grad writes no .grad, so the run's gradients and optimizer
 state are untouched and training is the same with the feature on or off. Every rank computes the same batch (it is
-small); rank 0 logs. ZeRO-3 partitions the weights (a rank holds no whole gradient): refused in validate_config.
+small); rank 0 logs. Tested on two DeepSpeed ranks at ZeRO-0 and ZeRO-2 (the values of one process). Refused in
+validate_config: ZeRO-3 (it partitions the weights, so no rank holds a whole gradient) and trainer.compile (a compiled
+backward donates its buffers and cannot run twice over one forward).
 """
 
 from __future__ import annotations
