@@ -17,9 +17,10 @@ from prefopt.data.layout import pair_groups
 from prefopt.losses import preference_loss
 from prefopt.model.logps import sequence_logps, split_pairs
 from prefopt.observe.tracking import read_jsonl
+from prefopt.train.engine import trainable_parameters
 from prefopt.train.reference import ModelReference
 from prefopt.train.step import PreferenceStep
-from prefopt.train.term_grads import TermGradients, term_gradient_pairs, trainable_parameters
+from prefopt.train.term_grads import TermGradients, term_gradient_pairs
 from tests.helpers import run_train, trainer_node
 from tests.test_config import compose_config
 from tests.test_train import TINY

@@ -51,6 +51,7 @@ import torch
 from prefopt.data import TokenizedPair
 from prefopt.losses import get_loss
 from prefopt.losses.gate import parse_gate
+from prefopt.train.engine import trainable_parameters
 from prefopt.train.step import PreferenceStep
 
 PREFIX = "dynamics/grad/"
@@ -60,11 +61,6 @@ def term_gradient_pairs(train_pairs: Sequence[TokenizedPair], count: int, seed: 
     """`count` training pairs (all of them when there are fewer), drawn by their own seeded generator."""
     indices = random.Random(seed).sample(range(len(train_pairs)), min(count, len(train_pairs)))
     return [train_pairs[index] for index in indices]
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """What the optimizer moves (engine.py builds it from the same filter): with LoRA, the adapters."""
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
 def term_gradient(loss: torch.Tensor, parameters: list[torch.nn.Parameter], retain_graph: bool) -> list:
