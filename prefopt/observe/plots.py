@@ -1,5 +1,6 @@
 """`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]` (its options: prefopt/cli.py): the probe log-prob trajectories
-of one or more runs, overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl.
+of one or more runs, overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl;
+below them a row for the per-term gradients (dynamics.term_grads) when a run logged them.
 `plot_bands` draws groups of runs instead (`prefopt report --group-by`): mean line and 95% band per group.
 
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
@@ -17,6 +18,7 @@ from typing import Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
@@ -41,6 +43,25 @@ PANELS = (
     ("target probability (chosen)", "dynamics/mass/target_prob", "mean target-token probability (0-1)"),
 )
 GRID = (3, 4)  # 11 panels + one that holds the legend
+# the per-term gradients (dynamics.term_grads, prefopt/train/term_grads.py), a row of their own under the probes when
+# a run logged them: (panel title, ((metric key, line style), ...), y-axis label); dashed = through the gate
+NORM_LABEL = "L2 norm over trainable weights"
+GRAD_PANELS = (
+    ("chosen term", (("dynamics/grad/chosen_norm", "-"),), NORM_LABEL),
+    (
+        "rejected term: ungated (solid), gated (dashed)",
+        (("dynamics/grad/rejected_norm", "-"), ("dynamics/grad/rejected_gated_norm", "--")),
+        NORM_LABEL,
+    ),
+    ("whole loss, as trained", (("dynamics/grad/total_norm", "-"),), NORM_LABEL),
+    (
+        "cosine(chosen, rejected): ungated (solid), gated (dashed)",
+        (("dynamics/grad/cos", "-"), ("dynamics/grad/cos_gated", "--")),
+        "cosine (-1 to 1)",
+    ),
+    ("gate ratio: gated / ungated rejected", (("dynamics/grad/gate_ratio", "-"),), "ratio of norms"),
+)
+GRAD_TITLE = "Gradients of the loss's terms on a fixed batch of training pairs"
 DEFAULT_TITLE = "Learning dynamics: probe log-probs vs step"
 
 
@@ -89,26 +110,53 @@ def readable_axes(axis, xlabel: str, ylabel: str, integer_x: bool = False) -> No
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
-    """One panel per probe metric, one line per run, and one legend (in the spare panel) for all."""
-    rows, columns = GRID
-    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, columns).flatten()
-    for axis, (panel_title, key, ylabel) in zip(axes, PANELS):
-        for trace in traces:
-            points = [(row["step"], row[key]) for row in trace.rows if key in row]
+def has_term_gradients(traces: Sequence[RunTrace]) -> bool:
+    keys = {key for _, lines, _ in GRAD_PANELS for key, _ in lines}
+    return any(keys & row.keys() for trace in traces for row in trace.rows)
+
+
+def draw_panel(axis, traces: Sequence[RunTrace], colors: list, title: str, lines, ylabel: str) -> None:
+    """One metric panel: per run (one color each, the same on every panel) a line per (key, style)."""
+    for trace, color in zip(traces, colors):
+        for index, (key, style) in enumerate(lines):
+            points = [(row["step"], row[key]) for row in trace.rows if row.get(key) is not None]
             if points:
                 steps, values = zip(*points)
-                axis.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=trace.label)
-        axis.set_title(panel_title)
-        readable_axes(axis, STEP_LABEL, ylabel, integer_x=True)
-        axis.grid(alpha=0.3)
+                label = trace.label if index == 0 else None
+                axis.plot(steps, values, style, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
+    axis.set_title(title)
+    readable_axes(axis, STEP_LABEL, ylabel, integer_x=True)
+    axis.grid(alpha=0.3)
+
+
+def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
+    """One panel per probe metric, one line per run, and one legend (in the spare panel) for all; below them, when a
+    run logged the per-term gradients, a row of gradient panels."""
+    rows, columns = GRID
+    with_gradients = has_term_gradients(traces)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows + (3.6 if with_gradients else 0)), layout="constrained")
+    FigureCanvasAgg(figure)
+    colors = band_colors(len(traces))
+    if with_gradients:
+        probe_figure, gradient_figure = figure.subfigures(2, 1, height_ratios=[3.2 * rows, 3.6])
+        gradient_figure.suptitle(GRAD_TITLE)
+        for axis, (panel_title, lines, ylabel) in zip(gradient_figure.subplots(1, len(GRAD_PANELS)), GRAD_PANELS):
+            draw_panel(axis, traces, colors, textwrap.fill(panel_title, 32), lines, ylabel)
+    else:
+        probe_figure = figure
+    axes = probe_figure.subplots(rows, columns).flatten()
+    for axis, (panel_title, key, ylabel) in zip(axes, PANELS):
+        draw_panel(axis, traces, colors, panel_title, ((key, "-"),), ylabel)
     legend_axis = axes[len(PANELS)]
     legend_axis.axis("off")
-    handles, labels = axes[0].get_legend_handles_labels()
-    labels = [textwrap.fill(label, 45) for label in labels]
-    legend_axis.legend(handles, labels, loc="center", fontsize="small", title="runs", frameon=False)
+    legend_axis.legend(  # one entry per run, whichever panels it has lines in
+        [Line2D([], [], color=color, marker="o", markersize=3, linewidth=1.5) for color in colors],
+        [textwrap.fill(trace.label, 45) for trace in traces],
+        loc="center",
+        fontsize="small",
+        title="runs",
+        frameon=False,
+    )
     for axis in axes[len(PANELS) + 1 :]:
         axis.axis("off")
     figure.suptitle(title)

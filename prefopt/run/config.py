@@ -254,6 +254,9 @@ class DynamicsConfig:
     generate: bool = MISSING  # also generate greedily for a few probes and log the text
     num_generate: int = MISSING  # probes answered by greedy generation when generate=true
     max_new_tokens: int = MISSING  # generation length for those probes
+    # at each probe step, the gradient norms of the loss's chosen and rejected terms, their cosine, the gate's share
+    term_grads: bool = MISSING
+    term_grads_pairs: int = MISSING  # training pairs (drawn once, seeded by trainer.seed) the term gradients use
 
 
 @dataclass
@@ -395,6 +398,7 @@ LOWER_BOUNDS = {
     "dynamics.batch_size": (1, True),
     "dynamics.num_generate": (0, True),
     "dynamics.max_new_tokens": (1, True),
+    "dynamics.term_grads_pairs": (1, True),
     "model.lora.r": (1, True),
     "model.lora.alpha": (1, True),
     "model.lora.dropout": (0.0, True),
@@ -507,6 +511,7 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
         raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
     check_length_config(cfg.trainer)
     check_schedule_config(cfg.trainer)
+    check_term_grads(cfg, hardware)
 
     window = cfg.logger.displacement_window
     if 0 < window < MIN_WINDOW:
@@ -523,6 +528,28 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
 
     validate_loss_config(cfg.loss)
     check_inspection_config(cfg)
+
+
+def check_term_grads(cfg: DictConfig, hardware: bool) -> None:
+    """dynamics.term_grads runs at the probe steps, takes several backward passes of one forward (not a compiled one),
+    and needs every gradient whole on a rank (not ZeRO-3's shards)."""
+    if not cfg.dynamics.term_grads:
+        return
+    if not cfg.dynamics.enabled:
+        raise ConfigError(
+            "dynamics.term_grads=true needs dynamics.enabled=true (it runs at the probe steps); enable the probes "
+            "or set dynamics.term_grads=false"
+        )
+    if cfg.trainer.compile:
+        raise ConfigError(
+            "dynamics.term_grads=true cannot run with trainer.compile=true (a compiled backward frees its buffers, so "
+            "it cannot take the several backward passes of one forward); set one of them to false"
+        )
+    if hardware and cfg.hardware.engine == "deepspeed" and cfg.hardware.zero_stage == 3:
+        raise ConfigError(
+            "dynamics.term_grads=true does not run under ZeRO-3 (hardware.zero_stage=3 partitions the weights, so no "
+            "rank holds a whole gradient); use hardware.zero_stage<=2 or set dynamics.term_grads=false"
+        )
 
 
 def check_hardware(hardware: DictConfig) -> None:

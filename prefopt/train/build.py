@@ -34,9 +34,10 @@ from prefopt.train.dynamics import ProbeSet, build_probe_set
 from prefopt.train.engine import build_engine
 from prefopt.train.evaluation import RunEvaluator
 from prefopt.train.inspection import filter_enabled, filter_training_pairs, inspect_pairs
-from prefopt.train.reference import CachedReference, ModelReference, base_fingerprint, build_reference
+from prefopt.train.reference import CachedReference, ModelReference, base_fingerprint, build_reference, cover_pairs
 from prefopt.train.schedules import settle_max_steps
 from prefopt.train.step import PreferenceStep
+from prefopt.train.term_grads import TermGradients, term_gradient_pairs
 
 log = logging.getLogger("prefopt")
 
@@ -78,6 +79,7 @@ class BuiltRun:
     step_fn: PreferenceStep
     probes: Optional[ProbeSet]
     data_identity: dict[str, Any]  # data/identity.py of the data as built, before dataset.filter (what resume compares)
+    term_grads: Optional[TermGradients]  # dynamics.term_grads: per-term gradient norms at the probe steps
     engine: Any = None  # engine.py's TorchEngine or DeepSpeedEngine (training only)
     tracker: Optional[Tracker] = None  # open_tracker
     evaluator: Optional[RunEvaluator] = None  # open_tracker
@@ -94,6 +96,7 @@ class BuiltRun:
             self.tokenizer,
             self.data,
             self.probes,
+            self.term_grads,
             self.device,
             self.dist,
             self.tracker,
@@ -201,6 +204,11 @@ def build_run(
         settle_max_steps(
             cfg, len(data.train), dist.world_size, run_dir / CONFIG_FILE if record_max_steps and dist.is_main else None
         )  # trainer.num_epochs
+        term_grads_pairs = (
+            term_gradient_pairs(data.train, cfg.dynamics.term_grads_pairs, cfg.trainer.seed)
+            if cfg.dynamics.enabled and cfg.dynamics.term_grads
+            else []
+        )
         # the reference is the initial policy: built (copied, or precomputed) before an engine wraps it or `prefopt
         # eval` loads the trained weights into it
         with console.phase("reference log-probs"):
@@ -214,10 +222,13 @@ def build_run(
                 device,
                 tokenizer.pad_token_id,
             )
+            # training pairs the sampler may never draw: a precomputed reference scores them too
+            cover_pairs(reference, cfg, policy, source, term_grads_pairs, dist, device, tokenizer.pad_token_id)
         engine = build_engine(policy, cfg, dist.world_size) if with_engine else None
         if engine is not None:
             policy = engine.model
         step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
+        term_grads = TermGradients(step_fn, term_grads_pairs) if term_grads_pairs else None
         probes = (
             build_probe_set(
                 data, cfg.dynamics.num_probes, cfg.trainer.seed, len(tokenizer), set(tokenizer.all_special_ids)
@@ -242,5 +253,6 @@ def build_run(
         step_fn,
         probes,
         identity,
+        term_grads,
         engine,
     )

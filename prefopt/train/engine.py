@@ -39,13 +39,18 @@ def load_policy_weights(model: torch.nn.Module, location: str, local_files_only:
     model.load_state_dict(saved.state_dict())
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer moves: the parameters that require a gradient (with LoRA, the adapters)."""
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
 class TorchEngine:
     def __init__(
         self, model: torch.nn.Module, trainer_cfg: DictConfig, cpu_adam: bool = False, under_deepspeed: bool = False
     ):
         self.model = model
         self.max_grad_norm = trainer_cfg.max_grad_norm
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable = trainable_parameters(model)
         adam = dict(lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas), weight_decay=trainer_cfg.weight_decay)
         if cpu_adam:  # ZeRO-Offload: DeepSpeed's vectorized CPU AdamW (an op compiled on first use, ~2 min)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -75,7 +80,7 @@ class TorchEngine:
 
         A step with a non-finite micro-batch loss (`poisoned`) or gradient norm is not applied: the
         gradients are dropped and the optimizer and LR schedule stay where they were."""
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        parameters = trainable_parameters(self.model)
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm)) if not poisoned else float("nan")
         applied = math.isfinite(grad_norm)

@@ -19,6 +19,7 @@ from prefopt.losses.gate import gate_distribution
 from prefopt.train.dynamics import ProbeSet, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
 from prefopt.train.metrics import finish_token_means
 from prefopt.train.sharding import pair_scored_tokens, sharded_pass
+from prefopt.train.term_grads import TermGradients
 
 GATE_COLUMN = "gate"  # the per-example gate travels as one more column of the gathered rows
 
@@ -92,12 +93,14 @@ class RunEvaluator:
         tokenizer,
         data,
         probes: Optional[ProbeSet],
+        term_grads: Optional[TermGradients],
         device: torch.device,
         dist: DistInfo,
         tracker,
         console,
     ):
         self.cfg, self.step_fn, self.tokenizer, self.data, self.probes = cfg, step_fn, tokenizer, data, probes
+        self.term_grads = term_grads
         self.device, self.dist, self.tracker, self.console = device, dist, tracker, console
 
     def held_out(self, step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
@@ -129,7 +132,8 @@ class RunEvaluator:
         return metrics, accuracy
 
     def probe_set(self, step: int) -> dict[str, float]:
-        """The probe set's log-probs at `step` (dynamics.jsonl), and a few probe generations when dynamics.generate."""
+        """The probe set's log-probs at `step` (dynamics.jsonl) with the per-term gradient norms when
+        dynamics.term_grads (term_grads.py), and a few probe generations when dynamics.generate."""
         if self.probes is None:
             return {}
         trainer_cfg, dynamics_cfg, policy = self.cfg.trainer, self.cfg.dynamics, self.step_fn.policy
@@ -143,6 +147,9 @@ class RunEvaluator:
                 BatchLayout.from_trainer(trainer_cfg),
                 self.dist,
             )
+        if self.term_grads is not None:  # the same row: one line of dynamics.jsonl per probe step
+            with self.console.phase(f"term gradients @ step {step}"):
+                metrics |= self.term_grads(step)
         self.tracker.log(step, metrics, file=DYNAMICS_FILE)
         if dynamics_cfg.generate and dynamics_cfg.num_generate:
             with self.console.phase(f"probe generations @ step {step}"):

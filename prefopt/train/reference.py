@@ -265,6 +265,28 @@ def build_reference(
     return ModelReference(frozen, cfg.trainer.logp_chunk_size)
 
 
+def cover_pairs(
+    reference,
+    cfg: DictConfig,
+    policy,
+    source,
+    pairs: list[TokenizedPair],
+    dist: DistInfo,
+    device,
+    pad_token_id: int,
+) -> None:
+    """A precomputed reference (build_reference's, before the policy trains) also scores `pairs`: those it lacks are
+    precomputed as one more cache of their own, so the training pairs' cache, its key and its values stay as they
+    are. A reference model (or none) needs nothing."""
+    if not isinstance(reference, CachedReference):
+        return
+    missing = [pair for pair in pairs if pair_key(pair) not in reference.table]
+    if missing:
+        fingerprint = base_fingerprint(cfg, policy, source, dist)
+        extra = precomputed_reference(policy, source.identity, fingerprint, missing, cfg, dist, device, pad_token_id)
+        reference.table |= extra.table
+
+
 def training_reference_pairs(data: PreferenceData, cfg: DictConfig, world_size: int) -> list[TokenizedPair]:
     """Exactly the pairs a training run scores against the reference: the training pairs its seeded sampler will
     draw (so a precomputed reference never does more work than computing it on the fly) and the eval

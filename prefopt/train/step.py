@@ -1,6 +1,7 @@
 """The step: log-probs of a batch of pairs (one concatenated forward of the policy, and the reference's) and the
 configured loss on them. Training backpropagates its loss; evaluation (evaluation.py) reads the same per-example
-metrics, so an eval at step k scores exactly what a training step at k would."""
+metrics, so an eval at step k scores exactly what a training step at k would. The forward (logps) and the loss on its
+log-probs (loss) are separate calls, so the per-term gradients (term_grads.py) take several losses of one forward."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.data import TokenizedPair
 from prefopt.data.layout import BatchLayout, pair_groups
-from prefopt.losses import preference_loss
-from prefopt.model.logps import sequence_logps, split_pairs
+from prefopt.losses import LossOutput, preference_loss
+from prefopt.model.logps import TokenLogps, sequence_logps, split_pairs
 from prefopt.train.metrics import pair_metrics
 from prefopt.train.reference import CachedReference, ModelReference
 
@@ -25,6 +26,19 @@ def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
         for key, value in OmegaConf.to_container(loss_cfg, resolve=True).items()
         if key not in ("name", "gate")
     }
+
+
+GRAD_PATHS = ("both", "chosen", "rejected")  # PreferenceStep.loss: which policy log-probs carry the gradient
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Log-probs of a batch of B pairs: the policy's 2B sequences (chosen rows, then rejected: split_pairs), with
+    their graph when gradients are on, and the reference's summed (B,) values (None for a reference-free loss)."""
+
+    policy: TokenLogps
+    reference_chosen: Optional[torch.Tensor]
+    reference_rejected: Optional[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -58,8 +72,9 @@ class PreferenceStep:
         self.max_steps = cfg.trainer.max_steps
         self.layout = BatchLayout.from_trainer(cfg.trainer)
 
-    def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0) -> StepResult:
-        """min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
+    def logps(self, pairs: list[TokenizedPair], min_scored_tokens: int = 0) -> PairLogps:
+        """The policy's log-probs of `pairs` (one forward, with its graph when gradients are on) and the reference's.
+        min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
         batch = self.layout.build(pair_groups(pairs), self.pad_token_id).to(self.device)
         policy = sequence_logps(
             self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb
@@ -67,29 +82,49 @@ class PreferenceStep:
         reference_chosen = reference_rejected = None
         if self.reference is not None:
             reference_chosen, reference_rejected = self.reference.logps(pairs, batch, min_scored_tokens)
+        return PairLogps(policy, reference_chosen, reference_rejected)
+
+    def loss(self, logps: PairLogps, step: int, gated: bool = True, grad_through: str = "both") -> LossOutput:
+        """The configured loss on `logps` at training step `step` (scheduled losses read its progress).
+
+        gated=False: the same loss without its gate (the gate changes no value, only the gradient through the
+        rejected log-probs). grad_through: which of the policy's log-probs carry the gradient, "both" (training),
+        or "chosen" / "rejected" with the other side detached: the two terms of the chain rule (term_grads.py)."""
+        if grad_through not in GRAD_PATHS:
+            raise ValueError(f"grad_through={grad_through!r}; use one of {GRAD_PATHS}")
+        policy = logps.policy
         chosen_logps, rejected_logps = split_pairs(policy.summed)
         chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
         chosen_tokens, rejected_tokens = split_pairs(policy.logps)
         chosen_mask, rejected_mask = split_pairs(policy.mask)
-        out = preference_loss(
+        if grad_through == "rejected":
+            chosen_logps, chosen_tokens = chosen_logps.detach(), chosen_tokens.detach()
+        elif grad_through == "chosen":
+            rejected_logps, rejected_tokens = rejected_logps.detach(), rejected_tokens.detach()
+        return preference_loss(
             self.loss_name,
             policy_chosen_logps=chosen_logps,
             policy_rejected_logps=rejected_logps,
-            reference_chosen_logps=reference_chosen,
-            reference_rejected_logps=reference_rejected,
+            reference_chosen_logps=logps.reference_chosen,
+            reference_rejected_logps=logps.reference_rejected,
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
             chosen_token_logps=chosen_tokens,
             chosen_mask=chosen_mask,
             rejected_token_logps=rejected_tokens,
             rejected_mask=rejected_mask,
-            gate=self.gate,
+            gate=self.gate if gated else None,
             progress=min(step / self.max_steps, 1.0),
             **self.hyperparameters,
         )
+
+    def __call__(self, pairs: list[TokenizedPair], step: int, min_scored_tokens: int = 0) -> StepResult:
+        """The loss and metrics of `pairs` at training step `step`; min_scored_tokens: see logps."""
+        logps = self.logps(pairs, min_scored_tokens)
+        out = self.loss(logps, step)
         per_example = {
             "loss": out.losses.detach(),
-            **pair_metrics(policy, out.chosen_rewards, out.rejected_rewards, reference_chosen),
+            **pair_metrics(logps.policy, out.chosen_rewards, out.rejected_rewards, logps.reference_chosen),
         }  # TRL's names
         tokens = sum(
             len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs
