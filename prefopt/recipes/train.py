@@ -35,7 +35,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run = build_run(cfg, run_dir, training_reference_pairs, with_engine=True, record_max_steps=True)
     try:
         state = resume_training(run)  # step 0, or a checkpoint's step with its weights, data position and RNG
-        evaluator = run.open_tracker(resume_step=state.step, resume_rows=state.tracker_rows)
+        evaluator = run.open_tracker(state.step, state.tracker_rows, state.token_baseline)
         if state.step == 0:
             run.tracker.log(0, run.data_metrics())
             state.first_eval, state.first_greedy = evaluator.held_out(0, generate=True)

@@ -239,6 +239,9 @@ class DynamicsConfig:
     generate: bool = MISSING  # also generate greedily for a few probes and log the text
     num_generate: int = MISSING  # probes answered by greedy generation when generate=true
     max_new_tokens: int = MISSING  # generation length for those probes
+    token_views: bool = MISSING  # per-token log-probs of the chosen, rejected and greedy paths, top gainers, heatmaps
+    token_view_probes: int = MISSING  # per-token heatmaps for the first N probes
+    top_gainers: int = MISSING  # tokens whose probability rose most since step 0, per probe step (0 = none)
 
 
 @dataclass
@@ -363,6 +366,8 @@ LOWER_BOUNDS = {
     "dynamics.batch_size": (1, True),
     "dynamics.num_generate": (0, True),
     "dynamics.max_new_tokens": (1, True),
+    "dynamics.token_view_probes": (0, True),
+    "dynamics.top_gainers": (0, True),
     "model.lora.r": (1, True),
     "model.lora.alpha": (1, True),
     "model.lora.dropout": (0.0, True),
