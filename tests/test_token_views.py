@@ -211,7 +211,7 @@ def test_heatmaps_are_written_and_redrawn_from_the_run_dir(packed_run, tmp_path)
     pngs = sorted((packed_run / "token_views").iterdir())
     assert [path.name for path in pngs] == ["probe-0.png", "probe-1.png"]  # dynamics.token_view_probes=2 of 3
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
-    redrawn = plot_token_views(packed_run, 3, tmp_path / "again")
+    redrawn = plot_token_views(packed_run, output_dir=tmp_path / "again")  # every probe
     assert [path.name for path in redrawn] == ["probe-0.png", "probe-1.png", "probe-2.png"]
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in redrawn)
     views = load_token_views(packed_run)

@@ -117,10 +117,10 @@ def token_heatmap_figure(probe: int, panels: dict[str, TokenPanel]) -> Figure:
 
 
 def plot_token_views(
-    run_dir: str | os.PathLike, num_probes: int, output_dir: Optional[str | os.PathLike] = None
+    run_dir: str | os.PathLike, num_probes: Optional[int] = None, output_dir: Optional[str | os.PathLike] = None
 ) -> list[Path]:
-    """The heatmaps of the first `num_probes` probes from run_dir's token_views.jsonl, one PNG each in output_dir
-    (default run_dir/token_views/); returns their paths."""
+    """The heatmaps of the first `num_probes` probes (None: every probe) from run_dir's token_views.jsonl, one PNG
+    each in output_dir (default run_dir/token_views/); returns their paths."""
     views = load_token_views(run_dir)
     directory = Path(output_dir) if output_dir is not None else Path(run_dir) / TOKEN_VIEWS_DIR
     return [

@@ -113,7 +113,7 @@ class BuiltRun:
         the console's closing lines (training's; `prefopt eval`'s parent says where its results are)."""
         if self.probes is not None and self.dist.is_main:
             plot_runs([self.run_dir], self.run_dir / DYNAMICS_PLOT)
-            if self.cfg.dynamics.token_views:
+            if self.cfg.dynamics.token_views and self.cfg.dynamics.token_view_probes:
                 plot_token_views(self.run_dir, self.cfg.dynamics.token_view_probes)
         self.tracker.finish(summary)
         if closing_summary:

@@ -15,7 +15,8 @@ and one derived path:
 
 The squeezing effect shows as: rejected falls (it is pushed down), greedy rises (the freed mass lands on
 the argmax), and chosen and the four others fall too. Everything here is pure: it returns dicts, the
-trainer writes them.
+trainer writes them. The same forward also gives the per-token view of chosen, rejected and greedy and
+where the mass went (dynamics.token_views: token_views.py).
 
 A dataset whose prompts are all the same has no response to another prompt: the probe set then leaves
 out other_train and other_test (with one warning), and "others" averages the kinds that remain.
