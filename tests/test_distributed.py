@@ -146,6 +146,21 @@ def held_out_rows(run_dir: Path, file: str, step: int) -> dict:
     return {key: value for key, value in row.items() if key.startswith(("eval/", "dynamics/"))}
 
 
+def assert_same_token_views(one: Path, two: Path) -> None:
+    """The per-token probe table (dynamics.token_views, gathered padded over ranks) of a 2-rank run equals one
+    rank's: the same rows in the same order, the same values at step 0 and after two steps up to the runs' own
+    rounding (the greedy token may only differ where the runs' rounding breaks a near-tie, so it is compared at 0)."""
+    rows_one, rows_two = read_jsonl(one / "token_views.jsonl"), read_jsonl(two / "token_views.jsonl")
+    place = lambda row: (row["step"], row["probe"], row["kind"], row["position"])  # noqa: E731
+    assert [place(row) for row in rows_two] == [place(row) for row in rows_one] and rows_one
+    for row_one, row_two in zip(rows_one, rows_two):
+        tolerance = dict(rel=1e-5, abs=1e-5) if row_one["step"] == 0 else dict(rel=1e-3, abs=1e-4)
+        assert row_two["logp"] == pytest.approx(row_one["logp"], **tolerance), place(row_one)
+        assert row_two["delta"] == pytest.approx(row_one["delta"], **tolerance), place(row_one)
+        if row_one["step"] == 0 or row_one["kind"] != "greedy":
+            assert row_two["token_id"] == row_one["token_id"], place(row_one)
+
+
 def test_eval_probes_and_greedy_split_over_two_ranks_match_one_rank(tmp_path):
     """Each rank scores a shard of the eval pairs, probes and greedy prompts (prefopt/train/sharding.py). 5 eval pairs
     in batches of 2 and 3 probes one per batch: rank 1 runs a padding batch in every pass. Under ZeRO-3 with
@@ -192,4 +207,5 @@ def test_eval_probes_and_greedy_split_over_two_ranks_match_one_rank(tmp_path):
             final_expected, final_actual = held_out_rows(one, file, 2), held_out_rows(two, file, 2)
             for key, value in final_expected.items():  # two training steps later: the runs' own rounding too
                 assert final_actual[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (zero_stage, file, key)
+        assert_same_token_views(one, two)
     assert "eval/greedy_accuracy" in held_out_rows(one, "metrics.jsonl", 0)

@@ -186,11 +186,12 @@ def check_layers_clean(root: Path, planted: str) -> list[str]:
 
 
 def test_report_and_plot_start_without_torch():
-    """`prefopt report` and `prefopt plot` read files: importing them, and the CLI, must not pull in torch."""
+    """`prefopt report` and `prefopt plot` read files: importing them, the token heatmaps (redrawn from a run dir)
+    and the CLI must not pull in torch."""
     code = textwrap.dedent(
         """
         import sys
-        import prefopt.cli, prefopt.observe.report, prefopt.observe.plots
+        import prefopt.cli, prefopt.observe.report, prefopt.observe.plots, prefopt.observe.token_heatmaps
         heavy = sorted(name for name in ("torch", "transformers", "deepspeed", "datasets") if name in sys.modules)
         print(",".join(heavy))
         """

@@ -90,7 +90,7 @@ def held_out_results(dist: DistInfo) -> dict:
     from prefopt.data import PreferenceData
     from prefopt.data.layout import BatchLayout
     from prefopt.model.loading import build_byte_tokenizer
-    from prefopt.train.dynamics import build_probe_set, evaluate_probes, greedy_generate
+    from prefopt.train.dynamics import build_probe_set, evaluate_probes, greedy_generate, measure_probes
     from prefopt.train.evaluation import evaluate, greedy_accuracy
     from prefopt.train.reference import ModelReference, compute_reference_logps
     from prefopt.train.step import PreferenceStep
@@ -137,6 +137,9 @@ def held_out_results(dist: DistInfo) -> dict:
         "eval": evaluate(step_fn, pairs, BATCH, None, 0, dist),
         "eval_one_pair": evaluate(step_fn, pairs[:1], BATCH, None, 0, dist),  # rank 1's shard is empty: padding only
         "probes": evaluate_probes(policy, probes, CHUNK, "cpu", BATCH, BatchLayout("packed", 64), dist),
+        "probe_tokens": token_views_state(
+            measure_probes(policy, probes, CHUNK, "cpu", BATCH, BatchLayout("packed", 64), dist, token_views=True)
+        ),
         "greedy": greedy_generate(
             policy, tokenizer, [pair.prompt_ids for pair in pairs], 5, "cpu", batch_size=BATCH, dist=dist
         ),
@@ -144,6 +147,12 @@ def held_out_results(dist: DistInfo) -> dict:
         "reference": compute_reference_logps(reference, pairs, cfg, dist, "cpu", tokenizer.pad_token_id).tolist(),
     }
     return results | {name: counter[0] for name, counter in counters.items()}
+
+
+def token_views_state(measure) -> dict:
+    """The per-token probe values (train/token_views.py) as JSON: kind -> per probe lists, and the mass vector."""
+    tokens = measure.tokens
+    return {"logps": tokens.logps, "token_ids": tokens.token_ids, "mass": tokens.mass.tolist()}
 
 
 def rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -191,6 +200,12 @@ def test_two_ranks_match_one_rank_and_run_the_same_forwards(tmp_path):
         assert_close_metrics(result["eval_one_pair"], single["eval_one_pair"])
         assert_close_metrics(result["probes"], single["probes"])
         assert result["greedy"] == single["greedy"] and result["greedy_accuracy"] == single["greedy_accuracy"]
+        tokens, expected = result["probe_tokens"], single["probe_tokens"]  # per-token views, gathered padded
+        assert tokens["token_ids"] == expected["token_ids"]
+        for kind, per_probe in expected["logps"].items():
+            for got, want in zip(tokens["logps"][kind], per_probe):
+                assert got == pytest.approx(want, abs=1e-5), kind
+        torch.testing.assert_close(torch.tensor(tokens["mass"]), torch.tensor(expected["mass"]), rtol=0, atol=1e-5)
         torch.testing.assert_close(
             torch.tensor(result["reference"]), torch.tensor(single["reference"]), rtol=1e-5, atol=1e-5
         )

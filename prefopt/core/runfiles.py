@@ -6,6 +6,7 @@ are listed by checkpoint_dirs, the one way.
       config.yaml            the frozen, resolved config (CONFIG_FILE); each checkpoint holds a copy
       overrides.yaml         the command line's overrides (OVERRIDES_FILE); git_revision beside it
       metrics.jsonl          one line per logged step (METRICS_FILE); dynamics.jsonl, generations.jsonl beside it
+      token_views.jsonl      the probes' per-token log-probs (TOKEN_VIEWS_FILE); top_gainers.jsonl beside it
       summary.json           written once, at the end (SUMMARY_FILE)
       data.json              what the run trained on (DATA_FILE)
       ranks.json             which host runs which rank (RANKS_FILE)
@@ -15,6 +16,7 @@ are listed by checkpoint_dirs, the one way.
       .hydra/hydra.yaml      Hydra's record of the job, with the config-group choices (HYDRA_RECORD)
       wandb/                 the offline W&B run; wandb_run_id names it
       dynamics.png           the learning-dynamics plot (DYNAMICS_PLOT); train.log, the log
+      token_views/probe-0.png  one per-token heatmap per probe (TOKEN_VIEWS_DIR, token_view_plot)
     SWEEP_DIR/
       multirun.yaml          Hydra's record of the sweep (MULTIRUN_FILE); 0/, 1/, ... its jobs' run dirs
       report.md, .csv, .png  `prefopt report`; report_groups.md/.csv and report_bands.png with --group-by
@@ -32,6 +34,8 @@ GIT_REVISION_FILE = "git_revision"  # the prefopt checkout's git revision at lau
 METRICS_FILE = "metrics.jsonl"
 DYNAMICS_FILE = "dynamics.jsonl"
 GENERATIONS_FILE = "generations.jsonl"
+TOKEN_VIEWS_FILE = "token_views.jsonl"  # one line per (probe step, probe, chosen/rejected/greedy, position)
+TOP_GAINERS_FILE = "top_gainers.jsonl"  # per probe step: the tokens whose probability rose most since step 0
 SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "exported"  # `prefopt export RUN_DIR` without -o: the plain HF model dir
 DATA_FILE = "data.json"  # what the run trained on (data/identity.py)
@@ -44,6 +48,7 @@ HYDRA_CONFIG = Path(HYDRA_DIR) / "config.yaml"  # Hydra's copy of the composed t
 HYDRA_RECORD = Path(HYDRA_DIR) / "hydra.yaml"  # Hydra's record of the job: the config-group choices
 HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"  # the job's command-line overrides, as Hydra recorded them
 DYNAMICS_PLOT = "dynamics.png"
+TOKEN_VIEWS_DIR = "token_views"  # the per-token heatmaps, one PNG per probe (token_view_plot)
 TRAIN_LOG = "train.log"  # the log, when Hydra's own file handler is not there to name it
 
 ERROR_FILE = "error.txt"  # rank 0's traceback; other ranks write error-rank<N>.txt
@@ -92,6 +97,11 @@ TOY_RESULTS = "toy_results.json"
 def rank_error_file(rank: int) -> str:
     """The file a failed rank leaves its traceback in."""
     return ERROR_FILE if rank == 0 else ERROR_FILE.replace(".txt", f"-rank{rank}.txt")
+
+
+def token_view_plot(probe: int) -> str:
+    """The heatmap of probe `probe` (0-based, the probe set's order) in TOKEN_VIEWS_DIR."""
+    return f"probe-{probe}.png"
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -44,6 +44,8 @@ class TokenLogps:
     mask: torch.Tensor  # (N, T) 1.0 on response positions
     max_logps: Optional[torch.Tensor] = None  # (N, T) max_v log pi(v | ...): the greedy token's log-prob
     entropy: Optional[torch.Tensor] = None  # (N, T) entropy of the next-token distribution
+    argmax: Optional[torch.Tensor] = None  # (N, T) long: the greedy token argmax_v log pi(v | ...), 0 elsewhere
+    mass: Optional[torch.Tensor] = None  # (mass_sequences, V) float64: row i sums pi(. | ...) over sequence i
     mean_logits: Optional[torch.Tensor] = (
         None  # (N, T) mean over the vocabulary of the (post-processed) logits, no gradient
     )
@@ -110,11 +112,21 @@ def intercepted_head(head: torch.nn.Module):
             head.forward = previous
 
 
-def _chunk_logps(head, postprocess, hidden: torch.Tensor, targets: torch.Tensor, with_stats: bool):
-    """(token log-probs, mean logit per position[, max log-prob, entropy]) of one chunk of positions.
+def _chunk_logps(
+    head,
+    postprocess,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    with_stats: bool,
+    sequences: Optional[torch.Tensor] = None,
+    mass_sequences: int = 0,
+):
+    """(token log-probs, mean logit per position[, max log-prob, entropy, argmax id[, mass]]) of one chunk of positions.
 
     The mean logit (TRL's `logits/*` metrics) is one reduction of the fp32 logits the log-softmax reads
-    anyway; they are dropped before the stats so no more vocab-sized tensors are alive than before."""
+    anyway; they are dropped before the stats so no more vocab-sized tensors are alive than before.
+    With mass_sequences (and `sequences`, the sequence index of each position), the last output is
+    (mass_sequences, V): row i sums the next-token probabilities over sequence i's positions in the chunk."""
     # the head module is called (not its weight read) so ZeRO-3 hooks gather the partitioned weight
     logits = head(hidden)
     if postprocess is not None:
@@ -126,9 +138,15 @@ def _chunk_logps(head, postprocess, hidden: torch.Tensor, targets: torch.Tensor,
     token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_stats:
         return token_logps, mean_logits
-    max_logps = log_probs.max(dim=-1).values
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return token_logps, mean_logits, max_logps, entropy
+    max_logps, argmax = log_probs.max(dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    if not mass_sequences:
+        return token_logps, mean_logits, max_logps, entropy, argmax
+    # positions of later sequences add into one spare row, dropped: the chunk's probabilities are not copied
+    rows = sequences.clamp(max=mass_sequences)
+    mass = probs.new_zeros(mass_sequences + 1, probs.shape[-1]).index_add_(0, rows, probs)
+    return token_logps, mean_logits, max_logps, entropy, argmax, mass[:mass_sequences]
 
 
 def kept_logps_bytes(scored_tokens: int, vocab_size: int, postprocessed: bool) -> int:
@@ -145,9 +163,11 @@ def sequence_logps(
     min_scored_tokens: int = 0,
     keep_logps_mb: float = 0.0,
     with_hidden_sums: bool = False,
+    mass_sequences: int = 0,
 ) -> TokenLogps:
     """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
     result is sequence i, column k its k-th response token; identical numbers for padded and packed.
+    with_stats adds each position's max log-prob, its argmax token and the entropy.
 
     min_scored_tokens: call the head as if at least this many tokens were scored (empty chunks past the
     end). Ranks scoring different batches in step (sharding.py) pass the same value, so they call the
@@ -155,7 +175,12 @@ def sequence_logps(
     below reads the same count, so it is the same on every rank too.
     keep_logps_mb: with gradients on, keep the chunks' log-probs for backward when they fit in this many MB
     (the head runs once); otherwise recompute each chunk's head in backward (0 = always recompute).
-    with_hidden_sums: also return each sequence's summed head-input hidden states (TokenLogps.hidden_sums)."""
+    with_hidden_sums: also return each sequence's summed head-input hidden states (TokenLogps.hidden_sums).
+    mass_sequences (with_stats): TokenLogps.mass sums the whole next-token distribution over the positions of
+    each of sequences 0 .. mass_sequences-1, out of the log-softmax each chunk computes anyway (where the
+    probability mass sits, for the probes' top gainers: train/token_views.py)."""
+    if mass_sequences and not with_stats:
+        raise ValueError("sequence_logps: mass_sequences needs with_stats=True")
     head = output_head(model)
     postprocess = logit_postprocessor(model.config)
     vocab_size = getattr(head, "out_features", None) or _text_config(model.config).vocab_size
@@ -196,27 +221,33 @@ def sequence_logps(
                 scored_hidden[start : start + chunk_size],
                 batch.targets[start : start + chunk_size],
                 with_stats,
+                batch.sequence_index[start : start + chunk_size],
+                mass_sequences,
             )
             if recompute_head:
                 outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 outputs.append(_chunk_logps(*args))
+    mass = None
+    if mass_sequences:  # summed over the chunks in fp64: a token's mass adds up over hundreds of positions
+        mass = sum(output[-1].double() for output in outputs)
+        outputs = [output[:-1] for output in outputs]
     # back to (sequences, response tokens) with zeros past each response's end (index_put keeps the gradient path)
     shape = (batch.num_sequences, batch.max_response_length)
     where = (batch.sequence_index, batch.token_index)
     per_token = [
-        torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(where, torch.cat(parts))
-        for parts in zip(*outputs)
+        torch.zeros(shape, dtype=values.dtype, device=batch.targets.device).index_put(where, values)
+        for values in (torch.cat(parts) for parts in zip(*outputs))
     ]
     mask = torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(
         where, torch.ones_like(batch.targets, dtype=torch.float32)
     )
-    stats = dict(zip(("max_logps", "entropy"), per_token[2:]))
+    stats = dict(zip(("max_logps", "entropy", "argmax"), per_token[2:]))
     if with_hidden_sums:
         hidden = scored_hidden.detach().to(torch.float64)
         sums = hidden.new_zeros((batch.num_sequences, hidden.shape[-1]))
         stats["hidden_sums"] = sums.index_add(0, batch.sequence_index, hidden)
-    return TokenLogps(per_token[0], mask, mean_logits=per_token[1], **stats)
+    return TokenLogps(per_token[0], mask, mean_logits=per_token[1], mass=mass, **stats)
 
 
 def model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:

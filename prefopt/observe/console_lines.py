@@ -12,6 +12,8 @@ from prefopt.core.runfiles import (
     DYNAMICS_PLOT,
     LATEST_FILE,
     MULTIRUN_FILE,
+    TOKEN_VIEWS_DIR,
+    TOKEN_VIEWS_FILE,
     WANDB_DIR,
     WANDB_ID_FILE,
 )
@@ -144,6 +146,9 @@ def summary_lines(summary: Mapping[str, Any], run_dir: Path, wandb_mode: str) ->
     plot = run_dir / DYNAMICS_PLOT
     if plot.is_file():
         lines.append(f"  plot         {plot}")
+    heatmaps = sorted((run_dir / TOKEN_VIEWS_DIR).glob("*.png"))
+    if heatmaps:
+        lines.append(f"  token views  {run_dir / TOKEN_VIEWS_DIR} ({len(heatmaps)} probe heatmaps; {TOKEN_VIEWS_FILE})")
     checkpoint = latest_checkpoint(run_dir)
     lines.append(
         "  checkpoint   "

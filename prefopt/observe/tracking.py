@@ -14,7 +14,8 @@ Everything written is strict JSON: a non-finite value is written as null and its
 Generations (greedy answers at evals, probe generations) go to generations.jsonl, one line per row with
 its step and table; W&B gets one table per kind (`eval/generations`, `dynamics/generations`) with a step
 column, re-logged whole under that one key at each eval (rebuilt from the file on resume), so the latest
-version holds every step's rows.
+version holds every step's rows. The probes' top gainers are such a table too, in their own file
+(top_gainers.jsonl); the probes' per-token rows (token_views.jsonl) go to their file only: too many for W&B.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from prefopt.core.runfiles import (
     METRICS_FILE,
     OVERRIDES_FILE,
     SUMMARY_FILE,
+    TOKEN_VIEWS_FILE,
+    TOP_GAINERS_FILE,
     WANDB_DIR,
     WANDB_ID_FILE,
 )
@@ -46,6 +49,9 @@ from prefopt.core.runfiles import (
 log = logging.getLogger("prefopt")
 
 TABLE_KEY = "table"  # the generations.jsonl field naming a row's table (its W&B key)
+ROW_FILES = (METRICS_FILE, DYNAMICS_FILE, GENERATIONS_FILE, TOKEN_VIEWS_FILE, TOP_GAINERS_FILE)  # cut back on resume
+TABLE_FILES = (GENERATIONS_FILE, TOP_GAINERS_FILE)  # rows of W&B tables (log_table), rebuilt on resume
+FILE_ONLY = (TOKEN_VIEWS_FILE,)  # rows never sent to W&B (append_rows), so never replayed there
 WANDB_BLOCK = 32 * 1024  # block size of W&B's record log
 
 
@@ -161,16 +167,12 @@ class Tracker:
         self.run_dir = run_dir
         self.enabled = enabled
         self.wandb_run = None
-        self.rows = {
-            METRICS_FILE: 0,
-            DYNAMICS_FILE: 0,
-            GENERATIONS_FILE: 0,
-        }  # lines in each file, for the checkpoint (see resume_rows)
-        self.tables: dict[str, list[dict[str, Any]]] = {}  # W&B table key -> its rows so far (generations.jsonl lines)
+        self.rows = dict.fromkeys(ROW_FILES, 0)  # lines in each file, for the checkpoint (see resume_rows)
+        self.tables: dict[str, list[dict[str, Any]]] = {}  # W&B table key -> its rows so far (TABLE_FILES lines)
         if not enabled:
             return
         kept_rows = {}
-        for path in (run_dir / METRICS_FILE, run_dir / DYNAMICS_FILE, run_dir / GENERATIONS_FILE):
+        for path in (run_dir / name for name in ROW_FILES):
             if resume_step:
                 rows = read_jsonl(path)
                 if resume_rows is not None and path.name in resume_rows:
@@ -181,8 +183,10 @@ class Tracker:
             elif path.exists():
                 path.unlink()  # a fresh run (launch.py refuses a dir that holds one it did not checkpoint)
         self.rows |= {name: len(rows) for name, rows in kept_rows.items()}
-        for row in kept_rows.pop(GENERATIONS_FILE, []):
+        for row in (row for name in TABLE_FILES for row in kept_rows.pop(name, [])):
             self.tables.setdefault(row[TABLE_KEY], []).append(row)
+        for name in FILE_ONLY:
+            kept_rows.pop(name, None)
         self.wandb_run = self._start_wandb(cfg, resume=bool(resume_step))
         if self.wandb_run is not None and resume_step:
             self._replay_missing(kept_rows)
@@ -241,15 +245,23 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_row(row))
 
-    def log_table(self, key: str, step: int, columns: list[str], rows: list[list[Any]]) -> None:
-        """Add `rows` (values in `columns` order) at `step` to table `key`: lines in generations.jsonl, and
-        the whole table so far (a step column first) re-logged to W&B under `key`."""
+    def append_rows(self, file: str, rows: list[Mapping[str, Any]]) -> None:
+        """Rows (each with its step) as JSON lines in run_dir/file, and nowhere else (token_views.jsonl)."""
+        if not self.enabled:
+            return
+        with append_no_follow(self.run_dir / file) as handle:
+            handle.writelines(json.dumps(strict_json_row(row), allow_nan=False) + "\n" for row in rows)
+        self.rows[file] = self.rows.get(file, 0) + len(rows)
+
+    def log_table(
+        self, key: str, step: int, columns: list[str], rows: list[list[Any]], file: str = GENERATIONS_FILE
+    ) -> None:
+        """Add `rows` (values in `columns` order) at `step` to table `key`: lines in `file` (one of TABLE_FILES),
+        and the whole table so far (a step column first) re-logged to W&B under `key`."""
         if not self.enabled:
             return
         new_rows = [{TABLE_KEY: key, "step": step, **dict(zip(columns, values))} for values in rows]
-        with append_no_follow(self.run_dir / GENERATIONS_FILE) as handle:
-            handle.writelines(json.dumps(strict_json_row(row), allow_nan=False) + "\n" for row in new_rows)
-        self.rows[GENERATIONS_FILE] += len(new_rows)
+        self.append_rows(file, new_rows)
         table = self.tables.setdefault(key, [])
         table.extend(new_rows)
         if self.wandb_run is not None:

@@ -38,7 +38,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run = build_run(cfg, run_dir, training_reference_pairs, with_engine=True, record_max_steps=True)
     try:
         state = resume_training(run)  # step 0, or a checkpoint's step with its weights, data position and RNG
-        evaluator = run.open_tracker(resume_step=state.step, resume_rows=state.tracker_rows)
+        evaluator = run.open_tracker(state.step, state.tracker_rows, state.token_baseline)
         if state.step:  # the alarm's window goes on from the rows up to the checkpoint (cut back to them just now)
             state.displacement.replay(read_jsonl(run.run_dir / METRICS_FILE), up_to_step=state.step)
         if state.step == 0:

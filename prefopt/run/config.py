@@ -257,6 +257,9 @@ class DynamicsConfig:
     # at each probe step, the gradient norms of the loss's chosen and rejected terms, their cosine, the gate's share
     term_grads: bool = MISSING
     term_grads_pairs: int = MISSING  # training pairs (drawn once, seeded by trainer.seed) the term gradients use
+    token_views: bool = MISSING  # per-token log-probs of the chosen, rejected and greedy paths, top gainers, heatmaps
+    token_view_probes: int = MISSING  # per-token heatmaps for the first N probes
+    top_gainers: int = MISSING  # tokens whose probability rose most since step 0, per probe step (0 = none)
 
 
 @dataclass
@@ -399,6 +402,8 @@ LOWER_BOUNDS = {
     "dynamics.num_generate": (0, True),
     "dynamics.max_new_tokens": (1, True),
     "dynamics.term_grads_pairs": (1, True),
+    "dynamics.token_view_probes": (0, True),
+    "dynamics.top_gainers": (0, True),
     "model.lora.r": (1, True),
     "model.lora.alpha": (1, True),
     "model.lora.dropout": (0.0, True),

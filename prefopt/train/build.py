@@ -29,6 +29,7 @@ from prefopt.model.logps import check_logits_path, check_packed_path
 from prefopt.model.precision import set_compute_dtype
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
+from prefopt.observe.token_heatmaps import plot_token_views
 from prefopt.observe.tracking import Tracker
 from prefopt.train.dynamics import ProbeSet, build_probe_set
 from prefopt.train.engine import build_engine
@@ -38,6 +39,7 @@ from prefopt.train.reference import CachedReference, ModelReference, base_finger
 from prefopt.train.schedules import settle_max_steps
 from prefopt.train.step import PreferenceStep
 from prefopt.train.term_grads import TermGradients, term_gradient_pairs
+from prefopt.train.token_views import ProbeTokens
 
 log = logging.getLogger("prefopt")
 
@@ -84,9 +86,15 @@ class BuiltRun:
     tracker: Optional[Tracker] = None  # open_tracker
     evaluator: Optional[RunEvaluator] = None  # open_tracker
 
-    def open_tracker(self, resume_step: int = 0, resume_rows: Optional[Mapping[str, int]] = None) -> RunEvaluator:
+    def open_tracker(
+        self,
+        resume_step: int = 0,
+        resume_rows: Optional[Mapping[str, int]] = None,
+        token_baseline: Optional[ProbeTokens] = None,
+    ) -> RunEvaluator:
         """The tracker (metrics files, W&B) and the evaluator that logs to it; a resumed run's tracker cuts its files
-        back to the checkpoint (resume_step, resume_rows: see Tracker)."""
+        back to the checkpoint (resume_step, resume_rows: see Tracker) and its evaluator measures token views from
+        the checkpoint's step-0 values (token_baseline)."""
         self.tracker = Tracker(
             self.cfg, self.run_dir, resume_step=resume_step, enabled=self.dist.is_main, resume_rows=resume_rows
         )
@@ -101,6 +109,7 @@ class BuiltRun:
             self.dist,
             self.tracker,
             self.console,
+            token_baseline,
         )
         return self.evaluator
 
@@ -113,6 +122,8 @@ class BuiltRun:
         the console's closing lines (training's; `prefopt eval`'s parent says where its results are)."""
         if self.probes is not None and self.dist.is_main:
             plot_runs([self.run_dir], self.run_dir / DYNAMICS_PLOT)
+            if self.cfg.dynamics.token_views and self.cfg.dynamics.token_view_probes:
+                plot_token_views(self.run_dir, self.cfg.dynamics.token_view_probes)
         self.tracker.finish(summary)
         if closing_summary:
             self.console.finish(summary)

@@ -65,6 +65,9 @@ RESUME_KEYS = (
     "trainer.log_every",
     "trainer.eval_every",
     "dynamics.every_n_steps",
+    "dynamics.token_views",  # per-token logging of the probes: what is written, not what is measured or trained
+    "dynamics.token_view_probes",
+    "dynamics.top_gainers",
     "logger",
     "sweep",
     "hardware.num_threads",

@@ -15,7 +15,8 @@ and one derived path:
 
 The squeezing effect shows as: rejected falls (it is pushed down), greedy rises (the freed mass lands on
 the argmax), and chosen and the four others fall too. Everything here is pure: it returns dicts, the
-trainer writes them.
+trainer writes them. The same forward also gives the per-token view of chosen, rejected and greedy and
+where the mass went (dynamics.token_views: token_views.py).
 
 A dataset whose prompts are all the same has no response to another prompt: the probe set then leaves
 out other_train and other_test (with one warning), and "others" averages the kinds that remain.
@@ -36,6 +37,7 @@ from prefopt.data.layout import PADDED, BatchLayout
 from prefopt.data.tokenize import end_of_turn_ids
 from prefopt.model.logps import TokenLogps, sequence_logps
 from prefopt.train.sharding import sharded_objects, sharded_pass
+from prefopt.train.token_views import ProbeTokens, TokenColumns
 
 RESPONSE_TYPES = ("chosen", "rejected", "other_train", "other_test", "permuted", "random")
 OTHER_TYPES = ("other_train", "other_test", "permuted", "random")
@@ -158,6 +160,15 @@ def sequence_stats(
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
+@dataclass
+class ProbeMeasure:
+    """One probe evaluation: the per-sequence stats (response type -> stat -> (probes,)) and, with token views,
+    the per-token values (token_views.py)."""
+
+    stats: dict[str, dict[str, torch.Tensor]]
+    tokens: Optional[ProbeTokens] = None
+
+
 def probe_stats(
     model,
     probe_set: ProbeSet,
@@ -166,12 +177,16 @@ def probe_stats(
     batch_size: int,
     layout: BatchLayout,
     dist: Optional[DistInfo] = None,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """token_sums of every response type of every probe: response type -> stat -> (probes,). Each probe's
-    prompt and all its responses form one group, so the packed layout computes the prompt once. With
-    several ranks each scores a shard of the probes and every rank gets all of them (sharding.py)."""
+    token_views: bool = False,
+) -> ProbeMeasure:
+    """token_sums of every response type of every probe, and with token_views the per-token values of the chosen,
+    rejected and greedy paths out of the same forward. Each probe's prompt and all its responses form one group,
+    so the packed layout computes the prompt once. With several ranks each scores a shard of the probes and
+    every rank gets all of them (sharding.py: the per-token values travel padded in the same gathered rows)."""
     names = list(probe_set.responses)
     keys: list[str] = []
+    columns = TokenColumns(probe_set.responses["chosen"], probe_set.responses["rejected"]) if token_views else None
+    rejected_kind = names.index("rejected")  # chosen is the first type: its sequences are 0 .. count-1
 
     def score(probes: list[int], peer_scored_tokens: int) -> torch.Tensor:
         count = len(probes)
@@ -183,25 +198,55 @@ def probe_stats(
             for offset, probe in enumerate(probes)
         ]
         batch = layout.build(groups, PAD_ID).to(device)
-        sums = token_sums(
-            sequence_logps(model, batch, chunk_size, with_stats=True, min_scored_tokens=peer_scored_tokens),
+        token = sequence_logps(
+            model,
+            batch,
+            chunk_size,
             with_stats=True,
+            min_scored_tokens=peer_scored_tokens,
+            mass_sequences=count if columns is not None else 0,
         )
+        sums = token_sums(token, with_stats=True)
         keys[:] = list(sums)
         # columns: response type major, stat minor; rows: probes
-        return torch.stack(
+        block = torch.stack(
             [sums[key][kind * count : (kind + 1) * count] for kind in range(len(names)) for key in keys], dim=1
         )
+        if columns is None:
+            return block
+        rejected_rows = slice(rejected_kind * count, (rejected_kind + 1) * count)
+        return torch.cat([block.double(), columns.pack(token, slice(0, count), rejected_rows)], dim=1)
 
     def probe_tokens(probe: int) -> int:
         return sum(len(probe_set.responses[name][probe]) for name in names)
 
     values = sharded_pass(len(probe_set), batch_size, dist or DistInfo(), score, probe_tokens)
-    columns = iter(values.to(torch.float32).unbind(dim=1))
-    return {name: {key: next(columns) for key in keys} for name in names}
+    width = len(names) * len(keys)
+    stat_columns = iter(values[:, :width].to(torch.float32).unbind(dim=1))
+    stats = {name: {key: next(stat_columns) for key in keys} for name in names}
+    return ProbeMeasure(stats, columns.unpack(values[:, width:]) if columns is not None else None)
 
 
 @torch.no_grad()
+def measure_probes(
+    model,
+    probe_set: ProbeSet,
+    chunk_size: int,
+    device,
+    batch_size: int,
+    layout: BatchLayout = BatchLayout(),
+    dist: Optional[DistInfo] = None,
+    token_views: bool = False,
+) -> ProbeMeasure:
+    """probe_stats in eval mode (the model's training mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return probe_stats(model, probe_set, chunk_size, device, batch_size, layout, dist, token_views)
+    finally:
+        model.train(was_training)
+
+
 def evaluate_probes(
     model,
     probe_set: ProbeSet,
@@ -211,16 +256,16 @@ def evaluate_probes(
     layout: BatchLayout = BatchLayout(),
     dist: Optional[DistInfo] = None,
 ) -> dict[str, float]:
+    """probe_metrics of a probe evaluation (without token views)."""
+    measure = measure_probes(model, probe_set, chunk_size, device, batch_size, layout, dist)
+    return probe_metrics(measure.stats, probe_set)
+
+
+def probe_metrics(all_stats: dict[str, dict[str, torch.Tensor]], probe_set: ProbeSet) -> dict[str, float]:
     """Mean over probes of each response type's summed (`logp`) and per-token mean (`logp_mean`) log-prob,
     the greedy path's, the mean of the four others', and mass metrics on the chosen positions (each a
     mean over probes of the per-token mean). Keys: dynamics/<type>/logp[_mean], dynamics/mass/<metric>.
-    With several ranks (dist) each scores a shard of the probes; every rank returns the same metrics."""
-    was_training = model.training
-    model.eval()
-    try:
-        all_stats = probe_stats(model, probe_set, chunk_size, device, batch_size, layout, dist)
-    finally:
-        model.train(was_training)
+    Every rank has every probe's stats (probe_stats), so every rank returns the same metrics."""
     metrics: dict[str, float] = {}
     for name, stats in all_stats.items():
         lengths = stats["length"].clamp(min=1)

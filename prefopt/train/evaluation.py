@@ -12,14 +12,29 @@ import torch
 from omegaconf import DictConfig
 
 from prefopt.core.distributed import DistInfo
-from prefopt.core.runfiles import DYNAMICS_FILE
+from prefopt.core.runfiles import DYNAMICS_FILE, TOKEN_VIEWS_FILE, TOP_GAINERS_FILE
 from prefopt.data import TokenizedPair, answer_is_correct
 from prefopt.data.layout import BatchLayout
 from prefopt.losses.gate import gate_distribution
-from prefopt.train.dynamics import ProbeSet, dynamics_deltas, evaluate_probes, generate_probes, greedy_generate
+from prefopt.train.dynamics import (
+    ProbeSet,
+    dynamics_deltas,
+    generate_probes,
+    greedy_generate,
+    measure_probes,
+    probe_metrics,
+)
 from prefopt.train.metrics import finish_token_means
 from prefopt.train.sharding import pair_scored_tokens, sharded_pass
 from prefopt.train.term_grads import TermGradients
+from prefopt.train.token_views import (
+    GAINER_COLUMNS,
+    TOP_GAINERS_TABLE,
+    ProbeTokens,
+    token_decoder,
+    token_rows,
+    top_gainers,
+)
 
 GATE_COLUMN = "gate"  # the per-example gate travels as one more column of the gathered rows
 
@@ -84,7 +99,9 @@ def greedy_accuracy(
 class RunEvaluator:
     """A run's evaluations at a step, logged to its tracker and console; training and `prefopt eval` both use
     it, so an eval of a checkpoint is the eval its run logged. step_fn: step.PreferenceStep (its policy
-    is the one evaluated); tracker: tracking.Tracker; console: console.Console."""
+    is the one evaluated); tracker: tracking.Tracker; console: console.Console. token_baseline: the per-token
+    values of the run's first probe evaluation (step 0), that later token views are measured from; None until
+    then (a resumed run passes its checkpoint's)."""
 
     def __init__(
         self,
@@ -98,10 +115,13 @@ class RunEvaluator:
         dist: DistInfo,
         tracker,
         console,
+        token_baseline: Optional[ProbeTokens] = None,
     ):
         self.cfg, self.step_fn, self.tokenizer, self.data, self.probes = cfg, step_fn, tokenizer, data, probes
         self.term_grads = term_grads
         self.device, self.dist, self.tracker, self.console = device, dist, tracker, console
+        self.token_baseline = token_baseline
+        self.decode = token_decoder(tokenizer)
 
     def held_out(self, step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
         """The loss's metrics on the eval pairs at `step` and, when `generate`, greedy-answer accuracy:
@@ -133,12 +153,13 @@ class RunEvaluator:
 
     def probe_set(self, step: int) -> dict[str, float]:
         """The probe set's log-probs at `step` (dynamics.jsonl) with the per-term gradient norms when
-        dynamics.term_grads (term_grads.py), and a few probe generations when dynamics.generate."""
+        dynamics.term_grads (term_grads.py), its token views (dynamics.token_views), and a few probe generations when
+        dynamics.generate."""
         if self.probes is None:
             return {}
         trainer_cfg, dynamics_cfg, policy = self.cfg.trainer, self.cfg.dynamics, self.step_fn.policy
         with self.console.phase(f"probes @ step {step}"):
-            metrics = evaluate_probes(
+            measure = measure_probes(
                 policy,
                 self.probes,
                 trainer_cfg.logp_chunk_size,
@@ -146,11 +167,15 @@ class RunEvaluator:
                 dynamics_cfg.batch_size,
                 BatchLayout.from_trainer(trainer_cfg),
                 self.dist,
+                token_views=dynamics_cfg.token_views,
             )
+        metrics = probe_metrics(measure.stats, self.probes)
         if self.term_grads is not None:  # the same row: one line of dynamics.jsonl per probe step
             with self.console.phase(f"term gradients @ step {step}"):
                 metrics |= self.term_grads(step)
         self.tracker.log(step, metrics, file=DYNAMICS_FILE)
+        if measure.tokens is not None:
+            self.token_views(step, measure.tokens)
         if dynamics_cfg.generate and dynamics_cfg.num_generate:
             with self.console.phase(f"probe generations @ step {step}"):
                 rows = generate_probes(
@@ -164,6 +189,19 @@ class RunEvaluator:
                 )
             self.tracker.log_table("dynamics/generations", step, ["prompt", "generation"], rows)
         return metrics
+
+    def token_views(self, step: int, tokens: ProbeTokens) -> None:
+        """The per-token rows at `step` (token_views.jsonl) and, after the baseline, the top gainers
+        (top_gainers.jsonl and a W&B table). The first evaluation without a baseline becomes it."""
+        if self.token_baseline is None:
+            self.token_baseline = tokens
+        if not self.dist.is_main:  # every rank holds the same baseline; only rank 0 writes (and checkpoints it)
+            return
+        self.tracker.append_rows(TOKEN_VIEWS_FILE, token_rows(step, tokens, self.token_baseline, self.decode))
+        count = self.cfg.dynamics.top_gainers
+        if count and tokens is not self.token_baseline:  # at the baseline itself nothing has gained
+            rows = top_gainers(tokens, self.token_baseline, count, self.decode)
+            self.tracker.log_table(TOP_GAINERS_TABLE, step, GAINER_COLUMNS, rows, file=TOP_GAINERS_FILE)
 
 
 def eval_changes(

@@ -18,6 +18,7 @@ from prefopt.observe.displacement import DisplacementAlarm
 from prefopt.train.build import BuiltRun
 from prefopt.train.checkpoint import find_checkpoint, load_trainer_state, restore_retired, save_checkpoint
 from prefopt.train.rng import restore_rng_states, rng_states
+from prefopt.train.token_views import ProbeTokens
 
 log = logging.getLogger("prefopt")
 
@@ -31,6 +32,9 @@ class TrainState:
     first_eval: dict[str, float] = field(default_factory=dict)  # the eval at step 0 (the base model)
     first_greedy: Optional[float] = None
     first_dynamics: dict[str, float] = field(default_factory=dict)
+    # a resumed checkpoint's step-0 per-token probe values (dynamics.token_views), handed to the evaluator, which
+    # holds the run's baseline from then on (and sets it at step 0 of a fresh run)
+    token_baseline: Optional[ProbeTokens] = None
     completed: dict[str, Any] = field(default_factory=dict)  # the data position and RNG after the last whole step
     resumed_from: Optional[Path] = None  # the checkpoint resumed from: never rotated away
     tracker_rows: Optional[dict[str, int]] = None  # its tracker's rows (the files are cut back to them)
@@ -40,14 +44,18 @@ class TrainState:
         self.step = step
         self.completed = {"sampler": self.sampler.state(), "rng": rng_states()}
 
-    def checkpoint_contents(self, step: int, tracker_rows: dict[str, int]) -> dict[str, Any]:
-        """trainer_state.pt of a checkpoint of `step` (everything resume_training reads back)."""
+    def checkpoint_contents(
+        self, step: int, tracker_rows: dict[str, int], token_baseline: Optional[ProbeTokens]
+    ) -> dict[str, Any]:
+        """trainer_state.pt of a checkpoint of `step` (everything resume_training reads back); tracker_rows and
+        token_baseline are the tracker's and the evaluator's."""
         return {
             "step": step,
             **self.completed,
             "first_eval": self.first_eval,
             "first_greedy_accuracy": self.first_greedy,
             "first_dynamics": self.first_dynamics,
+            "token_baseline": token_baseline.state() if token_baseline is not None else None,
             "tracker_rows": tracker_rows,
             "data": self.data_record,
         }
@@ -80,6 +88,13 @@ def resume_training(run: BuiltRun) -> TrainState:
         state.step, state.resumed_from, state.tracker_rows = saved["step"], checkpoint, saved.get("tracker_rows")
         state.first_eval, state.first_greedy = saved["first_eval"], saved["first_greedy_accuracy"]
         state.first_dynamics = saved["first_dynamics"]
+        if saved.get("token_baseline") is not None:
+            state.token_baseline = ProbeTokens.from_state(saved["token_baseline"])
+        elif run.probes is not None and cfg.dynamics.token_views:
+            log.warning(
+                "the checkpoint holds no step-0 token views (saved with dynamics.token_views=false or before them): "
+                "the token views' deltas and gains start from the first probe evaluation after this resume"
+            )
         state.sampler = training_sampler(run.data.train, trainer_cfg, dist.world_size, saved["sampler"])
         restore_rng_states(saved["rng"])
         log.info("resumed from %s at step %d", checkpoint, state.step)
@@ -110,7 +125,7 @@ def save_training(run: BuiltRun, state: TrainState, step: int) -> None:
         step,
         run.engine,
         run.tokenizer,
-        state.checkpoint_contents(step, dict(run.tracker.rows)),
+        state.checkpoint_contents(step, dict(run.tracker.rows), run.evaluator.token_baseline),
         run.dist,
         run.cfg,
         keep=run.cfg.trainer.save_total_limit,
