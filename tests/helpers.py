@@ -120,3 +120,23 @@ def wandb_history_all_segments(run_dir: Path) -> list[dict]:
                     {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
                 )
     return rows
+
+
+def tiny_byte_llama(tokenizer, seed: int = 0, tie_word_embeddings: bool = True):
+    """The tiny random Llama the unit tests score with: 2 layers of width 32 over the tokenizer's vocabulary,
+    its weights drawn after torch.manual_seed(seed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

@@ -16,7 +16,7 @@ from prefopt.train.dynamics import (
     generate_probes,
     sequence_stats,
 )
-from tests.helpers import preset
+from tests.helpers import preset, tiny_byte_llama
 
 
 def make_pair(tokenizer, index: int, a: int, b: int) -> TokenizedPair:
@@ -38,20 +38,7 @@ def tokenizer(byte_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_byte_llama(tokenizer).eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from prefopt.train.engine import trainable_parameters
 from prefopt.train.reference import ModelReference
 from prefopt.train.step import PreferenceStep
 from prefopt.train.term_grads import TermGradients, term_gradient_pairs
-from tests.helpers import run_train, trainer_node
+from tests.helpers import run_train, tiny_byte_llama, trainer_node
 from tests.test_config import compose_config
 from tests.test_train import TINY
 
@@ -46,20 +46,7 @@ def pairs(byte_tokenizer):
 
 
 def tiny_llama(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return tiny_byte_llama(tokenizer, seed)
 
 
 def policy_and_reference(tokenizer):

@@ -17,7 +17,7 @@ from prefopt.observe.token_heatmaps import load_token_views, plot_token_views
 from prefopt.observe.tracking import read_jsonl
 from prefopt.train.dynamics import build_probe_set, measure_probes
 from prefopt.train.token_views import GAINER_COLUMNS, KINDS, token_decoder, token_rows, top_gainers
-from tests.helpers import run_train
+from tests.helpers import run_train, tiny_byte_llama
 from tests.test_dynamics import make_pair
 from tests.test_metrics import latest_table
 from tests.test_train import TINY
@@ -33,19 +33,7 @@ def tokenizer(byte_tokenizer):
 
 
 def tiny_model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_byte_llama(tokenizer, seed, tie_word_embeddings=False).eval()
 
 
 @pytest.fixture(scope="module")

@@ -139,15 +139,7 @@ def eval_run(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return sweep.run_job(cfg, hydra_cfg, command="eval")
-    run_dir = None
-    try:
-        run_dir = prepare_eval(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("eval run dir: %s", run_dir)
-        summary = dispatch(cfg, run_dir, command="eval")
-    except KeyboardInterrupt as stop:
-        raise stopped_exit(stop, None, []) from None
-    except Exception as error:
-        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
+    run_dir, summary = run_here(cfg, hydra_cfg, "eval", prepare_eval)
     print(
         f"{eval_headline(summary.get('steps', 0), summary)}\nwrote {run_dir} (metrics.jsonl, dynamics.jsonl, "
         f"summary.json); `prefopt plot {run_dir}` draws its probes"
@@ -161,17 +153,23 @@ def inspect_run(cfg: DictConfig) -> None:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep.run_job(cfg, hydra_cfg, command="inspect")
         return
-    run_dir = None
-    try:
-        run_dir = prepare_inspect(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        log.info("inspect run dir: %s", run_dir)
-        dispatch(cfg, run_dir, command="inspect")
-    except KeyboardInterrupt as stop:
-        raise stopped_exit(stop, None, []) from None
-    except Exception as error:
-        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None
+    run_dir, _ = run_here(cfg, hydra_cfg, "inspect", prepare_inspect)
     print(
         f"{(run_dir / INSPECTION_SUMMARY).read_text().rstrip()}\nwrote {run_dir} (inspection.parquet, inspection.csv, "
         "inspection_histograms.png, inspection_scatter.png); filter by a column with dataset.filter.column=ches_norm "
         "dataset.filter.quantile=0.9"
     )
+
+
+def run_here(cfg: DictConfig, hydra_cfg, command: str, prepare) -> tuple[Path, dict[str, Any]]:
+    """One job of a command that runs where it is started (eval, inspect): prepare(cfg, hydra dir, overrides) freezes
+    its run dir, then the worker runs it; a stop or failure is said in one line. Returns (run dir, summary)."""
+    run_dir = None
+    try:
+        run_dir = prepare(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        log.info("%s run dir: %s", command, run_dir)
+        return run_dir, dispatch(cfg, run_dir, command=command)
+    except KeyboardInterrupt as stop:
+        raise stopped_exit(stop, None, []) from None
+    except Exception as error:
+        raise failure_exit(error, run_dir or hydra_cfg.runtime.output_dir) from None

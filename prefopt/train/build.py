@@ -65,17 +65,24 @@ def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.
 
 
 @dataclass
-class BuiltRun:
-    """The built parts of a worker job. policy is what the step runs (under training, the engine's model)."""
+class JobStart:
+    """The first parts of every worker job (training, `prefopt eval`, `prefopt inspect`), built in this order."""
 
-    cfg: DictConfig
-    run_dir: Path
     dist: DistInfo
     device: torch.device
     console: Console
     source: ModelSource
     tokenizer: Any
     data: PreferenceData
+
+
+@dataclass
+class BuiltRun(JobStart):
+    """The built parts of a training or eval job: its start, then the rest. policy is what the step runs (under
+    training, the engine's model)."""
+
+    cfg: DictConfig
+    run_dir: Path
     policy: Any
     reference: Optional[ModelReference | CachedReference]
     step_fn: PreferenceStep
@@ -133,18 +140,6 @@ class BuiltRun:
         self.console.close()
         if self.tracker is not None:
             self.tracker.close()
-
-
-@dataclass
-class JobStart:
-    """The first parts of every worker job (training, `prefopt eval`, `prefopt inspect`), built in this order."""
-
-    dist: DistInfo
-    device: torch.device
-    console: Console
-    source: ModelSource
-    tokenizer: Any
-    data: PreferenceData
 
 
 def start_job(cfg: DictConfig, run_dir: Path) -> JobStart:
@@ -251,19 +246,14 @@ def build_run(
         console.close()
         raise
     return BuiltRun(
-        cfg,
-        run_dir,
-        dist,
-        device,
-        console,
-        source,
-        tokenizer,
-        data,
-        policy,
-        reference,
-        step_fn,
-        probes,
-        identity,
-        term_grads,
-        engine,
+        **vars(job),
+        cfg=cfg,
+        run_dir=run_dir,
+        policy=policy,
+        reference=reference,
+        step_fn=step_fn,
+        probes=probes,
+        data_identity=identity,
+        term_grads=term_grads,
+        engine=engine,
     )
