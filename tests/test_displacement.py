@@ -141,6 +141,28 @@ def test_fires_once_per_run():
     assert alarm.summary() == {SUMMARY_STEP: WINDOW, SUMMARY_TEXT: texts[WINDOW - 1]}
 
 
+def eval_metrics(share: float, chosen: float, margin: float) -> dict:
+    return {"eval/chosen_displaced": share, "eval/logratios/chosen": chosen, "eval/rewards/margins": margin}
+
+
+def test_a_held_out_eval_rings_when_most_chosen_fell_below_the_reference_while_the_margin_rose():
+    # the main job's final eval: all 16 held-out chosen responses below the reference, margin up (no train trend)
+    alarm = DisplacementAlarm(WINDOW)
+    assert alarm.held_out(0, eval_metrics(1.0, -3.0, 0.4)) is None  # step 0: the policy is the reference
+    for share, chosen, margin in ((0.5, -3.0, 0.4), (1.0, 0.2, 0.4), (1.0, -3.0, -0.1), (0.9, -3.0, 0.0)):
+        assert alarm.held_out(30, eval_metrics(share, chosen, margin)) is None, (share, chosen, margin)
+    assert alarm.held_out(30, {"eval/rewards/margins": 0.4}) is None  # reference-free: no share, no log-ratio
+    text = alarm.held_out(30, eval_metrics(1.0, -3.03, 0.39))
+    assert "100% of the held-out pairs" in text and "-3.03" in text and "loss=gate_dpo" in text
+    assert alarm.held_out(40, eval_metrics(1.0, -5.0, 0.9)) is None  # once per run
+    assert alarm.update(50, series_metrics(-100.0, 100.0)) is None
+    assert alarm.summary() == {SUMMARY_STEP: 30, SUMMARY_TEXT: text}
+    resumed = DisplacementAlarm(WINDOW)
+    resumed.replay([{"step": 30, **eval_metrics(1.0, -3.03, 0.39)}], up_to_step=30)
+    assert resumed.summary() == alarm.summary()
+    assert DisplacementAlarm(0).held_out(30, eval_metrics(1.0, -3.0, 0.4)) is None  # off
+
+
 def test_window_zero_is_off_and_short_windows_are_refused():
     alarm = DisplacementAlarm(0)
     assert all(alarm.update(step, series_metrics(-2.0 * step, 0.1 * step)) is None for step in range(1, 50))

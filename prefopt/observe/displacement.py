@@ -12,6 +12,13 @@ Fed the metrics of each logged train step (the recipe calls update()), it fits l
 - and, when the run has a reference, most pairs of the latest step (train/chosen_displaced > 0.5) are below the
   reference: the fall is the batch's, not a few pairs' moving the mean.
 
+A held-out eval after step 0 (the recipe calls held_out()) can fire it too, without a trend: its pairs are the same
+at every eval, so there is no batch scatter to rule out. It fires when most held-out pairs' chosen log-probs are
+below the reference's (eval/chosen_displaced > 0.5), their mean fell (eval/logratios/chosen < 0) and the margin rose
+(eval/rewards/margins > 0: it is 0 at step 0, where the policy is the reference). The main job shows why both are
+needed: its 4-pair train batches scatter too much for a significant trend in 30 steps, while its final eval has the
+chosen response below the reference on all 16 held-out pairs with the margin up.
+
 The chosen series is train/logratios/chosen when logged (the same pairs' log-probs against the reference: free of
 which pairs a batch drew, whose scatter in logps/chosen can be larger than a whole run's fall), else (reference-free
 losses) train/logps/chosen. Pure Python: no torch, so the recipe, tests and readers of metrics.jsonl share it.
@@ -31,6 +38,7 @@ MAJORITY = 0.5  # train/chosen_displaced above this: most pairs are below the re
 CHOSEN_KEYS = ("train/logratios/chosen", "train/logps/chosen")  # the first one logged is the chosen series
 MARGIN_KEY = "train/rewards/margins"
 SHARE_KEY = "train/chosen_displaced"
+EVAL_KEYS = ("chosen_displaced", "logratios/chosen", "rewards/margins")  # under eval/: share, chosen fall, margin
 GATED_KEY = "train/gate/mean"
 ALARM_METRIC = "train/displacement_alarm"  # 1.0 in the row of the step the alarm fired at
 SUMMARY_STEP = "train/displacement_alarm_step"  # summary.json / W&B summary: where it fired
@@ -95,6 +103,28 @@ class DisplacementAlarm:
         self.text = self.describe(chosen_slope * span, margin_slope * span, share, metrics)
         return self.text
 
+    def held_out(self, step: int, metrics: Mapping[str, Any]) -> Optional[str]:
+        """The alarm's line if a held-out eval after step 0 shows displacement (once per run), else None."""
+        if not self.window or self.fired_step is not None or step <= 0:
+            return None
+        share, chosen, margin = (number(metrics, f"eval/{key}") for key in EVAL_KEYS)
+        if share is None or chosen is None or margin is None:
+            return None  # a reference-free loss: no reference to fall below
+        if share <= MAJORITY or chosen >= 0 or margin <= 0:
+            return None
+        self.fired_step = step
+        remedy = (
+            "a gate that shuts sooner (raise loss.gate.tau) or loss=lpo"
+            if "eval/gate/mean" in metrics
+            else ("loss=gate_dpo")
+        )
+        self.text = (
+            f"likelihood displacement: at step {step} the chosen log-probs of {100 * share:.0f}% of the held-out pairs "
+            f"are below the reference (mean {chosen:.3g} nats) while the margin rose to {margin:.3g}: see `prefopt "
+            f"inspect` (which pairs) and {remedy}"
+        )
+        return self.text
+
     def describe(self, chosen_change: float, margin_change: float, share: Optional[float], metrics) -> str:
         first, last = self.points[0][0], self.points[-1][0]
         against = " (against the reference)" if self.chosen_key == CHOSEN_KEYS[0] else ""
@@ -114,6 +144,8 @@ class DisplacementAlarm:
             step = row.get("step")
             if isinstance(step, int) and step <= up_to_step and MARGIN_KEY in row:
                 self.update(step, row)
+            elif isinstance(step, int) and step <= up_to_step and f"eval/{EVAL_KEYS[0]}" in row:
+                self.held_out(step, row)
 
     def summary(self) -> dict[str, Any]:
         """The closing summary's keys: the step it fired at and its line (nothing when it never fired)."""

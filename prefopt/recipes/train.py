@@ -53,6 +53,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         max_steps = trainer_cfg.max_steps
         final_eval, final_greedy = evaluator.held_out(max_steps, generate=True)
+        sound_alarm(run, state.displacement.held_out(max_steps, final_eval), max_steps)
         final_dynamics = evaluator.probe_set(max_steps)
         already_saved = trainer_cfg.save_every and max_steps % trainer_cfg.save_every == 0
         if trainer_cfg.save_final and not already_saved:
@@ -123,11 +124,10 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                     metrics[ALARM_METRIC] = 1.0
                 run.tracker.log(step, metrics)
                 run.console.log_step(step, metrics)
-                if alarm:
-                    run.console.alarm(alarm)
-                    run.tracker.alert("likelihood displacement", alarm)
+                sound_alarm(run, alarm)
             if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
-                run.evaluator.held_out(step, generate=False)
+                held_out, _ = run.evaluator.held_out(step, generate=False)
+                sound_alarm(run, state.displacement.held_out(step, held_out), step)
             if run.probes is not None and step % cfg.dynamics.every_n_steps == 0 and step < trainer_cfg.max_steps:
                 run.evaluator.probe_set(step)
             guard.after_step(step, applied, grad_norm)  # too many non-finite steps in a row: stop here
@@ -148,6 +148,18 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
         return None
     finally:
         interrupt.restore()
+
+
+def sound_alarm(run: BuiltRun, line: Optional[str], eval_step: Optional[int] = None) -> None:
+    """The likelihood-displacement alarm's line (observe/displacement.py), when it fired: in the console and as a
+    W&B alert; fired by a held-out eval (eval_step), also train/displacement_alarm = 1 at that step (a train step's
+    row carries it already)."""
+    if not line:
+        return
+    if eval_step is not None:
+        run.tracker.log(eval_step, {ALARM_METRIC: 1.0})
+    run.console.alarm(line)
+    run.tracker.alert("likelihood displacement", line)
 
 
 def micro_step(run: BuiltRun, state: TrainState, step: int) -> StepResult:
