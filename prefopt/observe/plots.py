@@ -116,7 +116,9 @@ def has_term_gradients(traces: Sequence[RunTrace]) -> bool:
 
 
 def draw_panel(axis, traces: Sequence[RunTrace], colors: list, title: str, lines, ylabel: str) -> None:
-    """One metric panel: per run (one color each, the same on every panel) a line per (key, style)."""
+    """One metric panel: per run (one color each, the same on every panel) a line per (key, style); a panel no run
+    has values for says so (the gate's panels of ungated runs) instead of drawing empty axes."""
+    drawn = False
     for trace, color in zip(traces, colors):
         for index, (key, style) in enumerate(lines):
             points = [(row["step"], row[key]) for row in trace.rows if row.get(key) is not None]
@@ -124,6 +126,9 @@ def draw_panel(axis, traces: Sequence[RunTrace], colors: list, title: str, lines
                 steps, values = zip(*points)
                 label = trace.label if index == 0 else None
                 axis.plot(steps, values, style, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
+                drawn = True
+    if not drawn:
+        axis.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=axis.transAxes)
     axis.set_title(title)
     readable_axes(axis, STEP_LABEL, ylabel, integer_x=True)
     axis.grid(alpha=0.3)
