@@ -40,6 +40,7 @@ HISTOGRAM_COLUMNS = (
 SUMMARY_COLUMNS = ("ches_norm", "ches", "ref_chosen_mean", "ref_rejected_mean", "ref_margin", "token_overlap")
 CHANGE_COLUMN = "chosen_change"
 QUANTILES = (0.1, 0.5, 0.9)
+SCATTER_GROUPS = (("train", "o", "train"), ("eval", "^", "eval"))  # (legend, marker, split)
 
 
 def table_rows(table: dict[str, list], where: Sequence[bool]) -> dict[str, list]:
@@ -106,16 +107,17 @@ def scatter_figure(table: dict[str, list]) -> Figure:
     figure = Figure(figsize=(5.0 * max(len(targets), 1), 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, max(len(targets), 1), squeeze=False).flatten()
+    visits = table.get("visits", [1] * len(table["split"]))
+    groups = [(label, marker, [s == split for s in table["split"]]) for label, marker, split in SCATTER_GROUPS]
+    if "visits" in table:  # with a scored policy: the trained pairs (the correlation's) apart from the others
+        groups[0] = ("train, drawn by the run", "o", [s == "train" and v > 0 for s, v in zip(table["split"], visits)])
+        groups.insert(1, ("train, not drawn", "x", [s == "train" and v == 0 for s, v in zip(table["split"], visits)]))
     for axis, (name, label) in zip(axes, targets):
-        for split, marker in (("train", "o"), ("eval", "^")):
-            points = [
-                (x, y)
-                for x, y, s in zip(table["ches_norm"], table[name], table["split"])
-                if s == split and math.isfinite(y)
-            ]
+        for group, marker, where in groups:
+            points = [(x, y) for x, y, keep in zip(table["ches_norm"], table[name], where) if keep and math.isfinite(y)]
             if points:
                 xs, ys = zip(*points)
-                axis.scatter(xs, ys, s=12, alpha=0.6, marker=marker, label=f"{split} ({len(points)})")
+                axis.scatter(xs, ys, s=12, alpha=0.6, marker=marker, label=f"{group} ({len(points)})")
         if name == CHANGE_COLUMN:
             axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.set_title(f"{name} vs length-normalized CHES")
