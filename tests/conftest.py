@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def own_wandb_service_per_process():
+    """A test that runs W&B in this process (run_train with wandb offline) makes wandb export WANDB_SERVICE, the
+    address of this process's W&B service, into os.environ; every `prefopt` a later test starts would inherit it and
+    log through that one service, which outlives the runs it served: a run killed with -9 stays "in use" there and
+    its resume fails, and an exit can wait on it. A user's `prefopt` owns its service; so does each test's."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture(scope="session")

@@ -276,6 +276,9 @@ def run_torchrun(cfg: DictConfig, run_dir: Path, command_name: str = "train") ->
     ]
     launch = secrets.token_hex(8)  # the ranks stamp their exit reports with it: another launch's are never read here
     env = dict(os.environ)
+    # a sweep's earlier in-process job left this process's W&B service address here: each rank starts its own, which
+    # dies with it (a service outliving a killed rank would keep its run id "in use" and refuse the resume)
+    env.pop("WANDB_SERVICE", None)
     env[proctree.LAUNCHER_ENV] = str(os.getpid())
     env[proctree.LAUNCH_ID_ENV] = launch
     if cfg.hardware.device == "cpu":
