@@ -103,15 +103,16 @@ def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, history
 
 
-def wandb_history_all_segments(run_dir: Path) -> list[dict]:
-    """Every history row of every W&B segment (offline-run dir) of a run dir, read from the .wandb files
-    as far as each is intact: a resumed run has one segment per start; synced together they are the run."""
+def wandb_history_segments(run_dir: Path) -> list[list[dict]]:
+    """Every history row of each W&B segment (offline-run dir) of a run dir, one list per segment in the order they
+    were started, read from the .wandb files as far as each is intact: a resumed run has one segment per start."""
     from wandb.proto import wandb_internal_pb2
 
     from prefopt.observe.tracking import wandb_records
 
-    rows = []
+    segments = []
     for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        rows = []
         for data in wandb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
@@ -119,7 +120,13 @@ def wandb_history_all_segments(run_dir: Path) -> list[dict]:
                 rows.append(
                     {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
                 )
-    return rows
+        segments.append(rows)
+    return segments
+
+
+def wandb_history_all_segments(run_dir: Path) -> list[dict]:
+    """The rows of every segment (wandb_history_segments), one after another: synced together they are the run."""
+    return [row for rows in wandb_history_segments(run_dir) for row in rows]
 
 
 def tiny_byte_llama(tokenizer, seed: int = 0, tie_word_embeddings: bool = True):

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 from prefopt.core import proctree
 from prefopt.observe.tracking import read_jsonl
 from prefopt.train.checkpoint import write_manifest
-from tests.helpers import run_train, wandb_history_all_segments
+from tests.helpers import run_train, wandb_history_segments
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -52,6 +53,20 @@ def prefopt(*args: str, wait: bool = True, timeout: float = 300):
     return subprocess.Popen(
         command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+
+
+def segments(run_dir: Path) -> list[list[dict]]:
+    """The W&B history of a run killed once and resumed: its two segments."""
+    found = wandb_history_segments(run_dir)
+    assert len(found) == 2, f"{len(found)} W&B segments in {run_dir}"
+    return found
+
+
+def resumed_step(output: str) -> int:
+    """The step a resume started from, as the run's log says ("resumed from CHECKPOINT at step N")."""
+    steps = {int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", output)}  # one line per rank
+    assert len(steps) == 1, steps
+    return steps.pop()
 
 
 def train_rows(run_dir: Path) -> list[dict]:
@@ -124,9 +139,20 @@ def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pat
     resumed = prefopt(*args, f"hydra.run.dir={killed}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_metrics(straight, killed)
-    # W&B: the killed segment kept what it flushed; the resumed one replayed the rest: every train step once
-    train_steps = [row["step"] for row in wandb_history_all_segments(killed) if "train/loss" in row]
-    assert sorted(train_steps) == list(range(1, 11)), train_steps
+    # W&B: the killed segment kept what it flushed, the resumed one replayed the rest up to its checkpoint and logged
+    # every step after it. A step the killed segment flushed past that checkpoint (the kill races W&B's writer) is
+    # then logged again by the resumed segment, with the value the run's files hold; nothing is missing.
+    killed_segment, resumed_segment = ([row for row in rows if "train/loss" in row] for rows in segments(killed))
+    logs = "".join(path.read_text() for path in killed.glob("*.log"))  # inline runs log here; torchrun ranks: stderr
+    checkpoint_step = resumed_step(logs + resumed.stderr)
+    assert sorted({row["step"] for row in killed_segment + resumed_segment}) == list(range(1, 11))
+    assert [row["step"] for row in resumed_segment if row["step"] > checkpoint_step] == list(
+        range(checkpoint_step + 1, 11)
+    )
+    repeated = [row["step"] for row in killed_segment if row["step"] in {r["step"] for r in resumed_segment}]
+    assert all(step > checkpoint_step for step in repeated), (repeated, checkpoint_step)
+    final = {row["step"]: row["train/loss"] for row in killed_segment + resumed_segment}  # the later segment wins
+    assert final == pytest.approx({row["step"]: row["train/loss"] for row in train_rows(killed)}, rel=1e-6)
     record(
         f"kill -9 of the process group at step {kill_step} ({name}), resume",
         "nothing of the run survives; metrics, summary and W&B history equal an uninterrupted run",
