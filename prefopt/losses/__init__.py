@@ -16,7 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.core.errors import ConfigError
 
 # importing a loss module registers its losses; this order is the order of LOSSES and of the docs
-from prefopt.losses import cal_dpo, dpo, dpo_variants, ipo, lpo, orpo, sft, simpo  # noqa: F401, I001
+from prefopt.losses import (  # noqa: F401
+    aot,
+    cal_dpo,
+    dpo,
+    dpo_variants,
+    ipo,
+    lpo,
+    margin_losses,
+    orpo,
+    per_response,
+    sft,
+    simpo,
+)
 from prefopt.losses.gate import GateParams, apply_gate, gate_metrics, parse_gate
 from prefopt.losses.registry import LossInputs, LossSpec, LossTerms, get_loss, registered_names
 

@@ -30,6 +30,7 @@ class LossInputs:
     chosen_lengths: torch.Tensor  # response tokens, >= 1
     rejected_lengths: torch.Tensor
     progress: float = 0.0  # training progress in [0, 1], for scheduled losses
+    averaged: bool = False  # True once length_averaged(): the log-probs are mean token log-probs
 
     def length_averaged(self) -> "LossInputs":
         """The same log-probs divided by the response lengths (mean token log-probs)."""
@@ -43,6 +44,7 @@ class LossInputs:
             policy_rejected=average(self.policy_rejected, self.rejected_lengths),
             reference_chosen=average(self.reference_chosen, self.chosen_lengths),
             reference_rejected=average(self.reference_rejected, self.rejected_lengths),
+            averaged=True,
         )
 
     @property
