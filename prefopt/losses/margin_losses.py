@@ -34,7 +34,7 @@ class DiscoPOPParams(Hyperparameters):
 
 @dataclass(frozen=True)
 class DPONormParams(Hyperparameters):
-    beta: float = hyperparameter(0.1, gt=0)
+    beta: float = hyperparameter(5.0, gt=0)
     f_divergence: str = f_divergence_field()
     f_alpha: float = f_alpha_field()
 
@@ -81,8 +81,10 @@ def dpo_norm_loss(inputs: LossInputs, params: DPONormParams) -> LossTerms:
 
         loss = -logsigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) / |y_w| - (log pi(y_l) - log pi_ref(y_l)) / |y_l|))
 
-    Unlike SimPO it keeps the reference and has no target margin. Rewards: beta * the per-token
-    log-ratios (what the loss sees), so they are |y| times smaller than dpo's.
+    Unlike SimPO it keeps the reference and has no target margin. Per-token log-ratios are about |y|
+    times smaller than summed ones, so beta is larger: 5 as in Tulu 3's length-normalized DPO
+    (Lambert et al. 2024, arXiv:2411.15124); TRL's default is its generic 0.1. Rewards: beta * the
+    per-token log-ratios (what the loss sees).
     """
     losses = -F.logsigmoid(params.beta * f_margin(inputs, params))
     return LossTerms(losses, *implicit_rewards(inputs, params.beta))
