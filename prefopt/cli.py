@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prefopt.core.errors import ConfigError
-from prefopt.core.runfiles import DYNAMICS_PLOT, EXPORT_DIR
+from prefopt.core.runfiles import EXPORT_DIR, PLOT_FILE
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -231,18 +231,33 @@ def data_command(argv: list[str]) -> int:
 
 
 def plot_command(argv: list[str]) -> int:
-    """overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`"""
+    """training curves (loss, margin, accuracy, log-probs, rewards, lr, grad norm; train and eval) of runs, with their
+    probe panels when they probed: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png] [--smooth 0.6]`"""
     parser = argparse.ArgumentParser(
         prog="prefopt plot",
-        description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
+        description="Plot one or more run dirs in one PNG, from their metrics.jsonl: loss, reward margin, reward "
+        "accuracy, chosen/rejected log-probs and rewards, learning rate, gradient norm; train steps as lines, evals as "
+        "points. Runs that probed (dynamics.enabled=true) also get the probe log-prob panels (dynamics.jsonl). Several "
+        "runs: one color each, the legend names the settings that differ, the title those they share.",
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
-    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DYNAMICS_PLOT})")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
+    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{PLOT_FILE})")
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="smooth the train lines with an exponential moving average of this weight, as TensorBoard's slider "
+        "(0 = off, the default; 0.6 moderate; 0.9 heavy); the raw line stays, faint",
+    )
     args = parser.parse_args(argv)
-    from prefopt.observe.plots import RunDirError, plot_runs
+    if not 0 <= args.smooth < 1:
+        parser.error(f"--smooth {args.smooth}: give a weight from 0 (off) up to, not including, 1 (e.g. 0.6)")
+    from prefopt.observe.curves import plot_training
+    from prefopt.observe.plots import RunDirError
 
     try:
-        path = plot_runs(args.run_dirs, args.output or Path(args.run_dirs[0]) / DYNAMICS_PLOT)
+        path = plot_training(args.run_dirs, args.output or Path(args.run_dirs[0]) / PLOT_FILE, args.smooth)
     except RunDirError as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         return 2
