@@ -276,18 +276,24 @@ def split_keys(values: Optional[list[str]]) -> list[str]:
 
 
 def report_command(argv: list[str]) -> int:
-    """tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
-    `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there;
+    """tabulate a sweep, or any folder of run dirs (per run: what differs, probe log-prob changes, eval accuracy,
+    status) and plot it: `prefopt report DIR` writes report.md, report.csv, report.png there;
     `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences"""
     parser = argparse.ArgumentParser(
         prog="prefopt report",
-        description="Tabulate a sweep (prefopt train -m): per job the probe log-prob changes, eval accuracy and "
-        "status; writes report.md, report.csv and report.png into the sweep dir. With --group-by: statistics over "
+        description="Tabulate a sweep (prefopt train -m), or the run dirs found at any depth in any other folder "
+        "(ad-hoc runs, several sweeps): per run the settings that differ (those all share are stated once above the "
+        "table), the probe log-prob changes, eval accuracy and status; writes report.md, report.csv and report.png "
+        "(the runs' training curves and probe panels, as `prefopt plot`) into DIR. With --group-by: statistics over "
         "seeds per group (n, mean, std, 95% Student-t interval) in report_groups.md, report_groups.csv and "
         "report_bands.png.",
     )
     parser.add_argument(
-        "sweep_dir", metavar="SWEEP_DIR", type=Path, help="the multirun dir holding job dirs 0, 1, 2, ..."
+        "sweep_dir",
+        metavar="DIR",
+        type=Path,
+        help="a multirun dir holding job dirs 0, 1, 2, ..., or a folder holding run dirs (config.yaml with "
+        "metrics.jsonl or summary.json) at any depth",
     )
     parser.add_argument(
         "--group-by",

@@ -194,11 +194,10 @@ def curves_figure(runs: Sequence[RunCurves], title: str = DEFAULT_TITLE, smoothi
     return figure
 
 
-def figure_title(run_dirs: Sequence[Path], shared: str) -> str:
-    """The run's dir (one run) or how many runs, then the settings every run shares (wrapped)."""
-    runs = str(Path(run_dirs[0]).resolve().name) if len(run_dirs) == 1 else f"{len(run_dirs)} runs"
-    head = f"{DEFAULT_TITLE}: {runs}"
-    return head + ("\n" + textwrap.fill(("shared: " if len(run_dirs) > 1 else "") + shared, 160) if shared else "")
+def figure_title(subject: str, shared: str, several: bool) -> str:
+    """`Training curves: <subject>`, then the settings every run shares (wrapped), or the one run's."""
+    head = f"{DEFAULT_TITLE}: {subject}"
+    return head + ("\n" + textwrap.fill(("shared: " if several else "") + shared, 160) if shared else "")
 
 
 def plot_training(
@@ -215,5 +214,6 @@ def plot_training(
     found_labels, shared = run_legend_labels(run_dirs)
     for run, label in zip(runs, labels or found_labels):
         run.label = label
-    figure = curves_figure(runs, title or figure_title(run_dirs, shared), smoothing)
+    subject = run_dirs[0].resolve().name if len(run_dirs) == 1 else f"{len(run_dirs)} runs"
+    figure = curves_figure(runs, title or figure_title(subject, shared, len(run_dirs) > 1), smoothing)
     return save_png(figure, output_path)
