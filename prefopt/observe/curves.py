@@ -173,23 +173,25 @@ def draw_curves(container, runs: Sequence[RunCurves], colors: list, smoothing: f
 
 
 def curves_figure(runs: Sequence[RunCurves], title: str = DEFAULT_TITLE, smoothing: float = 0.0) -> Figure:
-    """The training curves of `runs`; below them, when any run probed, the probe panels with the same colors."""
+    """The training curves of `runs`; below them, when any run probed, the probe panels with the same colors (only
+    those when no run logged a train or eval metric: nine empty panels say nothing)."""
     rows, columns = CURVE_GRID
     width, height = PANEL_SIZE
     probe_traces = [RunTrace(run.label, run.dynamics) for run in runs]
-    probed = any(run.dynamics for run in runs)
-    curves_height = height * rows + 0.6
-    probes_height = overlay_height(probe_traces) if probed else 0.0
-    figure = Figure(figsize=(width * columns, curves_height + probes_height), layout="constrained")
+    heights = [
+        height * rows + 0.6 if any(run.metrics for run in runs) else 0.0,
+        overlay_height(probe_traces) if any(run.dynamics for run in runs) else 0.0,
+    ]
+    figure = Figure(figsize=(width * columns, sum(heights)), layout="constrained")
     FigureCanvasAgg(figure)
     colors = band_colors(len(runs))
-    if probed:
-        curves_part, probes_part = figure.subfigures(2, 1, height_ratios=[curves_height, probes_height])
-        probes_part.suptitle("Probe log-probs (dynamics.jsonl) vs step")
+    curves_part, probes_part = figure.subfigures(2, 1, height_ratios=heights) if all(heights) else (figure, figure)
+    if heights[1]:
+        if all(heights):
+            probes_part.suptitle("Probe log-probs (dynamics.jsonl) vs step")
         draw_probe_panels(probes_part, probe_traces, colors)
-    else:
-        curves_part = figure
-    draw_curves(curves_part, runs, colors, smoothing)
+    if heights[0]:
+        draw_curves(curves_part, runs, colors, smoothing)
     figure.suptitle(title)
     return figure
 
