@@ -240,7 +240,12 @@ def plot_command(argv: list[str]) -> int:
         "points. Runs that probed (dynamics.enabled=true) also get the probe log-prob panels (dynamics.jsonl). Several "
         "runs: one color each, the legend names the settings that differ, the title those they share.",
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run dirs holding metrics.jsonl; a folder that is none (a sweep dir, a folder of runs): every run in it",
+    )
     parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{PLOT_FILE})")
     parser.add_argument(
         "--smooth",

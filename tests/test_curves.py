@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefopt.cli import main
-from prefopt.observe.curves import CURVE_PANELS, curves_figure, ema, read_curves
+from prefopt.observe.curves import CURVE_PANELS, curves_figure, ema, read_curves, runs_in
 from prefopt.observe.run_settings import run_legend_labels
 
 TRAIN_STEPS, EVAL_STEPS = (1, 2, 3, 4), (0, 4)
@@ -152,3 +152,4 @@ def test_report_on_a_folder_of_adhoc_runs_names_only_what_differs(two_runs, tmp_
     markdown = (folder / "report.md").read_text()
     assert markdown.count("| ok |") == 2 and "Shared by every row: model=tiny_llama, trainer.max_steps=4" in markdown
     assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert runs_in(folder) == two_runs and runs_in(two_runs[1]) == [two_runs[1]]  # `prefopt plot FOLDER`: its runs

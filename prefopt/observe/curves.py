@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from prefopt.core.runfiles import DYNAMICS_FILE, METRICS_FILE
+from prefopt.core.runfiles import DYNAMICS_FILE, METRICS_FILE, is_run_dir
 from prefopt.observe.metric_names import with_current_names
 from prefopt.observe.plots import (
     LOGP_LABEL,
@@ -37,6 +37,7 @@ from prefopt.observe.plots import (
     save_png,
 )
 from prefopt.observe.run_settings import run_legend_labels
+from prefopt.observe.sweep_status import run_dirs_under
 from prefopt.observe.tracking import read_jsonl
 
 TRAIN, EVAL = "train/", "eval/"
@@ -89,9 +90,10 @@ def read_curves(run_dir: Path, label: str = "") -> RunCurves:
             if key.startswith((TRAIN, EVAL)) and isinstance(value, (int, float)) and "step" in row:
                 metrics.setdefault(key, {})[int(row["step"])] = float(value)
     if not any(key.startswith((TRAIN, EVAL)) for key in metrics) and not dynamics:
+        found = "no train or eval metrics recorded" if rows else "not found"
         raise RunDirError(
-            f"{run_dir / METRICS_FILE}: no train or eval metrics recorded; give a run dir of `prefopt train` "
-            "or `prefopt eval` that has logged a step"
+            f"{run_dir / METRICS_FILE}: {found}; give a run dir of `prefopt train` or `prefopt eval` that has logged "
+            "a step, or a folder holding such run dirs"
         )
     dynamics = sorted({row["step"]: row for row in dynamics if "step" in row}.values(), key=lambda row: row["step"])
     return RunCurves(label, metrics, dynamics)
@@ -202,6 +204,13 @@ def figure_title(subject: str, shared: str, several: bool) -> str:
     return head + ("\n" + textwrap.fill(("shared: " if several else "") + shared, 160) if shared else "")
 
 
+def runs_in(path: Path) -> list[Path]:
+    """A run dir itself; a folder that is none (a sweep dir, a folder of runs): the run dirs in it at any depth."""
+    if is_run_dir(path) or not path.is_dir():
+        return [path]
+    return run_dirs_under(path) or [path]  # none inside: read_curves names the path
+
+
 def plot_training(
     run_dirs: Sequence[str | os.PathLike],
     output_path: str | os.PathLike,
@@ -209,9 +218,10 @@ def plot_training(
     labels: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
 ) -> Path:
-    """`prefopt plot`: the training curves (and probe panels) of `run_dirs` as one PNG at `output_path`, each run
-    labelled by the settings that differ unless `labels` are given; RunDirError names a dir with nothing to draw."""
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    """`prefopt plot`: the training curves (and probe panels) of `run_dirs` (a folder among them: the runs in it) as
+    one PNG at `output_path`, each run labelled by the settings that differ unless `labels` are given; RunDirError
+    names a dir with nothing to draw."""
+    run_dirs = [run for run_dir in run_dirs for run in runs_in(Path(run_dir))]
     runs = [read_curves(run_dir) for run_dir in run_dirs]  # refuses a dir with nothing to draw before reading configs
     found_labels, shared = run_legend_labels(run_dirs)
     for run, label in zip(runs, labels or found_labels):
