@@ -50,6 +50,7 @@ class CurvePanel:
     names: tuple[str, ...]  # the metric's names under train/ and eval/, the first one a run has is drawn
     ylabel: str
     scale_group: str = ""  # panels of one group are drawn at one scale (same_scale)
+    smoothed: bool = True  # --smooth applies (not to the learning rate: a schedule, not a noisy measurement)
 
 
 # two rows of five; the last cell holds the legend
@@ -57,7 +58,7 @@ CURVE_PANELS = (
     CurvePanel("loss", ("loss",), "loss (nats)"),
     CurvePanel("reward margin (chosen - rejected)", ("rewards/margins",), REWARD_LABEL),
     CurvePanel("reward accuracy", ("rewards/accuracies",), "pairs with chosen > rejected reward (0-1)"),
-    CurvePanel("learning rate", ("learning_rate", "lr"), "learning rate (per step)"),  # TRL's name, then prefopt's old
+    CurvePanel("learning rate", ("learning_rate", "lr"), "learning rate (per step)", smoothed=False),  # TRL's, old name
     CurvePanel("gradient norm", ("grad_norm",), "L2 norm before clipping"),
     CurvePanel("chosen log-prob", ("logps/chosen",), LOGP_LABEL, "logps"),
     CurvePanel("rejected log-prob", ("logps/rejected",), LOGP_LABEL, "logps"),
@@ -130,7 +131,7 @@ def draw_curve_panel(axis, runs: Sequence[RunCurves], colors: list, panel: Curve
     for run, color in zip(runs, colors):
         steps, values = series(run, TRAIN, panel)
         if steps:
-            if smoothing > 0:
+            if smoothing > 0 and panel.smoothed:
                 axis.plot(steps, values, color=color, linewidth=1.0, alpha=0.25)
                 values = ema(values, smoothing)
             axis.plot(steps, values, color=color, linewidth=1.5)
