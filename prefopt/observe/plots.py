@@ -291,6 +291,7 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
         axis.set_title(f"{panel_title}\n{facet}" if faceted else panel_title, fontsize="medium" if faceted else None)
         readable_axes(axis, STEP_LABEL, BAND_Y_LABEL, integer_x=True)
         axis.grid(alpha=0.3)
+    same_scale([axis for axis, _, _ in cells])  # every panel is a summed log-prob: one scale for all
     handles, labels = {}, []
     for axis, _, _ in cells:  # a group may lack a panel's metric: collect every labelled line once
         for handle, label in zip(*axis.get_legend_handles_labels()):
