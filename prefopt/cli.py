@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prefopt.core.errors import ConfigError
-from prefopt.core.runfiles import DYNAMICS_PLOT, EXPORT_DIR
+from prefopt.core.runfiles import EXPORT_DIR, PLOT_FILE
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -231,18 +231,38 @@ def data_command(argv: list[str]) -> int:
 
 
 def plot_command(argv: list[str]) -> int:
-    """overlay the probe log-prob trajectories of runs: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]`"""
+    """training curves (loss, margin, accuracy, log-probs, rewards, lr, grad norm; train and eval) of runs, with their
+    probe panels when they probed: `prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png] [--smooth 0.6]`"""
     parser = argparse.ArgumentParser(
         prog="prefopt plot",
-        description="Overlay the probe log-prob trajectories (dynamics.jsonl) of one or more run dirs.",
+        description="Plot one or more run dirs in one PNG, from their metrics.jsonl: loss, reward margin, reward "
+        "accuracy, chosen/rejected log-probs and rewards, learning rate, gradient norm; train steps as lines, evals as "
+        "points. Runs that probed (dynamics.enabled=true) also get the probe log-prob panels (dynamics.jsonl). Several "
+        "runs: one color each, the legend names the settings that differ, the title those they share.",
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding dynamics.jsonl")
-    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{DYNAMICS_PLOT})")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run dirs holding metrics.jsonl; a folder that is none (a sweep dir, a folder of runs): every run in it",
+    )
+    parser.add_argument("-o", "--output", help=f"PNG to write (default: FIRST_RUN_DIR/{PLOT_FILE})")
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="smooth the train lines with an exponential moving average of this weight, as TensorBoard's slider "
+        "(0 = off, the default; 0.6 moderate; 0.9 heavy); the raw line stays, faint",
+    )
     args = parser.parse_args(argv)
-    from prefopt.observe.plots import RunDirError, plot_runs
+    if not 0 <= args.smooth < 1:
+        parser.error(f"--smooth {args.smooth}: give a weight from 0 (off) up to, not including, 1 (e.g. 0.6)")
+    from prefopt.observe.curves import plot_training
+    from prefopt.observe.plots import RunDirError
 
     try:
-        path = plot_runs(args.run_dirs, args.output or Path(args.run_dirs[0]) / DYNAMICS_PLOT)
+        path = plot_training(args.run_dirs, args.output or Path(args.run_dirs[0]) / PLOT_FILE, args.smooth)
     except RunDirError as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         return 2
@@ -261,18 +281,24 @@ def split_keys(values: Optional[list[str]]) -> list[str]:
 
 
 def report_command(argv: list[str]) -> int:
-    """tabulate a sweep (per job: probe log-prob changes, eval accuracy, status) and plot it:
-    `prefopt report SWEEP_DIR` writes report.md, report.csv, report.png there;
+    """tabulate a sweep, or any folder of run dirs (per run: what differs, probe log-prob changes, eval accuracy,
+    status) and plot it: `prefopt report DIR` writes report.md, report.csv, report.png there;
     `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences"""
     parser = argparse.ArgumentParser(
         prog="prefopt report",
-        description="Tabulate a sweep (prefopt train -m): per job the probe log-prob changes, eval accuracy and "
-        "status; writes report.md, report.csv and report.png into the sweep dir. With --group-by: statistics over "
+        description="Tabulate a sweep (prefopt train -m), or the run dirs found at any depth in any other folder "
+        "(ad-hoc runs, several sweeps): per run the settings that differ (those all share are stated once above the "
+        "table), the probe log-prob changes, eval accuracy and status; writes report.md, report.csv and report.png "
+        "(the runs' training curves and probe panels, as `prefopt plot`) into DIR. With --group-by: statistics over "
         "seeds per group (n, mean, std, 95% Student-t interval) in report_groups.md, report_groups.csv and "
         "report_bands.png.",
     )
     parser.add_argument(
-        "sweep_dir", metavar="SWEEP_DIR", type=Path, help="the multirun dir holding job dirs 0, 1, 2, ..."
+        "sweep_dir",
+        metavar="DIR",
+        type=Path,
+        help="a multirun dir holding job dirs 0, 1, 2, ..., or a folder holding run dirs (config.yaml with "
+        "metrics.jsonl or summary.json) at any depth",
     )
     parser.add_argument(
         "--group-by",

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from prefopt.cli import main
 from prefopt.observe.plots import PANELS, load_run, plot_runs, run_label
-from prefopt.observe.report import build_report, plot_labels
+from prefopt.observe.report import build_report, mark_differences, plot_label
 from prefopt.observe.sweep_status import job_dirs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,17 +70,17 @@ def test_plot_runs_overlays_runs_in_one_png(tmp_path):
 def test_plot_cli_default_output_and_explicit_output(tmp_path, capsys):
     first, second = make_run(tmp_path / "r1", ["loss=dpo"]), make_run(tmp_path / "r2", ["loss=ipo"])
     assert cli("plot", str(first), str(second)) == 0
-    assert_png(first / "dynamics.png")
+    assert_png(first / "plot.png")
     assert cli("plot", str(first), "-o", str(tmp_path / "chosen.png")) == 0
     assert_png(tmp_path / "chosen.png")
 
 
-def test_plot_cli_names_a_dir_without_dynamics(tmp_path, capsys):
+def test_plot_cli_names_a_dir_with_nothing_to_draw(tmp_path, capsys):
     good, empty = make_run(tmp_path / "good", ["loss=dpo"]), make_run(tmp_path / "empty", ["loss=dpo"], dynamics=False)
     assert cli("plot", str(good), str(empty)) == 2
     error = capsys.readouterr().err
-    assert str(empty / "dynamics.jsonl") in error and "prefopt: error:" in error
-    assert not (good / "dynamics.png").exists()
+    assert str(empty / "metrics.jsonl") in error and "prefopt: error:" in error
+    assert not (good / "plot.png").exists()
 
 
 @pytest.fixture
@@ -125,13 +125,14 @@ def test_report_has_one_row_per_job_and_marks_failures(sweep):
     assert table[0]["overrides"] == "loss=dpo loss.beta=0.1" and table[0]["dChosen"] == "-2.0"
     assert table[3]["status"] == "failed" and table[3]["dGreedy"] == ""
     markdown = (sweep / "report.md").read_text()
-    assert "| 1 | loss=gate_dpo loss.beta=0.1 | -0.250 | -8.000 | -1.500 | 0.750 | 0.500 | 10 | ok |" in markdown
+    assert "| 1 | loss=gate_dpo | -0.250 | -8.000 | -1.500 | 0.750 | 0.500 | 10 | ok |" in markdown  # what differs
+    assert markdown.count("loss.beta=0.1") == 1 and "Shared by every row: loss.beta=0.1\n" in markdown
 
 
 def test_report_cli_prints_the_table(sweep, capsys):
     assert cli("report", str(sweep)) == 0
     out = capsys.readouterr().out
-    assert "| job | overrides | dChosen | dRejected | dOthers | dGreedy | eval_accuracy | steps | status |" in out
+    assert "| job | differs | dChosen | dRejected | dOthers | dGreedy | eval_accuracy | steps | status |" in out
     assert out.count("| failed |") == 2
     for name in ("report.md", "report.csv", "report.png"):
         assert (sweep / name).is_file()
@@ -140,14 +141,15 @@ def test_report_cli_prints_the_table(sweep, capsys):
 def test_report_cli_errors_on_a_dir_without_jobs(tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     assert cli("report", str(tmp_path)) == 2
-    assert f"{tmp_path}: no job dirs" in capsys.readouterr().err
+    assert f"{tmp_path}: no sweep jobs (0, 1, 2, ...) and no run dirs inside" in capsys.readouterr().err
     assert cli("report", str(tmp_path / "missing")) == 2
 
 
 def test_sweep_plot_labels_show_what_differs_between_jobs(sweep):
-    jobs = job_dirs(sweep)[:3]
-    assert plot_labels(jobs) == ["job 0: loss=dpo", "job 1: loss=gate_dpo", "job 2: loss=lpo"]
-    assert plot_labels(jobs[:1]) == ["job 0: loss=dpo loss.beta=0.1"]
+    rows = [{"job": int(job.name), "dir": job} for job in job_dirs(sweep)[:3]]
+    assert mark_differences(rows).shared == ["loss.beta=0.1"]
+    assert [plot_label(row) for row in rows] == ["job 0: loss=dpo", "job 1: loss=gate_dpo", "job 2: loss=lpo"]
+    assert mark_differences(rows[:1]).shared == ["loss=dpo", "loss.beta=0.1"] and plot_label(rows[0]) == "job 0"
 
 
 def test_job_dirs_are_in_numeric_order(tmp_path):

@@ -172,7 +172,7 @@ def read_csv(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
 def test_report_groups_seeds_with_intervals_and_paired_differences(seeded_sweep, capsys):
     assert cli("report", str(seeded_sweep), "--group-by", "loss", "--baseline", "loss=dpo") == 0
     out = capsys.readouterr().out
-    assert "| 6 | loss=gate_dpo trainer.seed=3 |  |  |  |  |  |  | failed |" in out  # the per-job table still marks it
+    assert "| 6 | loss=gate_dpo, trainer.seed=3 |  |  |  |  |  |  | failed |" in out  # the per-job table still marks it
 
     # dpo: 2 ± 4.302653 / sqrt(3) = 2.484138; gate_dpo: 5 ± 4.302653 * sqrt(13) / sqrt(3) = 8.956686
     # delta/rejected = -2 * delta/chosen; eval accuracy 0.5, 0.6, 0.7 -> 0.6 ± 4.302653 * 0.1 / sqrt(3) = 0.248414

@@ -28,6 +28,21 @@ def train_rows(run_dir):
     return [row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row]
 
 
+def assert_plot_draws_the_run(run_dir, train, evals):
+    """`prefopt plot`'s figure of a real run: the loss panel's train line and eval points are metrics.jsonl's
+    numbers, the probe panels sit below."""
+    from prefopt.observe.curves import curves_figure, read_curves
+    from prefopt.observe.plots import PANELS
+
+    figure = curves_figure([read_curves(run_dir)])
+    titles = [axis.get_title() for axis in figure.axes]
+    assert {title for title, _, _ in PANELS} <= set(titles)
+    train_line, eval_line = figure.axes[titles.index("loss")].get_lines()
+    assert list(train_line.get_xdata()) == [row["step"] for row in train]
+    assert list(train_line.get_ydata()) == [row["train/loss"] for row in train]
+    assert list(eval_line.get_ydata()) == [row["eval/loss"] for row in evals]
+
+
 ENGINES = [pytest.param("torch", id="torch"), pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.slow)]
 
 
@@ -94,6 +109,7 @@ def test_tiny_run_writes_the_whole_run_dir(tmp_path, engine):
     for key in ("delta/chosen", "delta/rejected", "delta/others", "delta/greedy", "delta/margin"):
         assert math.isfinite(summary[key]), key
     assert (run_dir / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_plot_draws_the_run(run_dir, train, evals)
 
     wandb_summary, history = read_wandb_run(run_dir)
     assert "delta/chosen" in wandb_summary["summary"] and "delta/others" in wandb_summary["summary"]

@@ -16,6 +16,7 @@ are listed by checkpoint_dirs, the one way.
       .hydra/hydra.yaml      Hydra's record of the job, with the config-group choices (HYDRA_RECORD)
       wandb/                 the offline W&B run; wandb_run_id names it
       dynamics.png           the learning-dynamics plot (DYNAMICS_PLOT); train.log, the log
+      plot.png               `prefopt plot RUN_DIR` without -o: training curves, and the probes' panels (PLOT_FILE)
       token_views/probe-0.png  one per-token heatmap per probe (TOKEN_VIEWS_DIR, token_view_plot)
     SWEEP_DIR/
       multirun.yaml          Hydra's record of the sweep (MULTIRUN_FILE); 0/, 1/, ... its jobs' run dirs
@@ -48,6 +49,7 @@ HYDRA_CONFIG = Path(HYDRA_DIR) / "config.yaml"  # Hydra's copy of the composed t
 HYDRA_RECORD = Path(HYDRA_DIR) / "hydra.yaml"  # Hydra's record of the job: the config-group choices
 HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"  # the job's command-line overrides, as Hydra recorded them
 DYNAMICS_PLOT = "dynamics.png"
+PLOT_FILE = "plot.png"  # `prefopt plot RUN_DIR ...` without -o, in the first run dir
 TOKEN_VIEWS_DIR = "token_views"  # the per-token heatmaps, one PNG per probe (token_view_plot)
 TRAIN_LOG = "train.log"  # the log, when Hydra's own file handler is not there to name it
 
@@ -59,6 +61,9 @@ LOCK_FILE = ".prefopt.lock"  # the run dir's owner
 RANKS_LOCK_FILE = ".prefopt.ranks.lock"  # shared by every live rank of the run dir's launch
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)  # any of these (or a checkpoint) means the dir holds a run
+# beside config.yaml, any of these makes a dir a run's own dir (`prefopt report` on a folder of runs): a checkpoint
+# holds a config.yaml too, but none of these; a run that failed after its launch has its overrides.yaml
+RUN_DIR_MARKS = (METRICS_FILE, SUMMARY_FILE, OVERRIDES_FILE)
 
 # ---- its checkpoints: RUN_DIR/checkpoints/step-000010/
 CHECKPOINTS = "checkpoints"
@@ -92,6 +97,12 @@ INSPECTION_SCATTER = "inspection_scatter.png"  # CHES against the gates (and the
 INSPECTION_SUMMARY = "inspection.md"  # the console summary
 TOY_PLOT = "toy_probabilities.png"
 TOY_RESULTS = "toy_results.json"
+
+
+def is_run_dir(directory: Path) -> bool:
+    """A run's own dir (training or `prefopt eval`): its frozen config and what the run wrote beside it."""
+    directory = Path(directory)
+    return (directory / CONFIG_FILE).is_file() and any((directory / name).is_file() for name in RUN_DIR_MARKS)
 
 
 def rank_error_file(rank: int) -> str:

@@ -29,7 +29,7 @@ from prefopt.observe.seed_groups import (
     read_job,
 )
 from prefopt.observe.stats import Estimate, estimate, sorted_seeds
-from prefopt.observe.sweep_status import job_dirs
+from prefopt.observe.sweep_status import report_rows
 
 # the markdown table's columns; report_groups.csv has every metric
 HEADLINE_METRICS = (
@@ -205,7 +205,7 @@ class GroupReport:
 def build_group_report(sweep_dir: Path, group_by: list[str], baseline: Optional[list[str]] = None) -> GroupReport:
     """Group the sweep's jobs by `group_by` and write report_groups.md, report_groups.csv and report_bands.png."""
     sweep_dir = Path(sweep_dir)
-    jobs = [read_job(job_dir) for job_dir in job_dirs(sweep_dir)]
+    jobs = [read_job(job_dir) for job_dir in report_rows(sweep_dir)[1]]  # a sweep's jobs or a folder's runs
     groups = group_jobs(jobs, group_by)
     baselines = find_baselines(groups, baseline, group_by)
     markdown = groups_markdown(sweep_dir, groups, group_by, baselines)

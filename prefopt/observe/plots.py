@@ -1,6 +1,7 @@
-"""`prefopt plot RUN_DIR [RUN_DIR ...] [-o out.png]` (its options: prefopt/cli.py): the probe log-prob trajectories
-of one or more runs, overlaid, one panel per response type (plus the mass metrics), from each run dir's dynamics.jsonl;
-below them a row for the per-term gradients (dynamics.term_grads) when a run logged them.
+"""The probe log-prob trajectories of one or more runs, overlaid, one panel per response type (plus the mass metrics),
+from each run dir's dynamics.jsonl; below them a row for the per-term gradients (dynamics.term_grads) when a run
+logged them: a run's own dynamics.png, the lower half of `prefopt plot` (prefopt/observe/curves.py, the training
+curves above them) and of `prefopt report`'s report.png.
 `plot_bands` draws groups of runs instead (`prefopt report --group-by`): mean line and 95% band per group.
 
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
@@ -134,36 +135,61 @@ def draw_panel(axis, traces: Sequence[RunTrace], colors: list, title: str, lines
     axis.grid(alpha=0.3)
 
 
-def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
-    """One panel per probe metric, one line per run, and one legend (in the spare panel) for all; below them, when a
-    run logged the per-term gradients, a row of gradient panels."""
+def same_scale(axes) -> None:
+    """Draw `axes` (panels of one quantity) at one scale: each keeps its own center but all get the widest span, so
+    equal steps on the y axis are equal amounts on every panel and a 0.01-nat wiggle does not fill a panel the way a
+    1-nat trend fills its neighbor. Panels without data keep theirs."""
+    drawn = [axis for axis in axes if axis.get_lines()]
+    limits = [axis.get_ylim() for axis in drawn]
+    span = max((high - low for low, high in limits), default=0.0)
+    if span <= 0:
+        return
+    for axis, (low, high) in zip(drawn, limits):
+        middle = (low + high) / 2
+        axis.set_ylim(middle - span / 2, middle + span / 2)
+
+
+def overlay_height(traces: Sequence[RunTrace]) -> float:
+    """Inches the probe panels take (draw_probe_panels), with the gradients' row when a run logged it."""
+    return 3.2 * GRID[0] + (3.6 if has_term_gradients(traces) else 0)
+
+
+def draw_probe_panels(container, traces: Sequence[RunTrace], colors: list) -> None:
+    """One panel per probe metric in a figure or subfigure, one line per run, one legend (in the spare panel) for
+    all, the summed log-prob panels at one scale; below them, when a run logged the per-term gradients, a row of
+    gradient panels. Runs whose labels are all empty (a single run) get no legend."""
     rows, columns = GRID
-    with_gradients = has_term_gradients(traces)
-    figure = Figure(figsize=(4.2 * columns, 3.2 * rows + (3.6 if with_gradients else 0)), layout="constrained")
-    FigureCanvasAgg(figure)
-    colors = band_colors(len(traces))
-    if with_gradients:
-        probe_figure, gradient_figure = figure.subfigures(2, 1, height_ratios=[3.2 * rows, 3.6])
-        gradient_figure.suptitle(GRAD_TITLE)
-        for axis, (panel_title, lines, ylabel) in zip(gradient_figure.subplots(1, len(GRAD_PANELS)), GRAD_PANELS):
+    if has_term_gradients(traces):
+        probe_part, gradient_part = container.subfigures(2, 1, height_ratios=[3.2 * rows, 3.6])
+        gradient_part.suptitle(GRAD_TITLE)
+        for axis, (panel_title, lines, ylabel) in zip(gradient_part.subplots(1, len(GRAD_PANELS)), GRAD_PANELS):
             draw_panel(axis, traces, colors, textwrap.fill(panel_title, 32), lines, ylabel)
     else:
-        probe_figure = figure
-    axes = probe_figure.subplots(rows, columns).flatten()
+        probe_part = container
+    axes = probe_part.subplots(rows, columns).flatten()
     for axis, (panel_title, key, ylabel) in zip(axes, PANELS):
         draw_panel(axis, traces, colors, panel_title, ((key, "-"),), ylabel)
+    same_scale([axis for axis, (_, key, _) in zip(axes, PANELS) if key.endswith("/logp")])
     legend_axis = axes[len(PANELS)]
     legend_axis.axis("off")
-    legend_axis.legend(  # one entry per run, whichever panels it has lines in
-        [Line2D([], [], color=color, marker="o", markersize=3, linewidth=1.5) for color in colors],
-        [textwrap.fill(trace.label, 45) for trace in traces],
-        loc="center",
-        fontsize="small",
-        title="runs",
-        frameon=False,
-    )
+    if any(trace.label for trace in traces):
+        legend_axis.legend(  # one entry per run, whichever panels it has lines in
+            [Line2D([], [], color=color, marker="o", markersize=3, linewidth=1.5) for color in colors],
+            [textwrap.fill(trace.label, 45) for trace in traces],
+            loc="center",
+            fontsize="small",
+            title="runs",
+            frameon=False,
+        )
     for axis in axes[len(PANELS) + 1 :]:
         axis.axis("off")
+
+
+def overlay_figure(traces: Sequence[RunTrace], title: str = DEFAULT_TITLE) -> Figure:
+    """The probe panels of `traces` (draw_probe_panels) as a figure of their own (the run's dynamics.png)."""
+    figure = Figure(figsize=(4.2 * GRID[1], overlay_height(traces)), layout="constrained")
+    FigureCanvasAgg(figure)
+    draw_probe_panels(figure, traces, band_colors(len(traces)))
     figure.suptitle(title)
     return figure
 
@@ -265,6 +291,7 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
         axis.set_title(f"{panel_title}\n{facet}" if faceted else panel_title, fontsize="medium" if faceted else None)
         readable_axes(axis, STEP_LABEL, BAND_Y_LABEL, integer_x=True)
         axis.grid(alpha=0.3)
+    same_scale([axis for axis, _, _ in cells])  # every panel is a summed log-prob: one scale for all
     handles, labels = {}, []
     for axis, _, _ in cells:  # a group may lack a panel's metric: collect every labelled line once
         for handle, label in zip(*axis.get_legend_handles_labels()):

@@ -162,6 +162,11 @@ def read_job(job_dir: Path) -> Job:
     )
 
 
+def planned_job(overrides: list[str]) -> Job:
+    """A job a sweep planned that never ran (no dir): only its overrides are known."""
+    return Job(Path(), override_items(overrides), None, {}, failed=True, metrics={}, dynamics=[])
+
+
 def steps_in_order(rows: list[dict]) -> list[dict]:
     """Rows sorted by step, one per step (the last written wins)."""
     return sorted({row["step"]: row for row in rows if "step" in row}.values(), key=lambda row: row["step"])
@@ -240,7 +245,7 @@ def check_only_seeds_differ(group: Group, group_by: list[str]) -> None:
             expected, found = job_setting(first, key), job_setting(job, key)
             if expected.value != found.value:
                 raise ConfigError(
-                    f"jobs {first.number} and {job.number} (group {group.label}) differ in {key} "
+                    f"jobs {first.dir.name} and {job.dir.name} (group {group.label}) differ in {key} "
                     f"({key}={expected.text} vs {key}={found.text}), not only in {SEED_KEY}: add {key} to --group-by, "
                     "or report those jobs apart"
                 )
@@ -249,8 +254,8 @@ def check_only_seeds_differ(group: Group, group_by: list[str]) -> None:
         seed = job_seed(job)
         if seed in seen:
             raise ConfigError(
-                f"jobs {seen[seed].number} and {job.number} (group {group.label}) are the same setting with the same "
-                f"{SEED_KEY}={job_setting(job, SEED_KEY).text}: a repeated seed is not a new sample and would "
+                f"jobs {seen[seed].dir.name} and {job.dir.name} (group {group.label}) are the same setting with the "
+                f"same {SEED_KEY}={job_setting(job, SEED_KEY).text}: a repeated seed is not a new sample and would "
                 "narrow the interval falsely; report a sweep whose jobs have distinct seeds"
             )
         seen[seed] = job

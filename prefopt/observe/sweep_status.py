@@ -1,5 +1,6 @@
 """Which jobs a Hydra multirun planned and how each stands (ok, failed, running, never ran): the rows of
-`prefopt report` (prefopt/observe/report.py), read from the sweep dir alone.
+`prefopt report` (prefopt/observe/report.py), read from the sweep dir alone. A folder that is no sweep dir (ad-hoc
+runs, several sweeps) gives a row per run dir found in it at any depth (runfiles.is_run_dir), named by its path.
 
 A job dir without summary.json is `running` while its run dir lock is held (rundir.lock_is_held: the kernel drops a
 killed job's lock, so a killed job reads as failed), else `failed`; a planned job without a dir `never ran`. The plan
@@ -9,6 +10,8 @@ is Hydra's multirun.yaml: the basic sweeper's cartesian product of the sweep's o
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from prefopt.core.rundir import lock_is_held
-from prefopt.core.runfiles import ERROR_FILE, MULTIRUN_FILE, SUMMARY_FILE
+from prefopt.core.runfiles import CHECKPOINTS, ERROR_FILE, MULTIRUN_FILE, SUMMARY_FILE, WANDB_DIR, is_run_dir
 from prefopt.observe.metric_names import with_current_names
 from prefopt.observe.plots import RunDirError, run_label, run_overrides
 
@@ -85,13 +88,13 @@ def job_failed(job_dir: Path, summary: Optional[dict[str, Any]]) -> bool:
     return summary is None or (job_dir / ERROR_FILE).exists()
 
 
-def job_row(job_dir: Path, planned: Optional[list[str]] = None) -> dict[str, Any]:
+def job_row(job_dir: Path, planned: Optional[list[str]] = None, name: Any = None) -> dict[str, Any]:
     """planned: the job's overrides as the sweep planned them, shown for a job that failed before it recorded its
-    own."""
+    own; name: the row's name (default: the job's number)."""
     summary = read_summary(job_dir)
     failed = job_failed(job_dir, summary)
     label = " ".join(planned) if planned and not run_overrides(job_dir) else run_label(job_dir)
-    row: dict[str, Any] = {"job": int(job_dir.name), "overrides": label}
+    row: dict[str, Any] = {"job": int(job_dir.name) if name is None else name, "overrides": label, "dir": job_dir}
     row |= {column: (summary or {}).get(key) for column, key in SUMMARY_COLUMNS.items()}
     row["status"] = (RUNNING if summary is None and lock_is_held(job_dir) else "failed") if failed else "ok"
     return row
@@ -103,6 +106,8 @@ def never_ran_row(number: int, overrides: list[str]) -> dict[str, Any]:
         "overrides": " ".join(overrides),
         **{column: None for column in SUMMARY_COLUMNS},
         "status": NEVER_RAN,
+        "dir": None,
+        "planned": overrides,
     }
 
 
@@ -115,6 +120,48 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
     for number, overrides in planned_by_number.items():
         rows.setdefault(number, never_ran_row(number, overrides))
     return [rows[number] for number in sorted(rows)], jobs
+
+
+def is_sweep_dir(directory: Path) -> bool:
+    """Hydra's multirun dir: its record of the sweep, or job dirs named 0, 1, 2, ..."""
+    return (directory / MULTIRUN_FILE).is_file() or bool(job_dirs(directory, allow_none=True))
+
+
+def natural_key(path: Path) -> tuple:
+    """run-2 before run-10: the numbers in a path compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix()))
+
+
+def run_dirs_under(folder: Path) -> list[Path]:
+    """Every run dir in `folder` (itself included) at any depth, in natural path order; a run dir's own subdirs
+    (checkpoints, wandb, .hydra) are not searched."""
+    found = []
+    for root, subdirs, _ in os.walk(folder):
+        if is_run_dir(Path(root)):
+            found.append(Path(root))
+            subdirs.clear()
+            continue
+        subdirs[:] = [name for name in subdirs if not name.startswith(".") and name not in (CHECKPOINTS, WANDB_DIR)]
+    return sorted(found, key=lambda path: natural_key(path.relative_to(folder)))
+
+
+def folder_rows(folder: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """(a row per run dir in the folder, named by its path inside it; the run dirs)."""
+    runs = run_dirs_under(folder)
+    if not runs:
+        raise RunDirError(
+            f"{folder}: no sweep jobs (0, 1, 2, ...) and no run dirs inside (a dir with config.yaml beside "
+            "metrics.jsonl or summary.json, at any depth); give a sweep dir of `prefopt train -m` or a folder of runs"
+        )
+    return [job_row(run, name=run.relative_to(folder).as_posix() or ".") for run in runs], runs
+
+
+def report_rows(directory: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """`prefopt report DIR`'s rows and the run dirs behind them: a sweep's jobs (sweep_rows), else the run dirs in
+    the folder (folder_rows)."""
+    if not directory.is_dir():
+        raise RunDirError(f"{directory}: not a directory; give a sweep dir of `prefopt train -m` or a folder of runs")
+    return sweep_rows(directory) if is_sweep_dir(directory) else folder_rows(directory)
 
 
 def load_yaml(path: Path) -> Optional[dict]:
