@@ -7,7 +7,7 @@ registry.py); `conf/loss/<name>.yaml` holds its defaults. The caller always pass
 and lengths; a loss that reads mean token log-probs says so at registration and is given them.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -19,6 +19,7 @@ from prefopt.core.errors import ConfigError
 from prefopt.losses import cal_dpo, dpo, dpo_variants, ipo, lpo, orpo, sft, simpo  # noqa: F401, I001
 from prefopt.losses.gate import GateParams, apply_gate, gate_metrics, parse_gate
 from prefopt.losses.registry import LossInputs, LossSpec, LossTerms, get_loss, registered_names
+from prefopt.losses.weighted import WEIGHTED, LossPlan, loss_plan
 
 LOSSES = registered_names()
 
@@ -27,9 +28,13 @@ __all__ = [
     "GateParams",
     "LossInputs",
     "LossOutput",
+    "LossPlan",
     "LossSpec",
     "LossTerms",
+    "WEIGHTED",
     "get_loss",
+    "loss_plan",
+    "loss_plan_of",
     "preference_loss",
     "validate_loss_config",
 ]
@@ -43,6 +48,7 @@ class LossOutput:
     rejected_rewards: torch.Tensor  # (B,), detached
     metrics: Dict[str, float]  # gate/* when gated, plus loss-specific values, averaged over the batch
     gates: Optional[torch.Tensor] = None  # (B,) per-example gate when gated (kind token: the mean over its tokens)
+    term_losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # weighted loss: each term's (B,), unweighted
 
 
 def preference_loss(
@@ -70,10 +76,9 @@ def preference_loss(
     progress: training progress in [0, 1], for scheduled losses. hyperparameters: named as in
     conf/loss/<name>.yaml; missing ones take the defaults. Bad names or values raise ConfigError.
     """
-    spec = get_loss(name)
-    params = spec.make_params(hyperparameters)
-    gate_params = parse_gate(gate, spec)
-    if spec.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
+    plan = loss_plan(name, hyperparameters)
+    gate_params = parse_gate(gate, plan)
+    if plan.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
         raise ValueError(f"loss {name!r} needs reference_chosen_logps and reference_rejected_logps")
     # a response cut to zero tokens by truncation would divide by zero when averaging
     chosen_lengths = chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
@@ -81,37 +86,51 @@ def preference_loss(
 
     metrics: Dict[str, torch.Tensor] = {}
     example_gates = None
-    if gate_params is not None:
+    if gate_params is not None:  # once, before the terms: every term that reads the rejected log-probs is gated
         policy_rejected_logps, gates = apply_gate(
             gate_params, policy_rejected_logps, rejected_lengths, rejected_token_logps, rejected_mask
         )
         metrics.update(gate_metrics(gates))
         example_gates = per_example_gates(gate_params, gates, rejected_mask)
 
-    inputs = LossInputs(
+    summed = LossInputs(
         policy_chosen=policy_chosen_logps,
         policy_rejected=policy_rejected_logps,
-        reference_chosen=reference_chosen_logps if spec.needs_reference else None,
-        reference_rejected=reference_rejected_logps if spec.needs_reference else None,
+        reference_chosen=reference_chosen_logps if plan.needs_reference else None,
+        reference_rejected=reference_rejected_logps if plan.needs_reference else None,
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
         progress=float(progress),
     )
-    if spec.uses_length_average(params):
-        inputs = inputs.length_averaged()
-    terms = spec.fn(inputs, params)
+    outputs = []
+    for term in plan.terms:
+        inputs = summed.length_averaged() if term.spec.uses_length_average(term.params) else summed
+        terms = term.spec.fn(inputs, term.params)
+        prefix = f"{term.name}/" if plan.weighted else ""  # a weighted run's metrics say which term they are from
+        metrics.update({f"{prefix}{key}": value.detach().mean() for key, value in terms.metrics.items()})
+        outputs.append(terms)
+    losses = sum(term.weight * terms.losses for term, terms in zip(plan.terms, outputs))
+    rewards = outputs[rewards_term(plan)]
 
-    metrics.update({key: value.detach().mean() for key, value in terms.metrics.items()})
     # one device-to-host copy for all metrics, not one sync per value
     values = torch.stack([value.to(torch.float64) for value in metrics.values()]).tolist() if metrics else []
     return LossOutput(
-        loss=terms.losses.mean(),
-        losses=terms.losses,
-        chosen_rewards=terms.chosen_rewards,
-        rejected_rewards=terms.rejected_rewards,
+        loss=losses.mean(),
+        losses=losses,
+        chosen_rewards=rewards.chosen_rewards,
+        rejected_rewards=rewards.rejected_rewards,
         metrics=dict(zip(metrics, values)),
         gates=example_gates,
+        term_losses=(
+            {term.name: terms.losses.detach() for term, terms in zip(plan.terms, outputs)} if plan.weighted else {}
+        ),
     )
+
+
+def rewards_term(plan: LossPlan) -> int:
+    """Which term's rewards a weighted run logs: the first with a reference (beta * log-ratio, comparable across
+    DPO-family runs), else the first term."""
+    return next((index for index, term in enumerate(plan.terms) if term.spec.needs_reference), 0)
 
 
 def per_example_gates(
@@ -135,6 +154,13 @@ def validate_loss_config(loss_cfg: Any) -> None:
     values = dict(loss_cfg)
     if values.get("name") is None:
         raise ConfigError(f"loss.name is missing; choose one of: {', '.join(LOSSES)}")
-    spec = get_loss(values.pop("name"))
-    parse_gate(values.pop("gate", None), spec)
-    spec.make_params(values)
+    name = values.pop("name")
+    gate = values.pop("gate", None)
+    parse_gate(gate, loss_plan(name, values))
+
+
+def loss_plan_of(loss_cfg: DictConfig) -> LossPlan:
+    """The plan of a composed `loss` node (its name, terms and hyperparameters; the gate is the step's own)."""
+    values = OmegaConf.to_container(loss_cfg, resolve=True)
+    values.pop("gate", None)
+    return loss_plan(values.pop("name"), values)

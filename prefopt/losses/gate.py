@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.core.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter
 from prefopt.losses.registry import LossSpec
+from prefopt.losses.weighted import LossPlan
 
 GATE_KINDS = ("none", "seq", "q10", "log", "token")
 
@@ -41,8 +42,9 @@ class GateParams(Hyperparameters):
     kappa: float = hyperparameter(3.0, ge=0)
 
 
-def parse_gate(gate: Any, spec: LossSpec) -> Optional[GateParams]:
-    """The gate settings from a dict / DictConfig / None; None when there is no gate (kind none)."""
+def parse_gate(gate: Any, spec: LossSpec | LossPlan) -> Optional[GateParams]:
+    """The gate settings from a dict / DictConfig / None; None when there is no gate (kind none). `spec`: the loss
+    (a registered loss or a weighted plan), which must have a rejected term for a gate."""
     if gate is None:
         return None
     if isinstance(gate, DictConfig):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.data import TokenizedPair
 from prefopt.data.layout import BatchLayout, pair_groups
-from prefopt.losses import LossOutput, preference_loss
+from prefopt.losses import LossOutput, loss_plan_of, preference_loss
 from prefopt.model.logps import TokenLogps, sequence_logps, split_pairs
 from prefopt.train.metrics import pair_metrics
 from prefopt.train.reference import CachedReference, ModelReference
@@ -66,6 +66,7 @@ class PreferenceStep:
         self.loss_name = cfg.loss.name
         self.gate = OmegaConf.to_container(cfg.loss.gate, resolve=True) if "gate" in cfg.loss else None
         self.hyperparameters = loss_hyperparameters(cfg.loss)
+        self.plan = loss_plan_of(cfg.loss)  # its terms: one, or a weighted run's several
         self.policy, self.reference = policy, reference
         self.device, self.pad_token_id = device, pad_token_id
         self.chunk_size, self.keep_logps_mb = cfg.trainer.logp_chunk_size, cfg.trainer.logp_keep_mb
@@ -124,6 +125,7 @@ class PreferenceStep:
         out = self.loss(logps, step)
         per_example = {
             "loss": out.losses.detach(),
+            **{f"loss/{term}": losses for term, losses in out.term_losses.items()},  # a weighted run's terms
             **pair_metrics(logps.policy, out.chosen_rewards, out.rejected_rewards, logps.reference_chosen),
         }  # TRL's names
         tokens = sum(
