@@ -106,8 +106,9 @@ def preference_loss(
     for term in plan.terms:
         inputs = summed.length_averaged() if term.spec.uses_length_average(term.params) else summed
         terms = term.spec.fn(inputs, term.params)
-        prefix = f"{term.name}/" if plan.weighted else ""  # a weighted run's metrics say which term they are from
-        metrics.update({f"{prefix}{key}": value.detach().mean() for key, value in terms.metrics.items()})
+        metrics.update(
+            {term_metric(plan, term.name, key): value.detach().mean() for key, value in terms.metrics.items()}
+        )
         outputs.append(terms)
     losses = sum(term.weight * terms.losses for term, terms in zip(plan.terms, outputs))
     rewards = outputs[rewards_term(plan)]
@@ -125,6 +126,11 @@ def preference_loss(
             {term.name: terms.losses.detach() for term, terms in zip(plan.terms, outputs)} if plan.weighted else {}
         ),
     )
+
+
+def term_metric(plan: LossPlan, term: str, key: str) -> str:
+    """A loss metric's name: as the loss names it (lpo/linear), which in a weighted run must say its term."""
+    return key if not plan.weighted or key.startswith(f"{term}/") else f"{term}/{key}"
 
 
 def rewards_term(plan: LossPlan) -> int:
