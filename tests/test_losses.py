@@ -528,7 +528,7 @@ def test_loss_yaml_composes_validates_and_matches_defaults(option):
     validate_loss_config(loss)
     spec = get_loss(loss.name)
     assert loss.name == GATE_PRESETS.get(option, option)
-    hyperparameters = {k: v for k, v in OmegaConf.to_container(loss).items() if k not in ("name", "gate")}
+    hyperparameters = {k: v for k, v in OmegaConf.to_container(loss).items() if k not in ("name", "gate", "reweight")}
     defaults = dataclasses.asdict(spec.params())
     assert hyperparameters == defaults and all(type(hyperparameters[k]) is type(defaults[k]) for k in defaults)
     expected_gate = dataclasses.asdict(GateParams())
@@ -541,7 +541,7 @@ def test_every_loss_and_gate_preset_has_a_yaml():
     assert set(LOSSES) | set(GATE_PRESETS) | set(WEIGHTED_PRESETS) == set(LOSS_YAMLS)
 
 
-@pytest.mark.parametrize("option", LOSS_YAMLS + ["gate/default"])
+@pytest.mark.parametrize("option", LOSS_YAMLS + ["gate/default", "reweight/default"])
 def test_yaml_names_its_source_and_comments_every_key(option):
     lines = (LOSS_CONF / f"{option}.yaml").read_text().splitlines()
     assert lines[0].startswith("# ")
