@@ -52,6 +52,10 @@ def test_every_group_option_composes_and_validates(group):
             with pytest.raises(ConfigError, match="hardware.device=cuda"):  # validation needs a visible CUDA device
                 validate_config(cfg)
             continue
+        if group == "loss" and option == "weighted":  # its terms are the user's to name: empty is refused
+            with pytest.raises(ConfigError, match="loss.terms must map each term"):
+                validate_config(cfg)
+            continue
         validate_config(cfg)
         assert cfg[group].name in (option, cfg[group].name)
         assert not OmegaConf.missing_keys(cfg), f"{group}={option} leaves keys without a value"

@@ -64,8 +64,6 @@ def reference_loss(name, hp, pc, pr, rc, rr, lc, lr, progress):
         return -logsigmoid(rw - rl) + 0.5 * ((rw - 1 / (2 * beta)) ** 2 + (rl + 1 / (2 * beta)) ** 2)
     if name == "simpo":
         return -logsigmoid(beta * (pc - pr) - hp["gamma"])
-    if name == "rpo":
-        return -logsigmoid(beta * h) + hp["alpha"] * (-pc / lc)
     if name == "dpop":
         return -logsigmoid(beta * (h - hp["penalty_lambda"] * max(0.0, rc - pc)))
     if name == "orpo":
@@ -98,7 +96,6 @@ CASES = [
     ("ipo", {"beta": 0.05, "length_average": False}),
     ("cal_dpo", {"beta": 0.3}),
     ("simpo", {"beta": 2.5, "gamma": 0.7}),
-    ("rpo", {"beta": 0.2, "alpha": 0.6}),
     ("dpop", {"beta": 0.3, "penalty_lambda": 5.0}),
     ("orpo", {"odds_ratio_lambda": 0.3}),
     ("dpo_shift", {"beta": 0.2, "shift_schedule": "fixed", "f": 0.8, "f_min": 0.5, "f_max": 0.9}),
@@ -475,7 +472,6 @@ BAD_CONFIGS = [
     ({"name": "lpo", "gamma": -1}, "loss.gamma=-1 is impossible"),
     ({"name": "lpo", "variant": "stee"}, "loss.variant='stee' is not a valid choice"),
     ({"name": "simpo", "gamma": -0.5}, "loss.gamma=-0.5 is impossible"),
-    ({"name": "rpo", "alpha": -1}, "loss.alpha=-1 is impossible"),
     ({"name": "dpop", "penalty_lambda": -1}, "loss.penalty_lambda=-1"),
     ({"name": "orpo", "odds_ratio_lambda": -1}, "loss.odds_ratio_lambda=-1"),
     ({"name": "ipo", "length_average": "yes"}, "loss.length_average='yes' must be true or false"),
@@ -523,15 +519,16 @@ def compose_loss(option, overrides=()):
 
 
 LOSS_YAMLS = sorted(path.stem for path in LOSS_CONF.glob("*.yaml"))
+WEIGHTED_PRESETS = ("mpo", "rpo", "weighted")  # loss.name=weighted: tests/test_weighted_loss.py
 
 
-@pytest.mark.parametrize("option", LOSS_YAMLS)
+@pytest.mark.parametrize("option", [option for option in LOSS_YAMLS if option not in WEIGHTED_PRESETS])
 def test_loss_yaml_composes_validates_and_matches_defaults(option):
     loss = compose_loss(option)
     validate_loss_config(loss)
     spec = get_loss(loss.name)
     assert loss.name == GATE_PRESETS.get(option, option)
-    hyperparameters = {k: v for k, v in OmegaConf.to_container(loss).items() if k not in ("name", "gate")}
+    hyperparameters = {k: v for k, v in OmegaConf.to_container(loss).items() if k not in ("name", "gate", "reweight")}
     defaults = dataclasses.asdict(spec.params())
     assert hyperparameters == defaults and all(type(hyperparameters[k]) is type(defaults[k]) for k in defaults)
     expected_gate = dataclasses.asdict(GateParams())
@@ -541,10 +538,10 @@ def test_loss_yaml_composes_validates_and_matches_defaults(option):
 
 
 def test_every_loss_and_gate_preset_has_a_yaml():
-    assert set(LOSSES) | set(GATE_PRESETS) == set(LOSS_YAMLS)
+    assert set(LOSSES) | set(GATE_PRESETS) | set(WEIGHTED_PRESETS) == set(LOSS_YAMLS)
 
 
-@pytest.mark.parametrize("option", LOSS_YAMLS + ["gate/default"])
+@pytest.mark.parametrize("option", LOSS_YAMLS + ["gate/default", "reweight/default"])
 def test_yaml_names_its_source_and_comments_every_key(option):
     lines = (LOSS_CONF / f"{option}.yaml").read_text().splitlines()
     assert lines[0].startswith("# ")

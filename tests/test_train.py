@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from prefopt.conf import CONF_DIR
 from prefopt.losses import LOSSES
 from prefopt.observe.tracking import read_jsonl
 from tests.helpers import read_wandb_run, run_train
@@ -169,19 +170,22 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert train_rows(third)[-1]["train/loss"] != train_rows(first)[-1]["train/loss"]
 
 
-def test_every_registered_loss_trains(tmp_path):
+def test_every_loss_preset_trains(tmp_path):
+    """A sweep over every conf/loss preset (each registered loss, the gated and the weighted presets), 2 steps each."""
     from tests.helpers import run_sweep
 
+    presets = sorted(path.stem for path in (CONF_DIR / "loss").glob("*.yaml") if path.stem != "weighted")  # no terms
+    assert set(LOSSES) <= set(presets)
     job_dirs = run_sweep(
         tmp_path / "sweep",
-        f"loss={','.join(sorted(LOSSES))}",
+        f"loss={','.join(presets)}",
         *TINY,
         "trainer.max_steps=2",
         "logger.wandb.mode=disabled",
         "trainer.save_final=false",
         "trainer.greedy_eval_examples=0",
     )
-    assert len(job_dirs) == len(LOSSES)
+    assert len(job_dirs) == len(presets)
     for job_dir in job_dirs:
         summary = json.loads((job_dir / "summary.json").read_text())
         finite = [value for key, value in summary.items() if isinstance(value, float)]

@@ -1,5 +1,6 @@
-"""DPO with a term that protects the chosen response (RPO, DPOP) or down-weights the rejected one
-(DPO-Shift). Summed log-probs; rewards beta * log(pi / pi_ref).
+"""DPO with a term that protects the chosen response (DPOP) or down-weights the rejected one (DPO-Shift);
+RPO, DPO plus the chosen NLL, is the weighted loss dpo + sft (conf/loss/rpo.yaml).
+Summed log-probs; rewards beta * log(pi / pi_ref).
 """
 
 from dataclasses import dataclass
@@ -9,12 +10,6 @@ import torch.nn.functional as F
 from prefopt.core.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter, show
 from prefopt.losses.registry import LossInputs, LossTerms, implicit_rewards, register
-
-
-@dataclass(frozen=True)
-class RPOParams(Hyperparameters):
-    beta: float = hyperparameter(0.1, gt=0)
-    alpha: float = hyperparameter(1.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -46,19 +41,6 @@ class DPOShiftParams(Hyperparameters):
         if self.shift_schedule == "decrease":
             return self.f_max - (self.f_max - self.f_min) * progress
         return self.f
-
-
-@register("rpo", params=RPOParams, needs_reference=True)
-def rpo_loss(inputs: LossInputs, params: RPOParams) -> LossTerms:
-    """RPO: DPO plus the mean token NLL of the chosen response:
-
-        loss = -logsigmoid(beta * h) + alpha * (-log pi(y_w) / |y_w|)
-
-    Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733.
-    """
-    chosen_nll = -inputs.policy_chosen / inputs.chosen_lengths
-    losses = -F.logsigmoid(params.beta * inputs.margin) + params.alpha * chosen_nll
-    return LossTerms(losses, *implicit_rewards(inputs, params.beta), metrics={"rpo/chosen_nll": chosen_nll})
 
 
 @register("dpop", params=DPOPParams, needs_reference=True)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.core.errors import ConfigError
 from prefopt.losses.hyperparameters import Hyperparameters, hyperparameter
 from prefopt.losses.registry import LossSpec
+from prefopt.losses.weighted import LossPlan
 
 GATE_KINDS = ("none", "seq", "q10", "log", "token")
 
@@ -41,8 +42,9 @@ class GateParams(Hyperparameters):
     kappa: float = hyperparameter(3.0, ge=0)
 
 
-def parse_gate(gate: Any, spec: LossSpec) -> Optional[GateParams]:
-    """The gate settings from a dict / DictConfig / None; None when there is no gate (kind none)."""
+def parse_gate(gate: Any, spec: LossSpec | LossPlan) -> Optional[GateParams]:
+    """The gate settings from a dict / DictConfig / None; None when there is no gate (kind none). `spec`: the loss
+    (a registered loss or a weighted plan), which must have a rejected term for a gate."""
     if gate is None:
         return None
     if isinstance(gate, DictConfig):
@@ -76,8 +78,12 @@ def apply_gate(
     rejected_lengths: torch.Tensor,
     rejected_token_logps: Optional[torch.Tensor] = None,
     rejected_mask: Optional[torch.Tensor] = None,
+    estimate_from: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gate the summed rejected log-probs (B,). Returns (gated log-probs, gate values).
+
+    estimate_from: the plain summed rejected log-probs that p is estimated from (kinds seq, log), when
+    `rejected_logps` are reweighted (LD-DPO's); default `rejected_logps` themselves.
 
     The gate values are one per example, or one per response token for kind token (then the summed
     log-probs are rebuilt from the gated token log-probs, so their gradient reaches the tokens).
@@ -85,7 +91,8 @@ def apply_gate(
     dtype = _compute_dtype(rejected_logps)
     with torch.no_grad():
         if gate.kind in ("seq", "log"):
-            mean_logps = rejected_logps.detach().to(dtype) / rejected_lengths
+            plain = rejected_logps if estimate_from is None else estimate_from
+            mean_logps = plain.detach().to(dtype) / rejected_lengths
             if gate.kind == "seq":
                 gates = torch.sigmoid(gate.alpha * (mean_logps.exp() - gate.tau))
             else:

@@ -52,6 +52,8 @@ class TokenLogps:
     # (N, H) float64, no gradient: the sum over each sequence's scored positions of the hidden state the output head
     # reads there (the last layer's, after the final norm), for CHES (train/inspection.py)
     hidden_sums: Optional[torch.Tensor] = None
+    # (N, T) log sum_v pi(v | ...)^2 at each response position, no gradient: WPO's weights (losses/reweight.py)
+    log_sum_sq: Optional[torch.Tensor] = None
 
     @property
     def summed(self) -> torch.Tensor:
@@ -120,8 +122,10 @@ def _chunk_logps(
     with_stats: bool,
     sequences: Optional[torch.Tensor] = None,
     mass_sequences: int = 0,
+    with_log_sum_sq: bool = False,
 ):
-    """(token log-probs, mean logit per position[, max log-prob, entropy, argmax id[, mass]]) of one chunk of positions.
+    """(token log-probs, mean logit per position[, log sum of squared probabilities][, max log-prob, entropy, argmax
+    id[, mass]]) of one chunk of positions.
 
     The mean logit (TRL's `logits/*` metrics) is one reduction of the fp32 logits the log-softmax reads
     anyway; they are dropped before the stats so no more vocab-sized tensors are alive than before.
@@ -136,17 +140,20 @@ def _chunk_logps(
     log_probs = torch.log_softmax(logits, dim=-1)
     del logits
     token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    per_position = (token_logps, mean_logits)
+    if with_log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 log p), without gradient (WPO weights are detached)
+        per_position += (torch.logsumexp(2 * log_probs.detach(), dim=-1),)
     if not with_stats:
-        return token_logps, mean_logits
+        return per_position
     max_logps, argmax = log_probs.max(dim=-1)
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum(-1)
     if not mass_sequences:
-        return token_logps, mean_logits, max_logps, entropy, argmax
+        return *per_position, max_logps, entropy, argmax
     # positions of later sequences add into one spare row, dropped: the chunk's probabilities are not copied
     rows = sequences.clamp(max=mass_sequences)
     mass = probs.new_zeros(mass_sequences + 1, probs.shape[-1]).index_add_(0, rows, probs)
-    return token_logps, mean_logits, max_logps, entropy, argmax, mass[:mass_sequences]
+    return *per_position, max_logps, entropy, argmax, mass[:mass_sequences]
 
 
 def kept_logps_bytes(scored_tokens: int, vocab_size: int, postprocessed: bool) -> int:
@@ -164,6 +171,7 @@ def sequence_logps(
     keep_logps_mb: float = 0.0,
     with_hidden_sums: bool = False,
     mass_sequences: int = 0,
+    with_log_sum_sq: bool = False,
 ) -> TokenLogps:
     """Log-probs of every scored response token of a batch in any layout (data/layout.py): row i of the
     result is sequence i, column k its k-th response token; identical numbers for padded and packed.
@@ -178,7 +186,8 @@ def sequence_logps(
     with_hidden_sums: also return each sequence's summed head-input hidden states (TokenLogps.hidden_sums).
     mass_sequences (with_stats): TokenLogps.mass sums the whole next-token distribution over the positions of
     each of sequences 0 .. mass_sequences-1, out of the log-softmax each chunk computes anyway (where the
-    probability mass sits, for the probes' top gainers: train/token_views.py)."""
+    probability mass sits, for the probes' top gainers: train/token_views.py).
+    with_log_sum_sq: also return log sum_v pi(v)^2 at each response position (TokenLogps.log_sum_sq, for WPO)."""
     if mass_sequences and not with_stats:
         raise ValueError("sequence_logps: mass_sequences needs with_stats=True")
     head = output_head(model)
@@ -223,6 +232,7 @@ def sequence_logps(
                 with_stats,
                 batch.sequence_index[start : start + chunk_size],
                 mass_sequences,
+                with_log_sum_sq,
             )
             if recompute_head:
                 outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
@@ -242,7 +252,8 @@ def sequence_logps(
     mask = torch.zeros(shape, dtype=torch.float32, device=batch.targets.device).index_put(
         where, torch.ones_like(batch.targets, dtype=torch.float32)
     )
-    stats = dict(zip(("max_logps", "entropy", "argmax"), per_token[2:]))
+    names = ("log_sum_sq",) * with_log_sum_sq + ("max_logps", "entropy", "argmax") * with_stats
+    stats = dict(zip(names, per_token[2:]))
     if with_hidden_sums:
         hidden = scored_hidden.detach().to(torch.float64)
         sums = hidden.new_zeros((batch.num_sequences, hidden.shape[-1]))

@@ -57,7 +57,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError
-from prefopt.losses import get_loss
+from prefopt.losses import loss_plan_of
 
 log = logging.getLogger("prefopt")
 
@@ -318,7 +318,7 @@ def run_shape(cfg: DictConfig) -> Run:
 
     model = cfg.model
     arch = model_arch(model)
-    reference_forward = get_loss(cfg.loss.name).needs_reference and str(cfg.reference.precompute).lower() not in (
+    reference_forward = loss_plan_of(cfg.loss).needs_reference and str(cfg.reference.precompute).lower() not in (
         "auto",
         "true",
     )

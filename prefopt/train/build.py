@@ -22,7 +22,7 @@ from prefopt.core.runfiles import CONFIG_FILE, DYNAMICS_PLOT
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import data_identity
 from prefopt.data.layout import BatchLayout
-from prefopt.losses import get_loss
+from prefopt.losses import loss_plan_of
 from prefopt.model.compile import compile_model
 from prefopt.model.loading import ModelSource, apply_lora, load_model, load_tokenizer, resolve_model_source
 from prefopt.model.logps import check_logits_path, check_packed_path
@@ -223,7 +223,7 @@ def build_run(
                 policy,
                 source,
                 reference_pairs(data, cfg, dist.world_size),
-                get_loss(cfg.loss.name).needs_reference,
+                loss_plan_of(cfg.loss).needs_reference,
                 dist,
                 device,
                 tokenizer.pad_token_id,

@@ -7,8 +7,10 @@
   (data content + tokenization settings) and the reference's identity and weights. Every job of a sweep
   over loss / beta / gate shares it, and training then holds no reference at all.
 
-Only summed log-probs are stored: losses that average divide by the lengths themselves, and the gate
-reads the policy's per-token log-probs, never the reference's.
+Four sums per pair are kept (REFERENCE_COLUMNS): each response's whole log-prob, and its sum over the pair's
+shared length min(|y_w|, |y_l|), which LD-DPO (losses/reweight.py) weights apart from the rest. Losses that
+average divide by the lengths themselves, and the gate reads the policy's per-token log-probs, never the
+reference's.
 """
 
 from __future__ import annotations
@@ -28,14 +30,30 @@ from prefopt.core.fileutil import atomic_write_bytes, exclusive_lock, file_diges
 from prefopt.data import PreferenceData, TokenizedPair
 from prefopt.data.layout import BatchLayout, SequenceBatch, pair_groups
 from prefopt.data.sampler import training_sampler
+from prefopt.losses.reweight import shared_lengths, shared_sums
 from prefopt.model.loading import freeze, weight_files
-from prefopt.model.logps import sequence_logps, split_pairs
+from prefopt.model.logps import TokenLogps, sequence_logps, split_pairs
 from prefopt.train.engine import wrap_reference
 from prefopt.train.sharding import pair_scored_tokens, sharded_pass
 
 log = logging.getLogger("prefopt")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: four columns per pair (REFERENCE_COLUMNS)
+REFERENCE_COLUMNS = ("chosen", "rejected", "chosen_shared", "rejected_shared")
+ReferenceValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (B,) each, REFERENCE_COLUMNS
+
+
+def reference_values(token_logps: TokenLogps) -> ReferenceValues:
+    """A batch of pairs' REFERENCE_COLUMNS from its 2B sequences' token log-probs (chosen rows, then rejected)."""
+    chosen_tokens, rejected_tokens = split_pairs(token_logps.logps)
+    chosen_mask, rejected_mask = split_pairs(token_logps.mask)
+    shared = shared_lengths(chosen_mask, rejected_mask)
+    return (
+        chosen_tokens.sum(-1),
+        rejected_tokens.sum(-1),
+        shared_sums(chosen_tokens, chosen_mask, shared),
+        shared_sums(rejected_tokens, rejected_mask, shared),
+    )
 
 
 class ModelReference:
@@ -45,18 +63,14 @@ class ModelReference:
         self.model, self.chunk_size, self.adapters_off = model, chunk_size, adapters_off
 
     @torch.no_grad()
-    def logps(
-        self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0) -> ReferenceValues:
         """min_scored_tokens: see sequence_logps (a frozen ZeRO-3 reference gathers its head per call too)."""
         if self.adapters_off:
             with self.model.disable_adapter():
-                return split_pairs(
-                    sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed
+                return reference_values(
+                    sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens)
                 )
-        return split_pairs(
-            sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens).summed
-        )
+        return reference_values(sequence_logps(self.model, batch, self.chunk_size, min_scored_tokens=min_scored_tokens))
 
 
 def pair_key(pair: TokenizedPair) -> tuple:
@@ -64,14 +78,12 @@ def pair_key(pair: TokenizedPair) -> tuple:
 
 
 class CachedReference:
-    def __init__(self, table: dict[tuple, tuple[float, float]], device: torch.device):
-        self.table, self.device = table, device
+    def __init__(self, table: dict[tuple, tuple[float, ...]], device: torch.device):
+        self.table, self.device = table, device  # pair key -> its REFERENCE_COLUMNS
 
-    def logps(
-        self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, pairs: list[TokenizedPair], batch: SequenceBatch, min_scored_tokens: int = 0) -> ReferenceValues:
         values = torch.tensor([self.table[pair_key(pair)] for pair in pairs], dtype=torch.float32, device=self.device)
-        return values[:, 0], values[:, 1]
+        return tuple(values.unbind(dim=1))
 
 
 def weights_fingerprint(model) -> str:
@@ -119,7 +131,7 @@ def cache_key(pairs: list[TokenizedPair], model_identity: str, fingerprint: str)
 def compute_reference_logps(
     model, pairs: list[TokenizedPair], cfg: DictConfig, dist: DistInfo, device, pad_token_id: int
 ) -> torch.Tensor:
-    """(N, 2) summed chosen/rejected log-probs; each rank computes a strided shard, then all ranks gather
+    """(N, 4) REFERENCE_COLUMNS of each pair; each rank computes a strided shard, then all ranks gather
     (sharding.py)."""
     reference = ModelReference(model, cfg.trainer.logp_chunk_size)
     layout = BatchLayout.from_trainer(cfg.trainer)
@@ -220,7 +232,7 @@ def precomputed_reference(
 ) -> CachedReference:
     key = cache_key(pairs, model_identity, fingerprint)
     path = Path(cfg.reference.cache_dir).expanduser() / f"{key}.pt"
-    values = load_cache(path, key, (len(pairs), 2))
+    values = load_cache(path, key, (len(pairs), len(REFERENCE_COLUMNS)))
     if values is not None and not matches_the_policy(values, model, pairs, cfg, device, pad_token_id, path):
         values = None
     hit = torch.tensor([values is not None], dtype=torch.float64)
@@ -234,7 +246,7 @@ def precomputed_reference(
         if dist.is_main:
             save_cache(path, key, values, "reference.cache_dir")
         dist.barrier()
-    return CachedReference({pair_key(pair): (float(c), float(r)) for pair, (c, r) in zip(pairs, values)}, device)
+    return CachedReference({pair_key(pair): tuple(row) for pair, row in zip(pairs, values.tolist())}, device)
 
 
 def precompute_enabled(reference_cfg: DictConfig) -> bool:

@@ -13,18 +13,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.data import TokenizedPair
 from prefopt.data.layout import BatchLayout, pair_groups
-from prefopt.losses import LossOutput, preference_loss
+from prefopt.losses import LossOutput, loss_plan_of, preference_loss
 from prefopt.model.logps import TokenLogps, sequence_logps, split_pairs
 from prefopt.train.metrics import pair_metrics
 from prefopt.train.reference import CachedReference, ModelReference
 
 
 def loss_hyperparameters(loss_cfg: DictConfig) -> dict[str, Any]:
-    """The loss group's values that go to the loss function (its name and gate are the step's own)."""
+    """The loss group's values that go to the loss function (its name, gate and reweighting are the step's own)."""
     return {
         key: value
         for key, value in OmegaConf.to_container(loss_cfg, resolve=True).items()
-        if key not in ("name", "gate")
+        if key not in ("name", "gate", "reweight")
     }
 
 
@@ -39,6 +39,8 @@ class PairLogps:
     policy: TokenLogps
     reference_chosen: Optional[torch.Tensor]
     reference_rejected: Optional[torch.Tensor]
+    reference_chosen_shared: Optional[torch.Tensor] = None  # summed over the pair's shared length (LD-DPO)
+    reference_rejected_shared: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class PreferenceStep:
         self.loss_name = cfg.loss.name
         self.gate = OmegaConf.to_container(cfg.loss.gate, resolve=True) if "gate" in cfg.loss else None
         self.hyperparameters = loss_hyperparameters(cfg.loss)
+        self.plan = loss_plan_of(cfg.loss)  # its terms: one, or a weighted run's several
+        self.reweight = OmegaConf.to_container(cfg.loss.reweight, resolve=True) if "reweight" in cfg.loss else None
+        self.wpo = bool(self.reweight and self.reweight.get("wpo"))  # the head also returns log sum_v pi(v)^2
         self.policy, self.reference = policy, reference
         self.device, self.pad_token_id = device, pad_token_id
         self.chunk_size, self.keep_logps_mb = cfg.trainer.logp_chunk_size, cfg.trainer.logp_keep_mb
@@ -77,12 +82,16 @@ class PreferenceStep:
         min_scored_tokens: see sequence_logps (ranks scoring different pairs in step call the head equally often)."""
         batch = self.layout.build(pair_groups(pairs), self.pad_token_id).to(self.device)
         policy = sequence_logps(
-            self.policy, batch, self.chunk_size, min_scored_tokens=min_scored_tokens, keep_logps_mb=self.keep_logps_mb
+            self.policy,
+            batch,
+            self.chunk_size,
+            min_scored_tokens=min_scored_tokens,
+            keep_logps_mb=self.keep_logps_mb,
+            with_log_sum_sq=self.wpo,
         )
-        reference_chosen = reference_rejected = None
-        if self.reference is not None:
-            reference_chosen, reference_rejected = self.reference.logps(pairs, batch, min_scored_tokens)
-        return PairLogps(policy, reference_chosen, reference_rejected)
+        if self.reference is None:
+            return PairLogps(policy, None, None)
+        return PairLogps(policy, *self.reference.logps(pairs, batch, min_scored_tokens))
 
     def loss(self, logps: PairLogps, step: int, gated: bool = True, grad_through: str = "both") -> LossOutput:
         """The configured loss on `logps` at training step `step` (scheduled losses read its progress).
@@ -97,6 +106,7 @@ class PreferenceStep:
         chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
         chosen_tokens, rejected_tokens = split_pairs(policy.logps)
         chosen_mask, rejected_mask = split_pairs(policy.mask)
+        chosen_log_sum_sq, rejected_log_sum_sq = split_pairs(policy.log_sum_sq) if self.wpo else (None, None)
         if grad_through == "rejected":
             chosen_logps, chosen_tokens = chosen_logps.detach(), chosen_tokens.detach()
         elif grad_through == "chosen":
@@ -114,6 +124,11 @@ class PreferenceStep:
             rejected_token_logps=rejected_tokens,
             rejected_mask=rejected_mask,
             gate=self.gate if gated else None,
+            reweight=self.reweight,
+            reference_chosen_shared=logps.reference_chosen_shared,
+            reference_rejected_shared=logps.reference_rejected_shared,
+            chosen_log_sum_sq=chosen_log_sum_sq,
+            rejected_log_sum_sq=rejected_log_sum_sq,
             progress=min(step / self.max_steps, 1.0),
             **self.hyperparameters,
         )
@@ -124,6 +139,7 @@ class PreferenceStep:
         out = self.loss(logps, step)
         per_example = {
             "loss": out.losses.detach(),
+            **{f"loss/{term}": losses for term, losses in out.term_losses.items()},  # a weighted run's terms
             **pair_metrics(logps.policy, out.chosen_rewards, out.rejected_rewards, logps.reference_chosen),
         }  # TRL's names
         tokens = sum(

@@ -49,7 +49,6 @@ from typing import Sequence
 import torch
 
 from prefopt.data import TokenizedPair
-from prefopt.losses import get_loss
 from prefopt.losses.gate import parse_gate
 from prefopt.train.engine import trainable_parameters
 from prefopt.train.step import PreferenceStep
@@ -103,7 +102,7 @@ class TermGradients:
         if not pairs:
             raise ValueError("term gradients need at least one training pair")
         self.step_fn, self.pairs = step_fn, pairs
-        self.gated = parse_gate(step_fn.gate, get_loss(step_fn.loss_name)) is not None  # kind none: no gate
+        self.gated = parse_gate(step_fn.gate, step_fn.plan) is not None  # kind none: no gate
 
     def __call__(self, step: int) -> dict[str, float]:
         """The metrics at training step `step` (a scheduled loss reads its progress, as the held-out eval does)."""
