@@ -195,3 +195,8 @@ def test_ld_dpo_and_wpo_runs_agree_live_and_precomputed(tmp_path):
     assert first["train/rewards/margins"] == pytest.approx(0, abs=1e-6)
     summary = json.loads((live / "summary.json").read_text())
     assert math.isfinite(summary["eval/loss"])
+
+
+def test_wpo_is_refused_for_the_sorting_losses():
+    with pytest.raises(ConfigError, match="loss.reweight.wpo=true with loss 'aot'"):
+        validate_loss_config(OmegaConf.create({"name": "aot", "reweight": {"wpo": True}}))

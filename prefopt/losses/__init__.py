@@ -107,7 +107,7 @@ def preference_loss(
     plan = loss_plan(name, hyperparameters)
     gate_params = parse_gate(gate, plan)
     reweight_params = parse_reweight(OmegaConf.to_container(reweight) if isinstance(reweight, DictConfig) else reweight)
-    check_reweight_with_gate(reweight_params, gate_params)
+    check_reweight(reweight_params, gate_params, plan)
     if plan.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
         raise ValueError(f"loss {name!r} needs reference_chosen_logps and reference_rejected_logps")
     # a response cut to zero tokens by truncation would divide by zero when averaging
@@ -188,9 +188,19 @@ def preference_loss(
     )
 
 
-def check_reweight_with_gate(reweight: ReweightParams, gate: Optional[GateParams]) -> None:
-    """The token gate rebuilds the rejected sum token by token with each token's gate as its gradient weight; LD-DPO
-    weights the same tokens by alpha past the shared length, and the two are not combined: refuse, naming both."""
+SORTING_LOSSES = ("aot", "aot_unpaired")  # their per-example losses belong to sorted positions, not to pairs
+
+
+def check_reweight(reweight: ReweightParams, gate: Optional[GateParams], plan: LossPlan) -> None:
+    """Refuse what does not combine, naming both keys. The token gate rebuilds the rejected sum token by token with
+    each token's gate as its gradient weight, while LD-DPO weights the same tokens by alpha past the shared length.
+    WPO weights each pair's loss, which AOT's sorted losses do not have (TRL refuses it there too)."""
+    sorting = [term.name for term in plan.terms if term.name in SORTING_LOSSES]
+    if reweight.wpo and sorting:
+        raise ConfigError(
+            f"loss.reweight.wpo=true with loss {sorting[0]!r}: its losses belong to sorted positions, not to pairs, "
+            "so there is no pair to weight; set loss.reweight.wpo=false"
+        )
     if gate is not None and gate.kind == "token" and reweight.length_desensitized:
         raise ConfigError(
             f"loss.gate.kind=token with loss.reweight.ld_alpha={reweight.ld_alpha:g}: the token gate and LD-DPO each "
@@ -233,7 +243,8 @@ def validate_loss_config(loss_cfg: Any) -> None:
     name = values.pop("name")
     gate = values.pop("gate", None)
     reweight = parse_reweight(values.pop("reweight", None))
-    check_reweight_with_gate(reweight, parse_gate(gate, loss_plan(name, values)))
+    plan = loss_plan(name, values)
+    check_reweight(reweight, parse_gate(gate, plan), plan)
 
 
 def loss_plan_of(loss_cfg: DictConfig) -> LossPlan:
