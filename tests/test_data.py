@@ -309,17 +309,15 @@ def test_max_completion_length_cuts_each_response_before_max_length(mode, prompt
     limits = TruncationLimits(max_length=10, max_prompt_length=5, max_completion_length=2, mode=mode)
     alone = truncate_pair([1, 2], [3, 4, 5, 6, 7], [8, 9], limits, None)  # fits max_length once cut to 2
     assert (alone.prompt_ids, alone.chosen_ids, alone.rejected_ids) == ([1, 2], [3, 4], [8, 9])
-    assert (alone.truncated, alone.by_completion_length, alone.by_max_length, alone.prompt_cut) == (
-        True,
-        True,
-        False,
-        False,
-    )
+    assert (alone.prompt_cut, alone.responses_cut, alone.by_completion_length) == (False, True, True)
     # 6 prompt + 3 (chosen cut to max_completion_length=3) > 8: the prompt goes to 4, then 4 response tokens fit
     limits = TruncationLimits(max_length=8, max_prompt_length=4, max_completion_length=3, mode=mode)
     both = truncate_pair([1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11], limits, None)
     assert (both.prompt_ids, both.chosen_ids, both.rejected_ids) == (prompt, [7, 8, 9], [11])
-    assert both.by_completion_length and both.by_max_length and both.prompt_cut
+    assert both.by_completion_length and both.responses_cut and both.prompt_cut
+    budget = truncate_pair([1, 2, 3, 4, 5, 6], [7, 8, 9], [10], limits, None)  # 6 + 3 > 8; 4 + 3 fit: prompt only
+    assert (budget.prompt_ids, budget.chosen_ids) == (prompt, [7, 8, 9])
+    assert (budget.prompt_cut, budget.responses_cut, budget.by_completion_length) == (True, False, False)
     short = truncate_pair([1], [2, 3], [4], limits, None)  # within every limit
     assert not short.truncated and (short.prompt_ids, short.chosen_ids, short.rejected_ids) == ([1], [2, 3], [4])
 
@@ -346,9 +344,10 @@ def test_pipeline_truncation_token_ids_and_counts(preference_file, byte_tokenize
     assert long.rejected_ids == ids(byte_tokenizer, "xy") + [eos]
     short = next(pair for pair in data.train if pair.source_index == 1)
     assert short.chosen_ids == ids(byte_tokenizer, "a") + [eos]
-    expected = dict(truncated=1, truncated_share=0.5, truncated_max_length=1, truncated_completion_length=1)
+    expected = dict(
+        truncated=1, truncated_share=0.5, truncated_prompts=1, truncated_responses=1, truncated_by_completion_length=1
+    )
     assert {key: data.stats[f"train/{key}"] for key in expected} == expected
-    assert data.stats["train/truncated_prompts"] == 1
     unlimited = build_preference_data(
         local_cfg(
             preference_file(rows),
@@ -382,10 +381,12 @@ def test_truncation_warning_above_the_share_only(preference_file, byte_tokenizer
     assert data.stats["train/truncated_share"] == 0.75
     said = [record.getMessage() for record in caplog.records if "were truncated" in record.getMessage()]
     if warned:
-        assert len(said) == 1 and said[0].startswith(
-            "75% of train pairs (3/4) were truncated (3 to dataset.max_length=30)"
-        )
-        assert "3 kept only the end of their prompt" in said[0] and "dataset.truncation_mode=keep_start" in said[0]
+        assert said == [
+            "75% of train pairs (3/4) were truncated: 3 lost the start of their prompt (dataset.max_length=30 kept "
+            "dataset.max_prompt_length=10 prompt tokens, dataset.truncation_mode=keep_end), 0 the end of a response "
+            "and its end-of-turn token (dataset.max_length=30); raise those limits or set "
+            "dataset.truncation_mode=keep_start, or set dataset.warn_truncated_share=1 to accept it"
+        ]
     else:
         assert said == []
     caplog.clear()

@@ -197,9 +197,9 @@ def prepare_split(
     stats[f"{name}/pairs"] = len(pairs)
     stats[f"{name}/truncated"] = counts.truncated
     stats[f"{name}/truncated_share"] = truncated_share(counts.truncated, len(pairs))
-    stats[f"{name}/truncated_max_length"] = counts.truncated_max_length
-    stats[f"{name}/truncated_completion_length"] = counts.truncated_completion_length
     stats[f"{name}/truncated_prompts"] = counts.truncated_prompts
+    stats[f"{name}/truncated_responses"] = counts.truncated_responses
+    stats[f"{name}/truncated_by_completion_length"] = counts.truncated_by_completion_length
     stats[f"{name}/dropped_empty_response"] = counts.dropped_empty_response
     stats[f"{name}/boundary_merges"] = counts.boundary_merges  # prompt/response boundary moved over a merged token
     stats[f"{name}/skipped_bad_rows"] = skipped.count

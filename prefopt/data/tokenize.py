@@ -67,9 +67,9 @@ class TokenizedPair:
 @dataclass
 class EncodingCounts:
     truncated: int = 0  # pairs kept after cutting the prompt and/or the responses (truncation.py)
-    truncated_max_length: int = 0  # of those, pairs longer than dataset.max_length
-    truncated_completion_length: int = 0  # of those, pairs with a response longer than dataset.max_completion_length
     truncated_prompts: int = 0  # of those, pairs whose prompt was cut to dataset.max_prompt_length
+    truncated_responses: int = 0  # of those, pairs with a response cut short (either limit)
+    truncated_by_completion_length: int = 0  # of those, pairs with a response longer than max_completion_length
     dropped_empty_response: int = 0  # pairs dropped because a response had no token left
     boundary_merges: int = 0  # pairs whose prompt/response token boundary moved left over a merged token
 
@@ -237,9 +237,9 @@ class PairEncoder:
                 counts.dropped_empty_response += 1
                 continue
             counts.truncated += cut.truncated
-            counts.truncated_max_length += cut.by_max_length
-            counts.truncated_completion_length += cut.by_completion_length
             counts.truncated_prompts += cut.prompt_cut
+            counts.truncated_responses += cut.responses_cut
+            counts.truncated_by_completion_length += cut.by_completion_length
             counts.boundary_merges += merged
             yield TokenizedPair(
                 prompt_ids=cut.prompt_ids,

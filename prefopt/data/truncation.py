@@ -49,18 +49,18 @@ class TruncationLimits:
 
 @dataclass(frozen=True)
 class CutPair:
-    """A pair after truncation, and which of the limits cut it."""
+    """A pair after truncation, and what was cut."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    prompt_cut: bool = False  # the prompt lost tokens (to max_prompt_length, the pair exceeding max_length)
+    responses_cut: bool = False  # a response lost its end (to max_completion_length or max_length)
     by_completion_length: bool = False  # a response was longer than max_completion_length
-    by_max_length: bool = False  # the pair was longer than max_length
-    prompt_cut: bool = False  # its prompt lost tokens to max_prompt_length
 
     @property
     def truncated(self) -> bool:
-        return self.by_completion_length or self.by_max_length
+        return self.prompt_cut or self.responses_cut
 
 
 def cut_prompt(prompt_ids: list[int], limits: TruncationLimits, bos_id: Optional[int]) -> list[int]:
@@ -83,21 +83,25 @@ def truncate_pair(
     bos_id: Optional[int],
 ) -> Optional[CutPair]:
     """The pair cut to its limits (module docstring), or None when a response would be left empty."""
-    by_completion_length = False
-    if limits.max_completion_length is not None:
-        longest = max(len(chosen_ids), len(rejected_ids))
-        by_completion_length = longest > limits.max_completion_length
+    longest = max(len(chosen_ids), len(rejected_ids))
+    by_completion_length = limits.max_completion_length is not None and longest > limits.max_completion_length
+    if by_completion_length:
         chosen_ids = chosen_ids[: limits.max_completion_length]
         rejected_ids = rejected_ids[: limits.max_completion_length]
     if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= limits.max_length:
-        return CutPair(prompt_ids, chosen_ids, rejected_ids, by_completion_length)
+        return CutPair(prompt_ids, chosen_ids, rejected_ids, False, by_completion_length, by_completion_length)
     kept_prompt = cut_prompt(prompt_ids, limits, bos_id)
     response_budget = max(limits.max_length - len(kept_prompt), 0)
-    chosen_ids, rejected_ids = chosen_ids[:response_budget], rejected_ids[:response_budget]
-    if not chosen_ids or not rejected_ids:
+    if not response_budget or not chosen_ids or not rejected_ids:
         return None
+    responses_cut = by_completion_length or max(len(chosen_ids), len(rejected_ids)) > response_budget
     return CutPair(
-        kept_prompt, chosen_ids, rejected_ids, by_completion_length, True, len(kept_prompt) < len(prompt_ids)
+        kept_prompt,
+        chosen_ids[:response_budget],
+        rejected_ids[:response_budget],
+        len(kept_prompt) < len(prompt_ids),
+        responses_cut,
+        by_completion_length,
     )
 
 
@@ -124,20 +128,22 @@ def truncation_warnings(stats: dict, dataset_cfg) -> list[str]:
 
 
 def truncated_share_warning(split: str, stats: dict, dataset_cfg) -> str:
-    """'87% of train pairs (21/24) were truncated to dataset.max_length=64 ...': what cut them and what to change."""
-    truncated, pairs = stats[f"{split}/truncated"], stats[f"{split}/pairs"]
-    causes = [f"{stats[f'{split}/truncated_max_length']} to dataset.max_length={dataset_cfg.max_length}"]
+    """'87% of train pairs (21/24) were truncated: ...': what was cut, by which keys, and what to change."""
+    prompts, responses = stats[f"{split}/truncated_prompts"], stats[f"{split}/truncated_responses"]
+    lost = "end" if dataset_cfg.truncation_mode == KEEP_START else "start"
+    other_mode = KEEP_END if dataset_cfg.truncation_mode == KEEP_START else KEEP_START
+    response_limits = [f"dataset.max_length={dataset_cfg.max_length}"]
     if dataset_cfg.max_completion_length is not None:
-        causes.append(
-            f"{stats[f'{split}/truncated_completion_length']} to dataset.max_completion_length="
+        response_limits.append(
+            f"{stats[f'{split}/truncated_by_completion_length']} by dataset.max_completion_length="
             f"{dataset_cfg.max_completion_length}"
         )
-    kept = "start" if dataset_cfg.truncation_mode == KEEP_START else "end"
-    other_mode = KEEP_END if dataset_cfg.truncation_mode == KEEP_START else KEEP_START
     return (
-        f"{stats[f'{split}/truncated_share']:.0%} of {split} pairs ({truncated}/{pairs}) were truncated "
-        f"({', '.join(causes)}); {stats[f'{split}/truncated_prompts']} kept only the {kept} of their prompt "
-        f"(dataset.max_prompt_length={dataset_cfg.max_prompt_length}, dataset.truncation_mode="
-        f"{dataset_cfg.truncation_mode}) and a cut response loses its end-of-turn token; raise the limits, set "
-        f"dataset.truncation_mode={other_mode}, or dataset.warn_truncated_share=1 to accept it"
+        f"{stats[f'{split}/truncated_share']:.0%} of {split} pairs ({stats[f'{split}/truncated']}/"
+        f"{stats[f'{split}/pairs']}) were truncated: {prompts} lost the {lost} of their prompt (dataset.max_length="
+        f"{dataset_cfg.max_length} kept dataset.max_prompt_length={dataset_cfg.max_prompt_length} prompt tokens, "
+        f"dataset.truncation_mode={dataset_cfg.truncation_mode}), {responses} the end of a response and its "
+        f"end-of-turn token ({', '.join(response_limits)}); raise those limits"
+        + (f" or set dataset.truncation_mode={other_mode}" if prompts else "")
+        + ", or set dataset.warn_truncated_share=1 to accept it"
     )
