@@ -28,6 +28,7 @@ SPLIT_STATS = (  # shown per split
     "truncated_share",
     "truncated_prompts",
     "truncated_responses",
+    "truncated_by_completion_length",
     "dropped_empty_response",
     "boundary_merges",
 )
@@ -79,7 +80,8 @@ def describe_data(cfg: DictConfig, data: PreferenceData, tokenizer, pairs: int) 
             f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: "
             f"{stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
             f"{stats[f'{split}/truncated']} truncated ({stats[f'{split}/truncated_prompts']} with the prompt cut, "
-            f"{stats[f'{split}/truncated_responses']} with a response cut), "
+            f"{stats[f'{split}/truncated_responses']} with a response cut, "
+            f"{stats[f'{split}/truncated_by_completion_length']} by max_completion_length), "
             f"{stats[f'{split}/dropped_empty_response']} dropped (no response "
             f"token left), {stats[f'{split}/boundary_merges']} boundary merges"
         )
