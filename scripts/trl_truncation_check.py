@@ -40,6 +40,17 @@ def trl_rows(prompt, chosen, rejected, max_length):
     return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
+def check(truncation, prompt, chosen, rejected, max_length, max_prompt_length, mode) -> None:
+    """prefopt's two sequences must be TRL 1.x keep_start's, token for token."""
+    limits = truncation.TruncationLimits(max_length, max_prompt_length, None, mode)
+    cut = truncation.truncate_pair(prompt, chosen, rejected, limits, None)
+    ours = [cut.prompt_ids + cut.chosen_ids, cut.prompt_ids + cut.rejected_ids]
+    if ours != trl_rows(prompt, chosen, rejected, max_length):
+        raise SystemExit(
+            f"differs from TRL {trl_version} ({mode}, {max_prompt_length=}): {prompt=} {chosen=} {rejected=}"
+        )
+
+
 def main() -> None:
     truncation = load_truncation()
     rng = random.Random(0)
@@ -52,22 +63,21 @@ def main() -> None:
         rejected = [rng.randint(1, 999) for _ in range(rng.randint(1, 60))]
         if len(prompt) >= max_length:
             trl_drops += 1  # TRL 1.x filters the pair out (keep_start); prefopt keeps it with its prompt cut
+        else:  # TRL 1.x's default as prefopt settings: keep_start with max_prompt_length = max_length - 1
+            check(truncation, prompt, chosen, rejected, max_length, max_length - 1, truncation.KEEP_START)
         if len(prompt) > max_prompt_length:
             prompt_too_long += 1
             continue
         compared += 1
         for mode in truncation.TRUNCATION_MODES:
-            limits = truncation.TruncationLimits(max_length, max_prompt_length, None, mode)
-            cut = truncation.truncate_pair(prompt, chosen, rejected, limits, None)
-            ours = [cut.prompt_ids + cut.chosen_ids, cut.prompt_ids + cut.rejected_ids]
-            if ours != trl_rows(prompt, chosen, rejected, max_length):
-                raise SystemExit(f"differs from TRL {trl_version} ({mode}): {prompt=} {chosen=} {rejected=}")
+            check(truncation, prompt, chosen, rejected, max_length, max_prompt_length, mode)
         agreed += 1
     print(
         f"TRL {trl_version} keep_start vs prefopt (keep_end and keep_start): {agreed}/{compared} pairs whose prompt "
         f"fits max_prompt_length agree token for token; {prompt_too_long} of {CASES} had a longer prompt (prefopt "
         f"cuts it to max_prompt_length, TRL 1.x keeps it whole and cuts the response), {trl_drops} of which TRL "
-        "1.x would drop (prompt >= max_length)"
+        f"1.x would drop (prompt >= max_length); with keep_start and max_prompt_length = max_length - 1 all "
+        f"{CASES - trl_drops} pairs TRL 1.x keeps agree"
     )
 
 

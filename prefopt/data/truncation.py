@@ -2,7 +2,7 @@
 
 A pair is cut in this order (dataset.* keys):
   1. max_completion_length (null = no limit of its own): each response keeps its first N tokens, as TRL's
-     DPOConfig.max_completion_length did (TRL 0.13 to 0.29: completions cut apart from the prompt, start kept).
+     DPOConfig.max_completion_length did (TRL 0.13 up to 1.0: completions cut apart from the prompt, start kept).
   2. max_length, for a pair whose prompt plus longer response exceeds it: the prompt is cut to max_prompt_length,
      keeping its end (truncation_mode=keep_end: the last turn and the template's assistant header the response
      follows; a leading BOS stays, the model never saw text without it) or its start (keep_start). This is TRL's
@@ -14,7 +14,8 @@ Both responses of a pair share one prompt, so chosen and rejected always see the
 TRL 1.x (1.16 read) dropped max_prompt_length and max_completion_length: it cuts each whole prompt+response
 sequence to max_length, keep_start (its default: the response's end goes, and a pair whose prompt alone fills
 max_length is dropped) or keep_end (deprecated: the sequence's start goes, prompt first). Where a pair's prompt
-fits max_prompt_length, prefopt's cut equals TRL 1.x keep_start's (scripts/trl_truncation_check.py).
+fits max_prompt_length, prefopt's cut equals TRL 1.x keep_start's (scripts/trl_truncation_check.py); so
+keep_start with max_prompt_length = max_length - 1 gives every pair TRL 1.x keeps the same tokens.
 
 A pair left with an empty response (no limit a valid config allows does this) is dropped, counted and warned about.
 A split whose truncated share exceeds dataset.warn_truncated_share gets one warning line per run.
