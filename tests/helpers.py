@@ -20,9 +20,11 @@ GROUP_SCHEMAS = {"model": ModelConfig, "dataset": DatasetConfig, "hardware": Har
 
 def preset(group: str, option: str, **values: Any) -> DictConfig:
     """The `group` node (model, dataset, hardware) as `prefopt train group=option` sets it: the schema's types,
-    conf/<group>/<option>.yaml's values, then `values`."""
+    conf/<group>/<option>.yaml's values, conf/config.yaml's keys of that group (dataset.max_completion_length, ...;
+    an interpolation such as dataset.cache_dir's needs a value in `values` before it is read), then `values`."""
+    shared = OmegaConf.load(CONF_DIR / "config.yaml").get(group, {})
     return OmegaConf.merge(
-        OmegaConf.structured(GROUP_SCHEMAS[group]), OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), values
+        OmegaConf.structured(GROUP_SCHEMAS[group]), OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), shared, values
     )
 
 
@@ -33,7 +35,8 @@ def trainer_node(**values: Any) -> DictConfig:
 
 
 # The dataset settings the data tests were written against, unless a test sets its own: layout and template found
-# automatically, a split named test held out, 512 / 256 tokens, bad rows refused, the user's tokenized-pairs cache.
+# automatically, a split named test held out, 512 / 256 tokens (no completion limit, prompts keep their end, a
+# truncation warning past 10%), bad rows refused, the user's tokenized-pairs cache.
 # Test inputs, not defaults: `prefopt train` takes its values from conf/dataset/<option>.yaml (preset("dataset", ...)).
 DATA_TEST_SETTINGS = dict(
     name="arith",
@@ -44,6 +47,9 @@ DATA_TEST_SETTINGS = dict(
     eval_split="test",
     max_length=512,
     max_prompt_length=256,
+    max_completion_length=None,
+    truncation_mode="keep_end",
+    warn_truncated_share=0.1,
     on_bad_row="error",
     cache_dir="${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}/tokenized",
 )

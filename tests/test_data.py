@@ -11,7 +11,9 @@ import pytest
 from prefopt.core.errors import ConfigError
 from prefopt.data import DataError, answer_is_correct, build_preference_data, collate_pairs, collate_sequences
 from prefopt.data.formats import BadRow, split_hh_transcripts
-from prefopt.data.tokenize import IGNORE_INDEX, truncate_pair
+from prefopt.data.identity import data_identity
+from prefopt.data.tokenize import IGNORE_INDEX
+from prefopt.data.truncation import TruncationLimits, truncate_pair
 from tests.helpers import dataset_node
 
 HH_TRANSCRIPTS = [
@@ -276,16 +278,121 @@ def test_messages_format_needs_a_chat_template(preference_file, byte_tokenizer):
 # ---------------------------------------------------------------- truncation
 
 
+def cut(prompt, chosen, rejected, max_length, max_prompt_length, bos_id=None, completion=None, mode="keep_end"):
+    """truncate_pair as (prompt, chosen, rejected, truncated), or None."""
+    limits = TruncationLimits(max_length, max_prompt_length, completion, mode)
+    pair = truncate_pair(prompt, chosen, rejected, limits, bos_id)
+    return None if pair is None else (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.truncated)
+
+
 def test_truncate_cuts_prompt_from_left_keeping_bos():
-    prompt, chosen, rejected, truncated = truncate_pair([9, 1, 2, 3, 4, 5], [6, 7], [8], 6, 3, bos_id=9)
-    assert (prompt, chosen, rejected, truncated) == ([9, 4, 5], [6, 7], [8], True)
-    assert truncate_pair([1, 2, 3, 4, 5], [6, 7], [8], 6, 3, bos_id=9)[0] == [3, 4, 5]
+    assert cut([9, 1, 2, 3, 4, 5], [6, 7], [8], 6, 3, bos_id=9) == ([9, 4, 5], [6, 7], [8], True)
+    assert cut([1, 2, 3, 4, 5], [6, 7], [8], 6, 3, bos_id=9)[0] == [3, 4, 5]
+
+
+def test_truncate_keep_start_keeps_the_prompts_start():
+    assert cut([9, 1, 2, 3, 4, 5], [6, 7], [8], 6, 3, bos_id=9, mode="keep_start") == ([9, 1, 2], [6, 7], [8], True)
+    assert cut([1, 2, 3, 4, 5], [6, 7, 8, 9], [8], 6, 3, mode="keep_start") == ([1, 2, 3], [6, 7, 8], [8], True)
 
 
 def test_truncate_cuts_responses_from_right_and_leaves_short_pairs_alone():
-    assert truncate_pair([1, 2], [3, 4, 5, 6, 7], [8, 9], 4, 2, None) == ([1, 2], [3, 4], [8, 9], True)
-    assert truncate_pair([1, 2], [3, 4], [5], 4, 2, None) == ([1, 2], [3, 4], [5], False)
-    assert truncate_pair([1, 2, 3], [4], [5, 6], 3, 3, None) is None  # no room left for a response
+    assert cut([1, 2], [3, 4, 5, 6, 7], [8, 9], 4, 2) == ([1, 2], [3, 4], [8, 9], True)
+    assert cut([1, 2], [3, 4], [5], 4, 2) == ([1, 2], [3, 4], [5], False)
+    assert cut([1, 2, 3], [4], [5, 6], 3, 3) is None  # no room left for a response
+
+
+@pytest.mark.parametrize(
+    "mode, prompt",
+    [("keep_end", [3, 4, 5, 6]), ("keep_start", [1, 2, 3, 4])],
+)
+def test_max_completion_length_cuts_each_response_before_max_length(mode, prompt):
+    limits = TruncationLimits(max_length=10, max_prompt_length=5, max_completion_length=2, mode=mode)
+    alone = truncate_pair([1, 2], [3, 4, 5, 6, 7], [8, 9], limits, None)  # fits max_length once cut to 2
+    assert (alone.prompt_ids, alone.chosen_ids, alone.rejected_ids) == ([1, 2], [3, 4], [8, 9])
+    assert (alone.prompt_cut, alone.responses_cut, alone.by_completion_length) == (False, True, True)
+    # 6 prompt + 3 (chosen cut to max_completion_length=3) > 8: the prompt goes to 4, then 4 response tokens fit
+    limits = TruncationLimits(max_length=8, max_prompt_length=4, max_completion_length=3, mode=mode)
+    both = truncate_pair([1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11], limits, None)
+    assert (both.prompt_ids, both.chosen_ids, both.rejected_ids) == (prompt, [7, 8, 9], [11])
+    assert both.by_completion_length and both.responses_cut and both.prompt_cut
+    budget = truncate_pair([1, 2, 3, 4, 5, 6], [7, 8, 9], [10], limits, None)  # 6 + 3 > 8; 4 + 3 fit: prompt only
+    assert (budget.prompt_ids, budget.chosen_ids) == (prompt, [7, 8, 9])
+    assert (budget.prompt_cut, budget.responses_cut, budget.by_completion_length) == (True, False, False)
+    short = truncate_pair([1], [2, 3], [4], limits, None)  # within every limit
+    assert not short.truncated and (short.prompt_ids, short.chosen_ids, short.rejected_ids) == ([1], [2, 3], [4])
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("mode, kept_prompt", [("keep_end", "efghij"), ("keep_start", "abcdef")])
+def test_pipeline_truncation_token_ids_and_counts(preference_file, byte_tokenizer, mode, kept_prompt):
+    """Raw text, byte tokens: prompt 10, chosen 6 + EOS, rejected 2 + EOS. max_completion_length=4 cuts chosen to
+    "KLMN"; 10 + 4 > max_length=12 cuts the prompt to max_prompt_length=6 (by mode); 6 response tokens fit."""
+    rows = [
+        {"prompt": "abcdefghij", "chosen": "KLMNOP", "rejected": "xy"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
+    limits = dict(max_length=12, max_prompt_length=6, max_completion_length=4, truncation_mode=mode)
+    cfg = local_cfg(preference_file(rows), chat_template="never", eval_fraction=0.0, cache_dir=None, **limits)
+    data = build_preference_data(cfg, byte_tokenizer, 0)
+    long = next(pair for pair in data.train if pair.source_index == 0)
+    eos = byte_tokenizer.eos_token_id
+    assert long.prompt_ids == ids(byte_tokenizer, kept_prompt)
+    assert long.chosen_ids == ids(byte_tokenizer, "KLMN")  # its end-of-turn token cut off with "OP"
+    assert long.rejected_ids == ids(byte_tokenizer, "xy") + [eos]
+    short = next(pair for pair in data.train if pair.source_index == 1)
+    assert short.chosen_ids == ids(byte_tokenizer, "a") + [eos]
+    expected = dict(
+        truncated=1, truncated_share=0.5, truncated_prompts=1, truncated_responses=1, truncated_by_completion_length=1
+    )
+    assert {key: data.stats[f"train/{key}"] for key in expected} == expected
+    unlimited = build_preference_data(
+        local_cfg(
+            preference_file(rows),
+            chat_template="never",
+            eval_fraction=0.0,
+            cache_dir=None,
+            **{**limits, "max_completion_length": None},
+        ),
+        byte_tokenizer,
+        0,
+    )
+    assert data_identity(unlimited)["train"] != data_identity(data)["train"]  # what a resume compares
+
+
+@pytest.mark.parametrize("share, warned", [(0.5, True), (0.75, False)])
+def test_truncation_warning_above_the_share_only(preference_file, byte_tokenizer, caplog, share, warned):
+    rows = [{"prompt": "p" * 40, "chosen": "c", "rejected": "r"}] * 3 + [
+        {"prompt": "p", "chosen": "c", "rejected": "r"}
+    ]
+    cfg = local_cfg(
+        preference_file(rows),
+        chat_template="never",
+        max_length=30,
+        max_prompt_length=10,
+        eval_fraction=0.0,
+        cache_dir=None,
+        warn_truncated_share=share,
+    )
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        data = build_preference_data(cfg, byte_tokenizer, 0)
+    assert data.stats["train/truncated_share"] == 0.75
+    said = [record.getMessage() for record in caplog.records if "were truncated" in record.getMessage()]
+    if warned:
+        assert said == [
+            "75% of train pairs (3/4) were truncated: 3 lost the start of their prompt (dataset.max_length=30 kept "
+            "dataset.max_prompt_length=10 prompt tokens, dataset.truncation_mode=keep_end), 0 the end of a response "
+            "and its end-of-turn token (dataset.max_length=30); raise those limits or set "
+            "dataset.truncation_mode=keep_start, or set dataset.warn_truncated_share=1 to accept it"
+        ]
+    else:
+        assert said == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        build_preference_data(cfg, byte_tokenizer, 0, announce=False)  # ranks other than 0
+    assert not caplog.records
 
 
 def test_truncation_counts_in_stats(preference_file, byte_tokenizer):
@@ -305,13 +412,16 @@ def test_truncation_counts_in_stats(preference_file, byte_tokenizer):
             )
 
 
-def test_pairs_left_without_response_are_dropped_and_counted(preference_file, byte_tokenizer):
+def test_pairs_left_without_response_are_dropped_counted_and_said(preference_file, byte_tokenizer, caplog):
+    """Only a config validation refuses (max_prompt_length >= max_length) leaves a response empty: still loud."""
     rows = [{"prompt": "p" * 40, "chosen": "c", "rejected": "r"}] + STRING_ROWS
     cfg = local_cfg(
         preference_file(rows), chat_template="never", max_length=20, max_prompt_length=20, eval_fraction=0.2
     )
-    data = build_preference_data(cfg, byte_tokenizer, 0)
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        data = build_preference_data(cfg, byte_tokenizer, 0)
     assert data.stats["train/dropped_empty_response"] + data.stats["eval/dropped_empty_response"] == 1
+    assert "1 train pairs were dropped" in caplog.text or "1 eval pairs were dropped" in caplog.text
     assert 0 not in [pair.source_index for pair in all_pairs(data)]
 
 

@@ -384,12 +384,22 @@ def test_second_load_hits_the_cache_and_a_changed_setting_misses(
     assert (
         as_tuples(second) == as_tuples(first) and second.stats == first.stats and second.row_format == first.row_format
     )
-    for changed in (dict(max_length=64), dict(max_prompt_length=8), dict(chat_template="never")):
+    for changed in (
+        dict(max_length=64),
+        dict(max_prompt_length=8),
+        dict(max_completion_length=3),
+        dict(truncation_mode="keep_start"),
+        dict(chat_template="never"),
+    ):
         tokenizer_calls.clear()
         assert (
             build_preference_data(dataset_cfg(path, tmp_path, **changed), byte_tokenizer, 0).cache == "miss"
             and tokenizer_calls
-        )
+        ), changed
+    tokenizer_calls.clear()  # when a warning is said does not change a pair
+    assert (
+        build_preference_data(dataset_cfg(path, tmp_path, warn_truncated_share=1.0), byte_tokenizer, 0).cache == "hit"
+    )
     tokenizer_calls.clear()
     assert (
         build_preference_data(dataset_cfg(path, tmp_path), bos_byte_tokenizer, 0).cache == "miss" and tokenizer_calls

@@ -4,7 +4,8 @@ An entry lives in dataset.cache_dir under a key that hashes everything the pairs
   - the data's content: the SHA-256 of its files (fileutil.file_digests: memoized per file identity, which size and
     mtime alone are not), or `datasets`' fingerprint of what it loaded from the hub;
   - which rows each split holds (the held-out indices follow the seed) and the split names;
-  - every dataset.* setting (layout, columns, chat_template, lengths, caps, on_bad_row; cache_dir aside);
+  - every dataset.* setting (layout, columns, chat_template, lengths and truncation_mode, caps, on_bad_row; cache_dir
+    and warn_truncated_share aside);
   - the tokenizer: its class, name_or_path, the hash of its whole serialized vocabulary and rules, its
     special tokens and chat template;
   - the code of prefopt/data/ itself, so a change to how pairs are made never reads old pairs.

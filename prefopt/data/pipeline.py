@@ -26,6 +26,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.formats import CONVERSATIONAL, SkippedRows, normalize_rows
 from prefopt.data.sources import RawSource, RawSplit, load_raw_splits
 from prefopt.data.tokenize import EncodingCounts, PairEncoder, TokenizedPair
+from prefopt.data.truncation import TruncationLimits, truncated_share, truncation_warnings
 
 logger = logging.getLogger("prefopt.data")
 
@@ -34,9 +35,9 @@ logger = logging.getLogger("prefopt.data")
 class PreferenceData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
-    stats: dict[str, int] = field(
+    stats: dict[str, float] = field(
         default_factory=dict
-    )  # "train/pairs", "train/truncated", "train/boundary_merges", ... and eval/
+    )  # counts "train/pairs", "train/truncated", "train/boundary_merges", ..., the share "train/truncated_share"; eval/
     row_format: str = (
         "strings"  # the layout the rows had (formats.py: strings | implicit | hh | messages | implicit_messages)
     )
@@ -48,7 +49,8 @@ class PreferenceData:
     files: Optional[list[str]] = None  # the local files read (None: hub or generated data)
 
 
-def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> PreferenceData:
+def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int, announce: bool = True) -> PreferenceData:
+    """announce: log the data's warnings and summary line (False on all ranks but 0: said once per run)."""
     source = load_raw_splits(dataset_cfg, seed)
     entry = cache_entry(dataset_cfg, source, tokenizer)
     if entry is None:
@@ -57,24 +59,27 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int) -> Pref
     else:
         splits, meta, hit = cached_pairs(*entry, lambda: tokenize_source(dataset_cfg, source, tokenizer))
         cache = "hit" if hit else "miss"
-        logger.info("tokenized pairs: cache %s (%s)", cache, entry[0])
-    for warning in meta["warnings"]:  # said on every run, cached or not
-        logger.warning("%s", warning)
+        if announce:
+            logger.info("tokenized pairs: cache %s (%s)", cache, entry[0])
     stats = meta["stats"]
+    if announce:  # said on every run, cached or not; the truncation warnings follow dataset.warn_truncated_share
+        for warning in meta["warnings"] + truncation_warnings(stats, dataset_cfg):
+            logger.warning("%s", warning)
     if not splits["train"]:
         raise DataError(
             f"{source.train.origin}: no usable training pairs ({stats['train/skipped_bad_rows']} bad rows skipped, "
             f"{stats['train/dropped_empty_response']} dropped by truncation); check the data, "
             "dataset.max_train_examples and dataset.max_length / dataset.max_prompt_length"
         )
-    logger.info(
-        "dataset %s (%s rows; train: %s; eval: %s): %s",
-        dataset_cfg.name,
-        meta["row_format"],
-        source.train.origin,
-        source.eval.origin,
-        stats,
-    )
+    if announce:
+        logger.info(
+            "dataset %s (%s rows; train: %s; eval: %s): %s",
+            dataset_cfg.name,
+            meta["row_format"],
+            source.train.origin,
+            source.eval.origin,
+            stats,
+        )
     return PreferenceData(
         train=splits["train"],
         eval=splits["eval"],
@@ -97,7 +102,8 @@ def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Option
         file_digests(source.files, cache_dir / "data_digests.json") if source.files is not None else source.fingerprint
     )
     settings = OmegaConf.to_container(dataset_cfg, resolve=True)
-    settings.pop("cache_dir", None)
+    for unrelated in ("cache_dir", "warn_truncated_share"):  # where the cache lives; when a warning is said
+        settings.pop(unrelated, None)
     key = cache_key(
         {
             "data": content,
@@ -130,12 +136,9 @@ def tokenize_source(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> tu
     # the template is read only where it renders prompts: never for raw text (hh, implicit) or
     # dataset.chat_template=never
     encoder = PairEncoder(
-        tokenizer,
-        dataset_cfg.max_length,
-        dataset_cfg.max_prompt_length,
-        use_chat_template=string_prompt_as_user_message,
+        tokenizer, TruncationLimits.from_config(dataset_cfg), use_chat_template=string_prompt_as_user_message
     )
-    stats: dict[str, int] = {}
+    stats: dict[str, float] = {}
     splits = {}
     for name, split, limit in (
         ("train", source.train, dataset_cfg.max_train_examples),
@@ -179,7 +182,7 @@ def prepare_split(
     on_bad_row: str,
     encoder: PairEncoder,
     limit: Optional[int],
-    stats: dict[str, int],
+    stats: dict[str, float],
     warnings: list[str],
     columns: ColumnMap,
 ) -> list[TokenizedPair]:
@@ -193,6 +196,10 @@ def prepare_split(
         warnings.append(skipped.warning())
     stats[f"{name}/pairs"] = len(pairs)
     stats[f"{name}/truncated"] = counts.truncated
+    stats[f"{name}/truncated_share"] = truncated_share(counts.truncated, len(pairs))
+    stats[f"{name}/truncated_prompts"] = counts.truncated_prompts
+    stats[f"{name}/truncated_responses"] = counts.truncated_responses
+    stats[f"{name}/truncated_by_completion_length"] = counts.truncated_by_completion_length
     stats[f"{name}/dropped_empty_response"] = counts.dropped_empty_response
     stats[f"{name}/boundary_merges"] = counts.boundary_merges  # prompt/response boundary moved over a merged token
     stats[f"{name}/skipped_bad_rows"] = skipped.count

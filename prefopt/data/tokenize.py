@@ -1,4 +1,4 @@
-"""Normalized rows -> token ids, truncation, and batches.
+"""Normalized rows -> token ids, truncated (truncation.py), and batches.
 
 What a pair trains on is the text the model will read and write at inference, tokenized the way the
 tokenizer tokenizes that whole text:
@@ -43,6 +43,7 @@ import torch
 
 from prefopt.data.errors import DataError
 from prefopt.data.formats import Messages, PreferenceRow, holds_template_markers
+from prefopt.data.truncation import TruncationLimits, truncate_pair
 
 IGNORE_INDEX = -100  # label of positions the loss skips (prompt, padding)
 TOKENIZE_CHUNK = 256  # rows per batched tokenizer call
@@ -65,7 +66,10 @@ class TokenizedPair:
 
 @dataclass
 class EncodingCounts:
-    truncated: int = 0  # pairs kept after cutting the prompt and/or the responses
+    truncated: int = 0  # pairs kept after cutting the prompt and/or the responses (truncation.py)
+    truncated_prompts: int = 0  # of those, pairs whose prompt was cut to dataset.max_prompt_length
+    truncated_responses: int = 0  # of those, pairs with a response cut short (either limit)
+    truncated_by_completion_length: int = 0  # of those, pairs with a response longer than max_completion_length
     dropped_empty_response: int = 0  # pairs dropped because a response had no token left
     boundary_merges: int = 0  # pairs whose prompt/response token boundary moved left over a merged token
 
@@ -163,34 +167,6 @@ def shared_prefix_length(prompt_ids: list[int], *full_ids: list[int]) -> int:
     return length
 
 
-def truncate_pair(
-    prompt_ids: list[int],
-    chosen_ids: list[int],
-    rejected_ids: list[int],
-    max_length: int,
-    max_prompt_length: int,
-    bos_id: Optional[int],
-) -> Optional[tuple[list[int], list[int], list[int], bool]]:
-    """(prompt, chosen, rejected, truncated), or None when a response would be left empty.
-
-    A pair too long for max_length first loses the start of its prompt (down to max_prompt_length,
-    keeping a leading BOS: the model never saw text without it), then the ends of its responses.
-    """
-    if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= max_length:
-        return prompt_ids, chosen_ids, rejected_ids, False
-    if len(prompt_ids) > max_prompt_length:
-        if bos_id is not None and prompt_ids[0] == bos_id:
-            kept_tail = max_prompt_length - 1
-            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - kept_tail :]
-        else:
-            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
-    response_budget = max(max_length - len(prompt_ids), 0)
-    chosen_ids, rejected_ids = chosen_ids[:response_budget], rejected_ids[:response_budget]
-    if not chosen_ids or not rejected_ids:
-        return None
-    return prompt_ids, chosen_ids, rejected_ids, True
-
-
 @dataclass
 class PairText:
     """One pair as text: the prompt, and each response as given and as it follows the prompt in training."""
@@ -205,12 +181,11 @@ class PairText:
 class PairEncoder:
     """Tokenizes normalized rows into TokenizedPairs with one tokenizer and one truncation setting."""
 
-    def __init__(self, tokenizer, max_length: int, max_prompt_length: int, use_chat_template: bool = True):
+    def __init__(self, tokenizer, limits: TruncationLimits, use_chat_template: bool = True):
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos_token: responses must end with one; set tokenizer.eos_token")
         self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
+        self.limits = limits
         self.bos_id = tokenizer.bos_token_id  # kept at the front of a prompt cut from the left
         self.bos_to_add = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
         self.turns = template_turns(tokenizer) if use_chat_template else None  # None: the template is never read
@@ -255,24 +230,21 @@ class PairEncoder:
             prompt_tokens = prompt_tokens[:boundary]
             if self.bos_to_add is not None and prompt_tokens[:1] != [self.bos_to_add]:
                 prompt_tokens = [self.bos_to_add] + prompt_tokens
-            result = truncate_pair(
-                prompt_tokens,
-                chosen_tokens[boundary:],
-                rejected_tokens[boundary:],
-                self.max_length,
-                self.max_prompt_length,
-                self.bos_id,
+            cut = truncate_pair(
+                prompt_tokens, chosen_tokens[boundary:], rejected_tokens[boundary:], self.limits, self.bos_id
             )
-            if result is None:
+            if cut is None:
                 counts.dropped_empty_response += 1
                 continue
-            prompt_tokens, chosen_tokens, rejected_tokens, truncated = result
-            counts.truncated += truncated
+            counts.truncated += cut.truncated
+            counts.truncated_prompts += cut.prompt_cut
+            counts.truncated_responses += cut.responses_cut
+            counts.truncated_by_completion_length += cut.by_completion_length
             counts.boundary_merges += merged
             yield TokenizedPair(
-                prompt_ids=prompt_tokens,
-                chosen_ids=chosen_tokens,
-                rejected_ids=rejected_tokens,
+                prompt_ids=cut.prompt_ids,
+                chosen_ids=cut.chosen_ids,
+                rejected_ids=cut.rejected_ids,
                 prompt=text.prompt,
                 chosen=text.chosen,
                 rejected=text.rejected,

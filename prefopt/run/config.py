@@ -26,6 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from prefopt.core.errors import ConfigError
 from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
+from prefopt.data.truncation import TRUNCATION_MODES
 from prefopt.losses import validate_loss_config
 from prefopt.observe.displacement import MIN_WINDOW
 from prefopt.observe.metric_names import renamed_metric
@@ -140,7 +141,11 @@ class DatasetConfig:
     format: str = MISSING
     chat_template: str = MISSING  # auto (use the tokenizer's if it has one) | always | never, for plain-string prompts
     max_length: int = MISSING  # prompt + response tokens, after truncation
-    max_prompt_length: int = MISSING  # prompt tokens kept (cut from the left) when a pair is too long
+    max_prompt_length: int = MISSING  # prompt tokens kept (by truncation_mode) when a pair is too long
+    # tokens each response keeps (its start) before max_length applies; null = no limit of its own (TRL's name)
+    max_completion_length: Optional[int] = MISSING
+    truncation_mode: str = MISSING  # keep_end | keep_start: which end of a cut prompt is kept (TRL's name)
+    warn_truncated_share: float = MISSING  # warn when more than this share of a split's pairs was truncated
     max_train_examples: Optional[int] = None  # cap on training pairs (null = all)
     max_eval_examples: Optional[int] = None  # cap on held-out pairs (null = all)
     on_bad_row: str = MISSING  # error | skip: what a malformed row does
@@ -350,6 +355,7 @@ CHOICES = {
     "dataset.format": ("auto", "strings", "implicit", "hh", "messages", "implicit_messages", "alpaca"),
     "dataset.chat_template": ("auto", "always", "never"),
     "dataset.on_bad_row": ("error", "skip"),
+    "dataset.truncation_mode": TRUNCATION_MODES,
     "dataset.arith.rejected_style": ("near", "offpolicy"),
     "hardware.device": ("cpu", "cuda"),
     "hardware.launcher": ("inline", "torchrun", "slurm"),
@@ -395,6 +401,8 @@ LOWER_BOUNDS = {
     "trainer.max_skipped_steps": (1, True),
     "dataset.max_length": (2, True),
     "dataset.max_prompt_length": (1, True),
+    "dataset.max_completion_length": (1, True),
+    "dataset.warn_truncated_share": (0.0, True),
     "dataset.eval_fraction": (0.0, False),
     "dynamics.num_probes": (1, True),
     "dynamics.every_n_steps": (1, True),
@@ -476,6 +484,10 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
         raise ConfigError(
             f"dataset.max_prompt_length={cfg.dataset.max_prompt_length} must be < dataset.max_length="
             f"{cfg.dataset.max_length}, or no response token fits"
+        )
+    if cfg.dataset.warn_truncated_share > 1.0:
+        raise ConfigError(
+            f"dataset.warn_truncated_share={cfg.dataset.warn_truncated_share} must be in [0, 1] (1 = never warn)"
         )
     if not 0.0 <= cfg.dataset.eval_fraction < 1.0:
         raise ConfigError(f"dataset.eval_fraction={cfg.dataset.eval_fraction} must be in [0, 1)")

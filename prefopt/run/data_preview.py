@@ -21,7 +21,17 @@ from prefopt.data.pipeline import string_prompts_use_chat_template
 from prefopt.model.loading import load_tokenizer, resolve_model_source
 from prefopt.run.config import register_schema, require_values, validate_config
 
-SPLIT_STATS = ("pairs", "skipped_bad_rows", "truncated", "dropped_empty_response", "boundary_merges")  # shown per split
+SPLIT_STATS = (  # shown per split
+    "pairs",
+    "skipped_bad_rows",
+    "truncated",
+    "truncated_share",
+    "truncated_prompts",
+    "truncated_responses",
+    "truncated_by_completion_length",
+    "dropped_empty_response",
+    "boundary_merges",
+)
 
 
 def compose_run_config(overrides: list[str]) -> DictConfig:
@@ -62,13 +72,17 @@ def describe_data(cfg: DictConfig, data: PreferenceData, tokenizer, pairs: int) 
         f"tokens   {cfg.model.name} tokenizer; "
         f"chat template {'used' if uses_template(cfg, data, tokenizer) else 'not used'} "
         f"(dataset.chat_template={cfg.dataset.chat_template}); max_length {cfg.dataset.max_length}, "
-        f"max_prompt_length {cfg.dataset.max_prompt_length}",
+        f"max_prompt_length {cfg.dataset.max_prompt_length} ({cfg.dataset.truncation_mode}), "
+        f"max_completion_length {cfg.dataset.max_completion_length}",
     ]
     for split, origin in (("train", data.origin), ("eval", data.eval_origin)):
         lines.append(
             f"{split:<8} {stats[f'{split}/pairs']} pairs from {origin}: "
             f"{stats[f'{split}/skipped_bad_rows']} bad rows skipped, "
-            f"{stats[f'{split}/truncated']} truncated, {stats[f'{split}/dropped_empty_response']} dropped (no response "
+            f"{stats[f'{split}/truncated']} truncated ({stats[f'{split}/truncated_prompts']} with the prompt cut, "
+            f"{stats[f'{split}/truncated_responses']} with a response cut, "
+            f"{stats[f'{split}/truncated_by_completion_length']} by max_completion_length), "
+            f"{stats[f'{split}/dropped_empty_response']} dropped (no response "
             f"token left), {stats[f'{split}/boundary_merges']} boundary merges"
         )
     shown_stats = {f"{split}/{name}" for split in ("train", "eval") for name in SPLIT_STATS}

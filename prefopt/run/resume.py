@@ -281,8 +281,8 @@ def accept_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
 
 def resume_data(cfg: DictConfig) -> PreferenceData:
     """The data exactly as the worker will build it (a tokenizer load and a tokenization, cached: the worker then
-    reads the cache)."""
-    return build_preference_data(cfg.dataset, load_tokenizer(cfg.model), cfg.trainer.seed)
+    reads the cache). Its warnings are the worker's to say, once."""
+    return build_preference_data(cfg.dataset, load_tokenizer(cfg.model), cfg.trainer.seed, announce=False)
 
 
 def refuse_changed_data(cfg: DictConfig, checkpoint: Path, data: Optional[PreferenceData] = None) -> None:

@@ -154,7 +154,7 @@ def start_job(cfg: DictConfig, run_dir: Path) -> JobStart:
             torch.set_num_threads(cfg.hardware.num_threads)
         source = resolve_model_source(cfg.model)
         tokenizer = load_tokenizer(cfg.model, source)
-        data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
+        data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed, announce=dist.is_main)
     except BaseException:
         console.close()
         raise

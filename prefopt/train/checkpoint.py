@@ -72,6 +72,7 @@ RESUME_KEYS = (
     "sweep",
     "hardware.num_threads",
     "trainer.resume_data_changed",  # whether a resume may continue on changed data: nothing trained
+    "dataset.warn_truncated_share",  # when a truncation warning is said: the pairs are the same
     "eval",
     "hardware.chosen_by",
 )  # eval: `prefopt eval` settings, nothing trained; chosen_by: hardware=auto's note (this machine's RAM)
