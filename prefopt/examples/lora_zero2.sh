@@ -29,12 +29,19 @@ else
     exit 127
 fi
 # ---- run dirs go under the directory you call it from (./outputs/examples/...) ----
-GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}  # ranks: every visible GPU unless GPUS is set
+VISIBLE_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+GPUS=${GPUS:-$VISIBLE_GPUS}       # ranks: every visible GPU unless GPUS is set
 [ "${GPUS:-0}" -gt 0 ] || GPUS=1  # no GPU visible: prefopt then says so (hardware.device=cuda) before loading anything
 RUN_DIR=${RUN_DIR:-outputs/examples/lora_zero2_$(date +%Y%m%d_%H%M%S)}
 
 # trainer.lr: adapters want a larger LR than full fine-tuning; micro batch 4 per GPU
 "${PREFOPT[@]}" train model=llama3_2_1b model.lora.enabled=true model.lora.r=16 model.lora.alpha=32 \
     hardware=zero2 hardware.gpus_per_node="$GPUS" loss=dpo trainer.lr=5e-5 trainer.max_steps=100 \
-    trainer.micro_batch_size=4 hydra.run.dir="$RUN_DIR" "$@"
+    trainer.micro_batch_size=4 hydra.run.dir="$RUN_DIR" "$@" || {
+    status=$?
+    [ "${VISIBLE_GPUS:-0}" -gt 0 ] || echo "$(basename "$0"): no GPU visible here; the same recipe at tiny scale on" \
+        "the CPU: bash $0 model=tiny_llama hardware.device=cpu hardware.gpus_per_node=2 hardware.num_threads=1" \
+        "trainer.max_steps=2" >&2
+    exit $status
+}
 echo "run dir: $RUN_DIR; merged model: prefopt export $RUN_DIR -o $RUN_DIR/merged"
