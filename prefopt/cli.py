@@ -199,6 +199,15 @@ def worker_command(argv: list[str]) -> int:
     return 0
 
 
+def examples_command(argv: list[str]) -> int:
+    """the runnable example recipes shipped in the package: `prefopt examples` lists them,
+    `prefopt examples run NAME [OVERRIDES]` runs one here (run dirs under ./outputs/examples/),
+    `prefopt examples copy [NAME ...] [-o DIR]` copies scripts and sample data to edit (default ./prefopt-examples)"""
+    from prefopt.run.examples import main as examples_main
+
+    return examples_main(argv)
+
+
 # ---- argparse commands: data, plot, report, export --------------------------------------------------------------
 
 
@@ -388,6 +397,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "report": report_command,
     "export": export_command,
     "toy": toy_command,
+    "examples": examples_command,
 }
 
 

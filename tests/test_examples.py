@@ -1,8 +1,12 @@
-"""examples/: every recipe runs here at tiny scale through its own script, the command a user runs, with
-overrides appended (the last value of a key wins in Hydra): model=tiny_llama, 2 steps, small data. The SLURM
-recipe runs on the local cluster (scripts/slurm/start_local_cluster.sh) and skips without one, or fails with
-CI=true, as tests/test_slurm.py does. A fast check keeps every script documented, linked from README.md and
-tested here.
+"""examples/ (a link to prefopt/examples/, shipped in the wheel): every recipe runs here at tiny scale through its
+own script, the command a user runs, with overrides appended (the last value of a key wins in Hydra):
+model=tiny_llama, 2 steps, small data, from a working directory outside the checkout. The SLURM recipe runs on the
+local cluster (scripts/slurm/start_local_cluster.sh) and skips without one, or fails with CI=true, as
+tests/test_slurm.py does. Fast checks keep every script documented, linked from README.md and tested here, and run
+each script against a stand-in prefopt that records what it was asked: which prefopt a script finds (PATH, else its
+clone's .venv, else a one-line refusal), that it reads its data beside itself and writes only under the caller's
+directory. tests/test_examples_command.py tests `prefopt examples` (list, copy, run); tests/test_install.py copies
+and runs one from an installed wheel.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,11 +25,12 @@ from omegaconf import OmegaConf
 
 from prefopt.observe.report import build_report
 from prefopt.observe.tracking import read_jsonl
+from prefopt.run.examples import EXAMPLES_DIR
 from tests.test_slurm import RANK_VARIABLES, Sweep, cluster_state, slurm_client_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-PREFOPT = f"{sys.executable} -m prefopt.cli"  # the checkout's prefopt (the scripts run from the repository root)
+PREFOPT = f"{sys.executable} -m prefopt.cli"  # the checkout's prefopt (PYTHONPATH: from any directory)
 TINY = [
     "model=tiny_llama",
     "trainer.max_steps=2",
@@ -47,6 +53,7 @@ def example_env(**extra: str) -> dict:
     return {
         **env,
         "PREFOPT": PREFOPT,
+        "PYTHONPATH": str(REPO),
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
@@ -54,12 +61,15 @@ def example_env(**extra: str) -> dict:
     }
 
 
-def run_example(script: str, *overrides: str, env: dict, log: Path, timeout: float = 600) -> str:
-    """`bash examples/SCRIPT OVERRIDES` in its own session, output to LOG; its output. On a timeout it gets Ctrl-C
-    first (prefopt then stops its worker processes, which run in a session of their own), then SIGKILL."""
+def run_example(
+    script: str, *overrides: str, env: dict, log: Path, timeout: float = 600, cwd: Path | None = None
+) -> str:
+    """`bash examples/SCRIPT OVERRIDES` in its own session (in cwd), output to LOG; its output. On a timeout it gets
+    Ctrl-C first (prefopt then stops its worker processes, which run in a session of their own), then SIGKILL."""
     with log.open("w") as sink:
         process = subprocess.Popen(
             ["bash", str(EXAMPLES / script), *overrides],
+            cwd=cwd,
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -116,18 +126,129 @@ def test_the_sample_file_is_ultrafeedback_shaped():
         )
 
 
+# ---- which prefopt a script runs, where it reads and writes: a stand-in prefopt records each call --------------
+
+PREAMBLE_END = "# ---- run dirs go under the directory you call it from"
+RECORDER = """#!/bin/sh
+{ echo "cwd=$PWD"; for arg in "$@"; do echo "arg=$arg"; done; echo "name=$0"; echo ----; } >>"$RECORD"
+"""
+
+
+def stand_in(directory: Path, name: str = "prefopt", text: str = RECORDER) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(text)
+    (directory / name).chmod(0o755)
+    return directory
+
+
+def recorded_calls(record: Path) -> list[dict]:
+    """The stand-in's calls: cwd, args (in order) and the path it was called as."""
+    calls, call = [], {"args": []}
+    for line in record.read_text().splitlines():
+        if line == "----":
+            calls.append(call)
+            call = {"args": []}
+        else:
+            key, _, value = line.partition("=")
+            call["args"].append(value) if key == "arg" else call.update({key: value})
+    return calls
+
+
+def run_script(script: Path, *arguments: str, cwd: Path, path: list[Path], record: Path):
+    env = {"PATH": os.pathsep.join([*map(str, path), "/usr/bin", "/bin"]), "RECORD": str(record), "HOME": str(cwd)}
+    return subprocess.run(["bash", str(script), *arguments], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_the_scripts_share_one_preamble_and_never_leave_the_callers_directory():
+    scripts = example_scripts()
+    assert EXAMPLES.resolve() == REPO / "prefopt" / "examples" == EXAMPLES_DIR  # the link, and what the wheel ships
+    preambles = {script.read_text().split("set -euo pipefail")[1].split(PREAMBLE_END)[0] for script in scripts}
+    assert len(preambles) == 1, "the prefopt-finding block differs between scripts: keep it one block"
+    for script in scripts:
+        body = script.read_text().split(PREAMBLE_END)[1]
+        assert not re.search(r"^\s*cd\b|\.venv/bin", body, re.M), f"{script.name}: a cd or a fixed prefopt"
+
+
+# each script, its arguments, and the PATH-valued overrides it must hand prefopt: under the caller's dir (relative)
+SCRIPT_CALLS = {
+    "gate_dpo_local.sh": ([], ["hydra.run.dir=outputs/examples/gate_dpo_local_"]),
+    "lpo_vs_dpo.sh": ([], ["hydra.sweep.dir=outputs/examples/lpo_vs_dpo_", "outputs/examples/lpo_vs_dpo_"]),
+    "lora_zero2.sh": ([], ["hydra.run.dir=outputs/examples/lora_zero2_"]),
+    "slurm_sweep.sh": ([], ["hydra.sweep.dir=outputs/examples/slurm_sweep_", "outputs/examples/slurm_sweep_"]),
+    "eval_checkpoint.sh": (["runs/a"], ["hydra.run.dir=outputs/examples/eval_a_"]),
+}
+
+
+@pytest.mark.parametrize("where", ["path", "clone", "neither"])
+def test_a_script_runs_the_prefopt_it_finds_from_any_directory(tmp_path, where):
+    """PATH's prefopt first; else the clone's .venv/bin/prefopt when the script is its clone's own; else one line."""
+    assert set(SCRIPT_CALLS) == {script.name for script in example_scripts()}
+    clone = tmp_path / "clone"
+    examples = clone / "prefopt" / "examples"
+    shutil.copytree(EXAMPLES_DIR, examples)
+    (clone / "pyproject.toml").write_text("")
+    stand_in(clone / ".venv" / "bin")
+    on_path = [stand_in(tmp_path / "bin"), stand_in(tmp_path / "slurm", "sinfo", "#!/bin/sh\necho idle\n")]
+    if where == "clone":
+        on_path = on_path[1:]
+    elif where == "neither":
+        examples = tmp_path / "copy"  # a copy outside any clone
+        shutil.copytree(EXAMPLES_DIR, examples)
+        on_path = on_path[1:]
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, (arguments, relative_paths) in SCRIPT_CALLS.items():
+        record = tmp_path / f"{name}.record"
+        done = run_script(examples / name, *arguments, "x=1", cwd=work, path=on_path, record=record)
+        if where == "neither":
+            assert done.returncode == 127 and not record.exists(), done.stderr
+            assert (
+                done.stderr == f"{name}: no prefopt command: activate the environment prefopt is installed in, "
+                "or set PREFOPT\n"
+            )
+            continue
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+        calls = recorded_calls(record)
+        expected = str(tmp_path / "bin" / "prefopt") if where == "path" else str(clone / ".venv" / "bin" / "prefopt")
+        assert {Path(call["name"]).resolve() for call in calls} == {Path(expected).resolve()}, name
+        assert {call["cwd"] for call in calls} == {str(work)}
+        arguments_seen = [arg for call in calls for arg in call["args"]]
+        for prefix in relative_paths:  # every run and sweep dir named relative: under the caller's directory
+            assert any(arg.startswith(prefix) for arg in arguments_seen), (name, prefix, arguments_seen)
+        assert "x=1" in calls[0]["args"]  # the caller's overrides passed on
+        data = [arg.split("=", 1)[1] for arg in arguments_seen if arg.startswith("dataset.path=")]
+        assert all(Path(value) == examples.resolve() / "data" / "ultrafeedback_sample.jsonl" for value in data)
+    assert sorted(path.name for path in work.iterdir()) == [], "a script wrote into the caller's directory itself"
+
+
+def test_slurm_sweep_refuses_clearly_without_a_cluster(tmp_path):
+    failing_sinfo = "#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\nexit 1\n"
+    on_path = [stand_in(tmp_path / "bin"), stand_in(tmp_path / "slurm", "sinfo", failing_sinfo)]
+    record = tmp_path / "record"
+    done = run_script(EXAMPLES / "slurm_sweep.sh", cwd=tmp_path, path=on_path, record=record)
+    assert done.returncode == 2 and not record.exists()  # nothing composed or submitted
+    assert (
+        done.stderr.startswith(
+            "slurm_sweep.sh: no SLURM cluster answers here (sinfo: sinfo: fatal: Could not establish a configuration "
+            "source): run it on a cluster's login node"
+        )
+        and "bash scripts/slurm/start_local_cluster.sh" in done.stderr
+    )
+
+
 @pytest.mark.slow
 def test_gate_dpo_on_the_local_ultrafeedback_sample(tmp_path):
-    run_dir = tmp_path / "run"
     output = run_example(
         "gate_dpo_local.sh",
         *TINY,
         "dynamics.enabled=false",
         "trainer.save_final=false",
-        env=example_env(RUN_DIR=str(run_dir)),
+        env=example_env(),
         log=tmp_path / "example.log",
+        cwd=tmp_path,
     )
-    assert f"run dir: {run_dir}" in output
+    run_dir = tmp_path / re.search(r"^run dir: (outputs/examples/gate_dpo_local_\S+)", output, re.M).group(1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["example.log", "outputs"]  # nothing else written
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.loss.name == "dpo" and config.loss.gate.kind == "seq" and config.dataset.name == "ultrafeedback"
     assert config.dataset.path.endswith("examples/data/ultrafeedback_sample.jsonl")

@@ -7,6 +7,10 @@ Each case installs a copy of the source (no build files land in the checkout) wi
 prefix, then runs `prefopt train hydra/launcher=slurm --cfg hydra` in an isolated interpreter (-I -S: no
 checkout, no PYTHONPATH, no current dir on sys.path) whose sys.path is that prefix plus this venv's
 site-packages seen through a copy of links that leaves out the venv's own prefopt. Nothing is submitted.
+
+The regular install is built once per module (a fixture) and also serves the examples case: from a working directory
+of its own, `prefopt examples copy` writes the shipped scripts and sample data there and one of them trains the tiny
+model with the installed prefopt, found on PATH as a user's shell finds it; its run dir lands in that directory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+from tests.test_examples import TINY
+from tests.test_slurm import RANK_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "prefopt", "hydra_plugins")  # what the build reads
@@ -96,11 +104,22 @@ def pip_install(source: Path, prefix: Path, editable: bool) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def regular_install(tmp_path_factory) -> tuple[Path, Path]:
+    """(source copy, site-packages) of one regular install, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("regular")
+    source = copy_source(root / "source")
+    return source, pip_install(source, root / "prefix", editable=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
-def test_slurm_launcher_plugin_loads_from_an_install(tmp_path, editable):
-    source = copy_source(tmp_path / "source")
-    install_site = pip_install(source, tmp_path / "prefix", editable)
+def test_slurm_launcher_plugin_loads_from_an_install(tmp_path, editable, request):
+    if editable:
+        source = copy_source(tmp_path / "source")
+        install_site = pip_install(source, tmp_path / "prefix", editable)
+    else:
+        source, install_site = request.getfixturevalue("regular_install")
     dependency_site = dependencies_without_prefopt(tmp_path / "dependencies")
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     done = subprocess.run(
@@ -122,3 +141,51 @@ def test_slurm_launcher_plugin_loads_from_an_install(tmp_path, editable):
     assert not (
         install_site / "hydra_plugins" / "__init__.py"
     ).exists()  # the namespace stays shared with other plugins
+
+
+def installed_prefopt_env(install_site: Path) -> dict:
+    """A user's shell with the install's bin/ on PATH and its site-packages first on sys.path (ahead of any prefopt in
+    this venv); no PREFOPT, so the scripts find `prefopt` on PATH."""
+    bin_dir = install_site.parents[2] / "bin"
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES and key != "PREFOPT"}
+    return {
+        **env,
+        "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
+        "PYTHONPATH": str(install_site),
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.mark.slow
+def test_an_example_copied_from_the_wheel_runs_in_any_directory(tmp_path, regular_install):
+    _, install_site = regular_install
+    shipped = install_site / "prefopt" / "examples"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = installed_prefopt_env(install_site)
+
+    listed = subprocess.run(["prefopt", "examples"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and f"({shipped.resolve()})" in listed.stdout, listed.stdout + listed.stderr
+    copied = subprocess.run(["prefopt", "examples", "copy"], cwd=work, env=env, capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    for script in shipped.glob("*.sh"):  # the wheel holds every script, as the checkout has them
+        assert (work / "prefopt-examples" / script.name).read_bytes() == script.read_bytes()
+    assert {path.name for path in shipped.glob("*.sh")} == {path.name for path in (REPO / "examples").glob("*.sh")}
+
+    done = subprocess.run(
+        ["bash", "prefopt-examples/gate_dpo_local.sh", *TINY, "trainer.max_steps=1", "dynamics.enabled=false"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    run_dirs = list((work / "outputs" / "examples").glob("gate_dpo_local_*"))
+    assert len(run_dirs) == 1 and (run_dirs[0] / "summary.json").is_file()
+    config = OmegaConf.load(run_dirs[0] / "config.yaml")
+    assert config.dataset.path == str(work / "prefopt-examples" / "data" / "ultrafeedback_sample.jsonl")
+    assert config.trainer.max_steps == 1 and config.model.name == "tiny_llama"
+    assert sorted(path.name for path in work.iterdir()) == ["outputs", "prefopt-examples"]
+    assert not list(install_site.rglob("outputs")), "nothing is written into site-packages"

@@ -75,18 +75,18 @@ def locked_temp(path: Path) -> tuple[int, str]:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o666) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over the target.
 
-    mkstemp creates the file 0600; it gets the mode a plain open() would give (0666 less the umask), so
-    whoever may read the run dir's other files may read these too."""
+    mkstemp creates the file 0600; it gets the mode a plain open() would give (mode, 0666 unless an executable's
+    0777, less the umask), so whoever may read the run dir's other files may read these too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent, path.name)  # an earlier write of this file that was killed (a full-size cache entry)
     fd, tmp = locked_temp(path)
     try:
         with os.fdopen(fd, "wb") as handle:  # closing it (after the rename) drops the lock
-            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
+            os.fchmod(handle.fileno(), mode & ~current_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

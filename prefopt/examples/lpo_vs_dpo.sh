@@ -11,16 +11,26 @@
 #
 #   bash examples/lpo_vs_dpo.sh                                  # SmolLM2-135M on the CPU, 6 jobs
 #   bash examples/lpo_vs_dpo.sh loss=dpo,lpo,gate_dpo trainer.seed=0,1,2,3,4
-#   SWEEP_DIR=multirun/mine bash examples/lpo_vs_dpo.sh           # where the jobs and the report go
+#   SWEEP_DIR=sweeps/mine bash examples/lpo_vs_dpo.sh           # where the jobs and the report go
 #
 # Expected runtime: roughly 10-15 min on 2 idle CPU cores with SmolLM2-135M (6 jobs of 30 steps, estimated from
 # the main job's 1 min 37 s; not timed), ~1 min with model=tiny_llama trainer.max_steps=2 trainer.seed=0,1.
 # Look at: SWEEP_DIR/report_groups.md (printed too), report_bands.png (mean trajectories with 95% bands per
 # loss), report.md (one row per job), and each job's dir SWEEP_DIR/<n>/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PREFOPT=(${PREFOPT:-.venv/bin/prefopt})  # the prefopt command: PREFOPT=prefopt for an install elsewhere
-SWEEP_DIR=${SWEEP_DIR:-multirun/lpo_vs_dpo_$(date +%Y%m%d_%H%M%S)}
+# ---- where this script lies and which prefopt runs it (the same block in every example) ----
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)  # its data/ lies beside it: in a clone, an install or a copy
+CHECKOUT=${HERE%/prefopt/examples}                     # a clone's root when the script is the clone's own
+if [ -n "${PREFOPT:-}" ]; then PREFOPT=($PREFOPT)       # a command of your own, e.g. PREFOPT="python -m prefopt.cli"
+elif command -v prefopt >/dev/null; then PREFOPT=(prefopt)  # the one on PATH: an activated environment
+elif [ -f "$CHECKOUT/pyproject.toml" ] && [ -x "$CHECKOUT/.venv/bin/prefopt" ]; then
+    PREFOPT=("$CHECKOUT/.venv/bin/prefopt")            # a clone's environment (bash scripts/install.sh made it)
+else
+    echo "$(basename "$0"): no prefopt command: activate the environment prefopt is installed in, or set PREFOPT" >&2
+    exit 127
+fi
+# ---- run dirs go under the directory you call it from (./outputs/examples/...) ----
+SWEEP_DIR=${SWEEP_DIR:-outputs/examples/lpo_vs_dpo_$(date +%Y%m%d_%H%M%S)}
 
 # trainer.lr + constant schedule after the warmup: push for the whole run (the dynamics are the point, as in the squeezing demo);
 # greedy eval and final weights skipped: the probes are the measurement

@@ -15,9 +15,27 @@
 # Expected runtime: queue wait plus one job's time (the jobs run in parallel, hydra.launcher.array_parallelism
 # at once): ~2 min per job on a GPU for SmolLM2-135M (estimated); ~30 s on the local CPU cluster at tiny scale.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PREFOPT=(${PREFOPT:-.venv/bin/prefopt})  # the prefopt command: PREFOPT=prefopt for an install elsewhere
-SWEEP_DIR=${SWEEP_DIR:-multirun/slurm_sweep_$(date +%Y%m%d_%H%M%S)}
+# ---- where this script lies and which prefopt runs it (the same block in every example) ----
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)  # its data/ lies beside it: in a clone, an install or a copy
+CHECKOUT=${HERE%/prefopt/examples}                     # a clone's root when the script is the clone's own
+if [ -n "${PREFOPT:-}" ]; then PREFOPT=($PREFOPT)       # a command of your own, e.g. PREFOPT="python -m prefopt.cli"
+elif command -v prefopt >/dev/null; then PREFOPT=(prefopt)  # the one on PATH: an activated environment
+elif [ -f "$CHECKOUT/pyproject.toml" ] && [ -x "$CHECKOUT/.venv/bin/prefopt" ]; then
+    PREFOPT=("$CHECKOUT/.venv/bin/prefopt")            # a clone's environment (bash scripts/install.sh made it)
+else
+    echo "$(basename "$0"): no prefopt command: activate the environment prefopt is installed in, or set PREFOPT" >&2
+    exit 127
+fi
+# ---- run dirs go under the directory you call it from (./outputs/examples/...) ----
+SWEEP_DIR=${SWEEP_DIR:-outputs/examples/slurm_sweep_$(date +%Y%m%d_%H%M%S)}  # on a file system the nodes share
+
+# a cluster must answer before anything is composed or submitted (sbatch alone, installed without one, fails late)
+if ! answer=$(timeout 20 sinfo -h -o %T 2>&1) || [ -z "$answer" ]; then
+    echo "$(basename "$0"): no SLURM cluster answers here (sinfo: ${answer##*$'\n'}): run it on a cluster's login node" \
+        "(SLURM_CONF set), or in a clone start a one-node CPU cluster first:" \
+        "bash scripts/slurm/start_local_cluster.sh && source .cache/slurm/env.sh" >&2
+    exit 2
+fi
 
 # logger.console=plain: SLURM logs get one line per step, not a redrawn progress line
 "${PREFOPT[@]}" train -m hydra/launcher=slurm hardware=slurm_1gpu loss=dpo,gate_dpo,lpo trainer.seed=0,1 \

@@ -16,9 +16,24 @@
 # Expected runtime: under a minute on 2 CPU cores for a SmolLM2-135M run of examples/gate_dpo_local.sh (two
 # evals of 6 pairs, probes and 4 greedy answers each; estimated, not timed); ~15 s for a model=tiny_llama run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PREFOPT=(${PREFOPT:-.venv/bin/prefopt})  # the prefopt command: PREFOPT=prefopt for an install elsewhere
-RUN=${1:?usage: bash examples/eval_checkpoint.sh RUN_DIR_OR_CHECKPOINT [hydra overrides]}
+# ---- where this script lies and which prefopt runs it (the same block in every example) ----
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)  # its data/ lies beside it: in a clone, an install or a copy
+CHECKOUT=${HERE%/prefopt/examples}                     # a clone's root when the script is the clone's own
+if [ -n "${PREFOPT:-}" ]; then PREFOPT=($PREFOPT)       # a command of your own, e.g. PREFOPT="python -m prefopt.cli"
+elif command -v prefopt >/dev/null; then PREFOPT=(prefopt)  # the one on PATH: an activated environment
+elif [ -f "$CHECKOUT/pyproject.toml" ] && [ -x "$CHECKOUT/.venv/bin/prefopt" ]; then
+    PREFOPT=("$CHECKOUT/.venv/bin/prefopt")            # a clone's environment (bash scripts/install.sh made it)
+else
+    echo "$(basename "$0"): no prefopt command: activate the environment prefopt is installed in, or set PREFOPT" >&2
+    exit 127
+fi
+# ---- run dirs go under the directory you call it from (./outputs/examples/...) ----
+if [ $# -lt 1 ] || [[ $1 == *=* ]]; then
+    echo "usage: bash $0 RUN_DIR_OR_CHECKPOINT [hydra overrides]  (e.g. a run dir of gate_dpo_local.sh:" \
+        "outputs/examples/gate_dpo_local_<time>)" >&2
+    exit 2
+fi
+RUN=$1
 shift
 EVAL_DIR=${EVAL_DIR:-outputs/examples/eval_$(basename "$RUN")_$(date +%Y%m%d_%H%M%S)}
 

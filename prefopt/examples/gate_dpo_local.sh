@@ -17,9 +17,19 @@
 # Look at: RUN_DIR/metrics.jsonl (train/gate/mean, min, frac_below_half every step: 1 = plain DPO),
 # summary.json (eval reward accuracy, chosen/rejected log-prob changes), dynamics.png (probe trajectories).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PREFOPT=(${PREFOPT:-.venv/bin/prefopt})  # the prefopt command: PREFOPT=prefopt for an install elsewhere
-DATA=${DATA:-examples/data/ultrafeedback_sample.jsonl}
+# ---- where this script lies and which prefopt runs it (the same block in every example) ----
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)  # its data/ lies beside it: in a clone, an install or a copy
+CHECKOUT=${HERE%/prefopt/examples}                     # a clone's root when the script is the clone's own
+if [ -n "${PREFOPT:-}" ]; then PREFOPT=($PREFOPT)       # a command of your own, e.g. PREFOPT="python -m prefopt.cli"
+elif command -v prefopt >/dev/null; then PREFOPT=(prefopt)  # the one on PATH: an activated environment
+elif [ -f "$CHECKOUT/pyproject.toml" ] && [ -x "$CHECKOUT/.venv/bin/prefopt" ]; then
+    PREFOPT=("$CHECKOUT/.venv/bin/prefopt")            # a clone's environment (bash scripts/install.sh made it)
+else
+    echo "$(basename "$0"): no prefopt command: activate the environment prefopt is installed in, or set PREFOPT" >&2
+    exit 127
+fi
+# ---- run dirs go under the directory you call it from (./outputs/examples/...) ----
+DATA=${DATA:-$HERE/data/ultrafeedback_sample.jsonl}  # a relative DATA= is read from where you call it
 RUN_DIR=${RUN_DIR:-outputs/examples/gate_dpo_local_$(date +%Y%m%d_%H%M%S)}
 
 # dataset=ultrafeedback reads a local file of its schema (held-out pairs: dataset.eval_fraction of the rows);
