@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prefopt.observe.tracking import read_jsonl
-from prefopt.train.reference import cache_key, weights_fingerprint
+from prefopt.train.reference import REFERENCE_COLUMNS, cache_key, weights_fingerprint
 from tests.helpers import run_train
 
 TINY = [
@@ -64,7 +64,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path):
     cache_file.write_bytes(b"not a torch file")
     again = run_train(tmp_path / "again", *TINY, "reference.precompute=true", f"reference.cache_dir={cache_dir}")
     assert "corrupt or mismatched" in run_log(again)
-    assert torch.load(cache_file, weights_only=True)["values"].shape[1] == 2
+    assert torch.load(cache_file, weights_only=True)["values"].shape[1] == len(REFERENCE_COLUMNS)
     assert train_losses(again) == pytest.approx(train_losses(tmp_path / "first"), rel=1e-6)
 
 
