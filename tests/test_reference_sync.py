@@ -139,10 +139,14 @@ def test_a_hard_sync_zeroes_the_next_steps_rewards_and_a_resume_restores_the_ref
     assert resumed_summary["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-6)
 
 
-def test_lora_hard_sync_every_step_keeps_the_rewards_at_zero(tmp_path):
+@pytest.mark.parametrize(
+    "engine", [pytest.param("torch", id="torch"), pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.slow)]
+)
+def test_lora_hard_sync_every_step_keeps_the_rewards_at_zero(tmp_path, engine):
     run_dir = run_train(
         tmp_path / "lora",
         *TINY,
+        f"hardware.engine={engine}",
         "model.lora.enabled=true",
         "model.lora.r=4",
         "reference.sync=hard",
@@ -171,3 +175,30 @@ def test_refusals_name_the_keys_and_the_reason(overrides, message):
     with pytest.raises(ConfigError, match=message) as refused:
         validate_config(cfg)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_a_soft_moving_reference(tmp_path):
+    """Every rank mixes its own whole copy (ZeRO-2: the policy's weights are whole after each step) identically: the
+    2-rank DeepSpeed run's metrics equal one torch rank's on the same global batch. Gated loss, packed rows."""
+    common = [
+        *TINY,
+        "loss=gate_dpo",
+        "reference.sync=soft",
+        "reference.sync_every=1",
+        "reference.mixup_alpha=0.5",
+        "trainer.max_steps=3",
+        "trainer.save_final=false",
+    ]
+    one = run_train(tmp_path / "one", *common, "trainer.micro_batch_size=4")
+    two = run_train(
+        tmp_path / "two", *common, "hardware=cpu_2proc", "hardware.zero_stage=2", "trainer.micro_batch_size=2"
+    )
+    rows_one, rows_two = train_rows(one), train_rows(two)
+    assert sorted(rows_two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/reference/syncs"):
+            assert rows_two[step][key] == pytest.approx(rows_one[step][key], rel=1e-5, abs=1e-6), (step, key)
+    final_one, final_two = (json.loads((run / "summary.json").read_text()) for run in (one, two))
+    assert final_two["eval/loss"] == pytest.approx(final_one["eval/loss"], rel=1e-5)
+    assert final_two["reference/sync_steps"] == [1, 2, 3]
