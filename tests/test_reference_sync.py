@@ -152,11 +152,14 @@ def test_lora_hard_sync_every_step_keeps_the_rewards_at_zero(tmp_path, engine):
         "reference.sync=hard",
         "reference.sync_every=1",
         "trainer.max_steps=2",
-        "trainer.save_final=false",
     )
     rows = train_rows(run_dir)
     assert rows[2]["train/rewards/chosen"] == rows[2]["train/rewards/rejected"] == 0.0  # the reference is step 1's
     assert rows[2]["train/logps/chosen"] != rows[1]["train/logps/chosen"]  # while the policy moved
+    checkpoint = run_dir / "checkpoints" / "step-000002"
+    saved = torch.load(checkpoint / "reference_state.pt", weights_only=True)
+    assert saved["sync_steps"] == [1, 2] and saved["weights"]  # the reference adapter's factors
+    assert (checkpoint / "policy" / "adapter_model.safetensors").is_file()  # the policy adapter, loaders' default
 
 
 @pytest.mark.parametrize(
