@@ -160,6 +160,7 @@ def test_lora_hard_sync_every_step_keeps_the_rewards_at_zero(tmp_path, engine):
     saved = torch.load(checkpoint / "reference_state.pt", weights_only=True)
     assert saved["sync_steps"] == [1, 2] and saved["weights"]  # the reference adapter's factors
     assert (checkpoint / "policy" / "adapter_model.safetensors").is_file()  # the policy adapter, loaders' default
+    assert not (checkpoint / "policy" / "reference").exists()  # and nothing else: policy/ is the policy
 
 
 @pytest.mark.parametrize(
