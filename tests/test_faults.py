@@ -125,13 +125,6 @@ KILL_CASES = [
     pytest.param("torch", [], id="torch"),
     pytest.param("deepspeed", ["hardware.engine=deepspeed"], id="deepspeed", marks=pytest.mark.slow),
     pytest.param("cpu_2proc", ["hardware=cpu_2proc"], id="cpu_2proc", marks=pytest.mark.slow),
-    # a moving reference (TR-DPO, soft): its mixed weights must come back from the checkpoint exactly
-    pytest.param(
-        "trdpo",
-        ["reference.sync=soft", "reference.sync_every=3", "reference.mixup_alpha=0.5"],
-        id="trdpo",
-        marks=pytest.mark.slow,
-    ),
 ]
 
 

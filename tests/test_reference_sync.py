@@ -110,12 +110,23 @@ def train_rows(run_dir):
     return {row["step"]: row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row}
 
 
-def test_a_hard_sync_zeroes_the_next_steps_rewards_and_a_resume_restores_the_reference(tmp_path):
-    """sync_every=2, hard: the reference is the policy at steps 1 (the initial one) and 3 (synced after step 2), so
-    their rewards are exactly 0; at steps 2 and 4 the policy has moved one step past it. A stop after step 3 (checkpoint
-    after the sync at 2) and its resume must give step 4 the synced reference, not the initial one."""
-    common = [*TINY, "reference.sync=hard", "reference.sync_every=2", "trainer.max_steps=4", "trainer.save_every=3"]
-    straight = run_train(tmp_path / "straight", *common)
+@pytest.mark.slow  # 3 one-rank runs and one 2-rank launch (torchrun, DeepSpeed on gloo)
+def test_a_full_sync_zeroes_the_next_steps_rewards_resumes_exactly_and_two_ranks_equal_one(tmp_path):
+    """Soft with alpha 1 (TRL's arithmetic: ref * 0 + policy, i.e. hard) every 2 steps: the reference is the policy at
+    steps 1 (the initial one) and 3 (synced after step 2), so their rewards are exactly 0; at steps 2 and 4 the
+    policy has moved one step past it. A stop after step 3 (checkpoint after the sync at 2) and its resume must give
+    step 4 the synced reference, not the initial one. Two ranks (ZeRO-2: each holds the whole policy and reference
+    and syncs its own copy) on the same global batch log what one rank does. Gated loss, packed rows."""
+    common = [
+        *TINY,
+        "loss=gate_dpo",
+        "reference.sync=soft",
+        "reference.mixup_alpha=1.0",
+        "reference.sync_every=2",
+        "trainer.max_steps=4",
+        "trainer.save_every=3",
+    ]
+    straight = run_train(tmp_path / "straight", *common, "trainer.micro_batch_size=4")
     rows = train_rows(straight)
     for step in (1, 3):
         assert rows[step]["train/rewards/chosen"] == rows[step]["train/rewards/rejected"] == 0.0, step
@@ -128,8 +139,8 @@ def test_a_hard_sync_zeroes_the_next_steps_rewards_and_a_resume_restores_the_ref
     assert "reference.precompute=auto keeps a live reference model" in log
     assert (straight / "checkpoints" / "step-000003" / "reference_state.pt").is_file()
 
-    stopped = run_train(tmp_path / "stopped", *common, "trainer.stop_after=3")
-    run_train(stopped, *common, "trainer.resume=true")
+    stopped = run_train(tmp_path / "stopped", *common, "trainer.micro_batch_size=4", "trainer.stop_after=3")
+    run_train(stopped, *common, "trainer.micro_batch_size=4", "trainer.resume=true")
     resumed = train_rows(stopped)
     assert sorted(resumed) == [1, 2, 3, 4]
     for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/reference/syncs"):
@@ -137,6 +148,18 @@ def test_a_hard_sync_zeroes_the_next_steps_rewards_and_a_resume_restores_the_ref
     resumed_summary = json.loads((stopped / "summary.json").read_text())
     assert resumed_summary["reference/sync_steps"] == [2, 4]
     assert resumed_summary["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-6)
+
+    two = run_train(
+        tmp_path / "two", *common, "hardware=cpu_2proc", "hardware.zero_stage=2", "trainer.micro_batch_size=2"
+    )
+    rows_two = train_rows(two)
+    assert sorted(rows_two) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/reference/syncs"):
+            assert rows_two[step][key] == pytest.approx(rows[step][key], rel=1e-5, abs=1e-6), (step, key)
+    summary_two = json.loads((two / "summary.json").read_text())
+    assert summary_two["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-5)
+    assert summary_two["reference/sync_steps"] == [2, 4]
 
 
 @pytest.mark.parametrize(
@@ -163,46 +186,25 @@ def test_lora_hard_sync_every_step_keeps_the_rewards_at_zero(tmp_path, engine):
     assert not (checkpoint / "policy" / "reference").exists()  # and nothing else: policy/ is the policy
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["reference.sync=hard", "reference.precompute=true"], "a cache of a reference that moves would be stale"),
-        (["model.lora.enabled=true", "reference.sync=soft"], "mixing the LoRA factors"),
-        (["reference.sync=hard", "hardware.engine=deepspeed", "hardware.zero_stage=3"], "ZeRO-3"),
-        (["reference.sync=hard", "loss=simpo"], "has no reference"),
-        (["reference.sync=soft", "reference.mixup_alpha=0"], r"reference\.mixup_alpha=0"),
-        (["reference.sync=soft", "reference.sync_every=0"], r"reference\.sync_every"),
-    ],
-)
-def test_refusals_name_the_keys_and_the_reason(overrides, message):
-    cfg = compose_config(["model=tiny_llama", "hardware=cpu", *overrides])
-    with pytest.raises(ConfigError, match=message) as refused:
-        validate_config(cfg)
-    assert "\n" not in str(refused.value)
+REFUSALS = [  # (settings on top of model=tiny_llama hardware=cpu, what the one-line refusal says)
+    ({"reference.sync": "hard", "reference.precompute": True}, "a cache of a reference that moves would be stale"),
+    ({"reference.sync": "soft", "model.lora.enabled": True}, "mixing the LoRA factors"),
+    ({"reference.sync": "hard", "hardware.engine": "deepspeed", "hardware.zero_stage": 3}, "ZeRO-3"),
+    ({"reference.sync": "hard", "loss.name": "simpo"}, "has no reference"),
+    ({"reference.sync": "soft", "reference.mixup_alpha": 0.0}, r"reference\.mixup_alpha=0"),
+    ({"reference.sync": "soft", "reference.sync_every": 0}, r"reference\.sync_every"),
+]
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_rank_with_a_soft_moving_reference(tmp_path):
-    """Every rank mixes its own whole copy (ZeRO-2: the policy's weights are whole after each step) identically: the
-    2-rank DeepSpeed run's metrics equal one torch rank's on the same global batch. Gated loss, packed rows."""
-    common = [
-        *TINY,
-        "loss=gate_dpo",
-        "reference.sync=soft",
-        "reference.sync_every=1",
-        "reference.mixup_alpha=0.5",
-        "trainer.max_steps=3",
-        "trainer.save_final=false",
-    ]
-    one = run_train(tmp_path / "one", *common, "trainer.micro_batch_size=4")
-    two = run_train(
-        tmp_path / "two", *common, "hardware=cpu_2proc", "hardware.zero_stage=2", "trainer.micro_batch_size=2"
-    )
-    rows_one, rows_two = train_rows(one), train_rows(two)
-    assert sorted(rows_two) == [1, 2, 3]
-    for step in (1, 2, 3):
-        for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/reference/syncs"):
-            assert rows_two[step][key] == pytest.approx(rows_one[step][key], rel=1e-5, abs=1e-6), (step, key)
-    final_one, final_two = (json.loads((run / "summary.json").read_text()) for run in (one, two))
-    assert final_two["eval/loss"] == pytest.approx(final_one["eval/loss"], rel=1e-5)
-    assert final_two["reference/sync_steps"] == [1, 2, 3]
+def test_refusals_name_the_keys_and_the_reason():
+    from omegaconf import OmegaConf
+
+    base = compose_config(["model=tiny_llama", "hardware=cpu"])
+    validate_config(base)
+    for settings, message in REFUSALS:
+        cfg = copy.deepcopy(base)
+        for key, value in settings.items():
+            OmegaConf.update(cfg, key, value)
+        with pytest.raises(ConfigError, match=message) as refused:
+            validate_config(cfg)
+        assert "\n" not in str(refused.value), settings
