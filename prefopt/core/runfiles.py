@@ -75,6 +75,7 @@ POLICY_DIR = "policy"  # in a checkpoint: the policy in HF format (what eval and
 ENGINE_STATE = "engine_state.pt"  # in a checkpoint: the torch engine's optimizer and scheduler state
 DEEPSPEED_TAG = "deepspeed"  # in a checkpoint: DeepSpeed's own checkpoint, saved under this tag (a subdir)
 TRAINER_STATE = "trainer_state.pt"
+REFERENCE_STATE = "reference_state.pt"  # in a checkpoint of a moving reference (reference.sync): its weights
 MANIFEST = "manifest.json"  # every file of the checkpoint with size and SHA-256, written last
 
 # ---- a sweep dir (Hydra's multirun dir)

@@ -65,6 +65,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             state.first_eval, final_eval, state.first_greedy, final_greedy, state.first_dynamics, final_dynamics
         )
         summary |= state.displacement.summary()
+        if run.reference_sync is not None:
+            summary |= run.reference_sync.summary()
         run.finish(summary, closing_summary=True)
         return summary
     finally:
@@ -97,6 +99,8 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                 loss_metric_parts.append(result.loss_metrics)
             lr = run.engine.lr
             grad_norm, applied = run.engine.step(poisoned)
+            if run.reference_sync is not None:  # TR-DPO: after the optimizer step, as TRL's on_step_end
+                run.reference_sync.after_step(step)
             state.step_done(step)
             elapsed = time.time() - step_started
             run.console.step_done(step)
@@ -119,6 +123,8 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                     metrics["train/compile_s"] = compile_seconds()
                 if peak:
                     metrics["train/mfu"] = tflops / (peak * dist.world_size)
+                if run.reference_sync is not None:
+                    metrics |= run.reference_sync.metrics()
                 alarm = state.displacement.update(step, metrics)
                 if alarm:
                     metrics[ALARM_METRIC] = 1.0

@@ -32,6 +32,7 @@ from prefopt.observe.displacement import MIN_WINDOW
 from prefopt.observe.metric_names import renamed_metric
 from prefopt.run.hardware_plan import AUTO_RESOLVER, auto_hardware_value
 from prefopt.train.inspection import check_inspection_config
+from prefopt.train.reference_sync import check_reference_sync
 from prefopt.train.schedules import check_length_config, check_schedule_config
 
 
@@ -248,6 +249,10 @@ class ReferenceConfig:
     precompute: Any = MISSING
     # where precomputed reference log-probs are kept (keyed by data + reference)
     cache_dir: str = MISSING
+    # a moving reference (TR-DPO): none | soft (mix mixup_alpha of the policy in) | hard (copy the policy)
+    sync: str = MISSING
+    sync_every: int = MISSING  # tau: sync after every optimizer step that is a multiple of it
+    mixup_alpha: float = MISSING  # soft sync: ref <- alpha * policy + (1 - alpha) * ref
 
 
 @dataclass
@@ -364,6 +369,7 @@ CHOICES = {
     "trainer.batching": ("packed", "padded"),
     "trainer.attention": ("pieces", "dense"),
     "reference.precompute": ("auto", True, False),
+    "reference.sync": ("none", "soft", "hard"),
     "trainer.objective_direction": ("maximize", "minimize"),
     # the data layer acts on "allow" (data/identity.ALLOW_CHANGED; data never imports config):
     # tests/test_config.py ties them
@@ -382,6 +388,7 @@ LOWER_BOUNDS = {
     "hardware.cpu_tflops_per_core": (0.0, False),
     "hardware.usable_memory_fraction": (0.0, False),
     "trainer.max_steps": (1, True),
+    "reference.sync_every": (1, True),
     "trainer.micro_batch_size": (1, True),
     "trainer.grad_accum": (1, True),
     "trainer.lr": (0.0, True),
@@ -529,6 +536,7 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     check_length_config(cfg.trainer)
     check_schedule_config(cfg.trainer)
     check_term_grads(cfg, hardware)
+    check_reference_sync(cfg, hardware)
 
     window = cfg.logger.displacement_window
     if 0 < window < MIN_WINDOW:

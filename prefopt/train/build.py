@@ -36,6 +36,7 @@ from prefopt.train.engine import build_engine
 from prefopt.train.evaluation import RunEvaluator
 from prefopt.train.inspection import filter_enabled, filter_training_pairs, inspect_pairs
 from prefopt.train.reference import CachedReference, ModelReference, base_fingerprint, build_reference, cover_pairs
+from prefopt.train.reference_sync import ReferenceSync, build_reference_sync, moving_reference, reference_moves
 from prefopt.train.schedules import settle_max_steps
 from prefopt.train.step import PreferenceStep
 from prefopt.train.term_grads import TermGradients, term_gradient_pairs
@@ -90,6 +91,7 @@ class BuiltRun(JobStart):
     data_identity: dict[str, Any]  # data/identity.py of the data as built, before dataset.filter (what resume compares)
     term_grads: Optional[TermGradients]  # dynamics.term_grads: per-term gradient norms at the probe steps
     engine: Any = None  # engine.py's TorchEngine or DeepSpeedEngine (training only)
+    reference_sync: Optional[ReferenceSync] = None  # reference_sync.py: a moving reference (training only)
     tracker: Optional[Tracker] = None  # open_tracker
     evaluator: Optional[RunEvaluator] = None  # open_tracker
 
@@ -217,22 +219,28 @@ def build_run(
         )
         # the reference is the initial policy: built (copied, or precomputed) before an engine wraps it or `prefopt
         # eval` loads the trained weights into it
+        # a moving reference (reference.sync, training only: `prefopt eval` scores against the base model) is live
+        moving = with_engine and reference_moves(cfg)
         with console.phase("reference log-probs"):
-            reference = build_reference(
-                cfg,
-                policy,
-                source,
-                reference_pairs(data, cfg, dist.world_size),
-                loss_plan_of(cfg.loss).needs_reference,
-                dist,
-                device,
-                tokenizer.pad_token_id,
-            )
+            if moving:
+                reference = moving_reference(cfg, policy, dist.world_size, dist.is_main)
+            else:
+                reference = build_reference(
+                    cfg,
+                    policy,
+                    source,
+                    reference_pairs(data, cfg, dist.world_size),
+                    loss_plan_of(cfg.loss).needs_reference,
+                    dist,
+                    device,
+                    tokenizer.pad_token_id,
+                )
             # training pairs the sampler may never draw: a precomputed reference scores them too
             cover_pairs(reference, cfg, policy, source, term_grads_pairs, dist, device, tokenizer.pad_token_id)
         engine = build_engine(policy, cfg, dist.world_size) if with_engine else None
         if engine is not None:
             policy = engine.model
+        reference_sync = build_reference_sync(cfg, reference, policy) if moving else None
         step_fn = PreferenceStep(cfg, policy, reference, device, tokenizer.pad_token_id)
         term_grads = TermGradients(step_fn, term_grads_pairs) if term_grads_pairs else None
         probes = (
@@ -256,4 +264,5 @@ def build_run(
         data_identity=identity,
         term_grads=term_grads,
         engine=engine,
+        reference_sync=reference_sync,
     )

@@ -24,7 +24,7 @@ import re
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -147,9 +147,11 @@ def save_checkpoint(
     cfg: DictConfig,
     keep: Optional[int] = 2,
     protect: Optional[Path] = None,
+    write_extra: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Every rank writes its part into one staging dir (ZeRO shards); rank 0 renames it into place, then
-    prunes to `keep` checkpoints (trainer.save_total_limit; None = keep all), never `protect`."""
+    prunes to `keep` checkpoints (trainer.save_total_limit; None = keep all), never `protect`. write_extra(staging):
+    rank 0's other state files (a moving reference's weights), written before the manifest."""
     root = run_dir / CHECKPOINTS
     target = root / checkpoint_dir_name(step)
     staging = staging_dir(target)  # the same path on every rank
@@ -163,6 +165,8 @@ def save_checkpoint(
         dist.barrier()
         if dist.is_main:
             torch.save(trainer_state, staging / TRAINER_STATE)
+            if write_extra is not None:
+                write_extra(staging)
             atomic_write_text(staging / CONFIG_FILE, frozen_yaml(cfg))
             write_manifest(staging)  # last: a checkpoint with a valid manifest is complete
     except (

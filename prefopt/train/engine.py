@@ -39,6 +39,13 @@ def load_policy_weights(model: torch.nn.Module, location: str, local_files_only:
     model.load_state_dict(saved.state_dict())
 
 
+def policy_only(model: torch.nn.Module) -> dict:
+    """save_pretrained's arguments that keep a checkpoint's policy/ the policy alone: a LoRA model that also holds a
+    moving reference's adapter (reference_sync.py, saved on its own) saves PEFT's "default" adapter only."""
+    adapters = getattr(model, "peft_config", None)
+    return {"selected_adapters": ["default"]} if isinstance(adapters, dict) and len(adapters) > 1 else {}
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """What the optimizer moves: the parameters that require a gradient (with LoRA, the adapters)."""
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -95,7 +102,7 @@ class TorchEngine:
 
     def save(self, directory: Path, tokenizer) -> None:
         """The policy in HF format (loadable with from_pretrained) plus optimizer and schedule state."""
-        self.model.save_pretrained(directory / POLICY_DIR, safe_serialization=True)
+        self.model.save_pretrained(directory / POLICY_DIR, safe_serialization=True, **policy_only(self.model))
         tokenizer.save_pretrained(directory / POLICY_DIR)
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -211,7 +218,9 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(directory), tag=DEEPSPEED_TAG)
         state_dict = self.export_state_dict()  # collective under ZeRO-3: every rank takes part
         if dist.get_rank() == 0:
-            self.model.save_pretrained(directory / POLICY_DIR, state_dict=state_dict, safe_serialization=True)
+            self.model.save_pretrained(
+                directory / POLICY_DIR, state_dict=state_dict, safe_serialization=True, **policy_only(self.model)
+            )
             tokenizer.save_pretrained(directory / POLICY_DIR)
 
     def export_state_dict(self) -> Optional[dict[str, torch.Tensor]]:

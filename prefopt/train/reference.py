@@ -273,7 +273,12 @@ def build_reference(
         return precomputed_reference(policy, source.identity, fingerprint, pairs, cfg, dist, device, pad_token_id)
     if cfg.model.lora.enabled:
         return ModelReference(policy, cfg.trainer.logp_chunk_size, adapters_off=True)
-    frozen = wrap_reference(freeze(copy.deepcopy(policy)), cfg, dist.world_size)
+    return frozen_copy_reference(cfg, policy, dist.world_size)
+
+
+def frozen_copy_reference(cfg: DictConfig, policy, world_size: int) -> ModelReference:
+    """A frozen copy of the policy as it is now (the initial policy), under DeepSpeed an inference engine."""
+    frozen = wrap_reference(freeze(copy.deepcopy(policy)), cfg, world_size)
     return ModelReference(frozen, cfg.trainer.logp_chunk_size)
 
 

@@ -85,6 +85,8 @@ def resume_training(run: BuiltRun) -> TrainState:
                 f"trainer.max_steps={trainer_cfg.max_steps}; resume with a length that includes it"
             )
         run.engine.load(checkpoint)
+        if run.reference_sync is not None:  # a moving reference: its weights as the checkpoint's step left them
+            run.reference_sync.load(checkpoint)
         state.step, state.resumed_from, state.tracker_rows = saved["step"], checkpoint, saved.get("tracker_rows")
         state.first_eval, state.first_greedy = saved["first_eval"], saved["first_greedy_accuracy"]
         state.first_dynamics = saved["first_dynamics"]
@@ -130,4 +132,5 @@ def save_training(run: BuiltRun, state: TrainState, step: int) -> None:
         run.cfg,
         keep=run.cfg.trainer.save_total_limit,
         protect=state.resumed_from,
+        write_extra=run.reference_sync.save if run.reference_sync is not None else None,
     )
