@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -86,27 +86,33 @@ class LengthsOnly(NamedTuple):
 def step_tokens(cfg: DictConfig) -> StepTokens:
     """The run's token counts from its data, or at dataset.max_length with the reason it was not read."""
     try:
-        nodes = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "dataset", "trainer")}
-        key = json.dumps(nodes, sort_keys=True, default=str)
+        nodes = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "dataset")}
+        lengths = training_pair_lengths(json.dumps({**nodes, "seed": cfg.trainer.seed}, sort_keys=True, default=str))
     except Exception as error:  # an interpolation that cannot resolve yet: validation names it
-        return padded_to_max_length(cfg, f"the config does not resolve: {first_line(error)}")
-    return cached_step_tokens(key)
+        lengths = f"the config does not resolve: {first_line(error)}"
+    if isinstance(lengths, str):
+        return padded_to_max_length(cfg, lengths)
+    try:
+        return from_pair_lengths(list(lengths), cfg.trainer, run_steps(cfg.trainer, len(lengths)))
+    except Exception as error:  # impossible trainer values (max_steps=0, ...): validation names them
+        return padded_to_max_length(cfg, f"the batches cannot be drawn: {first_line(error)}")
 
 
 @functools.lru_cache(maxsize=32)
-def cached_step_tokens(key: str) -> StepTokens:
-    """Per process and config: the resolver (`--cfg job`, validation) and settling the choice read the data once."""
-    cfg = OmegaConf.create(json.loads(key))
+def training_pair_lengths(key: str) -> Union[tuple[tuple[int, int, int], ...], str]:
+    """(prompt, chosen, rejected) lengths of the training pairs, or why they were not read. Per process and data
+    config: the resolver (`--cfg job`, validation) and settling the choice read the data once."""
+    settings = json.loads(key)
+    cfg = OmegaConf.create({"model": settings["model"], "dataset": settings["dataset"]})
     reason = unread_reason(cfg)
     if reason:
-        return padded_to_max_length(cfg, reason)
+        return reason
     try:
         with quiet_data_log():
-            data = build_preference_data(cfg.dataset, load_tokenizer(cfg.model), cfg.trainer.seed)
+            data = build_preference_data(cfg.dataset, load_tokenizer(cfg.model), settings["seed"])
     except Exception as error:  # the worker meets it again and names it; the estimate only needs lengths
-        return padded_to_max_length(cfg, f"the data was not read before launch: {first_line(error)}")
-    pair_lengths = [(len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)) for pair in data.train]
-    return from_pair_lengths(pair_lengths, cfg.trainer, run_steps(cfg.trainer, len(pair_lengths)))
+        return f"the data was not read before launch: {first_line(error)}"
+    return tuple((len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)) for pair in data.train)
 
 
 def unread_reason(cfg: DictConfig) -> Optional[str]:
