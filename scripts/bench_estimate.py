@@ -7,7 +7,7 @@ median step time of the same config trained with hardware=cpu.
     .venv/bin/python scripts/bench_estimate.py --only main --steps 10 --out /tmp/bench_estimate
 
 Configs (CONFIGS): `main` = `prefopt train` as configured (DPO, SmolLM2-135M, arith, 30 steps of 4 pairs);
-`gate_dpo_local` = examples/gate_dpo_local.sh's train command (Gate-DPO, SmolLM2-135M, the 24-pair UltraFeedback
+`gate_dpo_local` = prefopt/examples/gate_dpo_local.sh's train command (Gate-DPO, SmolLM2-135M, the 24-pair UltraFeedback
 sample, 20 steps); `tiny` = the main job on the tiny random Llama. --steps N sets trainer.max_steps for all (default:
 each config's own); --tiny puts every config on model=tiny_llama.
 
@@ -36,17 +36,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from prefopt.core.runfiles import SUMMARY_FILE, TRAIN_LOG  # noqa: E402
 from prefopt.run.data_preview import compose_run_config  # noqa: E402
+from prefopt.run.examples import DATA_DIR, EXAMPLES_DIR  # noqa: E402
 from prefopt.run.hardware_plan import estimated_run, preset_values  # noqa: E402
 from prefopt.run.resources import GB, cpu_tflops, estimate_memory, limits_from, step_seconds, this_machine  # noqa: E402
 
 CONFIGS = {
     "main": [],
-    # examples/gate_dpo_local.sh's overrides (its DATA default: the shipped sample)
+    # prefopt/examples/gate_dpo_local.sh's overrides (its DATA default: the shipped sample)
     "gate_dpo_local": [
         "loss=gate_dpo",
         "model=smollm2_135m",
         "dataset=ultrafeedback",
-        f"dataset.path={REPO / 'examples' / 'data' / 'ultrafeedback_sample.jsonl'}",
+        f"dataset.path={EXAMPLES_DIR / DATA_DIR / 'ultrafeedback_sample.jsonl'}",
         "dataset.eval_fraction=0.25",
         "trainer.max_steps=20",
         "trainer.lr=1e-5",

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.data.layout import BatchLayout, pair_groups
+from prefopt.run.examples import DATA_DIR, EXAMPLES_DIR
 from prefopt.run.hardware_plan import estimated_run, plan_hardware, preset_values, settle_hardware
 from prefopt.run.resources import (
     GB,
@@ -363,22 +364,14 @@ def test_unreadable_data_is_estimated_at_max_length_and_said(tmp_path):
     assert tokens.basis.startswith("at dataset.max_length=512 (the data was not read before launch: ")
 
 
-def example_data(name: str) -> Path:
-    """An example's shipped data file, in the checkout or in the package (examples may move there)."""
-    for folder in (REPO / "examples" / "data", REPO / "prefopt" / "examples" / "data"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(name)
-
-
-# The train commands of examples/*.sh that run a real model under hardware=auto (lora_zero2.sh names
+# The train commands of prefopt/examples/*.sh that run a real model under hardware=auto (lora_zero2.sh names
 # hardware=zero2, slurm_sweep.sh hardware=slurm_1gpu, eval_checkpoint.sh trains nothing): their own overrides.
 EXAMPLE_CONFIGS = {
     "gate_dpo_local.sh": [
         "loss=gate_dpo",
         "model=smollm2_135m",
         "dataset=ultrafeedback",
-        f"dataset.path={example_data('ultrafeedback_sample.jsonl')}",
+        f"dataset.path={EXAMPLES_DIR / DATA_DIR / 'ultrafeedback_sample.jsonl'}",
         "dataset.eval_fraction=0.25",
         "trainer.max_steps=20",
         "trainer.lr=1e-5",

@@ -19,12 +19,10 @@ pads to dataset.max_length, as before, and says why.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -108,8 +106,8 @@ def training_pair_lengths(key: str) -> Union[tuple[tuple[int, int, int], ...], s
     if reason:
         return reason
     try:
-        with quiet_data_log():
-            data = build_preference_data(cfg.dataset, load_tokenizer(cfg.model), settings["seed"])
+        # announce=False: the data's stats and warnings are the worker's to log, once, in the run's log
+        data = build_preference_data(cfg.dataset, load_tokenizer(cfg.model), settings["seed"], announce=False)
     except Exception as error:  # the worker meets it again and names it; the estimate only needs lengths
         return f"the data was not read before launch: {first_line(error)}"
     return tuple((len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)) for pair in data.train)
@@ -132,18 +130,6 @@ def run_steps(trainer_cfg: DictConfig, num_pairs: int) -> int:
     if trainer_cfg.max_steps is not None:
         return int(trainer_cfg.max_steps)
     return epoch_steps(trainer_cfg.num_epochs, num_pairs, trainer_cfg.micro_batch_size, trainer_cfg.grad_accum, 1)
-
-
-@contextlib.contextmanager
-def quiet_data_log() -> Iterator[None]:
-    """The data's stats and warnings are the worker's to log (once, in the run's log), not the estimate's."""
-    data_log = logging.getLogger("prefopt.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        data_log.setLevel(level)
 
 
 def first_line(error: BaseException) -> str:
