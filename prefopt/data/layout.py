@@ -157,6 +157,16 @@ class BatchLayout:
     def build(self, groups: list["Group"], pad_token_id: int) -> SequenceBatch:
         return build_batch(groups, pad_token_id, self.kind, self.row_tokens, self.attention)
 
+    def positions(self, pair_lengths: Sequence[tuple[int, int, int]]) -> int:
+        """Positions (rows x width, padding included) of the batch build() makes from pairs of these (prompt, chosen,
+        rejected) lengths, without building it: what a forward's activations and FLOPs scale with (run/resources.py)."""
+        if self.kind == "padded":
+            width = max(prompt + max(chosen, rejected) for prompt, chosen, rejected in pair_lengths)
+            return 2 * len(pair_lengths) * width
+        segments = [sum(lengths) for lengths in pair_lengths]
+        rows = packed_rows(segments, self.row_tokens, self.attention)
+        return len(rows) * max(sum(segments[segment] for segment in members) for members in rows)
+
 
 PADDED = BatchLayout("padded")
 
@@ -200,6 +210,26 @@ def padded_batch(groups: list[Group], pad_token_id: int) -> SequenceBatch:
     return scored.batch(input_ids, attention_mask, None, len(rows), int(attention_mask.sum()))
 
 
+def packed_rows(segment_lengths: Sequence[int], max_row_tokens: Optional[int], attention: str) -> list[list[int]]:
+    """Segment indices per packed row: first fit, longest first (a deterministic order), in rows of at most
+    max_row_tokens (None = row_budget(), 0 = unbounded: one row); a segment longer than that gets a row of its own."""
+    if max_row_tokens is None:
+        max_row_tokens = row_budget(segment_lengths, attention)
+    budget = max(max_row_tokens or sum(segment_lengths), max(segment_lengths))
+    rows: list[list[int]] = []
+    row_lengths: list[int] = []
+    for segment in sorted(range(len(segment_lengths)), key=lambda g: (-segment_lengths[g], g)):
+        for row, used in enumerate(row_lengths):
+            if used + segment_lengths[segment] <= budget:
+                rows[row].append(segment)
+                row_lengths[row] += segment_lengths[segment]
+                break
+        else:
+            rows.append([segment])
+            row_lengths.append(segment_lengths[segment])
+    return rows
+
+
 def packed_batch(
     groups: list[Group], pad_token_id: int, max_row_tokens: Optional[int], attention: str = "pieces"
 ) -> SequenceBatch:
@@ -208,20 +238,8 @@ def packed_batch(
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; one of {ATTENTIONS}")
     lengths = [len(prompt) + sum(len(response) for _, response in responses) for prompt, responses in groups]
-    if max_row_tokens is None:
-        max_row_tokens = row_budget(lengths, attention)
-    budget = max(max_row_tokens or sum(lengths), max(lengths))  # a segment longer than the budget gets a row of its own
-    rows: list[list[int]] = []  # group indices per row, first fit, longest first (deterministic order)
-    row_lengths: list[int] = []
-    for group in sorted(range(len(groups)), key=lambda g: (-lengths[g], g)):
-        for row, used in enumerate(row_lengths):
-            if used + lengths[group] <= budget:
-                rows[row].append(group)
-                row_lengths[row] += lengths[group]
-                break
-        else:
-            rows.append([group])
-            row_lengths.append(lengths[group])
+    rows = packed_rows(lengths, max_row_tokens, attention)
+    row_lengths = [sum(lengths[group] for group in members) for members in rows]
     width = max(row_lengths)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

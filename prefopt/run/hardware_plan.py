@@ -28,6 +28,7 @@ from prefopt.run.resources import (
     step_seconds,
     this_machine,
 )
+from prefopt.run.step_tokens import padded_to_max_length, step_tokens
 
 log = logging.getLogger("prefopt")
 
@@ -90,17 +91,39 @@ def first_fit(run: Run, machine: Machine, limits: Limits) -> Optional[HardwarePl
         seconds = step_seconds(run, cpu_tflops(machine, limits)) if values["device"] == "cpu" else None
         if fits(estimate, machine, limits) and (seconds is None or seconds <= limits.max_cpu_step_seconds):
             return HardwarePlan(
-                dict(values, chosen_by="auto: " + describe_fit(estimate, machine, seconds)), estimate, seconds
+                dict(values, chosen_by="auto: " + describe_fit(estimate, machine, seconds, run)), estimate, seconds
             )
     return None
 
 
-def describe_fit(estimate: MemoryEstimate, machine: Machine, seconds: Optional[float]) -> str:
+def describe_fit(estimate: MemoryEstimate, machine: Machine, seconds: Optional[float], run: Run) -> str:
     if estimate.device == "cpu":
         ram = machine.ram_bytes / GB
-        return f"~{estimate.total / GB:.1f} GB estimated peak on the CPU ({ram:.1f} GB RAM), ~{seconds:.0f} s per step"
+        return (
+            f"~{estimate.total / GB:.1f} GB estimated peak on the CPU ({ram:.1f} GB RAM), ~{duration(seconds)} s per "
+            f"step, {run.tokens_basis}"
+        )
     gpu = min(machine.gpu_bytes) / GB
-    return f"~{estimate.total / GB:.1f} GB estimated peak per GPU ({estimate.ranks_per_node} x {gpu:.0f} GB)"
+    return (
+        f"~{estimate.total / GB:.1f} GB estimated peak per GPU ({estimate.ranks_per_node} x {gpu:.0f} GB), "
+        f"{run.tokens_basis}"
+    )
+
+
+def duration(seconds: float) -> str:
+    """Two significant figures at most, never "0": 66, 4.4, 0.02."""
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}" if seconds >= 0.1 else f"{seconds:.2g}"
+
+
+def estimated_run(cfg: DictConfig, machine: Machine, limits: Limits) -> Run:
+    """The run's shape with its token counts from the data (run/step_tokens.py); at dataset.max_length, without
+    reading the data, when the weights alone already fit nowhere here (an 8B model on a laptop is refused in
+    seconds, offline, before its tokenizer is looked for)."""
+    bound = run_shape(cfg, padded_to_max_length(cfg, "the weights alone fit nowhere here, so the data was not read"))
+    weights_only = dataclasses.replace(bound, tokens=0, scored_tokens=0, step_tokens=0.0)
+    if first_fit(weights_only, machine, limits) is None:
+        return bound
+    return run_shape(cfg, step_tokens(cfg))
 
 
 def plan_hardware(run: Run, machine: Machine, limits: Limits) -> HardwarePlan:
@@ -158,8 +181,8 @@ def refusal(run: Run, machine: Machine, limits: Limits) -> str:
         f"hardware=auto: nothing on this machine ({machine.describe()}) fits model {run.name} "
         f"({run.arch.num_parameters / 1e9:.2f}e9 parameters, {run.dtype}). On the CPU it needs ~{cpu.total / GB:.1f} "
         f"GB ({cpu.breakdown()}) of {limits.usable_memory_fraction * machine.ram_bytes / GB:.1f} GB usable "
-        f"(hardware.usable_memory_fraction={limits.usable_memory_fraction:g}) and ~{seconds:.0f} s per step "
-        f"(hardware.max_cpu_step_seconds={limits.max_cpu_step_seconds:g}).",
+        f"(hardware.usable_memory_fraction={limits.usable_memory_fraction:g}) and ~{duration(seconds)} s per step "
+        f"(hardware.max_cpu_step_seconds={limits.max_cpu_step_seconds:g}); tokens counted {run.tokens_basis}.",
     ]
     if machine.gpu_bytes:
         largest = auto_candidates(machine)[-1]
@@ -210,7 +233,8 @@ def auto_hardware_value(key: str, _root_: DictConfig) -> Any:
     """`${auto_hardware:KEY}`: KEY of the preset hardware=auto chooses for this config (never raises: see
     settle_hardware)."""
     try:
-        plan = lenient_plan(run_shape(_root_), limits_from(_root_.hardware), this_machine())
+        machine, limits = this_machine(), limits_from(_root_.hardware)
+        plan = lenient_plan(estimated_run(_root_, machine, limits), limits, machine)
     except ConfigError as error:
         plan = placeholder_plan(f"{str(error).split(':')[0]}; `prefopt train` refuses and says why")
     return plan.values[key]
@@ -232,11 +256,20 @@ def settle_hardware(cfg: DictConfig, machine: Optional[Machine] = None) -> Optio
     if not auto_keys:
         warn_if_too_small(cfg, machine)
         return None
-    plan = plan_hardware(run_shape(cfg), machine, limits_from(cfg.hardware))
+    limits = limits_from(cfg.hardware)
+    plan = plan_hardware(estimated_run(cfg, machine, limits), machine, limits)
     for key in auto_keys:
         cfg.hardware[key] = plan.values[key]
     log.info("hardware=auto chose %s: %s", preset_overrides(plan.values), plan.values["chosen_by"])
     return plan
+
+
+def memory_need(run: Run, hardware: DictConfig, machine: Machine) -> tuple[float, float, str, MemoryEstimate]:
+    """(bytes needed, bytes there, where, the estimate) of `run` on an explicit preset."""
+    estimate = estimate_memory(run, hardware)
+    if estimate.device == "cuda" and machine.gpu_bytes:
+        return estimate.total, min(machine.gpu_bytes), "per GPU", estimate
+    return estimate.host_per_node, machine.ram_bytes, "of CPU memory", estimate
 
 
 def warn_if_too_small(cfg: DictConfig, machine: Machine) -> None:
@@ -244,13 +277,13 @@ def warn_if_too_small(cfg: DictConfig, machine: Machine) -> None:
     if hardware.launcher == "slurm":  # its memory is on the cluster's nodes, not here
         return
     try:
-        estimate = estimate_memory(run_shape(cfg), hardware)
+        run = run_shape(cfg)  # at dataset.max_length first: the data is read only when that bound does not fit
+        need, have, where, estimate = memory_need(run, hardware, machine)
+        if need > WARN_MARGIN * have:
+            run = run_shape(cfg, step_tokens(cfg))
+            need, have, where, estimate = memory_need(run, hardware, machine)
     except ConfigError:  # figures unknown: nothing to compare
         return
-    if estimate.device == "cuda" and machine.gpu_bytes:
-        need, have, where = estimate.total, min(machine.gpu_bytes), "per GPU"
-    else:
-        need, have, where = estimate.host_per_node, machine.ram_bytes, "of CPU memory"
     if need > WARN_MARGIN * have:
         log.warning(
             "hardware=%s: this run needs ~%.1f GB %s by estimate (%s) and this machine has %.1f GB: it will likely "

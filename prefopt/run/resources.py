@@ -19,20 +19,23 @@ vocabulary, key/value width = kv heads x head size):
     buckets     = 2 * min(5e8, T) * g          DeepSpeed's reduce/all-gather buckets (s>=1, N>1)
     reference   = 4*P (torch engine) or w*P (DeepSpeed; / N when the reference is ZeRO-3);
                   none with reference.precompute, a reference-free loss, or LoRA (the base is the reference)
-    activations = tokens * (L+1) * a, tokens = 2 x trainer.micro_batch_size sequences x dataset.max_length,
+    activations = tokens * (L+1) * a, tokens = positions of the run's largest micro batch (below),
                   a = 32h + 16I + 8kv bytes (fp32) or 30h + 8I + 4kv (bf16), measured with saved-tensor
                   hooks on Llama blocks; bf16 autocast also keeps 2 B/param bf16 copies of the weights;
                   model.gradient_checkpointing: tokens * (4h*L + a), each layer's input plus one layer recomputed
-    logp buffers = 4 x min(trainer.logp_chunk_size, tokens) x V x 4 B   (chunked fp32 log-softmax)
-                   + min(trainer.logp_keep_mb, tokens x V x 4 B)   (log-probs kept for backward)
+    logp buffers = 4 x min(trainer.logp_chunk_size, scored) x V x 4 B   (chunked fp32 log-softmax)
+                   + min(trainer.logp_keep_mb, scored x V x 4 B)   (log-probs kept for backward)
+                   scored = that micro batch's response tokens (the head runs on scored positions only)
     overhead    = 0.5 GB per CPU process (Python + torch + transformers + DeepSpeed: the tiny_llama run's
                   peak RSS) or 1.5 GB per GPU (CUDA context, cuBLAS workspace, allocator slack)
 
-    seconds per step = (6 + 2 [reference forward] + 2 [gradient checkpointing]) x P x tokens x grad_accum
-                       / (hardware.cpu_tflops_per_core x cores x 1e12)
+    seconds per step = (6 + 2 [reference forward] + 2 [gradient checkpointing]) x P x step tokens
+                       / (hardware.cpu_tflops_per_core x cores x 1e12),  step tokens = mean positions per step
 
-Sequences are counted at dataset.max_length (a batch is padded to its longest pair): an upper bound
-for short data such as `arith`. Loading transients are not modelled.
+The token counts come from the data (run/step_tokens.py): the micro batches the run's sampler will draw, each
+sized in the run's layout (packed rows or padded ones, padding included); memory takes the largest, time the mean
+step. Where the data cannot be read before launch, every sequence is counted at dataset.max_length (an upper
+bound) and `chosen_by` says so. Loading transients are not modelled.
 
 `hardware=auto` (conf/hardware/auto.yaml) picks, per job: the `cpu` preset when the run fits in
 hardware.usable_memory_fraction of this machine's RAM and a step takes at most
@@ -58,6 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.losses import loss_plan_of
+from prefopt.run.step_tokens import StepTokens, padded_to_max_length
 
 log = logging.getLogger("prefopt")
 
@@ -116,9 +120,10 @@ class Run:
     reference_forward: bool  # a reference forward runs every step
     holds_reference: bool  # a second, frozen copy of the model is in memory
     reference_offload: bool  # reference.offload
-    sequences: int  # per micro batch: 2 x pairs
-    sequence_length: int  # dataset.max_length
-    grad_accum: int
+    tokens: int  # positions of the largest micro batch, padding included (run/step_tokens.py)
+    scored_tokens: int  # response tokens of that micro batch: the head runs on these
+    step_tokens: float  # positions per optimizer step (all its micro batches), on average over the run
+    tokens_basis: str  # where those counts come from: the data's lengths, or dataset.max_length and why
     gradient_checkpointing: bool
     logp_chunk_size: int
     logp_keep_bytes: float  # trainer.logp_keep_mb: log-probs a step keeps for backward instead of recomputing the head
@@ -126,10 +131,6 @@ class Run:
     @property
     def trained_parameters(self) -> int:
         return self.adapter_parameters if self.lora else self.arch.num_parameters
-
-    @property
-    def tokens(self) -> int:
-        return self.sequences * self.sequence_length
 
 
 @dataclass(frozen=True)
@@ -313,8 +314,10 @@ def lora_parameters(arch: Arch, rank: int, target_modules: list[str]) -> int:
     return arch.num_layers * per_layer
 
 
-def run_shape(cfg: DictConfig) -> Run:
-    """The estimate's inputs from a composed config (model, batch, reference, loss)."""
+def run_shape(cfg: DictConfig, tokens: Optional[StepTokens] = None) -> Run:
+    """The estimate's inputs from a composed config (model, reference, loss) and the run's token counts (None: every
+    sequence at dataset.max_length, the upper bound that needs no data)."""
+    tokens = tokens or padded_to_max_length(cfg, "the data's lengths not asked for")
 
     model = cfg.model
     arch = model_arch(model)
@@ -331,9 +334,10 @@ def run_shape(cfg: DictConfig) -> Run:
         reference_forward=reference_forward,
         holds_reference=reference_forward and not model.lora.enabled,
         reference_offload=cfg.reference.offload,
-        sequences=2 * cfg.trainer.micro_batch_size,
-        sequence_length=cfg.dataset.max_length,
-        grad_accum=cfg.trainer.grad_accum,
+        tokens=tokens.micro_batch,
+        scored_tokens=tokens.scored,
+        step_tokens=tokens.per_step,
+        tokens_basis=tokens.basis,
         gradient_checkpointing=model.gradient_checkpointing,
         logp_chunk_size=cfg.trainer.logp_chunk_size,
         logp_keep_bytes=cfg.trainer.logp_keep_mb * 2**20,
@@ -405,8 +409,8 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
         buckets=buckets,
         reference=reference,
         activations=activation_bytes(run, autocast=run.dtype == "bf16" and not deepspeed),
-        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.tokens) * arch.vocab_size * 4
-        + min(run.logp_keep_bytes, run.tokens * arch.vocab_size * 4),
+        logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.scored_tokens) * arch.vocab_size * 4
+        + min(run.logp_keep_bytes, run.scored_tokens * arch.vocab_size * 4),
         overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES,
         host=host,
     )
@@ -415,7 +419,7 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
 def step_seconds(run: Run, tflops: float) -> float:
     """~2 FLOPs per parameter and token forward, 4 backward; a reference forward and a recompute add 2 each."""
     flops_per_token = (6 + 2 * run.reference_forward + 2 * run.gradient_checkpointing) * run.arch.num_parameters
-    return flops_per_token * run.tokens * run.grad_accum / (tflops * 1e12)
+    return flops_per_token * run.step_tokens / (tflops * 1e12)
 
 
 def cpu_tflops(machine: Machine, limits: Limits) -> float:
