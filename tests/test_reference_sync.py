@@ -190,7 +190,7 @@ REFUSALS = [  # (settings on top of model=tiny_llama hardware=cpu, what the one-
     ({"reference.sync": "hard", "reference.precompute": True}, "a cache of a reference that moves would be stale"),
     ({"reference.sync": "soft", "model.lora.enabled": True}, "mixing the LoRA factors"),
     ({"reference.sync": "hard", "hardware.engine": "deepspeed", "hardware.zero_stage": 3}, "ZeRO-3"),
-    ({"reference.sync": "hard", "loss.name": "simpo"}, "has no reference"),
+    ({"reference.sync": "hard", "loss": {"name": "simpo", "beta": 2.0, "gamma": 1.6}}, "has no reference"),
     ({"reference.sync": "soft", "reference.mixup_alpha": 0.0}, r"reference\.mixup_alpha=0"),
     ({"reference.sync": "soft", "reference.sync_every": 0}, r"reference\.sync_every"),
 ]
@@ -204,7 +204,7 @@ def test_refusals_name_the_keys_and_the_reason():
     for settings, message in REFUSALS:
         cfg = copy.deepcopy(base)
         for key, value in settings.items():
-            OmegaConf.update(cfg, key, value)
+            OmegaConf.update(cfg, key, value, merge=False)  # a whole loss node replaces the default's
         with pytest.raises(ConfigError, match=message) as refused:
             validate_config(cfg)
         assert "\n" not in str(refused.value), settings
