@@ -205,7 +205,8 @@ def test_plain_step_line_carries_the_eta(clock, captured_log, tmp_path):
         clock.now += 3.0
         console.step_done(1)  # not a logged step (trainer.log_every=2)
         clock.now += 3.0
-        console.step_done(2, metrics | {"train/lr": 1e-6, "train/tokens_per_s": 100.0, "train/tflops": 0.001})
+        logged = {"train/learning_rate": 1e-6, "train/tokens_per_s": 100.0, "train/tflops": 0.001}
+        console.step_done(2, metrics | logged)
     finally:
         console.close()
     [line] = captured_log.getvalue().splitlines()

@@ -74,7 +74,7 @@ def step_line(
     return (
         f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} | margin "
         f"{number(metric(metrics, 'train', 'margin'), '.3f')} | acc "
-        f"{number(metric(metrics, 'train', 'accuracy'), '.2f')} | lr {metrics.get('train/lr', 0.0):.2e} | "
+        f"{number(metric(metrics, 'train', 'accuracy'), '.2f')} | lr {metrics.get('train/learning_rate', 0.0):.2e} | "
         f"{metrics.get('train/tokens_per_s', 0.0):.0f} tok/s | {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | "
         f"{seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}"
     )

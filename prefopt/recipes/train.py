@@ -109,7 +109,7 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                 tflops = flops / elapsed / 1e12
                 metrics |= {
                     "train/grad_norm": grad_norm,
-                    "train/lr": lr,
+                    "train/learning_rate": lr,  # TRL's name (old run dirs: train/lr, read as this by metric_names)
                     "train/tokens_per_s": total_tokens / elapsed,
                     "train/epoch": state.sampler.epoch,
                     "train/tflops": tflops,
