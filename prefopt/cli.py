@@ -2,7 +2,8 @@
 `prefopt --help`), and each command's argument parsing; the library below takes plain arguments.
 
 prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
-prefopt train --help | --cfg job (resolved: shows the hardware auto chose) | -m ... | --shell-completion install=bash
+prefopt train --help [TOPIC] (read from conf/, no Hydra) | --cfg job (resolved: shows the hardware auto chose) | -m ...
+prefopt --shell-completion install=bash     completes every subcommand, and the Hydra apps' overrides
 
 Start-up: importing this module loads two small core modules (errors, runfiles) and no heavy library (Hydra, torch,
 matplotlib); a handler imports what its command needs once its arguments are parsed, so `prefopt --help`, `prefopt
@@ -143,29 +144,14 @@ def run_hydra_app(name: str, argv: list[str]) -> int:
     return 0
 
 
-OWN_CONFIG_FLAGS = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
-
-
-def help_topic(argv: list[str]) -> tuple[bool, Optional[str]]:
-    """(whether argv asks for prefopt's help, its topic): `--help`/`-h` anywhere, the word after it a topic (a group,
-    `loss=gate_dpo`, a section). With a config file of the user's own (--config-name ...) Hydra's help describes it."""
-    for index, arg in enumerate(argv):
-        if arg in ("-h", "--help"):
-            if any(flag in argv or any(a.startswith(flag + "=") for a in argv) for flag in OWN_CONFIG_FLAGS):
-                return False, None
-            following = argv[index + 1 : index + 2]
-            return True, following[0] if following and not following[0].startswith("-") else None
-    return False, None
-
-
 def hydra_app_help(name: str, handler: Callable[[list[str]], int], argv: list[str]) -> Optional[int]:
     """`prefopt NAME --help [TOPIC]` read from conf/ without starting Hydra (prefopt/run/confhelp.py); None when argv
     asks for something else. Its summary is the handler's first docstring line."""
+    from prefopt.run.confhelp import help_text, help_topic
+
     wanted, topic = help_topic(argv)
     if not wanted:
         return None
-    from prefopt.run.confhelp import help_text
-
     summary = inspect.cleandoc(handler.__doc__).splitlines()[0]
     try:
         print(help_text(name, summary, HYDRA_APPS[name][1], topic))

@@ -226,6 +226,21 @@ def section_help(command: str, section: str, config_name: str) -> str:
     return "\n".join([f"prefopt {command}: {section}.*", *key_lines(keys, terminal_width(), whole=True)])
 
 
+OWN_CONFIG_FLAGS = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
+
+
+def help_topic(argv: list[str]) -> tuple[bool, Optional[str]]:
+    """(whether argv asks for prefopt's help, its topic): `--help`/`-h` anywhere, the word after it a topic (a group,
+    `loss=gate_dpo`, a section). With a config file of the user's own (--config-name ...) Hydra's help describes it."""
+    for index, arg in enumerate(argv):
+        if arg in ("-h", "--help"):
+            if any(flag in argv or any(a.startswith(flag + "=") for a in argv) for flag in OWN_CONFIG_FLAGS):
+                return False, None
+            following = argv[index + 1 : index + 2]
+            return True, following[0] if following and not following[0].startswith("-") else None
+    return False, None
+
+
 def help_text(command: str, summary: str, config_name: str, topic: Optional[str] = None) -> str:
     """The help of `prefopt COMMAND --help [TOPIC]`: TOPIC a group (loss), a group's option (loss=gate_dpo) or a section
     of the root config (trainer, logger.wandb); none: the whole overview. An unknown topic: a ConfigError with the
