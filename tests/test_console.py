@@ -15,15 +15,15 @@ import pytest
 
 from prefopt.core.errors import ConfigError
 from prefopt.observe import console as console_module
-from prefopt.observe.console import (
-    SHOW_AFTER_SECONDS,
-    Console,
-    report_progress,
-    resolve_mode,
+from prefopt.observe.console import SHOW_AFTER_SECONDS, Console, report_progress, resolve_mode
+from prefopt.observe.console_lines import (
+    METRIC_NAMES,
+    eval_headline,
+    format_duration,
     scheduled_passes,
+    summary_lines,
     training_eta,
 )
-from prefopt.observe.console_lines import METRIC_NAMES, eval_headline, format_duration, summary_lines
 from prefopt.run.config import validate_config
 from tests.test_config import compose_config
 

@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 from typing import Any, Counter, Iterable, Iterator, Mapping, Optional, TextIO
 
-from prefopt.observe.console_lines import eval_headline, format_duration, metric, step_line, summary_lines
+from prefopt.observe.console_lines import (
+    eval_headline,
+    format_duration,
+    metric,
+    pass_kind,
+    scheduled_passes,
+    step_line,
+    summary_lines,
+    training_eta,
+)
 
 log = logging.getLogger("prefopt")
 
@@ -68,35 +77,6 @@ def eta_seconds(done: int, total: int, started: float, last_done_at: float, now:
     if done <= 0:
         return None
     return max(0.0, (last_done_at - started) / done * max(0, total - done) - (now - last_done_at))
-
-
-def pass_kind(label: str) -> str:
-    """'eval @ step 10' -> 'eval': the kind of pass a phase label names."""
-    return label.split(" @ ", 1)[0]
-
-
-def scheduled_passes(first_step: int, max_steps: int, every: Mapping[str, int], final: Iterable[str]) -> Counter:
-    """How many passes of each kind a run makes after step `first_step`: kind -> every N steps (0: none between steps)
-    before the last step, and the `final` kinds once after it."""
-    planned: Counter = collections.Counter()
-    for kind, interval in every.items():
-        if interval:
-            planned[kind] += (max_steps - 1) // interval - first_step // interval if first_step < max_steps else 0
-    planned.update(final)
-    return planned
-
-
-def training_eta(
-    steps_left: int,
-    seconds_per_step: float,
-    passes_left: Mapping[str, int],
-    seconds_per_pass: Mapping[str, float],
-    since_last: float,
-) -> float:
-    """Time left: the steps at their own rate (passes excluded), each pass still to come at the time its kind took
-    (a kind not measured yet counts 0), counting down from the end of the last step or pass."""
-    passes = sum(count * seconds_per_pass.get(kind, 0.0) for kind, count in passes_left.items())
-    return max(0.0, steps_left * seconds_per_step + passes - since_last)
 
 
 def progress_text(label: str, done: int, total: int, unit: str, elapsed: float, eta: Optional[float], bar: bool) -> str:
