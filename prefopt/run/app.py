@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from hydra._internal import utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.types import RunMode
@@ -156,8 +157,6 @@ def composition_errors_explained(command: str) -> Iterator[None]:
     2, instead of Hydra's 'To append to your config use +key' (a key the schema lacks is refused anyway). Hydra
     reports composition errors inside hydra._internal.utils.run_and_report, before any prefopt code runs: wrap it
     while the app runs (its other errors are Hydra's as before; tests/test_cli.py holds the messages)."""
-    from hydra._internal import utils as hydra_utils
-
     original = hydra_utils.run_and_report
 
     def run_and_report(func: Any) -> Any:
