@@ -393,7 +393,13 @@ def usage() -> str:
     for name, handler in COMMANDS.items():
         first, *rest = inspect.cleandoc(handler.__doc__).splitlines()
         lines += [f"  {name:<9} {first}", *(f"{'':12}{line}" for line in rest)]
-    return "\n".join([*lines, "", "`prefopt <command> --help` for a command's options.", ""])
+    tail = [
+        "",
+        '`prefopt <command> --help` for a command\'s options; `eval "$(prefopt --shell-completion install=bash)"`'
+        " completes commands and overrides on <TAB>.",
+        "",
+    ]
+    return "\n".join([*lines, *tail])
 
 
 # subcommand -> the Hydra app whose overrides complete its arguments (`prefopt data` takes train's); the others
