@@ -2,7 +2,8 @@
 `prefopt --help`), and each command's argument parsing; the library below takes plain arguments.
 
 prefopt train [HYDRA OVERRIDES]     compose loss/model/dataset/hardware, validate, train
-prefopt train --help | --cfg job (resolved: shows the hardware auto chose) | -m ... | --shell-completion install=bash
+prefopt train --help [TOPIC] (read from conf/, no Hydra) | --cfg job (resolved: shows the hardware auto chose) | -m ...
+prefopt --shell-completion install=bash     completes every subcommand, and the Hydra apps' overrides
 
 Start-up: importing this module loads two small core modules (errors, runfiles) and no heavy library (Hydra, torch,
 matplotlib); a handler imports what its command needs once its arguments are parsed, so `prefopt --help`, `prefopt
@@ -123,7 +124,7 @@ def run_hydra_app(name: str, argv: list[str]) -> int:
     word), which then calls `prefopt -sc ...`."""
     import hydra
 
-    from prefopt.run.app import sigterm_stops, stopped_exit
+    from prefopt.run.app import composition_errors_explained, sigterm_stops, stopped_exit
     from prefopt.run.config import register_schema
 
     global running_app
@@ -135,10 +136,28 @@ def run_hydra_app(name: str, argv: list[str]) -> int:
     completing = any(arg.startswith(("-sc", "--shell-completion")) for arg in argv)
     sys.argv = ["prefopt" if completing else f"prefopt {name}", *argv]
     try:
-        with sigterm_stops():  # the whole app: one run, every job of a sweep (-m), and Hydra composing around them
+        # the whole app: one run, every job of a sweep (-m), and Hydra composing around them
+        with sigterm_stops(), composition_errors_explained(name):
             app()
     except KeyboardInterrupt as stop:  # outside the task's handler: while Hydra composes, in a sweep, in another app
         return stopped_exit(stop, None, []).code
+    return 0
+
+
+def hydra_app_help(name: str, handler: Callable[[list[str]], int], argv: list[str]) -> Optional[int]:
+    """`prefopt NAME --help [TOPIC]` read from conf/ without starting Hydra (prefopt/run/confhelp.py); None when argv
+    asks for something else. Its summary is the handler's first docstring line."""
+    from prefopt.run.confhelp import help_text, help_topic
+
+    wanted, topic = help_topic(argv)
+    if not wanted:
+        return None
+    summary = inspect.cleandoc(handler.__doc__).splitlines()[0]
+    try:
+        print(help_text(name, summary, HYDRA_APPS[name][1], topic))
+    except ConfigError as error:
+        print(f"prefopt: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -167,14 +186,16 @@ def train_command(argv: list[str]) -> int:
     """compose a run from the config groups (loss, model, dataset, hardware) and train it.
     Hydra app: `prefopt train --help` lists the groups and options; `--cfg job` prints the
     composed config; `-m` sweeps; e.g. `prefopt train loss=dpo model=tiny_llama trainer.max_steps=10`"""
-    return run_hydra_app("train", resolve_shown_config(argv))
+    shown = hydra_app_help("train", train_command, argv)
+    return shown if shown is not None else run_hydra_app("train", resolve_shown_config(argv))
 
 
 def eval_command(argv: list[str]) -> int:
     """evaluate a run's policy as training does (reward accuracy and margins against the base model, greedy
     accuracy, probes) into a run dir of its own: `prefopt eval RUN_DIR` (newest checkpoint, the run's config),
     `prefopt eval CHECKPOINT_DIR`, `prefopt eval MODEL_DIR model=... dataset=... loss=...`; Hydra app, `-m` sweeps"""
-    return run_hydra_app("eval", resolve_shown_config(policy_argument(argv)))
+    shown = hydra_app_help("eval", eval_command, argv)
+    return shown if shown is not None else run_hydra_app("eval", resolve_shown_config(policy_argument(argv)))
 
 
 def inspect_command(argv: list[str]) -> int:
@@ -183,12 +204,14 @@ def inspect_command(argv: list[str]) -> int:
     in a run dir of its own; train's overrides, e.g. `prefopt inspect dataset=local dataset.path=pairs.jsonl`;
     `inspect.policy=RUN_DIR` adds how far that run moved each pair; then dataset.filter.column=ches_norm trains on the
     pairs a column keeps"""
-    return run_hydra_app("inspect", resolve_shown_config(argv))
+    shown = hydra_app_help("inspect", inspect_command, argv)
+    return shown if shown is not None else run_hydra_app("inspect", resolve_shown_config(argv))
 
 
 def toy_command(argv: list[str]) -> int:
     """the softmax toy of the squeezing effect (Hydra app, conf/toy.yaml): `prefopt toy lr=4 steps=2`"""
-    return run_hydra_app("toy", argv)
+    shown = hydra_app_help("toy", toy_command, argv)
+    return shown if shown is not None else run_hydra_app("toy", argv)
 
 
 def worker_command(argv: list[str]) -> int:
@@ -406,20 +429,36 @@ def usage() -> str:
     for name, handler in COMMANDS.items():
         first, *rest = inspect.cleandoc(handler.__doc__).splitlines()
         lines += [f"  {name:<9} {first}", *(f"{'':12}{line}" for line in rest)]
-    return "\n".join([*lines, "", "`prefopt <command> --help` for a command's options.", ""])
+    tail = [
+        "",
+        '`prefopt <command> --help` for a command\'s options; `eval "$(prefopt --shell-completion install=bash)"`'
+        " completes commands and overrides on <TAB>.",
+        "",
+    ]
+    return "\n".join([*lines, *tail])
+
+
+# subcommand -> the Hydra app whose overrides complete its arguments (`prefopt data` takes train's); the others
+# (plot, report, export, worker) take paths: no words, and the completion script falls back to file names
+COMPLETED_BY_APP = {"train": "train", "eval": "eval", "inspect": "inspect", "toy": "toy", "data": "train"}
 
 
 def completion_query(argv: list[str]) -> int:
-    """Bash/zsh completion calls `prefopt -sc query=bash` with the whole line in COMP_LINE: drop the
-    subcommand word from it so Hydra completes that subcommand's overrides."""
+    """`prefopt --shell-completion install=bash` prints Hydra's completion script, bound to `prefopt`. The script then
+    calls `prefopt -sc query=bash` with the whole line in COMP_LINE: on the subcommand word every subcommand is
+    offered; after it, the subcommand word is dropped from the line so Hydra completes that app's overrides."""
+    if not any(arg.startswith("query=") for arg in argv):  # install=bash, uninstall=bash, install=fish, ...
+        return run_hydra_app("train", argv)
     words = os.environ.get("COMP_LINE", "").split(" ", 2)
-    apps = ("train", "eval", "inspect")
-    if len(words) < 2 or words[1] not in apps:
-        print(" ".join(apps))  # completing the subcommand itself
+    if len(words) < 3:  # `prefopt ` or `prefopt tr`: the shell keeps the words that start with what is typed
+        print("\n".join(COMMANDS))
+        return 0
+    app = COMPLETED_BY_APP.get(words[1])
+    if app is None:
         return 0
     os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
     os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", "0")) - len(words[1]) - 1))
-    return run_hydra_app(words[1], argv)
+    return run_hydra_app(app, argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """Start-up of the `prefopt` commands that only read files or print help: wall time, peak RSS and how many modules
 each imports (torch among them or not), as a table. Nothing is asserted; the figures go in notes and README.
 
-    .venv/bin/python scripts/bench_startup.py                       # prefopt --help, report --help, plot --help
+    .venv/bin/python scripts/bench_startup.py                       # prefopt --help, report/plot/train --help
     .venv/bin/python scripts/bench_startup.py --runs 9 --command "report --help" --command "train --help"
 
 Each command runs --runs times in a fresh `python -m prefopt.cli` process (the installed `prefopt` script runs the
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_COMMANDS = ("--help", "report --help", "plot --help")
+DEFAULT_COMMANDS = ("--help", "report --help", "plot --help", "train --help")
 HEAVY = ("torch", "transformers", "datasets", "deepspeed")
 
 

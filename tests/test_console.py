@@ -16,7 +16,14 @@ import pytest
 from prefopt.core.errors import ConfigError
 from prefopt.observe import console as console_module
 from prefopt.observe.console import SHOW_AFTER_SECONDS, Console, report_progress, resolve_mode
-from prefopt.observe.console_lines import METRIC_NAMES, eval_headline, format_duration, summary_lines
+from prefopt.observe.console_lines import (
+    METRIC_NAMES,
+    eval_headline,
+    format_duration,
+    scheduled_passes,
+    summary_lines,
+    training_eta,
+)
 from prefopt.run.config import validate_config
 from tests.test_config import compose_config
 
@@ -58,7 +65,7 @@ def test_plain_console_writes_no_carriage_return(tiny_run):
     _, output = tiny_run
     assert "\r" not in output
     step_lines = [line for line in output.splitlines() if f"step {STEPS}/{STEPS} |" in line]
-    assert len(step_lines) == 1 and "s/step | ETA 0:00" in step_lines[0], output
+    assert len(step_lines) == 1 and "s/step | ETA " in step_lines[0], output
 
 
 @pytest.mark.slow
@@ -195,10 +202,11 @@ def test_plain_step_line_carries_the_eta(clock, captured_log, tmp_path):
     }
     try:
         console.start_training(0, 10)
-        for step in (1, 2):
-            clock.now += 3.0
-            console.step_done(step)
-        console.log_step(2, metrics | {"train/lr": 1e-6, "train/tokens_per_s": 100.0, "train/tflops": 0.001})
+        clock.now += 3.0
+        console.step_done(1)  # not a logged step (trainer.log_every=2)
+        clock.now += 3.0
+        logged = {"train/learning_rate": 1e-6, "train/tokens_per_s": 100.0, "train/tflops": 0.001}
+        console.step_done(2, metrics | logged)
     finally:
         console.close()
     [line] = captured_log.getvalue().splitlines()
@@ -317,3 +325,72 @@ def test_summary_of_a_sweep_job_points_at_the_sweep_report(tmp_path):
     assert f"               prefopt report {sweep_dir}   (once the sweep is done)" in lines
     assert any(line.startswith("  checkpoint   none written") for line in lines)
     assert not any(line.startswith("  W&B") for line in lines)
+
+
+def test_scheduled_passes_count_what_train_steps_runs():
+    # eval_every=10 over 30 steps: at 10 and 20 (not at 30: the final eval is there), then the final one
+    assert scheduled_passes(0, 30, {"eval": 10, "probes": 7}, ["eval", "probes"]) == {"eval": 3, "probes": 5}
+    assert scheduled_passes(15, 30, {"eval": 10}, ["eval"]) == {"eval": 2}  # resumed after step 15
+    assert scheduled_passes(20, 30, {"eval": 10}, ["eval"]) == {"eval": 1}  # step 20's eval ran before its checkpoint
+    assert scheduled_passes(0, 30, {"eval": 0}, ["eval", "greedy answers"]) == {"eval": 1, "greedy answers": 1}
+
+
+def test_training_eta_adds_the_passes_to_come():
+    assert training_eta(3, 2.0, {"eval": 2, "probes": 1}, {"eval": 5.0, "probes": 4.0}, since_last=1.5) == 18.5
+    assert training_eta(3, 2.0, {"greedy answers": 1}, {}, since_last=0.0) == 6.0  # not measured yet: 0
+    assert training_eta(0, 2.0, {}, {}, since_last=9.0) == 0.0
+
+
+def test_eta_counts_evals_and_probes_at_their_measured_time(clock, captured_log, tmp_path):
+    """4 steps of 1 s, an eval and probes every 2 steps and at the end: the ETA is the steps left at their own rate
+    plus the passes to come at their kind's mean time, not the elapsed time per step (passes included) times the
+    steps left."""
+    stream = Terminal()
+    console = Console("fancy", tmp_path, "disabled", stream=stream, tick_seconds=None)
+
+    def a_pass(label: str, seconds: float) -> None:
+        with console.phase(label):
+            clock.now += seconds
+
+    def step(number: int, loss: float = None) -> None:
+        clock.now += 1.0
+        console.step_done(number, None if loss is None else {"train/loss": loss})
+
+    try:
+        a_pass("eval @ step 0", 6.0)  # before training: measured, not counted in the steps' rate
+        a_pass("probes @ step 0", 4.0)
+        console.start_training(0, 4, {"eval": 2, "probes": 2}, ["eval", "probes"])
+        step(1, 0.7)  # 3 steps x 1 s + 2 evals x 6 s + 2 probes x 4 s
+        assert captured_log.getvalue().splitlines()[-1].endswith("1.00 s/step | ETA 0:23")
+        step(2, 0.6)
+        a_pass("eval @ step 2", 10.0)  # evals now take 8 s on average
+        a_pass("probes @ step 2", 4.0)
+        step(3, 0.5)  # 1 step x 1 s + the final eval 8 s + the final probes 4 s
+        assert captured_log.getvalue().splitlines()[-1].endswith("1.00 s/step | ETA 0:13")
+        assert "3/4 steps" in stream.getvalue().rsplit("\r", 1)[-1] and "ETA 0:13" in stream.getvalue()
+        clock.now += 2.0
+        console.tick()
+        assert "ETA 0:11 | 1.00 s/step | loss 0.5000\x1b[K" in stream.getvalue().rsplit("\r", 1)[-1]
+    finally:
+        console.close()
+
+
+def test_the_bar_shows_the_loss_of_the_step_it_counts(clock, captured_log, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the whole bar (it is cut at the terminal's width)
+    stream = Terminal()
+    console = Console("fancy", tmp_path, "disabled", stream=stream, tick_seconds=None)
+    try:
+        console.start_training(0, 4)
+        clock.now += 1.0
+        console.step_done(1, {"train/loss": 0.69})
+        bar = stream.getvalue().rsplit("\r", 1)[-1]
+        assert "1/4 steps" in bar and bar.endswith("loss 0.6900\x1b[K")
+        clock.now += 1.0
+        console.step_done(2)  # trainer.log_every=2: no metrics for this step, the bar says whose loss it shows
+        assert (
+            stream.getvalue()
+            .rsplit("\r", 1)[-1]
+            .endswith("2/4 steps | 0:02 elapsed | ETA 0:02 | 1.00 s/step | loss 0.6900 (step 1)\x1b[K")
+        )
+    finally:
+        console.close()

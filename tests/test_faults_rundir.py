@@ -147,8 +147,8 @@ def test_a_finished_run_extended_continues_without_a_gap_or_a_repeat(tmp_path, c
     assert [row["step"] for row in rows] == list(range(1, 9))
     # HF Trainer's continuation: step 5 keeps the LR the 4-step cosine set after step 4 (0); from step 6 on, the cosine
     # rebuilt for 8 steps at the continued step count: lr x (1 + cos(pi t / 8)) / 2 for t = 5, 6, 7
-    assert rows[4]["train/lr"] == pytest.approx(0.0, abs=1e-12)
-    assert [row["train/lr"] for row in rows[5:]] == pytest.approx(
+    assert rows[4]["train/learning_rate"] == pytest.approx(0.0, abs=1e-12)
+    assert [row["train/learning_rate"] for row in rows[5:]] == pytest.approx(
         [1e-3 * (1 + math.cos(math.pi * t / 8)) / 2 for t in (5, 6, 7)]
     )
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8

@@ -123,6 +123,7 @@ def test_old_names_are_read_as_the_new_ones():
     assert with_current_names(old) == {"eval/rewards/accuracies": 0.75, "eval/rewards/margins": 1.5, "steps": 3}
     both = {"eval/rewards/accuracy": 0.1, "eval/rewards/accuracies": 0.9}
     assert with_current_names(both) == {"eval/rewards/accuracies": 0.9}
+    assert with_current_names({"train/lr": 3e-6, "step": 4}) == {"train/learning_rate": 3e-6, "step": 4}  # TRL's
 
 
 def test_an_objective_under_an_old_name_is_refused_with_the_new_one():
@@ -269,6 +270,7 @@ def test_a_tiny_run_logs_trl_names_to_metrics_jsonl_and_wandb(tmp_path):
         for name in TRL_NAMES:
             assert all(math.isfinite(row[f"{prefix}/{name}"]) for row in logged), (prefix, name)
         assert not any(renamed_metric(key) or "logit_sums" in key for row in logged for key in row)
+    assert all(row["train/learning_rate"] >= 0 for row in train)  # TRL's name, not train/lr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "eval/rewards/accuracies" in summary and "eval/delta/rewards/margins" in summary
     wandb_summary, history = read_wandb_run(run_dir)

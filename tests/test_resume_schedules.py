@@ -374,7 +374,7 @@ def test_resume_latest_continues_the_same_dir_and_matches_an_uninterrupted_run(t
         assert row_a.keys() == row_b.keys()
         for key in row_a.keys() - ignore:
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-6, abs=1e-7), (row_a["step"], key)
-    assert [row["train/lr"] for row in train_rows(stopped)] == pytest.approx(
+    assert [row["train/learning_rate"] for row in train_rows(stopped)] == pytest.approx(
         transformers_lrs("cosine_with_min_lr", 1e-3, 6, warmup=3, min_lr_rate=0.1), rel=1e-9
     )
     assert (stopped / "summary.json").is_file()

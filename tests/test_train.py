@@ -76,7 +76,7 @@ def test_tiny_run_writes_the_whole_run_dir(tmp_path, engine):
         "train/logits/chosen",
         "train/logits/rejected",
         "train/grad_norm",
-        "train/lr",
+        "train/learning_rate",
         "train/tokens_per_s",
     ):
         assert all(math.isfinite(row[key]) for row in train), key

@@ -7,7 +7,9 @@ without importing the config schema (which is what once made config.py and losse
 
 from __future__ import annotations
 
+import difflib
 import signal
+from typing import Iterable
 
 
 class ConfigError(ValueError):
@@ -48,3 +50,23 @@ class Terminated(KeyboardInterrupt):
 def stop_exception(signum: int) -> KeyboardInterrupt:
     """What a stop signal raises: Terminated for SIGTERM, KeyboardInterrupt for Ctrl-C."""
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def closest(word: str, choices: Iterable[str], count: int = 3) -> list[str]:
+    """The choices closest to `word` by difflib's ratio: the best and those nearly as close, at most `count`."""
+    close = difflib.get_close_matches(word, list(choices), n=count)
+    if not close:
+        return []
+    best = difflib.SequenceMatcher(None, word, close[0]).ratio()
+    return [match for match in close if difflib.SequenceMatcher(None, word, match).ratio() >= best - NEARLY_AS_CLOSE]
+
+
+def did_you_mean(word: str, choices: Iterable[str], count: int = 3) -> str:
+    """'did you mean trainer.lr?', or 'the choices: a, b, c' when none is close: the tail of a one-line error about an
+    unknown key, option or topic."""
+    choices = list(choices)
+    close = closest(word, choices, count)
+    return f"did you mean {', '.join(close)}?" if close else f"the choices: {', '.join(choices)}"
+
+
+NEARLY_AS_CLOSE = 0.1  # a match this much less similar than the best is still offered

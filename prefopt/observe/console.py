@@ -18,6 +18,7 @@ if one is active: no progress object has to be threaded through the scoring func
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -26,9 +27,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, TextIO
+from typing import Any, Counter, Iterable, Iterator, Mapping, Optional, TextIO
 
-from prefopt.observe.console_lines import eval_headline, format_duration, metric, step_line, summary_lines
+from prefopt.observe.console_lines import (
+    eval_headline,
+    format_duration,
+    metric,
+    pass_kind,
+    scheduled_passes,
+    step_line,
+    summary_lines,
+    training_eta,
+)
 
 log = logging.getLogger("prefopt")
 
@@ -39,6 +49,11 @@ PLAIN_PASS_EVERY_SECONDS = 30.0  # plain mode: a long pass prints a progress lin
 BAR_WIDTH = 24  # characters inside [...]
 
 _active: Optional["Console"] = None  # the console of this process while a run is training
+
+# The passes a training run makes between and after its steps, as their phase labels begin ("eval @ step 10"): the
+# ETA counts the ones still to come at the time each kind took (prefopt/train/evaluation.py labels them)
+EVAL_PASS, GREEDY_PASS, PROBE_PASS = "eval", "greedy answers", "probes"
+TERM_GRADS_PASS, PROBE_GENERATION_PASS = "term gradients", "probe generations"
 
 
 def report_progress(done: int, total: int) -> None:
@@ -102,8 +117,14 @@ class Console:
         self.lock = threading.RLock()
         self.status_shown = False
         self.train_total = self.train_done = self.train_first = 0
-        self.train_started = self.last_step_at = 0.0
+        self.train_started = self.last_step_at = self.last_event_at = 0.0
+        self.step_seconds = 0.0  # the steps' own time so far (passes between them excluded)
         self.train_loss: Optional[float] = None
+        self.loss_step = 0  # the step train_loss is of (the last logged one)
+        self.pass_seconds: Counter = collections.Counter()  # kind -> seconds of every pass of that kind so far
+        self.pass_count: Counter = collections.Counter()  # kind -> passes of that kind so far
+        self.train_pass_seconds = 0.0  # seconds of passes since training started
+        self.passes_left: Counter = collections.Counter()  # kind -> passes still to come in training
         self.phase_label: Optional[str] = None
         self.phase_started = self.pass_started = self.last_batch_at = self.last_plain = 0.0
         self.pass_done = self.pass_total = 0
@@ -171,14 +192,30 @@ class Console:
             return self.phase_text(now, bar=True)
         if self.training_active():
             steps = self.train_done - self.train_first
-            eta = eta_seconds(steps, self.train_total - self.train_first, self.train_started, self.last_step_at, now)
             text = progress_text(
-                "train", self.train_done, self.train_total, "steps", now - self.train_started, eta, bar=True
+                "train", self.train_done, self.train_total, "steps", now - self.train_started, self.eta(now), bar=True
             )
-            rate = f" | {(self.last_step_at - self.train_started) / steps:.2f} s/step" if steps else ""
-            loss = f" | loss {self.train_loss:.4f}" if self.train_loss is not None else ""
+            rate = f" | {self.seconds_per_step():.2f} s/step" if steps else ""
+            loss = ""
+            if self.train_loss is not None:  # with trainer.log_every > 1: the last logged step's, and which it is
+                of_step = f" (step {self.loss_step})" if self.loss_step != self.train_done else ""
+                loss = f" | loss {self.train_loss:.4f}{of_step}"
             return text + rate + loss
         return None
+
+    def eta(self, now: float) -> Optional[float]:
+        """Training time left (training_eta); None before the first step of this process."""
+        steps = self.train_done - self.train_first
+        if steps <= 0:
+            return None
+        seconds_per_pass = {kind: self.pass_seconds[kind] / self.pass_count[kind] for kind in self.pass_count}
+        return training_eta(
+            self.train_total - self.train_done,
+            self.seconds_per_step(),
+            self.passes_left,
+            seconds_per_pass,
+            now - self.last_event_at,
+        )
 
     def plain_pass_line(self, now: float) -> Optional[str]:
         if (
@@ -215,39 +252,42 @@ class Console:
             self.status_shown = False
 
     # --- training steps
-    def start_training(self, first_step: int, max_steps: int) -> None:
-        """Called before the first step of this process (first_step: the step a resumed run starts after)."""
+    def start_training(
+        self,
+        first_step: int,
+        max_steps: int,
+        passes_every: Optional[Mapping[str, int]] = None,
+        final_passes: Iterable[str] = (),
+    ) -> None:
+        """Called before the first step of this process (first_step: the step a resumed run starts after), with the
+        passes the run makes (scheduled_passes' arguments) for the ETA."""
         with self.lock:
             self.train_first, self.train_done, self.train_total = first_step, first_step, max_steps
-            self.train_started = self.last_step_at = time.time()
+            self.train_started = self.last_step_at = self.last_event_at = time.time()
+            self.step_seconds = self.train_pass_seconds = 0.0
+            self.passes_left = scheduled_passes(first_step, max_steps, passes_every or {}, final_passes)
 
     def seconds_per_step(self) -> float:
+        """The steps' own time (the passes between them excluded) per step, so far."""
         steps = self.train_done - self.train_first
-        return (self.last_step_at - self.train_started) / steps if steps else 0.0
+        return self.step_seconds / steps if steps else 0.0
 
-    def step_done(self, step: int) -> None:
-        """After every optimizer step: the fancy bar moves."""
+    def step_done(self, step: int, metrics: Optional[Mapping[str, Any]] = None) -> None:
+        """After every optimizer step, with its metrics when the step logs them (every trainer.log_every): the fancy
+        bar moves and shows this step's loss; a logged step writes its line, with the rate and the ETA."""
         if not self.enabled:
             return
         with self.lock:
-            self.train_done, self.last_step_at = step, time.time()
+            now = time.time()
+            self.train_done, self.last_step_at, self.last_event_at = step, now, now
+            self.step_seconds = now - self.train_started - self.train_pass_seconds
+            line = None
+            if metrics is not None:
+                self.train_loss, self.loss_step = metric(metrics, "train", "loss"), step
+                line = step_line(step, self.train_total, metrics, self.seconds_per_step(), self.eta(now))
             self.refresh()
-
-    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """The step line (every trainer.log_every steps), with the rate and ETA of the steps so far."""
-        if not self.enabled:
-            return
-        with self.lock:
-            self.train_loss = metric(metrics, "train", "loss")
-            eta = eta_seconds(
-                self.train_done - self.train_first,
-                self.train_total - self.train_first,
-                self.train_started,
-                self.last_step_at,
-                time.time(),
-            )
-            line = step_line(step, self.train_total, metrics, self.seconds_per_step(), eta)
-        log.info("%s", line)
+        if line is not None:
+            log.info("%s", line)
 
     # --- passes (eval, probes, reference log-probs, greedy answers)
     @contextlib.contextmanager
@@ -268,11 +308,26 @@ class Console:
             raise
         finally:
             with self.lock:
-                shown, seconds = self.phase_shown, time.time() - self.phase_started
+                now = time.time()
+                shown, seconds = self.phase_shown, now - self.phase_started
                 self.phase_label = None
+                if not failed:
+                    self.pass_done_in(label, seconds, now)
                 self.refresh()
             if shown and not failed:
                 log.info("%s: done in %s", label, format_duration(seconds))
+
+    def pass_done_in(self, label: str, seconds: float, now: float) -> None:
+        """A pass took `seconds`: its kind's time per pass; during training, one fewer to come, and its time is not
+        the steps' (call with the lock held)."""
+        kind = pass_kind(label)
+        self.pass_seconds[kind] += seconds
+        self.pass_count[kind] += 1
+        if self.training_active():
+            self.train_pass_seconds += seconds
+            self.last_event_at = now
+            if self.passes_left[kind] > 0:
+                self.passes_left[kind] -= 1
 
     def pass_progress(self, done: int, total: int) -> None:
         if not self.enabled or self.phase_label is None:

@@ -1,10 +1,12 @@
 """The lines a training run prints (pure formatting, console.py prints them): the step line, each eval's
-headline and the closing summary, which says where the run's outputs are and what to run next."""
+headline and the closing summary, which says where the run's outputs are and what to run next; and the pure
+arithmetic of the training ETA they carry (console.py keeps the clock)."""
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Counter, Iterable, Mapping, Optional
 
 from prefopt.core.runfiles import (
     CHECKPOINTS,
@@ -29,6 +31,35 @@ METRIC_NAMES = {
     "chosen": "logps/chosen",
     "rejected": "logps/rejected",
 }
+
+
+def pass_kind(label: str) -> str:
+    """'eval @ step 10' -> 'eval': the kind of pass a phase label names."""
+    return label.split(" @ ", 1)[0]
+
+
+def scheduled_passes(first_step: int, max_steps: int, every: Mapping[str, int], final: Iterable[str]) -> Counter:
+    """How many passes of each kind a run makes after step `first_step`: kind -> every N steps (0: none between steps)
+    before the last step, and the `final` kinds once after it."""
+    planned: Counter = collections.Counter()
+    for kind, interval in every.items():
+        if interval:
+            planned[kind] += (max_steps - 1) // interval - first_step // interval if first_step < max_steps else 0
+    planned.update(final)
+    return planned
+
+
+def training_eta(
+    steps_left: int,
+    seconds_per_step: float,
+    passes_left: Mapping[str, int],
+    seconds_per_pass: Mapping[str, float],
+    since_last: float,
+) -> float:
+    """Time left: the steps at their own rate (passes excluded), each pass still to come at the time its kind took
+    (a kind not measured yet counts 0), counting down from the end of the last step or pass."""
+    passes = sum(count * seconds_per_pass.get(kind, 0.0) for kind, count in passes_left.items())
+    return max(0.0, steps_left * seconds_per_step + passes - since_last)
 
 
 def format_duration(seconds: float) -> str:
@@ -74,7 +105,7 @@ def step_line(
     return (
         f"step {step}/{max_steps} | loss {number(metric(metrics, 'train', 'loss'), '.4f')} | margin "
         f"{number(metric(metrics, 'train', 'margin'), '.3f')} | acc "
-        f"{number(metric(metrics, 'train', 'accuracy'), '.2f')} | lr {metrics.get('train/lr', 0.0):.2e} | "
+        f"{number(metric(metrics, 'train', 'accuracy'), '.2f')} | lr {metrics.get('train/learning_rate', 0.0):.2e} | "
         f"{metrics.get('train/tokens_per_s', 0.0):.0f} tok/s | {flops_text(metrics.get('train/tflops', 0.0))}{mfu} | "
         f"{seconds_per_step:.2f} s/step | ETA {format_duration(eta) if eta is not None else '?'}"
     )

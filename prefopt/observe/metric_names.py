@@ -1,12 +1,14 @@
 """Metric names across versions: prefopt took TRL's names (train/metrics.py), and run dirs written before that
-still hold the old ones. Readers (`prefopt report`, the config check of trainer.objective) see today's names."""
+still hold the old ones. Readers (`prefopt report`, the config check of trainer.objective; a reader of metrics.jsonl
+rows should read each through with_current_names) see today's names."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-# names prefopt wrote before it took TRL's (run dirs from before the rename still hold them)
-RENAMED = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
+# names prefopt wrote before it took TRL's (run dirs from before the rename still hold them); `train/lr` became
+# `train/learning_rate` in issue 24 (a run resumed across the rename has both, row by row)
+RENAMED = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins", "lr": "learning_rate"}
 
 
 def renamed_metric(key: str) -> Optional[str]:

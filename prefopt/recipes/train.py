@@ -79,7 +79,7 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
     cfg, dist, trainer_cfg = run.cfg, run.dist, run.cfg.trainer
     num_params, trainable_params = count_parameters(run.policy, cfg.hardware)
     peak = peak_tflops(cfg.hardware, run.device)
-    run.console.start_training(state.step, trainer_cfg.max_steps)
+    run.console.start_training(state.step, trainer_cfg.max_steps, *run.evaluator.pass_plan())
     guard = StepGuard(trainer_cfg.max_skipped_steps)
     state.step_done(state.step)  # the data position and RNG after the last whole step
     interrupt = DeferredInterrupt(enabled=trainer_cfg.save_on_interrupt)
@@ -103,7 +103,7 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                 run.reference_sync.after_step(step)
             state.step_done(step)
             elapsed = time.time() - step_started
-            run.console.step_done(step)
+            metrics, alarm = None, None
             if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
                 metrics = finish_token_means(mean_metrics(parts, "train", dist), "train")
                 metrics |= reduce_loss_metrics(loss_metric_parts, dist)
@@ -113,7 +113,7 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                 tflops = flops / elapsed / 1e12
                 metrics |= {
                     "train/grad_norm": grad_norm,
-                    "train/lr": lr,
+                    "train/learning_rate": lr,  # TRL's name (old run dirs: train/lr, read as this by metric_names)
                     "train/tokens_per_s": total_tokens / elapsed,
                     "train/epoch": state.sampler.epoch,
                     "train/tflops": tflops,
@@ -129,8 +129,8 @@ def train_steps(run: BuiltRun, state: TrainState) -> Optional[int]:
                 if alarm:
                     metrics[ALARM_METRIC] = 1.0
                 run.tracker.log(step, metrics)
-                run.console.log_step(step, metrics)
-                sound_alarm(run, alarm)
+            run.console.step_done(step, metrics)  # after the metrics: the bar and the step line show this step's loss
+            sound_alarm(run, alarm)
             if trainer_cfg.eval_every and step % trainer_cfg.eval_every == 0 and step < trainer_cfg.max_steps:
                 held_out, _ = run.evaluator.held_out(step, generate=False)
                 sound_alarm(run, state.displacement.held_out(step, held_out), step)

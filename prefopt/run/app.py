@@ -16,11 +16,14 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from hydra._internal import utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from prefopt.core.errors import USER_ERRORS, NonFiniteTrainingError, Terminated, stop_exception
+from prefopt.core.errors import USER_ERRORS, NonFiniteTrainingError, Terminated, closest, did_you_mean, stop_exception
 from prefopt.core.runfiles import INSPECTION_SUMMARY
 from prefopt.core.slurm import in_slurm_task
 from prefopt.observe.console_lines import eval_headline
@@ -96,6 +99,88 @@ def failure_exit(error: Exception, path: Any) -> SystemExit:
         raise error
     print(f"prefopt: error: {message}", file=sys.stderr)
     return SystemExit(code)
+
+
+def unknown_option_line(error: MissingConfigException) -> Optional[str]:
+    """`loss=gate_dpoo`: 'loss=gate_dpoo is not an option of loss (did you mean gate_dpo, ...?)'; None for a missing
+    file that is not a group's option (a --config-name of the user's)."""
+    if not error.options or not error.missing_cfg_file or "/" not in error.missing_cfg_file:
+        return None
+    group, option = error.missing_cfg_file.rsplit("/", 1)
+    return f"{group}={option} is not an option of {group} ({did_you_mean(option, error.options)})"
+
+
+def dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a composed config (sections and leaves), without resolving a value; hydra.* left out."""
+    keys = []
+    for key in node.keys() if OmegaConf.is_dict(node) else ():
+        name = f"{prefix}{key}"
+        if name == "hydra":
+            continue
+        keys.append(name)
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child) and not child._is_missing() and not child._is_none():
+            keys += dotted_keys(child, f"{name}.")
+    return keys
+
+
+MAX_LISTED_KEYS = 15  # an unknown key like no other: the keys beside it are listed when there are this few
+
+
+def unknown_key_line(error: ConfigCompositionException, command: str) -> Optional[str]:
+    """`trainer.lrr=1e-5`: 'trainer.lrr is not a config key (did you mean trainer.lr?)': the closest of the keys beside
+    it, else of the whole config, else the few keys beside it. None when the error is another one."""
+    cause = error.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or cause.parent_node is None:
+        return None
+    unknown, parent = cause.full_key, cause.parent_node
+    prefix = f"{parent._get_full_key(None)}." if parent._get_full_key(None) else ""
+    siblings = {str(key): f"{prefix}{key}" for key in parent.keys() if f"{prefix}{key}" != "hydra"}
+    # the keys beside it share its prefix: compare what differs
+    close = [siblings[key] for key in closest(unknown.removeprefix(prefix), siblings)]
+    if not close:  # a key put under the wrong section: the same last name elsewhere (trainer.beta -> loss.beta)
+        keys = dotted_keys(parent._get_root())
+        names = closest(unknown.rsplit(".", 1)[-1], {key.rsplit(".", 1)[-1] for key in keys})
+        close = [key for key in keys if key.rsplit(".", 1)[-1] in names][:3]
+    if close:
+        hint = f"did you mean {', '.join(close)}?"
+    elif len(siblings) <= MAX_LISTED_KEYS:
+        hint = f"the keys there: {', '.join(siblings.values())}"
+    else:
+        hint = "no key is close"
+    return f"{unknown} is not a config key ({hint}); `prefopt {command} --help` lists the keys"
+
+
+@contextlib.contextmanager
+def composition_errors_explained(command: str) -> Iterator[None]:
+    """An unknown key or group option on the command line fails in one line naming it and the closest matches, exit
+    2, instead of Hydra's 'To append to your config use +key' (a key the schema lacks is refused anyway). Hydra
+    reports composition errors inside hydra._internal.utils.run_and_report, before any prefopt code runs: wrap it
+    while the app runs (its other errors are Hydra's as before; tests/test_cli.py holds the messages)."""
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func: Any) -> Any:
+        def explained() -> Any:
+            try:
+                return func()
+            except MissingConfigException as error:
+                line = unknown_option_line(error)
+                if line is None:
+                    raise
+            except ConfigCompositionException as error:
+                line = unknown_key_line(error, command)
+                if line is None:
+                    raise
+            print(f"prefopt: error: {line}", file=sys.stderr)
+            raise SystemExit(2)
+
+        return original(explained)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ tests/test_config.py::test_each_default_lives_in_one_place holds this.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from prefopt.core.errors import ConfigError
+from prefopt.core.errors import ConfigError, did_you_mean
 from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
 from prefopt.data.truncation import TRUNCATION_MODES
@@ -443,9 +442,7 @@ def check_known_keys(values: dict, schema: dict, prefix: str = "") -> None:
     name it here, with the closest known key."""
     for key, value in values.items():
         if key not in schema:
-            known = [f"{prefix}{name}" for name in schema]
-            close = difflib.get_close_matches(f"{prefix}{key}", known, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"the keys here are: {', '.join(known)}"
+            hint = did_you_mean(f"{prefix}{key}", [f"{prefix}{name}" for name in schema], count=1)
             raise ConfigError(f"{prefix}{key} is not a known config key ({hint}); fix or drop the override")
         if isinstance(value, dict) and isinstance(schema[key], dict) and f"{prefix}{key}" not in UNTYPED_GROUPS:
             check_known_keys(value, schema[key], f"{prefix}{key}.")

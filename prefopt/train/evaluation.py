@@ -16,6 +16,13 @@ from prefopt.core.runfiles import DYNAMICS_FILE, TOKEN_VIEWS_FILE, TOP_GAINERS_F
 from prefopt.data import TokenizedPair, answer_is_correct
 from prefopt.data.layout import BatchLayout
 from prefopt.losses.gate import gate_distribution
+from prefopt.observe.console import (
+    EVAL_PASS,
+    GREEDY_PASS,
+    PROBE_GENERATION_PASS,
+    PROBE_PASS,
+    TERM_GRADS_PASS,
+)
 from prefopt.train.dynamics import (
     ProbeSet,
     dynamics_deltas,
@@ -123,17 +130,32 @@ class RunEvaluator:
         self.token_baseline = token_baseline
         self.decode = token_decoder(tokenizer)
 
+    def pass_plan(self) -> tuple[dict[str, int], list[str]]:
+        """The passes training makes with this evaluator, for the console's ETA (console.scheduled_passes): kind ->
+        every N steps between the steps (prefopt/recipes/train.py train_steps), and the kinds made once after the last
+        step (its final eval with greedy answers, then the probes)."""
+        trainer_cfg, dynamics_cfg = self.cfg.trainer, self.cfg.dynamics
+        probe_every = dynamics_cfg.every_n_steps if self.probes is not None else 0
+        every = {
+            EVAL_PASS: trainer_cfg.eval_every,
+            PROBE_PASS: probe_every,
+            TERM_GRADS_PASS: probe_every if self.term_grads is not None else 0,
+            PROBE_GENERATION_PASS: probe_every if dynamics_cfg.generate and dynamics_cfg.num_generate else 0,
+        }
+        final = [EVAL_PASS, *([GREEDY_PASS] if trainer_cfg.greedy_eval_examples else [])]
+        return every, final + [kind for kind in every if kind != EVAL_PASS and every[kind]]
+
     def held_out(self, step: int, generate: bool) -> tuple[dict[str, float], Optional[float]]:
         """The loss's metrics on the eval pairs at `step` and, when `generate`, greedy-answer accuracy:
         (metrics, accuracy or None)."""
         trainer_cfg, policy = self.cfg.trainer, self.step_fn.policy
-        with self.console.phase(f"eval @ step {step}"):
+        with self.console.phase(f"{EVAL_PASS} @ step {step}"):
             metrics = evaluate(
                 self.step_fn, self.data.eval, trainer_cfg.eval_batch_size, trainer_cfg.max_eval_batches, step, self.dist
             )
         accuracy = None
         if generate and trainer_cfg.greedy_eval_examples:
-            with self.console.phase(f"greedy answers @ step {step}"):
+            with self.console.phase(f"{GREEDY_PASS} @ step {step}"):
                 accuracy, examples = greedy_accuracy(
                     policy,
                     self.tokenizer,
@@ -158,7 +180,7 @@ class RunEvaluator:
         if self.probes is None:
             return {}
         trainer_cfg, dynamics_cfg, policy = self.cfg.trainer, self.cfg.dynamics, self.step_fn.policy
-        with self.console.phase(f"probes @ step {step}"):
+        with self.console.phase(f"{PROBE_PASS} @ step {step}"):
             measure = measure_probes(
                 policy,
                 self.probes,
@@ -171,13 +193,13 @@ class RunEvaluator:
             )
         metrics = probe_metrics(measure.stats, self.probes)
         if self.term_grads is not None:  # the same row: one line of dynamics.jsonl per probe step
-            with self.console.phase(f"term gradients @ step {step}"):
+            with self.console.phase(f"{TERM_GRADS_PASS} @ step {step}"):
                 metrics |= self.term_grads(step)
         self.tracker.log(step, metrics, file=DYNAMICS_FILE)
         if measure.tokens is not None:
             self.token_views(step, measure.tokens)
         if dynamics_cfg.generate and dynamics_cfg.num_generate:
-            with self.console.phase(f"probe generations @ step {step}"):
+            with self.console.phase(f"{PROBE_GENERATION_PASS} @ step {step}"):
                 rows = generate_probes(
                     policy,
                     self.tokenizer,
