@@ -84,7 +84,7 @@ def hand_gradient(step_fn: PreferenceStep, pairs, gate, detached: str | None) ->
     if detached == "rejected":
         rejected, rejected_tokens = rejected.detach(), rejected_tokens.detach()
     reference_chosen, reference_rejected = (
-        step_fn.reference.logps(pairs, batch) if step_fn.reference is not None else (None, None)
+        step_fn.reference.logps(pairs, batch)[:2] if step_fn.reference is not None else (None, None)
     )
     out = preference_loss(
         step_fn.loss_name,
