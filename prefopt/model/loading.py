@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -24,6 +25,7 @@ from prefopt.core.errors import ConfigError, ModelNotFoundError
 from prefopt.core.fileutil import exclusive_lock
 from prefopt.core.hub import hub_offline, hub_reachable
 from prefopt.model.attention import checkpoint_context
+from prefopt.model.quantization import parameter_count, prepare_quantized, quantization_config
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -41,15 +43,25 @@ class ModelSource:
 
 
 def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
-    """Find the model without loading weights; raise ModelNotFoundError with a fix if it is absent."""
+    """Find the model without loading weights; raise ModelNotFoundError with a fix if it is absent. A quantized base
+    (model.quantization) is another model to the caches keyed by the identity: its log-probs differ."""
+    source = find_model(model_cfg)
+    if model_cfg.get("quantization"):
+        source.identity += f"|{model_cfg.quantization}"
+    return source
+
+
+def find_model(model_cfg: DictConfig) -> ModelSource:
     if model_cfg.source == "tiny":
         return ModelSource("tiny", "", f"tiny:{hash_tiny_config(model_cfg)}")
     path = os.path.expanduser(model_cfg.path or "")
-    if model_cfg.source == "gguf_package" and not names_local_path(
-        path
-    ):  # a local model.path wins; a hub id is informational
+    if model_cfg.source == "gguf_package":  # its model.path is informational (a local one is refused: model_checks)
         gguf_path = gguf_file_path(model_cfg)  # converted to an HF directory on first load
         return ModelSource("gguf", str(gguf_path), f"gguf:{model_cfg.gguf_package}/{model_cfg.gguf_file}")
+    if model_cfg.source == "local" and not os.path.isdir(path):
+        raise ModelNotFoundError(
+            f"model.path={model_cfg.path} is not a directory; model=hf needs a local HF model directory"
+        )
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotFoundError(
@@ -265,10 +277,16 @@ def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
     return tokenizer
 
 
-def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int):
+def load_model(
+    model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int, device=None, quantize: bool = True
+):
     """Build or load the causal LM with fp32 weights (the master weights: model.dtype is the compute
-    dtype, see prefopt/model/precision.py); tiny models are random and seeded, so a rebuild is identical."""
+    dtype, see prefopt/model/precision.py); tiny models are random and seeded, so a rebuild is identical.
+    With model.quantization (and quantize) the base weights load quantized onto `device` (bitsandbytes places them
+    while loading), frozen for adapter training; quantize=False loads them whole (`prefopt export` merges into
+    those)."""
     dtype = torch.float32
+    quantized = quantize and bool(model_cfg.get("quantization"))
     if source.kind == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -292,13 +310,19 @@ def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed
     else:
         from transformers import AutoModelForCausalLM
 
+        placement = {}
+        if quantized:
+            placement = dict(quantization_config=quantization_config(model_cfg), device_map={"": device or "cpu"})
         model = AutoModelForCausalLM.from_pretrained(
             local_location(model_cfg, source),
             dtype=dtype,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
             local_files_only=source.kind != "hub",
+            **placement,
         )
+        if quantized:
+            model = prepare_quantized(model)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context(model.config)}
@@ -329,6 +353,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(config, name, 0.0)
 
 
+def lora_targets(target_modules) -> str | list[str]:
+    """model.lora.target_modules as PEFT takes it: the string all-linear (every linear layer but the output head), or
+    a list of module names."""
+    return target_modules if isinstance(target_modules, str) else list(target_modules)
+
+
 def apply_lora(model, lora_cfg: DictConfig):
     """Wrap the model with LoRA adapters (peft); only adapter weights train. B starts at 0, so the
     adapted model equals the base model and the base (adapters disabled) serves as the reference."""
@@ -338,7 +368,7 @@ def apply_lora(model, lora_cfg: DictConfig):
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
+        target_modules=lora_targets(lora_cfg.target_modules),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -350,3 +380,64 @@ def freeze(model):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def directory_config(path: Optional[str]) -> dict:
+    """A local model directory's config.json as a dict ({} when path is not such a directory or it is unreadable)."""
+    if not path:
+        return {}
+    try:
+        config = json.loads((Path(os.path.expanduser(path)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def directory_model_text(path: str) -> Optional[str]:
+    """What a local model directory holds, in its own config.json's words: the directory's name, its architecture
+    and model_type, and the name it was saved from (`_name_or_path`, when that is not the directory itself). None when
+    path is not a local model directory."""
+    config = directory_config(path)
+    if not config:
+        return None
+    architecture = ", ".join(config.get("architectures") or []) or "architecture not named"
+    details = [architecture]
+    if config.get("model_type"):
+        details.append(f"model_type {config['model_type']}")
+    origin = config.get("_name_or_path")
+    if origin and os.path.abspath(os.path.expanduser(str(origin))) != os.path.abspath(os.path.expanduser(path)):
+        details.append(f"saved from {origin}")
+    name = Path(os.path.expanduser(path)).resolve().name
+    return f"`{name}` ({'; '.join(details)}) at {path}"
+
+
+def human_count(count: int) -> str:
+    """134515008 -> 134.5M."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.{1 if count >= 100 * scale else 2}f}{suffix}"
+    return str(count)
+
+
+def loaded_model_line(model, model_cfg: DictConfig, source: ModelSource, fingerprint: Optional[str]) -> str:
+    """The log line that says which weights a run trains: where they came from, their digest's prefix (the reference
+    cache's fingerprint), parameter count, compute dtype, quantization, and with LoRA the trainable count and share.
+    `model` is the policy as it trains (LoRA applied)."""
+    where = {"tiny": f"{model_cfg.name} (random, seed-built)", "gguf": local_location(model_cfg, source)}.get(
+        source.kind, source.location
+    )
+    digest = "" if fingerprint is None else f" ({'sha ' + fingerprint[:8] if source.kind != 'tiny' else fingerprint})"
+    lora_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    base = sum(parameter_count(p) for name, p in model.named_parameters() if not any(n in name for n in lora_names))
+    quantization = model_cfg.get("quantization")
+    weights = model_cfg.dtype + (f", base weights {quantization}" if quantization else "")
+    line = f"model: {where}{digest} {human_count(base)} params {weights}"
+    if model_cfg.lora.enabled:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(parameter_count(p) for p in model.parameters())
+        targets = lora_targets(model_cfg.lora.target_modules)
+        line += (
+            f"; LoRA r={model_cfg.lora.r} on {targets if isinstance(targets, str) else ','.join(targets)}: "
+            f"{human_count(trainable)} trainable ({100 * trainable / total:.2f}% of {human_count(total)})"
+        )
+    return line
