@@ -382,6 +382,15 @@ def freeze(model):
     return model
 
 
+def model_name(model_cfg: DictConfig) -> str:
+    """How messages name the model: a local directory by its own name (any preset may point at one), else the
+    preset's name."""
+    path = os.path.expanduser(model_cfg.path or "")
+    if model_cfg.source in ("hub", "local") and os.path.isdir(path):
+        return Path(path).resolve().name
+    return model_cfg.name
+
+
 def directory_config(path: Optional[str]) -> dict:
     """A local model directory's config.json as a dict ({} when path is not such a directory or it is unreadable)."""
     if not path:

@@ -61,7 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.losses import get_loss
-from prefopt.model.loading import lora_targets
+from prefopt.model.loading import lora_targets, model_name
 
 log = logging.getLogger("prefopt")
 
@@ -341,7 +341,7 @@ def run_shape(cfg: DictConfig) -> Run:
         "true",
     )
     return Run(
-        name=model.name,
+        name=model_name(model),
         arch=arch,
         dtype=model.dtype,
         lora=model.lora.enabled,
