@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.model import quantization
-from prefopt.model.loading import apply_lora, build_byte_tokenizer, human_count, load_model, resolve_model_source
+from prefopt.model.loading import apply_lora, build_byte_tokenizer, load_model, resolve_model_source
+from prefopt.model.naming import human_count
 from prefopt.run.config import validate_config
 from prefopt.run.modelcard import base_model_text
 from prefopt.run.resources import lora_parameters, model_arch

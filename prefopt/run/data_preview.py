@@ -18,7 +18,8 @@ from prefopt.core.errors import ConfigError
 from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import data_identity
 from prefopt.data.pipeline import string_prompts_use_chat_template
-from prefopt.model.loading import load_tokenizer, model_name, resolve_model_source
+from prefopt.model.loading import load_tokenizer, resolve_model_source
+from prefopt.model.naming import model_name
 from prefopt.run.config import register_schema, require_values, validate_config
 
 SPLIT_STATS = ("pairs", "skipped_bad_rows", "truncated", "dropped_empty_response", "boundary_merges")  # shown per split

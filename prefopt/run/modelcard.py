@@ -12,7 +12,8 @@ from typing import Any, Mapping, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.model.loading import directory_model_text, names_local_path
+from prefopt.model.loading import names_local_path
+from prefopt.model.naming import directory_model_text
 from prefopt.train.optimizers import LABELS
 
 # summary.json keys shown as final metrics: the held-out eval, its changes, and the probe deltas

@@ -61,7 +61,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.losses import get_loss
-from prefopt.model.loading import lora_targets, model_name
+from prefopt.model.loading import lora_targets
+from prefopt.model.naming import model_name
 
 log = logging.getLogger("prefopt")
 

@@ -29,11 +29,11 @@ from prefopt.model.loading import (
     apply_lora,
     load_model,
     load_tokenizer,
-    loaded_model_line,
     resolve_model_source,
     weight_files,
 )
 from prefopt.model.logps import check_logits_path, check_packed_path
+from prefopt.model.naming import loaded_model_line
 from prefopt.model.precision import set_compute_dtype
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
