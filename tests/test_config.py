@@ -40,13 +40,16 @@ def run_prefopt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_every_group_option_composes_and_validates(group):
+def test_every_group_option_composes_and_validates(group, tmp_path):
     options = group_options(group)
     assert options, f"conf/{group}/ has no options"
+    (tmp_path / "config.json").write_text("{}")  # model=hf's directory: only its config.json is looked at here
     for option in options:
         overrides = [f"{group}={option}"]
         if group == "dataset" and option == "local":
             overrides.append("dataset.path=/tmp/pairs.jsonl")
+        if group == "model" and option == "hf":
+            overrides.append(f"model.path={tmp_path}")
         cfg = compose_config(overrides)
         if group == "hardware" and cfg.hardware.device == "cuda" and cfg.hardware.launcher != "slurm":
             with pytest.raises(ConfigError, match="hardware.device=cuda"):  # validation needs a visible CUDA device

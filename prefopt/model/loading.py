@@ -24,6 +24,7 @@ from prefopt.core.errors import ConfigError, ModelNotFoundError
 from prefopt.core.fileutil import exclusive_lock
 from prefopt.core.hub import hub_offline, hub_reachable
 from prefopt.model.attention import checkpoint_context
+from prefopt.model.quantization import prepare_quantized, quantization_config
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -41,15 +42,25 @@ class ModelSource:
 
 
 def resolve_model_source(model_cfg: DictConfig) -> ModelSource:
-    """Find the model without loading weights; raise ModelNotFoundError with a fix if it is absent."""
+    """Find the model without loading weights; raise ModelNotFoundError with a fix if it is absent. A quantized base
+    (model.quantization) is another model to the caches keyed by the identity: its log-probs differ."""
+    source = find_model(model_cfg)
+    if model_cfg.get("quantization"):
+        source.identity += f"|{model_cfg.quantization}"
+    return source
+
+
+def find_model(model_cfg: DictConfig) -> ModelSource:
     if model_cfg.source == "tiny":
         return ModelSource("tiny", "", f"tiny:{hash_tiny_config(model_cfg)}")
     path = os.path.expanduser(model_cfg.path or "")
-    if model_cfg.source == "gguf_package" and not names_local_path(
-        path
-    ):  # a local model.path wins; a hub id is informational
+    if model_cfg.source == "gguf_package":  # its model.path is informational (a local one is refused: model_checks)
         gguf_path = gguf_file_path(model_cfg)  # converted to an HF directory on first load
         return ModelSource("gguf", str(gguf_path), f"gguf:{model_cfg.gguf_package}/{model_cfg.gguf_file}")
+    if model_cfg.source == "local" and not os.path.isdir(path):
+        raise ModelNotFoundError(
+            f"model.path={model_cfg.path} is not a directory; model=hf needs a local HF model directory"
+        )
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotFoundError(
@@ -265,10 +276,16 @@ def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
     return tokenizer
 
 
-def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int):
+def load_model(
+    model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int, device=None, quantize: bool = True
+):
     """Build or load the causal LM with fp32 weights (the master weights: model.dtype is the compute
-    dtype, see prefopt/model/precision.py); tiny models are random and seeded, so a rebuild is identical."""
+    dtype, see prefopt/model/precision.py); tiny models are random and seeded, so a rebuild is identical.
+    With model.quantization (and quantize) the base weights load quantized onto `device` (bitsandbytes places them
+    while loading), frozen for adapter training; quantize=False loads them whole (`prefopt export` merges into
+    those)."""
     dtype = torch.float32
+    quantized = quantize and bool(model_cfg.get("quantization"))
     if source.kind == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -292,13 +309,19 @@ def load_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed
     else:
         from transformers import AutoModelForCausalLM
 
+        placement = {}
+        if quantized:
+            placement = dict(quantization_config=quantization_config(model_cfg), device_map={"": device or "cpu"})
         model = AutoModelForCausalLM.from_pretrained(
             local_location(model_cfg, source),
             dtype=dtype,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
             local_files_only=source.kind != "hub",
+            **placement,
         )
+        if quantized:
+            model = prepare_quantized(model)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context(model.config)}
@@ -329,6 +352,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(config, name, 0.0)
 
 
+def lora_targets(target_modules) -> str | list[str]:
+    """model.lora.target_modules as PEFT takes it: the string all-linear (every linear layer but the output head), or
+    a list of module names."""
+    return target_modules if isinstance(target_modules, str) else list(target_modules)
+
+
 def apply_lora(model, lora_cfg: DictConfig):
     """Wrap the model with LoRA adapters (peft); only adapter weights train. B starts at 0, so the
     adapted model equals the base model and the base (adapters disabled) serves as the reference."""
@@ -338,7 +367,7 @@ def apply_lora(model, lora_cfg: DictConfig):
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
+        target_modules=lora_targets(lora_cfg.target_modules),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

