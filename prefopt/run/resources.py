@@ -29,8 +29,9 @@ vocabulary, key/value width = kv heads x head size):
     logp buffers = 4 x min(trainer.logp_chunk_size, scored) x V x 4 B   (chunked fp32 log-softmax)
                    + min(trainer.logp_keep_mb, scored x V x 4 B)   (log-probs kept for backward)
                    scored = that micro batch's response tokens (the head runs on scored positions only)
-    overhead    = 0.5 GB per CPU process (Python + torch + transformers + DeepSpeed: the tiny_llama run's
-                  peak RSS) or 1.5 GB per GPU (CUDA context, cuBLAS workspace, allocator slack)
+    overhead    = 0.6 GB per CPU process (Python + torch + transformers + DeepSpeed: the tiny_llama run's
+                  peak RSS) + 4*P (the weights' copy from loading, which the RSS high-water mark keeps), or
+                  1.5 GB per GPU (CUDA context, cuBLAS workspace, allocator slack)
 
     seconds per step = (6 + 2 [reference forward] + 2 [gradient checkpointing]) x P x step tokens
                        / (hardware.cpu_tflops_per_core x cores x 1e12),  step tokens = mean positions per step
@@ -72,7 +73,10 @@ from prefopt.train.reference_sync import reference_moves
 log = logging.getLogger("prefopt")
 
 GB = 2**30  # as nvidia-smi and `free -g` count: an "80 GB" GPU has 80 of these
-CPU_PROCESS_BYTES = GB // 2  # peak RSS of a 2-step tiny_llama run (0.49 GB), i.e. the libraries alone
+CPU_PROCESS_BYTES = 6 * GB // 10  # peak RSS of a 6-step tiny_llama run (0.56 GB), i.e. the libraries alone
+# a CPU process's RSS high-water mark keeps one more fp32 copy of the weights from loading them (the state dict
+# beside the module): scripts/bench_estimate.py measured SmolLM2-135M runs 0.32-0.41 GB above the other terms
+LOADED_COPY_BYTES = 4
 GPU_CONTEXT_BYTES = 3 * GB // 2  # CUDA context + cuBLAS workspace + caching-allocator slack
 LOGP_BUFFERS = 4  # chunk logits, their log-softmax, and the backward's recomputed copy and gradient
 DEEPSPEED_BUCKET = 500_000_000  # elements in DeepSpeed's default reduce / all-gather buckets
@@ -435,7 +439,7 @@ def estimate_memory(run: Run, hardware: Mapping[str, Any]) -> MemoryEstimate:
         activations=activation_bytes(run, autocast=run.dtype == "bf16" and not deepspeed),
         logp_buffers=LOGP_BUFFERS * min(run.logp_chunk_size, run.scored_tokens) * arch.vocab_size * 4
         + min(run.logp_keep_bytes, run.scored_tokens * arch.vocab_size * 4),
-        overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES,
+        overhead=GPU_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES + LOADED_COPY_BYTES * params,
         host=host,
     )
 
