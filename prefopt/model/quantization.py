@@ -9,6 +9,7 @@ runs both on the CPU as well as on CUDA GPUs; older releases need a GPU.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from typing import Optional
 
 from omegaconf import DictConfig
@@ -18,6 +19,12 @@ from prefopt.core.errors import ConfigError
 QUANTIZATIONS = ("4bit", "8bit")  # model.quantization: NF4 (QLoRA's) or int8 (LLM.int8()) base weights
 CPU_SINCE = (0, 50)  # the first bitsandbytes tried to run 4-bit, 8-bit layers and AdamW8bit on the CPU here
 INSTALL = "pip install 'prefopt[qlora]' (bitsandbytes)"
+
+# Once installed, bitsandbytes (>= 0.50) is imported by the libraries around it in every run, quantized or not, and on
+# the CPU it warns at import that the hub's 4-bit CPU kernel could not be loaded (offline, or a publisher it does not
+# trust); it then runs its own torch kernel, the one tests/test_own_model.py trains QLoRA with. That warning tells a
+# run nothing, so only errors of that module are shown.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def bitsandbytes_version() -> Optional[tuple[int, ...]]:
