@@ -53,7 +53,8 @@ SHORT_RUN = [
     "logger.wandb.mode=disabled",
     "trainer.save_final=false",
 ]
-ESTIMATE_WITHIN = (0.6, 1.6)  # estimate / measured peak RSS
+# estimate / measured peak RSS: never below (a refusal is honest only if the estimate bounds the run; 1.24-1.27 here)
+ESTIMATE_WITHIN = (1.0, 1.6)
 
 
 def gpus(count: int, gigabytes: int = 80) -> Machine:
@@ -190,6 +191,13 @@ def test_precompute_and_reference_free_losses_hold_no_reference():
         run = run_shape(compose_config(["model=llama3_8b", *overrides]))
         assert not run.holds_reference, overrides
         assert estimate_memory(run, preset_values("gpu")).reference == 0
+
+
+def test_a_moving_reference_is_a_live_reference_for_the_estimate():
+    """TR-DPO's reference cannot be cached: with reference.precompute=auto it is a live copy, held and run each step."""
+    moving = run_shape(compose_config(["model=llama3_8b", "reference.sync=hard"]))
+    assert moving.reference_forward and moving.holds_reference
+    assert estimate_memory(moving, preset_values("gpu")).reference > 0
 
 
 def test_an_explicit_preset_warns_and_runs(caplog):
