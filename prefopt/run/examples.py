@@ -9,14 +9,13 @@ from a clone, from site-packages and from a copy. Light imports only: the comman
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefopt.core.errors import ConfigError
+from prefopt.core.errors import ConfigError, closest
 from prefopt.core.fileutil import atomic_write_bytes
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -50,7 +49,7 @@ def find_example(name: str) -> Example:
     wanted = Path(name).name.removesuffix(".sh")
     if wanted in examples:
         return examples[wanted]
-    close = difflib.get_close_matches(wanted, list(examples), n=1)
+    close = closest(wanted, examples, count=1)
     hint = f"did you mean {close[0]}? " if close else ""
     raise ConfigError(f"no example '{name}': {hint}the examples are {', '.join(examples)} (`prefopt examples`)")
 
