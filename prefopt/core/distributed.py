@@ -79,6 +79,11 @@ class DistInfo:
         dist.all_gather_object(parts, value)
         return parts
 
+    def broadcast_objects(self, values: list) -> None:
+        """Rank 0's picklable list `values`, in place on every rank (rank 0's view of a file decides for all)."""
+        if self.spans_ranks:
+            dist.broadcast_object_list(values, src=0)
+
     def sum(self, value: float) -> float:
         return self._reduce_float(value, dist.ReduceOp.SUM)
 

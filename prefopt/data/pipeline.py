@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,9 +49,16 @@ class PreferenceData:
     files: Optional[list[str]] = None  # the local files read (None: hub or generated data)
 
 
-def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int, announce: bool = True) -> PreferenceData:
-    """announce: log the data's warnings and summary line (False on all ranks but 0: said once per run)."""
-    source = load_raw_splits(dataset_cfg, seed)
+def build_preference_data(
+    dataset_cfg: DictConfig,
+    tokenizer,
+    seed: int,
+    announce: bool = True,
+    samples: Optional[Sequence[Sequence[str]]] = None,
+) -> PreferenceData:
+    """announce: log the data's warnings and summary line (False on all ranks but 0: said once per run). samples:
+    the model's samples per arith question (dataset.arith.rejected_style=onpolicy, train/onpolicy.py)."""
+    source = load_raw_splits(dataset_cfg, seed, samples)
     entry = cache_entry(dataset_cfg, source, tokenizer)
     if entry is None:
         splits, meta = tokenize_source(dataset_cfg, source, tokenizer)
@@ -61,9 +68,9 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int, announc
         cache = "hit" if hit else "miss"
         if announce:
             logger.info("tokenized pairs: cache %s (%s)", cache, entry[0])
-    stats = meta["stats"]
+    stats = meta["stats"] | onpolicy_stats(source)
     if announce:  # said on every run, cached or not; the truncation warnings follow dataset.warn_truncated_share
-        for warning in meta["warnings"] + truncation_warnings(stats, dataset_cfg):
+        for warning in meta["warnings"] + truncation_warnings(stats, dataset_cfg) + onpolicy_warnings(source):
             logger.warning("%s", warning)
     if not splits["train"]:
         raise DataError(
@@ -90,6 +97,32 @@ def build_preference_data(dataset_cfg: DictConfig, tokenizer, seed: int, announc
         eval_origin=source.eval.origin,
         files=[str(path) for path in source.files] if source.files is not None else None,
     )
+
+
+def onpolicy_stats(source: RawSource) -> dict[str, int]:
+    """<split>/onpolicy_all_correct and <split>/onpolicy_no_usable_sample (questions without a pair), and
+    <split>/onpolicy_chosen_sampled."""
+    counts = source.onpolicy or {}
+    return {
+        f"{split}/onpolicy_{name}": getattr(count, name)
+        for split, count in counts.items()
+        for name in ("all_correct", "no_usable_sample", "chosen_sampled")
+    }
+
+
+def onpolicy_warnings(source: RawSource) -> list[str]:
+    """Questions the on-policy regime could not make a pair of: the split is that much smaller than asked."""
+    warnings = []
+    for split, count in (source.onpolicy or {}).items():
+        if count.dropped_questions:
+            shown = ", ".join(repr(prompt) for prompt in count.dropped_questions[:3])
+            warnings.append(
+                f"arith onpolicy: {len(count.dropped_questions)} {split} questions give no pair ({count.all_correct} "
+                f"answered right in every usable sample, {count.no_usable_sample} had no sample that ended in time; "
+                f"e.g. {shown}), so the split is that much smaller; more dataset.arith.onpolicy.samples (or "
+                "max_new_tokens) make fewer such questions"
+            )
+    return warnings
 
 
 def cache_entry(dataset_cfg: DictConfig, source: RawSource, tokenizer) -> Optional[tuple[Path, str]]:

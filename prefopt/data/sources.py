@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from omegaconf import DictConfig
 
 from prefopt.core.errors import ConfigError
-from prefopt.data.arith import generate_arith_rows
+from prefopt.data.arith import OnPolicyCounts, generate_arith_rows
 from prefopt.data.errors import DataError
 from prefopt.data.files import BUILDERS, SUPPORTED, data_files, read_data_files
 from prefopt.data.hub import hub_offline_mode, is_saved_dataset, load_named_split, load_saved, saved_split
@@ -67,6 +67,7 @@ class RawSource:
     files: Optional[list[Path]] = None  # local files whose bytes are the data (they key the tokenized cache)
     fingerprint: Optional[str] = None  # else what `datasets` says identifies the loaded splits (hub data)
     # neither: the data is generated (arith), which is as quick as reading a cache: nothing is cached
+    onpolicy: Optional[dict[str, OnPolicyCounts]] = None  # arith onpolicy: what became of each split's questions
 
 
 def check_path_is_read(dataset_cfg: DictConfig) -> None:
@@ -83,14 +84,16 @@ def check_path_is_read(dataset_cfg: DictConfig) -> None:
         )
 
 
-def load_raw_splits(dataset_cfg: DictConfig, seed: int) -> RawSource:
+def load_raw_splits(dataset_cfg: DictConfig, seed: int, samples: Optional[Sequence[Sequence[str]]] = None) -> RawSource:
+    """samples: the model's samples per arith question (rejected_style=onpolicy, train/onpolicy.py)."""
     check_path_is_read(dataset_cfg)
     if dataset_cfg.name == "arith":
-        train_rows, eval_rows = generate_arith_rows(dataset_cfg.arith, seed)
-        origin = f"arith generator (seed {seed})"
+        train_rows, eval_rows, counts = generate_arith_rows(dataset_cfg.arith, seed, samples)
+        origin = f"arith generator (seed {seed}{', on-policy' if counts else ''})"
         return RawSource(
             RawSplit(f"{origin} train", train_rows, list(range(len(train_rows)))),
             RawSplit(f"{origin} eval", eval_rows, list(range(len(eval_rows)))),
+            onpolicy=counts or None,
         )
     if not dataset_cfg.path:
         raise ConfigError(

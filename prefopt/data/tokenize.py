@@ -252,6 +252,18 @@ class PairEncoder:
                 source_index=row.source_index,
             )
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A plain-string prompt's token ids as a pair built from it starts (before truncation): one user message
+        rendered with the generation prompt where the template is used, BOS where the tokenizer adds one. What a
+        model continues from when it answers the prompt (arith onpolicy sampling)."""
+        text = (
+            self.render([{"role": "user", "content": prompt}], "a generation prompt", add_generation_prompt=True)
+            if self.turns is not None
+            else prompt
+        )
+        ids = self.token_ids([text])[0]
+        return [self.bos_to_add] + ids if self.bos_to_add is not None and ids[:1] != [self.bos_to_add] else ids
+
     def pair_text(self, row: PreferenceRow, where: str) -> PairText:
         """The row as the text the model reads: the template's rendering, or the raw prompt (module docstring)."""
         chosen, rejected = self.without_given_ending(row.chosen), self.without_given_ending(row.rejected)

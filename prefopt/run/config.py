@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from prefopt.core.errors import ConfigError, did_you_mean
+from prefopt.data.arith import ONPOLICY_CHOSEN, STYLES
 from prefopt.data.columns import ColumnMap
 from prefopt.data.sources import check_path_is_read
 from prefopt.data.truncation import TRUNCATION_MODES
@@ -101,12 +102,23 @@ class ModelConfig:
 
 
 @dataclass
+class ArithOnPolicyConfig:
+    samples: int = 4  # responses sampled per question; the first wrong one is the rejected response
+    temperature: float = 1.0  # sampling temperature (1.0: the model's own distribution, no top-k / top-p)
+    max_new_tokens: int = 32  # a sample unfinished after this many tokens is not used
+    chosen: str = "key"  # key: the answer key "a + b = c" | sample: the first correct sample where one was drawn
+
+
+@dataclass
 class ArithConfig:
     num_train: int = 256  # generated training pairs
     num_eval: int = 32  # generated held-out pairs (disjoint questions)
     max_operand: int = 20  # operands are drawn from 0..max_operand
     operations: List[str] = field(default_factory=lambda: ["+", "-"])  # arithmetic operators to use
-    rejected_style: str = "near"  # near (off-by-a-little answer) | offpolicy (wrong answer in an unusual format)
+    rejected_style: str = (
+        "near"  # near (off by a little) | offpolicy (wrong, in an unusual format) | onpolicy (own sample)
+    )
+    onpolicy: ArithOnPolicyConfig = field(default_factory=ArithOnPolicyConfig)  # rejected_style=onpolicy's sampling
 
 
 @dataclass
@@ -372,7 +384,8 @@ CHOICES = {
     "dataset.chat_template": ("auto", "always", "never"),
     "dataset.on_bad_row": ("error", "skip"),
     "dataset.truncation_mode": TRUNCATION_MODES,
-    "dataset.arith.rejected_style": ("near", "offpolicy"),
+    "dataset.arith.rejected_style": STYLES,
+    "dataset.arith.onpolicy.chosen": ONPOLICY_CHOSEN,
     "hardware.device": ("cpu", "cuda"),
     "hardware.launcher": ("inline", "torchrun", "slurm"),
     "hardware.engine": ("torch", "deepspeed"),
@@ -437,6 +450,9 @@ LOWER_BOUNDS = {
     "dataset.arith.num_train": (1, True),
     "dataset.arith.num_eval": (1, True),
     "dataset.arith.max_operand": (1, True),
+    "dataset.arith.onpolicy.samples": (1, True),
+    "dataset.arith.onpolicy.max_new_tokens": (1, True),
+    "dataset.arith.onpolicy.temperature": (0.0, False),
     "logger.wandb.system_sample_seconds": (0.1, True),
     "inspect.top_pairs": (0, True),
     "logger.displacement_window": (0, True),

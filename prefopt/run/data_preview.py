@@ -21,6 +21,7 @@ from prefopt.data.pipeline import string_prompts_use_chat_template
 from prefopt.model.loading import load_tokenizer, resolve_model_source
 from prefopt.model.naming import model_name
 from prefopt.run.config import register_schema, require_values, validate_config
+from prefopt.train.onpolicy import cached_onpolicy_samples
 
 SPLIT_STATS = (  # shown per split
     "pairs",
@@ -133,4 +134,5 @@ def load_run_data(overrides: list[str]) -> tuple[DictConfig, object, PreferenceD
     its hardware), the model's tokenizer, and the pairs built as training builds them (through the cache)."""
     cfg = compose_run_config(overrides)
     tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
-    return cfg, tokenizer, build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed)
+    samples = cached_onpolicy_samples(cfg.model, cfg.dataset, cfg.trainer.seed, tokenizer)  # arith onpolicy
+    return cfg, tokenizer, build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed, samples=samples)

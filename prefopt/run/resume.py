@@ -41,6 +41,7 @@ from prefopt.core.runfiles import (
     checkpoint_step,
 )
 from prefopt.data import PreferenceData, build_preference_data
+from prefopt.data.arith import OnPolicySamplesNeeded
 from prefopt.data.identity import ALLOW_CHANGED, check_resume_data, data_identity
 from prefopt.model.loading import load_tokenizer
 from prefopt.train.checkpoint import (
@@ -52,6 +53,7 @@ from prefopt.train.checkpoint import (
     resume_differences,
     resume_mode,
 )
+from prefopt.train.onpolicy import cached_onpolicy_samples
 from prefopt.train.schedules import epoch_steps
 
 log = logging.getLogger("prefopt")
@@ -266,6 +268,7 @@ def accept_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
     derived = None
     if cfg.trainer.num_epochs is not None and checkpoint_candidates(resume_path(cfg, run_dir)):
         data = resume_data(cfg)
+    if data is not None:
         derived = epoch_steps(
             cfg.trainer.num_epochs,
             len(data.train),
@@ -279,10 +282,16 @@ def accept_resume(cfg: DictConfig, run_dir: Path) -> Optional[AcceptedResume]:
     return accepted
 
 
-def resume_data(cfg: DictConfig) -> PreferenceData:
+def resume_data(cfg: DictConfig) -> Optional[PreferenceData]:
     """The data exactly as the worker will build it (a tokenizer load and a tokenization, cached: the worker then
-    reads the cache). Its warnings are the worker's to say, once."""
-    return build_preference_data(cfg.dataset, load_tokenizer(cfg.model), cfg.trainer.seed, announce=False)
+    reads the cache). Its warnings are the worker's to say, once. None where the pairs need the model (arith onpolicy
+    samples not cached): the worker builds them and makes the same checks."""
+    tokenizer = load_tokenizer(cfg.model)
+    samples = cached_onpolicy_samples(cfg.model, cfg.dataset, cfg.trainer.seed, tokenizer)  # arith onpolicy
+    try:
+        return build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed, announce=False, samples=samples)
+    except OnPolicySamplesNeeded:
+        return None
 
 
 def refuse_changed_data(cfg: DictConfig, checkpoint: Path, data: Optional[PreferenceData] = None) -> None:
@@ -299,6 +308,8 @@ def refuse_changed_data(cfg: DictConfig, checkpoint: Path, data: Optional[Prefer
     if not saved:
         return  # a checkpoint from before prefopt recorded its data
     current = data if data is not None else resume_data(cfg)
+    if current is None:
+        return  # the pairs need the model: the worker compares
     check_resume_data(saved, data_identity(current), checkpoint, cfg.trainer.resume_data_changed)
 
 

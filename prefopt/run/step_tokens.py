@@ -30,6 +30,7 @@ from prefopt.data import build_preference_data
 from prefopt.data.layout import BatchLayout
 from prefopt.data.sampler import training_sampler
 from prefopt.model.loading import load_tokenizer, resolve_model_source
+from prefopt.train.onpolicy import cached_onpolicy_samples
 from prefopt.train.schedules import epoch_steps
 
 MAX_SIMULATED_MICRO_BATCHES = 20_000  # a longer run draws from the same pairs: its largest batch is near these's
@@ -107,7 +108,10 @@ def training_pair_lengths(key: str) -> Union[tuple[tuple[int, int, int], ...], s
         return reason
     try:
         # announce=False: the data's stats and warnings are the worker's to log, once, in the run's log
-        data = build_preference_data(cfg.dataset, load_tokenizer(cfg.model), settings["seed"], announce=False)
+        tokenizer = load_tokenizer(cfg.model)
+        # arith onpolicy: the cached samples; not cached yet, build_preference_data says so and max_length is counted
+        samples = cached_onpolicy_samples(cfg.model, cfg.dataset, settings["seed"], tokenizer)
+        data = build_preference_data(cfg.dataset, tokenizer, settings["seed"], announce=False, samples=samples)
     except Exception as error:  # the worker meets it again and names it; the estimate only needs lengths
         return f"the data was not read before launch: {first_line(error)}"
     return tuple((len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)) for pair in data.train)

@@ -43,6 +43,7 @@ from prefopt.train.dynamics import ProbeSet, build_probe_set
 from prefopt.train.engine import build_engine
 from prefopt.train.evaluation import RunEvaluator
 from prefopt.train.inspection import filter_enabled, filter_training_pairs, inspect_pairs
+from prefopt.train.onpolicy import is_onpolicy, onpolicy_samples
 from prefopt.train.reference import CachedReference, ModelReference, base_fingerprint, build_reference, cover_pairs
 from prefopt.train.reference_sync import ReferenceSync, build_reference_sync, moving_reference, reference_moves
 from prefopt.train.schedules import settle_max_steps
@@ -165,7 +166,8 @@ class BuiltRun(JobStart):
 
 
 def start_job(cfg: DictConfig, run_dir: Path) -> JobStart:
-    """Distributed init, device, console, seed and threads, the model's source, its tokenizer and the data."""
+    """Distributed init, device, console, seed and threads, the model's source, its tokenizer and the data (arith
+    onpolicy: after the base model's samples, train/onpolicy.py)."""
     dist = init_distributed(cfg.hardware)
     device = device_for(cfg.hardware, dist)
     quiet_known_noise(cfg.hardware.device, cfg.logger.wandb.mode)
@@ -176,7 +178,11 @@ def start_job(cfg: DictConfig, run_dir: Path) -> JobStart:
             torch.set_num_threads(cfg.hardware.num_threads)
         source = resolve_model_source(cfg.model)
         tokenizer = load_tokenizer(cfg.model, source)
-        data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed, announce=dist.is_main)
+        samples = None
+        if is_onpolicy(cfg.dataset):  # the model's own answers, before the pairs can exist (train/onpolicy.py)
+            with console.phase("on-policy samples"):
+                samples = onpolicy_samples(cfg, source, tokenizer, dist, device)
+        data = build_preference_data(cfg.dataset, tokenizer, cfg.trainer.seed, announce=dist.is_main, samples=samples)
     except BaseException:
         console.close()
         raise

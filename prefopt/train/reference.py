@@ -108,10 +108,7 @@ def reference_fingerprint(
             fingerprint[0] = file_digests(weight_paths, Path(model_cfg.cache_dir).expanduser() / "file_digests.json")
         else:
             fingerprint[0] = weights_fingerprint(model)
-    if dist.initialized and dist.world_size > 1:
-        import torch.distributed
-
-        torch.distributed.broadcast_object_list(fingerprint, src=0)
+    dist.broadcast_objects(fingerprint)
     return fingerprint[0]
 
 
