@@ -13,8 +13,9 @@ import numpy
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt.observe.fits import least_squares
-from prefopt.observe.seed_groups import term_gradient_means
+from prefopt.observe.fits import fit_strata, least_squares
+from prefopt.observe.group_report import fit_csv, fit_markdown
+from prefopt.observe.seed_groups import Group, Job, Setting, term_gradient_means
 from tests.test_plots_report import assert_png, cli, make_run
 
 T_975_DF13 = 2.160369  # the printed t table: 15 runs (5 values x 3 seeds), 13 degrees of freedom
@@ -156,3 +157,29 @@ def test_fit_mistakes_are_one_line_errors_before_anything_is_written(tmp_path, c
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not list(tmp_path.glob("report*"))
+
+
+def test_report_help_names_fit(capsys):
+    with pytest.raises(SystemExit):
+        cli("report", "--help")
+    assert "--fit KEY" in capsys.readouterr().out
+
+
+def test_a_metric_only_one_value_has_is_said_within_a_fitted_stratum():
+    """delta/greedy only at r2=0.1: its row says so while delta/rejected gets its line (built without files)."""
+
+    def group(r2: float, metrics: list[dict]) -> Group:
+        jobs = [Job(Path(str(seed)), {}, None, {}, False, values, []) for seed, values in enumerate(metrics)]
+        return Group((("loss.r2", Setting(json.dumps(r2), str(r2))),), jobs)
+
+    groups = [
+        group(0.1, [{"delta/rejected": 1.0, "delta/greedy": 5.0}, {"delta/rejected": 2.0}]),
+        group(0.3, [{"delta/rejected": 0.0}]),
+    ]
+    [stratum] = fit_strata(groups, ["loss.r2"], "loss.r2")
+    assert stratum.label == "all runs" and stratum.x_values == [0.1, 0.3]
+    fits = {item.metric: item for item in stratum.fits}
+    assert fits["delta/rejected"].fit.slope == pytest.approx(-7.5)  # x 0.1, 0.1, 0.3; y 1, 2, 0: Sxy -0.2 / Sxx 0.0267
+    assert fits["delta/greedy"].fit is None
+    assert "| delta/greedy | 1 | one value of loss.r2 (0.1): no fit |" in fit_markdown([stratum], "loss.r2")
+    assert "delta/greedy,1,0.1,,,,,,one value of loss.r2 (0.1): no fit" in fit_csv([stratum], ["loss.r2"], "loss.r2")

@@ -299,7 +299,7 @@ def fit_panels(strata: list[Stratum], key: str) -> list[list[FitPanel]]:
         panels = []
         for metric in (name for name in PLOTTED_METRICS if name in items):
             item, fit = items[metric], items[metric].fit
-            note = no_fit_text(key, stratum.x_values) if fit is None else f"slope {format_slope(fit)}"
+            note = no_fit_text(key, [x for x, _ in item.means]) if fit is None else f"slope {format_slope(fit)}"
             if fit is not None and fit.r_squared is not None:
                 note += f", R^2 {fit.r_squared:.2f}"
             panels.append(
