@@ -315,7 +315,8 @@ def split_keys(values: Optional[list[str]]) -> list[str]:
 def report_command(argv: list[str]) -> int:
     """tabulate a sweep, or any folder of run dirs (per run: what differs, probe log-prob changes, eval accuracy,
     status) and plot it: `prefopt report DIR` writes report.md, report.csv, report.png there;
-    `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences"""
+    `--group-by loss [--baseline loss=dpo]` aggregates seeds: mean, std, 95% t intervals, paired differences;
+    `--fit loss.beta` fits each headline metric against a numeric group-by key (slope, its 95% interval, R^2)"""
     parser = argparse.ArgumentParser(
         prog="prefopt report",
         description="Tabulate a sweep (prefopt train -m), or the run dirs found at any depth in any other folder "
@@ -323,7 +324,7 @@ def report_command(argv: list[str]) -> int:
         "table), the probe log-prob changes, eval accuracy and status; writes report.md, report.csv and report.png "
         "(the runs' training curves and probe panels, as `prefopt plot`) into DIR. With --group-by: statistics over "
         "seeds per group (n, mean, std, 95% Student-t interval) in report_groups.md, report_groups.csv and "
-        "report_bands.png.",
+        "report_bands.png; with --fit KEY also report_fit.csv and report_fit.png.",
     )
     parser.add_argument(
         "sweep_dir",
@@ -346,16 +347,29 @@ def report_command(argv: list[str]) -> int:
         help="the group the others are compared with, seed by seed (e.g. loss=dpo); needs --group-by. Keys it does "
         "not name stratify: each group is compared with the baseline that shares their values",
     )
+    parser.add_argument(
+        "--fit",
+        metavar="KEY",
+        help="least-squares line of each headline metric (and per-term gradient norm) against KEY, a numeric "
+        "--group-by key, within each stratum of the other keys: slope, its 95%% interval, R^2 (e.g. --fit loss.r2)",
+    )
     args = parser.parse_args(argv)
     group_by = split_keys(args.group_by)
     if args.baseline and not group_by:
         print("prefopt: error: --baseline needs --group-by (e.g. --group-by loss --baseline loss=dpo)", file=sys.stderr)
         return 2
+    if args.fit and not group_by:
+        print(
+            f"prefopt: error: --fit {args.fit} needs --group-by with it among the keys (e.g. --group-by {args.fit} "
+            f"--fit {args.fit})",
+            file=sys.stderr,
+        )
+        return 2
     from prefopt.observe.plots import RunDirError
     from prefopt.observe.report import report_sweep
 
     try:
-        text = report_sweep(args.sweep_dir, group_by, args.baseline)
+        text = report_sweep(args.sweep_dir, group_by, args.baseline, args.fit)
     except (RunDirError, ConfigError) as error:
         print(f"prefopt: error: {error}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ are listed by checkpoint_dirs, the one way.
     SWEEP_DIR/
       multirun.yaml          Hydra's record of the sweep (MULTIRUN_FILE); 0/, 1/, ... its jobs' run dirs
       report.md, .csv, .png  `prefopt report`; report_groups.md/.csv and report_bands.png with --group-by
+                             report_fit.csv and report_fit.png with --fit KEY (its section in report_groups.md)
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ REPORT_PLOT = "report.png"
 REPORT_GROUPS_MD = "report_groups.md"  # `prefopt report --group-by`: one row per group, over seeds
 REPORT_GROUPS_CSV = "report_groups.csv"
 REPORT_BANDS_PLOT = "report_bands.png"
+REPORT_FIT_CSV = "report_fit.csv"  # `prefopt report --fit KEY`: the least-squares lines of the metrics on KEY
+REPORT_FIT_PLOT = "report_fit.png"
 
 # ---- a SLURM job dir
 PREPARED_FILE = ".prepared"  # rank 0's verdict on the run dir, for the job's other tasks

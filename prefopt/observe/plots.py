@@ -3,6 +3,7 @@ from each run dir's dynamics.jsonl; below them a row for the per-term gradients 
 logged them: a run's own dynamics.png, the lower half of `prefopt plot` (prefopt/observe/curves.py, the training
 curves above them) and of `prefopt report`'s report.png.
 `plot_bands` draws groups of runs instead (`prefopt report --group-by`): mean line and 95% band per group.
+`plot_fits` draws metrics against a numeric setting (`prefopt report --fit KEY`): runs, means, fitted line.
 
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no
 display needed, safe inside a training process.
@@ -317,3 +318,56 @@ def band_figure(groups: Sequence[GroupBands], title: str = DEFAULT_BAND_TITLE) -
 def plot_bands(groups: Sequence[GroupBands], output_path: str | os.PathLike, title: str = DEFAULT_BAND_TITLE) -> Path:
     """The band plot of `groups` as one PNG at `output_path`."""
     return save_png(band_figure(groups, title), output_path)
+
+
+DEFAULT_FIT_TITLE = "Metrics against a setting: runs (dots), means over seeds (diamonds), least-squares line"
+
+
+@dataclass
+class FitPanel:
+    """One metric of one stratum against the fitted key: a point per run, the mean at each x, and the line
+    (slope None: no line, e.g. one value of the key; `note` says why or gives the slope)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    points: list[tuple[float, float]]
+    means: list[tuple[float, float]]
+    slope: Optional[float] = None
+    intercept: Optional[float] = None
+    note: str = ""
+
+
+def fit_figure(rows: Sequence[Sequence[FitPanel]], title: str = DEFAULT_FIT_TITLE) -> Figure:
+    """A row of panels per stratum, a column per metric; each panel its own y scale (the metrics differ in units)."""
+    columns = max(len(row) for row in rows)
+    figure = Figure(figsize=(4.4 * columns, 3.6 * len(rows) + 0.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(len(rows), columns, squeeze=False)
+    for axes, panels in zip(grid, rows):
+        for axis, panel in zip(axes, panels):
+            draw_fit_panel(axis, panel)
+        for axis in axes[len(panels) :]:
+            axis.axis("off")
+    figure.suptitle(title)
+    return figure
+
+
+def draw_fit_panel(axis, panel: FitPanel) -> None:
+    if panel.points:
+        axis.scatter(*zip(*panel.points), s=14, color="C0", alpha=0.6, label="run")
+    if panel.means:
+        axis.plot(*zip(*panel.means), "D", color="C1", markersize=6, label="mean over seeds")
+    if panel.slope is not None:
+        xs = [min(x for x, _ in panel.points), max(x for x, _ in panel.points)]
+        axis.plot(xs, [panel.intercept + panel.slope * x for x in xs], "-", color="C3", linewidth=1.5, label="fit")
+    lines = [*panel.title.splitlines(), *([panel.note] if panel.note else [])]
+    axis.set_title("\n".join(textwrap.fill(line, 48) for line in lines), fontsize="small")
+    readable_axes(axis, panel.xlabel, panel.ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="x-small", loc="best")
+
+
+def plot_fits(rows: Sequence[Sequence[FitPanel]], output_path: str | os.PathLike) -> Path:
+    """report_fit.png: fit_figure's panels as one PNG at `output_path`."""
+    return save_png(fit_figure(rows), output_path)

@@ -15,7 +15,9 @@ the sweep's overrides): a job whose run dir lock is held is `running`, one witho
 group gets n, mean, std and a 95% Student-t interval for every metric (prefopt/observe/stats.py);
 `--baseline KEY=VALUE` adds each group's paired difference to that group, seed by seed. Writes
 report_groups.md, report_groups.csv and report_bands.png (mean trajectory and band per group): the groups are
-prefopt/observe/seed_groups.py's, the files prefopt/observe/group_report.py's.
+prefopt/observe/seed_groups.py's, the files prefopt/observe/group_report.py's. `--fit KEY` (a numeric group-by key)
+adds the least-squares line of each headline metric on KEY per stratum of the other keys (prefopt/observe/fits.py):
+a section of report_groups.md, report_fit.csv and report_fit.png.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from prefopt.core.fileutil import atomic_write_text
 from prefopt.core.runfiles import (
     REPORT_BANDS_PLOT,
     REPORT_CSV,
+    REPORT_FIT_CSV,
+    REPORT_FIT_PLOT,
     REPORT_GROUPS_CSV,
     REPORT_GROUPS_MD,
     REPORT_MD,
@@ -133,16 +137,22 @@ def write_report(directory: Path) -> tuple[list[dict[str, Any]], Optional[Path],
     return rows, plot, diff.shared_text
 
 
-def report_sweep(sweep_dir: Path, group_by: list[str], baseline: Optional[list[str]] = None) -> str:
-    """Write the sweep's report files (with `group_by`, the groups' too, after checking the groups before writing
-    anything); returns what `prefopt report` prints: the table, the groups' tables, and what it wrote."""
-    groups = build_group_report(sweep_dir, group_by, baseline) if group_by else None  # refuses before writing the rest
+def report_sweep(
+    sweep_dir: Path, group_by: list[str], baseline: Optional[list[str]] = None, fit: Optional[str] = None
+) -> str:
+    """Write the sweep's report files (with `group_by`, the groups' too, and with `fit` the fit's, after checking the
+    groups before writing anything); returns what `prefopt report` prints: the table, the groups' tables (and fit),
+    and what it wrote."""
+    # refuses before writing the rest
+    groups = build_group_report(sweep_dir, group_by, baseline, fit) if group_by else None
     rows, plot, shared = write_report(sweep_dir)
     shown = [markdown_table(rows, shared)]
     written = [REPORT_MD, REPORT_CSV] + ([REPORT_PLOT] if plot else [])
     if groups is not None:
         shown.append(groups.markdown)
         written += [REPORT_GROUPS_MD, REPORT_GROUPS_CSV] + ([REPORT_BANDS_PLOT] if groups.plot else [])
+        if fit:
+            written += [REPORT_FIT_CSV] + ([REPORT_FIT_PLOT] if groups.fit_plot else [])
     failed = sum(row["status"] == "failed" for row in rows)
     unfinished = [
         f"{sum(row['status'] == status for row in rows)} {status}"

@@ -27,6 +27,8 @@ from prefopt.observe.tracking import read_jsonl
 
 SEED_KEY = "trainer.seed"
 GATE_MEAN_KEY = "train/gate/mean"
+TERM_GRADIENT_PREFIX = "dynamics/grad/"  # dynamics.term_grads' numbers (prefopt/train/term_grads.py)
+RUN_MEAN_SUFFIX = "_mean"  # a term-gradient number averaged over a run's probe steps after step 0
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,10 @@ def is_number(value: Any) -> bool:
 def job_metrics(summary: dict[str, Any], dynamics: list[dict], metrics_rows: list[dict]) -> dict[str, float]:
     """Every number a group's statistics cover: the summary's eval/* (final eval, eval/delta/*, greedy
     accuracy) and delta/* keys; the first-to-last change of every probe metric in dynamics.jsonl
-    (delta/<type> for the summed log-prob, delta/<type>/logp_mean, delta/mass/*); and train/gate/mean,
+    (delta/<type> for the summed log-prob, delta/<type>/logp_mean, delta/mass/*); the per-term gradient
+    norms averaged over the probe steps after step 0 (dynamics/grad/<name>_mean); and train/gate/mean,
     the gate averaged over the run's logged steps (how much of the rejected-side gradient got through)."""
-    metrics = probe_deltas(dynamics)
+    metrics = probe_deltas(dynamics) | term_gradient_means(dynamics)
     metrics |= {
         key: float(value) for key, value in summary.items() if key.startswith(("eval/", "delta/")) and is_number(value)
     }
@@ -203,6 +206,20 @@ def probe_deltas(dynamics: list[dict]) -> dict[str, float]:
             name = key.removeprefix("dynamics/").removesuffix("/logp")
             deltas[f"delta/{name}"] = value - first[key]
     return deltas
+
+
+def term_gradient_means(dynamics: list[dict]) -> dict[str, float]:
+    """`dynamics/grad/chosen_norm` -> `dynamics/grad/chosen_norm_mean`: each per-term gradient number
+    (dynamics.term_grads) averaged over the probe steps after step 0. Step 0 is left out because every seed
+    starts from the same weights there, so it says nothing of what a setting does; a last-minus-first change
+    would hang on one noisy probe step."""
+    values: dict[str, list[float]] = {}
+    for row in dynamics:
+        if row["step"] > 0:
+            for key, value in row.items():
+                if key.startswith(TERM_GRADIENT_PREFIX) and is_number(value):
+                    values.setdefault(key, []).append(value)
+    return {f"{key}{RUN_MEAN_SUFFIX}": math.fsum(series) / len(series) for key, series in values.items()}
 
 
 def group_jobs(jobs: list[Job], group_by: list[str]) -> list[Group]:
