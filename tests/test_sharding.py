@@ -146,7 +146,31 @@ def held_out_results(dist: DistInfo) -> dict:
         "greedy_accuracy": greedy_accuracy(policy, tokenizer, pairs, 5, "cpu", dist)[0],
         "reference": compute_reference_logps(reference, pairs, cfg, dist, "cpu", tokenizer.pad_token_id).tolist(),
     }
-    return results | {name: counter[0] for name, counter in counters.items()}
+    return results | {name: counter[0] for name, counter in counters.items()} | {"onpolicy": onpolicy_tokens(dist)}
+
+
+def onpolicy_tokens(dist: DistInfo) -> list:
+    """arith onpolicy samples (train/onpolicy.py) of 7 questions in 4 groups of 2: rank 0 draws groups 0 and 2, rank 1
+    groups 1 and 3 (one question), with a model of their own (the forward counters above stay the passes')."""
+    from prefopt.model.loading import ModelSource, build_byte_tokenizer
+    from prefopt.train.onpolicy import OnPolicySampler, sampled_tokens
+    from tests.helpers import tiny_byte_llama
+    from tests.test_config import compose_config
+
+    cfg = compose_config(
+        [
+            "model=tiny_llama",
+            "dataset.arith.rejected_style=onpolicy",
+            "dataset.arith.num_train=5",
+            "dataset.arith.num_eval=2",
+            "dataset.arith.onpolicy.questions_per_batch=2",
+            "dataset.arith.onpolicy.samples=2",
+            "dataset.arith.onpolicy.max_new_tokens=6",
+        ]
+    )
+    tokenizer = build_byte_tokenizer()
+    sampler = OnPolicySampler(cfg.model, cfg.dataset, 3, ModelSource("tiny", "", "tiny"), tokenizer)
+    return sampled_tokens(tiny_byte_llama(tokenizer, seed=5).eval(), tokenizer, sampler, 3, dist, "cpu")
 
 
 def token_views_state(measure) -> dict:
@@ -200,6 +224,7 @@ def test_two_ranks_match_one_rank_and_run_the_same_forwards(tmp_path):
         assert_close_metrics(result["eval_one_pair"], single["eval_one_pair"])
         assert_close_metrics(result["probes"], single["probes"])
         assert result["greedy"] == single["greedy"] and result["greedy_accuracy"] == single["greedy_accuracy"]
+        assert result["onpolicy"] == single["onpolicy"] and len(single["onpolicy"]) == 7  # sampled by either rank
         tokens, expected = result["probe_tokens"], single["probe_tokens"]  # per-token views, gathered padded
         assert tokens["token_ids"] == expected["token_ids"]
         for kind, per_probe in expected["logps"].items():

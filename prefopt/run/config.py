@@ -106,6 +106,9 @@ class ArithOnPolicyConfig:
     samples: int = 4  # responses sampled per question; the first wrong one is the rejected response
     temperature: float = 1.0  # sampling temperature (1.0: the model's own distribution, no top-k / top-p)
     max_new_tokens: int = 32  # a sample unfinished after this many tokens is not used
+    questions_per_batch: int = (
+        8  # questions sampled together in one generate call (fixed groups: part of what is drawn)
+    )
     chosen: str = "key"  # key: the answer key "a + b = c" | sample: the first correct sample where one was drawn
 
 
@@ -452,6 +455,7 @@ LOWER_BOUNDS = {
     "dataset.arith.max_operand": (1, True),
     "dataset.arith.onpolicy.samples": (1, True),
     "dataset.arith.onpolicy.max_new_tokens": (1, True),
+    "dataset.arith.onpolicy.questions_per_batch": (1, True),
     "dataset.arith.onpolicy.temperature": (0.0, False),
     "logger.wandb.system_sample_seconds": (0.1, True),
     "inspect.top_pairs": (0, True),
