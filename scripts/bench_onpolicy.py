@@ -13,7 +13,7 @@ import time
 from prefopt.core.distributed import DistInfo
 from prefopt.data.arith import generate_arith_rows
 from prefopt.model.loading import load_tokenizer, resolve_model_source
-from prefopt.run.config import compose_run_config
+from prefopt.run.data_preview import compose_run_config
 from prefopt.train.onpolicy import OnPolicySampler, draw_samples, load_sampling_model
 
 

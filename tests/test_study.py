@@ -94,3 +94,43 @@ def test_the_study_runs_at_tiny_scale_and_reports_each_regime_against_its_own_dp
         ) in markdown
     assert (sweep_dir / "report_bands.png").stat().st_size > 0
     assert json.loads((jobs[0] / "summary.json").read_text())["steps"] == 2
+
+
+ISSUE_26_STUDIES = {  # preset -> (its sweep, what every job must hold)
+    "lpo_control": (
+        {"loss": ["lpo"], "dataset.arith.rejected_style": ["near"], "trainer.seed": ["0", "1", "2"]}
+        | {"loss.r2": ["0.05", "0.1", "0.2", "0.4", "0.8"]},
+        lambda cfg: cfg.loss.gamma == 10.0 and cfg.dynamics.term_grads and cfg.trainer.max_steps == 30,
+    ),
+    "horizon": (
+        {
+            "dataset.arith.rejected_style": ["near"],
+            "loss": ["dpo", "gate_dpo_q10", "lpo"],
+            "trainer.seed": ["0", "1", "2"],
+        },
+        lambda cfg: cfg.trainer.max_steps == 120 and cfg.dataset.arith.num_train >= 120 * 4,  # one pass, no repeats
+    ),
+    "gate_complements": (
+        {"loss": ["ipo", "cal_dpo"], "dataset.arith.rejected_style": ["near", "onpolicy"]}
+        | {"trainer.seed": ["0", "1", "2"], "loss.gate.kind": ["none", "seq", "q10"]},
+        lambda cfg: cfg.trainer.max_steps == 30 and cfg.dataset.arith.num_train >= 30 * 4,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ISSUE_26_STUDIES)
+def test_each_study_of_issue_26_sweeps_what_it_says_and_every_job_validates(name):
+    """The other studies (scripts/study.sh): each preset's sweep is its own (gate_vs_field's keys, inherited, pinned),
+    on gate_vs_field's model, probes and learning rate, and every job composes and validates."""
+    register_schema()
+    expected, holds = ISSUE_26_STUDIES[name]
+    with initialize_config_module(config_module="prefopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+        params = {key: str(value).split(",") for key, value in cfg.hydra.sweeper.params.items()}
+        assert params == expected
+        for values in itertools.product(*params.values()):
+            overrides = [f"+experiment={name}", *(f"{key}={value}" for key, value in zip(params, values))]
+            job = compose(config_name="config", overrides=overrides)
+            validate_config(job)
+            assert holds(job), overrides
+            assert job.model.name == "smollm2_135m" and job.trainer.lr == 5.0e-6 and job.dynamics.num_probes == 32

@@ -105,7 +105,7 @@ class ModelConfig:
 class ArithOnPolicyConfig:
     samples: int = 4  # responses sampled per question; the first wrong one is the rejected response
     temperature: float = 1.0  # sampling temperature (1.0: the model's own distribution, no top-k / top-p)
-    max_new_tokens: int = 32  # a sample unfinished after this many tokens is not used
+    max_new_tokens: int = 64  # a sample unfinished after this many tokens is not used
     questions_per_batch: int = (
         8  # questions sampled together in one generate call (fixed groups: part of what is drawn)
     )
