@@ -297,7 +297,7 @@ def test_smollm2_arith_ids_unchanged(smollm2_tokenizer, experiment):
     if experiment == "squeeze_demo":
         cfg.arith.merge_with(OmegaConf.load(CONF_DIR / "experiment" / "squeeze_demo.yaml").dataset.arith)
     data = build_preference_data(cfg, tokenizer, seed=0)
-    train_rows, eval_rows = generate_arith_rows(cfg.arith, seed=0)
+    train_rows, eval_rows, _ = generate_arith_rows(cfg.arith, seed=0)
     assert (len(data.train), len(data.eval)) == (len(train_rows), len(eval_rows))
     system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
