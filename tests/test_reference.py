@@ -130,7 +130,7 @@ def test_lora_trains_adapters_with_no_second_model(tmp_path, monkeypatch):
 
     loads, frozen = [], []
     real_load = models.load_model
-    monkeypatch.setattr("prefopt.train.build.load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))  # load_run_model's
     monkeypatch.setattr(reference, "freeze", lambda model: frozen.append(model) or model)
     run_dir = run_train(tmp_path / "lora", *TINY, "model.lora.enabled=true", "model.lora.r=4", "trainer.save_every=3")
     assert loads == [1] and frozen == []  # one model in memory: the reference is the base, adapters off

@@ -24,6 +24,7 @@ from prefopt.core.errors import ConfigError, ModelNotFoundError
 from prefopt.core.fileutil import exclusive_lock
 from prefopt.core.hub import hub_offline, hub_reachable
 from prefopt.model.attention import checkpoint_context
+from prefopt.model.precision import set_compute_dtype
 from prefopt.model.quantization import prepare_quantized, quantization_config
 
 CHATML_TEMPLATE = (
@@ -274,6 +275,17 @@ def load_tokenizer(model_cfg: DictConfig, source: ModelSource | None = None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id works
     return tokenizer
+
+
+def load_run_model(model_cfg: DictConfig, source: ModelSource, vocab_size: int, seed: int, device, engine: str):
+    """The base model as a run computes with it: load_model on `device` (quantized weights are placed while loading)
+    with model.dtype's compute dtype under `engine`. The policy starts so (train/build.py), and on-policy sampling
+    draws from it (train/onpolicy.py)."""
+    model = load_model(model_cfg, source, vocab_size, seed, device=device)
+    if not model_cfg.quantization:  # bitsandbytes placed quantized weights while loading
+        model = model.to(device)
+    set_compute_dtype(model, model_cfg.dtype, engine)  # bf16: fp32 master weights, bf16 compute
+    return model
 
 
 def load_model(

@@ -27,14 +27,13 @@ from prefopt.model.compile import compile_model
 from prefopt.model.loading import (
     ModelSource,
     apply_lora,
-    load_model,
+    load_run_model,
     load_tokenizer,
     resolve_model_source,
     weight_files,
 )
 from prefopt.model.logps import check_logits_path, check_packed_path
 from prefopt.model.naming import loaded_model_line
-from prefopt.model.precision import set_compute_dtype
 from prefopt.observe.console import Console, quiet_known_noise
 from prefopt.observe.plots import plot_runs
 from prefopt.observe.token_heatmaps import plot_token_views
@@ -61,10 +60,7 @@ def build_policy(cfg: DictConfig, source: ModelSource, tokenizer, device: torch.
     """The policy as a run starts it (training, and `prefopt eval` before it loads the trained weights): the base
     model with fp32 master weights, its compute dtype, its log-prob paths checked, LoRA adapters when enabled.
     Rank 0 logs which weights these are (loaded_model_line)."""
-    policy = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed, device=device)
-    if not cfg.model.quantization:  # bitsandbytes placed quantized weights while loading
-        policy = policy.to(device)
-    set_compute_dtype(policy, cfg.model.dtype, cfg.hardware.engine)  # bf16: fp32 master weights, bf16 compute
+    policy = load_run_model(cfg.model, source, len(tokenizer), cfg.trainer.seed, device, cfg.hardware.engine)
     check_logits_path(policy, len(tokenizer), device)  # the log-probs are the model's own (soft-capping, scaling)
     if cfg.trainer.batching == "packed":
         check_packed_path(

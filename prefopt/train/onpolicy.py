@@ -38,8 +38,7 @@ from prefopt.data.cache import tokenizer_fingerprint
 from prefopt.data.pipeline import string_prompts_use_chat_template
 from prefopt.data.tokenize import PairEncoder, end_of_turn_ids
 from prefopt.data.truncation import TruncationLimits
-from prefopt.model.loading import ModelSource, load_model, resolve_model_source, weight_files
-from prefopt.model.precision import set_compute_dtype
+from prefopt.model.loading import ModelSource, load_run_model, resolve_model_source, weight_files
 from prefopt.train.reference import reference_fingerprint
 from prefopt.train.sharding import sharded_objects
 
@@ -146,12 +145,12 @@ def onpolicy_samples(cfg: DictConfig, source: ModelSource, tokenizer, dist: Dist
         model = load_sampling_model(cfg, source, tokenizer, device)
         fingerprint = reference_fingerprint(model, cfg.model, None, cfg.trainer.seed, dist)
     path = sampler.cache_path(fingerprint)
-    cached = sampler.read_cache(path)
+    cached = sampler.read_cache(path) if dist.is_main else None  # rank 0 reads, once; the others get its samples
     hit = [cached is not None]
     dist.broadcast_objects(hit)  # rank 0's view decides, so every rank takes the same path (and its collectives)
     if hit[0]:
         samples = cached if cached is not None else [[] for _ in sampler.prompts]
-        dist.broadcast_objects(samples)  # a rank without the file (another host's cache dir) gets rank 0's samples
+        dist.broadcast_objects(samples)
         log_samples(dist, sampler, samples, f"cache hit {path}")
         return samples
     if model is None:
@@ -181,10 +180,7 @@ def log_samples(dist: DistInfo, sampler: OnPolicySampler, samples: Samples, cach
 
 def load_sampling_model(cfg: DictConfig, source: ModelSource, tokenizer, device):
     """The base model as the run loads it, in its compute dtype, for sampling only (freed afterwards)."""
-    model = load_model(cfg.model, source, len(tokenizer), cfg.trainer.seed, device=device)
-    if not cfg.model.quantization:
-        model = model.to(device)
-    set_compute_dtype(model, cfg.model.dtype, cfg.hardware.engine)
+    model = load_run_model(cfg.model, source, len(tokenizer), cfg.trainer.seed, device, cfg.hardware.engine)
     model.eval()
     return model
 
